@@ -1,0 +1,615 @@
+//! Configuration: a TOML file overlaid by `REDCLOAK_*` environment variables
+//! (`__` nests: `REDCLOAK_UPSTREAM__ADDRESS`), validated once into [`Config`].
+//!
+//! Every key name appears once, in the `Raw*` structs below. Unknown keys are
+//! errors, so a typo cannot silently turn a setting off. Relative paths
+//! resolve against the config file's folder. Secrets come from `*_file`
+//! settings or from the environment; they are [`Secret`]s from here on and
+//! no error message ever quotes them. There is no key that makes the upstream
+//! connection plaintext or unauthenticated: CA, client certificate, key and
+//! password are all required.
+
+use crate::resp::Limits;
+use crate::secret::{RawSecret, Secret};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const ENV_PREFIX: &str = "REDCLOAK_";
+
+/// Secret keys and the variables that carry them. They are read verbatim,
+/// not parsed as TOML values the way figment's `Env` parses other variables
+/// (a password of `007` must stay `007`).
+const SECRET_ENV: &[(&str, &str)] = &[
+    ("upstream.password", "REDCLOAK_UPSTREAM__PASSWORD"),
+    ("listen.auth.password", "REDCLOAK_LISTEN__AUTH__PASSWORD"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("{key}: cannot read {}: {source}", path.display())]
+    ReadSecret {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: RawListen,
+    upstream: RawUpstream,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    shutdown: RawShutdown,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    address: Option<String>,
+    #[serde(default)]
+    allow_remote_plaintext: bool,
+    unix_socket: Option<PathBuf>,
+    unix_socket_mode: Option<String>,
+    max_connections: Option<usize>,
+    tls: Option<RawListenTls>,
+    auth: Option<RawAuth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenTls {
+    address: String,
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    password: Option<RawSecret>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    address: String,
+    server_name: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    password: Option<RawSecret>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_bulk_bytes: Option<usize>,
+    max_request_bytes: Option<usize>,
+    max_array_len: Option<usize>,
+    max_inline_bytes: Option<usize>,
+    max_reply_depth: Option<usize>,
+    max_reply_bytes: Option<usize>,
+    max_pending_requests: Option<usize>,
+    client_write_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    grace_period: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub upstream: UpstreamConfig,
+    pub limits: LimitsConfig,
+    pub shutdown_grace_period: Duration,
+}
+
+#[derive(Debug)]
+pub struct ListenConfig {
+    pub tcp: Option<SocketAddr>,
+    pub unix: Option<UnixListenConfig>,
+    pub tls: Option<TlsListenConfig>,
+    pub auth: Option<ClientAuthConfig>,
+    pub max_connections: usize,
+}
+
+#[derive(Debug)]
+pub struct UnixListenConfig {
+    pub path: PathBuf,
+    pub mode: u32,
+}
+
+#[derive(Debug)]
+pub struct TlsListenConfig {
+    pub address: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct ClientAuthConfig {
+    pub username: Option<String>,
+    pub password: Secret,
+}
+
+#[derive(Debug)]
+pub struct UpstreamConfig {
+    pub address: String,
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub username: Option<String>,
+    pub password: Secret,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct LimitsConfig {
+    pub resp: Limits,
+    pub max_pending_requests: usize,
+    pub client_write_timeout: Duration,
+}
+
+/// Loads `path`, overlays the environment, and validates.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let secret_keys: Vec<&str> = SECRET_ENV.iter().map(|(key, _)| *key).collect();
+    let mut figment = Figment::new()
+        .merge(Toml::file_exact(path))
+        .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&secret_keys));
+    for (key, variable) in SECRET_ENV {
+        if let Ok(value) = std::env::var(variable) {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+    }
+    let raw: RawConfig = figment.extract().map_err(Box::new)?;
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Config::validate(raw, base)
+}
+
+impl Config {
+    fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+        Ok(Config {
+            listen: validate_listen(raw.listen, base)?,
+            upstream: validate_upstream(raw.upstream, base)?,
+            limits: validate_limits(raw.limits)?,
+            shutdown_grace_period: parse_duration(
+                "shutdown.grace_period",
+                raw.shutdown.grace_period.as_deref(),
+                "10s",
+            )?,
+        })
+    }
+}
+
+fn validate_listen(raw: RawListen, base: &Path) -> Result<ListenConfig, ConfigError> {
+    let tcp = raw
+        .address
+        .as_deref()
+        .map(|a| parse_address("listen.address", a))
+        .transpose()?;
+    if let Some(address) = tcp
+        && !address.ip().is_loopback()
+        && !raw.allow_remote_plaintext
+    {
+        return Err(invalid(
+            "listen.address",
+            format!(
+                "{address} is not a loopback address: plaintext clients would cross the network. \
+                 Use [listen.tls] for remote clients, or set listen.allow_remote_plaintext = true"
+            ),
+        ));
+    }
+    let unix = match raw.unix_socket {
+        None => None,
+        Some(path) => Some(UnixListenConfig {
+            path: resolve(base, path),
+            mode: parse_mode(raw.unix_socket_mode.as_deref())?,
+        }),
+    };
+    let tls = match raw.tls {
+        None => None,
+        Some(tls) => Some(TlsListenConfig {
+            address: parse_address("listen.tls.address", &tls.address)?,
+            cert: resolve(base, tls.cert),
+            key: resolve(base, tls.key),
+            client_ca: tls.client_ca.map(|p| resolve(base, p)),
+        }),
+    };
+    if tcp.is_none() && unix.is_none() && tls.is_none() {
+        return Err(invalid(
+            "listen",
+            "no listener: set listen.address, listen.unix_socket or [listen.tls]",
+        ));
+    }
+    let auth = match raw.auth {
+        None => None,
+        Some(auth) => Some(ClientAuthConfig {
+            password: read_secret(
+                "listen.auth.password",
+                auth.password,
+                auth.password_file,
+                base,
+            )?,
+            username: auth.username,
+        }),
+    };
+    let max_connections = positive("listen.max_connections", raw.max_connections, 10_000)?;
+    Ok(ListenConfig {
+        tcp,
+        unix,
+        tls,
+        auth,
+        max_connections,
+    })
+}
+
+fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, ConfigError> {
+    let required = |key: &'static str, value: Option<PathBuf>, why: &str| {
+        value
+            .map(|p| resolve(base, p))
+            .ok_or_else(|| invalid(key, format!("required: {why}")))
+    };
+    let server_name = match raw.server_name {
+        Some(name) => name,
+        None => host_part(&raw.address)
+            .ok_or_else(|| invalid("upstream.address", "expected host:port"))?
+            .to_owned(),
+    };
+    Ok(UpstreamConfig {
+        ca: required(
+            "upstream.ca",
+            raw.ca,
+            "the CA that signed Redis's certificate (Redis is always verified)",
+        )?,
+        cert: required(
+            "upstream.cert",
+            raw.cert,
+            "redcloak's client certificate (the upstream connection is always mutual TLS)",
+        )?,
+        key: required("upstream.key", raw.key, "the private key of upstream.cert")?,
+        password: read_secret("upstream.password", raw.password, raw.password_file, base)?,
+        username: raw.username,
+        connect_timeout: parse_duration(
+            "upstream.connect_timeout",
+            raw.connect_timeout.as_deref(),
+            "5s",
+        )?,
+        server_name,
+        address: raw.address,
+    })
+}
+
+fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
+    let defaults = Limits::default();
+    Ok(LimitsConfig {
+        resp: Limits {
+            max_bulk_bytes: positive(
+                "limits.max_bulk_bytes",
+                raw.max_bulk_bytes,
+                defaults.max_bulk_bytes,
+            )?,
+            max_request_bytes: positive(
+                "limits.max_request_bytes",
+                raw.max_request_bytes,
+                defaults.max_request_bytes,
+            )?,
+            max_array_len: positive(
+                "limits.max_array_len",
+                raw.max_array_len,
+                defaults.max_array_len,
+            )?,
+            max_inline_bytes: positive(
+                "limits.max_inline_bytes",
+                raw.max_inline_bytes,
+                defaults.max_inline_bytes,
+            )?,
+            max_reply_depth: positive(
+                "limits.max_reply_depth",
+                raw.max_reply_depth,
+                defaults.max_reply_depth,
+            )?,
+            max_reply_bytes: positive(
+                "limits.max_reply_bytes",
+                raw.max_reply_bytes,
+                defaults.max_reply_bytes,
+            )?,
+        },
+        max_pending_requests: positive(
+            "limits.max_pending_requests",
+            raw.max_pending_requests,
+            1024,
+        )?,
+        client_write_timeout: parse_duration(
+            "limits.client_write_timeout",
+            raw.client_write_timeout.as_deref(),
+            "30s",
+        )?,
+    })
+}
+
+/// A secret from exactly one of `<key>` (or its environment variable) and `<key>_file`.
+fn read_secret(
+    key: &'static str,
+    inline: Option<RawSecret>,
+    file: Option<PathBuf>,
+    base: &Path,
+) -> Result<Secret, ConfigError> {
+    let secret = match (inline, file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                key,
+                "set either the password or password_file, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                key,
+                "required: set password_file (or the password, preferably through the environment)",
+            ));
+        }
+        (Some(RawSecret(value)), None) => Secret::new(value.as_bytes().to_vec()),
+        (None, Some(path)) => {
+            let path = resolve(base, path);
+            let mut bytes = std::fs::read(&path).map_err(|source| ConfigError::ReadSecret {
+                key,
+                path,
+                source,
+            })?;
+            // A trailing newline from `echo` or an editor is not part of the secret.
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            Secret::new(bytes)
+        }
+    };
+    if secret.is_empty() {
+        return Err(invalid(key, "is empty"));
+    }
+    Ok(secret)
+}
+
+fn resolve(base: &Path, path: PathBuf) -> PathBuf {
+    if path.is_absolute() {
+        path
+    } else {
+        base.join(path)
+    }
+}
+
+fn parse_address(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| invalid(key, format!("'{text}' is not an IP:port address")))
+}
+
+fn host_part(address: &str) -> Option<&str> {
+    let (host, port) = address.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty()).then_some(host)
+}
+
+fn parse_mode(text: Option<&str>) -> Result<u32, ConfigError> {
+    let text = text.unwrap_or("0660");
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| {
+            invalid(
+                "listen.unix_socket_mode",
+                format!("'{text}' is not an octal file mode like \"0660\""),
+            )
+        })
+}
+
+fn positive(key: &'static str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(invalid(key, "must be greater than 0")),
+        n => Ok(n),
+    }
+}
+
+/// `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
+fn parse_duration(
+    key: &'static str,
+    text: Option<&str>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let text = text.unwrap_or(default).trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| invalid(key, format!("'{text}' is not a duration like \"5s\"")))?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        "h" => Duration::from_secs(number * 3600),
+        _ => {
+            return Err(invalid(
+                key,
+                format!("'{text}' has no unit: use ms, s, m or h"),
+            ));
+        }
+    };
+    if duration.is_zero() {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(duration)
+}
+
+// figment::Jail closures return figment::Error, which is large.
+#[cfg(test)]
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const MINIMAL: &str = r#"
+        [listen]
+        address = "127.0.0.1:6380"
+        [upstream]
+        address = "redis.internal:6379"
+        ca = "certs/ca.crt"
+        cert = "certs/client.crt"
+        key = "/abs/client.key"
+        password_file = "secrets/redis-password"
+    "#;
+
+    fn load_in_jail(jail: &mut Jail, toml: &str) -> Result<Config, ConfigError> {
+        std::fs::create_dir_all(jail.directory().join("secrets")).expect("mkdir");
+        jail.create_file("secrets/redis-password", "from-file-password\n")
+            .expect("write");
+        jail.create_file("redcloak.toml", toml).expect("write");
+        load(&jail.directory().join("redcloak.toml"))
+    }
+
+    fn error_text(result: Result<Config, ConfigError>) -> String {
+        match result {
+            Ok(_) => panic!("expected an error"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn loads_defaults_and_resolves_paths_against_the_config_folder() {
+        Jail::expect_with(|jail| {
+            let config = load_in_jail(jail, MINIMAL).expect("valid");
+            assert_eq!(config.upstream.server_name, "redis.internal");
+            assert_eq!(config.upstream.ca, jail.directory().join("certs/ca.crt"));
+            assert_eq!(config.upstream.key, PathBuf::from("/abs/client.key"));
+            assert_eq!(config.upstream.password.expose(), b"from-file-password");
+            assert_eq!(config.upstream.connect_timeout, Duration::from_secs(5));
+            assert_eq!(config.listen.max_connections, 10_000);
+            assert_eq!(config.limits.resp, Limits::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        Jail::expect_with(|jail| {
+            let text = error_text(load_in_jail(
+                jail,
+                &format!("{MINIMAL}\nconect_timeout = \"1s\"\n"),
+            ));
+            assert!(text.contains("conect_timeout"), "{text}");
+            jail.set_env("REDCLOAK_UPSTREAM__TYPO", "x");
+            let text = error_text(load_in_jail(jail, MINIMAL));
+            assert!(text.contains("typo"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_secrets_stay_verbatim() {
+        Jail::expect_with(|jail| {
+            jail.set_env("REDCLOAK_UPSTREAM__ADDRESS", "10.0.0.5:6390");
+            let toml = MINIMAL.replace("password_file = \"secrets/redis-password\"", "");
+            jail.set_env("REDCLOAK_UPSTREAM__PASSWORD", "007");
+            let config = load_in_jail(jail, &toml).expect("valid");
+            assert_eq!(config.upstream.address, "10.0.0.5:6390");
+            assert_eq!(config.upstream.server_name, "10.0.0.5");
+            assert_eq!(config.upstream.password.expose(), b"007");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_upstream_cannot_be_configured_without_tls_identity_or_password() {
+        Jail::expect_with(|jail| {
+            for (line, key) in [
+                ("ca = \"certs/ca.crt\"", "upstream.ca"),
+                ("cert = \"certs/client.crt\"", "upstream.cert"),
+                (
+                    "password_file = \"secrets/redis-password\"",
+                    "upstream.password",
+                ),
+            ] {
+                let text = error_text(load_in_jail(jail, &MINIMAL.replace(line, "")));
+                assert!(text.starts_with(key), "{text}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn remote_plaintext_listeners_need_an_explicit_opt_in() {
+        Jail::expect_with(|jail| {
+            let remote = MINIMAL.replace("127.0.0.1:6380", "0.0.0.0:6380");
+            assert!(error_text(load_in_jail(jail, &remote)).starts_with("listen.address"));
+            let allowed = remote.replace("[listen]", "[listen]\nallow_remote_plaintext = true");
+            assert!(load_in_jail(jail, &allowed).is_ok());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_never_quote_a_secret() {
+        Jail::expect_with(|jail| {
+            let toml = MINIMAL.replace(
+                "password_file = \"secrets/redis-password\"",
+                "password = 98765432123",
+            );
+            let text = error_text(load_in_jail(jail, &toml));
+            assert!(!text.contains("98765432123"), "{text}");
+            assert!(text.contains("password"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn parses_durations_and_modes() {
+        assert_eq!(
+            parse_duration("k", Some("250ms"), "1s").expect("ms"),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_duration("k", Some("2m"), "1s").expect("m"),
+            Duration::from_secs(120)
+        );
+        assert!(parse_duration("k", Some("5"), "1s").is_err());
+        assert!(parse_duration("k", Some("0s"), "1s").is_err());
+        assert_eq!(parse_mode(Some("0600")).expect("mode"), 0o600);
+        assert!(parse_mode(Some("0999")).is_err());
+        assert_eq!(host_part("[::1]:6379"), Some("::1"));
+    }
+}

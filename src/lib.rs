@@ -1,0 +1,35 @@
+//! redcloak: a Redis security sidecar.
+//!
+//! ```text
+//!  app ──RESP──▶ server ──▶ session ─────────────────────────▶ upstream ──mTLS+AUTH──▶ Redis
+//!  (tcp, unix,   (accept,   requests: resp::RequestParser
+//!   tls)          limits)             -> policy::classify -> plan + re-encoded command
+//!                           replies:  resp::ReplyScanner -> session::pipeline (FIFO of plans)
+//!  app ◀──RESP── ◀───────── ◀─────────────────────────────────────────────── Redis
+//! ```
+//!
+//! Modules, in the order a request travels:
+//!
+//! * [`cli`], [`config`]: command line, and the validated configuration.
+//! * [`server`], [`shutdown`]: listeners, accept loop, connection limit, drain on SIGTERM.
+//! * [`tls`]: PEM loading and the rustls configs of both sides.
+//! * [`session`]: one client and its own upstream connection; `pipeline` matches replies to requests.
+//! * [`resp`]: RESP parsing, framing and encoding (pure).
+//! * [`policy`]: what to do with each command; `policy::table` is the one table of commands (pure).
+//! * [`auth`], [`secret`]: client AUTH checks; secrets that never print.
+//! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH.
+//! * [`dev`], [`playground`]: throwaway certificates and redis-server for `redcloak dev` and the tests.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod playground;
+pub mod policy;
+pub mod resp;
+pub mod secret;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,81 @@
+//! The `redcloak` binary: parse the command line, set up logs, run, and map
+//! the outcome to an exit code (0 ok, 1 runtime failure, 64 usage error,
+//! 78 configuration error).
+
+use anyhow::Context;
+use clap::Parser;
+use redcloak::cli::{Cli, Command, LogFormat};
+use redcloak::{config, playground, server::Server, shutdown};
+use std::process::ExitCode;
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_USAGE: u8 = 64;
+const EXIT_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logs(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("redcloak: cannot start the runtime: {err}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, err)) => {
+            eprintln!("redcloak: {err:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
+    let shutdown = shutdown::on_signal().map_err(|e| (EXIT_RUNTIME, e.into()))?;
+    match command {
+        Command::Serve { config } => {
+            let loaded = config::load(&config)
+                .with_context(|| format!("configuration error in {}", config.display()))
+                .map_err(|e| (EXIT_CONFIG, e))?;
+            let server = Server::bind(loaded).await.map_err(|err| {
+                let code = if err.is_config() {
+                    EXIT_CONFIG
+                } else {
+                    EXIT_RUNTIME
+                };
+                (code, anyhow::Error::new(err))
+            })?;
+            server.run(shutdown).await;
+            Ok(())
+        }
+        Command::Dev { listen } => playground::run(listen, shutdown)
+            .await
+            .map_err(|e| (EXIT_RUNTIME, e.into())),
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

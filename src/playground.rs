@@ -1,0 +1,76 @@
+//! `redcloak dev`: redcloak in front of a throwaway TLS-only Redis, in one
+//! command. Certificates, a random Redis password and a config file are
+//! written to a temporary folder; a child redis-server serves TLS only with
+//! client-certificate auth; redcloak listens on loopback. Ctrl-C stops both
+//! and removes the folder. The password is never printed, only its file.
+
+use crate::config;
+use crate::dev::{self, ChildRedis, DevError, RedisOptions};
+use crate::server::{Server, StartError};
+use std::net::SocketAddr;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlaygroundError {
+    #[error(transparent)]
+    Dev(#[from] DevError),
+    #[error("cannot make a temporary folder: {0}")]
+    TempDir(std::io::Error),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+const REDIS_USER: &str = "redcloak";
+
+pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> Result<(), PlaygroundError> {
+    let dir = tempfile::Builder::new()
+        .prefix("redcloak-dev-")
+        .tempdir()
+        .map_err(PlaygroundError::TempDir)?;
+    let path = dir.path();
+    let certs = dev::write_dev_certs(path, &["localhost", "127.0.0.1"])?;
+    let password = dev::random_password()?;
+    let password_file = path.join("redis-password");
+    dev::write_file(&password_file, password.as_bytes(), 0o600)?;
+    let options = RedisOptions {
+        username: REDIS_USER.into(),
+        password,
+        tls_auth_clients: "yes",
+        extra: Vec::new(),
+    };
+    let redis = ChildRedis::start(path, &certs, &options).await?;
+    let config_file = path.join("redcloak.toml");
+    let config_text = format!(
+        "[listen]\naddress = \"{listen}\"\n\n[upstream]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
+         ca = \"ca.crt\"\ncert = \"redcloak-client.crt\"\nkey = \"redcloak-client.key\"\n\
+         username = \"{REDIS_USER}\"\npassword_file = \"redis-password\"\n",
+        port = redis.port()
+    );
+    dev::write_file(&config_file, config_text.as_bytes(), 0o644)?;
+    let server = Server::bind(config::load(&config_file)?).await?;
+    let address = server.tcp_address().unwrap_or(listen);
+    println!(
+        "redcloak dev: serving on {address}, in front of a throwaway TLS-only redis-server on 127.0.0.1:{port}\n\
+         \n  try it:      redis-cli -h {ip} -p {client_port} set greeting hello\n\
+         \x20              redis-cli -h {ip} -p {client_port} get greeting\n\
+         \n  Redis itself (mutual TLS + AUTH):\n\
+         \x20              REDISCLI_AUTH=\"$(cat {pw})\" redis-cli --tls --cacert {ca} --cert {cert} --key {key} \\\n\
+         \x20                -h 127.0.0.1 -p {port} --user {REDIS_USER} get greeting\n\
+         \n  Values still reach Redis as plaintext: value encryption is not built yet.\n\
+         \x20 Config: {config}\n  Ctrl-C stops both and removes {dir}",
+        port = redis.port(),
+        ip = address.ip(),
+        client_port = address.port(),
+        pw = password_file.display(),
+        ca = certs.ca.display(),
+        cert = certs.client_cert.display(),
+        key = certs.client_key.display(),
+        config = config_file.display(),
+        dir = path.display(),
+    );
+    server.run(shutdown).await;
+    drop(redis);
+    Ok(())
+}

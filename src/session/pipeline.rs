@@ -1,0 +1,527 @@
+//! The reply side of a session, without sockets: which request each upstream
+//! reply answers, and what to send the client for it.
+//!
+//! Requests leave in order and Redis answers in order, so the pending
+//! requests form a FIFO of [`Entry`]s. The entry at the front (the *head*)
+//! takes the next reply, except for out-of-band frames: RESP3 pushes (pub/sub
+//! messages, tracking invalidations) and, on a RESP2 connection in subscribed
+//! mode, `message`/`pmessage`/`smessage` arrays. Those are delivered as they
+//! come and never consume an entry. A (P|S)SUBSCRIBE or UNSUBSCRIBE entry
+//! takes one confirmation per channel; its count for "all channels" is known
+//! from the subscriptions this connection has been confirmed so far.
+//!
+//! Invariant: a reply is only ever delivered for the entry it answers. A frame
+//! that fits no entry is an [`UnexpectedReply`] and ends the connection.
+
+use crate::policy::ReplyPlan;
+use crate::policy::table::PubSubKind;
+use crate::resp::{self, ReplyKind};
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp3::types::BytesFrame;
+use std::collections::HashSet;
+
+/// One pending request, in request order.
+#[derive(Debug)]
+pub enum Entry {
+    /// Forwarded upstream; its reply follows the plan.
+    Await(ReplyPlan),
+    /// Answered by the proxy itself; delivered when its turn comes.
+    Answer { reply: Bytes, then_close: bool },
+}
+
+/// Whether the connection goes on after an entry was delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Close,
+}
+
+/// Upstream sent something that answers no pending request the way it must.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnexpectedReply {
+    #[error("Redis sent a reply while no request was waiting for one")]
+    NoRequestWaiting,
+    #[error("Redis answered a (un)subscribe request with something other than a confirmation")]
+    NotAConfirmation,
+    #[error("logging in again after RESET failed: {0}")]
+    RestoreLoginFailed(String),
+}
+
+#[derive(Debug)]
+struct Head {
+    plan: ReplyPlan,
+    /// Confirmations still expected, for (un)subscribe plans.
+    confirmations: usize,
+}
+
+/// Reply-side connection state.
+#[derive(Debug)]
+pub struct Replies {
+    head: Option<Head>,
+    /// 2 or 3: what the client negotiated with HELLO.
+    protocol: u8,
+    subscriptions: Subscriptions,
+    /// Plans of the commands Redis queued since MULTI, for EXEC.
+    transaction: Vec<ReplyPlan>,
+}
+
+impl Default for Replies {
+    fn default() -> Self {
+        Replies {
+            head: None,
+            protocol: 2,
+            subscriptions: Subscriptions::default(),
+            transaction: Vec::new(),
+        }
+    }
+}
+
+impl Replies {
+    /// True when no entry is waiting for a reply: the next one may be taken.
+    pub fn needs_entry(&self) -> bool {
+        self.head.is_none()
+    }
+
+    /// Takes the next entry in request order. Answers are written at once
+    /// (everything before them has been delivered, or they would not be next).
+    pub fn accept(&mut self, entry: Entry, out: &mut BytesMut) -> Flow {
+        debug_assert!(self.head.is_none());
+        match entry {
+            Entry::Answer { reply, then_close } => {
+                out.extend_from_slice(&reply);
+                if then_close {
+                    Flow::Close
+                } else {
+                    Flow::Continue
+                }
+            }
+            Entry::Await(plan) => {
+                let confirmations = match &plan {
+                    ReplyPlan::Subscribe { channels, .. } => *channels,
+                    ReplyPlan::Unsubscribe {
+                        channels: Some(n), ..
+                    } => *n,
+                    ReplyPlan::Unsubscribe {
+                        kind,
+                        channels: None,
+                    } => self.subscriptions.of(*kind).len().max(1),
+                    _ => 1,
+                };
+                self.head = Some(Head {
+                    plan,
+                    confirmations,
+                });
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Handles one complete reply frame from upstream.
+    pub fn on_reply(&mut self, frame: Bytes, out: &mut BytesMut) -> Result<(), UnexpectedReply> {
+        let kind = resp::reply_kind(&frame);
+        let event = match kind {
+            ReplyKind::Push => pubsub_event(&frame),
+            ReplyKind::Array
+                if self.protocol == 2 && (self.subscriptions.any() || self.head_is_pubsub()) =>
+            {
+                pubsub_event(&frame)
+            }
+            _ => None,
+        };
+        let for_head = match (kind, &event) {
+            (
+                ReplyKind::Push,
+                Some(PubSubEvent::Confirmation {
+                    kind, subscribe, ..
+                }),
+            ) => self.head_takes(*kind, *subscribe),
+            (ReplyKind::Push, _) => false,
+            (_, Some(PubSubEvent::Message)) => !self.subscriptions.any(),
+            _ => true,
+        };
+        if !for_head {
+            if let Some(PubSubEvent::Confirmation {
+                kind,
+                subscribe,
+                channel,
+            }) = event
+            {
+                self.subscriptions.apply(kind, subscribe, channel);
+            }
+            out.extend_from_slice(&frame);
+            return Ok(());
+        }
+        let Some(head) = self.head.as_mut() else {
+            return Err(UnexpectedReply::NoRequestWaiting);
+        };
+        let is_error = kind == ReplyKind::Error;
+        match &head.plan {
+            ReplyPlan::Subscribe { .. } | ReplyPlan::Unsubscribe { .. } if !is_error => {
+                let Some(PubSubEvent::Confirmation {
+                    kind,
+                    subscribe,
+                    channel,
+                }) = event
+                else {
+                    return Err(UnexpectedReply::NotAConfirmation);
+                };
+                head.confirmations = head.confirmations.saturating_sub(1);
+                let done = head.confirmations == 0;
+                self.subscriptions.apply(kind, subscribe, channel);
+                out.extend_from_slice(&frame);
+                if done {
+                    self.head = None;
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        let Some(Head { plan, .. }) = self.head.take() else {
+            return Err(UnexpectedReply::NoRequestWaiting);
+        };
+        self.deliver(plan, frame, is_error, out)
+    }
+
+    fn deliver(
+        &mut self,
+        plan: ReplyPlan,
+        frame: Bytes,
+        is_error: bool,
+        out: &mut BytesMut,
+    ) -> Result<(), UnexpectedReply> {
+        match plan {
+            ReplyPlan::Passthrough
+            | ReplyPlan::Subscribe { .. }
+            | ReplyPlan::Unsubscribe { .. } => {}
+            ReplyPlan::Hello { protocol } => {
+                if let (false, Some(protocol)) = (is_error, protocol) {
+                    self.protocol = protocol;
+                }
+            }
+            ReplyPlan::Reset => {
+                self.protocol = 2;
+                self.subscriptions = Subscriptions::default();
+                self.transaction.clear();
+            }
+            ReplyPlan::RestoreLogin => {
+                if &frame[..] == b"+OK\r\n" {
+                    return Ok(());
+                }
+                let text = String::from_utf8_lossy(frame.strip_suffix(b"\r\n").unwrap_or(&frame));
+                return Err(UnexpectedReply::RestoreLoginFailed(text.into_owned()));
+            }
+            ReplyPlan::Queued(inner) => {
+                if &frame[..] == b"+QUEUED\r\n" {
+                    self.transaction.push(*inner);
+                }
+            }
+            ReplyPlan::Exec | ReplyPlan::Discard => {
+                // Every queued plan is a passthrough today; value encryption
+                // opens EXEC's elements here with `self.transaction`, in order.
+                self.transaction.clear();
+            }
+            ReplyPlan::Replace(text) => {
+                self.transaction.clear();
+                resp::encode_error(out, text);
+                return Ok(());
+            }
+        }
+        out.extend_from_slice(&frame);
+        Ok(())
+    }
+
+    fn head_is_pubsub(&self) -> bool {
+        matches!(
+            self.head.as_ref().map(|h| &h.plan),
+            Some(ReplyPlan::Subscribe { .. } | ReplyPlan::Unsubscribe { .. })
+        )
+    }
+
+    fn head_takes(&self, kind: PubSubKind, subscribe: bool) -> bool {
+        match self.head.as_ref().map(|h| &h.plan) {
+            Some(ReplyPlan::Subscribe { kind: k, .. }) => subscribe && *k == kind,
+            Some(ReplyPlan::Unsubscribe { kind: k, .. }) => !subscribe && *k == kind,
+            _ => false,
+        }
+    }
+
+    /// Queued plans waiting for EXEC (for tests and for value encryption).
+    pub fn queued_plans(&self) -> &[ReplyPlan] {
+        &self.transaction
+    }
+}
+
+/// Channels, patterns and shard channels this connection is subscribed to.
+#[derive(Debug, Default)]
+struct Subscriptions {
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    shard_channels: HashSet<Bytes>,
+}
+
+impl Subscriptions {
+    fn of(&mut self, kind: PubSubKind) -> &mut HashSet<Bytes> {
+        match kind {
+            PubSubKind::Channel => &mut self.channels,
+            PubSubKind::Pattern => &mut self.patterns,
+            PubSubKind::Shard => &mut self.shard_channels,
+        }
+    }
+
+    fn any(&self) -> bool {
+        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard_channels.is_empty())
+    }
+
+    fn apply(&mut self, kind: PubSubKind, subscribe: bool, channel: Option<Bytes>) {
+        let Some(channel) = channel else { return };
+        let set = self.of(kind);
+        if subscribe {
+            // A copy, so the name does not pin the whole read buffer it came in.
+            set.insert(Bytes::copy_from_slice(&channel));
+        } else {
+            set.remove(&channel);
+        }
+    }
+}
+
+#[derive(Debug)]
+enum PubSubEvent {
+    Confirmation {
+        kind: PubSubKind,
+        subscribe: bool,
+        channel: Option<Bytes>,
+    },
+    Message,
+}
+
+/// Reads a pub/sub array or push: `[kind, channel, ...]`.
+fn pubsub_event(frame: &Bytes) -> Option<PubSubEvent> {
+    let (BytesFrame::Push { data, .. } | BytesFrame::Array { data, .. }) =
+        resp::decode_reply(frame)?
+    else {
+        return None;
+    };
+    let name = match data.first()? {
+        BytesFrame::BlobString { data, .. } | BytesFrame::SimpleString { data, .. } => {
+            data.to_ascii_lowercase()
+        }
+        _ => return None,
+    };
+    let channel = match data.get(1) {
+        Some(BytesFrame::BlobString { data, .. } | BytesFrame::SimpleString { data, .. }) => {
+            Some(data.clone())
+        }
+        _ => None,
+    };
+    let (kind, subscribe) = match name.as_slice() {
+        b"message" | b"pmessage" | b"smessage" => return Some(PubSubEvent::Message),
+        b"subscribe" => (PubSubKind::Channel, true),
+        b"unsubscribe" => (PubSubKind::Channel, false),
+        b"psubscribe" => (PubSubKind::Pattern, true),
+        b"punsubscribe" => (PubSubKind::Pattern, false),
+        b"ssubscribe" => (PubSubKind::Shard, true),
+        b"sunsubscribe" => (PubSubKind::Shard, false),
+        _ => return None,
+    };
+    Some(PubSubEvent::Confirmation {
+        kind,
+        subscribe,
+        channel,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(replies: &mut Replies, frames: &[&'static [u8]]) -> Result<Vec<u8>, UnexpectedReply> {
+        let mut out = BytesMut::new();
+        for frame in frames {
+            replies.on_reply(Bytes::from_static(frame), &mut out)?;
+        }
+        Ok(out.to_vec())
+    }
+
+    fn await_plan(replies: &mut Replies, plan: ReplyPlan) {
+        assert_eq!(
+            replies.accept(Entry::Await(plan), &mut BytesMut::new()),
+            Flow::Continue
+        );
+    }
+
+    #[test]
+    fn a_reply_with_no_request_is_refused() {
+        let mut replies = Replies::default();
+        assert_eq!(
+            feed(&mut replies, &[b"+OK\r\n"]),
+            Err(UnexpectedReply::NoRequestWaiting)
+        );
+    }
+
+    #[test]
+    fn resp3_pushes_never_take_the_head() {
+        let mut replies = Replies::default();
+        await_plan(&mut replies, ReplyPlan::Passthrough);
+        let out = feed(
+            &mut replies,
+            &[
+                b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n",
+                b"$1\r\nv\r\n",
+            ],
+        )
+        .expect("ok");
+        assert!(out.ends_with(b"$1\r\nv\r\n"));
+        assert!(replies.needs_entry());
+    }
+
+    #[test]
+    fn subscribe_takes_one_confirmation_per_channel_then_messages_are_out_of_band() {
+        let mut replies = Replies::default();
+        await_plan(
+            &mut replies,
+            ReplyPlan::Subscribe {
+                kind: PubSubKind::Channel,
+                channels: 2,
+            },
+        );
+        feed(
+            &mut replies,
+            &[b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n"],
+        )
+        .expect("first");
+        assert!(!replies.needs_entry());
+        // A message for `a` arrives before the second confirmation.
+        feed(
+            &mut replies,
+            &[b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n"],
+        )
+        .expect("message");
+        assert!(!replies.needs_entry());
+        feed(
+            &mut replies,
+            &[b"*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n"],
+        )
+        .expect("second");
+        assert!(replies.needs_entry());
+        feed(
+            &mut replies,
+            &[b"*3\r\n$7\r\nmessage\r\n$1\r\nb\r\n$2\r\nyo\r\n"],
+        )
+        .expect("out of band");
+        // UNSUBSCRIBE with no channel expects one confirmation per subscribed channel.
+        await_plan(
+            &mut replies,
+            ReplyPlan::Unsubscribe {
+                kind: PubSubKind::Channel,
+                channels: None,
+            },
+        );
+        feed(
+            &mut replies,
+            &[b"*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:1\r\n"],
+        )
+        .expect("first");
+        assert!(!replies.needs_entry());
+        feed(
+            &mut replies,
+            &[b"*3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:0\r\n"],
+        )
+        .expect("second");
+        assert!(replies.needs_entry());
+        // Not subscribed any more: an array is an ordinary reply again.
+        await_plan(&mut replies, ReplyPlan::Passthrough);
+        feed(
+            &mut replies,
+            &[b"*3\r\n$7\r\nmessage\r\n$1\r\nb\r\n$2\r\nyo\r\n"],
+        )
+        .expect("lrange-like");
+        assert!(replies.needs_entry());
+    }
+
+    #[test]
+    fn an_error_completes_a_subscribe() {
+        let mut replies = Replies::default();
+        await_plan(
+            &mut replies,
+            ReplyPlan::Subscribe {
+                kind: PubSubKind::Channel,
+                channels: 3,
+            },
+        );
+        feed(&mut replies, &[b"-NOPERM no\r\n"]).expect("error");
+        assert!(replies.needs_entry());
+    }
+
+    #[test]
+    fn hello_3_switches_to_pushes_for_confirmations() {
+        let mut replies = Replies::default();
+        await_plan(&mut replies, ReplyPlan::Hello { protocol: Some(3) });
+        feed(&mut replies, &[b"%1\r\n+proto\r\n:3\r\n"]).expect("hello");
+        await_plan(
+            &mut replies,
+            ReplyPlan::Subscribe {
+                kind: PubSubKind::Pattern,
+                channels: 1,
+            },
+        );
+        feed(
+            &mut replies,
+            &[b">3\r\n$10\r\npsubscribe\r\n$2\r\nx*\r\n:1\r\n"],
+        )
+        .expect("push");
+        assert!(replies.needs_entry());
+    }
+
+    #[test]
+    fn queued_plans_are_kept_for_exec_in_order_and_cleared() {
+        let mut replies = Replies::default();
+        await_plan(
+            &mut replies,
+            ReplyPlan::Queued(Box::new(ReplyPlan::Passthrough)),
+        );
+        feed(&mut replies, &[b"+QUEUED\r\n"]).expect("queued");
+        await_plan(
+            &mut replies,
+            ReplyPlan::Queued(Box::new(ReplyPlan::Passthrough)),
+        );
+        feed(&mut replies, &[b"-ERR syntax\r\n"]).expect("refused by redis");
+        assert_eq!(replies.queued_plans(), &[ReplyPlan::Passthrough]);
+        await_plan(&mut replies, ReplyPlan::Exec);
+        feed(&mut replies, &[b"*1\r\n+OK\r\n"]).expect("exec");
+        assert!(replies.queued_plans().is_empty());
+    }
+
+    #[test]
+    fn replace_swallows_the_reply() {
+        let mut replies = Replies::default();
+        await_plan(&mut replies, ReplyPlan::Replace("EXECABORT x"));
+        assert_eq!(
+            feed(&mut replies, &[b"+OK\r\n"]).expect("replaced"),
+            b"-EXECABORT x\r\n"
+        );
+    }
+
+    #[test]
+    fn restore_login_is_silent_on_ok_and_fatal_otherwise() {
+        let mut replies = Replies::default();
+        await_plan(&mut replies, ReplyPlan::RestoreLogin);
+        assert_eq!(feed(&mut replies, &[b"+OK\r\n"]).expect("ok"), b"");
+        await_plan(&mut replies, ReplyPlan::RestoreLogin);
+        assert!(matches!(
+            feed(&mut replies, &[b"-WRONGPASS x\r\n"]),
+            Err(UnexpectedReply::RestoreLoginFailed(_))
+        ));
+    }
+
+    #[test]
+    fn answers_close_when_asked() {
+        let mut replies = Replies::default();
+        let mut out = BytesMut::new();
+        let quit = Entry::Answer {
+            reply: Bytes::from_static(b"+OK\r\n"),
+            then_close: true,
+        };
+        assert_eq!(replies.accept(quit, &mut out), Flow::Close);
+        assert_eq!(&out[..], b"+OK\r\n");
+    }
+}

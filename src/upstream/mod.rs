@@ -1,0 +1,243 @@
+//! The only way bytes reach Redis: TCP, then TLS (Redis's certificate
+//! verified against `upstream.ca` and `upstream.server_name`, redcloak's
+//! client certificate presented), then AUTH with redcloak's credentials.
+//!
+//! A connection is handed out only after AUTH answered `+OK`. Nothing here
+//! can produce a plaintext or unauthenticated connection: there is no type
+//! for one. Errors say which step failed and what to check; they never
+//! contain the password.
+
+use crate::resp::{self, Limits, ReplyScanner};
+use crate::secret::Secret;
+use bytes::BytesMut;
+use rustls_pki_types::ServerName;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// An authenticated TLS connection to Redis.
+pub type UpstreamStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// redcloak's own Redis credentials.
+#[derive(Debug)]
+pub struct Login {
+    pub username: Option<String>,
+    pub password: Secret,
+}
+
+impl Login {
+    /// Appends `AUTH [username] password` to `out`.
+    pub fn encode_auth(&self, out: &mut BytesMut) {
+        match &self.username {
+            Some(user) => {
+                resp::encode_command(out, &[b"AUTH", user.as_bytes(), self.password.expose()])
+            }
+            None => resp::encode_command(out, &[&b"AUTH"[..], self.password.expose()]),
+        }
+    }
+}
+
+/// Where Redis is and how to reach it.
+#[derive(Debug)]
+pub struct UpstreamSettings {
+    pub address: String,
+    pub server_name: String,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("invalid upstream.server_name '{0}': not a DNS name or IP address")]
+    ServerName(String),
+    #[error("cannot connect to Redis at {address}: {source}")]
+    Connect { address: String, source: io::Error },
+    #[error("TLS handshake with Redis at {address} failed: {reason}{hint}")]
+    Tls {
+        address: String,
+        reason: String,
+        hint: &'static str,
+    },
+    #[error(
+        "Redis at {address} refused redcloak's AUTH as user '{user}': {reply} (check upstream.username and the password)"
+    )]
+    Auth {
+        address: String,
+        user: String,
+        reply: String,
+    },
+    #[error(
+        "Redis at {address} closed the connection or sent an invalid reply during login: {reason}"
+    )]
+    Login { address: String, reason: String },
+    #[error(
+        "no answer from Redis at {address} within upstream.connect_timeout ({timeout:?}) while {stage}"
+    )]
+    Timeout {
+        address: String,
+        timeout: Duration,
+        stage: &'static str,
+    },
+}
+
+pub struct Upstream {
+    settings: UpstreamSettings,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    login: Arc<Login>,
+}
+
+impl Upstream {
+    pub fn new(
+        settings: UpstreamSettings,
+        tls: Arc<rustls::ClientConfig>,
+        login: Arc<Login>,
+    ) -> Result<Self, UpstreamError> {
+        let server_name = ServerName::try_from(settings.server_name.clone())
+            .map_err(|_| UpstreamError::ServerName(settings.server_name.clone()))?;
+        Ok(Upstream {
+            settings,
+            server_name,
+            connector: TlsConnector::from(tls),
+            login,
+        })
+    }
+
+    pub fn login(&self) -> &Arc<Login> {
+        &self.login
+    }
+
+    pub fn address(&self) -> &str {
+        &self.settings.address
+    }
+
+    /// Opens a new connection: TCP, TLS, AUTH, each within the connect timeout.
+    pub async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
+        let address = &self.settings.address;
+        let tcp = self
+            .step("connecting", TcpStream::connect(address.as_str()))
+            .await?
+            .map_err(|source| UpstreamError::Connect {
+                address: address.clone(),
+                source,
+            })?;
+        tcp.set_nodelay(true)
+            .map_err(|source| UpstreamError::Connect {
+                address: address.clone(),
+                source,
+            })?;
+        let mut tls = self
+            .step(
+                "in the TLS handshake",
+                self.connector.connect(self.server_name.clone(), tcp),
+            )
+            .await?
+            .map_err(|err| tls_error(address, &self.settings.server_name, err))?;
+        self.step("logging in", self.log_in(&mut tls)).await??;
+        Ok(tls)
+    }
+
+    async fn step<F: Future>(
+        &self,
+        stage: &'static str,
+        future: F,
+    ) -> Result<F::Output, UpstreamError> {
+        tokio::time::timeout(self.settings.connect_timeout, future)
+            .await
+            .map_err(|_| UpstreamError::Timeout {
+                address: self.settings.address.clone(),
+                timeout: self.settings.connect_timeout,
+                stage,
+            })
+    }
+
+    async fn log_in(&self, tls: &mut UpstreamStream) -> Result<(), UpstreamError> {
+        let login_error = |reason: String| UpstreamError::Login {
+            address: self.settings.address.clone(),
+            reason,
+        };
+        let mut out = BytesMut::new();
+        self.login.encode_auth(&mut out);
+        tls.write_all(&out)
+            .await
+            .map_err(|e| login_error(e.to_string()))?;
+        tls.flush().await.map_err(|e| login_error(e.to_string()))?;
+        let reply = read_reply(tls).await.map_err(login_error)?;
+        if reply.as_ref() == b"+OK\r\n" {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(reply.strip_suffix(b"\r\n").unwrap_or(&reply));
+        Err(UpstreamError::Auth {
+            address: self.settings.address.clone(),
+            user: self
+                .login
+                .username
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            reply: text.trim_start_matches(['-', '+']).to_owned(),
+        })
+    }
+}
+
+/// Reads one complete reply (small: login replies only).
+async fn read_reply(tls: &mut UpstreamStream) -> Result<BytesMut, String> {
+    let limits = Limits {
+        max_bulk_bytes: 4096,
+        max_reply_bytes: 8192,
+        ..Limits::default()
+    };
+    let mut scanner = ReplyScanner::default();
+    let mut buf = BytesMut::with_capacity(256);
+    loop {
+        if let Some(len) = scanner.scan(&mut buf, &limits).map_err(|e| e.to_string())? {
+            return Ok(buf.split_to(len));
+        }
+        if tls.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("connection closed".into());
+        }
+    }
+}
+
+/// Names the likely cause of a handshake failure.
+fn tls_error(address: &str, server_name: &str, err: io::Error) -> UpstreamError {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert, Error as E};
+    let rustls_error = err.get_ref().and_then(|inner| inner.downcast_ref::<E>());
+    let hint = match rustls_error {
+        Some(E::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature)) => {
+            " (Redis's certificate is not signed by upstream.ca)"
+        }
+        Some(E::InvalidCertificate(
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. },
+        )) => {
+            " (Redis's certificate does not name upstream.server_name; set it to a name in the certificate's SAN)"
+        }
+        Some(E::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. })) => {
+            " (Redis's certificate has expired)"
+        }
+        Some(E::AlertReceived(
+            Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateRequired
+            | Alert::CertificateUnknown,
+        )) => {
+            " (Redis rejected redcloak's client certificate: upstream.cert must be signed by Redis's tls-ca-cert-file)"
+        }
+        Some(E::InvalidMessage(_) | E::InappropriateMessage { .. }) => {
+            " (is that a TLS port? Redis must listen with tls-port)"
+        }
+        _ if err.kind() == io::ErrorKind::UnexpectedEof
+            || err.kind() == io::ErrorKind::ConnectionReset =>
+        {
+            " (Redis closed the connection: is that a TLS port, and does Redis trust upstream.cert?)"
+        }
+        _ => "",
+    };
+    let _ = server_name;
+    UpstreamError::Tls {
+        address: address.to_owned(),
+        reason: err.to_string(),
+        hint,
+    }
+}
