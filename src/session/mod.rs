@@ -155,17 +155,19 @@ where
             };
             let action = ctx.policy.classify(&request, &mut state);
             let quit = action == Action::Quit;
-            let entry = match action {
+            // An entry always enters the FIFO before its command is encoded:
+            // `enqueue` may flush `output`, and a reply must never arrive
+            // before the entry it answers.
+            match action {
                 Action::Forward(plan) => {
+                    enqueue(&fifo, Entry::Await(plan), &mut output, &mut upstream).await?;
                     resp::encode_command(&mut output, &request.args);
-                    Entry::Await(plan)
                 }
                 Action::Rewrite(args, plan) => {
+                    enqueue(&fifo, Entry::Await(plan), &mut output, &mut upstream).await?;
                     resp::encode_command(&mut output, &args);
-                    Entry::Await(plan)
                 }
                 Action::Reset => {
-                    resp::encode_command(&mut output, &[b"RESET"]);
                     enqueue(
                         &fifo,
                         Entry::Await(ReplyPlan::Reset),
@@ -173,23 +175,50 @@ where
                         &mut upstream,
                     )
                     .await?;
+                    resp::encode_command(&mut output, &[b"RESET"]);
+                    enqueue(
+                        &fifo,
+                        Entry::Await(ReplyPlan::RestoreLogin),
+                        &mut output,
+                        &mut upstream,
+                    )
+                    .await?;
                     ctx.upstream_login.encode_auth(&mut output);
-                    Entry::Await(ReplyPlan::RestoreLogin)
                 }
-                Action::AnswerOk => Entry::Answer {
-                    reply: Bytes::from_static(b"+OK\r\n"),
-                    then_close: false,
-                },
-                Action::Quit => Entry::Answer {
-                    reply: Bytes::from_static(b"+OK\r\n"),
-                    then_close: true,
-                },
-                Action::AnswerError(text) => Entry::Answer {
-                    reply: error_reply(&text),
-                    then_close: false,
-                },
-            };
-            enqueue(&fifo, entry, &mut output, &mut upstream).await?;
+                Action::AnswerOk => {
+                    let reply = Bytes::from_static(b"+OK\r\n");
+                    enqueue(
+                        &fifo,
+                        Entry::Answer {
+                            reply,
+                            then_close: false,
+                        },
+                        &mut output,
+                        &mut upstream,
+                    )
+                    .await?;
+                }
+                Action::Quit => {
+                    let reply = Bytes::from_static(b"+OK\r\n");
+                    enqueue(
+                        &fifo,
+                        Entry::Answer {
+                            reply,
+                            then_close: true,
+                        },
+                        &mut output,
+                        &mut upstream,
+                    )
+                    .await?;
+                }
+                Action::AnswerError(text) => {
+                    let entry = Entry::Answer {
+                        reply: error_reply(&text),
+                        then_close: false,
+                    };
+                    enqueue(&fifo, entry, &mut output, &mut upstream).await?;
+                }
+            }
             if quit {
                 write_upstream(&mut upstream, &mut output).await?;
                 return Ok(RequestsEnd::Drain);
@@ -200,7 +229,8 @@ where
 }
 
 /// Puts an entry in the FIFO. When it is full, the requests already encoded
-/// are sent first: the reply half may be waiting for exactly those.
+/// (all with their entries queued) are sent first: the reply half may be
+/// waiting for exactly those.
 async fn enqueue<W: AsyncWrite + Unpin>(
     fifo: &mpsc::Sender<Entry>,
     entry: Entry,

@@ -69,9 +69,13 @@ pub enum UpstreamError {
         reply: String,
     },
     #[error(
-        "Redis at {address} closed the connection or sent an invalid reply during login: {reason}"
+        "Redis at {address} closed the connection or sent an invalid reply during login: {reason}{hint}"
     )]
-    Login { address: String, reason: String },
+    Login {
+        address: String,
+        reason: String,
+        hint: &'static str,
+    },
     #[error(
         "no answer from Redis at {address} within upstream.connect_timeout ({timeout:?}) while {stage}"
     )]
@@ -134,7 +138,11 @@ impl Upstream {
                 self.connector.connect(self.server_name.clone(), tcp),
             )
             .await?
-            .map_err(|err| tls_error(address, &self.settings.server_name, err))?;
+            .map_err(|err| UpstreamError::Tls {
+                address: address.clone(),
+                hint: tls_hint(&err),
+                reason: err.to_string(),
+            })?;
         self.step("logging in", self.log_in(&mut tls)).await??;
         Ok(tls)
     }
@@ -154,16 +162,17 @@ impl Upstream {
     }
 
     async fn log_in(&self, tls: &mut UpstreamStream) -> Result<(), UpstreamError> {
-        let login_error = |reason: String| UpstreamError::Login {
+        // With TLS 1.3, Redis rejects our certificate only after the
+        // handshake: the alert arrives here, so it gets the same hints.
+        let login_error = |err: io::Error| UpstreamError::Login {
             address: self.settings.address.clone(),
-            reason,
+            hint: tls_hint(&err),
+            reason: err.to_string(),
         };
         let mut out = BytesMut::new();
         self.login.encode_auth(&mut out);
-        tls.write_all(&out)
-            .await
-            .map_err(|e| login_error(e.to_string()))?;
-        tls.flush().await.map_err(|e| login_error(e.to_string()))?;
+        tls.write_all(&out).await.map_err(login_error)?;
+        tls.flush().await.map_err(login_error)?;
         let reply = read_reply(tls).await.map_err(login_error)?;
         if reply.as_ref() == b"+OK\r\n" {
             return Ok(());
@@ -182,7 +191,7 @@ impl Upstream {
 }
 
 /// Reads one complete reply (small: login replies only).
-async fn read_reply(tls: &mut UpstreamStream) -> Result<BytesMut, String> {
+async fn read_reply(tls: &mut UpstreamStream) -> io::Result<BytesMut> {
     let limits = Limits {
         max_bulk_bytes: 4096,
         max_reply_bytes: 8192,
@@ -191,20 +200,22 @@ async fn read_reply(tls: &mut UpstreamStream) -> Result<BytesMut, String> {
     let mut scanner = ReplyScanner::default();
     let mut buf = BytesMut::with_capacity(256);
     loop {
-        if let Some(len) = scanner.scan(&mut buf, &limits).map_err(|e| e.to_string())? {
+        let scanned = scanner
+            .scan(&mut buf, &limits)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if let Some(len) = scanned {
             return Ok(buf.split_to(len));
         }
-        if tls.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("connection closed".into());
+        if tls.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
 }
 
-/// Names the likely cause of a handshake failure.
-fn tls_error(address: &str, server_name: &str, err: io::Error) -> UpstreamError {
+/// Names the likely cause of a TLS failure.
+fn tls_hint(err: &io::Error) -> &'static str {
     use rustls::{AlertDescription as Alert, CertificateError as Cert, Error as E};
-    let rustls_error = err.get_ref().and_then(|inner| inner.downcast_ref::<E>());
-    let hint = match rustls_error {
+    match err.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
         Some(E::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature)) => {
             " (Redis's certificate is not signed by upstream.ca)"
         }
@@ -227,17 +238,13 @@ fn tls_error(address: &str, server_name: &str, err: io::Error) -> UpstreamError 
         Some(E::InvalidMessage(_) | E::InappropriateMessage { .. }) => {
             " (is that a TLS port? Redis must listen with tls-port)"
         }
-        _ if err.kind() == io::ErrorKind::UnexpectedEof
-            || err.kind() == io::ErrorKind::ConnectionReset =>
+        _ if matches!(
+            err.kind(),
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+        ) =>
         {
             " (Redis closed the connection: is that a TLS port, and does Redis trust upstream.cert?)"
         }
         _ => "",
-    };
-    let _ = server_name;
-    UpstreamError::Tls {
-        address: address.to_owned(),
-        reason: err.to_string(),
-        hint,
     }
 }

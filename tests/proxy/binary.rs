@@ -1,0 +1,280 @@
+//! The real binary: --help, exit codes, SIGTERM drain, JSON logs, the
+//! `redcloak dev` playground, and a redis-benchmark run through the proxy.
+
+use crate::support::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(redcloak_bin())
+        .args(args)
+        .output()
+        .expect("redcloak runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+/// Waits for the child to exit, killing it if it does not within the deadline.
+fn wait_exit(child: &mut std::process::Child) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("redcloak did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn wait_listening(port: u16) {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "redcloak never listened on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn help_explains_every_subcommand_and_flag() {
+    let (code, out, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    for word in ["serve", "dev", "--log-format", "Exit codes", "RUST_LOG"] {
+        assert!(out.contains(word), "--help lacks {word}: {out}");
+    }
+    let (code, out, _) = run(&["serve", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--config") && out.contains("SIGTERM"), "{out}");
+    let (code, out, _) = run(&["dev", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--listen"), "{out}");
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    assert_eq!(run(&["serve"]).0, 64);
+    assert_eq!(run(&["no-such-command"]).0, 64);
+    assert_eq!(
+        run(&["serve", "--config", "x", "--log-format", "xml"]).0,
+        64
+    );
+}
+
+#[test]
+fn configuration_errors_exit_78_and_name_the_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.toml");
+    let (code, _, err) = run(&["serve", "--config", missing.to_str().expect("utf-8")]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("missing.toml"), "{err}");
+
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(
+        &typo,
+        "[listen]\naddres = \"127.0.0.1:6380\"\n[upstream]\naddress = \"x:1\"\n",
+    )
+    .expect("write");
+    let (code, _, err) = run(&["serve", "--config", typo.to_str().expect("utf-8")]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("addres"), "{err}");
+
+    // A certificate that does not exist is a configuration error too.
+    let no_cert = dir.path().join("no-cert.toml");
+    std::fs::write(
+        &no_cert,
+        "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"127.0.0.1:1\"\nca = \"ca.crt\"\n\
+         cert = \"c.crt\"\nkey = \"c.key\"\npassword = \"p\"\n",
+    )
+    .expect("write");
+    let (code, _, err) = run(&["serve", "--config", no_cert.to_str().expect("utf-8")]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("upstream.ca") && err.contains("ca.crt"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
+    let redis = TestRedis::start().await;
+    let port = free_port();
+    let mut config = redis.config();
+    config.listen = vec![format!("address = \"127.0.0.1:{port}\"")];
+    let config = config.tail("[shutdown]\ngrace_period = \"20s\"\n");
+    std::fs::write(redis.path("serve.toml"), config.render()).expect("write");
+    let mut child = Command::new(redcloak_bin())
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(redis.path("serve.toml"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_listening(port).await;
+
+    let mut busy = RawClient::new(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect"),
+    );
+    let mut idle = RawClient::new(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect"),
+    );
+    assert_reply(&idle.call(&[b"PING"]).await, b"+PONG\r\n");
+    busy.send(&[b"BLPOP", b"nothing", b"1"]).await;
+    let mut admin = redis.admin().await;
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while !String::from_utf8_lossy(&admin.call(&[b"INFO", b"clients"]).await)
+        .contains("blocked_clients:1")
+    {
+        assert!(Instant::now() < deadline, "BLPOP never blocked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(&child, "-TERM");
+    // The idle client is closed, the blocked one gets its reply first.
+    idle.expect_closed().await;
+    assert_reply(&busy.read().await, b"*-1\r\n");
+    busy.expect_closed().await;
+    let code = tokio::task::spawn_blocking(move || {
+        let code = wait_exit(&mut child);
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut logs)
+            .expect("logs");
+        (code, logs)
+    })
+    .await
+    .expect("join");
+    assert_eq!(code.0, 0, "{}", code.1);
+    for line in code.1.lines() {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not a JSON log line: {line}"
+        );
+    }
+    assert!(code.1.contains("SIGTERM"), "{}", code.1);
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "still listening"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_playground_serves_in_front_of_a_tls_only_redis_and_cleans_up() {
+    let port = free_port();
+    let mut child = Command::new(redcloak_bin())
+        .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("line");
+            let done = line.contains("Ctrl-C stops both");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines.join("\n")
+    })
+    .await
+    .expect("banner");
+    assert!(
+        banner.contains(&format!("serving on 127.0.0.1:{port}")),
+        "{banner}"
+    );
+    let dir = banner
+        .lines()
+        .find_map(|l| l.split("removes ").nth(1))
+        .map(|d| std::path::PathBuf::from(d.trim()))
+        .expect("temp dir named");
+    assert!(dir.join("redis.conf").exists());
+    let conf = std::fs::read_to_string(dir.join("redis.conf")).expect("redis.conf");
+    assert!(
+        conf.contains("port 0")
+            && conf.contains("tls-auth-clients yes")
+            && conf.contains("user default off")
+    );
+
+    let mut c = RawClient::new(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect"),
+    );
+    assert_reply(&c.call(&[b"SET", b"greeting", b"hello"]).await, b"+OK\r\n");
+    assert_reply(&c.call(&[b"GET", b"greeting"]).await, b"$5\r\nhello\r\n");
+    drop(c);
+    signal(&child, "-INT");
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+    assert!(!dir.exists(), "temporary files left in {}", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_benchmark_pipelined_through_redcloak_finishes_without_errors() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let port = proxy.addr().port().to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("redis-benchmark")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-t",
+                "set,get",
+                "-P",
+                "16",
+                "-c",
+                "50",
+                "-n",
+                "200000",
+                "-q",
+            ])
+            .output()
+            .expect("redis-benchmark runs")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("SET: ") && text.contains("GET: "), "{text}");
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+}

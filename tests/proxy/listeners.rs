@@ -1,0 +1,233 @@
+//! Downstream listeners: plaintext TCP, unix socket with its file mode, TLS
+//! with and without required client certificates, and the connection limit.
+
+use crate::support::*;
+use redcloak::dev::{Authority, Usage, write_file};
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use tokio::net::UnixStream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_clients_are_served_and_the_socket_has_its_mode() {
+    let redis = TestRedis::start().await;
+    let socket = redis.path("redcloak.sock");
+    let config = redis
+        .config()
+        .listen(&format!("unix_socket = \"{}\"", socket.display()))
+        .listen("unix_socket_mode = \"0600\"");
+    let proxy = redis.start_proxy(&config).await;
+    let mode = std::fs::metadata(&socket)
+        .expect("socket exists")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let mut raw = RawClient::new(UnixStream::connect(&socket).await.expect("connect"));
+    assert_reply(&raw.call(&[b"SET", b"via", b"unix"]).await, b"+OK\r\n");
+    let url = format!("redis+unix://{}", socket.display());
+    let mut client = redis::Client::open(url)
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let value: String = redis::cmd("GET")
+        .arg("via")
+        .query_async(&mut client)
+        .await
+        .expect("GET");
+    assert_eq!(value, "unix");
+    // Shutdown removes the socket file.
+    proxy.shutdown.cancel();
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    while socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "socket file not removed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Certificates for redcloak's own TLS listener and for the app.
+struct ListenerCerts {
+    ca: String,
+    app_cert: String,
+    app_key: String,
+    other_cert: String,
+    other_key: String,
+}
+
+fn listener_certs(redis: &TestRedis) -> ListenerCerts {
+    let app_ca = Authority::new("app CA").expect("ca");
+    let other_ca = Authority::new("someone else's CA").expect("ca");
+    let server = app_ca
+        .issue("redcloak", &["localhost", "127.0.0.1"], Usage::Server)
+        .expect("server cert");
+    let app = app_ca
+        .issue("app", &[], Usage::Client)
+        .expect("client cert");
+    let other = other_ca
+        .issue("intruder", &[], Usage::Client)
+        .expect("client cert");
+    let files = [
+        ("app-ca.crt", app_ca.cert_pem().to_owned(), 0o644),
+        ("listener.crt", server.cert_pem, 0o644),
+        ("listener.key", server.key_pem, 0o600),
+        ("app.crt", app.cert_pem, 0o644),
+        ("app.key", app.key_pem, 0o600),
+        ("other.crt", other.cert_pem, 0o644),
+        ("other.key", other.key_pem, 0o600),
+    ];
+    for (name, contents, mode) in files {
+        write_file(&redis.path(name), contents.as_bytes(), mode).expect("write");
+    }
+    let path = |name: &str| redis.path(name).display().to_string();
+    ListenerCerts {
+        ca: path("app-ca.crt"),
+        app_cert: path("app.crt"),
+        app_key: path("app.key"),
+        other_cert: path("other.crt"),
+        other_key: path("other.key"),
+    }
+}
+
+fn redis_cli(args: &[&str]) -> (bool, String) {
+    let output = Command::new("redis-cli")
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+async fn cli(args: Vec<String>) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        redis_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .expect("join")
+}
+
+fn tls_args(port: u16, ca: &str, cert: Option<(&str, &str)>, command: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--tls",
+        "--cacert",
+        ca,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    if let Some((cert, key)) = cert {
+        args.extend(["--cert", cert, "--key", key].map(str::to_owned));
+    }
+    args.extend(command.iter().map(|s| s.to_string()));
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_requires_a_client_certificate_from_client_ca() {
+    let redis = TestRedis::start().await;
+    let certs = listener_certs(&redis);
+    let config = redis.config().tail(
+        "[listen.tls]\naddress = \"127.0.0.1:0\"\ncert = \"listener.crt\"\nkey = \"listener.key\"\nclient_ca = \"app-ca.crt\"\n",
+    );
+    let proxy = redis.start_proxy(&config).await;
+    let port = proxy.tls_address.expect("tls listener").port();
+
+    let good = tls_args(
+        port,
+        &certs.ca,
+        Some((&certs.app_cert, &certs.app_key)),
+        &["SET", "tls", "ok"],
+    );
+    assert_eq!(cli(good).await, (true, "OK\n".to_owned()));
+    let good = tls_args(
+        port,
+        &certs.ca,
+        Some((&certs.app_cert, &certs.app_key)),
+        &["GET", "tls"],
+    );
+    assert_eq!(cli(good).await, (true, "ok\n".to_owned()));
+
+    for cert in [
+        None,
+        Some((certs.other_cert.as_str(), certs.other_key.as_str())),
+    ] {
+        let (_, text) = cli(tls_args(port, &certs.ca, cert, &["GET", "tls"])).await;
+        assert!(
+            !text.contains("ok"),
+            "a client without a trusted certificate was served: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_without_client_ca_serves_clients_without_certificates() {
+    let redis = TestRedis::start().await;
+    let certs = listener_certs(&redis);
+    let config = redis
+        .config()
+        .tail("[listen.tls]\naddress = \"127.0.0.1:0\"\ncert = \"listener.crt\"\nkey = \"listener.key\"\n");
+    let proxy = redis.start_proxy(&config).await;
+    let port = proxy.tls_address.expect("tls listener").port();
+    assert_eq!(
+        cli(tls_args(port, &certs.ca, None, &["PING"])).await,
+        (true, "PONG\n".to_owned())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_works_through_the_plaintext_listener() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let port = proxy.addr().port().to_string();
+    let base = ["-h", "127.0.0.1", "-p", port.as_str()];
+    let run = |command: &[&str]| {
+        let mut args: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+        args.extend(command.iter().map(|s| s.to_string()));
+        cli(args)
+    };
+    assert_eq!(
+        run(&["SET", "greeting", "hello world"]).await,
+        (true, "OK\n".into())
+    );
+    assert_eq!(
+        run(&["GET", "greeting"]).await,
+        (true, "hello world\n".into())
+    );
+    assert_eq!(run(&["--no-raw", "HELLO", "3"]).await.0, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_over_max_connections_get_an_error_and_are_closed() {
+    let redis = TestRedis::start().await;
+    let proxy = redis
+        .start_proxy(&redis.config().listen("max_connections = 2"))
+        .await;
+    let mut first = proxy.raw().await;
+    let mut second = proxy.raw().await;
+    assert_reply(&first.call(&[b"PING"]).await, b"+PONG\r\n");
+    assert_reply(&second.call(&[b"PING"]).await, b"+PONG\r\n");
+    let mut third = proxy.raw().await;
+    assert_reply(
+        &third.read().await,
+        b"-ERR max number of clients reached\r\n",
+    );
+    third.expect_closed().await;
+    // A freed slot is given to the next client.
+    drop(first);
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    loop {
+        let mut next = proxy.raw().await;
+        next.send(&[b"PING"]).await;
+        if next.read().await.as_ref() == b"+PONG\r\n" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,12 @@
+//! Integration tests: redcloak in front of a real redis-server (TLS only,
+//! client certificates, ACL user), driven by real clients: the `redis`
+//! crate, raw RESP over sockets, redis-cli and redis-benchmark.
+
+mod auth;
+mod bad_input;
+mod binary;
+mod commands;
+mod listeners;
+mod pubsub;
+mod support;
+mod upstream;

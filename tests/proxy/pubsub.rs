@@ -1,0 +1,156 @@
+//! Pub/sub and blocking commands: out-of-band messages never take a pending
+//! request's place, and a blocked client is woken by another one.
+
+use crate::support::*;
+use futures_util::StreamExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp2_subscribe_receives_messages_published_by_another_client() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut sub = proxy.raw().await;
+    sub.send(&[b"SUBSCRIBE", b"news", b"sport"]).await;
+    assert_reply(
+        &sub.read().await,
+        b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n",
+    );
+    assert_reply(
+        &sub.read().await,
+        b"*3\r\n$9\r\nsubscribe\r\n$5\r\nsport\r\n:2\r\n",
+    );
+    let mut publisher = proxy.raw().await;
+    assert_reply(
+        &publisher.call(&[b"PUBLISH", b"news", b"hello"]).await,
+        b":1\r\n",
+    );
+    assert_reply(
+        &sub.read().await,
+        b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n",
+    );
+    // PING in subscribed mode gets its own reply, after any message.
+    assert_reply(
+        &sub.call(&[b"PING"]).await,
+        b"*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+    );
+    sub.send(&[b"PSUBSCRIBE", b"s*"]).await;
+    assert_reply(
+        &sub.read().await,
+        b"*3\r\n$10\r\npsubscribe\r\n$2\r\ns*\r\n:3\r\n",
+    );
+    assert_reply(
+        &publisher.call(&[b"PUBLISH", b"sport", b"goal"]).await,
+        b":2\r\n",
+    );
+    let first = sub.read().await;
+    let second = sub.read().await;
+    let mut got = [first.to_vec(), second.to_vec()];
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            b"*3\r\n$7\r\nmessage\r\n$5\r\nsport\r\n$4\r\ngoal\r\n".to_vec(),
+            b"*4\r\n$8\r\npmessage\r\n$2\r\ns*\r\n$5\r\nsport\r\n$4\r\ngoal\r\n".to_vec(),
+        ]
+    );
+    // UNSUBSCRIBE with no channel: one confirmation per channel, then normal mode.
+    sub.send(&[b"UNSUBSCRIBE"]).await;
+    let mut confirmations = vec![sub.read().await.to_vec(), sub.read().await.to_vec()];
+    confirmations.sort();
+    assert!(confirmations[0].starts_with(b"*3\r\n$11\r\nunsubscribe\r\n$4\r\nnews"));
+    assert!(confirmations[1].starts_with(b"*3\r\n$11\r\nunsubscribe\r\n$5\r\nsport"));
+    assert_reply(
+        &sub.call(&[b"PUNSUBSCRIBE"]).await,
+        b"*3\r\n$12\r\npunsubscribe\r\n$2\r\ns*\r\n:0\r\n",
+    );
+    assert_reply(&sub.call(&[b"SET", b"after", b"pubsub"]).await, b"+OK\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp3_pushes_interleave_with_replies_without_taking_their_place() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut sub = proxy.raw().await;
+    assert!(sub.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
+    sub.send(&[b"SUBSCRIBE", b"ch"]).await;
+    assert_reply(
+        &sub.read().await,
+        b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+    );
+    let mut publisher = proxy.raw().await;
+    assert_reply(
+        &publisher.call(&[b"PUBLISH", b"ch", b"m1"]).await,
+        b":1\r\n",
+    );
+    // RESP3 allows ordinary commands while subscribed: the push is delivered
+    // as it comes, and GET still gets its own reply.
+    sub.send(&[b"SET", b"k", b"v"]).await;
+    sub.send(&[b"GET", b"k"]).await;
+    assert_reply(
+        &sub.read().await,
+        b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nm1\r\n",
+    );
+    assert_reply(&sub.read().await, b"+OK\r\n");
+    assert_reply(&sub.read().await, b"$1\r\nv\r\n");
+    // Client-side caching invalidations are pushes too.
+    assert_reply(
+        &sub.call(&[b"CLIENT", b"TRACKING", b"ON"]).await,
+        b"+OK\r\n",
+    );
+    assert_reply(&sub.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
+    assert_reply(
+        &publisher.call(&[b"SET", b"k", b"changed"]).await,
+        b"+OK\r\n",
+    );
+    let invalidation = sub.read().await;
+    assert!(
+        invalidation.starts_with(b">2\r\n$10\r\ninvalidate\r\n"),
+        "{invalidation:?}"
+    );
+    assert_reply(&sub.call(&[b"GET", b"k"]).await, b"$7\r\nchanged\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_works_with_the_redis_crate() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let client = redis::Client::open(proxy.url()).expect("url");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe("events").await.expect("subscribe");
+    let mut publisher = proxy.client().await;
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg("events")
+        .arg("payload")
+        .query_async(&mut publisher)
+        .await
+        .expect("publish");
+    assert_eq!(receivers, 1);
+    let mut stream = pubsub.on_message();
+    let message = tokio::time::timeout(READ_TIMEOUT, stream.next())
+        .await
+        .expect("message in time")
+        .expect("stream open");
+    assert_eq!(message.get_channel_name(), "events");
+    assert_eq!(message.get_payload::<String>().expect("payload"), "payload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blpop_is_woken_by_another_client() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut blocked = proxy.raw().await;
+    blocked.send(&[b"BLPOP", b"queue", b"0"]).await;
+    let mut pusher = proxy.raw().await;
+    // Wait until Redis reports the client as blocked, then push.
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    loop {
+        let info = pusher.call(&[b"INFO", b"clients"]).await;
+        if String::from_utf8_lossy(&info).contains("blocked_clients:1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "BLPOP never blocked");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_reply(&pusher.call(&[b"RPUSH", b"queue", b"job"]).await, b":1\r\n");
+    assert_reply(&blocked.read().await, b"*2\r\n$5\r\nqueue\r\n$3\r\njob\r\n");
+    assert_reply(&blocked.call(&[b"PING"]).await, b"+PONG\r\n");
+}

@@ -1,0 +1,319 @@
+//! Test harness: a real redis-server (TLS only, client certificates required,
+//! default user off, one ACL user with a password, nothing saved), redcloak
+//! in-process in front of it on ephemeral loopback ports, and raw RESP
+//! clients for byte-exact checks.
+
+use bytes::{Bytes, BytesMut};
+use redcloak::dev::{self, ChildRedis, DevCerts, RedisOptions};
+use redcloak::resp::{self, Limits, ReplyScanner};
+use redcloak::server::Server;
+use redcloak::upstream::{Login, Upstream, UpstreamSettings, UpstreamStream};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+pub const REDIS_USER: &str = "redcloak";
+/// Longest any single read in a test may wait.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A redis-server child and the certificates around it.
+pub struct TestRedis {
+    pub dir: tempfile::TempDir,
+    pub certs: DevCerts,
+    pub password: String,
+    pub redis: ChildRedis,
+}
+
+impl TestRedis {
+    pub async fn start() -> TestRedis {
+        Self::start_with("yes", Vec::new()).await
+    }
+
+    pub async fn start_with(tls_auth_clients: &'static str, extra: Vec<String>) -> TestRedis {
+        init_logs();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dev::write_dev_certs(dir.path(), &["localhost", "127.0.0.1"]).expect("certs");
+        let password = dev::random_password().expect("password");
+        dev::write_file(
+            &dir.path().join("redis-password"),
+            password.as_bytes(),
+            0o600,
+        )
+        .expect("password file");
+        let options = RedisOptions {
+            username: REDIS_USER.into(),
+            password: password.clone(),
+            tls_auth_clients,
+            extra,
+        };
+        let redis = ChildRedis::start(dir.path(), &certs, &options)
+            .await
+            .expect("redis-server starts");
+        TestRedis {
+            dir,
+            certs,
+            password,
+            redis,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A config for redcloak in front of this Redis, to adjust per test.
+    pub fn config(&self) -> ProxyConfig {
+        ProxyConfig {
+            listen: vec![r#"address = "127.0.0.1:0""#.into()],
+            upstream: vec![
+                format!(r#"address = "127.0.0.1:{}""#, self.redis.port()),
+                r#"server_name = "localhost""#.into(),
+                r#"ca = "ca.crt""#.into(),
+                r#"cert = "redcloak-client.crt""#.into(),
+                r#"key = "redcloak-client.key""#.into(),
+                format!(r#"username = "{REDIS_USER}""#),
+                r#"password_file = "redis-password""#.into(),
+                r#"connect_timeout = "5s""#.into(),
+            ],
+            tail: String::new(),
+        }
+    }
+
+    /// A direct, authenticated TLS connection to Redis, bypassing redcloak.
+    pub async fn admin(&self) -> RawClient<UpstreamStream> {
+        let tls = redcloak::tls::client::config(
+            &self.certs.ca,
+            &self.certs.client_cert,
+            &self.certs.client_key,
+        )
+        .expect("client tls");
+        let login = Login {
+            username: Some(REDIS_USER.into()),
+            password: redcloak::secret::Secret::new(self.password.clone().into_bytes()),
+        };
+        let settings = UpstreamSettings {
+            address: format!("127.0.0.1:{}", self.redis.port()),
+            server_name: "localhost".into(),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let upstream = Upstream::new(settings, tls, Arc::new(login)).expect("upstream");
+        RawClient::new(upstream.connect().await.expect("admin connection"))
+    }
+
+    pub async fn start_proxy(&self, config: &ProxyConfig) -> Proxy {
+        let file = self.path("redcloak.toml");
+        std::fs::write(&file, config.render()).expect("write config");
+        let loaded = redcloak::config::load(&file).expect("valid config");
+        let server = Server::bind(loaded).await.expect("proxy binds");
+        let address = server.tcp_address();
+        let tls_address = server.tls_address();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        Proxy {
+            address,
+            tls_address,
+            shutdown,
+            task,
+        }
+    }
+}
+
+/// Lines of a redcloak config, by section.
+#[derive(Clone)]
+pub struct ProxyConfig {
+    pub listen: Vec<String>,
+    pub upstream: Vec<String>,
+    /// Further sections, verbatim.
+    pub tail: String,
+}
+
+impl ProxyConfig {
+    /// Replaces (or adds) `key = value` in [upstream].
+    pub fn upstream(mut self, key: &str, value: &str) -> Self {
+        self.upstream
+            .retain(|line| !line.starts_with(&format!("{key} =")));
+        self.upstream.push(format!("{key} = {value}"));
+        self
+    }
+
+    pub fn listen(mut self, line: &str) -> Self {
+        self.listen.push(line.into());
+        self
+    }
+
+    pub fn tail(mut self, text: &str) -> Self {
+        self.tail.push_str(text);
+        self.tail.push('\n');
+        self
+    }
+
+    pub fn render(&self) -> String {
+        format!(
+            "[listen]\n{}\n\n[upstream]\n{}\n\n{}",
+            self.listen.join("\n"),
+            self.upstream.join("\n"),
+            self.tail
+        )
+    }
+}
+
+/// redcloak running in this test's runtime.
+pub struct Proxy {
+    pub address: Option<SocketAddr>,
+    pub tls_address: Option<SocketAddr>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub fn addr(&self) -> SocketAddr {
+        self.address.expect("plaintext listener")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr())
+    }
+
+    pub async fn raw(&self) -> RawClient<TcpStream> {
+        let stream = TcpStream::connect(self.addr())
+            .await
+            .expect("connect to proxy");
+        stream.set_nodelay(true).expect("nodelay");
+        RawClient::new(stream)
+    }
+
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis client connects")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.task.abort();
+    }
+}
+
+/// A RESP client that shows the exact bytes of each reply.
+pub struct RawClient<S> {
+    pub stream: S,
+    buf: BytesMut,
+    scanner: ReplyScanner,
+}
+
+impl<S> RawClient<S> {
+    pub fn new(stream: S) -> Self {
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+            scanner: ReplyScanner::default(),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> RawClient<S> {
+    pub async fn send(&mut self, args: &[&[u8]]) {
+        let mut out = BytesMut::new();
+        resp::encode_command(&mut out, args);
+        self.send_raw(&out).await;
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+        self.stream.flush().await.expect("flush");
+    }
+}
+
+impl<S: AsyncRead + Unpin> RawClient<S> {
+    /// The next complete reply, as bytes.
+    pub async fn read(&mut self) -> Bytes {
+        tokio::time::timeout(READ_TIMEOUT, self.read_inner())
+            .await
+            .expect("reply in time")
+            .expect("a reply, not EOF")
+    }
+
+    /// The next reply, or `None` at end of stream.
+    pub async fn read_or_eof(&mut self) -> Option<Bytes> {
+        tokio::time::timeout(READ_TIMEOUT, self.read_inner())
+            .await
+            .expect("reply or EOF in time")
+    }
+
+    async fn read_inner(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(len) = self
+                .scanner
+                .scan(&mut self.buf, &Limits::default())
+                .expect("valid RESP from proxy")
+            {
+                return Some(self.buf.split_to(len).freeze());
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Asserts the server closed the connection with nothing more to say.
+    pub async fn expect_closed(&mut self) {
+        assert_eq!(
+            self.read_or_eof().await,
+            None,
+            "connection should be closed"
+        );
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    pub async fn call(&mut self, args: &[&[u8]]) -> Bytes {
+        self.send(args).await;
+        self.read().await
+    }
+}
+
+/// Asserts a reply's exact bytes, showing both as text when they differ.
+#[track_caller]
+pub fn assert_reply(reply: &[u8], expected: &[u8]) {
+    assert_eq!(
+        String::from_utf8_lossy(reply),
+        String::from_utf8_lossy(expected)
+    );
+}
+
+/// Asserts a reply is an error that starts with `prefix` (e.g. `-ERR redcloak:`).
+#[track_caller]
+pub fn assert_error(reply: &[u8], prefix: &str) {
+    let text = String::from_utf8_lossy(reply);
+    assert!(
+        text.starts_with(prefix),
+        "expected an error starting with {prefix:?}, got {text:?}"
+    );
+}
+
+/// The proxy's logs, shown with a failing test's output (RUST_LOG filters).
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("redcloak=debug"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// The path of the built redcloak binary.
+pub fn redcloak_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_redcloak")
+}

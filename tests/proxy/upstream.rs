@@ -1,0 +1,211 @@
+//! The upstream side fails closed: a wrong CA, name, certificate or password
+//! ends the client connection with a clear error, nothing is ever sent
+//! without TLS, and losing Redis answers every pending request with an error.
+
+use crate::support::*;
+use redcloak::dev::{Authority, Usage, write_file};
+use std::io::Read;
+
+/// Connects a client and returns the proxy's only reply before it closes.
+async fn refusal(proxy: &Proxy) -> String {
+    let mut c = proxy.raw().await;
+    c.send(&[b"PING"]).await;
+    let reply = c.read().await;
+    c.expect_closed().await;
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_certificate_not_signed_by_upstream_ca_is_refused() {
+    let redis = TestRedis::start().await;
+    let other = Authority::new("not Redis's CA").expect("ca");
+    write_file(
+        &redis.path("other-ca.crt"),
+        other.cert_pem().as_bytes(),
+        0o644,
+    )
+    .expect("write");
+    let proxy = redis
+        .start_proxy(&redis.config().upstream("ca", "\"other-ca.crt\""))
+        .await;
+    let text = refusal(&proxy).await;
+    assert!(
+        text.starts_with("-ERR redcloak: upstream unavailable: TLS handshake"),
+        "{text}"
+    );
+    assert!(text.contains("not signed by upstream.ca"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_name_missing_from_redis_certificate_is_refused() {
+    let redis = TestRedis::start().await;
+    let proxy = redis
+        .start_proxy(
+            &redis
+                .config()
+                .upstream("server_name", "\"redis.elsewhere.example\""),
+        )
+        .await;
+    let text = refusal(&proxy).await;
+    assert!(
+        text.contains("does not name upstream.server_name"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_redis_does_not_trust_is_refused() {
+    let redis = TestRedis::start().await;
+    let stranger = Authority::new("stranger CA").expect("ca");
+    let cert = stranger
+        .issue("redcloak", &[], Usage::Client)
+        .expect("cert");
+    write_file(&redis.path("stranger.crt"), cert.cert_pem.as_bytes(), 0o644).expect("write");
+    write_file(&redis.path("stranger.key"), cert.key_pem.as_bytes(), 0o600).expect("write");
+    let config = redis
+        .config()
+        .upstream("cert", "\"stranger.crt\"")
+        .upstream("key", "\"stranger.key\"");
+    let proxy = redis.start_proxy(&config).await;
+    let text = refusal(&proxy).await;
+    assert!(text.contains("client certificate"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_without_a_client_certificate_cannot_be_configured() {
+    let redis = TestRedis::start().await;
+    let mut config = redis.config();
+    config
+        .upstream
+        .retain(|line| !line.starts_with("cert =") && !line.starts_with("key ="));
+    std::fs::write(redis.path("no-cert.toml"), config.render()).expect("write");
+    let err = redcloak::config::load(&redis.path("no-cert.toml")).expect_err("refused");
+    assert!(
+        err.to_string().starts_with("upstream.cert: required"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_refused_with_redis_reason_and_no_password() {
+    let redis = TestRedis::start().await;
+    let wrong = "wrong-password-that-must-not-leak";
+    let config = redis
+        .config()
+        .upstream("password_file", "\"wrong-password\"");
+    std::fs::write(redis.path("wrong-password"), wrong).expect("write");
+    let proxy = redis.start_proxy(&config).await;
+    let text = refusal(&proxy).await;
+    assert!(
+        text.contains("refused redcloak's AUTH as user 'redcloak': WRONGPASS"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(wrong) && !text.contains(&redis.password),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_but_a_tls_client_hello_reaches_a_plaintext_upstream() {
+    let redis = TestRedis::start().await;
+    // A plain TCP listener that records what redcloak sends and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let recorder = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        seen
+    });
+    let config = redis
+        .config()
+        .upstream("address", &format!("\"127.0.0.1:{port}\""))
+        .upstream("connect_timeout", "\"1s\"");
+    let proxy = redis.start_proxy(&config).await;
+    let mut c = proxy.raw().await;
+    c.send(&[b"SET", b"k", b"secret-value"]).await;
+    let text = String::from_utf8_lossy(&c.read().await).into_owned();
+    assert!(
+        text.contains("within upstream.connect_timeout") && text.contains("TLS handshake"),
+        "{text}"
+    );
+    c.expect_closed().await;
+    let seen = tokio::task::spawn_blocking(move || recorder.join().expect("recorder"))
+        .await
+        .expect("join");
+    assert!(seen.len() > 5, "redcloak sent nothing");
+    assert_eq!(
+        &seen[..2],
+        &[0x16, 0x03],
+        "the first bytes are a TLS handshake record"
+    );
+    let contains = |needle: &[u8]| seen.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !contains(b"AUTH") && !contains(redis.password.as_bytes()) && !contains(b"secret-value")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_upstream_answers_every_pending_request_and_closes_the_client() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut c = proxy.raw().await;
+    let id = c.call(&[b"CLIENT", b"ID"]).await;
+    let id = String::from_utf8_lossy(&id[1..id.len() - 2]).into_owned();
+    // BLPOP blocks the connection; PING and GET queue behind it. One write,
+    // so all three are pending in redcloak before BLPOP reaches Redis.
+    c.send_raw(b"*3\r\n$5\r\nBLPOP\r\n$5\r\nnever\r\n$1\r\n0\r\n*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+        .await;
+    let mut admin = redis.admin().await;
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    loop {
+        let info = admin.call(&[b"INFO", b"clients"]).await;
+        if String::from_utf8_lossy(&info).contains("blocked_clients:1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "BLPOP never blocked");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_reply(
+        &admin
+            .call(&[b"CLIENT", b"KILL", b"ID", id.as_bytes()])
+            .await,
+        b":1\r\n",
+    );
+    for _ in 0..3 {
+        assert_error(
+            &c.read().await,
+            "-ERR redcloak: upstream connection closed by Redis",
+        );
+    }
+    c.expect_closed().await;
+    // A new client gets a new upstream connection.
+    let mut fresh = proxy.raw().await;
+    assert_reply(&fresh.call(&[b"PING"]).await, b"+PONG\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_going_away_closes_clients_and_new_clients_get_a_clear_error() {
+    let mut redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
+    redis.redis.kill().await;
+    // The idle client is closed as soon as its upstream connection ends.
+    c.expect_closed().await;
+    let text = refusal(&proxy).await;
+    assert!(
+        text.starts_with("-ERR redcloak: upstream unavailable: cannot connect to Redis"),
+        "{text}"
+    );
+}
