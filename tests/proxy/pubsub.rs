@@ -54,7 +54,7 @@ async fn resp2_subscribe_receives_messages_published_by_another_client() {
     );
     // UNSUBSCRIBE with no channel: one confirmation per channel, then normal mode.
     sub.send(&[b"UNSUBSCRIBE"]).await;
-    let mut confirmations = vec![sub.read().await.to_vec(), sub.read().await.to_vec()];
+    let mut confirmations = [sub.read().await.to_vec(), sub.read().await.to_vec()];
     confirmations.sort();
     assert!(confirmations[0].starts_with(b"*3\r\n$11\r\nunsubscribe\r\n$4\r\nnews"));
     assert!(confirmations[1].starts_with(b"*3\r\n$11\r\nunsubscribe\r\n$5\r\nsport"));
