@@ -597,6 +597,20 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        Jail::expect_with(|jail| {
+            jail.set_env("REDCLOAK_UPSTREAM__PASSWORD", "example-upstream-password");
+            jail.set_env("REDCLOAK_LISTEN__AUTH__PASSWORD", "example-client-password");
+            let example =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("config/redcloak.example.toml");
+            let config = load(&example).expect("the example loads");
+            assert_eq!(config.upstream.username.as_deref(), Some("redcloak"));
+            assert!(config.listen.auth.is_some());
+            Ok(())
+        });
+    }
+
+    #[test]
     fn parses_durations_and_modes() {
         assert_eq!(
             parse_duration("k", Some("250ms"), "1s").expect("ms"),
