@@ -69,6 +69,27 @@ async fn oversized_lengths_are_refused_before_their_bytes_arrive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_nested_deeper_than_the_limit_fails_that_connection_only() {
+    let redis = TestRedis::start().await;
+    let proxy = redis
+        .start_proxy(&redis.config().tail("[limits]\nmax_reply_depth = 3\n"))
+        .await;
+    let mut c = proxy.raw().await;
+    let depth_3 = c.call(&[b"EVAL", b"return {{{1}}}", b"0"]).await;
+    assert_reply(&depth_3, b"*1\r\n*1\r\n*1\r\n:1\r\n");
+    c.send(&[b"EVAL", b"return {{{{1}}}}", b"0"]).await;
+    let error = String::from_utf8_lossy(&c.read().await).into_owned();
+    assert!(
+        error.starts_with("-ERR redcloak: upstream protocol error: reply nesting depth"),
+        "{error}"
+    );
+    assert!(error.contains("limits.max_reply_depth"), "{error}");
+    c.expect_closed().await;
+    let mut other = proxy.raw().await;
+    assert_reply(&other.call(&[b"PING"]).await, b"+PONG\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_at_the_bulk_limit_is_served_and_one_byte_more_is_refused() {
     let redis = TestRedis::start().await;
     let proxy = redis
