@@ -35,6 +35,7 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 
 const READ_CHUNK: usize = 16 * 1024;
+const OK: Bytes = Bytes::from_static(b"+OK\r\n");
 
 /// What every session of a server shares.
 pub struct SessionContext {
@@ -158,14 +159,16 @@ where
             // An entry always enters the FIFO before its command is encoded:
             // `enqueue` may flush `output`, and a reply must never arrive
             // before the entry it answers.
-            match action {
+            let answer = match action {
                 Action::Forward(plan) => {
                     enqueue(&fifo, Entry::Await(plan), &mut output, &mut upstream).await?;
                     resp::encode_command(&mut output, &request.args);
+                    None
                 }
                 Action::Rewrite(args, plan) => {
                     enqueue(&fifo, Entry::Await(plan), &mut output, &mut upstream).await?;
                     resp::encode_command(&mut output, &args);
+                    None
                 }
                 Action::Reset => {
                     enqueue(
@@ -176,48 +179,26 @@ where
                     )
                     .await?;
                     resp::encode_command(&mut output, &[b"RESET"]);
-                    enqueue(
-                        &fifo,
-                        Entry::Await(ReplyPlan::RestoreLogin),
-                        &mut output,
-                        &mut upstream,
-                    )
-                    .await?;
+                    let restore = Entry::Await(ReplyPlan::RestoreLogin);
+                    enqueue(&fifo, restore, &mut output, &mut upstream).await?;
                     ctx.upstream_login.encode_auth(&mut output);
+                    None
                 }
-                Action::AnswerOk => {
-                    let reply = Bytes::from_static(b"+OK\r\n");
-                    enqueue(
-                        &fifo,
-                        Entry::Answer {
-                            reply,
-                            then_close: false,
-                        },
-                        &mut output,
-                        &mut upstream,
-                    )
-                    .await?;
-                }
-                Action::Quit => {
-                    let reply = Bytes::from_static(b"+OK\r\n");
-                    enqueue(
-                        &fifo,
-                        Entry::Answer {
-                            reply,
-                            then_close: true,
-                        },
-                        &mut output,
-                        &mut upstream,
-                    )
-                    .await?;
-                }
-                Action::AnswerError(text) => {
-                    let entry = Entry::Answer {
-                        reply: error_reply(&text),
-                        then_close: false,
-                    };
-                    enqueue(&fifo, entry, &mut output, &mut upstream).await?;
-                }
+                Action::AnswerOk => Some(Entry::Answer {
+                    reply: OK.clone(),
+                    then_close: false,
+                }),
+                Action::Quit => Some(Entry::Answer {
+                    reply: OK.clone(),
+                    then_close: true,
+                }),
+                Action::AnswerError(text) => Some(Entry::Answer {
+                    reply: error_reply(&text),
+                    then_close: false,
+                }),
+            };
+            if let Some(answer) = answer {
+                enqueue(&fifo, answer, &mut output, &mut upstream).await?;
             }
             if quit {
                 write_upstream(&mut upstream, &mut output).await?;

@@ -150,14 +150,7 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     );
     assert_reply(&idle.call(&[b"PING"]).await, b"+PONG\r\n");
     busy.send(&[b"BLPOP", b"nothing", b"1"]).await;
-    let mut admin = redis.admin().await;
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while !String::from_utf8_lossy(&admin.call(&[b"INFO", b"clients"]).await)
-        .contains("blocked_clients:1")
-    {
-        assert!(Instant::now() < deadline, "BLPOP never blocked");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_blocked(&redis, 1).await;
     signal(&child, "-TERM");
     // The idle client is closed, the blocked one gets its reply first.
     idle.expect_closed().await;

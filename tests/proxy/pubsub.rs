@@ -140,16 +140,7 @@ async fn blpop_is_woken_by_another_client() {
     let mut blocked = proxy.raw().await;
     blocked.send(&[b"BLPOP", b"queue", b"0"]).await;
     let mut pusher = proxy.raw().await;
-    // Wait until Redis reports the client as blocked, then push.
-    let deadline = std::time::Instant::now() + READ_TIMEOUT;
-    loop {
-        let info = pusher.call(&[b"INFO", b"clients"]).await;
-        if String::from_utf8_lossy(&info).contains("blocked_clients:1") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "BLPOP never blocked");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_until_blocked(&redis, 1).await;
     assert_reply(&pusher.call(&[b"RPUSH", b"queue", b"job"]).await, b":1\r\n");
     assert_reply(&blocked.read().await, b"*2\r\n$5\r\nqueue\r\n$3\r\njob\r\n");
     assert_reply(&blocked.call(&[b"PING"]).await, b"+PONG\r\n");

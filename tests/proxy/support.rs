@@ -281,6 +281,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     }
 }
 
+/// Waits until Redis reports `count` clients blocked (BLPOP and the like).
+pub async fn wait_until_blocked(redis: &TestRedis, count: usize) {
+    let mut admin = redis.admin().await;
+    let expected = format!("blocked_clients:{count}");
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    while !String::from_utf8_lossy(&admin.call(&[b"INFO", b"clients"]).await).contains(&expected) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis never reported {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Asserts a reply's exact bytes, showing both as text when they differ.
 #[track_caller]
 pub fn assert_reply(reply: &[u8], expected: &[u8]) {

@@ -166,16 +166,8 @@ async fn losing_the_upstream_answers_every_pending_request_and_closes_the_client
     // so all three are pending in redcloak before BLPOP reaches Redis.
     c.send_raw(b"*3\r\n$5\r\nBLPOP\r\n$5\r\nnever\r\n$1\r\n0\r\n*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
         .await;
+    wait_until_blocked(&redis, 1).await;
     let mut admin = redis.admin().await;
-    let deadline = std::time::Instant::now() + READ_TIMEOUT;
-    loop {
-        let info = admin.call(&[b"INFO", b"clients"]).await;
-        if String::from_utf8_lossy(&info).contains("blocked_clients:1") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "BLPOP never blocked");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
     assert_reply(
         &admin
             .call(&[b"CLIENT", b"KILL", b"ID", id.as_bytes()])
