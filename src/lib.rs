@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod dev;
 pub mod playground;
 pub mod policy;

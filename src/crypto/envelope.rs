@@ -1,0 +1,332 @@
+//! The envelope: how one value is stored in Redis.
+//!
+//! ```text
+//! offset  size  field
+//! ------  ----  ----------------------------------------------------------
+//!      0     3  magic 0xC7 0x0A 0x4B (0xC7 0x0A is never valid UTF-8)
+//!      3     1  format version, 1
+//!      4     4  key id, big-endian u32
+//!      8    24  nonce, random (XAES-256-GCM's 192-bit nonce)
+//!     32     n  ciphertext (same length as the value)
+//!   32+n    16  GCM tag
+//! ```
+//!
+//! Overhead: 48 bytes. A stored value that does not start with the magic and
+//! version and is shorter than 48 bytes is a legacy plaintext value.
+//!
+//! Associated data (authenticated, not stored) binds the value to where it
+//! lives, so a value copied to another key or hash field fails to open:
+//!
+//! ```text
+//! magic | version | key id (the 8 header bytes)
+//! u8 kind: 1 = string value, 2 = hash field value
+//! u8 key bound: 0 or 1; if 1: u32 BE length | key name
+//! if kind 2: u32 BE length | field name
+//! ```
+//!
+//! Whether the key name is bound comes from the configured rule
+//! (`bind_key`), never from the stored bytes, so a stored value cannot
+//! downgrade its own binding.
+//!
+//! Why XAES-256-GCM: random 96-bit GCM nonces under one key are limited to
+//! 2^32 messages (NIST SP 800-38D), which a fleet of proxies sharing a key
+//! reaches in days. XAES-256-GCM derives a fresh AES-256-GCM key per message
+//! from the first half of a 192-bit random nonce (C2SP XAES-256-GCM), so
+//! random nonces stay safe for about 2^80 messages per key, with no state to
+//! coordinate between proxies. The cost is two extra AES block encryptions
+//! and a GCM key setup per value.
+
+use xaes_256_gcm::Xaes256Gcm;
+use xaes_256_gcm::aead::{AeadInOut, KeyInit};
+
+pub const MAGIC: [u8; 3] = [0xC7, 0x0A, 0x4B];
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 8;
+pub const NONCE_LEN: usize = 24;
+pub const TAG_LEN: usize = 16;
+/// Bytes an envelope adds to a value.
+pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
+
+const KIND_STRING: u8 = 1;
+const KIND_HASH_FIELD: u8 = 2;
+
+/// Where a value lives, as far as its associated data binds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding<'a> {
+    /// The key name, when the rule binds it.
+    pub key: Option<&'a [u8]>,
+    /// The hash field, for hash values.
+    pub field: Option<&'a [u8]>,
+}
+
+/// Why a stored value could not be opened. Never carries value bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("not encrypted (legacy plaintext)")]
+    NotAnEnvelope,
+    #[error("unknown key id {0}")]
+    UnknownKeyId(u32),
+    #[error("authentication failed: tampered, truncated, moved from another key or field, or sealed with another key")]
+    AuthenticationFailed,
+}
+
+/// One data key. Not `Clone`; its `Debug` shows nothing; the cipher state
+/// is zeroized on drop (xaes-256-gcm's `zeroize` feature).
+pub struct DataKey {
+    id: u32,
+    cipher: Xaes256Gcm,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DataKey {{ id: {}, key: <redacted> }}", self.id)
+    }
+}
+
+impl DataKey {
+    pub fn new(id: u32, key: &[u8; 32]) -> Self {
+        DataKey { id, cipher: Xaes256Gcm::new(key.into()) }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Seals `value` into a new envelope, with a fresh random nonce.
+    pub fn seal(&self, value: &[u8], binding: Binding<'_>) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        fill_random(&mut nonce);
+        self.seal_with_nonce(value, binding, &nonce)
+    }
+
+    fn seal_with_nonce(&self, value: &[u8], binding: Binding<'_>, nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
+        let header = header(self.id);
+        let mut envelope = Vec::with_capacity(OVERHEAD + value.len());
+        envelope.extend_from_slice(&header);
+        envelope.extend_from_slice(nonce);
+        envelope.extend_from_slice(value);
+        let aad = associated_data(&header, binding);
+        let body = &mut envelope[HEADER_LEN + NONCE_LEN..];
+        // Only fails for inputs over GCM's 64 GiB limit, far beyond limits.max_bulk_bytes.
+        let tag = self
+            .cipher
+            .encrypt_inout_detached(nonce.into(), &aad, body.into())
+            .unwrap_or_default();
+        envelope.extend_from_slice(&tag);
+        envelope
+    }
+
+    /// Opens an envelope whose header named this key.
+    fn open(&self, envelope: &[u8], binding: Binding<'_>) -> Result<Vec<u8>, OpenError> {
+        let (header, rest) = envelope.split_at(HEADER_LEN);
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let aad = associated_data(header, binding);
+        let mut plaintext = ciphertext.to_vec();
+        let opened = self.cipher.decrypt_inout_detached(
+            nonce.try_into().map_err(|_| OpenError::AuthenticationFailed)?,
+            &aad,
+            plaintext.as_mut_slice().into(),
+            tag.try_into().map_err(|_| OpenError::AuthenticationFailed)?,
+        );
+        match opened {
+            Ok(()) => Ok(plaintext),
+            // The buffer is dropped unread: a failed decryption shows nothing.
+            Err(_) => Err(OpenError::AuthenticationFailed),
+        }
+    }
+}
+
+/// The key id an envelope names, or `NotAnEnvelope`.
+pub fn key_id(stored: &[u8]) -> Result<u32, OpenError> {
+    if stored.len() < OVERHEAD || stored[..3] != MAGIC || stored[3] != VERSION {
+        return Err(OpenError::NotAnEnvelope);
+    }
+    Ok(u32::from_be_bytes([stored[4], stored[5], stored[6], stored[7]]))
+}
+
+/// Opens `stored` with whichever of `keys` its header names.
+pub fn open<'k>(
+    stored: &[u8],
+    binding: Binding<'_>,
+    find_key: impl Fn(u32) -> Option<&'k DataKey>,
+) -> Result<Vec<u8>, OpenError> {
+    let id = key_id(stored)?;
+    let key = find_key(id).ok_or(OpenError::UnknownKeyId(id))?;
+    key.open(stored, binding)
+}
+
+fn header(id: u32) -> [u8; HEADER_LEN] {
+    let id = id.to_be_bytes();
+    [MAGIC[0], MAGIC[1], MAGIC[2], VERSION, id[0], id[1], id[2], id[3]]
+}
+
+fn associated_data(header: &[u8], binding: Binding<'_>) -> Vec<u8> {
+    let key_len = binding.key.map_or(0, |k| k.len() + 4);
+    let field_len = binding.field.map_or(0, |f| f.len() + 4);
+    let mut aad = Vec::with_capacity(HEADER_LEN + 2 + key_len + field_len);
+    aad.extend_from_slice(header);
+    aad.push(if binding.field.is_some() { KIND_HASH_FIELD } else { KIND_STRING });
+    match binding.key {
+        Some(key) => {
+            aad.push(1);
+            push_prefixed(&mut aad, key);
+        }
+        None => aad.push(0),
+    }
+    if let Some(field) = binding.field {
+        push_prefixed(&mut aad, field);
+    }
+    aad
+}
+
+fn push_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Lengths are bounded by limits.max_bulk_bytes, far below u32::MAX.
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Fills `buf` from the operating system's CSPRNG.
+pub fn fill_random(buf: &mut [u8]) {
+    // getrandom only fails where the OS has no entropy source; rather than
+    // sealing with a predictable nonce, stop the process.
+    if let Err(err) = getrandom::fill(buf) {
+        panic!("no secure random numbers from the OS: {err}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(byte: u8, id: u32) -> DataKey {
+        DataKey::new(id, &[byte; 32])
+    }
+
+    fn bound<'a>(key: &'a [u8]) -> Binding<'a> {
+        Binding { key: Some(key), field: None }
+    }
+
+    fn open_with<'k>(keys: &'k [DataKey], stored: &[u8], binding: Binding<'_>) -> Result<Vec<u8>, OpenError> {
+        open(stored, binding, |id| keys.iter().find(|k| k.id == id))
+    }
+
+    /// C2SP XAES-256-GCM test vectors (c2sp.org/XAES-256-GCM), through the
+    /// same cipher calls the envelope makes.
+    #[test]
+    fn xaes_256_gcm_matches_the_published_vectors() {
+        let vectors: [(&[u8; 32], &[u8], &str, &str); 2] = [
+            (&[0x01; 32], b"", "ce546ef63c9cc60765923609", "b33a9a1974e96e52daf2fcf7075e2271"),
+            (&[0x03; 32], b"c2sp.org/XAES-256-GCM", "986ec1832593df5443a17943", "7fd083bf3fdb41abd740a21f71eb769d"),
+        ];
+        for (key, aad, ciphertext, tag) in vectors {
+            let cipher = Xaes256Gcm::new(key.into());
+            let nonce: &[u8; 24] = b"ABCDEFGHIJKLMNOPQRSTUVWX";
+            let mut buf = b"XAES-256-GCM".to_vec();
+            let got_tag = cipher
+                .encrypt_inout_detached(nonce.into(), aad, buf.as_mut_slice().into())
+                .expect("encrypts");
+            assert_eq!(hex(&buf), ciphertext);
+            assert_eq!(hex(&got_tag), tag);
+        }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn the_layout_matches_the_documented_table() {
+        let k = key(7, 0x01020304);
+        let sealed = k.seal_with_nonce(b"hello", bound(b"user:1"), &[9; 24]);
+        assert_eq!(sealed.len(), 5 + OVERHEAD);
+        assert_eq!(&sealed[..4], &[0xC7, 0x0A, 0x4B, 1]);
+        assert_eq!(&sealed[4..8], &[1, 2, 3, 4]);
+        assert_eq!(&sealed[8..32], &[9; 24]);
+        assert_eq!(key_id(&sealed), Ok(0x01020304));
+    }
+
+    #[test]
+    fn values_open_only_where_they_were_sealed() {
+        let keys = [key(1, 1)];
+        let sealed = keys[0].seal(b"secret", bound(b"a"));
+        assert_eq!(open_with(&keys, &sealed, bound(b"a")), Ok(b"secret".to_vec()));
+        assert_eq!(open_with(&keys, &sealed, bound(b"b")), Err(OpenError::AuthenticationFailed));
+        assert_eq!(
+            open_with(&keys, &sealed, Binding { key: None, field: None }),
+            Err(OpenError::AuthenticationFailed)
+        );
+        let field = |f: &'static [u8]| Binding { key: Some(b"h"), field: Some(f) };
+        let in_hash = keys[0].seal(b"v", field(b"f1"));
+        assert_eq!(open_with(&keys, &in_hash, field(b"f1")), Ok(b"v".to_vec()));
+        assert_eq!(open_with(&keys, &in_hash, field(b"f2")), Err(OpenError::AuthenticationFailed));
+        // A string value cannot pose as a hash field value, even unbound.
+        let unbound = keys[0].seal(b"v", Binding { key: None, field: None });
+        assert_eq!(
+            open_with(&keys, &unbound, Binding { key: None, field: Some(b"") }),
+            Err(OpenError::AuthenticationFailed)
+        );
+    }
+
+    #[test]
+    fn every_tampering_fails() {
+        let keys = [key(1, 1)];
+        let sealed = keys[0].seal(b"some secret value", bound(b"k"));
+        for i in 0..sealed.len() {
+            for bit in 0..8 {
+                let mut bad = sealed.clone();
+                bad[i] ^= 1 << bit;
+                assert!(open_with(&keys, &bad, bound(b"k")).is_err(), "flip of byte {i} bit {bit}");
+            }
+        }
+        for len in 0..sealed.len() {
+            assert!(open_with(&keys, &sealed[..len], bound(b"k")).is_err(), "truncated to {len}");
+        }
+        let mut longer = sealed.clone();
+        longer.push(0);
+        assert_eq!(open_with(&keys, &longer, bound(b"k")), Err(OpenError::AuthenticationFailed));
+    }
+
+    #[test]
+    fn unknown_ids_and_other_keys_fail() {
+        let sealed = key(1, 1).seal(b"x", bound(b"k"));
+        assert_eq!(open_with(&[key(1, 2)], &sealed, bound(b"k")), Err(OpenError::UnknownKeyId(1)));
+        assert_eq!(open_with(&[key(2, 1)], &sealed, bound(b"k")), Err(OpenError::AuthenticationFailed));
+    }
+
+    #[test]
+    fn plaintext_is_recognised() {
+        for legacy in [&b""[..], b"hello", &[0xC7, 0x0A, 0x4B, 1, 0, 0, 0, 1]] {
+            assert_eq!(key_id(legacy), Err(OpenError::NotAnEnvelope));
+        }
+    }
+
+    #[test]
+    fn nonces_differ_between_seals() {
+        let k = key(1, 1);
+        assert_ne!(k.seal(b"same", bound(b"k")), k.seal(b"same", bound(b"k")));
+    }
+
+    proptest! {
+        #[test]
+        fn any_value_round_trips(value in proptest::collection::vec(any::<u8>(), 0..4096),
+                                 name in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let keys = [key(5, 9)];
+            let sealed = keys[0].seal(&value, bound(&name));
+            prop_assert_eq!(sealed.len(), value.len() + OVERHEAD);
+            prop_assert_eq!(open_with(&keys, &sealed, bound(&name)), Ok(value));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(8))]
+        #[test]
+        fn large_values_round_trip(len in 0usize..=1024 * 1024, byte in any::<u8>()) {
+            let keys = [key(5, 9)];
+            let value = vec![byte; len];
+            let sealed = keys[0].seal(&value, bound(b"big"));
+            prop_assert_eq!(open_with(&keys, &sealed, bound(b"big")), Ok(value));
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The keyring: data keys by id, the primary that seals, and what to do
+//! with values stored before encryption was turned on.
+//!
+//! Rotation: add the new key to every proxy (it opens values at once), then
+//! make it `primary` (new values are sealed with it). Values sealed with the
+//! old key stay readable while the old key is in the ring.
+
+use super::envelope::{self, Binding, DataKey, OpenError};
+use base64::Engine;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use zeroize::Zeroizing;
+
+/// How to treat a stored value that is not an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegacyPlaintext {
+    /// An error in the value's place (the default).
+    Reject,
+    /// Returned as stored, and counted (for migrations).
+    Pass,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("key {id}: expected base64 of 32 bytes (make one with `redcloak keygen`)")]
+    Malformed { id: u32 },
+    #[error("key id {0} appears twice")]
+    DuplicateId(u32),
+    #[error("primary key id {0} is not among encryption.keys")]
+    NoPrimary(u32),
+}
+
+/// A value read back from Redis.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Opened<'a> {
+    Plaintext(Vec<u8>),
+    /// A legacy plaintext value, passed as stored.
+    Legacy(&'a [u8]),
+}
+
+pub struct Keyring {
+    primary: u32,
+    keys: BTreeMap<u32, DataKey>,
+    legacy: LegacyPlaintext,
+    legacy_values_read: AtomicU64,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("primary", &self.primary)
+            .field("ids", &self.keys.keys().collect::<Vec<_>>())
+            .field("legacy", &self.legacy)
+            .finish()
+    }
+}
+
+/// Decodes a key as stored in a file or variable: base64 of 32 bytes.
+pub fn decode_key(id: u32, text: &[u8]) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+    let trimmed = text.trim_ascii();
+    let decoded = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(trimmed)
+            .map_err(|_| KeyError::Malformed { id })?,
+    );
+    let mut key = Zeroizing::new([0u8; 32]);
+    if decoded.len() != key.len() {
+        return Err(KeyError::Malformed { id });
+    }
+    key.copy_from_slice(&decoded);
+    Ok(key)
+}
+
+/// A new random key, base64 encoded (for `redcloak keygen`).
+pub fn generate_key() -> Zeroizing<String> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    envelope::fill_random(key.as_mut_slice());
+    Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.as_slice()))
+}
+
+impl Keyring {
+    pub fn new(
+        primary: u32,
+        keys: Vec<(u32, Zeroizing<[u8; 32]>)>,
+        legacy: LegacyPlaintext,
+    ) -> Result<Keyring, KeyError> {
+        let mut ring = BTreeMap::new();
+        for (id, key) in keys {
+            if ring.insert(id, DataKey::new(id, &key)).is_some() {
+                return Err(KeyError::DuplicateId(id));
+            }
+        }
+        if !ring.contains_key(&primary) {
+            return Err(KeyError::NoPrimary(primary));
+        }
+        Ok(Keyring { primary, keys: ring, legacy, legacy_values_read: AtomicU64::new(0) })
+    }
+
+    pub fn primary_id(&self) -> u32 {
+        self.primary
+    }
+
+    /// Seals with the primary key.
+    pub fn seal(&self, value: &[u8], binding: Binding<'_>) -> Vec<u8> {
+        match self.keys.get(&self.primary) {
+            Some(key) => key.seal(value, binding),
+            // `new` guarantees the primary is present.
+            None => unreachable!("primary key missing from the keyring"),
+        }
+    }
+
+    /// Opens a stored value, applying the legacy-plaintext policy.
+    pub fn open<'a>(&self, stored: &'a [u8], binding: Binding<'_>) -> Result<Opened<'a>, OpenError> {
+        match envelope::open(stored, binding, |id| self.keys.get(&id)) {
+            Ok(plaintext) => Ok(Opened::Plaintext(plaintext)),
+            Err(OpenError::NotAnEnvelope) if self.legacy == LegacyPlaintext::Pass => {
+                self.legacy_values_read.fetch_add(1, Ordering::Relaxed);
+                Ok(Opened::Legacy(stored))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Legacy plaintext values passed through since start.
+    pub fn legacy_values_read(&self) -> u64 {
+        self.legacy_values_read.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(byte: u8) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new([byte; 32])
+    }
+
+    const NAME: Binding<'static> = Binding { key: Some(b"k"), field: None };
+
+    #[test]
+    fn rotation_keeps_old_values_readable_and_seals_with_the_new_primary() {
+        let before = Keyring::new(1, vec![(1, raw(1))], LegacyPlaintext::Reject).expect("ring");
+        let old = before.seal(b"old", NAME);
+        let after = Keyring::new(2, vec![(1, raw(1)), (2, raw(2))], LegacyPlaintext::Reject).expect("ring");
+        assert_eq!(after.open(&old, NAME), Ok(Opened::Plaintext(b"old".to_vec())));
+        let new = after.seal(b"new", NAME);
+        assert_eq!(envelope::key_id(&new), Ok(2));
+        assert_eq!(before.open(&new, NAME), Err(OpenError::UnknownKeyId(2)));
+    }
+
+    #[test]
+    fn legacy_plaintext_is_rejected_or_passed_and_counted() {
+        let reject = Keyring::new(1, vec![(1, raw(1))], LegacyPlaintext::Reject).expect("ring");
+        assert_eq!(reject.open(b"plain", NAME), Err(OpenError::NotAnEnvelope));
+        let pass = Keyring::new(1, vec![(1, raw(1))], LegacyPlaintext::Pass).expect("ring");
+        assert_eq!(pass.open(b"plain", NAME), Ok(Opened::Legacy(b"plain")));
+        assert_eq!(pass.legacy_values_read(), 1);
+        // A tampered envelope is never mistaken for legacy plaintext.
+        let mut sealed = pass.seal(b"v", NAME);
+        sealed[40] ^= 1;
+        assert_eq!(pass.open(&sealed, NAME), Err(OpenError::AuthenticationFailed));
+    }
+
+    #[test]
+    fn keys_are_validated() {
+        assert_eq!(
+            Keyring::new(3, vec![(1, raw(1))], LegacyPlaintext::Reject).map(|_| ()),
+            Err(KeyError::NoPrimary(3))
+        );
+        assert_eq!(
+            Keyring::new(1, vec![(1, raw(1)), (1, raw(2))], LegacyPlaintext::Reject).map(|_| ()),
+            Err(KeyError::DuplicateId(1))
+        );
+        assert!(decode_key(1, b"c2hvcnQ=").is_err());
+        assert!(decode_key(1, b"not base64!").is_err());
+        let generated = generate_key();
+        assert_eq!(decode_key(1, format!("{}\n", *generated).as_bytes()).map(|k| k.len()), Ok(32));
+    }
+
+    #[test]
+    fn debug_shows_ids_only() {
+        let ring = Keyring::new(1, vec![(1, raw(0xAB))], LegacyPlaintext::Reject).expect("ring");
+        let text = format!("{ring:?}");
+        assert!(text.contains("primary: 1") && !text.contains("171") && !text.contains("ab"), "{text}");
+    }
+}
