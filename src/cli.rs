@@ -51,4 +51,7 @@ pub enum Command {
         #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:6380")]
         listen: SocketAddr,
     },
+    /// Print a new random 256-bit encryption key (base64) on stdout, and on
+    /// stderr how to add it to [[encryption.keys]].
+    Keygen,
 }

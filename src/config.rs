@@ -9,6 +9,9 @@
 //! connection plaintext or unauthenticated: CA, client certificate, key and
 //! password are all required.
 
+use crate::crypto::keyring::{self, Keyring, LegacyPlaintext};
+use crate::policy::UnknownCommands;
+use crate::policy::rules::{Mode, Rule};
 use crate::resp::Limits;
 use crate::secret::{RawSecret, Secret};
 use figment::Figment;
@@ -17,8 +20,12 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use zeroize::Zeroizing;
 
 const ENV_PREFIX: &str = "REDCLOAK_";
+/// Variables holding key material (`[[encryption.keys]] env = "REDCLOAK_KEY_1"`)
+/// share the prefix but are not settings: the overlay skips them.
+const KEY_ENV_PREFIX: &str = "key_";
 
 /// Secret keys and the variables that carry them. They are read verbatim,
 /// not parsed as TOML values the way figment's `Env` parses other variables
@@ -58,6 +65,60 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     shutdown: RawShutdown,
+    encryption: Option<RawEncryption>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEncryption {
+    primary: u32,
+    #[serde(default)]
+    legacy_plaintext: RawLegacy,
+    #[serde(default)]
+    unknown_commands: RawUnknown,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawLegacy {
+    #[default]
+    Reject,
+    Pass,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawUnknown {
+    #[default]
+    Refuse,
+    Pass,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: u32,
+    file: Option<PathBuf>,
+    env: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    pattern: String,
+    mode: RawMode,
+    bind_key: Option<bool>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawMode {
+    Encrypt,
+    Plaintext,
 }
 
 #[derive(Deserialize)]
@@ -130,6 +191,14 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub limits: LimitsConfig,
     pub shutdown_grace_period: Duration,
+    pub encryption: EncryptionConfig,
+}
+
+#[derive(Debug)]
+pub struct EncryptionConfig {
+    pub keyring: Keyring,
+    pub rules: Vec<Rule>,
+    pub unknown_commands: UnknownCommands,
 }
 
 #[derive(Debug)]
@@ -185,7 +254,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let secret_keys: Vec<&str> = SECRET_ENV.iter().map(|(key, _)| *key).collect();
     let mut figment = Figment::new()
         .merge(Toml::file_exact(path))
-        .merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&secret_keys));
+        .merge(
+            Env::prefixed(ENV_PREFIX)
+                .split("__")
+                .ignore(&secret_keys)
+                .filter(|key| !key.as_str().to_ascii_lowercase().starts_with(KEY_ENV_PREFIX)),
+        );
     for (key, variable) in SECRET_ENV {
         if let Ok(value) = std::env::var(variable) {
             figment = figment.merge(Serialized::default(key, value));
@@ -210,6 +284,7 @@ impl Config {
                 raw.shutdown.grace_period.as_deref(),
                 "10s",
             )?,
+            encryption: validate_encryption(raw.encryption, base)?,
         })
     }
 }
@@ -360,6 +435,62 @@ fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
     })
 }
 
+fn validate_encryption(raw: Option<RawEncryption>, base: &Path) -> Result<EncryptionConfig, ConfigError> {
+    let raw = raw.ok_or_else(|| {
+        invalid(
+            "encryption",
+            "required: redcloak encrypts values. Make a key with `redcloak keygen`, then set \
+             [encryption] primary = 1 and [[encryption.keys]] id = 1, file = \"...\"",
+        )
+    })?;
+    let mut keys = Vec::with_capacity(raw.keys.len());
+    for key in raw.keys {
+        let text = match (key.file, key.env) {
+            (Some(path), None) => {
+                let path = resolve(base, path);
+                Zeroizing::new(std::fs::read(&path).map_err(|source| ConfigError::ReadSecret {
+                    key: "encryption.keys.file",
+                    path,
+                    source,
+                })?)
+            }
+            (None, Some(variable)) => Zeroizing::new(
+                std::env::var(&variable)
+                    .map_err(|_| invalid("encryption.keys.env", format!("key {}: variable {variable} is not set", key.id)))?
+                    .into_bytes(),
+            ),
+            _ => return Err(invalid("encryption.keys", format!("key {}: set exactly one of file or env", key.id))),
+        };
+        let decoded = keyring::decode_key(key.id, &text).map_err(|e| invalid("encryption.keys", e.to_string()))?;
+        keys.push((key.id, decoded));
+    }
+    let legacy = match raw.legacy_plaintext {
+        RawLegacy::Reject => LegacyPlaintext::Reject,
+        RawLegacy::Pass => LegacyPlaintext::Pass,
+    };
+    let keyring = Keyring::new(raw.primary, keys, legacy).map_err(|e| invalid("encryption", e.to_string()))?;
+    let rules = raw
+        .rules
+        .into_iter()
+        .map(|rule| match (rule.mode, rule.bind_key) {
+            (RawMode::Plaintext, Some(_)) => Err(invalid(
+                "encryption.rules",
+                format!("rule '{}': bind_key applies to encrypt rules only", rule.pattern),
+            )),
+            (RawMode::Plaintext, None) => Ok(Rule { pattern: rule.pattern, mode: Mode::Plaintext }),
+            (RawMode::Encrypt, bind_key) => Ok(Rule {
+                pattern: rule.pattern,
+                mode: Mode::Encrypt { bind_key: bind_key.unwrap_or(true) },
+            }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let unknown_commands = match raw.unknown_commands {
+        RawUnknown::Refuse => UnknownCommands::Refuse,
+        RawUnknown::Pass => UnknownCommands::Pass,
+    };
+    Ok(EncryptionConfig { keyring, rules, unknown_commands })
+}
+
 /// A secret from exactly one of `<key>` (or its environment variable) and `<key>_file`.
 fn read_secret(
     key: &'static str,
@@ -492,11 +623,18 @@ mod tests {
         cert = "certs/client.crt"
         key = "/abs/client.key"
         password_file = "secrets/redis-password"
+        [encryption]
+        primary = 1
+        [[encryption.keys]]
+        id = 1
+        file = "secrets/key-1"
     "#;
 
     fn load_in_jail(jail: &mut Jail, toml: &str) -> Result<Config, ConfigError> {
         std::fs::create_dir_all(jail.directory().join("secrets")).expect("mkdir");
         jail.create_file("secrets/redis-password", "from-file-password\n")
+            .expect("write");
+        jail.create_file("secrets/key-1", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n")
             .expect("write");
         jail.create_file("redcloak.toml", toml).expect("write");
         load(&jail.directory().join("redcloak.toml"))
@@ -597,10 +735,36 @@ mod tests {
     }
 
     #[test]
+    fn encryption_is_required_and_validated() {
+        Jail::expect_with(|jail| {
+            let without = MINIMAL.split("[encryption]").next().expect("head").to_owned();
+            assert!(error_text(load_in_jail(jail, &without)).starts_with("encryption: required"));
+            let wrong_primary = MINIMAL.replace("primary = 1", "primary = 2");
+            assert!(error_text(load_in_jail(jail, &wrong_primary)).contains("primary key id 2"));
+            let short = MINIMAL.replace("file = \"secrets/key-1\"", "env = \"REDCLOAK_KEY_SHORT\"");
+            jail.set_env("REDCLOAK_KEY_SHORT", "c2hvcnQ=");
+            let text = error_text(load_in_jail(jail, &short));
+            assert!(text.contains("base64 of 32 bytes") && !text.contains("c2hvcnQ"), "{text}");
+            jail.set_env("REDCLOAK_KEY_SHORT", "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=");
+            let config = load_in_jail(jail, &short).expect("key from the environment");
+            assert_eq!(config.encryption.keyring.primary_id(), 1);
+            let rules = format!("{MINIMAL}\n[[encryption.rules]]\npattern = \"rl:*\"\nmode = \"plaintext\"\n\
+                [[encryption.rules]]\npattern = \"s:*\"\nmode = \"encrypt\"\nbind_key = false\n");
+            let config = load_in_jail(jail, &rules).expect("rules");
+            assert_eq!(config.encryption.rules[0].mode, Mode::Plaintext);
+            assert_eq!(config.encryption.rules[1].mode, Mode::Encrypt { bind_key: false });
+            let bad_mode = rules.replace("mode = \"plaintext\"", "mode = \"clear\"");
+            assert!(error_text(load_in_jail(jail, &bad_mode)).contains("clear"));
+            Ok(())
+        });
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         Jail::expect_with(|jail| {
             jail.set_env("REDCLOAK_UPSTREAM__PASSWORD", "example-upstream-password");
             jail.set_env("REDCLOAK_LISTEN__AUTH__PASSWORD", "example-client-password");
+            jail.set_env("REDCLOAK_KEY_1", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=");
             let example =
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("config/redcloak.example.toml");
             let config = load(&example).expect("the example loads");

@@ -62,6 +62,19 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             server.run(shutdown).await;
             Ok(())
         }
+        Command::Keygen => {
+            let key = redcloak::crypto::keyring::generate_key();
+            println!("{}", key.as_str());
+            eprintln!(
+                "Store this key where only redcloak can read it, e.g. a file with mode 0600:\n\
+                 \x20 redcloak keygen > /run/secrets/redcloak-key-2 && chmod 600 /run/secrets/redcloak-key-2\n\
+                 then list it in the config of every proxy (it opens values at once):\n\
+                 \x20 [[encryption.keys]]\n  id = 2\n  file = \"/run/secrets/redcloak-key-2\"\n\
+                 and, once every proxy has it, make it the one that seals: [encryption] primary = 2.\n\
+                 Instead of a file, `env = \"REDCLOAK_KEY_2\"` reads it from that variable."
+            );
+            Ok(())
+        }
         Command::Dev { listen } => playground::run(listen, shutdown)
             .await
             .map_err(|e| (EXIT_RUNTIME, e.into())),

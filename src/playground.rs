@@ -34,6 +34,8 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> Result<(), 
     let password = dev::random_password()?;
     let password_file = path.join("redis-password");
     dev::write_file(&password_file, password.as_bytes(), 0o600)?;
+    let key = crate::crypto::keyring::generate_key();
+    dev::write_file(&path.join("key-1"), key.as_bytes(), 0o600)?;
     let options = RedisOptions {
         username: REDIS_USER.into(),
         password,
@@ -45,7 +47,8 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> Result<(), 
     let config_text = format!(
         "[listen]\naddress = \"{listen}\"\n\n[upstream]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
          ca = \"ca.crt\"\ncert = \"redcloak-client.crt\"\nkey = \"redcloak-client.key\"\n\
-         username = \"{REDIS_USER}\"\npassword_file = \"redis-password\"\n",
+         username = \"{REDIS_USER}\"\npassword_file = \"redis-password\"\n\n\
+         [encryption]\nprimary = 1\n[[encryption.keys]]\nid = 1\nfile = \"key-1\"\n",
         port = redis.port()
     );
     dev::write_file(&config_file, config_text.as_bytes(), 0o644)?;
@@ -58,7 +61,7 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> Result<(), 
          \n  Redis itself (mutual TLS + AUTH):\n\
          \x20              REDISCLI_AUTH=\"$(cat {pw})\" redis-cli --tls --cacert {ca} --cert {cert} --key {key} \\\n\
          \x20                -h 127.0.0.1 -p {port} --user {REDIS_USER} get greeting\n\
-         \n  Values still reach Redis as plaintext: value encryption is not built yet.\n\
+         \n  Redis holds only the encrypted envelope; redcloak opens it for its clients.\n\
          \x20 Config: {config}\n  Ctrl-C stops both and removes {dir}",
         port = redis.port(),
         ip = address.ip(),

@@ -310,7 +310,7 @@ impl ReplyScanner {
     /// more bytes are needed. The caller removes those bytes and calls again.
     pub fn scan(
         &mut self,
-        buf: &mut BytesMut,
+        buf: &[u8],
         limits: &Limits,
     ) -> Result<Option<usize>, ProtocolError> {
         loop {
@@ -365,7 +365,7 @@ struct ScannedElement {
 }
 
 fn scan_element(
-    buf: &mut BytesMut,
+    buf: &[u8],
     at: usize,
     limits: &Limits,
 ) -> Result<Option<ScannedElement>, ProtocolError> {
@@ -402,7 +402,6 @@ fn scan_element(
                     limits.max_reply_bytes,
                     "max_reply_bytes",
                 )?;
-                buf.reserve(end + 2 - buf.len());
                 return Ok(None);
             }
             if &buf[end..end + 2] != b"\r\n" {
@@ -463,6 +462,43 @@ pub fn reply_kind(frame: &[u8]) -> ReplyKind {
         Some(b'*') => ReplyKind::Array,
         _ => ReplyKind::Other,
     }
+}
+
+/// The header and elements of a complete aggregate reply (`*`, `%`, `~`,
+/// `>`); a map's keys and values alternate. `None` for anything else,
+/// including null arrays.
+pub fn aggregate_elements<'a>(frame: &'a [u8], limits: &Limits) -> Option<(&'a [u8], Vec<&'a [u8]>)> {
+    let kind = *frame.first()?;
+    if !matches!(kind, b'*' | b'%' | b'~' | b'>') {
+        return None;
+    }
+    let line_end = frame.iter().position(|&b| b == b'\r')?;
+    let count = parse_decimal(&frame[1..line_end])?;
+    let count = if kind == b'%' { count * 2 } else { count };
+    let header_end = line_end + 2;
+    let mut elements = Vec::with_capacity(count.min(1024));
+    let mut at = header_end;
+    for _ in 0..count {
+        let len = ReplyScanner::default().scan(frame.get(at..)?, limits).ok()??;
+        elements.push(&frame[at..at + len]);
+        at += len;
+    }
+    Some((&frame[..header_end], elements))
+}
+
+/// The bytes of a bulk string reply (`$n\r\n...\r\n`), `None` for anything else.
+pub fn bulk_body(element: &[u8]) -> Option<&[u8]> {
+    if element.first() != Some(&b'$') {
+        return None;
+    }
+    let line_end = element.iter().position(|&b| b == b'\r')?;
+    let len = parse_decimal(&element[1..line_end])?;
+    element.get(line_end + 2..line_end + 2 + len)
+}
+
+/// Appends an aggregate header (`*3`, `%2`, ...).
+pub fn encode_aggregate_header(out: &mut BytesMut, marker: u8, len: usize) {
+    encode_header(out, marker, len);
 }
 
 /// Decodes a complete, already scanned reply into frames, for the few

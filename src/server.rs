@@ -8,7 +8,10 @@
 
 use crate::auth::{ClientAuth, Credentials};
 use crate::config::{Config, UnixListenConfig};
+use crate::crypto::envelope;
 use crate::policy::Policy;
+use crate::policy::rules::Rules;
+use crate::resp::Limits;
 use crate::session::{self, SessionContext};
 use crate::tls::{self, TlsError};
 use crate::upstream::{Login, Upstream, UpstreamError, UpstreamSettings};
@@ -99,8 +102,20 @@ impl Server {
             username: a.username,
             password: a.password,
         }));
+        let encryption = config.encryption;
+        let policy = Policy::new(
+            client_auth,
+            Rules::new(encryption.rules),
+            Arc::new(encryption.keyring),
+            encryption.unknown_commands,
+        );
+        let reply_limits = Limits {
+            max_bulk_bytes: config.limits.resp.max_bulk_bytes + envelope::OVERHEAD,
+            ..config.limits.resp.clone()
+        };
         let session = SessionContext {
-            policy: Policy::new(client_auth),
+            policy,
+            reply_limits,
             limits: config.limits.resp,
             max_pending_requests: config.limits.max_pending_requests,
             client_write_timeout: config.limits.client_write_timeout,

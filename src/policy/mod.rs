@@ -2,35 +2,71 @@
 //!
 //! `Policy::classify` is pure: it reads a parsed [`Request`] and the
 //! request-side [`RequestState`] (client login, MULTI) and returns an
-//! [`Action`]: forward it with a [`ReplyPlan`], forward a rewritten form,
-//! answer it here, or refuse it. It never touches a socket and never sees a
-//! reply; the plan it returns travels through the session's FIFO and tells
-//! the reply side how to treat the reply when it comes back.
+//! [`Action`]: forward it, forward a rewritten form (values sealed, HELLO's
+//! AUTH stripped), answer it here, or refuse it. The [`ReplyPlan`] it returns
+//! travels through the session's FIFO and tells the reply side how to treat
+//! the reply, including which values to open and where they live.
 //!
-//! It must never forward AUTH, or HELLO's AUTH arguments, upstream: the
-//! upstream connection belongs to redcloak's own login.
+//! It must never forward AUTH, or HELLO's AUTH arguments, upstream; never
+//! forward a value of an encrypted key unsealed; and never forward a command
+//! the table does not know unless `unknown_commands = "pass"`.
 
+pub mod rules;
 pub mod table;
 
 use crate::auth::ClientAuth;
+use crate::crypto::{Binding, Keyring};
 use crate::resp::Request;
 use bytes::Bytes;
-use table::{Handling, PubSubKind};
+use rules::{Decision, Mode, Rules};
+use std::sync::Arc;
+use table::{Class, Handling, PubSubKind, Row, ValueCommand};
+
+/// Where one stored value lives, as its envelope's associated data binds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueSite {
+    /// The key name (a copy, so a pending plan does not pin the read buffer).
+    pub key: Bytes,
+    pub bind_key: bool,
+    /// The hash field, for hash values.
+    pub field: Option<Bytes>,
+}
+
+impl ValueSite {
+    pub fn binding(&self) -> Binding<'_> {
+        Binding { key: self.bind_key.then_some(&self.key[..]), field: self.field.as_deref() }
+    }
+}
+
+/// Which values of a reply to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenPlan {
+    /// One bulk value (GET, GETDEL, GETEX, GETSET, SET ... GET, HGET).
+    One(ValueSite),
+    /// An array, one site per element; `None`: a plaintext key (MGET, HMGET).
+    Each(Vec<Option<ValueSite>>),
+    /// A hash's field/value pairs: flat array, RESP3 map, or array of pairs
+    /// (HGETALL, HRANDFIELD ... WITHVALUES). `field` of the site is unset.
+    HashPairs(ValueSite),
+    /// HVALS, sent upstream as HGETALL: the opened values only, as an array.
+    HashValues(ValueSite),
+    /// HSCAN: `[cursor, [field, value, ...]]`.
+    HashScan(ValueSite),
+}
 
 /// What the reply side does with the reply to one forwarded request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplyPlan {
     /// Deliver the reply as Redis sent it.
     Passthrough,
+    /// Open the sealed values in the reply.
+    Open(OpenPlan),
     /// Deliver; on success the connection now speaks `protocol` (if given).
     Hello { protocol: Option<u8> },
     /// Expect one confirmation per channel (RESP3: pushes).
     Subscribe { kind: PubSubKind, channels: usize },
     /// Expect one confirmation per channel; `None`: all current ones.
-    Unsubscribe {
-        kind: PubSubKind,
-        channels: Option<usize>,
-    },
+    Unsubscribe { kind: PubSubKind, channels: Option<usize> },
     /// Deliver `+RESET`, forget subscriptions, protocol and transaction.
     Reset,
     /// The proxy's own AUTH after RESET: swallow `+OK`, anything else is fatal.
@@ -63,6 +99,13 @@ pub enum Action {
     Quit,
 }
 
+/// Whether commands missing from the table are forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownCommands {
+    Refuse,
+    Pass,
+}
+
 /// Request-side connection state that decisions depend on.
 #[derive(Debug)]
 pub struct RequestState {
@@ -72,12 +115,6 @@ pub struct RequestState {
     multi_failed: bool,
 }
 
-const NOAUTH: &str = "NOAUTH Authentication required.";
-const HELLO_NOAUTH: &str = "NOAUTH HELLO must be called with the client already authenticated, \
-otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and \
-select the RESP protocol version at the same time";
-const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
-
 impl RequestState {
     fn end_transaction(&mut self) {
         self.in_multi = false;
@@ -85,17 +122,36 @@ impl RequestState {
     }
 }
 
+const NOAUTH: &str = "NOAUTH Authentication required.";
+const HELLO_NOAUTH: &str = "NOAUTH HELLO must be called with the client already authenticated, \
+otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and \
+select the RESP protocol version at the same time";
+const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
+
 fn refuse(reason: &str) -> Action {
     Action::AnswerError(format!("ERR redcloak: {reason}"))
 }
 
+/// A name from a request, fit for an error message (never a value).
+fn shown(name: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&name[..name.len().min(128)]);
+    if name.len() > 128 { format!("{text}...") } else { text.into_owned() }
+}
+
 pub struct Policy {
     client_auth: ClientAuth,
+    rules: Rules,
+    keyring: Arc<Keyring>,
+    unknown_commands: UnknownCommands,
 }
 
 impl Policy {
-    pub fn new(client_auth: ClientAuth) -> Self {
-        Policy { client_auth }
+    pub fn new(client_auth: ClientAuth, rules: Rules, keyring: Arc<Keyring>, unknown_commands: UnknownCommands) -> Self {
+        Policy { client_auth, rules, keyring, unknown_commands }
+    }
+
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
     }
 
     /// The state a new connection starts in.
@@ -108,105 +164,267 @@ impl Policy {
     }
 
     pub fn classify(&self, request: &Request, state: &mut RequestState) -> Action {
-        let handling = table::lookup(request.name()).map(|row| row.handling);
+        let row = table::lookup(request.name());
+        let connection = match row.map(|r| r.class) {
+            Some(Class::Connection(handling)) => Some(handling),
+            _ => None,
+        };
         let allowed_before_auth = matches!(
-            handling,
+            connection,
             Some(Handling::Auth | Handling::Hello | Handling::Quit | Handling::Reset)
         );
         if !state.authenticated && !allowed_before_auth {
             return Action::AnswerError(NOAUTH.into());
         }
         let args = &request.args[1..];
-        if state.in_multi {
-            return self.in_transaction(handling, args, state);
+        match (connection, state.in_multi) {
+            (Some(handling), false) => self.connection(handling, args, state),
+            (Some(handling), true) => self.connection_in_transaction(handling, args, state),
+            (None, false) => self.data(row, request),
+            (None, true) => match self.data(row, request) {
+                Action::Forward(plan) => Action::Forward(ReplyPlan::Queued(Box::new(plan))),
+                Action::Rewrite(args, plan) => Action::Rewrite(args, ReplyPlan::Queued(Box::new(plan))),
+                refusal => {
+                    state.multi_failed = true;
+                    refusal
+                }
+            },
         }
+    }
+
+    fn connection(&self, handling: Handling, args: &[Bytes], state: &mut RequestState) -> Action {
         match handling {
-            None => Action::Forward(ReplyPlan::Passthrough),
-            Some(Handling::Auth) => self.auth(args, state),
-            Some(Handling::Hello) => self.hello(args, state),
-            Some(Handling::Quit) => Action::Quit,
-            Some(Handling::Reset) => self.reset(state),
-            Some(Handling::Client) => client(args),
-            Some(Handling::Multi) => {
+            Handling::Auth => self.auth(args, state),
+            Handling::Hello => self.hello(args, state),
+            Handling::Quit => Action::Quit,
+            Handling::Reset => self.reset(state),
+            Handling::Client => client(args),
+            Handling::Multi => {
                 state.in_multi = true;
                 Action::Forward(ReplyPlan::Passthrough)
             }
             // Outside MULTI, Redis answers these with its own error.
-            Some(Handling::Exec) => Action::Forward(ReplyPlan::Exec),
-            Some(Handling::Discard) => Action::Forward(ReplyPlan::Discard),
-            Some(Handling::Subscribe(kind)) => Action::Forward(ReplyPlan::Subscribe {
-                kind,
-                channels: args.len().max(1),
-            }),
-            Some(Handling::Unsubscribe(kind)) => Action::Forward(ReplyPlan::Unsubscribe {
+            Handling::Exec => Action::Forward(ReplyPlan::Exec),
+            Handling::Discard => Action::Forward(ReplyPlan::Discard),
+            Handling::Subscribe(kind) => Action::Forward(ReplyPlan::Subscribe { kind, channels: args.len().max(1) }),
+            Handling::Unsubscribe(kind) => Action::Forward(ReplyPlan::Unsubscribe {
                 kind,
                 channels: (!args.is_empty()).then_some(args.len()),
             }),
-            Some(Handling::Refuse(reason)) => refuse(reason),
         }
     }
 
-    /// Inside MULTI only plain data commands are queued. A command refused
-    /// here fails the EXEC, as one Redis itself rejects at queue time would.
-    fn in_transaction(
-        &self,
-        handling: Option<Handling>,
-        args: &[Bytes],
-        state: &mut RequestState,
-    ) -> Action {
+    /// Inside MULTI. A command refused here fails the EXEC, as one Redis
+    /// itself rejects at queue time would.
+    fn connection_in_transaction(&self, handling: Handling, args: &[Bytes], state: &mut RequestState) -> Action {
         let refused = match handling {
-            None => return Action::Forward(ReplyPlan::Queued(Box::new(ReplyPlan::Passthrough))),
-            Some(Handling::Exec) => {
+            Handling::Exec => {
                 let failed = state.multi_failed;
                 state.end_transaction();
                 return match failed {
-                    true => Action::Rewrite(
-                        vec![Bytes::from_static(b"DISCARD")],
-                        ReplyPlan::Replace(EXECABORT),
-                    ),
+                    true => Action::Rewrite(vec![Bytes::from_static(b"DISCARD")], ReplyPlan::Replace(EXECABORT)),
                     false => Action::Forward(ReplyPlan::Exec),
                 };
             }
-            Some(Handling::Discard) => {
+            Handling::Discard => {
                 state.end_transaction();
                 return Action::Forward(ReplyPlan::Discard);
             }
             // Redis answers a nested MULTI with an error and keeps the transaction.
-            Some(Handling::Multi) => return Action::Forward(ReplyPlan::Passthrough),
-            Some(Handling::Quit) => return Action::Quit,
-            Some(Handling::Reset) => return self.reset(state),
-            Some(Handling::Client) => match client(args) {
+            Handling::Multi => return Action::Forward(ReplyPlan::Passthrough),
+            Handling::Quit => return Action::Quit,
+            Handling::Reset => return self.reset(state),
+            Handling::Client => match client(args) {
                 Action::Forward(plan) => return Action::Forward(ReplyPlan::Queued(Box::new(plan))),
                 refusal => refusal,
             },
-            Some(Handling::Refuse(reason)) => refuse(reason),
-            Some(
-                Handling::Auth
-                | Handling::Hello
-                | Handling::Subscribe(_)
-                | Handling::Unsubscribe(_),
-            ) => refuse("this command changes the connection and is not allowed inside MULTI"),
+            Handling::Auth | Handling::Hello | Handling::Subscribe(_) | Handling::Unsubscribe(_) => {
+                refuse("this command changes the connection and is not allowed inside MULTI")
+            }
         };
         state.multi_failed = true;
         refused
     }
 
-    /// RESET leaves MULTI and, when clients must log in, logs this one out.
-    fn reset(&self, state: &mut RequestState) -> Action {
-        state.end_transaction();
-        state.authenticated = !self.client_auth.is_required();
-        Action::Reset
+    /// Commands on stored data, by their class.
+    fn data(&self, row: Option<&Row>, request: &Request) -> Action {
+        let args = &request.args;
+        let Some(row) = row else {
+            return match self.unknown_commands {
+                UnknownCommands::Pass => Action::Forward(ReplyPlan::Passthrough),
+                UnknownCommands::Refuse => refuse(&format!(
+                    "unknown command '{}' refused: redcloak forwards only commands it knows, so no value \
+                     reaches Redis unencrypted (encryption.unknown_commands = \"pass\" forwards them)",
+                    shown(request.name())
+                )),
+            };
+        };
+        let name = row.name.to_ascii_uppercase();
+        match row.class {
+            Class::Connection(_) | Class::Forward => Action::Forward(ReplyPlan::Passthrough),
+            Class::Refuse(reason) => refuse(reason),
+            Class::Value(command) => self.value(command, args),
+            Class::ServerReadsValue => self.only_plaintext(row, args, |key, decision| {
+                format!(
+                    "{name} needs Redis to read the value of '{key}', which is encrypted ({}). \
+                     To use {name} on such keys, give them a plaintext rule ([[encryption.rules]] mode = \"plaintext\")",
+                    decision.describe()
+                )
+            }),
+            Class::Collection => self.only_plaintext(row, args, |key, decision| {
+                format!(
+                    "{name} on '{key}' is refused: lists, sets, sorted sets, streams, geo, HyperLogLog and \
+                     channels are not encrypted yet, and '{key}' is encrypted ({}). \
+                     Give such keys a plaintext rule to use them",
+                    decision.describe()
+                )
+            }),
+            Class::Sort => {
+                let reads_other_keys = args.windows(2).skip(2).any(|pair| {
+                    (pair[0].eq_ignore_ascii_case(b"by") && !pair[1].eq_ignore_ascii_case(b"nosort"))
+                        || (pair[0].eq_ignore_ascii_case(b"get") && pair[1].as_ref() != b"#")
+                });
+                if reads_other_keys {
+                    return refuse(&format!(
+                        "{name} with BY or GET makes Redis read other keys' values, which may be encrypted; \
+                         sort in the application instead"
+                    ));
+                }
+                self.only_plaintext(row, args, |key, decision| {
+                    format!("{name} on '{key}' is refused: '{key}' is encrypted ({})", decision.describe())
+                })
+            }
+            Class::MovesValue => self.moves_value(&name, row, args),
+        }
+    }
+
+    /// Forwards when every key of the command is plaintext.
+    fn only_plaintext(&self, row: &Row, args: &[Bytes], message: impl Fn(&str, &Decision<'_>) -> String) -> Action {
+        for position in row.keys.positions(args) {
+            let decision = self.rules.decide(&args[position]);
+            if decision.mode != Mode::Plaintext {
+                return refuse(&message(&shown(&args[position]), &decision));
+            }
+        }
+        Action::Forward(ReplyPlan::Passthrough)
+    }
+
+    /// RENAME, RENAMENX, COPY: the value must still open under its new name.
+    fn moves_value(&self, name: &str, row: &Row, args: &[Bytes]) -> Action {
+        let positions = row.keys.positions(args);
+        let (Some(&from), Some(&to)) = (positions.first(), positions.get(1)) else {
+            return Action::Forward(ReplyPlan::Passthrough);
+        };
+        let (source, target) = (self.rules.decide(&args[from]), self.rules.decide(&args[to]));
+        let still_opens = match (source.mode, target.mode) {
+            (Mode::Plaintext, Mode::Plaintext) => true,
+            (Mode::Encrypt { bind_key: false }, Mode::Encrypt { bind_key: false }) => true,
+            _ => false,
+        };
+        if still_opens {
+            return Action::Forward(ReplyPlan::Passthrough);
+        }
+        refuse(&format!(
+            "{name} would move the value of '{}' ({}) to '{}' ({}), where it would no longer decrypt. \
+             Values are bound to their key name: use bind_key = false on a rule covering both keys, or plaintext rules",
+            shown(&args[from]),
+            source.describe(),
+            shown(&args[to]),
+            target.describe()
+        ))
+    }
+
+    /// The site of a key's values, or `None` when its rule is plaintext.
+    fn site(&self, key: &Bytes, field: Option<&Bytes>) -> Option<ValueSite> {
+        match self.rules.decide(key).mode {
+            Mode::Plaintext => None,
+            Mode::Encrypt { bind_key } => Some(ValueSite {
+                key: Bytes::copy_from_slice(key),
+                bind_key,
+                field: field.map(|f| Bytes::copy_from_slice(f)),
+            }),
+        }
+    }
+
+    /// Seals the arguments at `values` (pairs of value index and its site).
+    fn seal(&self, args: &[Bytes], values: impl IntoIterator<Item = (usize, Option<ValueSite>)>) -> Vec<Bytes> {
+        let mut sealed = args.to_vec();
+        for (index, site) in values {
+            if let (Some(site), Some(value)) = (site, args.get(index)) {
+                sealed[index] = Bytes::from(self.keyring.seal(value, site.binding()));
+            }
+        }
+        sealed
+    }
+
+    fn value(&self, command: ValueCommand, args: &[Bytes]) -> Action {
+        use ValueCommand as V;
+        let Some(key) = args.get(1) else {
+            return Action::Forward(ReplyPlan::Passthrough);
+        };
+        let site = || self.site(key, None);
+        let open_one = |site: Option<ValueSite>| site.map_or(ReplyPlan::Passthrough, |s| ReplyPlan::Open(OpenPlan::One(s)));
+        match command {
+            V::Set => {
+                let returns_old = args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"get"));
+                let plan = if returns_old { open_one(site()) } else { ReplyPlan::Passthrough };
+                Action::Rewrite(self.seal(args, [(2, site())]), plan)
+            }
+            V::SetNx => Action::Rewrite(self.seal(args, [(2, site())]), ReplyPlan::Passthrough),
+            V::GetSet => Action::Rewrite(self.seal(args, [(2, site())]), open_one(site())),
+            V::SetEx | V::PSetEx => Action::Rewrite(self.seal(args, [(3, site())]), ReplyPlan::Passthrough),
+            V::Get | V::GetDel | V::GetEx => Action::Forward(open_one(site())),
+            V::MGet => {
+                let sites: Vec<_> = args[1..].iter().map(|k| self.site(k, None)).collect();
+                Action::Forward(each(sites))
+            }
+            V::MSet | V::MSetNx => {
+                let values = (1..args.len()).step_by(2).map(|k| (k + 1, self.site(&args[k], None)));
+                Action::Rewrite(self.seal(args, values), ReplyPlan::Passthrough)
+            }
+            V::HSet | V::HMSet => {
+                let values = (2..args.len()).step_by(2).map(|f| (f + 1, self.site(key, Some(&args[f]))));
+                Action::Rewrite(self.seal(args, values), ReplyPlan::Passthrough)
+            }
+            V::HSetNx => {
+                let site = args.get(2).and_then(|field| self.site(key, Some(field)));
+                Action::Rewrite(self.seal(args, [(3, site)]), ReplyPlan::Passthrough)
+            }
+            V::HGet => Action::Forward(open_one(args.get(2).and_then(|field| self.site(key, Some(field))))),
+            V::HMGet => {
+                let sites: Vec<_> = args[2..].iter().map(|field| self.site(key, Some(field))).collect();
+                Action::Forward(each(sites))
+            }
+            V::HGetAll => Action::Forward(site().map_or(ReplyPlan::Passthrough, |s| ReplyPlan::Open(OpenPlan::HashPairs(s)))),
+            V::HVals => match site() {
+                // Values are bound to their fields: fetch the pairs, return the values.
+                Some(site) if args.len() == 2 => {
+                    Action::Rewrite(vec![Bytes::from_static(b"HGETALL"), key.clone()], ReplyPlan::Open(OpenPlan::HashValues(site)))
+                }
+                _ => Action::Forward(ReplyPlan::Passthrough),
+            },
+            V::HRandField => {
+                let with_values = args.get(3).is_some_and(|a| a.eq_ignore_ascii_case(b"withvalues"));
+                match (with_values, site()) {
+                    (true, Some(site)) => Action::Forward(ReplyPlan::Open(OpenPlan::HashPairs(site))),
+                    _ => Action::Forward(ReplyPlan::Passthrough),
+                }
+            }
+            V::HScan => {
+                let no_values = args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"novalues"));
+                match (no_values, site()) {
+                    (false, Some(site)) => Action::Forward(ReplyPlan::Open(OpenPlan::HashScan(site))),
+                    _ => Action::Forward(ReplyPlan::Passthrough),
+                }
+            }
+        }
     }
 
     fn auth(&self, args: &[Bytes], state: &mut RequestState) -> Action {
         let outcome = match args {
             [password] => self.client_auth.check(None, password),
             [username, password] => self.client_auth.check(Some(username), password),
-            _ => {
-                return Action::AnswerError(
-                    "ERR wrong number of arguments for 'auth' command".into(),
-                );
-            }
+            _ => return Action::AnswerError("ERR wrong number of arguments for 'auth' command".into()),
         };
         match outcome.error_text() {
             None => {
@@ -224,9 +442,7 @@ impl Policy {
         let mut login = None;
         let mut protocol = None;
         if let Some((version, mut options)) = args.split_first() {
-            protocol = std::str::from_utf8(version)
-                .ok()
-                .and_then(|v| v.parse::<u8>().ok());
+            protocol = std::str::from_utf8(version).ok().and_then(|v| v.parse::<u8>().ok());
             forwarded.push(version.clone());
             while let Some((option, rest)) = options.split_first() {
                 match (option.to_ascii_lowercase().as_slice(), rest) {
@@ -255,6 +471,22 @@ impl Policy {
         }
         Action::Rewrite(forwarded, ReplyPlan::Hello { protocol })
     }
+
+    /// RESET leaves MULTI and, when clients must log in, logs this one out.
+    fn reset(&self, state: &mut RequestState) -> Action {
+        state.end_transaction();
+        state.authenticated = !self.client_auth.is_required();
+        Action::Reset
+    }
+}
+
+/// The plan for an array of values; a passthrough when none is encrypted.
+fn each(sites: Vec<Option<ValueSite>>) -> ReplyPlan {
+    if sites.iter().all(Option::is_none) {
+        ReplyPlan::Passthrough
+    } else {
+        ReplyPlan::Open(OpenPlan::Each(sites))
+    }
 }
 
 /// `CLIENT REPLY OFF|SKIP` would leave replies out of step with requests.
@@ -264,9 +496,7 @@ fn client(args: &[Bytes]) -> Action {
             if sub.eq_ignore_ascii_case(b"reply")
                 && (mode.eq_ignore_ascii_case(b"off") || mode.eq_ignore_ascii_case(b"skip")) =>
         {
-            refuse(
-                "CLIENT REPLY OFF/SKIP is not supported: every request gets a reply through redcloak",
-            )
+            refuse("CLIENT REPLY OFF/SKIP is not supported: every request gets a reply through redcloak")
         }
         _ => Action::Forward(ReplyPlan::Passthrough),
     }
@@ -276,65 +506,63 @@ fn client(args: &[Bytes]) -> Action {
 mod tests {
     use super::*;
     use crate::auth::Credentials;
+    use crate::crypto::LegacyPlaintext;
     use crate::secret::Secret;
+    use rules::Rule;
+    use zeroize::Zeroizing;
 
     fn request(args: &[&str]) -> Request {
-        Request {
-            args: args
-                .iter()
-                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-                .collect(),
-        }
+        Request { args: args.iter().map(|a| Bytes::copy_from_slice(a.as_bytes())).collect() }
+    }
+
+    fn policy_with(auth: Option<Credentials>, unknown: UnknownCommands) -> Policy {
+        let ring = Keyring::new(1, vec![(1, Zeroizing::new([3; 32]))], LegacyPlaintext::Reject).expect("ring");
+        let rules = Rules::new(vec![
+            Rule { pattern: "plain:*".into(), mode: Mode::Plaintext },
+            Rule { pattern: "free:*".into(), mode: Mode::Encrypt { bind_key: false } },
+        ]);
+        Policy::new(ClientAuth::new(auth), rules, Arc::new(ring), unknown)
+    }
+
+    fn policy() -> Policy {
+        policy_with(None, UnknownCommands::Refuse)
     }
 
     fn with_password() -> Policy {
-        Policy::new(ClientAuth::new(Some(Credentials {
-            username: None,
-            password: Secret::new(b"pw-pw-pw-pw".to_vec()),
-        })))
+        let auth = Credentials { username: None, password: Secret::new(b"pw-pw-pw-pw".to_vec()) };
+        policy_with(Some(auth), UnknownCommands::Refuse)
+    }
+
+    fn classify(policy: &Policy, args: &[&str]) -> Action {
+        policy.classify(&request(args), &mut policy.new_connection())
+    }
+
+    fn site(key: &str, field: Option<&str>) -> ValueSite {
+        ValueSite {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            bind_key: true,
+            field: field.map(|f| Bytes::copy_from_slice(f.as_bytes())),
+        }
     }
 
     #[test]
     fn unauthenticated_clients_get_noauth_until_they_log_in() {
         let policy = with_password();
         let mut state = policy.new_connection();
-        assert_eq!(
-            policy.classify(&request(&["GET", "k"]), &mut state),
-            Action::AnswerError(NOAUTH.into())
-        );
-        assert!(matches!(
-            policy.classify(&request(&["AUTH", "nope"]), &mut state),
-            Action::AnswerError(_)
-        ));
-        assert_eq!(
-            policy.classify(&request(&["AUTH", "pw-pw-pw-pw"]), &mut state),
-            Action::AnswerOk
-        );
-        assert_eq!(
-            policy.classify(&request(&["GET", "k"]), &mut state),
-            Action::Forward(ReplyPlan::Passthrough)
-        );
+        assert_eq!(policy.classify(&request(&["GET", "plain:k"]), &mut state), Action::AnswerError(NOAUTH.into()));
+        assert!(matches!(policy.classify(&request(&["AUTH", "nope"]), &mut state), Action::AnswerError(_)));
+        assert_eq!(policy.classify(&request(&["AUTH", "pw-pw-pw-pw"]), &mut state), Action::AnswerOk);
+        assert_eq!(policy.classify(&request(&["GET", "plain:k"]), &mut state), Action::Forward(ReplyPlan::Passthrough));
     }
 
     #[test]
     fn hello_auth_is_checked_here_and_stripped() {
         let policy = with_password();
         let mut state = policy.new_connection();
-        let hello = request(&[
-            "hello",
-            "3",
-            "AUTH",
-            "default",
-            "pw-pw-pw-pw",
-            "SETNAME",
-            "app",
-        ]);
+        let hello = request(&["hello", "3", "AUTH", "default", "pw-pw-pw-pw", "SETNAME", "app"]);
         match policy.classify(&hello, &mut state) {
             Action::Rewrite(args, ReplyPlan::Hello { protocol: Some(3) }) => {
-                assert_eq!(
-                    args,
-                    ["HELLO", "3", "SETNAME", "app"].map(|a| Bytes::from_static(a.as_bytes()))
-                );
+                assert_eq!(args, ["HELLO", "3", "SETNAME", "app"].map(|a| Bytes::from_static(a.as_bytes())));
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -343,59 +571,144 @@ mod tests {
             policy.classify(&request(&["HELLO", "3"]), &mut fresh),
             Action::AnswerError(text) if text.starts_with("NOAUTH")
         ));
+        assert!(matches!(policy.classify(&request(&["HELLO", "3", "AUTH", "default"]), &mut fresh), Action::AnswerError(_)));
+    }
+
+    #[test]
+    fn set_seals_the_value_bound_to_its_key() {
+        let policy = policy();
+        let Action::Rewrite(args, ReplyPlan::Passthrough) = classify(&policy, &["SET", "k", "secret", "EX", "10"]) else {
+            panic!("SET is rewritten");
+        };
+        assert_eq!(args[1].as_ref(), b"k");
+        assert_ne!(args[2].as_ref(), b"secret");
+        assert_eq!(&args[3..], [Bytes::from_static(b"EX"), Bytes::from_static(b"10")]);
+        let opened = policy.keyring.open(&args[2], site("k", None).binding()).expect("opens");
+        assert_eq!(opened, crate::crypto::keyring::Opened::Plaintext(b"secret".to_vec()));
+        // SET ... GET returns the old value, which gets opened.
         assert!(matches!(
-            policy.classify(&request(&["HELLO", "3", "AUTH", "default"]), &mut fresh),
-            Action::AnswerError(_)
+            classify(&policy, &["SET", "k", "v", "GET"]),
+            Action::Rewrite(_, ReplyPlan::Open(OpenPlan::One(s))) if s == site("k", None)
         ));
     }
 
     #[test]
-    fn refusals_inside_multi_fail_the_exec() {
-        let policy = Policy::new(ClientAuth::new(None));
+    fn plaintext_keys_are_forwarded_untouched() {
+        let policy = policy();
+        assert_eq!(
+            classify(&policy, &["SET", "plain:k", "v"]),
+            Action::Rewrite(request(&["SET", "plain:k", "v"]).args, ReplyPlan::Passthrough)
+        );
+        assert_eq!(classify(&policy, &["GET", "plain:k"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(classify(&policy, &["INCR", "plain:n"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(classify(&policy, &["RPUSH", "plain:l", "x"]), Action::Forward(ReplyPlan::Passthrough));
+    }
+
+    #[test]
+    fn reads_get_plans_that_name_each_value_site() {
+        let policy = policy();
+        assert_eq!(
+            classify(&policy, &["MGET", "a", "plain:b"]),
+            Action::Forward(ReplyPlan::Open(OpenPlan::Each(vec![Some(site("a", None)), None])))
+        );
+        assert_eq!(
+            classify(&policy, &["HMGET", "h", "f1", "f2"]),
+            Action::Forward(ReplyPlan::Open(OpenPlan::Each(vec![Some(site("h", Some("f1"))), Some(site("h", Some("f2")))])))
+        );
+        assert_eq!(
+            classify(&policy, &["HVALS", "h"]),
+            Action::Rewrite(request(&["HGETALL", "h"]).args, ReplyPlan::Open(OpenPlan::HashValues(site("h", None))))
+        );
+        assert_eq!(classify(&policy, &["HRANDFIELD", "h", "2"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(
+            classify(&policy, &["HRANDFIELD", "h", "2", "WITHVALUES"]),
+            Action::Forward(ReplyPlan::Open(OpenPlan::HashPairs(site("h", None))))
+        );
+        let unbound = ValueSite { bind_key: false, ..site("free:x", None) };
+        assert_eq!(classify(&policy, &["GET", "free:x"]), Action::Forward(ReplyPlan::Open(OpenPlan::One(unbound))));
+    }
+
+    #[test]
+    fn hash_and_multi_key_writes_seal_every_value() {
+        let policy = policy();
+        let Action::Rewrite(args, _) = classify(&policy, &["HSET", "h", "f1", "v1", "f2", "v2"]) else { panic!() };
+        for (field, value, at) in [("f1", "v1", 3), ("f2", "v2", 5)] {
+            let opened = policy.keyring.open(&args[at], site("h", Some(field)).binding()).expect("opens");
+            assert_eq!(opened, crate::crypto::keyring::Opened::Plaintext(value.as_bytes().to_vec()));
+        }
+        let Action::Rewrite(args, _) = classify(&policy, &["MSET", "a", "1", "plain:b", "2"]) else { panic!() };
+        assert_ne!(args[2].as_ref(), b"1");
+        assert_eq!(args[4].as_ref(), b"2");
+    }
+
+    #[test]
+    fn commands_that_need_the_value_or_move_it_are_refused_on_encrypted_keys() {
+        let policy = policy();
+        for command in [
+            &["APPEND", "k", "x"][..],
+            &["INCR", "k"],
+            &["GETRANGE", "k", "0", "1"],
+            &["HINCRBY", "h", "f", "1"],
+            &["EVAL", "return 1", "1", "k"],
+            &["OBJECT", "ENCODING", "k"],
+            &["DUMP", "k"],
+            &["RPUSH", "list", "x"],
+            &["SADD", "set", "x"],
+            &["XADD", "s", "*", "f", "v"],
+            &["PUBLISH", "channel", "message"],
+            &["RENAME", "k", "k2"],
+            &["COPY", "plain:a", "k"],
+            &["SORT", "plain:l", "BY", "w_*"],
+            &["MONITOR"],
+            &["NOTACOMMAND", "k"],
+        ] {
+            let action = classify(&policy, command);
+            assert!(
+                matches!(&action, Action::AnswerError(text) if text.starts_with("ERR redcloak: ")),
+                "{command:?}: {action:?}"
+            );
+        }
+        assert_eq!(classify(&policy, &["RENAME", "free:a", "free:b"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(classify(&policy, &["EVAL", "return 1", "0"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(classify(&policy, &["SORT", "plain:l", "BY", "nosort"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(classify(&policy, &["DEL", "k"]), Action::Forward(ReplyPlan::Passthrough));
+        let open = policy_with(None, UnknownCommands::Pass);
+        assert_eq!(classify(&open, &["NOTACOMMAND", "k"]), Action::Forward(ReplyPlan::Passthrough));
+    }
+
+    #[test]
+    fn the_refusal_names_the_key_and_the_rule() {
+        let Action::AnswerError(text) = classify(&policy(), &["INCR", "counter"]) else { panic!() };
+        assert!(text.contains("INCR needs Redis to read the value of 'counter'"), "{text}");
+        assert!(text.contains("no rule matches it, so it is encrypted") && text.contains("plaintext"), "{text}");
+    }
+
+    #[test]
+    fn refusals_inside_multi_fail_the_exec_and_value_plans_are_queued() {
+        let policy = policy();
         let mut state = policy.new_connection();
+        assert_eq!(policy.classify(&request(&["MULTI"]), &mut state), Action::Forward(ReplyPlan::Passthrough));
         assert_eq!(
-            policy.classify(&request(&["MULTI"]), &mut state),
-            Action::Forward(ReplyPlan::Passthrough)
+            policy.classify(&request(&["GET", "a"]), &mut state),
+            Action::Forward(ReplyPlan::Queued(Box::new(ReplyPlan::Open(OpenPlan::One(site("a", None))))))
         );
-        assert_eq!(
-            policy.classify(&request(&["SET", "a", "1"]), &mut state),
-            Action::Forward(ReplyPlan::Queued(Box::new(ReplyPlan::Passthrough)))
-        );
-        assert!(matches!(
-            policy.classify(&request(&["SUBSCRIBE", "c"]), &mut state),
-            Action::AnswerError(_)
-        ));
+        assert!(matches!(policy.classify(&request(&["SUBSCRIBE", "c"]), &mut state), Action::AnswerError(_)));
         assert_eq!(
             policy.classify(&request(&["EXEC"]), &mut state),
-            Action::Rewrite(
-                vec![Bytes::from_static(b"DISCARD")],
-                ReplyPlan::Replace(EXECABORT)
-            )
+            Action::Rewrite(vec![Bytes::from_static(b"DISCARD")], ReplyPlan::Replace(EXECABORT))
         );
-        assert_eq!(
-            policy.classify(&request(&["MULTI"]), &mut state),
-            Action::Forward(ReplyPlan::Passthrough)
-        );
-        assert_eq!(
-            policy.classify(&request(&["EXEC"]), &mut state),
-            Action::Forward(ReplyPlan::Exec)
-        );
+        assert_eq!(policy.classify(&request(&["MULTI"]), &mut state), Action::Forward(ReplyPlan::Passthrough));
+        assert!(matches!(policy.classify(&request(&["INCR", "n"]), &mut state), Action::AnswerError(_)));
+        assert!(matches!(policy.classify(&request(&["EXEC"]), &mut state), Action::Rewrite(_, ReplyPlan::Replace(_))));
     }
 
     #[test]
     fn client_reply_off_and_skip_are_refused() {
-        let policy = Policy::new(ClientAuth::new(None));
-        let mut state = policy.new_connection();
+        let policy = policy();
         for mode in ["OFF", "skip"] {
-            assert!(matches!(
-                policy.classify(&request(&["CLIENT", "REPLY", mode]), &mut state),
-                Action::AnswerError(_)
-            ));
+            assert!(matches!(classify(&policy, &["CLIENT", "REPLY", mode]), Action::AnswerError(_)));
         }
-        assert_eq!(
-            policy.classify(&request(&["client", "reply", "on"]), &mut state),
-            Action::Forward(ReplyPlan::Passthrough)
-        );
+        assert_eq!(classify(&policy, &["client", "reply", "on"]), Action::Forward(ReplyPlan::Passthrough));
     }
 
     #[test]
@@ -403,13 +716,7 @@ mod tests {
         let policy = with_password();
         let mut state = policy.new_connection();
         policy.classify(&request(&["AUTH", "pw-pw-pw-pw"]), &mut state);
-        assert_eq!(
-            policy.classify(&request(&["RESET"]), &mut state),
-            Action::Reset
-        );
-        assert!(matches!(
-            policy.classify(&request(&["PING"]), &mut state),
-            Action::AnswerError(_)
-        ));
+        assert_eq!(policy.classify(&request(&["RESET"]), &mut state), Action::Reset);
+        assert!(matches!(policy.classify(&request(&["PING"]), &mut state), Action::AnswerError(_)));
     }
 }

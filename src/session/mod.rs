@@ -20,6 +20,7 @@
 //! what is pending; losing Redis answers every pending request with an error
 //! and closes the client.
 
+pub mod open;
 pub mod pipeline;
 
 use crate::policy::{Action, Policy, ReplyPlan};
@@ -41,6 +42,8 @@ const OK: Bytes = Bytes::from_static(b"+OK\r\n");
 pub struct SessionContext {
     pub policy: Policy,
     pub limits: Limits,
+    /// Limits for replies: values come back sealed, larger by the envelope.
+    pub reply_limits: Limits,
     pub max_pending_requests: usize,
     pub client_write_timeout: Duration,
     /// Used to log the upstream connection in again after RESET.
@@ -261,7 +264,7 @@ where
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut output = BytesMut::with_capacity(READ_CHUNK);
     let mut scanner = ReplyScanner::default();
-    let mut replies = Replies::default();
+    let mut replies = Replies::new(ctx.policy.keyring().clone(), ctx.reply_limits.clone());
     let mut requests_done = false;
     loop {
         let flow = match deliver_ready(
@@ -339,7 +342,7 @@ fn deliver_ready(
         }
         let protocol_error = |err: String| SessionError::UpstreamProtocol(err);
         let Some(len) = scanner
-            .scan(input, &ctx.limits)
+            .scan(input, &ctx.reply_limits)
             .map_err(|e| protocol_error(e.to_string()))?
         else {
             return Ok(Flow::Continue);

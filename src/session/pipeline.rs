@@ -13,9 +13,12 @@
 //! Invariant: a reply is only ever delivered for the entry it answers. A frame
 //! that fits no entry is an [`UnexpectedReply`] and ends the connection.
 
+use super::open;
+use crate::crypto::Keyring;
 use crate::policy::ReplyPlan;
 use crate::policy::table::PubSubKind;
-use crate::resp::{self, ReplyKind};
+use crate::resp::{self, Limits, ReplyKind};
+use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp3::types::BytesFrame;
 use std::collections::HashSet;
@@ -63,20 +66,23 @@ pub struct Replies {
     subscriptions: Subscriptions,
     /// Plans of the commands Redis queued since MULTI, for EXEC.
     transaction: Vec<ReplyPlan>,
+    keyring: Arc<Keyring>,
+    /// Limits for walking inside a reply that is already framed.
+    limits: Limits,
 }
 
-impl Default for Replies {
-    fn default() -> Self {
+impl Replies {
+    pub fn new(keyring: Arc<Keyring>, limits: Limits) -> Self {
         Replies {
             head: None,
             protocol: 2,
             subscriptions: Subscriptions::default(),
             transaction: Vec::new(),
+            keyring,
+            limits,
         }
     }
-}
 
-impl Replies {
     /// True when no entry is waiting for a reply: the next one may be taken.
     pub fn needs_entry(&self) -> bool {
         self.head.is_none()
@@ -215,11 +221,16 @@ impl Replies {
                     self.transaction.push(*inner);
                 }
             }
-            ReplyPlan::Exec | ReplyPlan::Discard => {
-                // Every queued plan is a passthrough today; value encryption
-                // opens EXEC's elements here with `self.transaction`, in order.
-                self.transaction.clear();
+            ReplyPlan::Open(plan) => {
+                open::reply(&plan, &frame, &self.keyring, &self.limits, out);
+                return Ok(());
             }
+            ReplyPlan::Exec => {
+                let plans = std::mem::take(&mut self.transaction);
+                self.exec(&plans, &frame, out);
+                return Ok(());
+            }
+            ReplyPlan::Discard => self.transaction.clear(),
             ReplyPlan::Replace(text) => {
                 self.transaction.clear();
                 resp::encode_error(out, text);
@@ -228,6 +239,24 @@ impl Replies {
         }
         out.extend_from_slice(&frame);
         Ok(())
+    }
+
+    /// EXEC's array, each element opened with the plan of the command it
+    /// answers (queued plans are data plans: passthrough or open).
+    fn exec(&self, plans: &[ReplyPlan], frame: &[u8], out: &mut BytesMut) {
+        let opens = plans.iter().any(|p| matches!(p, ReplyPlan::Open(_)));
+        let elements = opens.then(|| resp::aggregate_elements(frame, &self.limits)).flatten();
+        let Some((header, elements)) = elements else {
+            out.extend_from_slice(frame);
+            return;
+        };
+        out.extend_from_slice(header);
+        for (i, element) in elements.into_iter().enumerate() {
+            match plans.get(i) {
+                Some(ReplyPlan::Open(plan)) => open::reply(plan, element, &self.keyring, &self.limits, out),
+                _ => out.extend_from_slice(element),
+            }
+        }
     }
 
     fn head_is_pubsub(&self) -> bool {
@@ -334,6 +363,12 @@ fn pubsub_event(frame: &Bytes) -> Option<PubSubEvent> {
 mod tests {
     use super::*;
 
+    fn replies() -> Replies {
+        let keys = vec![(1, zeroize::Zeroizing::new([1u8; 32]))];
+        let ring = Keyring::new(1, keys, crate::crypto::LegacyPlaintext::Reject).expect("ring");
+        Replies::new(Arc::new(ring), Limits::default())
+    }
+
     fn feed(replies: &mut Replies, frames: &[&'static [u8]]) -> Result<Vec<u8>, UnexpectedReply> {
         let mut out = BytesMut::new();
         for frame in frames {
@@ -351,7 +386,7 @@ mod tests {
 
     #[test]
     fn a_reply_with_no_request_is_refused() {
-        let mut replies = Replies::default();
+        let mut replies = replies();
         assert_eq!(
             feed(&mut replies, &[b"+OK\r\n"]),
             Err(UnexpectedReply::NoRequestWaiting)
@@ -360,7 +395,7 @@ mod tests {
 
     #[test]
     fn resp3_pushes_never_take_the_head() {
-        let mut replies = Replies::default();
+        let mut replies = replies();
         await_plan(&mut replies, ReplyPlan::Passthrough);
         let out = feed(
             &mut replies,
@@ -376,7 +411,7 @@ mod tests {
 
     #[test]
     fn subscribe_takes_one_confirmation_per_channel_then_messages_are_out_of_band() {
-        let mut replies = Replies::default();
+        let mut replies = replies();
         await_plan(
             &mut replies,
             ReplyPlan::Subscribe {
@@ -440,7 +475,7 @@ mod tests {
 
     #[test]
     fn an_error_completes_a_subscribe() {
-        let mut replies = Replies::default();
+        let mut replies = replies();
         await_plan(
             &mut replies,
             ReplyPlan::Subscribe {
@@ -454,7 +489,7 @@ mod tests {
 
     #[test]
     fn hello_3_switches_to_pushes_for_confirmations() {
-        let mut replies = Replies::default();
+        let mut replies = replies();
         await_plan(&mut replies, ReplyPlan::Hello { protocol: Some(3) });
         feed(&mut replies, &[b"%1\r\n+proto\r\n:3\r\n"]).expect("hello");
         await_plan(
@@ -474,7 +509,7 @@ mod tests {
 
     #[test]
     fn queued_plans_are_kept_for_exec_in_order_and_cleared() {
-        let mut replies = Replies::default();
+        let mut replies = replies();
         await_plan(
             &mut replies,
             ReplyPlan::Queued(Box::new(ReplyPlan::Passthrough)),
@@ -493,7 +528,7 @@ mod tests {
 
     #[test]
     fn replace_swallows_the_reply() {
-        let mut replies = Replies::default();
+        let mut replies = replies();
         await_plan(&mut replies, ReplyPlan::Replace("EXECABORT x"));
         assert_eq!(
             feed(&mut replies, &[b"+OK\r\n"]).expect("replaced"),
@@ -503,7 +538,7 @@ mod tests {
 
     #[test]
     fn restore_login_is_silent_on_ok_and_fatal_otherwise() {
-        let mut replies = Replies::default();
+        let mut replies = replies();
         await_plan(&mut replies, ReplyPlan::RestoreLogin);
         assert_eq!(feed(&mut replies, &[b"+OK\r\n"]).expect("ok"), b"");
         await_plan(&mut replies, ReplyPlan::RestoreLogin);
@@ -515,7 +550,7 @@ mod tests {
 
     #[test]
     fn answers_close_when_asked() {
-        let mut replies = Replies::default();
+        let mut replies = replies();
         let mut out = BytesMut::new();
         let quit = Entry::Answer {
             reply: Bytes::from_static(b"+OK\r\n"),

@@ -4,6 +4,8 @@
 //! clients for byte-exact checks.
 
 use bytes::{Bytes, BytesMut};
+use redcloak::crypto::keyring::decode_key;
+use redcloak::crypto::{Keyring, LegacyPlaintext};
 use redcloak::dev::{self, ChildRedis, DevCerts, RedisOptions};
 use redcloak::resp::{self, Limits, ReplyScanner};
 use redcloak::server::Server;
@@ -44,6 +46,8 @@ impl TestRedis {
             0o600,
         )
         .expect("password file");
+        let key = redcloak::crypto::keyring::generate_key();
+        dev::write_file(&dir.path().join("key-1"), key.as_bytes(), 0o600).expect("key file");
         let options = RedisOptions {
             username: REDIS_USER.into(),
             password: password.clone(),
@@ -80,7 +84,17 @@ impl TestRedis {
                 r#"connect_timeout = "5s""#.into(),
             ],
             tail: String::new(),
+            encryption: DEFAULT_ENCRYPTION.into(),
         }
+    }
+
+    /// A keyring holding the tests' key file `name` as key `id`.
+    pub fn keyring(&self, keys: &[(u32, &str)], primary: u32) -> Keyring {
+        let keys = keys
+            .iter()
+            .map(|(id, name)| (*id, decode_key(*id, &std::fs::read(self.path(name)).expect("key file")).expect("key")))
+            .collect();
+        Keyring::new(primary, keys, LegacyPlaintext::Reject).expect("keyring")
     }
 
     /// A direct, authenticated TLS connection to Redis, bypassing redcloak.
@@ -129,7 +143,14 @@ pub struct ProxyConfig {
     pub upstream: Vec<String>,
     /// Further sections, verbatim.
     pub tail: String,
+    /// The [encryption] section and its rules, verbatim.
+    pub encryption: String,
 }
+
+/// Key 1 seals; keys under `plain:` stay plaintext, so protocol tests can
+/// use lists, sets and channels.
+pub const DEFAULT_ENCRYPTION: &str = "[encryption]\nprimary = 1\n[[encryption.keys]]\nid = 1\nfile = \"key-1\"\n\
+[[encryption.rules]]\npattern = \"plain:*\"\nmode = \"plaintext\"\n";
 
 impl ProxyConfig {
     /// Replaces (or adds) `key = value` in [upstream].
@@ -153,10 +174,11 @@ impl ProxyConfig {
 
     pub fn render(&self) -> String {
         format!(
-            "[listen]\n{}\n\n[upstream]\n{}\n\n{}",
+            "[listen]\n{}\n\n[upstream]\n{}\n\n{}\n{}",
             self.listen.join("\n"),
             self.upstream.join("\n"),
-            self.tail
+            self.tail,
+            self.encryption
         )
     }
 }

@@ -1,0 +1,169 @@
+//! Which keys are encrypted: `[[encryption.rules]]`, first match wins, and a
+//! key no rule matches is encrypted. Patterns use Redis glob syntax (`*`,
+//! `?`, `[abc]`, `[^a-z]`, `\` escapes), matched without recursion so a
+//! client's key name cannot make matching slow.
+
+/// What a rule does with the keys it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Values are sealed; `bind_key` binds them to the key name.
+    Encrypt { bind_key: bool },
+    Plaintext,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub pattern: String,
+    pub mode: Mode,
+}
+
+/// The rule that decided a key's mode, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision<'a> {
+    pub mode: Mode,
+    /// `None`: no rule matched (encrypted, key-bound, by default).
+    pub pattern: Option<&'a str>,
+}
+
+impl Decision<'_> {
+    /// How an error message names the rule.
+    pub fn describe(&self) -> String {
+        match self.pattern {
+            Some(pattern) => format!("rule '{pattern}'"),
+            None => "no rule matches it, so it is encrypted".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Rules {
+    rules: Vec<Rule>,
+}
+
+impl Rules {
+    pub fn new(rules: Vec<Rule>) -> Self {
+        Rules { rules }
+    }
+
+    pub fn decide(&self, key: &[u8]) -> Decision<'_> {
+        self.rules
+            .iter()
+            .find(|rule| glob_match(rule.pattern.as_bytes(), key))
+            .map_or(Decision { mode: Mode::Encrypt { bind_key: true }, pattern: None }, |rule| Decision {
+                mode: rule.mode,
+                pattern: Some(&rule.pattern),
+            })
+    }
+}
+
+/// Redis glob matching (`stringmatchlen` semantics, case-sensitive).
+pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    // Where to resume after the last `*`: pattern after it, text position.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        let step = match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p + 1, t));
+                p += 1;
+                continue;
+            }
+            Some(b'?') => Some(p + 1),
+            Some(b'[') => match_class(pattern, p, text[t]),
+            Some(b'\\') if p + 1 < pattern.len() => (pattern[p + 1] == text[t]).then_some(p + 2),
+            Some(&c) => (c == text[t]).then_some(p + 1),
+            None => None,
+        };
+        match (step, star) {
+            (Some(next), _) => {
+                p = next;
+                t += 1;
+            }
+            (None, Some((after_star, star_t))) => {
+                p = after_star;
+                t = star_t + 1;
+                star = Some((after_star, star_t + 1));
+            }
+            (None, None) => return false,
+        }
+    }
+    pattern[p.min(pattern.len())..].iter().all(|&c| c == b'*')
+}
+
+/// Matches `[...]` at `pattern[start]` against `c`; returns where the
+/// pattern continues when it matches.
+fn match_class(pattern: &[u8], start: usize, c: u8) -> Option<usize> {
+    let mut i = start + 1;
+    let negate = pattern.get(i) == Some(&b'^');
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    while i < pattern.len() && pattern[i] != b']' {
+        if pattern[i] == b'\\' && i + 1 < pattern.len() {
+            matched |= pattern[i + 1] == c;
+            i += 2;
+        } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' && pattern[i + 2] != b']' {
+            let (low, high) = (pattern[i].min(pattern[i + 2]), pattern[i].max(pattern[i + 2]));
+            matched |= (low..=high).contains(&c);
+            i += 3;
+        } else {
+            matched |= pattern[i] == c;
+            i += 1;
+        }
+    }
+    // An unclosed class ends at the end of the pattern, as in Redis.
+    let next = (i + 1).min(pattern.len());
+    (matched != negate).then_some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_like_redis_glob() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("*", "", true),
+            ("*", "anything", true),
+            ("sessions:*", "sessions:42", true),
+            ("sessions:*", "session:42", false),
+            ("h?llo", "hello", true),
+            ("h?llo", "hllo", false),
+            ("h[ae]llo", "hallo", true),
+            ("h[ae]llo", "hillo", false),
+            ("h[^e]llo", "hallo", true),
+            ("h[^e]llo", "hello", false),
+            ("h[a-b]llo", "hbllo", true),
+            ("h[a-b]llo", "hcllo", false),
+            ("a\\*b", "a*b", true),
+            ("a\\*b", "axb", false),
+            ("*a*b", "xaxxb", true),
+            ("*a*b", "xaxx", false),
+            ("a*", "a", true),
+            ("ratelimit:*:min", "ratelimit:ip:1.2.3.4:min", true),
+        ];
+        for (pattern, text, expected) in cases {
+            assert_eq!(glob_match(pattern.as_bytes(), text.as_bytes()), *expected, "{pattern} ~ {text}");
+        }
+    }
+
+    #[test]
+    fn matching_stays_fast_on_hostile_keys() {
+        let key = vec![b'a'; 100_000];
+        assert!(!glob_match(b"*a*a*a*a*a*a*a*a*b", &key));
+    }
+
+    #[test]
+    fn first_match_wins_and_unmatched_keys_are_encrypted() {
+        let rules = Rules::new(vec![
+            Rule { pattern: "ratelimit:*".into(), mode: Mode::Plaintext },
+            Rule { pattern: "*".into(), mode: Mode::Encrypt { bind_key: false } },
+        ]);
+        assert_eq!(rules.decide(b"ratelimit:x").mode, Mode::Plaintext);
+        assert_eq!(rules.decide(b"other").mode, Mode::Encrypt { bind_key: false });
+        let empty = Rules::default();
+        let none = empty.decide(b"k");
+        assert_eq!(none, Decision { mode: Mode::Encrypt { bind_key: true }, pattern: None });
+    }
+}

@@ -1,0 +1,230 @@
+//! Opens the sealed values in a reply, as its [`OpenPlan`] says. Pure.
+//!
+//! Every reply shape Redis uses for values is handled: a bulk string, nil,
+//! RESP2 arrays, RESP3 maps and sets, arrays of pairs, and HSCAN's
+//! `[cursor, [field, value, ...]]`. Elements that are not values (nil, an
+//! error, a field name, a cursor) are copied as Redis sent them.
+//!
+//! A value that fails to open becomes an error reply in its place, naming the
+//! key (and field) and the reason; never the ciphertext, never garbage. In an
+//! array the other elements are still delivered.
+
+use crate::crypto::keyring::Opened;
+use crate::crypto::{Keyring, OpenError};
+use crate::policy::{OpenPlan, ValueSite};
+use crate::resp::{self, Limits};
+use bytes::BytesMut;
+
+/// Writes `frame` to `out` with its values opened.
+pub fn reply(plan: &OpenPlan, frame: &[u8], keyring: &Keyring, limits: &Limits, out: &mut BytesMut) {
+    let opener = Opener { keyring, limits };
+    match plan {
+        OpenPlan::One(site) => opener.value(site, frame, out),
+        OpenPlan::Each(sites) => opener.each(sites, frame, out),
+        OpenPlan::HashPairs(site) => opener.pairs(site, frame, out),
+        OpenPlan::HashValues(site) => opener.values_only(site, frame, out),
+        OpenPlan::HashScan(site) => opener.scan(site, frame, out),
+    }
+}
+
+struct Opener<'a> {
+    keyring: &'a Keyring,
+    limits: &'a Limits,
+}
+
+impl Opener<'_> {
+    /// One element that holds a value (or nil, or an error).
+    fn value(&self, site: &ValueSite, element: &[u8], out: &mut BytesMut) {
+        let Some(stored) = resp::bulk_body(element) else {
+            out.extend_from_slice(element);
+            return;
+        };
+        match self.keyring.open(stored, site.binding()) {
+            Ok(Opened::Plaintext(plaintext)) => resp::encode_bulk(out, &plaintext),
+            Ok(Opened::Legacy(_)) => out.extend_from_slice(element),
+            Err(err) => resp::encode_error(out, &failure(site, err)),
+        }
+    }
+
+    fn each(&self, sites: &[Option<ValueSite>], frame: &[u8], out: &mut BytesMut) {
+        let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
+            out.extend_from_slice(frame);
+            return;
+        };
+        out.extend_from_slice(header);
+        for (i, element) in elements.into_iter().enumerate() {
+            match sites.get(i) {
+                Some(Some(site)) => self.value(site, element, out),
+                _ => out.extend_from_slice(element),
+            }
+        }
+    }
+
+    /// Field/value pairs: a flat array or map, or an array of 2-element arrays.
+    fn pairs(&self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+        let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
+            out.extend_from_slice(frame);
+            return;
+        };
+        out.extend_from_slice(header);
+        if elements.first().is_some_and(|e| e.first() == Some(&b'*')) {
+            for pair in elements {
+                self.pairs(site, pair, out);
+            }
+            return;
+        }
+        for pair in elements.chunks(2) {
+            match pair {
+                [field, value] => {
+                    out.extend_from_slice(field);
+                    self.value(&with_field(site, field), value, out);
+                }
+                other => other.iter().for_each(|e| out.extend_from_slice(e)),
+            }
+        }
+    }
+
+    /// HGETALL's pairs, delivered as HVALS would: the values as an array.
+    fn values_only(&self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+        let Some((_, elements)) = resp::aggregate_elements(frame, self.limits) else {
+            out.extend_from_slice(frame);
+            return;
+        };
+        resp::encode_aggregate_header(out, b'*', elements.len() / 2);
+        for pair in elements.chunks_exact(2) {
+            self.value(&with_field(site, pair[0]), pair[1], out);
+        }
+    }
+
+    fn scan(&self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+        match resp::aggregate_elements(frame, self.limits) {
+            Some((header, elements)) if elements.len() == 2 => {
+                out.extend_from_slice(header);
+                out.extend_from_slice(elements[0]);
+                self.pairs(site, elements[1], out);
+            }
+            _ => out.extend_from_slice(frame),
+        }
+    }
+}
+
+fn with_field(site: &ValueSite, field: &[u8]) -> ValueSite {
+    let field = resp::bulk_body(field).unwrap_or(field);
+    ValueSite { field: Some(bytes::Bytes::copy_from_slice(field)), ..site.clone() }
+}
+
+/// The error text for a value that did not open. Names, never values.
+fn failure(site: &ValueSite, err: OpenError) -> String {
+    let key = shown(&site.key);
+    let place = match &site.field {
+        Some(field) => format!("field '{}' of key '{key}'", shown(field)),
+        None => format!("key '{key}'"),
+    };
+    match err {
+        OpenError::NotAnEnvelope => format!(
+            "ERR redcloak: value of {place} is not encrypted (legacy plaintext); \
+             encryption.legacy_plaintext = \"pass\" reads such values during a migration"
+        ),
+        err => format!("ERR redcloak: value of {place} failed to decrypt ({err})"),
+    }
+}
+
+fn shown(name: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&name[..name.len().min(128)]);
+    if name.len() > 128 { format!("{text}...") } else { text.into_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::LegacyPlaintext;
+    use bytes::Bytes;
+    use zeroize::Zeroizing;
+
+    fn keyring() -> Keyring {
+        Keyring::new(1, vec![(1, Zeroizing::new([7; 32]))], LegacyPlaintext::Reject).expect("ring")
+    }
+
+    fn site(key: &str, field: Option<&str>) -> ValueSite {
+        ValueSite {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            bind_key: true,
+            field: field.map(|f| Bytes::copy_from_slice(f.as_bytes())),
+        }
+    }
+
+    fn bulk(bytes: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        resp::encode_bulk(&mut out, bytes);
+        out.to_vec()
+    }
+
+    fn sealed(ring: &Keyring, value: &str, at: &ValueSite) -> Vec<u8> {
+        bulk(&ring.seal(value.as_bytes(), at.binding()))
+    }
+
+    fn run(plan: &OpenPlan, frame: &[u8], ring: &Keyring) -> String {
+        let mut out = BytesMut::new();
+        reply(plan, frame, ring, &Limits::default(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn opens_a_bulk_and_copies_nil_and_errors() {
+        let ring = keyring();
+        let k = site("k", None);
+        assert_eq!(run(&OpenPlan::One(k.clone()), &sealed(&ring, "v", &k), &ring), "$1\r\nv\r\n");
+        assert_eq!(run(&OpenPlan::One(k.clone()), b"$-1\r\n", &ring), "$-1\r\n");
+        assert_eq!(run(&OpenPlan::One(k.clone()), b"_\r\n", &ring), "_\r\n");
+        assert_eq!(run(&OpenPlan::One(k.clone()), b"-WRONGTYPE x\r\n", &ring), "-WRONGTYPE x\r\n");
+        let moved = sealed(&ring, "v", &site("other", None));
+        let text = run(&OpenPlan::One(k.clone()), &moved, &ring);
+        assert!(text.starts_with("-ERR redcloak: value of key 'k' failed to decrypt (authentication failed"), "{text}");
+        let legacy = run(&OpenPlan::One(k), &bulk(b"plain"), &ring);
+        assert!(legacy.starts_with("-ERR redcloak: value of key 'k' is not encrypted"), "{legacy}");
+        assert!(!legacy.contains("plain\r"), "{legacy}");
+    }
+
+    #[test]
+    fn each_element_opens_on_its_own_and_a_failure_stays_in_its_place() {
+        let ring = keyring();
+        let (a, b) = (site("a", None), site("b", None));
+        let mut frame = b"*4\r\n".to_vec();
+        frame.extend(sealed(&ring, "va", &a));
+        frame.extend(sealed(&ring, "vb", &a)); // sealed for `a`, read as `b`
+        frame.extend(b"$-1\r\n");
+        frame.extend(bulk(b"plain"));
+        let plan = OpenPlan::Each(vec![Some(a), Some(b), Some(site("c", None)), None]);
+        let text = run(&plan, &frame, &ring);
+        let lines: Vec<&str> = text.split("\r\n").collect();
+        assert_eq!(&lines[..3], ["*4", "$2", "va"]);
+        assert!(lines[3].starts_with("-ERR redcloak: value of key 'b' failed to decrypt"));
+        assert_eq!(&lines[4..7], ["$-1", "$5", "plain"]);
+    }
+
+    #[test]
+    fn hash_pairs_open_in_flat_arrays_resp3_maps_and_pair_arrays() {
+        let ring = keyring();
+        let h = site("h", None);
+        let v1 = sealed(&ring, "one", &site("h", Some("f1")));
+        let v2 = sealed(&ring, "two", &site("h", Some("f2")));
+        let fields = [bulk(b"f1"), bulk(b"f2")];
+        let flat = [b"*4\r\n".to_vec(), fields[0].clone(), v1.clone(), fields[1].clone(), v2.clone()].concat();
+        let expected_flat = "*4\r\n$2\r\nf1\r\n$3\r\none\r\n$2\r\nf2\r\n$3\r\ntwo\r\n";
+        assert_eq!(run(&OpenPlan::HashPairs(h.clone()), &flat, &ring), expected_flat);
+        let map = [b"%2\r\n".to_vec(), fields[0].clone(), v1.clone(), fields[1].clone(), v2.clone()].concat();
+        assert_eq!(run(&OpenPlan::HashPairs(h.clone()), &map, &ring), expected_flat.replacen("*4", "%2", 1));
+        let nested = [b"*2\r\n*2\r\n".to_vec(), fields[0].clone(), v1.clone(), b"*2\r\n".to_vec(), fields[1].clone(), v2.clone()].concat();
+        assert_eq!(
+            run(&OpenPlan::HashPairs(h.clone()), &nested, &ring),
+            "*2\r\n*2\r\n$2\r\nf1\r\n$3\r\none\r\n*2\r\n$2\r\nf2\r\n$3\r\ntwo\r\n"
+        );
+        assert_eq!(run(&OpenPlan::HashValues(h.clone()), &map, &ring), "*2\r\n$3\r\none\r\n$3\r\ntwo\r\n");
+        let scan = [b"*2\r\n$1\r\n0\r\n".to_vec(), flat].concat();
+        assert_eq!(run(&OpenPlan::HashScan(h.clone()), &scan, &ring), format!("*2\r\n$1\r\n0\r\n{expected_flat}"));
+        // Swapped fields: each value is an error in its place.
+        let swapped = [b"*4\r\n".to_vec(), fields[0].clone(), v2, fields[1].clone(), v1].concat();
+        let text = run(&OpenPlan::HashPairs(h), &swapped, &ring);
+        assert_eq!(text.matches("-ERR redcloak: value of field").count(), 2, "{text}");
+    }
+}
