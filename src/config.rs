@@ -252,14 +252,16 @@ pub struct LimitsConfig {
 /// Loads `path`, overlays the environment, and validates.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let secret_keys: Vec<&str> = SECRET_ENV.iter().map(|(key, _)| *key).collect();
-    let mut figment = Figment::new()
-        .merge(Toml::file_exact(path))
-        .merge(
-            Env::prefixed(ENV_PREFIX)
-                .split("__")
-                .ignore(&secret_keys)
-                .filter(|key| !key.as_str().to_ascii_lowercase().starts_with(KEY_ENV_PREFIX)),
-        );
+    let mut figment = Figment::new().merge(Toml::file_exact(path)).merge(
+        Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .ignore(&secret_keys)
+            .filter(|key| {
+                !key.as_str()
+                    .to_ascii_lowercase()
+                    .starts_with(KEY_ENV_PREFIX)
+            }),
+    );
     for (key, variable) in SECRET_ENV {
         if let Ok(value) = std::env::var(variable) {
             figment = figment.merge(Serialized::default(key, value));
@@ -435,7 +437,10 @@ fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
     })
 }
 
-fn validate_encryption(raw: Option<RawEncryption>, base: &Path) -> Result<EncryptionConfig, ConfigError> {
+fn validate_encryption(
+    raw: Option<RawEncryption>,
+    base: &Path,
+) -> Result<EncryptionConfig, ConfigError> {
     let raw = raw.ok_or_else(|| {
         invalid(
             "encryption",
@@ -448,39 +453,61 @@ fn validate_encryption(raw: Option<RawEncryption>, base: &Path) -> Result<Encryp
         let text = match (key.file, key.env) {
             (Some(path), None) => {
                 let path = resolve(base, path);
-                Zeroizing::new(std::fs::read(&path).map_err(|source| ConfigError::ReadSecret {
-                    key: "encryption.keys.file",
-                    path,
-                    source,
-                })?)
+                Zeroizing::new(
+                    std::fs::read(&path).map_err(|source| ConfigError::ReadSecret {
+                        key: "encryption.keys.file",
+                        path,
+                        source,
+                    })?,
+                )
             }
             (None, Some(variable)) => Zeroizing::new(
                 std::env::var(&variable)
-                    .map_err(|_| invalid("encryption.keys.env", format!("key {}: variable {variable} is not set", key.id)))?
+                    .map_err(|_| {
+                        invalid(
+                            "encryption.keys.env",
+                            format!("key {}: variable {variable} is not set", key.id),
+                        )
+                    })?
                     .into_bytes(),
             ),
-            _ => return Err(invalid("encryption.keys", format!("key {}: set exactly one of file or env", key.id))),
+            _ => {
+                return Err(invalid(
+                    "encryption.keys",
+                    format!("key {}: set exactly one of file or env", key.id),
+                ));
+            }
         };
-        let decoded = keyring::decode_key(key.id, &text).map_err(|e| invalid("encryption.keys", e.to_string()))?;
+        let decoded = keyring::decode_key(key.id, &text)
+            .map_err(|e| invalid("encryption.keys", e.to_string()))?;
         keys.push((key.id, decoded));
     }
     let legacy = match raw.legacy_plaintext {
         RawLegacy::Reject => LegacyPlaintext::Reject,
         RawLegacy::Pass => LegacyPlaintext::Pass,
     };
-    let keyring = Keyring::new(raw.primary, keys, legacy).map_err(|e| invalid("encryption", e.to_string()))?;
+    let keyring = Keyring::new(raw.primary, keys, legacy)
+        .map_err(|e| invalid("encryption", e.to_string()))?;
     let rules = raw
         .rules
         .into_iter()
         .map(|rule| match (rule.mode, rule.bind_key) {
             (RawMode::Plaintext, Some(_)) => Err(invalid(
                 "encryption.rules",
-                format!("rule '{}': bind_key applies to encrypt rules only", rule.pattern),
+                format!(
+                    "rule '{}': bind_key applies to encrypt rules only",
+                    rule.pattern
+                ),
             )),
-            (RawMode::Plaintext, None) => Ok(Rule { pattern: rule.pattern, mode: Mode::Plaintext }),
+            (RawMode::Plaintext, None) => Ok(Rule {
+                pattern: rule.pattern,
+                mode: Mode::Plaintext,
+            }),
             (RawMode::Encrypt, bind_key) => Ok(Rule {
                 pattern: rule.pattern,
-                mode: Mode::Encrypt { bind_key: bind_key.unwrap_or(true) },
+                mode: Mode::Encrypt {
+                    bind_key: bind_key.unwrap_or(true),
+                },
             }),
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -488,7 +515,11 @@ fn validate_encryption(raw: Option<RawEncryption>, base: &Path) -> Result<Encryp
         RawUnknown::Refuse => UnknownCommands::Refuse,
         RawUnknown::Pass => UnknownCommands::Pass,
     };
-    Ok(EncryptionConfig { keyring, rules, unknown_commands })
+    Ok(EncryptionConfig {
+        keyring,
+        rules,
+        unknown_commands,
+    })
 }
 
 /// A secret from exactly one of `<key>` (or its environment variable) and `<key>_file`.
@@ -634,8 +665,11 @@ mod tests {
         std::fs::create_dir_all(jail.directory().join("secrets")).expect("mkdir");
         jail.create_file("secrets/redis-password", "from-file-password\n")
             .expect("write");
-        jail.create_file("secrets/key-1", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n")
-            .expect("write");
+        jail.create_file(
+            "secrets/key-1",
+            "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n",
+        )
+        .expect("write");
         jail.create_file("redcloak.toml", toml).expect("write");
         load(&jail.directory().join("redcloak.toml"))
     }
@@ -737,22 +771,37 @@ mod tests {
     #[test]
     fn encryption_is_required_and_validated() {
         Jail::expect_with(|jail| {
-            let without = MINIMAL.split("[encryption]").next().expect("head").to_owned();
+            let without = MINIMAL
+                .split("[encryption]")
+                .next()
+                .expect("head")
+                .to_owned();
             assert!(error_text(load_in_jail(jail, &without)).starts_with("encryption: required"));
             let wrong_primary = MINIMAL.replace("primary = 1", "primary = 2");
             assert!(error_text(load_in_jail(jail, &wrong_primary)).contains("primary key id 2"));
             let short = MINIMAL.replace("file = \"secrets/key-1\"", "env = \"REDCLOAK_KEY_SHORT\"");
             jail.set_env("REDCLOAK_KEY_SHORT", "c2hvcnQ=");
             let text = error_text(load_in_jail(jail, &short));
-            assert!(text.contains("base64 of 32 bytes") && !text.contains("c2hvcnQ"), "{text}");
-            jail.set_env("REDCLOAK_KEY_SHORT", "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=");
+            assert!(
+                text.contains("base64 of 32 bytes") && !text.contains("c2hvcnQ"),
+                "{text}"
+            );
+            jail.set_env(
+                "REDCLOAK_KEY_SHORT",
+                "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+            );
             let config = load_in_jail(jail, &short).expect("key from the environment");
             assert_eq!(config.encryption.keyring.primary_id(), 1);
-            let rules = format!("{MINIMAL}\n[[encryption.rules]]\npattern = \"rl:*\"\nmode = \"plaintext\"\n\
-                [[encryption.rules]]\npattern = \"s:*\"\nmode = \"encrypt\"\nbind_key = false\n");
+            let rules = format!(
+                "{MINIMAL}\n[[encryption.rules]]\npattern = \"rl:*\"\nmode = \"plaintext\"\n\
+                [[encryption.rules]]\npattern = \"s:*\"\nmode = \"encrypt\"\nbind_key = false\n"
+            );
             let config = load_in_jail(jail, &rules).expect("rules");
             assert_eq!(config.encryption.rules[0].mode, Mode::Plaintext);
-            assert_eq!(config.encryption.rules[1].mode, Mode::Encrypt { bind_key: false });
+            assert_eq!(
+                config.encryption.rules[1].mode,
+                Mode::Encrypt { bind_key: false }
+            );
             let bad_mode = rules.replace("mode = \"plaintext\"", "mode = \"clear\"");
             assert!(error_text(load_in_jail(jail, &bad_mode)).contains("clear"));
             Ok(())
@@ -764,7 +813,10 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("REDCLOAK_UPSTREAM__PASSWORD", "example-upstream-password");
             jail.set_env("REDCLOAK_LISTEN__AUTH__PASSWORD", "example-client-password");
-            jail.set_env("REDCLOAK_KEY_1", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=");
+            jail.set_env(
+                "REDCLOAK_KEY_1",
+                "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+            );
             let example =
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("config/redcloak.example.toml");
             let config = load(&example).expect("the example loads");

@@ -308,11 +308,7 @@ pub struct ReplyScanner {
 impl ReplyScanner {
     /// Length of the complete reply at the front of `buf`, or `None` when
     /// more bytes are needed. The caller removes those bytes and calls again.
-    pub fn scan(
-        &mut self,
-        buf: &[u8],
-        limits: &Limits,
-    ) -> Result<Option<usize>, ProtocolError> {
+    pub fn scan(&mut self, buf: &[u8], limits: &Limits) -> Result<Option<usize>, ProtocolError> {
         loop {
             check_limit(
                 "reply size",
@@ -467,7 +463,10 @@ pub fn reply_kind(frame: &[u8]) -> ReplyKind {
 /// The header and elements of a complete aggregate reply (`*`, `%`, `~`,
 /// `>`); a map's keys and values alternate. `None` for anything else,
 /// including null arrays.
-pub fn aggregate_elements<'a>(frame: &'a [u8], limits: &Limits) -> Option<(&'a [u8], Vec<&'a [u8]>)> {
+pub fn aggregate_elements<'a>(
+    frame: &'a [u8],
+    limits: &Limits,
+) -> Option<(&'a [u8], Vec<&'a [u8]>)> {
     let kind = *frame.first()?;
     if !matches!(kind, b'*' | b'%' | b'~' | b'>') {
         return None;
@@ -479,7 +478,9 @@ pub fn aggregate_elements<'a>(frame: &'a [u8], limits: &Limits) -> Option<(&'a [
     let mut elements = Vec::with_capacity(count.min(1024));
     let mut at = header_end;
     for _ in 0..count {
-        let len = ReplyScanner::default().scan(frame.get(at..)?, limits).ok()??;
+        let len = ReplyScanner::default()
+            .scan(frame.get(at..)?, limits)
+            .ok()??;
         elements.push(&frame[at..at + len]);
         at += len;
     }

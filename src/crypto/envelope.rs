@@ -66,7 +66,9 @@ pub enum OpenError {
     NotAnEnvelope,
     #[error("unknown key id {0}")]
     UnknownKeyId(u32),
-    #[error("authentication failed: tampered, truncated, moved from another key or field, or sealed with another key")]
+    #[error(
+        "authentication failed: tampered, truncated, moved from another key or field, or sealed with another key"
+    )]
     AuthenticationFailed,
 }
 
@@ -85,7 +87,10 @@ impl std::fmt::Debug for DataKey {
 
 impl DataKey {
     pub fn new(id: u32, key: &[u8; 32]) -> Self {
-        DataKey { id, cipher: Xaes256Gcm::new(key.into()) }
+        DataKey {
+            id,
+            cipher: Xaes256Gcm::new(key.into()),
+        }
     }
 
     pub fn id(&self) -> u32 {
@@ -99,7 +104,12 @@ impl DataKey {
         self.seal_with_nonce(value, binding, &nonce)
     }
 
-    fn seal_with_nonce(&self, value: &[u8], binding: Binding<'_>, nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
+    fn seal_with_nonce(
+        &self,
+        value: &[u8],
+        binding: Binding<'_>,
+        nonce: &[u8; NONCE_LEN],
+    ) -> Vec<u8> {
         let header = header(self.id);
         let mut envelope = Vec::with_capacity(OVERHEAD + value.len());
         envelope.extend_from_slice(&header);
@@ -124,10 +134,13 @@ impl DataKey {
         let aad = associated_data(header, binding);
         let mut plaintext = ciphertext.to_vec();
         let opened = self.cipher.decrypt_inout_detached(
-            nonce.try_into().map_err(|_| OpenError::AuthenticationFailed)?,
+            nonce
+                .try_into()
+                .map_err(|_| OpenError::AuthenticationFailed)?,
             &aad,
             plaintext.as_mut_slice().into(),
-            tag.try_into().map_err(|_| OpenError::AuthenticationFailed)?,
+            tag.try_into()
+                .map_err(|_| OpenError::AuthenticationFailed)?,
         );
         match opened {
             Ok(()) => Ok(plaintext),
@@ -142,7 +155,9 @@ pub fn key_id(stored: &[u8]) -> Result<u32, OpenError> {
     if stored.len() < OVERHEAD || stored[..3] != MAGIC || stored[3] != VERSION {
         return Err(OpenError::NotAnEnvelope);
     }
-    Ok(u32::from_be_bytes([stored[4], stored[5], stored[6], stored[7]]))
+    Ok(u32::from_be_bytes([
+        stored[4], stored[5], stored[6], stored[7],
+    ]))
 }
 
 /// Opens `stored` with whichever of `keys` its header names.
@@ -158,7 +173,9 @@ pub fn open<'k>(
 
 fn header(id: u32) -> [u8; HEADER_LEN] {
     let id = id.to_be_bytes();
-    [MAGIC[0], MAGIC[1], MAGIC[2], VERSION, id[0], id[1], id[2], id[3]]
+    [
+        MAGIC[0], MAGIC[1], MAGIC[2], VERSION, id[0], id[1], id[2], id[3],
+    ]
 }
 
 fn associated_data(header: &[u8], binding: Binding<'_>) -> Vec<u8> {
@@ -166,7 +183,11 @@ fn associated_data(header: &[u8], binding: Binding<'_>) -> Vec<u8> {
     let field_len = binding.field.map_or(0, |f| f.len() + 4);
     let mut aad = Vec::with_capacity(HEADER_LEN + 2 + key_len + field_len);
     aad.extend_from_slice(header);
-    aad.push(if binding.field.is_some() { KIND_HASH_FIELD } else { KIND_STRING });
+    aad.push(if binding.field.is_some() {
+        KIND_HASH_FIELD
+    } else {
+        KIND_STRING
+    });
     match binding.key {
         Some(key) => {
             aad.push(1);
@@ -205,10 +226,17 @@ mod tests {
     }
 
     fn bound<'a>(key: &'a [u8]) -> Binding<'a> {
-        Binding { key: Some(key), field: None }
+        Binding {
+            key: Some(key),
+            field: None,
+        }
     }
 
-    fn open_with<'k>(keys: &'k [DataKey], stored: &[u8], binding: Binding<'_>) -> Result<Vec<u8>, OpenError> {
+    fn open_with<'k>(
+        keys: &'k [DataKey],
+        stored: &[u8],
+        binding: Binding<'_>,
+    ) -> Result<Vec<u8>, OpenError> {
         open(stored, binding, |id| keys.iter().find(|k| k.id == id))
     }
 
@@ -217,8 +245,18 @@ mod tests {
     #[test]
     fn xaes_256_gcm_matches_the_published_vectors() {
         let vectors: [(&[u8; 32], &[u8], &str, &str); 2] = [
-            (&[0x01; 32], b"", "ce546ef63c9cc60765923609", "b33a9a1974e96e52daf2fcf7075e2271"),
-            (&[0x03; 32], b"c2sp.org/XAES-256-GCM", "986ec1832593df5443a17943", "7fd083bf3fdb41abd740a21f71eb769d"),
+            (
+                &[0x01; 32],
+                b"",
+                "ce546ef63c9cc60765923609",
+                "b33a9a1974e96e52daf2fcf7075e2271",
+            ),
+            (
+                &[0x03; 32],
+                b"c2sp.org/XAES-256-GCM",
+                "986ec1832593df5443a17943",
+                "7fd083bf3fdb41abd740a21f71eb769d",
+            ),
         ];
         for (key, aad, ciphertext, tag) in vectors {
             let cipher = Xaes256Gcm::new(key.into());
@@ -251,20 +289,52 @@ mod tests {
     fn values_open_only_where_they_were_sealed() {
         let keys = [key(1, 1)];
         let sealed = keys[0].seal(b"secret", bound(b"a"));
-        assert_eq!(open_with(&keys, &sealed, bound(b"a")), Ok(b"secret".to_vec()));
-        assert_eq!(open_with(&keys, &sealed, bound(b"b")), Err(OpenError::AuthenticationFailed));
         assert_eq!(
-            open_with(&keys, &sealed, Binding { key: None, field: None }),
+            open_with(&keys, &sealed, bound(b"a")),
+            Ok(b"secret".to_vec())
+        );
+        assert_eq!(
+            open_with(&keys, &sealed, bound(b"b")),
             Err(OpenError::AuthenticationFailed)
         );
-        let field = |f: &'static [u8]| Binding { key: Some(b"h"), field: Some(f) };
+        assert_eq!(
+            open_with(
+                &keys,
+                &sealed,
+                Binding {
+                    key: None,
+                    field: None
+                }
+            ),
+            Err(OpenError::AuthenticationFailed)
+        );
+        let field = |f: &'static [u8]| Binding {
+            key: Some(b"h"),
+            field: Some(f),
+        };
         let in_hash = keys[0].seal(b"v", field(b"f1"));
         assert_eq!(open_with(&keys, &in_hash, field(b"f1")), Ok(b"v".to_vec()));
-        assert_eq!(open_with(&keys, &in_hash, field(b"f2")), Err(OpenError::AuthenticationFailed));
-        // A string value cannot pose as a hash field value, even unbound.
-        let unbound = keys[0].seal(b"v", Binding { key: None, field: None });
         assert_eq!(
-            open_with(&keys, &unbound, Binding { key: None, field: Some(b"") }),
+            open_with(&keys, &in_hash, field(b"f2")),
+            Err(OpenError::AuthenticationFailed)
+        );
+        // A string value cannot pose as a hash field value, even unbound.
+        let unbound = keys[0].seal(
+            b"v",
+            Binding {
+                key: None,
+                field: None,
+            },
+        );
+        assert_eq!(
+            open_with(
+                &keys,
+                &unbound,
+                Binding {
+                    key: None,
+                    field: Some(b"")
+                }
+            ),
             Err(OpenError::AuthenticationFailed)
         );
     }
@@ -277,22 +347,37 @@ mod tests {
             for bit in 0..8 {
                 let mut bad = sealed.clone();
                 bad[i] ^= 1 << bit;
-                assert!(open_with(&keys, &bad, bound(b"k")).is_err(), "flip of byte {i} bit {bit}");
+                assert!(
+                    open_with(&keys, &bad, bound(b"k")).is_err(),
+                    "flip of byte {i} bit {bit}"
+                );
             }
         }
         for len in 0..sealed.len() {
-            assert!(open_with(&keys, &sealed[..len], bound(b"k")).is_err(), "truncated to {len}");
+            assert!(
+                open_with(&keys, &sealed[..len], bound(b"k")).is_err(),
+                "truncated to {len}"
+            );
         }
         let mut longer = sealed.clone();
         longer.push(0);
-        assert_eq!(open_with(&keys, &longer, bound(b"k")), Err(OpenError::AuthenticationFailed));
+        assert_eq!(
+            open_with(&keys, &longer, bound(b"k")),
+            Err(OpenError::AuthenticationFailed)
+        );
     }
 
     #[test]
     fn unknown_ids_and_other_keys_fail() {
         let sealed = key(1, 1).seal(b"x", bound(b"k"));
-        assert_eq!(open_with(&[key(1, 2)], &sealed, bound(b"k")), Err(OpenError::UnknownKeyId(1)));
-        assert_eq!(open_with(&[key(2, 1)], &sealed, bound(b"k")), Err(OpenError::AuthenticationFailed));
+        assert_eq!(
+            open_with(&[key(1, 2)], &sealed, bound(b"k")),
+            Err(OpenError::UnknownKeyId(1))
+        );
+        assert_eq!(
+            open_with(&[key(2, 1)], &sealed, bound(b"k")),
+            Err(OpenError::AuthenticationFailed)
+        );
     }
 
     #[test]

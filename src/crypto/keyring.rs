@@ -93,7 +93,12 @@ impl Keyring {
         if !ring.contains_key(&primary) {
             return Err(KeyError::NoPrimary(primary));
         }
-        Ok(Keyring { primary, keys: ring, legacy, legacy_values_read: AtomicU64::new(0) })
+        Ok(Keyring {
+            primary,
+            keys: ring,
+            legacy,
+            legacy_values_read: AtomicU64::new(0),
+        })
     }
 
     pub fn primary_id(&self) -> u32 {
@@ -110,7 +115,11 @@ impl Keyring {
     }
 
     /// Opens a stored value, applying the legacy-plaintext policy.
-    pub fn open<'a>(&self, stored: &'a [u8], binding: Binding<'_>) -> Result<Opened<'a>, OpenError> {
+    pub fn open<'a>(
+        &self,
+        stored: &'a [u8],
+        binding: Binding<'_>,
+    ) -> Result<Opened<'a>, OpenError> {
         match envelope::open(stored, binding, |id| self.keys.get(&id)) {
             Ok(plaintext) => Ok(Opened::Plaintext(plaintext)),
             Err(OpenError::NotAnEnvelope) if self.legacy == LegacyPlaintext::Pass => {
@@ -135,14 +144,21 @@ mod tests {
         Zeroizing::new([byte; 32])
     }
 
-    const NAME: Binding<'static> = Binding { key: Some(b"k"), field: None };
+    const NAME: Binding<'static> = Binding {
+        key: Some(b"k"),
+        field: None,
+    };
 
     #[test]
     fn rotation_keeps_old_values_readable_and_seals_with_the_new_primary() {
         let before = Keyring::new(1, vec![(1, raw(1))], LegacyPlaintext::Reject).expect("ring");
         let old = before.seal(b"old", NAME);
-        let after = Keyring::new(2, vec![(1, raw(1)), (2, raw(2))], LegacyPlaintext::Reject).expect("ring");
-        assert_eq!(after.open(&old, NAME), Ok(Opened::Plaintext(b"old".to_vec())));
+        let after =
+            Keyring::new(2, vec![(1, raw(1)), (2, raw(2))], LegacyPlaintext::Reject).expect("ring");
+        assert_eq!(
+            after.open(&old, NAME),
+            Ok(Opened::Plaintext(b"old".to_vec()))
+        );
         let new = after.seal(b"new", NAME);
         assert_eq!(envelope::key_id(&new), Ok(2));
         assert_eq!(before.open(&new, NAME), Err(OpenError::UnknownKeyId(2)));
@@ -158,7 +174,10 @@ mod tests {
         // A tampered envelope is never mistaken for legacy plaintext.
         let mut sealed = pass.seal(b"v", NAME);
         sealed[40] ^= 1;
-        assert_eq!(pass.open(&sealed, NAME), Err(OpenError::AuthenticationFailed));
+        assert_eq!(
+            pass.open(&sealed, NAME),
+            Err(OpenError::AuthenticationFailed)
+        );
     }
 
     #[test]
@@ -174,13 +193,19 @@ mod tests {
         assert!(decode_key(1, b"c2hvcnQ=").is_err());
         assert!(decode_key(1, b"not base64!").is_err());
         let generated = generate_key();
-        assert_eq!(decode_key(1, format!("{}\n", *generated).as_bytes()).map(|k| k.len()), Ok(32));
+        assert_eq!(
+            decode_key(1, format!("{}\n", *generated).as_bytes()).map(|k| k.len()),
+            Ok(32)
+        );
     }
 
     #[test]
     fn debug_shows_ids_only() {
         let ring = Keyring::new(1, vec![(1, raw(0xAB))], LegacyPlaintext::Reject).expect("ring");
         let text = format!("{ring:?}");
-        assert!(text.contains("primary: 1") && !text.contains("171") && !text.contains("ab"), "{text}");
+        assert!(
+            text.contains("primary: 1") && !text.contains("171") && !text.contains("ab"),
+            "{text}"
+        );
     }
 }

@@ -34,7 +34,10 @@ pub struct ValueSite {
 
 impl ValueSite {
     pub fn binding(&self) -> Binding<'_> {
-        Binding { key: self.bind_key.then_some(&self.key[..]), field: self.field.as_deref() }
+        Binding {
+            key: self.bind_key.then_some(&self.key[..]),
+            field: self.field.as_deref(),
+        }
     }
 }
 
@@ -66,7 +69,10 @@ pub enum ReplyPlan {
     /// Expect one confirmation per channel (RESP3: pushes).
     Subscribe { kind: PubSubKind, channels: usize },
     /// Expect one confirmation per channel; `None`: all current ones.
-    Unsubscribe { kind: PubSubKind, channels: Option<usize> },
+    Unsubscribe {
+        kind: PubSubKind,
+        channels: Option<usize>,
+    },
     /// Deliver `+RESET`, forget subscriptions, protocol and transaction.
     Reset,
     /// The proxy's own AUTH after RESET: swallow `+OK`, anything else is fatal.
@@ -135,7 +141,11 @@ fn refuse(reason: &str) -> Action {
 /// A name from a request, fit for an error message (never a value).
 fn shown(name: &[u8]) -> String {
     let text = String::from_utf8_lossy(&name[..name.len().min(128)]);
-    if name.len() > 128 { format!("{text}...") } else { text.into_owned() }
+    if name.len() > 128 {
+        format!("{text}...")
+    } else {
+        text.into_owned()
+    }
 }
 
 pub struct Policy {
@@ -146,8 +156,18 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn new(client_auth: ClientAuth, rules: Rules, keyring: Arc<Keyring>, unknown_commands: UnknownCommands) -> Self {
-        Policy { client_auth, rules, keyring, unknown_commands }
+    pub fn new(
+        client_auth: ClientAuth,
+        rules: Rules,
+        keyring: Arc<Keyring>,
+        unknown_commands: UnknownCommands,
+    ) -> Self {
+        Policy {
+            client_auth,
+            rules,
+            keyring,
+            unknown_commands,
+        }
     }
 
     pub fn keyring(&self) -> &Arc<Keyring> {
@@ -183,7 +203,9 @@ impl Policy {
             (None, false) => self.data(row, request),
             (None, true) => match self.data(row, request) {
                 Action::Forward(plan) => Action::Forward(ReplyPlan::Queued(Box::new(plan))),
-                Action::Rewrite(args, plan) => Action::Rewrite(args, ReplyPlan::Queued(Box::new(plan))),
+                Action::Rewrite(args, plan) => {
+                    Action::Rewrite(args, ReplyPlan::Queued(Box::new(plan)))
+                }
                 refusal => {
                     state.multi_failed = true;
                     refusal
@@ -206,7 +228,10 @@ impl Policy {
             // Outside MULTI, Redis answers these with its own error.
             Handling::Exec => Action::Forward(ReplyPlan::Exec),
             Handling::Discard => Action::Forward(ReplyPlan::Discard),
-            Handling::Subscribe(kind) => Action::Forward(ReplyPlan::Subscribe { kind, channels: args.len().max(1) }),
+            Handling::Subscribe(kind) => Action::Forward(ReplyPlan::Subscribe {
+                kind,
+                channels: args.len().max(1),
+            }),
             Handling::Unsubscribe(kind) => Action::Forward(ReplyPlan::Unsubscribe {
                 kind,
                 channels: (!args.is_empty()).then_some(args.len()),
@@ -216,13 +241,21 @@ impl Policy {
 
     /// Inside MULTI. A command refused here fails the EXEC, as one Redis
     /// itself rejects at queue time would.
-    fn connection_in_transaction(&self, handling: Handling, args: &[Bytes], state: &mut RequestState) -> Action {
+    fn connection_in_transaction(
+        &self,
+        handling: Handling,
+        args: &[Bytes],
+        state: &mut RequestState,
+    ) -> Action {
         let refused = match handling {
             Handling::Exec => {
                 let failed = state.multi_failed;
                 state.end_transaction();
                 return match failed {
-                    true => Action::Rewrite(vec![Bytes::from_static(b"DISCARD")], ReplyPlan::Replace(EXECABORT)),
+                    true => Action::Rewrite(
+                        vec![Bytes::from_static(b"DISCARD")],
+                        ReplyPlan::Replace(EXECABORT),
+                    ),
                     false => Action::Forward(ReplyPlan::Exec),
                 };
             }
@@ -238,7 +271,10 @@ impl Policy {
                 Action::Forward(plan) => return Action::Forward(ReplyPlan::Queued(Box::new(plan))),
                 refusal => refusal,
             },
-            Handling::Auth | Handling::Hello | Handling::Subscribe(_) | Handling::Unsubscribe(_) => {
+            Handling::Auth
+            | Handling::Hello
+            | Handling::Subscribe(_)
+            | Handling::Unsubscribe(_) => {
                 refuse("this command changes the connection and is not allowed inside MULTI")
             }
         };
@@ -299,7 +335,12 @@ impl Policy {
     }
 
     /// Forwards when every key of the command is plaintext.
-    fn only_plaintext(&self, row: &Row, args: &[Bytes], message: impl Fn(&str, &Decision<'_>) -> String) -> Action {
+    fn only_plaintext(
+        &self,
+        row: &Row,
+        args: &[Bytes],
+        message: impl Fn(&str, &Decision<'_>) -> String,
+    ) -> Action {
         for position in row.keys.positions(args) {
             let decision = self.rules.decide(&args[position]);
             if decision.mode != Mode::Plaintext {
@@ -347,7 +388,11 @@ impl Policy {
     }
 
     /// Seals the arguments at `values` (pairs of value index and its site).
-    fn seal(&self, args: &[Bytes], values: impl IntoIterator<Item = (usize, Option<ValueSite>)>) -> Vec<Bytes> {
+    fn seal(
+        &self,
+        args: &[Bytes],
+        values: impl IntoIterator<Item = (usize, Option<ValueSite>)>,
+    ) -> Vec<Bytes> {
         let mut sealed = args.to_vec();
         for (index, site) in values {
             if let (Some(site), Some(value)) = (site, args.get(index)) {
@@ -363,57 +408,88 @@ impl Policy {
             return Action::Forward(ReplyPlan::Passthrough);
         };
         let site = || self.site(key, None);
-        let open_one = |site: Option<ValueSite>| site.map_or(ReplyPlan::Passthrough, |s| ReplyPlan::Open(OpenPlan::One(s)));
+        let open_one = |site: Option<ValueSite>| {
+            site.map_or(ReplyPlan::Passthrough, |s| {
+                ReplyPlan::Open(OpenPlan::One(s))
+            })
+        };
         match command {
             V::Set => {
                 let returns_old = args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"get"));
-                let plan = if returns_old { open_one(site()) } else { ReplyPlan::Passthrough };
+                let plan = if returns_old {
+                    open_one(site())
+                } else {
+                    ReplyPlan::Passthrough
+                };
                 Action::Rewrite(self.seal(args, [(2, site())]), plan)
             }
             V::SetNx => Action::Rewrite(self.seal(args, [(2, site())]), ReplyPlan::Passthrough),
             V::GetSet => Action::Rewrite(self.seal(args, [(2, site())]), open_one(site())),
-            V::SetEx | V::PSetEx => Action::Rewrite(self.seal(args, [(3, site())]), ReplyPlan::Passthrough),
+            V::SetEx | V::PSetEx => {
+                Action::Rewrite(self.seal(args, [(3, site())]), ReplyPlan::Passthrough)
+            }
             V::Get | V::GetDel | V::GetEx => Action::Forward(open_one(site())),
             V::MGet => {
                 let sites: Vec<_> = args[1..].iter().map(|k| self.site(k, None)).collect();
                 Action::Forward(each(sites))
             }
             V::MSet | V::MSetNx => {
-                let values = (1..args.len()).step_by(2).map(|k| (k + 1, self.site(&args[k], None)));
+                let values = (1..args.len())
+                    .step_by(2)
+                    .map(|k| (k + 1, self.site(&args[k], None)));
                 Action::Rewrite(self.seal(args, values), ReplyPlan::Passthrough)
             }
             V::HSet | V::HMSet => {
-                let values = (2..args.len()).step_by(2).map(|f| (f + 1, self.site(key, Some(&args[f]))));
+                let values = (2..args.len())
+                    .step_by(2)
+                    .map(|f| (f + 1, self.site(key, Some(&args[f]))));
                 Action::Rewrite(self.seal(args, values), ReplyPlan::Passthrough)
             }
             V::HSetNx => {
                 let site = args.get(2).and_then(|field| self.site(key, Some(field)));
                 Action::Rewrite(self.seal(args, [(3, site)]), ReplyPlan::Passthrough)
             }
-            V::HGet => Action::Forward(open_one(args.get(2).and_then(|field| self.site(key, Some(field))))),
+            V::HGet => Action::Forward(open_one(
+                args.get(2).and_then(|field| self.site(key, Some(field))),
+            )),
             V::HMGet => {
-                let sites: Vec<_> = args[2..].iter().map(|field| self.site(key, Some(field))).collect();
+                let sites: Vec<_> = args[2..]
+                    .iter()
+                    .map(|field| self.site(key, Some(field)))
+                    .collect();
                 Action::Forward(each(sites))
             }
-            V::HGetAll => Action::Forward(site().map_or(ReplyPlan::Passthrough, |s| ReplyPlan::Open(OpenPlan::HashPairs(s)))),
+            V::HGetAll => Action::Forward(site().map_or(ReplyPlan::Passthrough, |s| {
+                ReplyPlan::Open(OpenPlan::HashPairs(s))
+            })),
             V::HVals => match site() {
                 // Values are bound to their fields: fetch the pairs, return the values.
-                Some(site) if args.len() == 2 => {
-                    Action::Rewrite(vec![Bytes::from_static(b"HGETALL"), key.clone()], ReplyPlan::Open(OpenPlan::HashValues(site)))
-                }
+                Some(site) if args.len() == 2 => Action::Rewrite(
+                    vec![Bytes::from_static(b"HGETALL"), key.clone()],
+                    ReplyPlan::Open(OpenPlan::HashValues(site)),
+                ),
                 _ => Action::Forward(ReplyPlan::Passthrough),
             },
             V::HRandField => {
-                let with_values = args.get(3).is_some_and(|a| a.eq_ignore_ascii_case(b"withvalues"));
+                let with_values = args
+                    .get(3)
+                    .is_some_and(|a| a.eq_ignore_ascii_case(b"withvalues"));
                 match (with_values, site()) {
-                    (true, Some(site)) => Action::Forward(ReplyPlan::Open(OpenPlan::HashPairs(site))),
+                    (true, Some(site)) => {
+                        Action::Forward(ReplyPlan::Open(OpenPlan::HashPairs(site)))
+                    }
                     _ => Action::Forward(ReplyPlan::Passthrough),
                 }
             }
             V::HScan => {
-                let no_values = args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"novalues"));
+                let no_values = args
+                    .iter()
+                    .skip(3)
+                    .any(|a| a.eq_ignore_ascii_case(b"novalues"));
                 match (no_values, site()) {
-                    (false, Some(site)) => Action::Forward(ReplyPlan::Open(OpenPlan::HashScan(site))),
+                    (false, Some(site)) => {
+                        Action::Forward(ReplyPlan::Open(OpenPlan::HashScan(site)))
+                    }
                     _ => Action::Forward(ReplyPlan::Passthrough),
                 }
             }
@@ -424,7 +500,11 @@ impl Policy {
         let outcome = match args {
             [password] => self.client_auth.check(None, password),
             [username, password] => self.client_auth.check(Some(username), password),
-            _ => return Action::AnswerError("ERR wrong number of arguments for 'auth' command".into()),
+            _ => {
+                return Action::AnswerError(
+                    "ERR wrong number of arguments for 'auth' command".into(),
+                );
+            }
         };
         match outcome.error_text() {
             None => {
@@ -442,7 +522,9 @@ impl Policy {
         let mut login = None;
         let mut protocol = None;
         if let Some((version, mut options)) = args.split_first() {
-            protocol = std::str::from_utf8(version).ok().and_then(|v| v.parse::<u8>().ok());
+            protocol = std::str::from_utf8(version)
+                .ok()
+                .and_then(|v| v.parse::<u8>().ok());
             forwarded.push(version.clone());
             while let Some((option, rest)) = options.split_first() {
                 match (option.to_ascii_lowercase().as_slice(), rest) {
@@ -496,7 +578,9 @@ fn client(args: &[Bytes]) -> Action {
             if sub.eq_ignore_ascii_case(b"reply")
                 && (mode.eq_ignore_ascii_case(b"off") || mode.eq_ignore_ascii_case(b"skip")) =>
         {
-            refuse("CLIENT REPLY OFF/SKIP is not supported: every request gets a reply through redcloak")
+            refuse(
+                "CLIENT REPLY OFF/SKIP is not supported: every request gets a reply through redcloak",
+            )
         }
         _ => Action::Forward(ReplyPlan::Passthrough),
     }
@@ -512,14 +596,30 @@ mod tests {
     use zeroize::Zeroizing;
 
     fn request(args: &[&str]) -> Request {
-        Request { args: args.iter().map(|a| Bytes::copy_from_slice(a.as_bytes())).collect() }
+        Request {
+            args: args
+                .iter()
+                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                .collect(),
+        }
     }
 
     fn policy_with(auth: Option<Credentials>, unknown: UnknownCommands) -> Policy {
-        let ring = Keyring::new(1, vec![(1, Zeroizing::new([3; 32]))], LegacyPlaintext::Reject).expect("ring");
+        let ring = Keyring::new(
+            1,
+            vec![(1, Zeroizing::new([3; 32]))],
+            LegacyPlaintext::Reject,
+        )
+        .expect("ring");
         let rules = Rules::new(vec![
-            Rule { pattern: "plain:*".into(), mode: Mode::Plaintext },
-            Rule { pattern: "free:*".into(), mode: Mode::Encrypt { bind_key: false } },
+            Rule {
+                pattern: "plain:*".into(),
+                mode: Mode::Plaintext,
+            },
+            Rule {
+                pattern: "free:*".into(),
+                mode: Mode::Encrypt { bind_key: false },
+            },
         ]);
         Policy::new(ClientAuth::new(auth), rules, Arc::new(ring), unknown)
     }
@@ -529,7 +629,10 @@ mod tests {
     }
 
     fn with_password() -> Policy {
-        let auth = Credentials { username: None, password: Secret::new(b"pw-pw-pw-pw".to_vec()) };
+        let auth = Credentials {
+            username: None,
+            password: Secret::new(b"pw-pw-pw-pw".to_vec()),
+        };
         policy_with(Some(auth), UnknownCommands::Refuse)
     }
 
@@ -549,20 +652,43 @@ mod tests {
     fn unauthenticated_clients_get_noauth_until_they_log_in() {
         let policy = with_password();
         let mut state = policy.new_connection();
-        assert_eq!(policy.classify(&request(&["GET", "plain:k"]), &mut state), Action::AnswerError(NOAUTH.into()));
-        assert!(matches!(policy.classify(&request(&["AUTH", "nope"]), &mut state), Action::AnswerError(_)));
-        assert_eq!(policy.classify(&request(&["AUTH", "pw-pw-pw-pw"]), &mut state), Action::AnswerOk);
-        assert_eq!(policy.classify(&request(&["GET", "plain:k"]), &mut state), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(
+            policy.classify(&request(&["GET", "plain:k"]), &mut state),
+            Action::AnswerError(NOAUTH.into())
+        );
+        assert!(matches!(
+            policy.classify(&request(&["AUTH", "nope"]), &mut state),
+            Action::AnswerError(_)
+        ));
+        assert_eq!(
+            policy.classify(&request(&["AUTH", "pw-pw-pw-pw"]), &mut state),
+            Action::AnswerOk
+        );
+        assert_eq!(
+            policy.classify(&request(&["GET", "plain:k"]), &mut state),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
     }
 
     #[test]
     fn hello_auth_is_checked_here_and_stripped() {
         let policy = with_password();
         let mut state = policy.new_connection();
-        let hello = request(&["hello", "3", "AUTH", "default", "pw-pw-pw-pw", "SETNAME", "app"]);
+        let hello = request(&[
+            "hello",
+            "3",
+            "AUTH",
+            "default",
+            "pw-pw-pw-pw",
+            "SETNAME",
+            "app",
+        ]);
         match policy.classify(&hello, &mut state) {
             Action::Rewrite(args, ReplyPlan::Hello { protocol: Some(3) }) => {
-                assert_eq!(args, ["HELLO", "3", "SETNAME", "app"].map(|a| Bytes::from_static(a.as_bytes())));
+                assert_eq!(
+                    args,
+                    ["HELLO", "3", "SETNAME", "app"].map(|a| Bytes::from_static(a.as_bytes()))
+                );
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -571,20 +697,34 @@ mod tests {
             policy.classify(&request(&["HELLO", "3"]), &mut fresh),
             Action::AnswerError(text) if text.starts_with("NOAUTH")
         ));
-        assert!(matches!(policy.classify(&request(&["HELLO", "3", "AUTH", "default"]), &mut fresh), Action::AnswerError(_)));
+        assert!(matches!(
+            policy.classify(&request(&["HELLO", "3", "AUTH", "default"]), &mut fresh),
+            Action::AnswerError(_)
+        ));
     }
 
     #[test]
     fn set_seals_the_value_bound_to_its_key() {
         let policy = policy();
-        let Action::Rewrite(args, ReplyPlan::Passthrough) = classify(&policy, &["SET", "k", "secret", "EX", "10"]) else {
+        let Action::Rewrite(args, ReplyPlan::Passthrough) =
+            classify(&policy, &["SET", "k", "secret", "EX", "10"])
+        else {
             panic!("SET is rewritten");
         };
         assert_eq!(args[1].as_ref(), b"k");
         assert_ne!(args[2].as_ref(), b"secret");
-        assert_eq!(&args[3..], [Bytes::from_static(b"EX"), Bytes::from_static(b"10")]);
-        let opened = policy.keyring.open(&args[2], site("k", None).binding()).expect("opens");
-        assert_eq!(opened, crate::crypto::keyring::Opened::Plaintext(b"secret".to_vec()));
+        assert_eq!(
+            &args[3..],
+            [Bytes::from_static(b"EX"), Bytes::from_static(b"10")]
+        );
+        let opened = policy
+            .keyring
+            .open(&args[2], site("k", None).binding())
+            .expect("opens");
+        assert_eq!(
+            opened,
+            crate::crypto::keyring::Opened::Plaintext(b"secret".to_vec())
+        );
         // SET ... GET returns the old value, which gets opened.
         assert!(matches!(
             classify(&policy, &["SET", "k", "v", "GET"]),
@@ -597,11 +737,23 @@ mod tests {
         let policy = policy();
         assert_eq!(
             classify(&policy, &["SET", "plain:k", "v"]),
-            Action::Rewrite(request(&["SET", "plain:k", "v"]).args, ReplyPlan::Passthrough)
+            Action::Rewrite(
+                request(&["SET", "plain:k", "v"]).args,
+                ReplyPlan::Passthrough
+            )
         );
-        assert_eq!(classify(&policy, &["GET", "plain:k"]), Action::Forward(ReplyPlan::Passthrough));
-        assert_eq!(classify(&policy, &["INCR", "plain:n"]), Action::Forward(ReplyPlan::Passthrough));
-        assert_eq!(classify(&policy, &["RPUSH", "plain:l", "x"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(
+            classify(&policy, &["GET", "plain:k"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+        assert_eq!(
+            classify(&policy, &["INCR", "plain:n"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+        assert_eq!(
+            classify(&policy, &["RPUSH", "plain:l", "x"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
     }
 
     #[test]
@@ -609,34 +761,64 @@ mod tests {
         let policy = policy();
         assert_eq!(
             classify(&policy, &["MGET", "a", "plain:b"]),
-            Action::Forward(ReplyPlan::Open(OpenPlan::Each(vec![Some(site("a", None)), None])))
+            Action::Forward(ReplyPlan::Open(OpenPlan::Each(vec![
+                Some(site("a", None)),
+                None
+            ])))
         );
         assert_eq!(
             classify(&policy, &["HMGET", "h", "f1", "f2"]),
-            Action::Forward(ReplyPlan::Open(OpenPlan::Each(vec![Some(site("h", Some("f1"))), Some(site("h", Some("f2")))])))
+            Action::Forward(ReplyPlan::Open(OpenPlan::Each(vec![
+                Some(site("h", Some("f1"))),
+                Some(site("h", Some("f2")))
+            ])))
         );
         assert_eq!(
             classify(&policy, &["HVALS", "h"]),
-            Action::Rewrite(request(&["HGETALL", "h"]).args, ReplyPlan::Open(OpenPlan::HashValues(site("h", None))))
+            Action::Rewrite(
+                request(&["HGETALL", "h"]).args,
+                ReplyPlan::Open(OpenPlan::HashValues(site("h", None)))
+            )
         );
-        assert_eq!(classify(&policy, &["HRANDFIELD", "h", "2"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(
+            classify(&policy, &["HRANDFIELD", "h", "2"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
         assert_eq!(
             classify(&policy, &["HRANDFIELD", "h", "2", "WITHVALUES"]),
             Action::Forward(ReplyPlan::Open(OpenPlan::HashPairs(site("h", None))))
         );
-        let unbound = ValueSite { bind_key: false, ..site("free:x", None) };
-        assert_eq!(classify(&policy, &["GET", "free:x"]), Action::Forward(ReplyPlan::Open(OpenPlan::One(unbound))));
+        let unbound = ValueSite {
+            bind_key: false,
+            ..site("free:x", None)
+        };
+        assert_eq!(
+            classify(&policy, &["GET", "free:x"]),
+            Action::Forward(ReplyPlan::Open(OpenPlan::One(unbound)))
+        );
     }
 
     #[test]
     fn hash_and_multi_key_writes_seal_every_value() {
         let policy = policy();
-        let Action::Rewrite(args, _) = classify(&policy, &["HSET", "h", "f1", "v1", "f2", "v2"]) else { panic!() };
+        let Action::Rewrite(args, _) = classify(&policy, &["HSET", "h", "f1", "v1", "f2", "v2"])
+        else {
+            panic!()
+        };
         for (field, value, at) in [("f1", "v1", 3), ("f2", "v2", 5)] {
-            let opened = policy.keyring.open(&args[at], site("h", Some(field)).binding()).expect("opens");
-            assert_eq!(opened, crate::crypto::keyring::Opened::Plaintext(value.as_bytes().to_vec()));
+            let opened = policy
+                .keyring
+                .open(&args[at], site("h", Some(field)).binding())
+                .expect("opens");
+            assert_eq!(
+                opened,
+                crate::crypto::keyring::Opened::Plaintext(value.as_bytes().to_vec())
+            );
         }
-        let Action::Rewrite(args, _) = classify(&policy, &["MSET", "a", "1", "plain:b", "2"]) else { panic!() };
+        let Action::Rewrite(args, _) = classify(&policy, &["MSET", "a", "1", "plain:b", "2"])
+        else {
+            panic!()
+        };
         assert_ne!(args[2].as_ref(), b"1");
         assert_eq!(args[4].as_ref(), b"2");
     }
@@ -668,47 +850,96 @@ mod tests {
                 "{command:?}: {action:?}"
             );
         }
-        assert_eq!(classify(&policy, &["RENAME", "free:a", "free:b"]), Action::Forward(ReplyPlan::Passthrough));
-        assert_eq!(classify(&policy, &["EVAL", "return 1", "0"]), Action::Forward(ReplyPlan::Passthrough));
-        assert_eq!(classify(&policy, &["SORT", "plain:l", "BY", "nosort"]), Action::Forward(ReplyPlan::Passthrough));
-        assert_eq!(classify(&policy, &["DEL", "k"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(
+            classify(&policy, &["RENAME", "free:a", "free:b"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+        assert_eq!(
+            classify(&policy, &["EVAL", "return 1", "0"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+        assert_eq!(
+            classify(&policy, &["SORT", "plain:l", "BY", "nosort"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+        assert_eq!(
+            classify(&policy, &["DEL", "k"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
         let open = policy_with(None, UnknownCommands::Pass);
-        assert_eq!(classify(&open, &["NOTACOMMAND", "k"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(
+            classify(&open, &["NOTACOMMAND", "k"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
     }
 
     #[test]
     fn the_refusal_names_the_key_and_the_rule() {
-        let Action::AnswerError(text) = classify(&policy(), &["INCR", "counter"]) else { panic!() };
-        assert!(text.contains("INCR needs Redis to read the value of 'counter'"), "{text}");
-        assert!(text.contains("no rule matches it, so it is encrypted") && text.contains("plaintext"), "{text}");
+        let Action::AnswerError(text) = classify(&policy(), &["INCR", "counter"]) else {
+            panic!()
+        };
+        assert!(
+            text.contains("INCR needs Redis to read the value of 'counter'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("no rule matches it, so it is encrypted") && text.contains("plaintext"),
+            "{text}"
+        );
     }
 
     #[test]
     fn refusals_inside_multi_fail_the_exec_and_value_plans_are_queued() {
         let policy = policy();
         let mut state = policy.new_connection();
-        assert_eq!(policy.classify(&request(&["MULTI"]), &mut state), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(
+            policy.classify(&request(&["MULTI"]), &mut state),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
         assert_eq!(
             policy.classify(&request(&["GET", "a"]), &mut state),
-            Action::Forward(ReplyPlan::Queued(Box::new(ReplyPlan::Open(OpenPlan::One(site("a", None))))))
+            Action::Forward(ReplyPlan::Queued(Box::new(ReplyPlan::Open(OpenPlan::One(
+                site("a", None)
+            )))))
         );
-        assert!(matches!(policy.classify(&request(&["SUBSCRIBE", "c"]), &mut state), Action::AnswerError(_)));
+        assert!(matches!(
+            policy.classify(&request(&["SUBSCRIBE", "c"]), &mut state),
+            Action::AnswerError(_)
+        ));
         assert_eq!(
             policy.classify(&request(&["EXEC"]), &mut state),
-            Action::Rewrite(vec![Bytes::from_static(b"DISCARD")], ReplyPlan::Replace(EXECABORT))
+            Action::Rewrite(
+                vec![Bytes::from_static(b"DISCARD")],
+                ReplyPlan::Replace(EXECABORT)
+            )
         );
-        assert_eq!(policy.classify(&request(&["MULTI"]), &mut state), Action::Forward(ReplyPlan::Passthrough));
-        assert!(matches!(policy.classify(&request(&["INCR", "n"]), &mut state), Action::AnswerError(_)));
-        assert!(matches!(policy.classify(&request(&["EXEC"]), &mut state), Action::Rewrite(_, ReplyPlan::Replace(_))));
+        assert_eq!(
+            policy.classify(&request(&["MULTI"]), &mut state),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+        assert!(matches!(
+            policy.classify(&request(&["INCR", "n"]), &mut state),
+            Action::AnswerError(_)
+        ));
+        assert!(matches!(
+            policy.classify(&request(&["EXEC"]), &mut state),
+            Action::Rewrite(_, ReplyPlan::Replace(_))
+        ));
     }
 
     #[test]
     fn client_reply_off_and_skip_are_refused() {
         let policy = policy();
         for mode in ["OFF", "skip"] {
-            assert!(matches!(classify(&policy, &["CLIENT", "REPLY", mode]), Action::AnswerError(_)));
+            assert!(matches!(
+                classify(&policy, &["CLIENT", "REPLY", mode]),
+                Action::AnswerError(_)
+            ));
         }
-        assert_eq!(classify(&policy, &["client", "reply", "on"]), Action::Forward(ReplyPlan::Passthrough));
+        assert_eq!(
+            classify(&policy, &["client", "reply", "on"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
     }
 
     #[test]
@@ -716,7 +947,13 @@ mod tests {
         let policy = with_password();
         let mut state = policy.new_connection();
         policy.classify(&request(&["AUTH", "pw-pw-pw-pw"]), &mut state);
-        assert_eq!(policy.classify(&request(&["RESET"]), &mut state), Action::Reset);
-        assert!(matches!(policy.classify(&request(&["PING"]), &mut state), Action::AnswerError(_)));
+        assert_eq!(
+            policy.classify(&request(&["RESET"]), &mut state),
+            Action::Reset
+        );
+        assert!(matches!(
+            policy.classify(&request(&["PING"]), &mut state),
+            Action::AnswerError(_)
+        ));
     }
 }

@@ -7,7 +7,9 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Values are sealed; `bind_key` binds them to the key name.
-    Encrypt { bind_key: bool },
+    Encrypt {
+        bind_key: bool,
+    },
     Plaintext,
 }
 
@@ -49,10 +51,16 @@ impl Rules {
         self.rules
             .iter()
             .find(|rule| glob_match(rule.pattern.as_bytes(), key))
-            .map_or(Decision { mode: Mode::Encrypt { bind_key: true }, pattern: None }, |rule| Decision {
-                mode: rule.mode,
-                pattern: Some(&rule.pattern),
-            })
+            .map_or(
+                Decision {
+                    mode: Mode::Encrypt { bind_key: true },
+                    pattern: None,
+                },
+                |rule| Decision {
+                    mode: rule.mode,
+                    pattern: Some(&rule.pattern),
+                },
+            )
     }
 }
 
@@ -104,7 +112,10 @@ fn match_class(pattern: &[u8], start: usize, c: u8) -> Option<usize> {
             matched |= pattern[i + 1] == c;
             i += 2;
         } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' && pattern[i + 2] != b']' {
-            let (low, high) = (pattern[i].min(pattern[i + 2]), pattern[i].max(pattern[i + 2]));
+            let (low, high) = (
+                pattern[i].min(pattern[i + 2]),
+                pattern[i].max(pattern[i + 2]),
+            );
             matched |= (low..=high).contains(&c);
             i += 3;
         } else {
@@ -144,7 +155,11 @@ mod tests {
             ("ratelimit:*:min", "ratelimit:ip:1.2.3.4:min", true),
         ];
         for (pattern, text, expected) in cases {
-            assert_eq!(glob_match(pattern.as_bytes(), text.as_bytes()), *expected, "{pattern} ~ {text}");
+            assert_eq!(
+                glob_match(pattern.as_bytes(), text.as_bytes()),
+                *expected,
+                "{pattern} ~ {text}"
+            );
         }
     }
 
@@ -157,13 +172,28 @@ mod tests {
     #[test]
     fn first_match_wins_and_unmatched_keys_are_encrypted() {
         let rules = Rules::new(vec![
-            Rule { pattern: "ratelimit:*".into(), mode: Mode::Plaintext },
-            Rule { pattern: "*".into(), mode: Mode::Encrypt { bind_key: false } },
+            Rule {
+                pattern: "ratelimit:*".into(),
+                mode: Mode::Plaintext,
+            },
+            Rule {
+                pattern: "*".into(),
+                mode: Mode::Encrypt { bind_key: false },
+            },
         ]);
         assert_eq!(rules.decide(b"ratelimit:x").mode, Mode::Plaintext);
-        assert_eq!(rules.decide(b"other").mode, Mode::Encrypt { bind_key: false });
+        assert_eq!(
+            rules.decide(b"other").mode,
+            Mode::Encrypt { bind_key: false }
+        );
         let empty = Rules::default();
         let none = empty.decide(b"k");
-        assert_eq!(none, Decision { mode: Mode::Encrypt { bind_key: true }, pattern: None });
+        assert_eq!(
+            none,
+            Decision {
+                mode: Mode::Encrypt { bind_key: true },
+                pattern: None
+            }
+        );
     }
 }

@@ -89,9 +89,16 @@ pub enum Class {
 pub enum Keys {
     None,
     /// Like COMMAND's first/last/step; a negative `last` counts from the end.
-    Range { first: u8, last: i8, step: u8 },
+    Range {
+        first: u8,
+        last: i8,
+        step: u8,
+    },
     /// A key count at `at`, then that many keys; `dest`: argument 1 is a key too.
-    NumKeys { at: u8, dest: bool },
+    NumKeys {
+        at: u8,
+        dest: bool,
+    },
     /// XREAD / XREADGROUP: after STREAMS, the first half of the arguments.
     Streams,
     /// Argument 1, and the argument after STORE or STOREDIST.
@@ -106,249 +113,1838 @@ pub struct Row {
 
 const MONITOR: &str = "MONITOR is not proxied: its stream does not fit the request/reply pipeline; \
 run it against Redis directly with an admin account";
-const REPLICATION: &str = "replication commands are not proxied; connect replicas to Redis directly";
+const REPLICATION: &str =
+    "replication commands are not proxied; connect replicas to Redis directly";
 
 pub static COMMANDS: &[Row] = &[
-    Row { name: "acl", class: Class::Forward, keys: Keys::None },
-    Row { name: "append", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "asking", class: Class::Forward, keys: Keys::None },
-    Row { name: "auth", class: Class::Connection(Handling::Auth), keys: Keys::None },
-    Row { name: "bgrewriteaof", class: Class::Forward, keys: Keys::None },
-    Row { name: "bgsave", class: Class::Forward, keys: Keys::None },
-    Row { name: "bitcount", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "bitfield", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "bitfield_ro", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "bitop", class: Class::ServerReadsValue, keys: Keys::Range { first: 2, last: -1, step: 1 } },
-    Row { name: "bitpos", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "blmove", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "blmpop", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "blpop", class: Class::Collection, keys: Keys::Range { first: 1, last: -2, step: 1 } },
-    Row { name: "brpop", class: Class::Collection, keys: Keys::Range { first: 1, last: -2, step: 1 } },
-    Row { name: "brpoplpush", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "bzmpop", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "bzpopmax", class: Class::Collection, keys: Keys::Range { first: 1, last: -2, step: 1 } },
-    Row { name: "bzpopmin", class: Class::Collection, keys: Keys::Range { first: 1, last: -2, step: 1 } },
-    Row { name: "client", class: Class::Connection(Handling::Client), keys: Keys::None },
-    Row { name: "cluster", class: Class::Forward, keys: Keys::None },
-    Row { name: "command", class: Class::Forward, keys: Keys::None },
-    Row { name: "config", class: Class::Forward, keys: Keys::None },
-    Row { name: "copy", class: Class::MovesValue, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "dbsize", class: Class::Forward, keys: Keys::None },
-    Row { name: "debug", class: Class::Forward, keys: Keys::None },
-    Row { name: "decr", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "decrby", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "del", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "discard", class: Class::Connection(Handling::Discard), keys: Keys::None },
-    Row { name: "dump", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "echo", class: Class::Forward, keys: Keys::None },
-    Row { name: "eval", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "eval_ro", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "evalsha", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "evalsha_ro", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "exec", class: Class::Connection(Handling::Exec), keys: Keys::None },
-    Row { name: "exists", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "expire", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "expireat", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "expiretime", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "failover", class: Class::Forward, keys: Keys::None },
-    Row { name: "fcall", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "fcall_ro", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "flushall", class: Class::Forward, keys: Keys::None },
-    Row { name: "flushdb", class: Class::Forward, keys: Keys::None },
-    Row { name: "function", class: Class::Forward, keys: Keys::None },
-    Row { name: "geoadd", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "geodist", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "geohash", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "geopos", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "georadius", class: Class::Collection, keys: Keys::WithStore },
-    Row { name: "georadius_ro", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "georadiusbymember", class: Class::Collection, keys: Keys::WithStore },
-    Row { name: "georadiusbymember_ro", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "geosearch", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "geosearchstore", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "get", class: Class::Value(ValueCommand::Get), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "getbit", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "getdel", class: Class::Value(ValueCommand::GetDel), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "getex", class: Class::Value(ValueCommand::GetEx), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "getrange", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "getset", class: Class::Value(ValueCommand::GetSet), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hdel", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hello", class: Class::Connection(Handling::Hello), keys: Keys::None },
-    Row { name: "hexists", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hget", class: Class::Value(ValueCommand::HGet), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hgetall", class: Class::Value(ValueCommand::HGetAll), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hincrby", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hincrbyfloat", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hkeys", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hlen", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hmget", class: Class::Value(ValueCommand::HMGet), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hmset", class: Class::Value(ValueCommand::HMSet), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hrandfield", class: Class::Value(ValueCommand::HRandField), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hscan", class: Class::Value(ValueCommand::HScan), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hset", class: Class::Value(ValueCommand::HSet), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hsetnx", class: Class::Value(ValueCommand::HSetNx), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hstrlen", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "hvals", class: Class::Value(ValueCommand::HVals), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "incr", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "incrby", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "incrbyfloat", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "info", class: Class::Forward, keys: Keys::None },
-    Row { name: "keys", class: Class::Forward, keys: Keys::None },
-    Row { name: "lastsave", class: Class::Forward, keys: Keys::None },
-    Row { name: "latency", class: Class::Forward, keys: Keys::None },
-    Row { name: "lcs", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "lindex", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "linsert", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "llen", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "lmove", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "lmpop", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "lolwut", class: Class::Forward, keys: Keys::None },
-    Row { name: "lpop", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "lpos", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "lpush", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "lpushx", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "lrange", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "lrem", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "lset", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "ltrim", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "memory", class: Class::Forward, keys: Keys::None },
-    Row { name: "mget", class: Class::Value(ValueCommand::MGet), keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "migrate", class: Class::Forward, keys: Keys::None },
-    Row { name: "module", class: Class::Forward, keys: Keys::None },
-    Row { name: "monitor", class: Class::Refuse(MONITOR), keys: Keys::None },
-    Row { name: "move", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "mset", class: Class::Value(ValueCommand::MSet), keys: Keys::Range { first: 1, last: -1, step: 2 } },
-    Row { name: "msetnx", class: Class::Value(ValueCommand::MSetNx), keys: Keys::Range { first: 1, last: -1, step: 2 } },
-    Row { name: "multi", class: Class::Connection(Handling::Multi), keys: Keys::None },
-    Row { name: "object", class: Class::ServerReadsValue, keys: Keys::Range { first: 2, last: 2, step: 1 } },
-    Row { name: "persist", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "pexpire", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "pexpireat", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "pexpiretime", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "pfadd", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "pfcount", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "pfdebug", class: Class::Collection, keys: Keys::Range { first: 2, last: 2, step: 1 } },
-    Row { name: "pfmerge", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "pfselftest", class: Class::Forward, keys: Keys::None },
-    Row { name: "ping", class: Class::Forward, keys: Keys::None },
-    Row { name: "psetex", class: Class::Value(ValueCommand::PSetEx), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "psubscribe", class: Class::Connection(Handling::Subscribe(PubSubKind::Pattern)), keys: Keys::None },
-    Row { name: "psync", class: Class::Refuse(REPLICATION), keys: Keys::None },
-    Row { name: "pttl", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "publish", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "pubsub", class: Class::Forward, keys: Keys::None },
-    Row { name: "punsubscribe", class: Class::Connection(Handling::Unsubscribe(PubSubKind::Pattern)), keys: Keys::None },
-    Row { name: "quit", class: Class::Connection(Handling::Quit), keys: Keys::None },
-    Row { name: "randomkey", class: Class::Forward, keys: Keys::None },
-    Row { name: "readonly", class: Class::Forward, keys: Keys::None },
-    Row { name: "readwrite", class: Class::Forward, keys: Keys::None },
-    Row { name: "rename", class: Class::MovesValue, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "renamenx", class: Class::MovesValue, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "replconf", class: Class::Refuse(REPLICATION), keys: Keys::None },
-    Row { name: "replicaof", class: Class::Forward, keys: Keys::None },
-    Row { name: "reset", class: Class::Connection(Handling::Reset), keys: Keys::None },
-    Row { name: "restore", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "restore-asking", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "role", class: Class::Forward, keys: Keys::None },
-    Row { name: "rpop", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "rpoplpush", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "rpush", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "rpushx", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "sadd", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "save", class: Class::Forward, keys: Keys::None },
-    Row { name: "scan", class: Class::Forward, keys: Keys::None },
-    Row { name: "scard", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "script", class: Class::Forward, keys: Keys::None },
-    Row { name: "sdiff", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "sdiffstore", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "select", class: Class::Forward, keys: Keys::None },
-    Row { name: "set", class: Class::Value(ValueCommand::Set), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "setbit", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "setex", class: Class::Value(ValueCommand::SetEx), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "setnx", class: Class::Value(ValueCommand::SetNx), keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "setrange", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "shutdown", class: Class::Forward, keys: Keys::None },
-    Row { name: "sinter", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "sintercard", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "sinterstore", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "sismember", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "slaveof", class: Class::Forward, keys: Keys::None },
-    Row { name: "slowlog", class: Class::Forward, keys: Keys::None },
-    Row { name: "smembers", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "smismember", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "smove", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "sort", class: Class::Sort, keys: Keys::WithStore },
-    Row { name: "sort_ro", class: Class::Sort, keys: Keys::WithStore },
-    Row { name: "spop", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "spublish", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "srandmember", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "srem", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "sscan", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "ssubscribe", class: Class::Connection(Handling::Subscribe(PubSubKind::Shard)), keys: Keys::None },
-    Row { name: "strlen", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "subscribe", class: Class::Connection(Handling::Subscribe(PubSubKind::Channel)), keys: Keys::None },
-    Row { name: "substr", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "sunion", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "sunionstore", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "sunsubscribe", class: Class::Connection(Handling::Unsubscribe(PubSubKind::Shard)), keys: Keys::None },
-    Row { name: "swapdb", class: Class::Forward, keys: Keys::None },
-    Row { name: "sync", class: Class::Refuse(REPLICATION), keys: Keys::None },
-    Row { name: "time", class: Class::Forward, keys: Keys::None },
-    Row { name: "touch", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "ttl", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "type", class: Class::Forward, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "unlink", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "unsubscribe", class: Class::Connection(Handling::Unsubscribe(PubSubKind::Channel)), keys: Keys::None },
-    Row { name: "unwatch", class: Class::Forward, keys: Keys::None },
-    Row { name: "wait", class: Class::Forward, keys: Keys::None },
-    Row { name: "watch", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "xack", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "xadd", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "xautoclaim", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "xclaim", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "xdel", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "xgroup", class: Class::Collection, keys: Keys::Range { first: 2, last: 2, step: 1 } },
-    Row { name: "xinfo", class: Class::Collection, keys: Keys::Range { first: 2, last: 2, step: 1 } },
-    Row { name: "xlen", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "xpending", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "xrange", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "xread", class: Class::Collection, keys: Keys::Streams },
-    Row { name: "xreadgroup", class: Class::Collection, keys: Keys::Streams },
-    Row { name: "xrevrange", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "xsetid", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "xtrim", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zadd", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zcard", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zcount", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zdiff", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "zdiffstore", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: true } },
-    Row { name: "zincrby", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zinter", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "zintercard", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "zinterstore", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: true } },
-    Row { name: "zlexcount", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zmpop", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "zmscore", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zpopmax", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zpopmin", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zrandmember", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zrange", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zrangebylex", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zrangebyscore", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zrangestore", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "zrank", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zrem", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zremrangebylex", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zremrangebyrank", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zremrangebyscore", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zrevrange", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zrevrangebylex", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zrevrangebyscore", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zrevrank", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zscan", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zscore", class: Class::Collection, keys: Keys::Range { first: 1, last: 1, step: 1 } },
-    Row { name: "zunion", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "zunionstore", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: true } },
+    Row {
+        name: "acl",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "append",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "asking",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "auth",
+        class: Class::Connection(Handling::Auth),
+        keys: Keys::None,
+    },
+    Row {
+        name: "bgrewriteaof",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "bgsave",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "bitcount",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "bitfield",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "bitfield_ro",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "bitop",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 2,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "bitpos",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "blmove",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "blmpop",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 2, dest: false },
+    },
+    Row {
+        name: "blpop",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "brpop",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "brpoplpush",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "bzmpop",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 2, dest: false },
+    },
+    Row {
+        name: "bzpopmax",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "bzpopmin",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "client",
+        class: Class::Connection(Handling::Client),
+        keys: Keys::None,
+    },
+    Row {
+        name: "cluster",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "command",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "config",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "copy",
+        class: Class::MovesValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "dbsize",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "debug",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "decr",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "decrby",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "del",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "discard",
+        class: Class::Connection(Handling::Discard),
+        keys: Keys::None,
+    },
+    Row {
+        name: "dump",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "echo",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "eval",
+        class: Class::ServerReadsValue,
+        keys: Keys::NumKeys { at: 2, dest: false },
+    },
+    Row {
+        name: "eval_ro",
+        class: Class::ServerReadsValue,
+        keys: Keys::NumKeys { at: 2, dest: false },
+    },
+    Row {
+        name: "evalsha",
+        class: Class::ServerReadsValue,
+        keys: Keys::NumKeys { at: 2, dest: false },
+    },
+    Row {
+        name: "evalsha_ro",
+        class: Class::ServerReadsValue,
+        keys: Keys::NumKeys { at: 2, dest: false },
+    },
+    Row {
+        name: "exec",
+        class: Class::Connection(Handling::Exec),
+        keys: Keys::None,
+    },
+    Row {
+        name: "exists",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "expire",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "expireat",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "expiretime",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "failover",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "fcall",
+        class: Class::ServerReadsValue,
+        keys: Keys::NumKeys { at: 2, dest: false },
+    },
+    Row {
+        name: "fcall_ro",
+        class: Class::ServerReadsValue,
+        keys: Keys::NumKeys { at: 2, dest: false },
+    },
+    Row {
+        name: "flushall",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "flushdb",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "function",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "geoadd",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "geodist",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "geohash",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "geopos",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "georadius",
+        class: Class::Collection,
+        keys: Keys::WithStore,
+    },
+    Row {
+        name: "georadius_ro",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "georadiusbymember",
+        class: Class::Collection,
+        keys: Keys::WithStore,
+    },
+    Row {
+        name: "georadiusbymember_ro",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "geosearch",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "geosearchstore",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "get",
+        class: Class::Value(ValueCommand::Get),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "getbit",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "getdel",
+        class: Class::Value(ValueCommand::GetDel),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "getex",
+        class: Class::Value(ValueCommand::GetEx),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "getrange",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "getset",
+        class: Class::Value(ValueCommand::GetSet),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hdel",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hello",
+        class: Class::Connection(Handling::Hello),
+        keys: Keys::None,
+    },
+    Row {
+        name: "hexists",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hget",
+        class: Class::Value(ValueCommand::HGet),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hgetall",
+        class: Class::Value(ValueCommand::HGetAll),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hincrby",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hincrbyfloat",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hkeys",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hlen",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hmget",
+        class: Class::Value(ValueCommand::HMGet),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hmset",
+        class: Class::Value(ValueCommand::HMSet),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hrandfield",
+        class: Class::Value(ValueCommand::HRandField),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hscan",
+        class: Class::Value(ValueCommand::HScan),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hset",
+        class: Class::Value(ValueCommand::HSet),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hsetnx",
+        class: Class::Value(ValueCommand::HSetNx),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hstrlen",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "hvals",
+        class: Class::Value(ValueCommand::HVals),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "incr",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "incrby",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "incrbyfloat",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "info",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "keys",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "lastsave",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "latency",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "lcs",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "lindex",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "linsert",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "llen",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "lmove",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "lmpop",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 1, dest: false },
+    },
+    Row {
+        name: "lolwut",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "lpop",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "lpos",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "lpush",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "lpushx",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "lrange",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "lrem",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "lset",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "ltrim",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "memory",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "mget",
+        class: Class::Value(ValueCommand::MGet),
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "migrate",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "module",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "monitor",
+        class: Class::Refuse(MONITOR),
+        keys: Keys::None,
+    },
+    Row {
+        name: "move",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "mset",
+        class: Class::Value(ValueCommand::MSet),
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 2,
+        },
+    },
+    Row {
+        name: "msetnx",
+        class: Class::Value(ValueCommand::MSetNx),
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 2,
+        },
+    },
+    Row {
+        name: "multi",
+        class: Class::Connection(Handling::Multi),
+        keys: Keys::None,
+    },
+    Row {
+        name: "object",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 2,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "persist",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "pexpire",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "pexpireat",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "pexpiretime",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "pfadd",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "pfcount",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "pfdebug",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 2,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "pfmerge",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "pfselftest",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "ping",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "psetex",
+        class: Class::Value(ValueCommand::PSetEx),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "psubscribe",
+        class: Class::Connection(Handling::Subscribe(PubSubKind::Pattern)),
+        keys: Keys::None,
+    },
+    Row {
+        name: "psync",
+        class: Class::Refuse(REPLICATION),
+        keys: Keys::None,
+    },
+    Row {
+        name: "pttl",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "publish",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "pubsub",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "punsubscribe",
+        class: Class::Connection(Handling::Unsubscribe(PubSubKind::Pattern)),
+        keys: Keys::None,
+    },
+    Row {
+        name: "quit",
+        class: Class::Connection(Handling::Quit),
+        keys: Keys::None,
+    },
+    Row {
+        name: "randomkey",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "readonly",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "readwrite",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "rename",
+        class: Class::MovesValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "renamenx",
+        class: Class::MovesValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "replconf",
+        class: Class::Refuse(REPLICATION),
+        keys: Keys::None,
+    },
+    Row {
+        name: "replicaof",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "reset",
+        class: Class::Connection(Handling::Reset),
+        keys: Keys::None,
+    },
+    Row {
+        name: "restore",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "restore-asking",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "role",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "rpop",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "rpoplpush",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "rpush",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "rpushx",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "sadd",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "save",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "scan",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "scard",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "script",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "sdiff",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "sdiffstore",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "select",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "set",
+        class: Class::Value(ValueCommand::Set),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "setbit",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "setex",
+        class: Class::Value(ValueCommand::SetEx),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "setnx",
+        class: Class::Value(ValueCommand::SetNx),
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "setrange",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "shutdown",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "sinter",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "sintercard",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 1, dest: false },
+    },
+    Row {
+        name: "sinterstore",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "sismember",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "slaveof",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "slowlog",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "smembers",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "smismember",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "smove",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "sort",
+        class: Class::Sort,
+        keys: Keys::WithStore,
+    },
+    Row {
+        name: "sort_ro",
+        class: Class::Sort,
+        keys: Keys::WithStore,
+    },
+    Row {
+        name: "spop",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "spublish",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "srandmember",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "srem",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "sscan",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "ssubscribe",
+        class: Class::Connection(Handling::Subscribe(PubSubKind::Shard)),
+        keys: Keys::None,
+    },
+    Row {
+        name: "strlen",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "subscribe",
+        class: Class::Connection(Handling::Subscribe(PubSubKind::Channel)),
+        keys: Keys::None,
+    },
+    Row {
+        name: "substr",
+        class: Class::ServerReadsValue,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "sunion",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "sunionstore",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "sunsubscribe",
+        class: Class::Connection(Handling::Unsubscribe(PubSubKind::Shard)),
+        keys: Keys::None,
+    },
+    Row {
+        name: "swapdb",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "sync",
+        class: Class::Refuse(REPLICATION),
+        keys: Keys::None,
+    },
+    Row {
+        name: "time",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "touch",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "ttl",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "type",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "unlink",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "unsubscribe",
+        class: Class::Connection(Handling::Unsubscribe(PubSubKind::Channel)),
+        keys: Keys::None,
+    },
+    Row {
+        name: "unwatch",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "wait",
+        class: Class::Forward,
+        keys: Keys::None,
+    },
+    Row {
+        name: "watch",
+        class: Class::Forward,
+        keys: Keys::Range {
+            first: 1,
+            last: -1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xack",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xadd",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xautoclaim",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xclaim",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xdel",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xgroup",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 2,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xinfo",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 2,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xlen",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xpending",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xrange",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xread",
+        class: Class::Collection,
+        keys: Keys::Streams,
+    },
+    Row {
+        name: "xreadgroup",
+        class: Class::Collection,
+        keys: Keys::Streams,
+    },
+    Row {
+        name: "xrevrange",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xsetid",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "xtrim",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zadd",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zcard",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zcount",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zdiff",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 1, dest: false },
+    },
+    Row {
+        name: "zdiffstore",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 2, dest: true },
+    },
+    Row {
+        name: "zincrby",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zinter",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 1, dest: false },
+    },
+    Row {
+        name: "zintercard",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 1, dest: false },
+    },
+    Row {
+        name: "zinterstore",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 2, dest: true },
+    },
+    Row {
+        name: "zlexcount",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zmpop",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 1, dest: false },
+    },
+    Row {
+        name: "zmscore",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zpopmax",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zpopmin",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrandmember",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrange",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrangebylex",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrangebyscore",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrangestore",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 2,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrank",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrem",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zremrangebylex",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zremrangebyrank",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zremrangebyscore",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrevrange",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrevrangebylex",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrevrangebyscore",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zrevrank",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zscan",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zscore",
+        class: Class::Collection,
+        keys: Keys::Range {
+            first: 1,
+            last: 1,
+            step: 1,
+        },
+    },
+    Row {
+        name: "zunion",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 1, dest: false },
+    },
+    Row {
+        name: "zunionstore",
+        class: Class::Collection,
+        keys: Keys::NumKeys { at: 2, dest: true },
+    },
 ];
 
 /// The row for a command name, matched case-insensitively.
@@ -372,12 +1968,18 @@ impl Keys {
         match *self {
             Keys::None => Vec::new(),
             Keys::Range { first, last, step } => {
-                let last = if last < 0 { len as isize + last as isize } else { last as isize };
+                let last = if last < 0 {
+                    len as isize + last as isize
+                } else {
+                    last as isize
+                };
                 let last = last.min(len as isize - 1);
                 if last < first as isize {
                     return Vec::new();
                 }
-                (first as usize..=last as usize).step_by(step.max(1) as usize).collect()
+                (first as usize..=last as usize)
+                    .step_by(step.max(1) as usize)
+                    .collect()
             }
             Keys::NumKeys { at, dest } => {
                 let at = at as usize;
@@ -394,7 +1996,8 @@ impl Keys {
                 keys
             }
             Keys::Streams => {
-                let Some(streams) = args.iter().position(|a| a.eq_ignore_ascii_case(b"streams")) else {
+                let Some(streams) = args.iter().position(|a| a.eq_ignore_ascii_case(b"streams"))
+                else {
                     return Vec::new();
                 };
                 let rest = len - streams - 1;
@@ -403,7 +2006,10 @@ impl Keys {
             Keys::WithStore => {
                 let mut keys = if len > 1 { vec![1] } else { Vec::new() };
                 for (i, arg) in args.iter().enumerate().skip(2) {
-                    if (arg.eq_ignore_ascii_case(b"store") || arg.eq_ignore_ascii_case(b"storedist")) && i + 1 < len {
+                    if (arg.eq_ignore_ascii_case(b"store")
+                        || arg.eq_ignore_ascii_case(b"storedist"))
+                        && i + 1 < len
+                    {
                         keys.push(i + 1);
                     }
                 }
@@ -418,19 +2024,30 @@ mod tests {
     use super::*;
 
     fn args(text: &str) -> Vec<Bytes> {
-        text.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect()
+        text.split(' ')
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect()
     }
 
     fn keys_of(command: &str) -> Vec<String> {
         let args = args(command);
         let row = lookup(&args[0]).expect("known command");
-        row.keys.positions(&args).into_iter().map(|i| String::from_utf8_lossy(&args[i]).into_owned()).collect()
+        row.keys
+            .positions(&args)
+            .into_iter()
+            .map(|i| String::from_utf8_lossy(&args[i]).into_owned())
+            .collect()
     }
 
     #[test]
     fn rows_are_sorted_and_unique_for_binary_search() {
         for pair in COMMANDS.windows(2) {
-            assert!(pair[0].name < pair[1].name, "{} before {}", pair[0].name, pair[1].name);
+            assert!(
+                pair[0].name < pair[1].name,
+                "{} before {}",
+                pair[0].name,
+                pair[1].name
+            );
         }
         for row in COMMANDS {
             assert_eq!(row.name, row.name.to_ascii_lowercase());
@@ -440,7 +2057,10 @@ mod tests {
     #[test]
     fn lookup_ignores_case_and_rejects_unknown_names() {
         assert_eq!(lookup(b"AuTh").map(|r| r.name), Some("auth"));
-        assert_eq!(lookup(b"GET").map(|r| r.class), Some(Class::Value(ValueCommand::Get)));
+        assert_eq!(
+            lookup(b"GET").map(|r| r.class),
+            Some(Class::Value(ValueCommand::Get))
+        );
         assert!(lookup(b"notacommand").is_none());
         assert!(lookup(&[b'a'; 40]).is_none());
         assert!(lookup(b"").is_none());
@@ -455,7 +2075,10 @@ mod tests {
         assert_eq!(keys_of("EVAL script 2 k1 k2 arg"), ["k1", "k2"]);
         assert_eq!(keys_of("EVAL script 0 arg"), Vec::<String>::new());
         assert_eq!(keys_of("EVAL script 9 k1"), ["k1"]);
-        assert_eq!(keys_of("ZUNIONSTORE dest 2 a b WEIGHTS 1 2"), ["dest", "a", "b"]);
+        assert_eq!(
+            keys_of("ZUNIONSTORE dest 2 a b WEIGHTS 1 2"),
+            ["dest", "a", "b"]
+        );
         assert_eq!(keys_of("XREAD COUNT 2 STREAMS s1 s2 0 0"), ["s1", "s2"]);
         assert_eq!(keys_of("SORT list BY w_* STORE out"), ["list", "out"]);
         assert_eq!(keys_of("OBJECT ENCODING k"), ["k"]);

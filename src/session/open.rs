@@ -16,7 +16,13 @@ use crate::resp::{self, Limits};
 use bytes::BytesMut;
 
 /// Writes `frame` to `out` with its values opened.
-pub fn reply(plan: &OpenPlan, frame: &[u8], keyring: &Keyring, limits: &Limits, out: &mut BytesMut) {
+pub fn reply(
+    plan: &OpenPlan,
+    frame: &[u8],
+    keyring: &Keyring,
+    limits: &Limits,
+    out: &mut BytesMut,
+) {
     let opener = Opener { keyring, limits };
     match plan {
         OpenPlan::One(site) => opener.value(site, frame, out),
@@ -110,7 +116,10 @@ impl Opener<'_> {
 
 fn with_field(site: &ValueSite, field: &[u8]) -> ValueSite {
     let field = resp::bulk_body(field).unwrap_or(field);
-    ValueSite { field: Some(bytes::Bytes::copy_from_slice(field)), ..site.clone() }
+    ValueSite {
+        field: Some(bytes::Bytes::copy_from_slice(field)),
+        ..site.clone()
+    }
 }
 
 /// The error text for a value that did not open. Names, never values.
@@ -131,7 +140,11 @@ fn failure(site: &ValueSite, err: OpenError) -> String {
 
 fn shown(name: &[u8]) -> String {
     let text = String::from_utf8_lossy(&name[..name.len().min(128)]);
-    if name.len() > 128 { format!("{text}...") } else { text.into_owned() }
+    if name.len() > 128 {
+        format!("{text}...")
+    } else {
+        text.into_owned()
+    }
 }
 
 #[cfg(test)]
@@ -142,7 +155,12 @@ mod tests {
     use zeroize::Zeroizing;
 
     fn keyring() -> Keyring {
-        Keyring::new(1, vec![(1, Zeroizing::new([7; 32]))], LegacyPlaintext::Reject).expect("ring")
+        Keyring::new(
+            1,
+            vec![(1, Zeroizing::new([7; 32]))],
+            LegacyPlaintext::Reject,
+        )
+        .expect("ring")
     }
 
     fn site(key: &str, field: Option<&str>) -> ValueSite {
@@ -173,15 +191,29 @@ mod tests {
     fn opens_a_bulk_and_copies_nil_and_errors() {
         let ring = keyring();
         let k = site("k", None);
-        assert_eq!(run(&OpenPlan::One(k.clone()), &sealed(&ring, "v", &k), &ring), "$1\r\nv\r\n");
+        assert_eq!(
+            run(&OpenPlan::One(k.clone()), &sealed(&ring, "v", &k), &ring),
+            "$1\r\nv\r\n"
+        );
         assert_eq!(run(&OpenPlan::One(k.clone()), b"$-1\r\n", &ring), "$-1\r\n");
         assert_eq!(run(&OpenPlan::One(k.clone()), b"_\r\n", &ring), "_\r\n");
-        assert_eq!(run(&OpenPlan::One(k.clone()), b"-WRONGTYPE x\r\n", &ring), "-WRONGTYPE x\r\n");
+        assert_eq!(
+            run(&OpenPlan::One(k.clone()), b"-WRONGTYPE x\r\n", &ring),
+            "-WRONGTYPE x\r\n"
+        );
         let moved = sealed(&ring, "v", &site("other", None));
         let text = run(&OpenPlan::One(k.clone()), &moved, &ring);
-        assert!(text.starts_with("-ERR redcloak: value of key 'k' failed to decrypt (authentication failed"), "{text}");
+        assert!(
+            text.starts_with(
+                "-ERR redcloak: value of key 'k' failed to decrypt (authentication failed"
+            ),
+            "{text}"
+        );
         let legacy = run(&OpenPlan::One(k), &bulk(b"plain"), &ring);
-        assert!(legacy.starts_with("-ERR redcloak: value of key 'k' is not encrypted"), "{legacy}");
+        assert!(
+            legacy.starts_with("-ERR redcloak: value of key 'k' is not encrypted"),
+            "{legacy}"
+        );
         assert!(!legacy.contains("plain\r"), "{legacy}");
     }
 
@@ -209,22 +241,67 @@ mod tests {
         let v1 = sealed(&ring, "one", &site("h", Some("f1")));
         let v2 = sealed(&ring, "two", &site("h", Some("f2")));
         let fields = [bulk(b"f1"), bulk(b"f2")];
-        let flat = [b"*4\r\n".to_vec(), fields[0].clone(), v1.clone(), fields[1].clone(), v2.clone()].concat();
+        let flat = [
+            b"*4\r\n".to_vec(),
+            fields[0].clone(),
+            v1.clone(),
+            fields[1].clone(),
+            v2.clone(),
+        ]
+        .concat();
         let expected_flat = "*4\r\n$2\r\nf1\r\n$3\r\none\r\n$2\r\nf2\r\n$3\r\ntwo\r\n";
-        assert_eq!(run(&OpenPlan::HashPairs(h.clone()), &flat, &ring), expected_flat);
-        let map = [b"%2\r\n".to_vec(), fields[0].clone(), v1.clone(), fields[1].clone(), v2.clone()].concat();
-        assert_eq!(run(&OpenPlan::HashPairs(h.clone()), &map, &ring), expected_flat.replacen("*4", "%2", 1));
-        let nested = [b"*2\r\n*2\r\n".to_vec(), fields[0].clone(), v1.clone(), b"*2\r\n".to_vec(), fields[1].clone(), v2.clone()].concat();
+        assert_eq!(
+            run(&OpenPlan::HashPairs(h.clone()), &flat, &ring),
+            expected_flat
+        );
+        let map = [
+            b"%2\r\n".to_vec(),
+            fields[0].clone(),
+            v1.clone(),
+            fields[1].clone(),
+            v2.clone(),
+        ]
+        .concat();
+        assert_eq!(
+            run(&OpenPlan::HashPairs(h.clone()), &map, &ring),
+            expected_flat.replacen("*4", "%2", 1)
+        );
+        let nested = [
+            b"*2\r\n*2\r\n".to_vec(),
+            fields[0].clone(),
+            v1.clone(),
+            b"*2\r\n".to_vec(),
+            fields[1].clone(),
+            v2.clone(),
+        ]
+        .concat();
         assert_eq!(
             run(&OpenPlan::HashPairs(h.clone()), &nested, &ring),
             "*2\r\n*2\r\n$2\r\nf1\r\n$3\r\none\r\n*2\r\n$2\r\nf2\r\n$3\r\ntwo\r\n"
         );
-        assert_eq!(run(&OpenPlan::HashValues(h.clone()), &map, &ring), "*2\r\n$3\r\none\r\n$3\r\ntwo\r\n");
+        assert_eq!(
+            run(&OpenPlan::HashValues(h.clone()), &map, &ring),
+            "*2\r\n$3\r\none\r\n$3\r\ntwo\r\n"
+        );
         let scan = [b"*2\r\n$1\r\n0\r\n".to_vec(), flat].concat();
-        assert_eq!(run(&OpenPlan::HashScan(h.clone()), &scan, &ring), format!("*2\r\n$1\r\n0\r\n{expected_flat}"));
+        assert_eq!(
+            run(&OpenPlan::HashScan(h.clone()), &scan, &ring),
+            format!("*2\r\n$1\r\n0\r\n{expected_flat}")
+        );
         // Swapped fields: each value is an error in its place.
-        let swapped = [b"*4\r\n".to_vec(), fields[0].clone(), v2, fields[1].clone(), v1].concat();
+        let swapped = [
+            b"*4\r\n".to_vec(),
+            fields[0].clone(),
+            v2,
+            fields[1].clone(),
+            v1,
+        ]
+        .concat();
         let text = run(&OpenPlan::HashPairs(h), &swapped, &ring);
-        assert_eq!(text.matches("-ERR redcloak: value of field").count(), 2, "{text}");
+        assert_eq!(
+            text.matches("-ERR redcloak: value of field").count(),
+            2,
+            "{text}"
+        );
     }
 }

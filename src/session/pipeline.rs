@@ -18,10 +18,10 @@ use crate::crypto::Keyring;
 use crate::policy::ReplyPlan;
 use crate::policy::table::PubSubKind;
 use crate::resp::{self, Limits, ReplyKind};
-use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp3::types::BytesFrame;
 use std::collections::HashSet;
+use std::sync::Arc;
 
 /// One pending request, in request order.
 #[derive(Debug)]
@@ -245,7 +245,9 @@ impl Replies {
     /// answers (queued plans are data plans: passthrough or open).
     fn exec(&self, plans: &[ReplyPlan], frame: &[u8], out: &mut BytesMut) {
         let opens = plans.iter().any(|p| matches!(p, ReplyPlan::Open(_)));
-        let elements = opens.then(|| resp::aggregate_elements(frame, &self.limits)).flatten();
+        let elements = opens
+            .then(|| resp::aggregate_elements(frame, &self.limits))
+            .flatten();
         let Some((header, elements)) = elements else {
             out.extend_from_slice(frame);
             return;
@@ -253,7 +255,9 @@ impl Replies {
         out.extend_from_slice(header);
         for (i, element) in elements.into_iter().enumerate() {
             match plans.get(i) {
-                Some(ReplyPlan::Open(plan)) => open::reply(plan, element, &self.keyring, &self.limits, out),
+                Some(ReplyPlan::Open(plan)) => {
+                    open::reply(plan, element, &self.keyring, &self.limits, out)
+                }
                 _ => out.extend_from_slice(element),
             }
         }

@@ -110,7 +110,7 @@ async fn a_client_pipelining_100000_commands_without_reading_is_held_back_then_a
     let proxy = redis
         .start_proxy(&redis.config().tail("[limits]\nmax_pending_requests = 64\n"))
         .await;
-    let key = vec![b'k'; 1024];
+    let key = [b"plain:".to_vec(), vec![b'k'; 1018]].concat();
     let value = vec![b'v'; 1024];
     let mut admin = redis.admin().await;
     assert_reply(&admin.call(&[b"SET", &key, &value]).await, b"+OK\r\n");

@@ -111,9 +111,12 @@ fn configuration_errors_exit_78_and_name_the_problem() {
     std::fs::write(
         &no_cert,
         "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"127.0.0.1:1\"\nca = \"ca.crt\"\n\
-         cert = \"c.crt\"\nkey = \"c.key\"\npassword = \"p\"\n",
+         cert = \"c.crt\"\nkey = \"c.key\"\npassword = \"p\"\n\
+         [encryption]\nprimary = 1\n[[encryption.keys]]\nid = 1\nfile = \"key-1\"\n",
     )
     .expect("write");
+    let key = redcloak::crypto::keyring::generate_key();
+    std::fs::write(dir.path().join("key-1"), key.as_bytes()).expect("write");
     let (code, _, err) = run(&["serve", "--config", no_cert.to_str().expect("utf-8")]);
     assert_eq!(code, 78, "{err}");
     assert!(
@@ -149,7 +152,7 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
             .expect("connect"),
     );
     assert_reply(&idle.call(&[b"PING"]).await, b"+PONG\r\n");
-    busy.send(&[b"BLPOP", b"nothing", b"1"]).await;
+    busy.send(&[b"BLPOP", b"plain:nothing", b"1"]).await;
     wait_until_blocked(&redis, 1).await;
     signal(&child, "-TERM");
     // The idle client is closed, the blocked one gets its reply first.

@@ -45,14 +45,14 @@ async fn multi_exec_discard_and_watch_behave_like_redis() {
     let proxy = redis.start_proxy(&redis.config()).await;
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"MULTI"]).await, b"+OK\r\n");
-    assert_reply(&c.call(&[b"SET", b"a", b"1"]).await, b"+QUEUED\r\n");
-    assert_reply(&c.call(&[b"INCR", b"a"]).await, b"+QUEUED\r\n");
+    assert_reply(&c.call(&[b"SET", b"plain:a", b"1"]).await, b"+QUEUED\r\n");
+    assert_reply(&c.call(&[b"INCR", b"plain:a"]).await, b"+QUEUED\r\n");
     assert_reply(&c.call(&[b"EXEC"]).await, b"*2\r\n+OK\r\n:2\r\n");
 
     assert_reply(&c.call(&[b"MULTI"]).await, b"+OK\r\n");
-    assert_reply(&c.call(&[b"SET", b"a", b"9"]).await, b"+QUEUED\r\n");
+    assert_reply(&c.call(&[b"SET", b"plain:a", b"9"]).await, b"+QUEUED\r\n");
     assert_reply(&c.call(&[b"DISCARD"]).await, b"+OK\r\n");
-    assert_reply(&c.call(&[b"GET", b"a"]).await, b"$1\r\n2\r\n");
+    assert_reply(&c.call(&[b"GET", b"plain:a"]).await, b"$1\r\n2\r\n");
 
     // WATCH: another client changes the key, EXEC returns nil.
     assert_reply(&c.call(&[b"WATCH", b"a"]).await, b"+OK\r\n");
@@ -100,10 +100,16 @@ async fn hello_3_switches_to_resp3_replies() {
         &c.call(&[b"HGETALL", b"h"]).await,
         b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n",
     );
-    assert_reply(&c.call(&[b"SADD", b"s", b"m"]).await, b":1\r\n");
-    assert_reply(&c.call(&[b"SMEMBERS", b"s"]).await, b"~1\r\n$1\r\nm\r\n");
-    assert_reply(&c.call(&[b"ZADD", b"z", b"1.5", b"m"]).await, b":1\r\n");
-    assert_reply(&c.call(&[b"ZSCORE", b"z", b"m"]).await, b",1.5\r\n");
+    assert_reply(&c.call(&[b"SADD", b"plain:s", b"m"]).await, b":1\r\n");
+    assert_reply(
+        &c.call(&[b"SMEMBERS", b"plain:s"]).await,
+        b"~1\r\n$1\r\nm\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"ZADD", b"plain:z", b"1.5", b"m"]).await,
+        b":1\r\n",
+    );
+    assert_reply(&c.call(&[b"ZSCORE", b"plain:z", b"m"]).await, b",1.5\r\n");
     assert_reply(&c.call(&[b"GET", b"missing"]).await, b"_\r\n");
     assert_reply(&c.call(&[b"CLIENT", b"GETNAME"]).await, b"$5\r\napp-1\r\n");
 

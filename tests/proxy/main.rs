@@ -6,6 +6,7 @@ mod auth;
 mod bad_input;
 mod binary;
 mod commands;
+mod encryption;
 mod listeners;
 mod pubsub;
 mod support;

@@ -1,5 +1,6 @@
 //! Pub/sub and blocking commands: out-of-band messages never take a pending
-//! request's place, and a blocked client is woken by another one.
+//! request's place, and a blocked client is woken by another one. Channels
+//! and lists are refused when encrypted, so these use `plain:` names.
 
 use crate::support::*;
 use futures_util::StreamExt;
@@ -9,60 +10,65 @@ async fn resp2_subscribe_receives_messages_published_by_another_client() {
     let redis = TestRedis::start().await;
     let proxy = redis.start_proxy(&redis.config()).await;
     let mut sub = proxy.raw().await;
-    sub.send(&[b"SUBSCRIBE", b"news", b"sport"]).await;
+    sub.send(&[b"SUBSCRIBE", b"plain:news", b"plain:sport"])
+        .await;
     assert_reply(
         &sub.read().await,
-        b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n",
+        b"*3\r\n$9\r\nsubscribe\r\n$10\r\nplain:news\r\n:1\r\n",
     );
     assert_reply(
         &sub.read().await,
-        b"*3\r\n$9\r\nsubscribe\r\n$5\r\nsport\r\n:2\r\n",
+        b"*3\r\n$9\r\nsubscribe\r\n$11\r\nplain:sport\r\n:2\r\n",
     );
     let mut publisher = proxy.raw().await;
     assert_reply(
-        &publisher.call(&[b"PUBLISH", b"news", b"hello"]).await,
+        &publisher.call(&[b"PUBLISH", b"plain:news", b"hello"]).await,
         b":1\r\n",
     );
     assert_reply(
         &sub.read().await,
-        b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n",
+        &resp_array(b'*', &[b"message", b"plain:news", b"hello"]),
     );
     // PING in subscribed mode gets its own reply, after any message.
     assert_reply(
         &sub.call(&[b"PING"]).await,
         b"*2\r\n$4\r\npong\r\n$0\r\n\r\n",
     );
-    sub.send(&[b"PSUBSCRIBE", b"s*"]).await;
+    sub.send(&[b"PSUBSCRIBE", b"plain:s*"]).await;
     assert_reply(
         &sub.read().await,
-        b"*3\r\n$10\r\npsubscribe\r\n$2\r\ns*\r\n:3\r\n",
+        b"*3\r\n$10\r\npsubscribe\r\n$8\r\nplain:s*\r\n:3\r\n",
     );
     assert_reply(
-        &publisher.call(&[b"PUBLISH", b"sport", b"goal"]).await,
+        &publisher.call(&[b"PUBLISH", b"plain:sport", b"goal"]).await,
         b":2\r\n",
     );
-    let first = sub.read().await;
-    let second = sub.read().await;
-    let mut got = [first.to_vec(), second.to_vec()];
+    let mut got = [sub.read().await.to_vec(), sub.read().await.to_vec()];
     got.sort();
     assert_eq!(
         got,
         [
-            b"*3\r\n$7\r\nmessage\r\n$5\r\nsport\r\n$4\r\ngoal\r\n".to_vec(),
-            b"*4\r\n$8\r\npmessage\r\n$2\r\ns*\r\n$5\r\nsport\r\n$4\r\ngoal\r\n".to_vec(),
+            resp_array(b'*', &[b"message", b"plain:sport", b"goal"]),
+            resp_array(b'*', &[b"pmessage", b"plain:s*", b"plain:sport", b"goal"]),
         ]
     );
     // UNSUBSCRIBE with no channel: one confirmation per channel, then normal mode.
     sub.send(&[b"UNSUBSCRIBE"]).await;
     let mut confirmations = [sub.read().await.to_vec(), sub.read().await.to_vec()];
     confirmations.sort();
-    assert!(confirmations[0].starts_with(b"*3\r\n$11\r\nunsubscribe\r\n$4\r\nnews"));
-    assert!(confirmations[1].starts_with(b"*3\r\n$11\r\nunsubscribe\r\n$5\r\nsport"));
+    assert!(confirmations[0].starts_with(b"*3\r\n$11\r\nunsubscribe\r\n$10\r\nplain:news"));
+    assert!(confirmations[1].starts_with(b"*3\r\n$11\r\nunsubscribe\r\n$11\r\nplain:sport"));
     assert_reply(
         &sub.call(&[b"PUNSUBSCRIBE"]).await,
-        b"*3\r\n$12\r\npunsubscribe\r\n$2\r\ns*\r\n:0\r\n",
+        b"*3\r\n$12\r\npunsubscribe\r\n$8\r\nplain:s*\r\n:0\r\n",
     );
     assert_reply(&sub.call(&[b"SET", b"after", b"pubsub"]).await, b"+OK\r\n");
+    // An encrypted channel is refused, and the connection stays usable.
+    assert_error(
+        &publisher.call(&[b"PUBLISH", b"news", b"x"]).await,
+        "-ERR redcloak: PUBLISH on 'news' is refused",
+    );
+    assert_reply(&publisher.call(&[b"PING"]).await, b"+PONG\r\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,23 +77,23 @@ async fn resp3_pushes_interleave_with_replies_without_taking_their_place() {
     let proxy = redis.start_proxy(&redis.config()).await;
     let mut sub = proxy.raw().await;
     assert!(sub.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
-    sub.send(&[b"SUBSCRIBE", b"ch"]).await;
+    sub.send(&[b"SUBSCRIBE", b"plain:ch"]).await;
     assert_reply(
         &sub.read().await,
-        b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+        b">3\r\n$9\r\nsubscribe\r\n$8\r\nplain:ch\r\n:1\r\n",
     );
     let mut publisher = proxy.raw().await;
     assert_reply(
-        &publisher.call(&[b"PUBLISH", b"ch", b"m1"]).await,
+        &publisher.call(&[b"PUBLISH", b"plain:ch", b"m1"]).await,
         b":1\r\n",
     );
     // RESP3 allows ordinary commands while subscribed: the push is delivered
-    // as it comes, and GET still gets its own reply.
+    // as it comes, and GET still gets its own (opened) reply.
     sub.send(&[b"SET", b"k", b"v"]).await;
     sub.send(&[b"GET", b"k"]).await;
     assert_reply(
         &sub.read().await,
-        b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nm1\r\n",
+        &resp_array(b'>', &[b"message", b"plain:ch", b"m1"]),
     );
     assert_reply(&sub.read().await, b"+OK\r\n");
     assert_reply(&sub.read().await, b"$1\r\nv\r\n");
@@ -115,10 +121,10 @@ async fn subscribe_works_with_the_redis_crate() {
     let proxy = redis.start_proxy(&redis.config()).await;
     let client = redis::Client::open(proxy.url()).expect("url");
     let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
-    pubsub.subscribe("events").await.expect("subscribe");
+    pubsub.subscribe("plain:events").await.expect("subscribe");
     let mut publisher = proxy.client().await;
     let receivers: i64 = redis::cmd("PUBLISH")
-        .arg("events")
+        .arg("plain:events")
         .arg("payload")
         .query_async(&mut publisher)
         .await
@@ -129,7 +135,7 @@ async fn subscribe_works_with_the_redis_crate() {
         .await
         .expect("message in time")
         .expect("stream open");
-    assert_eq!(message.get_channel_name(), "events");
+    assert_eq!(message.get_channel_name(), "plain:events");
     assert_eq!(message.get_payload::<String>().expect("payload"), "payload");
 }
 
@@ -138,10 +144,16 @@ async fn blpop_is_woken_by_another_client() {
     let redis = TestRedis::start().await;
     let proxy = redis.start_proxy(&redis.config()).await;
     let mut blocked = proxy.raw().await;
-    blocked.send(&[b"BLPOP", b"queue", b"0"]).await;
+    blocked.send(&[b"BLPOP", b"plain:queue", b"0"]).await;
     let mut pusher = proxy.raw().await;
     wait_until_blocked(&redis, 1).await;
-    assert_reply(&pusher.call(&[b"RPUSH", b"queue", b"job"]).await, b":1\r\n");
-    assert_reply(&blocked.read().await, b"*2\r\n$5\r\nqueue\r\n$3\r\njob\r\n");
+    assert_reply(
+        &pusher.call(&[b"RPUSH", b"plain:queue", b"job"]).await,
+        b":1\r\n",
+    );
+    assert_reply(
+        &blocked.read().await,
+        &resp_array(b'*', &[b"plain:queue", b"job"]),
+    );
     assert_reply(&blocked.call(&[b"PING"]).await, b"+PONG\r\n");
 }

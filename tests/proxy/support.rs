@@ -92,7 +92,13 @@ impl TestRedis {
     pub fn keyring(&self, keys: &[(u32, &str)], primary: u32) -> Keyring {
         let keys = keys
             .iter()
-            .map(|(id, name)| (*id, decode_key(*id, &std::fs::read(self.path(name)).expect("key file")).expect("key")))
+            .map(|(id, name)| {
+                (
+                    *id,
+                    decode_key(*id, &std::fs::read(self.path(name)).expect("key file"))
+                        .expect("key"),
+                )
+            })
             .collect();
         Keyring::new(primary, keys, LegacyPlaintext::Reject).expect("keyring")
     }
@@ -315,6 +321,16 @@ pub async fn wait_until_blocked(redis: &TestRedis, count: usize) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The RESP bytes of an aggregate of bulk strings (`marker` `*` or `>`).
+pub fn resp_array(marker: u8, items: &[&[u8]]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    resp::encode_aggregate_header(&mut out, marker, items.len());
+    for item in items {
+        resp::encode_bulk(&mut out, item);
+    }
+    out.to_vec()
 }
 
 /// Asserts a reply's exact bytes, showing both as text when they differ.

@@ -164,7 +164,7 @@ async fn losing_the_upstream_answers_every_pending_request_and_closes_the_client
     let id = String::from_utf8_lossy(&id[1..id.len() - 2]).into_owned();
     // BLPOP blocks the connection; PING and GET queue behind it. One write,
     // so all three are pending in redcloak before BLPOP reaches Redis.
-    c.send_raw(b"*3\r\n$5\r\nBLPOP\r\n$5\r\nnever\r\n$1\r\n0\r\n*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+    c.send_raw(b"*3\r\n$5\r\nBLPOP\r\n$11\r\nplain:never\r\n$1\r\n0\r\n*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
         .await;
     wait_until_blocked(&redis, 1).await;
     let mut admin = redis.admin().await;
