@@ -13,9 +13,12 @@
 //! * [`cli`], [`config`]: command line, and the validated configuration.
 //! * [`server`], [`shutdown`]: listeners, accept loop, connection limit, drain on SIGTERM.
 //! * [`tls`]: PEM loading and the rustls configs of both sides.
-//! * [`session`]: one client and its own upstream connection; `pipeline` matches replies to requests.
+//! * [`session`]: one client and its own upstream connection; `pipeline` matches replies to
+//!   requests, `open` opens the sealed values in a reply.
 //! * [`resp`]: RESP parsing, framing and encoding (pure).
-//! * [`policy`]: what to do with each command; `policy::table` is the one table of commands (pure).
+//! * [`policy`]: what to do with each command; `policy::table` is the one table of commands,
+//!   `policy::rules` which keys are encrypted (pure).
+//! * [`crypto`]: the envelope (XAES-256-GCM, bound to key and field) and the keyring (pure).
 //! * [`auth`], [`secret`]: client AUTH checks; secrets that never print.
 //! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH.
 //! * [`dev`], [`playground`]: throwaway certificates and redis-server for `redcloak dev` and the tests.

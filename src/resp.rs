@@ -680,7 +680,7 @@ mod tests {
         let mut scanner = ReplyScanner::default();
         let mut buf = BytesMut::from(input);
         let mut out = Vec::new();
-        while let Some(len) = scanner.scan(&mut buf, limits)? {
+        while let Some(len) = scanner.scan(&buf, limits)? {
             let _ = buf.split_to(len);
             out.push(len);
         }
@@ -707,7 +707,7 @@ mod tests {
         let mut lens = Vec::new();
         for &byte in input.iter() {
             buf.put_u8(byte);
-            while let Some(len) = scanner.scan(&mut buf, &Limits::default()).expect("valid") {
+            while let Some(len) = scanner.scan(&buf, &Limits::default()).expect("valid") {
                 let _ = buf.split_to(len);
                 lens.push(len);
             }

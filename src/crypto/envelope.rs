@@ -232,8 +232,8 @@ mod tests {
         }
     }
 
-    fn open_with<'k>(
-        keys: &'k [DataKey],
+    fn open_with(
+        keys: &[DataKey],
         stored: &[u8],
         binding: Binding<'_>,
     ) -> Result<Vec<u8>, OpenError> {

@@ -138,8 +138,8 @@ fn refuse(reason: &str) -> Action {
     Action::AnswerError(format!("ERR redcloak: {reason}"))
 }
 
-/// A name from a request, fit for an error message (never a value).
-fn shown(name: &[u8]) -> String {
+/// A key, field or command name, fit for an error message (never a value).
+pub fn shown(name: &[u8]) -> String {
     let text = String::from_utf8_lossy(&name[..name.len().min(128)]);
     if name.len() > 128 {
         format!("{text}...")
@@ -357,11 +357,14 @@ impl Policy {
             return Action::Forward(ReplyPlan::Passthrough);
         };
         let (source, target) = (self.rules.decide(&args[from]), self.rules.decide(&args[to]));
-        let still_opens = match (source.mode, target.mode) {
-            (Mode::Plaintext, Mode::Plaintext) => true,
-            (Mode::Encrypt { bind_key: false }, Mode::Encrypt { bind_key: false }) => true,
-            _ => false,
-        };
+        let still_opens = matches!(
+            (source.mode, target.mode),
+            (Mode::Plaintext, Mode::Plaintext)
+                | (
+                    Mode::Encrypt { bind_key: false },
+                    Mode::Encrypt { bind_key: false }
+                )
+        );
         if still_opens {
             return Action::Forward(ReplyPlan::Passthrough);
         }

@@ -11,7 +11,7 @@
 
 use crate::crypto::keyring::Opened;
 use crate::crypto::{Keyring, OpenError};
-use crate::policy::{OpenPlan, ValueSite};
+use crate::policy::{OpenPlan, ValueSite, shown};
 use crate::resp::{self, Limits};
 use bytes::BytesMut;
 
@@ -135,15 +135,6 @@ fn failure(site: &ValueSite, err: OpenError) -> String {
              encryption.legacy_plaintext = \"pass\" reads such values during a migration"
         ),
         err => format!("ERR redcloak: value of {place} failed to decrypt ({err})"),
-    }
-}
-
-fn shown(name: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&name[..name.len().min(128)]);
-    if name.len() > 128 {
-        format!("{text}...")
-    } else {
-        text.into_owned()
     }
 }
 

@@ -201,7 +201,7 @@ async fn read_reply(tls: &mut UpstreamStream) -> io::Result<BytesMut> {
     let mut buf = BytesMut::with_capacity(256);
     loop {
         let scanned = scanner
-            .scan(&mut buf, &limits)
+            .scan(&buf, &limits)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         if let Some(len) = scanned {
             return Ok(buf.split_to(len));

@@ -79,6 +79,21 @@ fn help_explains_every_subcommand_and_flag() {
 }
 
 #[test]
+fn keygen_prints_a_new_key_and_where_to_put_it() {
+    let (code, key, help) = run(&["keygen"]);
+    assert_eq!(code, 0);
+    let decoded =
+        redcloak::crypto::keyring::decode_key(1, key.as_bytes()).expect("base64 of 32 bytes");
+    assert_eq!(decoded.len(), 32);
+    assert!(
+        help.contains("[[encryption.keys]]") && help.contains("primary"),
+        "{help}"
+    );
+    let (_, another, _) = run(&["keygen"]);
+    assert_ne!(key, another, "keys are random");
+}
+
+#[test]
 fn usage_errors_exit_64() {
     assert_eq!(run(&["serve"]).0, 64);
     assert_eq!(run(&["no-such-command"]).0, 64);
@@ -233,6 +248,39 @@ async fn dev_playground_serves_in_front_of_a_tls_only_redis_and_cleans_up() {
     assert_reply(&c.call(&[b"SET", b"greeting", b"hello"]).await, b"+OK\r\n");
     assert_reply(&c.call(&[b"GET", b"greeting"]).await, b"$5\r\nhello\r\n");
     drop(c);
+    // Redis itself holds the envelope, not the value.
+    let redis_port: u16 = banner
+        .split("redis-server on 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|port| port.parse().ok())
+        .expect("redis port in the banner");
+    let tls = redcloak::tls::client::config(
+        &dir.join("ca.crt"),
+        &dir.join("redcloak-client.crt"),
+        &dir.join("redcloak-client.key"),
+    )
+    .expect("tls");
+    let password = std::fs::read(dir.join("redis-password")).expect("password");
+    let login = redcloak::upstream::Login {
+        username: Some("redcloak".into()),
+        password: redcloak::secret::Secret::new(password),
+    };
+    let settings = redcloak::upstream::UpstreamSettings {
+        address: format!("127.0.0.1:{redis_port}"),
+        server_name: "localhost".into(),
+        connect_timeout: Duration::from_secs(5),
+    };
+    let upstream = redcloak::upstream::Upstream::new(settings, tls, std::sync::Arc::new(login))
+        .expect("upstream");
+    let mut direct = RawClient::new(upstream.connect().await.expect("direct TLS connection"));
+    let stored = direct.call(&[b"GET", b"greeting"]).await;
+    let stored = redcloak::resp::bulk_body(&stored)
+        .expect("stored value")
+        .to_vec();
+    assert_eq!(stored.len(), 5 + redcloak::crypto::envelope::OVERHEAD);
+    assert!(!stored.windows(5).any(|w| w == b"hello"));
+    drop(direct);
     signal(&child, "-INT");
     let code = tokio::task::spawn_blocking(move || wait_exit(&mut child))
         .await

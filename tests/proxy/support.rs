@@ -280,7 +280,7 @@ impl<S: AsyncRead + Unpin> RawClient<S> {
         loop {
             if let Some(len) = self
                 .scanner
-                .scan(&mut self.buf, &Limits::default())
+                .scan(&self.buf, &Limits::default())
                 .expect("valid RESP from proxy")
             {
                 return Some(self.buf.split_to(len).freeze());
