@@ -31,10 +31,19 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy with a config file (TOML; REDCLOAK_* environment
     /// variables override it, `__` nests: REDCLOAK_UPSTREAM__ADDRESS).
+    ///
+    /// Before listening it runs the startup security checks (see `check`)
+    /// and exits 78 with the report when one fails.
     ///
     /// Stops on SIGTERM or SIGINT: listeners close, requests in flight finish
     /// within shutdown.grace_period, then it exits 0.
@@ -50,6 +59,17 @@ pub enum Command {
         /// Where redcloak listens for plaintext clients (loopback only).
         #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:6380")]
         listen: SocketAddr,
+    },
+    /// Run the startup security checks against the configured Redis without
+    /// serving, print the report, and exit 0 when every required check
+    /// passes, 78 otherwise. `serve` runs the same checks before it listens.
+    Check {
+        /// Path of the config file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Report format: `text` for people, `json` for pipelines.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
     },
     /// Print a new random 256-bit encryption key (base64) on stdout, and on
     /// stderr how to add it to [[encryption.keys]].

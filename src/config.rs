@@ -59,6 +59,8 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(default)]
+    profile: Profile,
     listen: RawListen,
     upstream: RawUpstream,
     #[serde(default)]
@@ -163,6 +165,9 @@ struct RawUpstream {
     password_file: Option<PathBuf>,
     password: Option<RawSecret>,
     connect_timeout: Option<String>,
+    #[serde(default)]
+    allow_admin: bool,
+    plaintext_port_probe: Option<u16>,
 }
 
 #[derive(Deserialize, Default)]
@@ -184,9 +189,24 @@ struct RawShutdown {
     grace_period: Option<String>,
 }
 
+/// How strict the startup checks are. Nothing relaxes upstream TLS,
+/// certificate verification or AUTH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    #[default]
+    Production,
+    Staging,
+    Development,
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
+    pub profile: Profile,
+    /// Files holding secrets (passwords, private keys, data keys), with the
+    /// setting that names them: the startup checks look at their modes.
+    pub secret_files: Vec<(&'static str, PathBuf)>,
     pub listen: ListenConfig,
     pub upstream: UpstreamConfig,
     pub limits: LimitsConfig,
@@ -199,6 +219,8 @@ pub struct EncryptionConfig {
     pub keyring: Keyring,
     pub rules: Vec<Rule>,
     pub unknown_commands: UnknownCommands,
+    /// Keys whose bytes are all the same (all-zero, or an example like `AQEB...`).
+    pub weak_key_ids: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -240,6 +262,8 @@ pub struct UpstreamConfig {
     pub username: Option<String>,
     pub password: Secret,
     pub connect_timeout: Duration,
+    pub allow_admin: bool,
+    pub plaintext_port_probe: Option<u16>,
 }
 
 #[derive(Debug)]
@@ -277,7 +301,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 impl Config {
     fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+        let secret_files = secret_files(&raw, base);
         Ok(Config {
+            profile: raw.profile,
+            secret_files,
             listen: validate_listen(raw.listen, base)?,
             upstream: validate_upstream(raw.upstream, base)?,
             limits: validate_limits(raw.limits)?,
@@ -384,6 +411,8 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
             raw.connect_timeout.as_deref(),
             "5s",
         )?,
+        allow_admin: raw.allow_admin,
+        plaintext_port_probe: raw.plaintext_port_probe,
         server_name,
         address: raw.address,
     })
@@ -449,6 +478,7 @@ fn validate_encryption(
         )
     })?;
     let mut keys = Vec::with_capacity(raw.keys.len());
+    let mut weak_key_ids = Vec::new();
     for key in raw.keys {
         let text = match (key.file, key.env) {
             (Some(path), None) => {
@@ -480,6 +510,9 @@ fn validate_encryption(
         };
         let decoded = keyring::decode_key(key.id, &text)
             .map_err(|e| invalid("encryption.keys", e.to_string()))?;
+        if decoded.iter().all(|b| *b == decoded[0]) {
+            weak_key_ids.push(key.id);
+        }
         keys.push((key.id, decoded));
     }
     let legacy = match raw.legacy_plaintext {
@@ -519,7 +552,26 @@ fn validate_encryption(
         keyring,
         rules,
         unknown_commands,
+        weak_key_ids,
     })
+}
+
+/// Every configured file that holds a secret.
+fn secret_files(raw: &RawConfig, base: &Path) -> Vec<(&'static str, PathBuf)> {
+    let mut files = Vec::new();
+    let mut add = |setting: &'static str, path: Option<&PathBuf>| {
+        if let Some(path) = path {
+            files.push((setting, resolve(base, path.clone())));
+        }
+    };
+    add("upstream.key", raw.upstream.key.as_ref());
+    add("upstream.password_file", raw.upstream.password_file.as_ref());
+    add("listen.tls.key", raw.listen.tls.as_ref().map(|t| &t.key));
+    add("listen.auth.password_file", raw.listen.auth.as_ref().and_then(|a| a.password_file.as_ref()));
+    for key in raw.encryption.iter().flat_map(|e| &e.keys) {
+        add("encryption.keys.file", key.file.as_ref());
+    }
+    files
 }
 
 /// A secret from exactly one of `<key>` (or its environment variable) and `<key>_file`.

@@ -4,7 +4,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use redcloak::cli::{Cli, Command, LogFormat};
+use redcloak::cli::{Cli, Command, LogFormat, ReportFormat};
+use redcloak::upstream::gate;
 use redcloak::{config, playground, server::Server, shutdown};
 use std::process::ExitCode;
 
@@ -51,6 +52,16 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let loaded = config::load(&config)
                 .with_context(|| format!("configuration error in {}", config.display()))
                 .map_err(|e| (EXIT_CONFIG, e))?;
+            // The gate runs before any listener opens: a failing upstream is
+            // never put in front of a client.
+            let report = gate::run(&loaded).await;
+            if !report.passed {
+                eprint!("{}", report.text());
+                return Err((EXIT_CONFIG, anyhow::anyhow!("refusing to start: the startup security checks failed")));
+            }
+            for check in report.checks.iter().filter(|c| c.status != redcloak::upstream::report::Status::Ok) {
+                tracing::warn!(check = check.name, detail = %check.detail, fix = ?check.fix, "startup check warning");
+            }
             let server = Server::bind(loaded).await.map_err(|err| {
                 let code = if err.is_config() {
                     EXIT_CONFIG
@@ -61,6 +72,17 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             })?;
             server.run(shutdown).await;
             Ok(())
+        }
+        Command::Check { config, format } => {
+            let loaded = config::load(&config)
+                .with_context(|| format!("configuration error in {}", config.display()))
+                .map_err(|e| (EXIT_CONFIG, e))?;
+            let report = gate::run(&loaded).await;
+            match format {
+                ReportFormat::Text => print!("{}", report.text()),
+                ReportFormat::Json => println!("{}", report.json()),
+            }
+            if report.passed { Ok(()) } else { Err((EXIT_CONFIG, anyhow::anyhow!("startup security checks failed"))) }
         }
         Command::Keygen => {
             let key = redcloak::crypto::keyring::generate_key();

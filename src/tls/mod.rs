@@ -5,6 +5,7 @@
 //! Both accept TLS 1.2 and 1.3 only.
 
 pub mod client;
+pub mod inspect;
 pub mod load;
 pub mod server;
 

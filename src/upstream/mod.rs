@@ -7,6 +7,9 @@
 //! for one. Errors say which step failed and what to check; they never
 //! contain the password.
 
+pub mod gate;
+pub mod report;
+
 use crate::resp::{self, Limits, ReplyScanner};
 use crate::secret::Secret;
 use bytes::BytesMut;
@@ -117,34 +120,41 @@ impl Upstream {
         &self.settings.address
     }
 
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
     /// Opens a new connection: TCP, TLS, AUTH, each within the connect timeout.
     pub async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
+        let mut tls = self.handshake_with(&self.connector).await?;
+        warn_if_expiring(&tls);
+        self.log_in(&mut tls).await?;
+        Ok(tls)
+    }
+
+    /// TCP and a TLS handshake with `connector`, no AUTH yet. The startup
+    /// checks probe with other TLS configurations through this.
+    pub async fn handshake_with(&self, connector: &TlsConnector) -> Result<UpstreamStream, UpstreamError> {
         let address = &self.settings.address;
         let tcp = self
             .step("connecting", TcpStream::connect(address.as_str()))
             .await?
-            .map_err(|source| UpstreamError::Connect {
-                address: address.clone(),
-                source,
-            })?;
+            .map_err(|source| UpstreamError::Connect { address: address.clone(), source })?;
         tcp.set_nodelay(true)
-            .map_err(|source| UpstreamError::Connect {
-                address: address.clone(),
-                source,
-            })?;
-        let mut tls = self
-            .step(
-                "in the TLS handshake",
-                self.connector.connect(self.server_name.clone(), tcp),
-            )
+            .map_err(|source| UpstreamError::Connect { address: address.clone(), source })?;
+        self.step("in the TLS handshake", connector.connect(self.server_name.clone(), tcp))
             .await?
-            .map_err(|err| UpstreamError::Tls {
-                address: address.clone(),
-                hint: tls_hint(&err),
-                reason: err.to_string(),
-            })?;
-        self.step("logging in", self.log_in(&mut tls)).await??;
-        Ok(tls)
+            .map_err(|err| UpstreamError::Tls { address: address.clone(), hint: tls_hint(&err), reason: err.to_string() })
+    }
+
+    /// The TLS handshake with redcloak's own configuration.
+    pub async fn handshake(&self) -> Result<UpstreamStream, UpstreamError> {
+        self.handshake_with(&self.connector).await
+    }
+
+    /// Logs a TLS connection in with redcloak's credentials.
+    pub async fn log_in(&self, tls: &mut UpstreamStream) -> Result<(), UpstreamError> {
+        self.step("logging in", self.send_auth(tls)).await?
     }
 
     async fn step<F: Future>(
@@ -161,7 +171,7 @@ impl Upstream {
             })
     }
 
-    async fn log_in(&self, tls: &mut UpstreamStream) -> Result<(), UpstreamError> {
+    async fn send_auth(&self, tls: &mut UpstreamStream) -> Result<(), UpstreamError> {
         // With TLS 1.3, Redis rejects our certificate only after the
         // handshake: the alert arrives here, so it gets the same hints.
         let login_error = |err: io::Error| UpstreamError::Login {
@@ -209,6 +219,16 @@ async fn read_reply(tls: &mut UpstreamStream) -> io::Result<BytesMut> {
         if tls.read_buf(&mut buf).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
+    }
+}
+
+/// Logs a warning when Redis's certificate expires within 30 days.
+fn warn_if_expiring(tls: &UpstreamStream) {
+    let expiry = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).and_then(|c| crate::tls::inspect::expiry(c));
+    if let Some(days) = expiry.and_then(crate::tls::inspect::days_left)
+        && days < 30
+    {
+        tracing::warn!(days_left = days, "Redis's TLS certificate expires soon");
     }
 }
 

@@ -1,0 +1,433 @@
+//! The startup security gate: before `serve` accepts a client (and in
+//! `redcloak check`), prove that the path to Redis is what security needs.
+//!
+//! Checks observe behaviour rather than read Redis's configuration (a
+//! least-privilege user cannot run CONFIG GET): a handshake without a client
+//! certificate must fail, PING without AUTH must answer NOAUTH, an admin
+//! command must answer NOPERM, and so on. Each check is a named line in the
+//! [`Report`]; any FAIL stops `serve` with exit code 78. The profile only
+//! decides between warn and FAIL for checks where that is a judgement;
+//! nothing relaxes upstream TLS, certificate verification or AUTH.
+
+use super::report::{Check, Report, Status, ok, problem};
+use super::{Login, Upstream, UpstreamSettings, UpstreamStream};
+use crate::config::{Config, Profile};
+use crate::crypto::Binding;
+use crate::crypto::keyring::Opened;
+use crate::resp::{self, Limits, ReplyScanner};
+use crate::secret::Secret;
+use crate::tls::{self, inspect};
+use bytes::{Bytes, BytesMut};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::TlsConnector;
+
+/// Passwords shorter than this fail, by profile.
+fn min_password_len(profile: Profile) -> usize {
+    match profile {
+        Profile::Development => 16,
+        Profile::Staging => 24,
+        Profile::Production => 32,
+    }
+}
+
+/// Default and example passwords that must never guard a Redis.
+const KNOWN_PASSWORDS: &[&str] = &[
+    "foobared", "password", "changeme", "change-me", "redis", "redcloak", "secret", "admin", "123456",
+    "example-upstream-password", "example-client-password",
+];
+
+/// warn in development, FAIL otherwise.
+fn strict(profile: Profile) -> Status {
+    if profile == Profile::Development { Status::Warn } else { Status::Fail }
+}
+
+/// Runs every check against the configured upstream.
+pub async fn run(config: &Config) -> Report {
+    let mut checks = Vec::new();
+    let address = config.upstream.address.clone();
+    match probe_upstream(config) {
+        Ok(upstream) => upstream_checks(config, &upstream, &mut checks).await,
+        Err(err) => checks.push(problem("tls", Status::Fail, err, "fix upstream.ca, upstream.cert and upstream.key")),
+    }
+    checks.push(certificate_files(config));
+    checks.push(key_files(config));
+    checks.push(passwords(config));
+    checks.push(keyring(config));
+    checks.push(downstream(config));
+    Report::new(config.profile, address, checks)
+}
+
+fn probe_upstream(config: &Config) -> Result<Upstream, String> {
+    let up = &config.upstream;
+    let tls = tls::client::config(&up.ca, &up.cert, &up.key).map_err(|e| e.to_string())?;
+    let login = Login { username: up.username.clone(), password: Secret::new(up.password.expose().to_vec()) };
+    let settings = UpstreamSettings {
+        address: up.address.clone(),
+        server_name: up.server_name.clone(),
+        connect_timeout: up.connect_timeout,
+    };
+    Upstream::new(settings, tls, Arc::new(login)).map_err(|e| e.to_string())
+}
+
+async fn upstream_checks(config: &Config, upstream: &Upstream, checks: &mut Vec<Check>) {
+    let profile = config.profile;
+    match upstream.handshake().await {
+        Ok(tls) => {
+            checks.push(tls_version(profile, &tls, &config.upstream.server_name));
+            checks.push(redis_certificate(profile, &tls));
+        }
+        Err(err) => {
+            checks.push(problem("tls", Status::Fail, err.to_string(), "see the hint; Redis must serve TLS with a certificate from upstream.ca"));
+            return;
+        }
+    }
+    checks.push(client_certificate_required(config, upstream).await);
+    checks.push(anonymous_refused(upstream).await);
+    let mut session = match upstream.connect().await {
+        Ok(session) => session,
+        Err(err) => {
+            checks.push(problem("auth", Status::Fail, err.to_string(), "check upstream.username and the password against Redis's ACL"));
+            return;
+        }
+    };
+    let timeout = config.upstream.connect_timeout;
+    checks.push(whoami(config, &mut session, timeout).await);
+    checks.push(least_privilege(config, &mut session, timeout).await);
+    checks.push(redis_version(&mut session, timeout).await);
+    checks.push(round_trip(config, &mut session, timeout).await);
+    checks.push(plaintext_port(config).await);
+}
+
+fn tls_version(profile: Profile, tls: &UpstreamStream, server_name: &str) -> Check {
+    let connection = tls.get_ref().1;
+    let version = connection.protocol_version();
+    let suite = connection.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+    let detail = format!("{version:?}, {suite}, certificate verified for {server_name}")
+        .replace("Some(TLSv1_3)", "TLS 1.3")
+        .replace("Some(TLSv1_2)", "TLS 1.2");
+    if profile == Profile::Production && version != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return problem(
+            "tls",
+            Status::Fail,
+            format!("{detail}: production requires TLS 1.3"),
+            "allow TLS 1.3 on Redis (tls-protocols \"TLSv1.2 TLSv1.3\"), or use profile = \"staging\"",
+        );
+    }
+    ok("tls", detail)
+}
+
+fn redis_certificate(profile: Profile, tls: &UpstreamStream) -> Check {
+    let der = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first().cloned());
+    match der.and_then(|der| inspect::expiry(&der)).and_then(inspect::days_left) {
+        Some(days) => expiry_check("redis-certificate", "Redis's certificate", profile, days),
+        None => problem("redis-certificate", Status::Fail, "cannot read Redis's certificate", "serve a valid X.509 certificate"),
+    }
+}
+
+/// Expired: FAIL; under 7 days: FAIL in production; under 30 days: warn.
+fn expiry_check(name: &'static str, what: &str, profile: Profile, days: i64) -> Check {
+    let renew = format!("renew {what}");
+    match days {
+        d if d < 0 => problem(name, Status::Fail, format!("{what} has expired"), renew),
+        d if d < 7 => problem(name, strict_production(profile), format!("{what} expires in {d} days"), renew),
+        d if d < 30 => problem(name, Status::Warn, format!("{what} expires in {d} days"), renew),
+        d => ok(name, format!("{what} valid for {d} more days")),
+    }
+}
+
+/// FAIL in production only.
+fn strict_production(profile: Profile) -> Status {
+    if profile == Profile::Production { Status::Fail } else { Status::Warn }
+}
+
+async fn client_certificate_required(config: &Config, upstream: &Upstream) -> Check {
+    const NAME: &str = "client-cert-required";
+    let connector = match tls::client::config_without_client_cert(&config.upstream.ca) {
+        Ok(tls) => TlsConnector::from(tls),
+        Err(err) => return problem(NAME, Status::Fail, err.to_string(), "fix upstream.ca"),
+    };
+    let refused = ok(NAME, "Redis refuses TLS clients without a certificate");
+    let Ok(mut tls) = upstream.handshake_with(&connector).await else {
+        return refused;
+    };
+    // With TLS 1.3 the refusal arrives after the handshake, on first use.
+    match call(&mut tls, &[b"PING"], config.upstream.connect_timeout).await {
+        Ok(_) => problem(
+            NAME,
+            strict(config.profile),
+            "Redis accepted a TLS client without a certificate",
+            "redis.conf: tls-auth-clients yes",
+        ),
+        Err(_) => refused,
+    }
+}
+
+async fn anonymous_refused(upstream: &Upstream) -> Check {
+    const NAME: &str = "anonymous-refused";
+    let timeout = upstream.settings().connect_timeout;
+    let reply = match upstream.handshake().await {
+        Ok(mut tls) => call(&mut tls, &[b"PING"], timeout).await,
+        Err(err) => Err(err.to_string()),
+    };
+    match reply {
+        Ok(reply) if reply.starts_with(b"-NOAUTH") => ok(NAME, "PING without AUTH answers NOAUTH"),
+        Ok(reply) if reply.starts_with(b"+PONG") => problem(
+            NAME,
+            Status::Fail,
+            "PING without AUTH answered PONG: Redis's default user is open to anyone who reaches it",
+            "redis.conf: user default off (and an ACL user for redcloak)",
+        ),
+        Ok(reply) => problem(NAME, Status::Warn, format!("PING without AUTH answered {}", line(&reply)), "expected NOAUTH"),
+        Err(err) => problem(NAME, Status::Fail, format!("no answer to PING: {err}"), "check that Redis is reachable"),
+    }
+}
+
+async fn whoami(config: &Config, session: &mut UpstreamStream, timeout: Duration) -> Check {
+    let expected = config.upstream.username.as_deref().unwrap_or("default");
+    match call(session, &[b"ACL", b"WHOAMI"], timeout).await {
+        Ok(reply) if resp::bulk_body(&reply) == Some(expected.as_bytes()) => {
+            ok("auth", format!("AUTH succeeded; ACL WHOAMI is '{expected}'"))
+        }
+        Ok(reply) => problem(
+            "auth",
+            Status::Fail,
+            format!("ACL WHOAMI answered {} instead of '{expected}'", line(&reply)),
+            "check upstream.username",
+        ),
+        Err(err) => problem("auth", Status::Fail, err, "check that Redis is reachable"),
+    }
+}
+
+async fn least_privilege(config: &Config, session: &mut UpstreamStream, timeout: Duration) -> Check {
+    const NAME: &str = "least-privilege";
+    let fix = "give redcloak's Redis user no admin commands (e.g. +@all -@admin -@dangerous), \
+               or set upstream.allow_admin = true";
+    match call(session, &[b"ACL", b"LIST"], timeout).await {
+        Ok(reply) if reply.starts_with(b"-NOPERM") => ok(NAME, "admin commands are refused (ACL LIST: NOPERM)"),
+        Ok(reply) if reply.starts_with(b"-") => problem(NAME, Status::Warn, format!("ACL LIST answered {}", line(&reply)), fix),
+        Ok(_) => {
+            let status = match (config.profile, config.upstream.allow_admin) {
+                (Profile::Production, false) => Status::Fail,
+                _ => Status::Warn,
+            };
+            problem(NAME, status, "redcloak's Redis user can run admin commands (ACL LIST succeeded)", fix)
+        }
+        Err(err) => problem(NAME, Status::Fail, err, "check that Redis is reachable"),
+    }
+}
+
+async fn redis_version(session: &mut UpstreamStream, timeout: Duration) -> Check {
+    const NAME: &str = "redis-version";
+    let reply = match call(session, &[b"HELLO", b"2"], timeout).await {
+        Ok(reply) => reply,
+        Err(err) => return problem(NAME, Status::Warn, format!("HELLO failed: {err}"), "use Redis 7 or later"),
+    };
+    let version = resp::aggregate_elements(&reply, &Limits::default()).and_then(|(_, elements)| {
+        let names: Vec<_> = elements.iter().map(|e| resp::bulk_body(e)).collect();
+        let at = names.iter().position(|n| *n == Some(b"version".as_slice()))?;
+        names.get(at + 1).copied().flatten().map(|v| String::from_utf8_lossy(v).into_owned())
+    });
+    match version {
+        Some(v) if v.split('.').next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0) >= 7 => ok(NAME, format!("Redis {v}")),
+        Some(v) => problem(NAME, Status::Warn, format!("Redis {v} is older than 7.0"), "upgrade Redis to 7 or later"),
+        None => problem(NAME, Status::Warn, "HELLO did not report a version", "use Redis 7 or later"),
+    }
+}
+
+async fn round_trip(config: &Config, session: &mut UpstreamStream, timeout: Duration) -> Check {
+    const NAME: &str = "round-trip";
+    let mut nonce = [0u8; 12];
+    crate::crypto::envelope::fill_random(&mut nonce);
+    let token: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let key = format!("redcloak:probe:{token}");
+    let binding = Binding { key: Some(key.as_bytes()), field: None };
+    let keyring = &config.encryption.keyring;
+    let sealed = keyring.seal(token.as_bytes(), binding);
+    let steps = async {
+        expect(call(session, &[b"SET", key.as_bytes(), &sealed, b"PX", b"10000"], timeout).await?, b"+OK\r\n", "SET")?;
+        let reply = call(session, &[b"GET", key.as_bytes()], timeout).await?;
+        let stored = resp::bulk_body(&reply).ok_or_else(|| format!("GET answered {}", line(&reply)))?;
+        let opened = keyring.open(stored, binding).map_err(|e| format!("the value read back failed to open: {e}"))?;
+        if opened != Opened::Plaintext(token.as_bytes().to_vec()) {
+            return Err("the value read back differs".to_owned());
+        }
+        call(session, &[b"DEL", key.as_bytes()], timeout).await?;
+        Ok::<_, String>(())
+    };
+    match steps.await {
+        Ok(()) => ok(NAME, format!("sealed SET, GET, open and DEL of {key} with key {}", keyring.primary_id())),
+        Err(err) => problem(NAME, Status::Fail, err, "redcloak's Redis user needs SET, GET and DEL"),
+    }
+}
+
+fn expect(reply: Bytes, expected: &[u8], command: &str) -> Result<(), String> {
+    if reply.as_ref() == expected { Ok(()) } else { Err(format!("{command} answered {}", line(&reply))) }
+}
+
+async fn plaintext_port(config: &Config) -> Check {
+    const NAME: &str = "plaintext-port";
+    let Some(port) = config.upstream.plaintext_port_probe else {
+        return ok(NAME, "not probed (set upstream.plaintext_port_probe, e.g. 6379, to check it is closed)");
+    };
+    let host = config.upstream.address.rsplit_once(':').map_or("", |(h, _)| h).trim_matches(['[', ']']);
+    let timeout = config.upstream.connect_timeout;
+    let connected = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await;
+    let Ok(Ok(mut plain)) = connected else {
+        return ok(NAME, format!("nothing accepts plaintext on port {port}"));
+    };
+    match call(&mut plain, &[b"PING"], timeout).await {
+        Ok(reply) if reply.starts_with(b"+PONG") => problem(
+            NAME,
+            Status::Fail,
+            format!("Redis answers PONG in plaintext, without a password, on port {port}"),
+            "redis.conf: port 0 (TLS only), and user default off",
+        ),
+        Ok(reply) => problem(
+            NAME,
+            strict(config.profile),
+            format!("Redis answers in plaintext on port {port} ({}): passwords would cross in the clear", line(&reply)),
+            "redis.conf: port 0 (TLS only)",
+        ),
+        Err(_) => ok(NAME, format!("port {port} does not speak plaintext RESP")),
+    }
+}
+
+fn certificate_files(config: &Config) -> Check {
+    const NAME: &str = "certificates";
+    let mut files = vec![("upstream.cert", &config.upstream.cert), ("upstream.ca", &config.upstream.ca)];
+    if let Some(listener) = &config.listen.tls {
+        files.push(("listen.tls.cert", &listener.cert));
+    }
+    let mut soonest: Option<(i64, &str)> = None;
+    for (setting, path) in files {
+        let certs = match tls::load::certificates(path, setting) {
+            Ok(certs) => certs,
+            Err(err) => return problem(NAME, Status::Fail, err.to_string(), format!("fix {setting}")),
+        };
+        for cert in certs {
+            let Some(days) = inspect::expiry(&cert).and_then(inspect::days_left) else {
+                return problem(NAME, Status::Fail, format!("{setting}: not an X.509 certificate"), format!("fix {setting}"));
+            };
+            if soonest.is_none_or(|(d, _)| days < d) {
+                soonest = Some((days, setting));
+            }
+        }
+    }
+    let Some((days, setting)) = soonest else {
+        return ok(NAME, "no certificates");
+    };
+    expiry_check(NAME, setting, config.profile, days)
+}
+
+fn key_files(config: &Config) -> Check {
+    const NAME: &str = "secret-files";
+    let mut open_to_others = Vec::new();
+    for (setting, path) in &config.secret_files {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                open_to_others.push(format!("{setting} {} (mode {:04o})", path.display(), meta.permissions().mode() & 0o777));
+            }
+            Ok(_) => {}
+            Err(err) => return problem(NAME, Status::Fail, format!("{setting} {}: {err}", path.display()), "fix the path"),
+        }
+    }
+    if open_to_others.is_empty() {
+        return ok(NAME, format!("{} secret files readable by their owner only", config.secret_files.len()));
+    }
+    problem(
+        NAME,
+        strict(config.profile),
+        format!("readable by group or others: {}", open_to_others.join(", ")),
+        "chmod 600 each file (owned by the user redcloak runs as)",
+    )
+}
+
+fn passwords(config: &Config) -> Check {
+    const NAME: &str = "password";
+    let min = min_password_len(config.profile);
+    let mut secrets = vec![("upstream password", &config.upstream.password)];
+    if let Some(auth) = &config.listen.auth {
+        secrets.push(("listen.auth password", &auth.password));
+    }
+    for (what, secret) in secrets {
+        let known = KNOWN_PASSWORDS.iter().any(|k| k.as_bytes().eq_ignore_ascii_case(secret.expose()));
+        if known {
+            return problem(NAME, Status::Fail, format!("the {what} is a known default or example value"), "use a random password");
+        }
+        if secret.len() < min {
+            return problem(
+                NAME,
+                Status::Fail,
+                format!("the {what} has {} characters; the {:?} profile needs {min}", secret.len(), config.profile).to_lowercase(),
+                "use a random password, e.g. `openssl rand -hex 32`",
+            );
+        }
+    }
+    ok(NAME, format!("passwords have at least {min} characters and are not known defaults"))
+}
+
+fn keyring(config: &Config) -> Check {
+    const NAME: &str = "keyring";
+    let encryption = &config.encryption;
+    if !encryption.weak_key_ids.is_empty() {
+        return problem(
+            NAME,
+            Status::Fail,
+            format!("key ids {:?} are all one repeated byte (all-zero or an example key)", encryption.weak_key_ids),
+            "make keys with `redcloak keygen`",
+        );
+    }
+    ok(NAME, format!("primary key {} present; keys are 32 random-looking bytes with unique ids", encryption.keyring.primary_id()))
+}
+
+fn downstream(config: &Config) -> Check {
+    const NAME: &str = "downstream";
+    if let Some(address) = config.listen.tcp
+        && !address.ip().is_loopback()
+    {
+        let status = if config.profile == Profile::Production { Status::Fail } else { Status::Warn };
+        return problem(
+            NAME,
+            status,
+            format!("plaintext listener on {address}, which is not loopback"),
+            "listen on 127.0.0.1 or a unix socket, and use [listen.tls] for remote clients",
+        );
+    }
+    if let Some(listener) = &config.listen.tls
+        && let Err(err) = tls::server::config(&listener.cert, &listener.key, listener.client_ca.as_deref())
+    {
+        return problem(NAME, Status::Fail, err.to_string(), "fix [listen.tls]");
+    }
+    ok(NAME, "plaintext listeners are loopback or unix sockets; the TLS listener's certificate and key load")
+}
+
+/// Sends one command and reads one reply, within `timeout`.
+async fn call<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, args: &[&[u8]], timeout: Duration) -> Result<Bytes, String> {
+    let exchange = async {
+        let mut out = BytesMut::new();
+        resp::encode_command(&mut out, args);
+        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        stream.flush().await.map_err(|e| e.to_string())?;
+        let limits = Limits::default();
+        let mut scanner = ReplyScanner::default();
+        let mut buf = BytesMut::with_capacity(512);
+        loop {
+            if let Some(len) = scanner.scan(&buf, &limits).map_err(|e| e.to_string())? {
+                return Ok(buf.split_to(len).freeze());
+            }
+            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                return Err("connection closed".to_owned());
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| "no answer in time".to_owned())?
+}
+
+/// The first line of a reply, for a report.
+fn line(reply: &[u8]) -> String {
+    let end = reply.iter().position(|&b| b == b'\r').unwrap_or(reply.len()).min(120);
+    String::from_utf8_lossy(&reply[..end]).into_owned()
+}
