@@ -565,9 +565,18 @@ fn secret_files(raw: &RawConfig, base: &Path) -> Vec<(&'static str, PathBuf)> {
         }
     };
     add("upstream.key", raw.upstream.key.as_ref());
-    add("upstream.password_file", raw.upstream.password_file.as_ref());
+    add(
+        "upstream.password_file",
+        raw.upstream.password_file.as_ref(),
+    );
     add("listen.tls.key", raw.listen.tls.as_ref().map(|t| &t.key));
-    add("listen.auth.password_file", raw.listen.auth.as_ref().and_then(|a| a.password_file.as_ref()));
+    add(
+        "listen.auth.password_file",
+        raw.listen
+            .auth
+            .as_ref()
+            .and_then(|a| a.password_file.as_ref()),
+    );
     for key in raw.encryption.iter().flat_map(|e| &e.keys) {
         add("encryption.keys.file", key.file.as_ref());
     }

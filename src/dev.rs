@@ -123,8 +123,18 @@ pub struct DevCerts {
 /// Writes a CA, a Redis server certificate for `hosts` and a client
 /// certificate for redcloak's upstream side into `dir` (keys mode 0600).
 pub fn write_dev_certs(dir: &Path, hosts: &[&str]) -> Result<DevCerts, DevError> {
+    write_dev_certs_with(dir, hosts, |_| {})
+}
+
+/// Like [`write_dev_certs`], with a hook on the Redis certificate's
+/// parameters (validity dates, for tests of expiry).
+pub fn write_dev_certs_with(
+    dir: &Path,
+    hosts: &[&str],
+    adjust_redis: impl FnOnce(&mut CertificateParams),
+) -> Result<DevCerts, DevError> {
     let ca = Authority::new("redcloak development CA")?;
-    let redis = ca.issue("redis", hosts, Usage::Server)?;
+    let redis = ca.issue_with("redis", hosts, Usage::Server, adjust_redis)?;
     let client = ca.issue("redcloak", &[], Usage::Client)?;
     let certs = DevCerts {
         ca: dir.join("ca.crt"),
@@ -171,6 +181,10 @@ pub fn random_password() -> Result<String, DevError> {
 pub struct RedisOptions {
     pub username: String,
     pub password: String,
+    /// The user's ACL rules, e.g. `~* &* +@all`.
+    pub acl: String,
+    /// `user default off`; false leaves Redis open to anonymous clients.
+    pub default_user_off: bool,
     /// `yes` (required), `optional` or `no`.
     pub tls_auth_clients: &'static str,
     /// More redis.conf lines.
@@ -225,12 +239,14 @@ impl ChildRedis {
             "appendonly no".to_owned(),
             format!("dir {}", dir.display()),
             "daemonize no".to_owned(),
-            "user default off".to_owned(),
             format!(
-                "user {} on >{} ~* &* +@all",
-                options.username, options.password
+                "user {} on >{} {}",
+                options.username, options.password, options.acl
             ),
         ];
+        if options.default_user_off {
+            lines.push("user default off".to_owned());
+        }
         lines.extend(options.extra.iter().cloned());
         write_file(&conf, (lines.join("\n") + "\n").as_bytes(), 0o600)?;
         let log_file = std::fs::File::create(&log).map_err(|source| DevError::File {

@@ -57,9 +57,16 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let report = gate::run(&loaded).await;
             if !report.passed {
                 eprint!("{}", report.text());
-                return Err((EXIT_CONFIG, anyhow::anyhow!("refusing to start: the startup security checks failed")));
+                return Err((
+                    EXIT_CONFIG,
+                    anyhow::anyhow!("refusing to start: the startup security checks failed"),
+                ));
             }
-            for check in report.checks.iter().filter(|c| c.status != redcloak::upstream::report::Status::Ok) {
+            for check in report
+                .checks
+                .iter()
+                .filter(|c| c.status != redcloak::upstream::report::Status::Ok)
+            {
                 tracing::warn!(check = check.name, detail = %check.detail, fix = ?check.fix, "startup check warning");
             }
             let server = Server::bind(loaded).await.map_err(|err| {
@@ -82,7 +89,14 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 ReportFormat::Text => print!("{}", report.text()),
                 ReportFormat::Json => println!("{}", report.json()),
             }
-            if report.passed { Ok(()) } else { Err((EXIT_CONFIG, anyhow::anyhow!("startup security checks failed"))) }
+            if report.passed {
+                Ok(())
+            } else {
+                Err((
+                    EXIT_CONFIG,
+                    anyhow::anyhow!("startup security checks failed"),
+                ))
+            }
         }
         Command::Keygen => {
             let key = redcloak::crypto::keyring::generate_key();
@@ -106,9 +120,12 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: journald, files and pipes get plain text.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colours);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -39,6 +39,8 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> Result<(), 
     let options = RedisOptions {
         username: REDIS_USER.into(),
         password,
+        acl: "~* &* +@all".into(),
+        default_user_off: true,
         tls_auth_clients: "yes",
         extra: Vec::new(),
     };

@@ -12,7 +12,10 @@ pub fn config_without_client_cert(ca: &Path) -> Result<Arc<rustls::ClientConfig>
     let roots = load::roots(ca, "upstream CA certificate (upstream.ca)")?;
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
-        .map_err(|source| TlsError::Rejected { what: "TLS versions", source })?
+        .map_err(|source| TlsError::Rejected {
+            what: "TLS versions",
+            source,
+        })?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))

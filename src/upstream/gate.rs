@@ -35,13 +35,26 @@ fn min_password_len(profile: Profile) -> usize {
 
 /// Default and example passwords that must never guard a Redis.
 const KNOWN_PASSWORDS: &[&str] = &[
-    "foobared", "password", "changeme", "change-me", "redis", "redcloak", "secret", "admin", "123456",
-    "example-upstream-password", "example-client-password",
+    "foobared",
+    "password",
+    "changeme",
+    "change-me",
+    "redis",
+    "redcloak",
+    "secret",
+    "admin",
+    "123456",
+    "example-upstream-password",
+    "example-client-password",
 ];
 
 /// warn in development, FAIL otherwise.
 fn strict(profile: Profile) -> Status {
-    if profile == Profile::Development { Status::Warn } else { Status::Fail }
+    if profile == Profile::Development {
+        Status::Warn
+    } else {
+        Status::Fail
+    }
 }
 
 /// Runs every check against the configured upstream.
@@ -50,7 +63,12 @@ pub async fn run(config: &Config) -> Report {
     let address = config.upstream.address.clone();
     match probe_upstream(config) {
         Ok(upstream) => upstream_checks(config, &upstream, &mut checks).await,
-        Err(err) => checks.push(problem("tls", Status::Fail, err, "fix upstream.ca, upstream.cert and upstream.key")),
+        Err(err) => checks.push(problem(
+            "tls",
+            Status::Fail,
+            err,
+            "fix upstream.ca, upstream.cert and upstream.key",
+        )),
     }
     checks.push(certificate_files(config));
     checks.push(key_files(config));
@@ -63,7 +81,10 @@ pub async fn run(config: &Config) -> Report {
 fn probe_upstream(config: &Config) -> Result<Upstream, String> {
     let up = &config.upstream;
     let tls = tls::client::config(&up.ca, &up.cert, &up.key).map_err(|e| e.to_string())?;
-    let login = Login { username: up.username.clone(), password: Secret::new(up.password.expose().to_vec()) };
+    let login = Login {
+        username: up.username.clone(),
+        password: Secret::new(up.password.expose().to_vec()),
+    };
     let settings = UpstreamSettings {
         address: up.address.clone(),
         server_name: up.server_name.clone(),
@@ -80,7 +101,12 @@ async fn upstream_checks(config: &Config, upstream: &Upstream, checks: &mut Vec<
             checks.push(redis_certificate(profile, &tls));
         }
         Err(err) => {
-            checks.push(problem("tls", Status::Fail, err.to_string(), "see the hint; Redis must serve TLS with a certificate from upstream.ca"));
+            checks.push(problem(
+                "tls",
+                Status::Fail,
+                err.to_string(),
+                "see the hint; Redis must serve TLS with a certificate from upstream.ca",
+            ));
             return;
         }
     }
@@ -89,7 +115,12 @@ async fn upstream_checks(config: &Config, upstream: &Upstream, checks: &mut Vec<
     let mut session = match upstream.connect().await {
         Ok(session) => session,
         Err(err) => {
-            checks.push(problem("auth", Status::Fail, err.to_string(), "check upstream.username and the password against Redis's ACL"));
+            checks.push(problem(
+                "auth",
+                Status::Fail,
+                err.to_string(),
+                "check upstream.username and the password against Redis's ACL",
+            ));
             return;
         }
     };
@@ -104,7 +135,10 @@ async fn upstream_checks(config: &Config, upstream: &Upstream, checks: &mut Vec<
 fn tls_version(profile: Profile, tls: &UpstreamStream, server_name: &str) -> Check {
     let connection = tls.get_ref().1;
     let version = connection.protocol_version();
-    let suite = connection.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+    let suite = connection
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()))
+        .unwrap_or_default();
     let detail = format!("{version:?}, {suite}, certificate verified for {server_name}")
         .replace("Some(TLSv1_3)", "TLS 1.3")
         .replace("Some(TLSv1_2)", "TLS 1.2");
@@ -120,10 +154,22 @@ fn tls_version(profile: Profile, tls: &UpstreamStream, server_name: &str) -> Che
 }
 
 fn redis_certificate(profile: Profile, tls: &UpstreamStream) -> Check {
-    let der = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first().cloned());
-    match der.and_then(|der| inspect::expiry(&der)).and_then(inspect::days_left) {
+    let der = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first().cloned());
+    match der
+        .and_then(|der| inspect::expiry(&der))
+        .and_then(inspect::days_left)
+    {
         Some(days) => expiry_check("redis-certificate", "Redis's certificate", profile, days),
-        None => problem("redis-certificate", Status::Fail, "cannot read Redis's certificate", "serve a valid X.509 certificate"),
+        None => problem(
+            "redis-certificate",
+            Status::Fail,
+            "cannot read Redis's certificate",
+            "serve a valid X.509 certificate",
+        ),
     }
 }
 
@@ -132,15 +178,29 @@ fn expiry_check(name: &'static str, what: &str, profile: Profile, days: i64) -> 
     let renew = format!("renew {what}");
     match days {
         d if d < 0 => problem(name, Status::Fail, format!("{what} has expired"), renew),
-        d if d < 7 => problem(name, strict_production(profile), format!("{what} expires in {d} days"), renew),
-        d if d < 30 => problem(name, Status::Warn, format!("{what} expires in {d} days"), renew),
+        d if d < 7 => problem(
+            name,
+            strict_production(profile),
+            format!("{what} expires in {d} days"),
+            renew,
+        ),
+        d if d < 30 => problem(
+            name,
+            Status::Warn,
+            format!("{what} expires in {d} days"),
+            renew,
+        ),
         d => ok(name, format!("{what} valid for {d} more days")),
     }
 }
 
 /// FAIL in production only.
 fn strict_production(profile: Profile) -> Status {
-    if profile == Profile::Production { Status::Fail } else { Status::Warn }
+    if profile == Profile::Production {
+        Status::Fail
+    } else {
+        Status::Warn
+    }
 }
 
 async fn client_certificate_required(config: &Config, upstream: &Upstream) -> Check {
@@ -180,40 +240,70 @@ async fn anonymous_refused(upstream: &Upstream) -> Check {
             "PING without AUTH answered PONG: Redis's default user is open to anyone who reaches it",
             "redis.conf: user default off (and an ACL user for redcloak)",
         ),
-        Ok(reply) => problem(NAME, Status::Warn, format!("PING without AUTH answered {}", line(&reply)), "expected NOAUTH"),
-        Err(err) => problem(NAME, Status::Fail, format!("no answer to PING: {err}"), "check that Redis is reachable"),
+        Ok(reply) => problem(
+            NAME,
+            Status::Warn,
+            format!("PING without AUTH answered {}", line(&reply)),
+            "expected NOAUTH",
+        ),
+        Err(err) => problem(
+            NAME,
+            Status::Fail,
+            format!("no answer to PING: {err}"),
+            "check that Redis is reachable",
+        ),
     }
 }
 
 async fn whoami(config: &Config, session: &mut UpstreamStream, timeout: Duration) -> Check {
     let expected = config.upstream.username.as_deref().unwrap_or("default");
     match call(session, &[b"ACL", b"WHOAMI"], timeout).await {
-        Ok(reply) if resp::bulk_body(&reply) == Some(expected.as_bytes()) => {
-            ok("auth", format!("AUTH succeeded; ACL WHOAMI is '{expected}'"))
-        }
+        Ok(reply) if resp::bulk_body(&reply) == Some(expected.as_bytes()) => ok(
+            "auth",
+            format!("AUTH succeeded; ACL WHOAMI is '{expected}'"),
+        ),
         Ok(reply) => problem(
             "auth",
             Status::Fail,
-            format!("ACL WHOAMI answered {} instead of '{expected}'", line(&reply)),
+            format!(
+                "ACL WHOAMI answered {} instead of '{expected}'",
+                line(&reply)
+            ),
             "check upstream.username",
         ),
         Err(err) => problem("auth", Status::Fail, err, "check that Redis is reachable"),
     }
 }
 
-async fn least_privilege(config: &Config, session: &mut UpstreamStream, timeout: Duration) -> Check {
+async fn least_privilege(
+    config: &Config,
+    session: &mut UpstreamStream,
+    timeout: Duration,
+) -> Check {
     const NAME: &str = "least-privilege";
     let fix = "give redcloak's Redis user no admin commands (e.g. +@all -@admin -@dangerous), \
                or set upstream.allow_admin = true";
     match call(session, &[b"ACL", b"LIST"], timeout).await {
-        Ok(reply) if reply.starts_with(b"-NOPERM") => ok(NAME, "admin commands are refused (ACL LIST: NOPERM)"),
-        Ok(reply) if reply.starts_with(b"-") => problem(NAME, Status::Warn, format!("ACL LIST answered {}", line(&reply)), fix),
+        Ok(reply) if reply.starts_with(b"-NOPERM") => {
+            ok(NAME, "admin commands are refused (ACL LIST: NOPERM)")
+        }
+        Ok(reply) if reply.starts_with(b"-") => problem(
+            NAME,
+            Status::Warn,
+            format!("ACL LIST answered {}", line(&reply)),
+            fix,
+        ),
         Ok(_) => {
             let status = match (config.profile, config.upstream.allow_admin) {
                 (Profile::Production, false) => Status::Fail,
                 _ => Status::Warn,
             };
-            problem(NAME, status, "redcloak's Redis user can run admin commands (ACL LIST succeeded)", fix)
+            problem(
+                NAME,
+                status,
+                "redcloak's Redis user can run admin commands (ACL LIST succeeded)",
+                fix,
+            )
         }
         Err(err) => problem(NAME, Status::Fail, err, "check that Redis is reachable"),
     }
@@ -223,17 +313,48 @@ async fn redis_version(session: &mut UpstreamStream, timeout: Duration) -> Check
     const NAME: &str = "redis-version";
     let reply = match call(session, &[b"HELLO", b"2"], timeout).await {
         Ok(reply) => reply,
-        Err(err) => return problem(NAME, Status::Warn, format!("HELLO failed: {err}"), "use Redis 7 or later"),
+        Err(err) => {
+            return problem(
+                NAME,
+                Status::Warn,
+                format!("HELLO failed: {err}"),
+                "use Redis 7 or later",
+            );
+        }
     };
     let version = resp::aggregate_elements(&reply, &Limits::default()).and_then(|(_, elements)| {
         let names: Vec<_> = elements.iter().map(|e| resp::bulk_body(e)).collect();
-        let at = names.iter().position(|n| *n == Some(b"version".as_slice()))?;
-        names.get(at + 1).copied().flatten().map(|v| String::from_utf8_lossy(v).into_owned())
+        let at = names
+            .iter()
+            .position(|n| *n == Some(b"version".as_slice()))?;
+        names
+            .get(at + 1)
+            .copied()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
     });
     match version {
-        Some(v) if v.split('.').next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0) >= 7 => ok(NAME, format!("Redis {v}")),
-        Some(v) => problem(NAME, Status::Warn, format!("Redis {v} is older than 7.0"), "upgrade Redis to 7 or later"),
-        None => problem(NAME, Status::Warn, "HELLO did not report a version", "use Redis 7 or later"),
+        Some(v)
+            if v.split('.')
+                .next()
+                .and_then(|m| m.parse::<u32>().ok())
+                .unwrap_or(0)
+                >= 7 =>
+        {
+            ok(NAME, format!("Redis {v}"))
+        }
+        Some(v) => problem(
+            NAME,
+            Status::Warn,
+            format!("Redis {v} is older than 7.0"),
+            "upgrade Redis to 7 or later",
+        ),
+        None => problem(
+            NAME,
+            Status::Warn,
+            "HELLO did not report a version",
+            "use Redis 7 or later",
+        ),
     }
 }
 
@@ -243,14 +364,29 @@ async fn round_trip(config: &Config, session: &mut UpstreamStream, timeout: Dura
     crate::crypto::envelope::fill_random(&mut nonce);
     let token: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
     let key = format!("redcloak:probe:{token}");
-    let binding = Binding { key: Some(key.as_bytes()), field: None };
+    let binding = Binding {
+        key: Some(key.as_bytes()),
+        field: None,
+    };
     let keyring = &config.encryption.keyring;
     let sealed = keyring.seal(token.as_bytes(), binding);
     let steps = async {
-        expect(call(session, &[b"SET", key.as_bytes(), &sealed, b"PX", b"10000"], timeout).await?, b"+OK\r\n", "SET")?;
+        expect(
+            call(
+                session,
+                &[b"SET", key.as_bytes(), &sealed, b"PX", b"10000"],
+                timeout,
+            )
+            .await?,
+            b"+OK\r\n",
+            "SET",
+        )?;
         let reply = call(session, &[b"GET", key.as_bytes()], timeout).await?;
-        let stored = resp::bulk_body(&reply).ok_or_else(|| format!("GET answered {}", line(&reply)))?;
-        let opened = keyring.open(stored, binding).map_err(|e| format!("the value read back failed to open: {e}"))?;
+        let stored =
+            resp::bulk_body(&reply).ok_or_else(|| format!("GET answered {}", line(&reply)))?;
+        let opened = keyring
+            .open(stored, binding)
+            .map_err(|e| format!("the value read back failed to open: {e}"))?;
         if opened != Opened::Plaintext(token.as_bytes().to_vec()) {
             return Err("the value read back differs".to_owned());
         }
@@ -258,23 +394,47 @@ async fn round_trip(config: &Config, session: &mut UpstreamStream, timeout: Dura
         Ok::<_, String>(())
     };
     match steps.await {
-        Ok(()) => ok(NAME, format!("sealed SET, GET, open and DEL of {key} with key {}", keyring.primary_id())),
-        Err(err) => problem(NAME, Status::Fail, err, "redcloak's Redis user needs SET, GET and DEL"),
+        Ok(()) => ok(
+            NAME,
+            format!(
+                "sealed SET, GET, open and DEL of {key} with key {}",
+                keyring.primary_id()
+            ),
+        ),
+        Err(err) => problem(
+            NAME,
+            Status::Fail,
+            err,
+            "redcloak's Redis user needs SET, GET and DEL",
+        ),
     }
 }
 
 fn expect(reply: Bytes, expected: &[u8], command: &str) -> Result<(), String> {
-    if reply.as_ref() == expected { Ok(()) } else { Err(format!("{command} answered {}", line(&reply))) }
+    if reply.as_ref() == expected {
+        Ok(())
+    } else {
+        Err(format!("{command} answered {}", line(&reply)))
+    }
 }
 
 async fn plaintext_port(config: &Config) -> Check {
     const NAME: &str = "plaintext-port";
     let Some(port) = config.upstream.plaintext_port_probe else {
-        return ok(NAME, "not probed (set upstream.plaintext_port_probe, e.g. 6379, to check it is closed)");
+        return ok(
+            NAME,
+            "not probed (set upstream.plaintext_port_probe, e.g. 6379, to check it is closed)",
+        );
     };
-    let host = config.upstream.address.rsplit_once(':').map_or("", |(h, _)| h).trim_matches(['[', ']']);
+    let host = config
+        .upstream
+        .address
+        .rsplit_once(':')
+        .map_or("", |(h, _)| h)
+        .trim_matches(['[', ']']);
     let timeout = config.upstream.connect_timeout;
-    let connected = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await;
+    let connected =
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await;
     let Ok(Ok(mut plain)) = connected else {
         return ok(NAME, format!("nothing accepts plaintext on port {port}"));
     };
@@ -288,7 +448,10 @@ async fn plaintext_port(config: &Config) -> Check {
         Ok(reply) => problem(
             NAME,
             strict(config.profile),
-            format!("Redis answers in plaintext on port {port} ({}): passwords would cross in the clear", line(&reply)),
+            format!(
+                "Redis answers in plaintext on port {port} ({}): passwords would cross in the clear",
+                line(&reply)
+            ),
             "redis.conf: port 0 (TLS only)",
         ),
         Err(_) => ok(NAME, format!("port {port} does not speak plaintext RESP")),
@@ -297,7 +460,10 @@ async fn plaintext_port(config: &Config) -> Check {
 
 fn certificate_files(config: &Config) -> Check {
     const NAME: &str = "certificates";
-    let mut files = vec![("upstream.cert", &config.upstream.cert), ("upstream.ca", &config.upstream.ca)];
+    let mut files = vec![
+        ("upstream.cert", &config.upstream.cert),
+        ("upstream.ca", &config.upstream.ca),
+    ];
     if let Some(listener) = &config.listen.tls {
         files.push(("listen.tls.cert", &listener.cert));
     }
@@ -305,11 +471,23 @@ fn certificate_files(config: &Config) -> Check {
     for (setting, path) in files {
         let certs = match tls::load::certificates(path, setting) {
             Ok(certs) => certs,
-            Err(err) => return problem(NAME, Status::Fail, err.to_string(), format!("fix {setting}")),
+            Err(err) => {
+                return problem(
+                    NAME,
+                    Status::Fail,
+                    err.to_string(),
+                    format!("fix {setting}"),
+                );
+            }
         };
         for cert in certs {
             let Some(days) = inspect::expiry(&cert).and_then(inspect::days_left) else {
-                return problem(NAME, Status::Fail, format!("{setting}: not an X.509 certificate"), format!("fix {setting}"));
+                return problem(
+                    NAME,
+                    Status::Fail,
+                    format!("{setting}: not an X.509 certificate"),
+                    format!("fix {setting}"),
+                );
             };
             if soonest.is_none_or(|(d, _)| days < d) {
                 soonest = Some((days, setting));
@@ -328,14 +506,31 @@ fn key_files(config: &Config) -> Check {
     for (setting, path) in &config.secret_files {
         match std::fs::metadata(path) {
             Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
-                open_to_others.push(format!("{setting} {} (mode {:04o})", path.display(), meta.permissions().mode() & 0o777));
+                open_to_others.push(format!(
+                    "{setting} {} (mode {:04o})",
+                    path.display(),
+                    meta.permissions().mode() & 0o777
+                ));
             }
             Ok(_) => {}
-            Err(err) => return problem(NAME, Status::Fail, format!("{setting} {}: {err}", path.display()), "fix the path"),
+            Err(err) => {
+                return problem(
+                    NAME,
+                    Status::Fail,
+                    format!("{setting} {}: {err}", path.display()),
+                    "fix the path",
+                );
+            }
         }
     }
     if open_to_others.is_empty() {
-        return ok(NAME, format!("{} secret files readable by their owner only", config.secret_files.len()));
+        return ok(
+            NAME,
+            format!(
+                "{} secret files readable by their owner only",
+                config.secret_files.len()
+            ),
+        );
     }
     problem(
         NAME,
@@ -353,20 +548,35 @@ fn passwords(config: &Config) -> Check {
         secrets.push(("listen.auth password", &auth.password));
     }
     for (what, secret) in secrets {
-        let known = KNOWN_PASSWORDS.iter().any(|k| k.as_bytes().eq_ignore_ascii_case(secret.expose()));
+        let known = KNOWN_PASSWORDS
+            .iter()
+            .any(|k| k.as_bytes().eq_ignore_ascii_case(secret.expose()));
         if known {
-            return problem(NAME, Status::Fail, format!("the {what} is a known default or example value"), "use a random password");
+            return problem(
+                NAME,
+                Status::Fail,
+                format!("the {what} is a known default or example value"),
+                "use a random password",
+            );
         }
         if secret.len() < min {
             return problem(
                 NAME,
                 Status::Fail,
-                format!("the {what} has {} characters; the {:?} profile needs {min}", secret.len(), config.profile).to_lowercase(),
+                format!(
+                    "the {what} has {} characters; the {:?} profile needs {min}",
+                    secret.len(),
+                    config.profile
+                )
+                .to_lowercase(),
                 "use a random password, e.g. `openssl rand -hex 32`",
             );
         }
     }
-    ok(NAME, format!("passwords have at least {min} characters and are not known defaults"))
+    ok(
+        NAME,
+        format!("passwords have at least {min} characters and are not known defaults"),
+    )
 }
 
 fn keyring(config: &Config) -> Check {
@@ -376,11 +586,20 @@ fn keyring(config: &Config) -> Check {
         return problem(
             NAME,
             Status::Fail,
-            format!("key ids {:?} are all one repeated byte (all-zero or an example key)", encryption.weak_key_ids),
+            format!(
+                "key ids {:?} are all one repeated byte (all-zero or an example key)",
+                encryption.weak_key_ids
+            ),
             "make keys with `redcloak keygen`",
         );
     }
-    ok(NAME, format!("primary key {} present; keys are 32 random-looking bytes with unique ids", encryption.keyring.primary_id()))
+    ok(
+        NAME,
+        format!(
+            "primary key {} present; keys are 32 random-looking bytes with unique ids",
+            encryption.keyring.primary_id()
+        ),
+    )
 }
 
 fn downstream(config: &Config) -> Check {
@@ -388,7 +607,11 @@ fn downstream(config: &Config) -> Check {
     if let Some(address) = config.listen.tcp
         && !address.ip().is_loopback()
     {
-        let status = if config.profile == Profile::Production { Status::Fail } else { Status::Warn };
+        let status = if config.profile == Profile::Production {
+            Status::Fail
+        } else {
+            Status::Warn
+        };
         return problem(
             NAME,
             status,
@@ -397,15 +620,23 @@ fn downstream(config: &Config) -> Check {
         );
     }
     if let Some(listener) = &config.listen.tls
-        && let Err(err) = tls::server::config(&listener.cert, &listener.key, listener.client_ca.as_deref())
+        && let Err(err) =
+            tls::server::config(&listener.cert, &listener.key, listener.client_ca.as_deref())
     {
         return problem(NAME, Status::Fail, err.to_string(), "fix [listen.tls]");
     }
-    ok(NAME, "plaintext listeners are loopback or unix sockets; the TLS listener's certificate and key load")
+    ok(
+        NAME,
+        "plaintext listeners are loopback or unix sockets; the TLS listener's certificate and key load",
+    )
 }
 
 /// Sends one command and reads one reply, within `timeout`.
-async fn call<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, args: &[&[u8]], timeout: Duration) -> Result<Bytes, String> {
+async fn call<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    args: &[&[u8]],
+    timeout: Duration,
+) -> Result<Bytes, String> {
     let exchange = async {
         let mut out = BytesMut::new();
         resp::encode_command(&mut out, args);
@@ -423,11 +654,17 @@ async fn call<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, args: &[&[u8]],
             }
         }
     };
-    tokio::time::timeout(timeout, exchange).await.map_err(|_| "no answer in time".to_owned())?
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| "no answer in time".to_owned())?
 }
 
 /// The first line of a reply, for a report.
 fn line(reply: &[u8]) -> String {
-    let end = reply.iter().position(|&b| b == b'\r').unwrap_or(reply.len()).min(120);
+    let end = reply
+        .iter()
+        .position(|&b| b == b'\r')
+        .unwrap_or(reply.len())
+        .min(120);
     String::from_utf8_lossy(&reply[..end]).into_owned()
 }

@@ -134,17 +134,33 @@ impl Upstream {
 
     /// TCP and a TLS handshake with `connector`, no AUTH yet. The startup
     /// checks probe with other TLS configurations through this.
-    pub async fn handshake_with(&self, connector: &TlsConnector) -> Result<UpstreamStream, UpstreamError> {
+    pub async fn handshake_with(
+        &self,
+        connector: &TlsConnector,
+    ) -> Result<UpstreamStream, UpstreamError> {
         let address = &self.settings.address;
         let tcp = self
             .step("connecting", TcpStream::connect(address.as_str()))
             .await?
-            .map_err(|source| UpstreamError::Connect { address: address.clone(), source })?;
+            .map_err(|source| UpstreamError::Connect {
+                address: address.clone(),
+                source,
+            })?;
         tcp.set_nodelay(true)
-            .map_err(|source| UpstreamError::Connect { address: address.clone(), source })?;
-        self.step("in the TLS handshake", connector.connect(self.server_name.clone(), tcp))
-            .await?
-            .map_err(|err| UpstreamError::Tls { address: address.clone(), hint: tls_hint(&err), reason: err.to_string() })
+            .map_err(|source| UpstreamError::Connect {
+                address: address.clone(),
+                source,
+            })?;
+        self.step(
+            "in the TLS handshake",
+            connector.connect(self.server_name.clone(), tcp),
+        )
+        .await?
+        .map_err(|err| UpstreamError::Tls {
+            address: address.clone(),
+            hint: tls_hint(&err),
+            reason: err.to_string(),
+        })
     }
 
     /// The TLS handshake with redcloak's own configuration.
@@ -224,7 +240,12 @@ async fn read_reply(tls: &mut UpstreamStream) -> io::Result<BytesMut> {
 
 /// Logs a warning when Redis's certificate expires within 30 days.
 fn warn_if_expiring(tls: &UpstreamStream) {
-    let expiry = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).and_then(|c| crate::tls::inspect::expiry(c));
+    let expiry = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|c| crate::tls::inspect::expiry(c));
     if let Some(days) = expiry.and_then(crate::tls::inspect::days_left)
         && days < 30
     {

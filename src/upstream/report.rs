@@ -37,7 +37,12 @@ pub struct Report {
 impl Report {
     pub fn new(profile: Profile, upstream: String, checks: Vec<Check>) -> Self {
         let passed = checks.iter().all(|c| c.status != Status::Fail);
-        Report { profile, upstream, passed, checks }
+        Report {
+            profile,
+            upstream,
+            passed,
+            checks,
+        }
     }
 
     pub fn check(&self, name: &str) -> Option<&Check> {
@@ -49,34 +54,66 @@ impl Report {
     }
 
     pub fn text(&self) -> String {
-        let mut out = format!("redcloak check: profile {:?}, upstream {}\n", self.profile, self.upstream).to_lowercase();
+        let mut out = format!(
+            "redcloak check: profile {:?}, upstream {}\n",
+            self.profile, self.upstream
+        )
+        .to_lowercase();
         for check in &self.checks {
             let status = match check.status {
                 Status::Ok => "ok",
                 Status::Warn => "warn",
                 Status::Fail => "FAIL",
             };
-            out.push_str(&format!("  {status:<5} {:<16} {}\n", check.name, check.detail));
+            out.push_str(&format!(
+                "  {status:<5} {:<16} {}\n",
+                check.name, check.detail
+            ));
             if let Some(fix) = &check.fix {
                 out.push_str(&format!("  {:<5} {:<16} fix: {fix}\n", "", ""));
             }
         }
-        let failed = self.checks.iter().filter(|c| c.status == Status::Fail).count();
-        let warned = self.checks.iter().filter(|c| c.status == Status::Warn).count();
+        let failed = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .count();
+        let warned = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Warn)
+            .count();
         let verdict = if self.passed { "PASS" } else { "FAIL" };
-        out.push_str(&format!("result: {verdict} ({failed} failed, {warned} warnings)\n"));
+        out.push_str(&format!(
+            "result: {verdict} ({failed} failed, {warned} warnings)\n"
+        ));
         out
     }
 }
 
 /// A check that passed.
 pub fn ok(name: &'static str, detail: impl Into<String>) -> Check {
-    Check { name, status: Status::Ok, detail: detail.into(), fix: None }
+    Check {
+        name,
+        status: Status::Ok,
+        detail: detail.into(),
+        fix: None,
+    }
 }
 
 /// A check that failed (or warned), with its fix.
-pub fn problem(name: &'static str, status: Status, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-    Check { name, status, detail: detail.into(), fix: Some(fix.into()) }
+pub fn problem(
+    name: &'static str,
+    status: Status,
+    detail: impl Into<String>,
+    fix: impl Into<String>,
+) -> Check {
+    Check {
+        name,
+        status,
+        detail: detail.into(),
+        fix: Some(fix.into()),
+    }
 }
 
 #[cfg(test)]
@@ -88,12 +125,23 @@ mod tests {
         let report = Report::new(
             Profile::Production,
             "redis:6379".into(),
-            vec![ok("tls", "TLS 1.3"), problem("password", Status::Fail, "too short", "use 32+ characters")],
+            vec![
+                ok("tls", "TLS 1.3"),
+                problem("password", Status::Fail, "too short", "use 32+ characters"),
+            ],
         );
         assert!(!report.passed);
         let text = report.text();
-        assert!(text.contains("ok    tls") && text.contains("FAIL  password") && text.contains("fix: use 32+"), "{text}");
-        assert!(text.ends_with("result: FAIL (1 failed, 0 warnings)\n"), "{text}");
+        assert!(
+            text.contains("ok    tls")
+                && text.contains("FAIL  password")
+                && text.contains("fix: use 32+"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("result: FAIL (1 failed, 0 warnings)\n"),
+            "{text}"
+        );
         let json: serde_json::Value = serde_json::from_str(&report.json()).expect("json");
         assert_eq!(json["passed"], false);
         assert_eq!(json["checks"][1]["status"], "fail");

@@ -67,12 +67,23 @@ async fn wait_listening(port: u16) {
 fn help_explains_every_subcommand_and_flag() {
     let (code, out, _) = run(&["--help"]);
     assert_eq!(code, 0);
-    for word in ["serve", "dev", "--log-format", "Exit codes", "RUST_LOG"] {
+    for word in [
+        "serve",
+        "check",
+        "keygen",
+        "dev",
+        "--log-format",
+        "Exit codes",
+        "RUST_LOG",
+    ] {
         assert!(out.contains(word), "--help lacks {word}: {out}");
     }
     let (code, out, _) = run(&["serve", "--help"]);
     assert_eq!(code, 0);
     assert!(out.contains("--config") && out.contains("SIGTERM"), "{out}");
+    let (code, out, _) = run(&["check", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--format") && out.contains("78"), "{out}");
     let (code, out, _) = run(&["dev", "--help"]);
     assert_eq!(code, 0);
     assert!(out.contains("--listen"), "{out}");

@@ -7,6 +7,7 @@ mod bad_input;
 mod binary;
 mod commands;
 mod encryption;
+mod gate;
 mod listeners;
 mod pubsub;
 mod support;

@@ -19,6 +19,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub const REDIS_USER: &str = "redcloak";
+/// redcloak's Redis user: everything but admin and dangerous commands.
+pub const LEAST_PRIVILEGE: &str = "~* &* +@all -@admin -@dangerous";
+/// The tests' own user for looking at Redis around redcloak.
+pub const ADMIN_USER: &str = "admin";
 /// Longest any single read in a test may wait.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -32,13 +36,20 @@ pub struct TestRedis {
 
 impl TestRedis {
     pub async fn start() -> TestRedis {
-        Self::start_with("yes", Vec::new()).await
+        Self::start_with(RedisSetup::default()).await
     }
 
-    pub async fn start_with(tls_auth_clients: &'static str, extra: Vec<String>) -> TestRedis {
+    pub async fn start_with(setup: RedisSetup) -> TestRedis {
         init_logs();
         let dir = tempfile::tempdir().expect("tempdir");
-        let certs = dev::write_dev_certs(dir.path(), &["localhost", "127.0.0.1"]).expect("certs");
+        let validity = setup.redis_cert_validity;
+        let certs = dev::write_dev_certs_with(dir.path(), &["localhost", "127.0.0.1"], |params| {
+            if let Some((not_before, not_after)) = validity {
+                params.not_before = not_before;
+                params.not_after = not_after;
+            }
+        })
+        .expect("certs");
         let password = dev::random_password().expect("password");
         dev::write_file(
             &dir.path().join("redis-password"),
@@ -48,10 +59,21 @@ impl TestRedis {
         .expect("password file");
         let key = redcloak::crypto::keyring::generate_key();
         dev::write_file(&dir.path().join("key-1"), key.as_bytes(), 0o600).expect("key file");
+        let mut extra = vec![format!("user {ADMIN_USER} on >{password} ~* &* +@all")];
+        extra.extend(setup.extra);
+        let redcloak_password = setup.password.unwrap_or_else(|| password.clone());
+        dev::write_file(
+            &dir.path().join("redis-password"),
+            redcloak_password.as_bytes(),
+            0o600,
+        )
+        .expect("password file");
         let options = RedisOptions {
             username: REDIS_USER.into(),
-            password: password.clone(),
-            tls_auth_clients,
+            password: redcloak_password,
+            acl: setup.acl.unwrap_or_else(|| LEAST_PRIVILEGE.into()),
+            default_user_off: setup.default_user_off,
+            tls_auth_clients: setup.tls_auth_clients,
             extra,
         };
         let redis = ChildRedis::start(dir.path(), &certs, &options)
@@ -83,6 +105,7 @@ impl TestRedis {
                 r#"password_file = "redis-password""#.into(),
                 r#"connect_timeout = "5s""#.into(),
             ],
+            top: Vec::new(),
             tail: String::new(),
             encryption: DEFAULT_ENCRYPTION.into(),
         }
@@ -112,7 +135,7 @@ impl TestRedis {
         )
         .expect("client tls");
         let login = Login {
-            username: Some(REDIS_USER.into()),
+            username: Some(ADMIN_USER.into()),
             password: redcloak::secret::Secret::new(self.password.clone().into_bytes()),
         };
         let settings = UpstreamSettings {
@@ -142,9 +165,38 @@ impl TestRedis {
     }
 }
 
+/// How a test's redis-server differs from the secure default.
+pub struct RedisSetup {
+    pub tls_auth_clients: &'static str,
+    pub default_user_off: bool,
+    /// redcloak's ACL rules (default: [`LEAST_PRIVILEGE`]).
+    pub acl: Option<String>,
+    /// redcloak's Redis password (default: 64 random hex characters).
+    pub password: Option<String>,
+    /// Validity of Redis's server certificate (default: decades).
+    pub redis_cert_validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+    /// More redis.conf lines.
+    pub extra: Vec<String>,
+}
+
+impl Default for RedisSetup {
+    fn default() -> Self {
+        RedisSetup {
+            tls_auth_clients: "yes",
+            default_user_off: true,
+            acl: None,
+            password: None,
+            redis_cert_validity: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
 /// Lines of a redcloak config, by section.
 #[derive(Clone)]
 pub struct ProxyConfig {
+    /// Top-level keys (`profile = "staging"`).
+    pub top: Vec<String>,
     pub listen: Vec<String>,
     pub upstream: Vec<String>,
     /// Further sections, verbatim.
@@ -180,7 +232,8 @@ impl ProxyConfig {
 
     pub fn render(&self) -> String {
         format!(
-            "[listen]\n{}\n\n[upstream]\n{}\n\n{}\n{}",
+            "{}\n[listen]\n{}\n\n[upstream]\n{}\n\n{}\n{}",
+            self.top.join("\n"),
             self.listen.join("\n"),
             self.upstream.join("\n"),
             self.tail,
