@@ -39,7 +39,7 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> Result<(), 
     let options = RedisOptions {
         username: REDIS_USER.into(),
         password,
-        acl: "~* &* +@all".into(),
+        acl: "~* &* +@all -@admin -@dangerous".into(),
         default_user_off: true,
         tls_auth_clients: "yes",
         extra: Vec::new(),

@@ -66,11 +66,11 @@ impl Report {
                 Status::Fail => "FAIL",
             };
             out.push_str(&format!(
-                "  {status:<5} {:<16} {}\n",
+                "  {status:<5} {:<20} {}\n",
                 check.name, check.detail
             ));
             if let Some(fix) = &check.fix {
-                out.push_str(&format!("  {:<5} {:<16} fix: {fix}\n", "", ""));
+                out.push_str(&format!("  {:<5} {:<20} fix: {fix}\n", "", ""));
             }
         }
         let failed = self
