@@ -18,14 +18,6 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn signal(child: &std::process::Child, name: &str) {
     let status = Command::new("kill")
         .args([name, &child.id().to_string()])

@@ -29,14 +29,6 @@ impl Outcome {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// `redcloak check --format json` with this config.
 async fn check(redis: &TestRedis, config: &ProxyConfig) -> Outcome {
     let file = redis.path("gate.toml");

@@ -418,6 +418,15 @@ fn init_logs() {
     });
 }
 
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 /// The path of the built redcloak binary.
 pub fn redcloak_bin() -> &'static str {
     env!("CARGO_BIN_EXE_redcloak")
