@@ -420,3 +420,44 @@ async fn every_upstream_connection_warns_when_redis_certificate_expires_soon() {
         "{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_of_our_own_fails() {
+    let redis = TestRedis::start().await;
+    let now = OffsetDateTime::now_utc();
+    let app_ca = redcloak::dev::Authority::new("app CA").expect("ca");
+    let listener = app_ca
+        .issue_with(
+            "redcloak",
+            &["localhost"],
+            redcloak::dev::Usage::Server,
+            |params| {
+                params.not_before = now - Days::days(400);
+                params.not_after = now - Days::days(2);
+            },
+        )
+        .expect("cert");
+    redcloak::dev::write_file(
+        &redis.path("listener.crt"),
+        listener.cert_pem.as_bytes(),
+        0o644,
+    )
+    .expect("write");
+    redcloak::dev::write_file(
+        &redis.path("listener.key"),
+        listener.key_pem.as_bytes(),
+        0o600,
+    )
+    .expect("write");
+    let config = redis
+        .config()
+        .tail("[listen.tls]\naddress = \"127.0.0.1:0\"\ncert = \"listener.crt\"\nkey = \"listener.key\"\n");
+    let outcome = assert_refused(&redis, &config, "certificates").await;
+    assert!(
+        outcome
+            .detail("certificates")
+            .contains("listen.tls.cert has expired"),
+        "{}",
+        outcome.detail("certificates")
+    );
+}
