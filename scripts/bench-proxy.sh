@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# PROXY_CMD for ../shared/bench/anchors.sh: redcloak (release build, built
+# beforehand with `cargo build --release`) on 127.0.0.1:$PROXY_PORT in front
+# of the harness's TLS Redis (b), values encrypted. Usage, from the repo root:
+#   cargo build --release
+#   REPS=3 CONFIGS="b c e" PROXY_CMD="$PWD/scripts/bench-proxy.sh" PROXY_BENCH_ARGS="--dbnum 1" \
+#     ../shared/bench/anchors.sh /tmp/bench-out
+# --dbnum 1 keeps redcloak's keys apart from the plaintext values (b) and (c)
+# write: read through redcloak, those are legacy plaintext and answer errors.
+# The harness's Redis uses requirepass (the admin-capable default user) and
+# short-lived throwaway files, so the startup checks run in the development
+# profile, where those are warnings. Nothing about TLS or AUTH is relaxed.
+set -euo pipefail
+: "${PROXY_PORT:?}" "${REDIS_TLS_PORT:?}" "${CERT_DIR:?}" "${REDIS_PASSWORD:?}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+bin="$root/target/release/redcloak"
+dir="$(dirname "$CERT_DIR")/redcloak.$PROXY_PORT"
+mkdir -p "$dir"
+umask 077
+printf '%s' "$REDIS_PASSWORD" >"$dir/redis-password"
+"$bin" keygen >"$dir/key-1" 2>/dev/null
+cat >"$dir/redcloak.toml" <<CONF
+profile = "development"
+
+[listen]
+address = "127.0.0.1:$PROXY_PORT"
+max_connections = 20000
+
+[upstream]
+address = "${REDIS_HOST:-127.0.0.1}:$REDIS_TLS_PORT"
+server_name = "localhost"
+ca = "$CERT_DIR/ca.crt"
+cert = "$CERT_DIR/client.crt"
+key = "$CERT_DIR/client.key"
+password_file = "redis-password"
+
+[encryption]
+primary = 1
+[[encryption.keys]]
+id = 1
+file = "key-1"
+CONF
+exec "$bin" serve --config "$dir/redcloak.toml"
