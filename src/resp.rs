@@ -497,11 +497,6 @@ pub fn bulk_body(element: &[u8]) -> Option<&[u8]> {
     element.get(line_end + 2..line_end + 2 + len)
 }
 
-/// Appends an aggregate header (`*3`, `%2`, ...).
-pub fn encode_aggregate_header(out: &mut BytesMut, marker: u8, len: usize) {
-    encode_header(out, marker, len);
-}
-
 /// Decodes a complete, already scanned reply into frames, for the few
 /// replies the proxy must look inside (pub/sub confirmations, messages).
 pub fn decode_reply(frame: &Bytes) -> Option<redis_protocol::resp3::types::BytesFrame> {
@@ -528,7 +523,8 @@ pub fn encode_bulk(out: &mut BytesMut, value: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
-fn encode_header(out: &mut BytesMut, marker: u8, len: usize) {
+/// Appends a length header: `*3`, `%2`, `$5`, ...
+pub fn encode_header(out: &mut BytesMut, marker: u8, len: usize) {
     let mut digits = itoa::Buffer::new();
     out.put_u8(marker);
     out.put_slice(digits.format(len).as_bytes());

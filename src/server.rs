@@ -14,7 +14,7 @@ use crate::policy::rules::Rules;
 use crate::resp::Limits;
 use crate::session::{self, SessionContext};
 use crate::tls::{self, TlsError};
-use crate::upstream::{Login, Upstream, UpstreamError, UpstreamSettings};
+use crate::upstream::{Upstream, UpstreamError};
 use std::fmt::Display;
 use std::io;
 use std::net::SocketAddr;
@@ -75,11 +75,7 @@ enum Accepted {
 impl Server {
     /// Validates certificates and names, then opens every listener.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let upstream_tls = tls::client::config(
-            &config.upstream.ca,
-            &config.upstream.cert,
-            &config.upstream.key,
-        )?;
+        let upstream = Upstream::from_config(&config.upstream)?;
         let listener_tls = match &config.listen.tls {
             Some(t) => Some(tls::server::config(
                 &t.cert,
@@ -88,16 +84,6 @@ impl Server {
             )?),
             None => None,
         };
-        let login = Arc::new(Login {
-            username: config.upstream.username,
-            password: config.upstream.password,
-        });
-        let settings = UpstreamSettings {
-            address: config.upstream.address,
-            server_name: config.upstream.server_name,
-            connect_timeout: config.upstream.connect_timeout,
-        };
-        let upstream = Upstream::new(settings, upstream_tls, login.clone())?;
         let client_auth = ClientAuth::new(config.listen.auth.map(|a| Credentials {
             username: a.username,
             password: a.password,
@@ -119,7 +105,7 @@ impl Server {
             limits: config.limits.resp,
             max_pending_requests: config.limits.max_pending_requests,
             client_write_timeout: config.limits.client_write_timeout,
-            upstream_login: login,
+            upstream_login: upstream.login().clone(),
         };
         let tcp = match config.listen.tcp {
             Some(address) => Some(bind_tcp(address).await?),

@@ -295,12 +295,14 @@ impl Policy {
                 )),
             };
         };
-        let name = row.name.to_ascii_uppercase();
+        // The upper-case name only goes into refusals: not built on the hot path.
+        let name = || row.name.to_ascii_uppercase();
         match row.class {
             Class::Connection(_) | Class::Forward => Action::Forward(ReplyPlan::Passthrough),
             Class::Refuse(reason) => refuse(reason),
             Class::Value(command) => self.value(command, args),
             Class::ServerReadsValue => self.only_plaintext(row, args, |key, decision| {
+                let name = name();
                 format!(
                     "{name} needs Redis to read the value of '{key}', which is encrypted ({}). \
                      To use {name} on such keys, give them a plaintext rule ([[encryption.rules]] mode = \"plaintext\")",
@@ -308,6 +310,7 @@ impl Policy {
                 )
             }),
             Class::Collection => self.only_plaintext(row, args, |key, decision| {
+                let name = name();
                 format!(
                     "{name} on '{key}' is refused: lists, sets, sorted sets, streams, geo, HyperLogLog and \
                      channels are not encrypted yet, and '{key}' is encrypted ({}). \
@@ -320,6 +323,7 @@ impl Policy {
                     (pair[0].eq_ignore_ascii_case(b"by") && !pair[1].eq_ignore_ascii_case(b"nosort"))
                         || (pair[0].eq_ignore_ascii_case(b"get") && pair[1].as_ref() != b"#")
                 });
+                let name = name();
                 if reads_other_keys {
                     return refuse(&format!(
                         "{name} with BY or GET makes Redis read other keys' values, which may be encrypted; \
@@ -330,7 +334,7 @@ impl Policy {
                     format!("{name} on '{key}' is refused: '{key}' is encrypted ({})", decision.describe())
                 })
             }
-            Class::MovesValue => self.moves_value(&name, row, args),
+            Class::MovesValue => self.moves_value(&name(), row, args),
         }
     }
 
@@ -419,15 +423,19 @@ impl Policy {
         match command {
             V::Set => {
                 let returns_old = args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"get"));
+                let site = site();
                 let plan = if returns_old {
-                    open_one(site())
+                    open_one(site.clone())
                 } else {
                     ReplyPlan::Passthrough
                 };
-                Action::Rewrite(self.seal(args, [(2, site())]), plan)
+                Action::Rewrite(self.seal(args, [(2, site)]), plan)
             }
             V::SetNx => Action::Rewrite(self.seal(args, [(2, site())]), ReplyPlan::Passthrough),
-            V::GetSet => Action::Rewrite(self.seal(args, [(2, site())]), open_one(site())),
+            V::GetSet => {
+                let site = site();
+                Action::Rewrite(self.seal(args, [(2, site.clone())]), open_one(site))
+            }
             V::SetEx | V::PSetEx => {
                 Action::Rewrite(self.seal(args, [(3, site())]), ReplyPlan::Passthrough)
             }

@@ -96,7 +96,7 @@ impl Opener<'_> {
             out.extend_from_slice(frame);
             return;
         };
-        resp::encode_aggregate_header(out, b'*', elements.len() / 2);
+        resp::encode_header(out, b'*', elements.len() / 2);
         for pair in elements.chunks_exact(2) {
             self.value(&with_field(site, pair[0]), pair[1], out);
         }

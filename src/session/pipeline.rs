@@ -278,8 +278,9 @@ impl Replies {
         }
     }
 
-    /// Queued plans waiting for EXEC (for tests and for value encryption).
-    pub fn queued_plans(&self) -> &[ReplyPlan] {
+    /// Queued plans waiting for EXEC.
+    #[cfg(test)]
+    fn queued_plans(&self) -> &[ReplyPlan] {
         &self.transaction
     }
 }

@@ -10,18 +10,16 @@
 //! nothing relaxes upstream TLS, certificate verification or AUTH.
 
 use super::report::{Check, Report, Status, ok, problem};
-use super::{Login, Upstream, UpstreamSettings, UpstreamStream};
+use super::{Upstream, UpstreamStream};
 use crate::config::{Config, Profile};
 use crate::crypto::Binding;
 use crate::crypto::keyring::Opened;
-use crate::resp::{self, Limits, ReplyScanner};
-use crate::secret::Secret;
+use crate::resp::{self, Limits};
 use crate::tls::{self, inspect};
 use bytes::{Bytes, BytesMut};
 use std::os::unix::fs::PermissionsExt;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
 /// Passwords shorter than this fail, by profile.
@@ -61,12 +59,12 @@ fn strict(profile: Profile) -> Status {
 pub async fn run(config: &Config) -> Report {
     let mut checks = Vec::new();
     let address = config.upstream.address.clone();
-    match probe_upstream(config) {
+    match Upstream::from_config(&config.upstream) {
         Ok(upstream) => upstream_checks(config, &upstream, &mut checks).await,
         Err(err) => checks.push(problem(
             "tls",
             Status::Fail,
-            err,
+            err.to_string(),
             "fix upstream.ca, upstream.cert and upstream.key",
         )),
     }
@@ -76,21 +74,6 @@ pub async fn run(config: &Config) -> Report {
     checks.push(keyring(config));
     checks.push(downstream(config));
     Report::new(config.profile, address, checks)
-}
-
-fn probe_upstream(config: &Config) -> Result<Upstream, String> {
-    let up = &config.upstream;
-    let tls = tls::client::config(&up.ca, &up.cert, &up.key).map_err(|e| e.to_string())?;
-    let login = Login {
-        username: up.username.clone(),
-        password: Secret::new(up.password.expose().to_vec()),
-    };
-    let settings = UpstreamSettings {
-        address: up.address.clone(),
-        server_name: up.server_name.clone(),
-        connect_timeout: up.connect_timeout,
-    };
-    Upstream::new(settings, tls, Arc::new(login)).map_err(|e| e.to_string())
 }
 
 async fn upstream_checks(config: &Config, upstream: &Upstream, checks: &mut Vec<Check>) {
@@ -139,9 +122,12 @@ fn tls_version(profile: Profile, tls: &UpstreamStream, server_name: &str) -> Che
         .negotiated_cipher_suite()
         .map(|s| format!("{:?}", s.suite()))
         .unwrap_or_default();
-    let detail = format!("{version:?}, {suite}, certificate verified for {server_name}")
-        .replace("Some(TLSv1_3)", "TLS 1.3")
-        .replace("Some(TLSv1_2)", "TLS 1.2");
+    let version_name = match version {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLS 1.2",
+        _ => "an unknown TLS version",
+    };
+    let detail = format!("{version_name}, {suite}, certificate verified for {server_name}");
     if profile == Profile::Production && version != Some(rustls::ProtocolVersion::TLSv1_3) {
         return problem(
             "tls",
@@ -640,23 +626,15 @@ async fn call<S: AsyncRead + AsyncWrite + Unpin>(
     let exchange = async {
         let mut out = BytesMut::new();
         resp::encode_command(&mut out, args);
-        stream.write_all(&out).await.map_err(|e| e.to_string())?;
-        stream.flush().await.map_err(|e| e.to_string())?;
-        let limits = Limits::default();
-        let mut scanner = ReplyScanner::default();
-        let mut buf = BytesMut::with_capacity(512);
-        loop {
-            if let Some(len) = scanner.scan(&buf, &limits).map_err(|e| e.to_string())? {
-                return Ok(buf.split_to(len).freeze());
-            }
-            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                return Err("connection closed".to_owned());
-            }
-        }
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        super::read_reply(stream, &Limits::default()).await
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| "no answer in time".to_owned())?
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(reply)) => Ok(reply.freeze()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err("no answer in time".to_owned()),
+    }
 }
 
 /// The first line of a reply, for a report.

@@ -17,7 +17,7 @@ use rustls_pki_types::ServerName;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -53,6 +53,8 @@ pub struct UpstreamSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
+    #[error(transparent)]
+    TlsConfig(#[from] crate::tls::TlsError),
     #[error("invalid upstream.server_name '{0}': not a DNS name or IP address")]
     ServerName(String),
     #[error("cannot connect to Redis at {address}: {source}")]
@@ -97,6 +99,22 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The upstream described by `[upstream]`, with its TLS configuration
+    /// loaded and its own copy of the password.
+    pub fn from_config(config: &crate::config::UpstreamConfig) -> Result<Self, UpstreamError> {
+        let tls = crate::tls::client::config(&config.ca, &config.cert, &config.key)?;
+        let login = Login {
+            username: config.username.clone(),
+            password: Secret::new(config.password.expose().to_vec()),
+        };
+        let settings = UpstreamSettings {
+            address: config.address.clone(),
+            server_name: config.server_name.clone(),
+            connect_timeout: config.connect_timeout,
+        };
+        Self::new(settings, tls, Arc::new(login))
+    }
+
     pub fn new(
         settings: UpstreamSettings,
         tls: Arc<rustls::ClientConfig>,
@@ -199,7 +217,13 @@ impl Upstream {
         self.login.encode_auth(&mut out);
         tls.write_all(&out).await.map_err(login_error)?;
         tls.flush().await.map_err(login_error)?;
-        let reply = read_reply(tls).await.map_err(login_error)?;
+        // A login reply is a short line: bound it tightly.
+        let limits = Limits {
+            max_bulk_bytes: 4096,
+            max_reply_bytes: 8192,
+            ..Limits::default()
+        };
+        let reply = read_reply(tls, &limits).await.map_err(login_error)?;
         if reply.as_ref() == b"+OK\r\n" {
             return Ok(());
         }
@@ -216,23 +240,21 @@ impl Upstream {
     }
 }
 
-/// Reads one complete reply (small: login replies only).
-async fn read_reply(tls: &mut UpstreamStream) -> io::Result<BytesMut> {
-    let limits = Limits {
-        max_bulk_bytes: 4096,
-        max_reply_bytes: 8192,
-        ..Limits::default()
-    };
+/// Reads one complete reply within `limits` (login replies, startup probes).
+pub(crate) async fn read_reply<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limits: &Limits,
+) -> io::Result<BytesMut> {
     let mut scanner = ReplyScanner::default();
     let mut buf = BytesMut::with_capacity(256);
     loop {
         let scanned = scanner
-            .scan(&buf, &limits)
+            .scan(&buf, limits)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         if let Some(len) = scanned {
             return Ok(buf.split_to(len));
         }
-        if tls.read_buf(&mut buf).await? == 0 {
+        if stream.read_buf(&mut buf).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }

@@ -379,7 +379,7 @@ pub async fn wait_until_blocked(redis: &TestRedis, count: usize) {
 /// The RESP bytes of an aggregate of bulk strings (`marker` `*` or `>`).
 pub fn resp_array(marker: u8, items: &[&[u8]]) -> Vec<u8> {
     let mut out = BytesMut::new();
-    resp::encode_aggregate_header(&mut out, marker, items.len());
+    resp::encode_header(&mut out, marker, items.len());
     for item in items {
         resp::encode_bulk(&mut out, item);
     }
