@@ -9,6 +9,7 @@
 //! connection plaintext or unauthenticated: CA, client certificate, key and
 //! password are all required.
 
+use crate::auth::lockout::LockoutPolicy;
 use crate::crypto::keyring::{self, Keyring, LegacyPlaintext};
 use crate::policy::UnknownCommands;
 use crate::policy::rules::{Mode, Rule};
@@ -68,6 +69,22 @@ struct RawConfig {
     #[serde(default)]
     shutdown: RawShutdown,
     encryption: Option<RawEncryption>,
+    metrics: Option<RawMetrics>,
+    #[serde(default)]
+    logging: RawLogging,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    address: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    #[serde(default)]
+    log_key_names: bool,
 }
 
 #[derive(Deserialize)]
@@ -151,6 +168,9 @@ struct RawAuth {
     username: Option<String>,
     password_file: Option<PathBuf>,
     password: Option<RawSecret>,
+    max_failures: Option<u32>,
+    failure_window: Option<String>,
+    lockout_duration: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +232,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub shutdown_grace_period: Duration,
     pub encryption: EncryptionConfig,
+    /// The admin listener (/metrics, /healthz, /readyz), if any.
+    pub metrics_address: Option<SocketAddr>,
+    /// Security events may name keys (`[logging] log_key_names`).
+    pub log_key_names: bool,
 }
 
 #[derive(Debug)]
@@ -250,6 +274,7 @@ pub struct TlsListenConfig {
 pub struct ClientAuthConfig {
     pub username: Option<String>,
     pub password: Secret,
+    pub lockout: LockoutPolicy,
 }
 
 #[derive(Debug)]
@@ -314,6 +339,11 @@ impl Config {
                 "10s",
             )?,
             encryption: validate_encryption(raw.encryption, base)?,
+            metrics_address: raw
+                .metrics
+                .map(|m| parse_address("metrics.address", &m.address))
+                .transpose()?,
+            log_key_names: raw.logging.log_key_names,
         })
     }
 }
@@ -361,6 +391,7 @@ fn validate_listen(raw: RawListen, base: &Path) -> Result<ListenConfig, ConfigEr
     let auth = match raw.auth {
         None => None,
         Some(auth) => Some(ClientAuthConfig {
+            lockout: validate_lockout(&auth)?,
             password: read_secret(
                 "listen.auth.password",
                 auth.password,
@@ -377,6 +408,28 @@ fn validate_listen(raw: RawListen, base: &Path) -> Result<ListenConfig, ConfigEr
         tls,
         auth,
         max_connections,
+    })
+}
+
+fn validate_lockout(raw: &RawAuth) -> Result<LockoutPolicy, ConfigError> {
+    let defaults = LockoutPolicy::default();
+    let max_failures = positive(
+        "listen.auth.max_failures",
+        raw.max_failures.map(|n| n as usize),
+        defaults.max_failures as usize,
+    )?;
+    Ok(LockoutPolicy {
+        max_failures: max_failures as u32,
+        window: parse_duration(
+            "listen.auth.failure_window",
+            raw.failure_window.as_deref(),
+            "60s",
+        )?,
+        duration: parse_duration(
+            "listen.auth.lockout_duration",
+            raw.lockout_duration.as_deref(),
+            "300s",
+        )?,
     })
 }
 

@@ -19,15 +19,21 @@
 //! * [`policy`]: what to do with each command; `policy::table` is the one table of commands,
 //!   `policy::rules` which keys are encrypted (pure).
 //! * [`crypto`]: the envelope (XAES-256-GCM, bound to key and field) and the keyring (pure).
-//! * [`auth`], [`secret`]: client AUTH checks; secrets that never print.
+//! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
 //! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH.
+//! * [`metrics`], [`events`], [`health`], [`admin`]: what operators see: every metric, the
+//!   security events, readiness, and the admin listener serving /metrics, /healthz, /readyz.
 //! * [`dev`], [`playground`]: throwaway certificates and redis-server for `redcloak dev` and the tests.
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod events;
+pub mod health;
+pub mod metrics;
 pub mod playground;
 pub mod policy;
 pub mod resp;

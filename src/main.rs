@@ -4,6 +4,7 @@
 
 use anyhow::Context;
 use clap::Parser;
+use redcloak::admin::{self, Telemetry};
 use redcloak::cli::{Cli, Command, LogFormat, ReportFormat};
 use redcloak::upstream::gate;
 use redcloak::{config, playground, server::Server, shutdown};
@@ -52,8 +53,18 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let loaded = config::load(&config)
                 .with_context(|| format!("configuration error in {}", config.display()))
                 .map_err(|e| (EXIT_CONFIG, e))?;
-            // The gate runs before any listener opens: a failing upstream is
-            // never put in front of a client.
+            // The admin listener opens first, so probes see "starting"
+            // (/readyz 503) while the startup checks run.
+            let telemetry = Telemetry::default();
+            if let Some(address) = loaded.metrics_address {
+                let listener = tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on metrics.address {address}"))
+                    .map_err(|e| (EXIT_RUNTIME, e))?;
+                tokio::spawn(admin::serve(listener, telemetry.clone()));
+            }
+            // The gate runs before any Redis listener opens: a failing
+            // upstream is never put in front of a client.
             let report = gate::run(&loaded).await;
             if !report.passed {
                 eprint!("{}", report.text());
@@ -69,7 +80,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             {
                 tracing::warn!(check = check.name, detail = %check.detail, fix = ?check.fix, "startup check warning");
             }
-            let server = Server::bind(loaded).await.map_err(|err| {
+            let server = Server::bind(loaded, telemetry).await.map_err(|err| {
                 let code = if err.is_config() {
                     EXIT_CONFIG
                 } else {

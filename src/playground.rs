@@ -54,7 +54,7 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> Result<(), 
         port = redis.port()
     );
     dev::write_file(&config_file, config_text.as_bytes(), 0o644)?;
-    let server = Server::bind(config::load(&config_file)?).await?;
+    let server = Server::bind(config::load(&config_file)?, Default::default()).await?;
     let address = server.tcp_address().unwrap_or(listen);
     println!(
         "redcloak dev: serving on {address}, in front of a throwaway TLS-only redis-server on 127.0.0.1:{port}\n\

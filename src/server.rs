@@ -2,25 +2,32 @@
 //! client. Everything that can be wrong in the configuration (certificates,
 //! keys, names) is checked in [`Server::bind`], before any listener opens.
 //!
-//! On shutdown the listeners close first (the unix socket file is removed),
-//! then sessions drain: they stop reading requests, deliver what is pending,
-//! and close. Sessions still busy after the grace period are dropped.
+//! On shutdown readiness turns to draining for good, the listeners close
+//! (the unix socket file is removed), then sessions drain: they stop reading
+//! requests, deliver what is pending, and close. Sessions still busy after
+//! the grace period are dropped.
+//!
+//! Connections are counted here (accepted by listener, rejected by reason,
+//! active); a peer locked out for failed logins is turned away before any
+//! upstream connection is made for it.
 
+use crate::admin::Telemetry;
+use crate::auth::lockout::Lockouts;
 use crate::auth::{ClientAuth, Credentials};
 use crate::config::{Config, UnixListenConfig};
 use crate::crypto::envelope;
+use crate::metrics::{Certificate, Listener, Rejection};
 use crate::policy::Policy;
 use crate::policy::rules::Rules;
 use crate::resp::Limits;
-use crate::session::{self, SessionContext};
+use crate::session::{self, Peer, SessionContext};
 use crate::tls::{self, TlsError};
 use crate::upstream::{Upstream, UpstreamError};
-use std::fmt::Display;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -54,7 +61,8 @@ impl StartError {
 
 struct Shared {
     session: SessionContext,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
+    telemetry: Telemetry,
 }
 
 pub struct Server {
@@ -64,6 +72,8 @@ pub struct Server {
     shared: Arc<Shared>,
     connections: Arc<Semaphore>,
     grace_period: Duration,
+    /// Keep readiness current with an upstream check (when an admin listener reports it).
+    watch_upstream: bool,
 }
 
 enum Accepted {
@@ -74,8 +84,18 @@ enum Accepted {
 
 impl Server {
     /// Validates certificates and names, then opens every listener.
-    pub async fn bind(config: Config) -> Result<Server, StartError> {
+    /// `telemetry` counts what the server does and reports its readiness.
+    pub async fn bind(config: Config, telemetry: Telemetry) -> Result<Server, StartError> {
         let upstream = Upstream::from_config(&config.upstream)?;
+        let metrics = &telemetry.metrics;
+        export_expiry(
+            &telemetry,
+            Certificate::UpstreamClient,
+            &config.upstream.cert,
+        );
+        if let Some(listener) = &config.listen.tls {
+            export_expiry(&telemetry, Certificate::Listener, &listener.cert);
+        }
         let listener_tls = match &config.listen.tls {
             Some(t) => Some(tls::server::config(
                 &t.cert,
@@ -84,15 +104,22 @@ impl Server {
             )?),
             None => None,
         };
+        let lockouts = config
+            .listen
+            .auth
+            .as_ref()
+            .map(|a| Arc::new(Mutex::new(Lockouts::new(a.lockout))));
         let client_auth = ClientAuth::new(config.listen.auth.map(|a| Credentials {
             username: a.username,
             password: a.password,
         }));
         let encryption = config.encryption;
+        let keyring = Arc::new(encryption.keyring);
+        metrics.watch_keyring(keyring.clone());
         let policy = Policy::new(
             client_auth,
             Rules::new(encryption.rules),
-            Arc::new(encryption.keyring),
+            keyring,
             encryption.unknown_commands,
         );
         let reply_limits = Limits {
@@ -106,6 +133,9 @@ impl Server {
             max_pending_requests: config.limits.max_pending_requests,
             client_write_timeout: config.limits.client_write_timeout,
             upstream_login: upstream.login().clone(),
+            metrics: metrics.clone(),
+            lockouts,
+            log_key_names: config.log_key_names,
         };
         let tcp = match config.listen.tcp {
             Some(address) => Some(bind_tcp(address).await?),
@@ -122,9 +152,14 @@ impl Server {
             tcp,
             unix,
             tls,
-            shared: Arc::new(Shared { session, upstream }),
+            shared: Arc::new(Shared {
+                session,
+                upstream: Arc::new(upstream),
+                telemetry,
+            }),
             connections: Arc::new(Semaphore::new(config.listen.max_connections)),
             grace_period: config.shutdown_grace_period,
+            watch_upstream: config.metrics_address.is_some(),
         })
     }
 
@@ -146,6 +181,20 @@ impl Server {
             upstream = self.shared.upstream.address(),
             "redcloak serving"
         );
+        let telemetry = &self.shared.telemetry;
+        // The startup checks just reached Redis; the upstream check keeps this current.
+        telemetry.health.set_upstream_up(true);
+        telemetry.health.serving();
+        let background = TaskTracker::new();
+        if self.watch_upstream {
+            background.spawn(crate::health::watch_upstream(
+                self.shared.upstream.clone(),
+                telemetry.health.clone(),
+                telemetry.metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
+        let upkeep = tokio::spawn(crate::admin::run_upkeep(telemetry.metrics.clone()));
         let sessions = TaskTracker::new();
         loop {
             let accepted = tokio::select! {
@@ -167,6 +216,7 @@ impl Server {
                 }
             }
         }
+        self.shared.telemetry.health.draining();
         self.close_listeners();
         sessions.close();
         info!(connections = sessions.len(), grace_period = ?self.grace_period, "draining");
@@ -179,6 +229,9 @@ impl Server {
                 "grace period over: closing the remaining connections"
             );
         }
+        upkeep.abort();
+        background.close();
+        background.wait().await;
     }
 
     fn close_listeners(&mut self) {
@@ -236,6 +289,21 @@ async fn accept_tls(listener: Option<&(TcpListener, TlsAcceptor)>) -> io::Result
     }
 }
 
+/// Exports when the certificate in `path` expires (the startup checks
+/// already read it; an unreadable one is not exported).
+fn export_expiry(telemetry: &Telemetry, which: Certificate, path: &std::path::Path) {
+    let expiry = tls::load::certificates(path, "certificate")
+        .ok()
+        .and_then(|certs| certs.first().and_then(|c| tls::inspect::expiry(c)))
+        .and_then(crate::upstream::unix_time);
+    if let Some(expiry) = expiry {
+        telemetry
+            .metrics
+            .certificate_expiry(which)
+            .set(expiry as f64);
+    }
+}
+
 async fn accept_unix(listener: Option<&UnixListener>) -> io::Result<UnixStream> {
     match listener {
         Some(listener) => listener.accept().await.map(|(stream, _)| stream),
@@ -249,18 +317,32 @@ async fn handle(
     permit: Option<OwnedSemaphorePermit>,
     shutdown: &CancellationToken,
 ) {
+    let metrics = &shared.telemetry.metrics;
     match conn {
-        Accepted::Tcp(stream, peer) => {
+        Accepted::Tcp(stream, address) => {
+            metrics.accepted(Listener::Tcp).increment(1);
             let _ = stream.set_nodelay(true);
-            serve(shared, stream, peer, permit, shutdown).await;
+            serve(shared, stream, Peer::Tcp(address), permit, shutdown).await;
         }
-        Accepted::Unix(stream) => serve(shared, stream, "unix socket", permit, shutdown).await,
-        Accepted::Tls(stream, peer, acceptor) => {
+        Accepted::Unix(stream) => {
+            metrics.accepted(Listener::Unix).increment(1);
+            let uid = stream.peer_cred().ok().map(|c| c.uid());
+            serve(shared, stream, Peer::Unix(uid), permit, shutdown).await
+        }
+        Accepted::Tls(stream, address, acceptor) => {
+            metrics.accepted(Listener::Tls).increment(1);
             let _ = stream.set_nodelay(true);
+            let peer = Peer::Tls(address);
             match tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => serve(shared, tls, peer, permit, shutdown).await,
-                Ok(Err(err)) => info!(%peer, error = %err, "client TLS handshake failed"),
-                Err(_) => info!(%peer, "client TLS handshake timed out"),
+                Ok(Err(err)) => {
+                    metrics.rejected(Rejection::TlsHandshake).increment(1);
+                    info!(%peer, error = %err, "client TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.rejected(Rejection::TlsHandshake).increment(1);
+                    info!(%peer, "client TLS handshake timed out");
+                }
             }
         }
     }
@@ -269,20 +351,29 @@ async fn handle(
 async fn serve<C>(
     shared: &Shared,
     mut client: C,
-    peer: impl Display,
+    peer: Peer,
     permit: Option<OwnedSemaphorePermit>,
     shutdown: &CancellationToken,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    let telemetry = &shared.telemetry;
     let Some(_permit) = permit else {
+        telemetry.metrics.rejected(Rejection::Limit).increment(1);
         warn!(%peer, "connection refused: listen.max_connections reached");
         refuse(&mut client, "ERR max number of clients reached").await;
         return;
     };
-    let upstream = match shared.upstream.connect().await {
+    if let Some(remaining) = shared.session.locked_out(&peer) {
+        telemetry.metrics.rejected(Rejection::Auth).increment(1);
+        refuse(&mut client, &session::lockout_error(&peer, remaining)).await;
+        return;
+    }
+    let _active = ActiveConnection::open(&telemetry.metrics.connections_active);
+    let upstream = match shared.upstream.connect_counted(&telemetry.metrics).await {
         Ok(upstream) => upstream,
         Err(err) => {
+            telemetry.health.set_upstream_up(false);
             warn!(%peer, error = %err, "upstream connection failed");
             refuse(
                 &mut client,
@@ -292,10 +383,27 @@ async fn serve<C>(
             return;
         }
     };
+    telemetry.health.set_upstream_up(true);
     debug!(%peer, "client connected");
-    match session::run(&shared.session, client, upstream, shutdown).await {
+    match session::run(&shared.session, client, upstream, &peer, shutdown).await {
         Ok(()) => debug!(%peer, "client disconnected"),
         Err(err) => info!(%peer, error = %err, "connection closed"),
+    }
+}
+
+/// Counts a client connection in the active gauge while it lives.
+struct ActiveConnection<'a>(&'a ::metrics::Gauge);
+
+impl<'a> ActiveConnection<'a> {
+    fn open(gauge: &'a ::metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        ActiveConnection(gauge)
+    }
+}
+
+impl Drop for ActiveConnection<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 

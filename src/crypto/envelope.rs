@@ -64,6 +64,10 @@ pub struct Binding<'a> {
 pub enum OpenError {
     #[error("not encrypted (legacy plaintext)")]
     NotAnEnvelope,
+    /// Starts with the magic but is not a whole version-1 envelope:
+    /// truncated or damaged. Never taken for legacy plaintext.
+    #[error("malformed envelope (truncated, or an unknown version)")]
+    Malformed,
     #[error("unknown key id {0}")]
     UnknownKeyId(u32),
     #[error(
@@ -150,10 +154,14 @@ impl DataKey {
     }
 }
 
-/// The key id an envelope names, or `NotAnEnvelope`.
+/// The key id an envelope names; `NotAnEnvelope` without the magic,
+/// `Malformed` with the magic but not a whole envelope.
 pub fn key_id(stored: &[u8]) -> Result<u32, OpenError> {
-    if stored.len() < OVERHEAD || stored[..3] != MAGIC || stored[3] != VERSION {
+    if !stored.starts_with(&MAGIC) {
         return Err(OpenError::NotAnEnvelope);
+    }
+    if stored.len() < OVERHEAD || stored[3] != VERSION {
+        return Err(OpenError::Malformed);
     }
     Ok(u32::from_be_bytes([
         stored[4], stored[5], stored[6], stored[7],
@@ -382,9 +390,22 @@ mod tests {
 
     #[test]
     fn plaintext_is_recognised() {
-        for legacy in [&b""[..], b"hello", &[0xC7, 0x0A, 0x4B, 1, 0, 0, 0, 1]] {
+        for legacy in [&b""[..], b"hello", &[0xC7, 0x0A]] {
             assert_eq!(key_id(legacy), Err(OpenError::NotAnEnvelope));
         }
+    }
+
+    #[test]
+    fn a_damaged_envelope_is_malformed_never_plaintext() {
+        let sealed = key(1, 1).seal(b"value", bound(b"k"));
+        assert_eq!(key_id(&sealed[..OVERHEAD - 1]), Err(OpenError::Malformed));
+        let mut other_version = sealed.clone();
+        other_version[3] = 9;
+        assert_eq!(key_id(&other_version), Err(OpenError::Malformed));
+        assert_eq!(
+            key_id(&[0xC7, 0x0A, 0x4B, 1, 0, 0, 0, 1]),
+            Err(OpenError::Malformed)
+        );
     }
 
     #[test]

@@ -40,9 +40,24 @@ pub enum Opened<'a> {
 
 pub struct Keyring {
     primary: u32,
-    keys: BTreeMap<u32, DataKey>,
+    keys: BTreeMap<u32, Slot>,
     legacy: LegacyPlaintext,
     legacy_values_read: AtomicU64,
+}
+
+/// A key and how often it has sealed and opened (rotation progress).
+struct Slot {
+    key: DataKey,
+    sealed: AtomicU64,
+    opened: AtomicU64,
+}
+
+/// Values sealed and opened with one key since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUse {
+    pub id: u32,
+    pub sealed: u64,
+    pub opened: u64,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -86,7 +101,12 @@ impl Keyring {
     ) -> Result<Keyring, KeyError> {
         let mut ring = BTreeMap::new();
         for (id, key) in keys {
-            if ring.insert(id, DataKey::new(id, &key)).is_some() {
+            let slot = Slot {
+                key: DataKey::new(id, &key),
+                sealed: AtomicU64::new(0),
+                opened: AtomicU64::new(0),
+            };
+            if ring.insert(id, slot).is_some() {
                 return Err(KeyError::DuplicateId(id));
             }
         }
@@ -108,7 +128,10 @@ impl Keyring {
     /// Seals with the primary key.
     pub fn seal(&self, value: &[u8], binding: Binding<'_>) -> Vec<u8> {
         match self.keys.get(&self.primary) {
-            Some(key) => key.seal(value, binding),
+            Some(slot) => {
+                slot.sealed.fetch_add(1, Ordering::Relaxed);
+                slot.key.seal(value, binding)
+            }
             // `new` guarantees the primary is present.
             None => unreachable!("primary key missing from the keyring"),
         }
@@ -120,14 +143,31 @@ impl Keyring {
         stored: &'a [u8],
         binding: Binding<'_>,
     ) -> Result<Opened<'a>, OpenError> {
-        match envelope::open(stored, binding, |id| self.keys.get(&id)) {
-            Ok(plaintext) => Ok(Opened::Plaintext(plaintext)),
+        let id = match envelope::key_id(stored) {
+            Ok(id) => id,
             Err(OpenError::NotAnEnvelope) if self.legacy == LegacyPlaintext::Pass => {
                 self.legacy_values_read.fetch_add(1, Ordering::Relaxed);
-                Ok(Opened::Legacy(stored))
+                return Ok(Opened::Legacy(stored));
             }
-            Err(err) => Err(err),
+            Err(err) => return Err(err),
+        };
+        let plaintext = envelope::open(stored, binding, |id| self.keys.get(&id).map(|s| &s.key))?;
+        if let Some(slot) = self.keys.get(&id) {
+            slot.opened.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(Opened::Plaintext(plaintext))
+    }
+
+    /// Per key: values sealed and opened since start, by key id.
+    pub fn key_use(&self) -> Vec<KeyUse> {
+        self.keys
+            .iter()
+            .map(|(id, slot)| KeyUse {
+                id: *id,
+                sealed: slot.sealed.load(Ordering::Relaxed),
+                opened: slot.opened.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// Legacy plaintext values passed through since start.
@@ -162,6 +202,22 @@ mod tests {
         let new = after.seal(b"new", NAME);
         assert_eq!(envelope::key_id(&new), Ok(2));
         assert_eq!(before.open(&new, NAME), Err(OpenError::UnknownKeyId(2)));
+        // Rotation progress: what each key sealed and opened.
+        assert_eq!(
+            after.key_use(),
+            vec![
+                KeyUse {
+                    id: 1,
+                    sealed: 0,
+                    opened: 1
+                },
+                KeyUse {
+                    id: 2,
+                    sealed: 1,
+                    opened: 0
+                },
+            ]
+        );
     }
 
     #[test]

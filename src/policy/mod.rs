@@ -14,7 +14,7 @@
 pub mod rules;
 pub mod table;
 
-use crate::auth::ClientAuth;
+use crate::auth::{AuthOutcome, ClientAuth};
 use crate::crypto::{Binding, Keyring};
 use crate::resp::Request;
 use bytes::Bytes;
@@ -101,6 +101,11 @@ pub enum Action {
     AnswerOk,
     /// Answer this error here; the connection stays usable.
     AnswerError(String),
+    /// Refused by policy: answer the refusal's text; the connection stays usable.
+    Refuse(Refusal),
+    /// A client AUTH (or HELLO AUTH) with wrong credentials: answer this
+    /// error. The session counts it against the peer.
+    AuthFailed(&'static str),
     /// Answer `+OK` and close once every earlier reply is delivered.
     Quit,
 }
@@ -134,8 +139,32 @@ otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticat
 select the RESP protocol version at the same time";
 const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
 
-fn refuse(reason: &str) -> Action {
-    Action::AnswerError(format!("ERR redcloak: {reason}"))
+/// A command the policy refused: which rule refused it (for the security
+/// event) and the error reply that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub rule: &'static str,
+    pub text: String,
+}
+
+fn refuse(rule: &'static str, reason: &str) -> Action {
+    Action::Refuse(Refusal {
+        rule,
+        text: format!("ERR redcloak: {reason}"),
+    })
+}
+
+/// Whether a request is a client login attempt (AUTH, or HELLO with AUTH):
+/// the session refuses those from a locked-out peer before they are checked.
+pub fn is_auth_attempt(request: &Request) -> bool {
+    let name = request.name();
+    name.eq_ignore_ascii_case(b"auth")
+        || (name.eq_ignore_ascii_case(b"hello")
+            && request
+                .args
+                .iter()
+                .skip(2)
+                .any(|a| a.eq_ignore_ascii_case(b"auth")))
 }
 
 /// A key, field or command name, fit for an error message (never a value).
@@ -184,7 +213,16 @@ impl Policy {
     }
 
     pub fn classify(&self, request: &Request, state: &mut RequestState) -> Action {
-        let row = table::lookup(request.name());
+        self.classify_as(table::lookup(request.name()), request, state)
+    }
+
+    /// [`Policy::classify`] with the command's row already looked up.
+    pub fn classify_as(
+        &self,
+        row: Option<&'static Row>,
+        request: &Request,
+        state: &mut RequestState,
+    ) -> Action {
         let connection = match row.map(|r| r.class) {
             Some(Class::Connection(handling)) => Some(handling),
             _ => None,
@@ -274,9 +312,10 @@ impl Policy {
             Handling::Auth
             | Handling::Hello
             | Handling::Subscribe(_)
-            | Handling::Unsubscribe(_) => {
-                refuse("this command changes the connection and is not allowed inside MULTI")
-            }
+            | Handling::Unsubscribe(_) => refuse(
+                "in_transaction",
+                "this command changes the connection and is not allowed inside MULTI",
+            ),
         };
         state.multi_failed = true;
         refused
@@ -288,18 +327,21 @@ impl Policy {
         let Some(row) = row else {
             return match self.unknown_commands {
                 UnknownCommands::Pass => Action::Forward(ReplyPlan::Passthrough),
-                UnknownCommands::Refuse => refuse(&format!(
-                    "unknown command '{}' refused: redcloak forwards only commands it knows, so no value \
+                UnknownCommands::Refuse => refuse(
+                    "unknown_command",
+                    &format!(
+                        "unknown command '{}' refused: redcloak forwards only commands it knows, so no value \
                      reaches Redis unencrypted (encryption.unknown_commands = \"pass\" forwards them)",
-                    shown(request.name())
-                )),
+                        shown(request.name())
+                    ),
+                ),
             };
         };
         // The upper-case name only goes into refusals: not built on the hot path.
         let name = || row.name.to_ascii_uppercase();
         match row.class {
             Class::Connection(_) | Class::Forward => Action::Forward(ReplyPlan::Passthrough),
-            Class::Refuse(reason) => refuse(reason),
+            Class::Refuse(reason) => refuse("not_proxied", reason),
             Class::Value(command) => self.value(command, args),
             Class::ServerReadsValue => self.only_plaintext(row, args, |key, decision| {
                 let name = name();
@@ -325,7 +367,7 @@ impl Policy {
                 });
                 let name = name();
                 if reads_other_keys {
-                    return refuse(&format!(
+                    return refuse("sort_by_get", &format!(
                         "{name} with BY or GET makes Redis read other keys' values, which may be encrypted; \
                          sort in the application instead"
                     ));
@@ -348,7 +390,10 @@ impl Policy {
         for position in row.keys.positions(args) {
             let decision = self.rules.decide(&args[position]);
             if decision.mode != Mode::Plaintext {
-                return refuse(&message(&shown(&args[position]), &decision));
+                return refuse(
+                    "encrypted_key",
+                    &message(&shown(&args[position]), &decision),
+                );
             }
         }
         Action::Forward(ReplyPlan::Passthrough)
@@ -372,14 +417,17 @@ impl Policy {
         if still_opens {
             return Action::Forward(ReplyPlan::Passthrough);
         }
-        refuse(&format!(
-            "{name} would move the value of '{}' ({}) to '{}' ({}), where it would no longer decrypt. \
+        refuse(
+            "moves_value",
+            &format!(
+                "{name} would move the value of '{}' ({}) to '{}' ({}), where it would no longer decrypt. \
              Values are bound to their key name: use bind_key = false on a rule covering both keys, or plaintext rules",
-            shown(&args[from]),
-            source.describe(),
-            shown(&args[to]),
-            target.describe()
-        ))
+                shown(&args[from]),
+                source.describe(),
+                shown(&args[to]),
+                target.describe()
+            ),
+        )
     }
 
     /// The site of a key's values, or `None` when its rule is plaintext.
@@ -522,7 +570,7 @@ impl Policy {
                 state.authenticated = true;
                 Action::AnswerOk
             }
-            Some(text) => Action::AnswerError(text.into()),
+            Some(text) => self.auth_failed(outcome, text),
         }
     }
 
@@ -555,7 +603,7 @@ impl Policy {
             Some((username, password)) => {
                 let outcome = self.client_auth.check(Some(username), password);
                 if let Some(text) = outcome.error_text() {
-                    return Action::AnswerError(text.into());
+                    return self.auth_failed(outcome, text);
                 }
                 state.authenticated = true;
             }
@@ -563,6 +611,14 @@ impl Policy {
             None => {}
         }
         Action::Rewrite(forwarded, ReplyPlan::Hello { protocol })
+    }
+
+    /// A refused login counts against the peer when there is a password to guess.
+    fn auth_failed(&self, outcome: AuthOutcome, text: &'static str) -> Action {
+        match outcome {
+            AuthOutcome::WrongPass if self.client_auth.is_required() => Action::AuthFailed(text),
+            _ => Action::AnswerError(text.into()),
+        }
     }
 
     /// RESET leaves MULTI and, when clients must log in, logs this one out.
@@ -590,6 +646,7 @@ fn client(args: &[Bytes]) -> Action {
                 && (mode.eq_ignore_ascii_case(b"off") || mode.eq_ignore_ascii_case(b"skip")) =>
         {
             refuse(
+                "client_reply",
                 "CLIENT REPLY OFF/SKIP is not supported: every request gets a reply through redcloak",
             )
         }
@@ -669,12 +726,18 @@ mod tests {
         );
         assert!(matches!(
             policy.classify(&request(&["AUTH", "nope"]), &mut state),
-            Action::AnswerError(_)
+            Action::AuthFailed(text) if text.starts_with("WRONGPASS")
         ));
         assert_eq!(
             policy.classify(&request(&["AUTH", "pw-pw-pw-pw"]), &mut state),
             Action::AnswerOk
         );
+        // Without a password to guess, a refused AUTH is not a failed login.
+        let open = policy_with(None, UnknownCommands::Refuse);
+        assert!(matches!(
+            open.classify(&request(&["AUTH", "x"]), &mut open.new_connection()),
+            Action::AnswerError(_)
+        ));
         assert_eq!(
             policy.classify(&request(&["GET", "plain:k"]), &mut state),
             Action::Forward(ReplyPlan::Passthrough)
@@ -712,6 +775,28 @@ mod tests {
             policy.classify(&request(&["HELLO", "3", "AUTH", "default"]), &mut fresh),
             Action::AnswerError(_)
         ));
+        assert!(matches!(
+            policy.classify(
+                &request(&["HELLO", "3", "AUTH", "default", "wrong"]),
+                &mut fresh
+            ),
+            Action::AuthFailed(_)
+        ));
+    }
+
+    #[test]
+    fn login_attempts_are_recognised_before_they_are_checked() {
+        for (args, expected) in [
+            (&["AUTH", "pw"][..], true),
+            (&["auth", "user", "pw"], true),
+            (&["HELLO", "3", "AUTH", "u", "p"], true),
+            (&["hello", "3", "setname", "x", "auth", "u", "p"], true),
+            (&["HELLO", "3"], false),
+            (&["HELLO", "auth"], false),
+            (&["GET", "auth"], false),
+        ] {
+            assert_eq!(is_auth_attempt(&request(args)), expected, "{args:?}");
+        }
     }
 
     #[test]
@@ -837,27 +922,27 @@ mod tests {
     #[test]
     fn commands_that_need_the_value_or_move_it_are_refused_on_encrypted_keys() {
         let policy = policy();
-        for command in [
-            &["APPEND", "k", "x"][..],
-            &["INCR", "k"],
-            &["GETRANGE", "k", "0", "1"],
-            &["HINCRBY", "h", "f", "1"],
-            &["EVAL", "return 1", "1", "k"],
-            &["OBJECT", "ENCODING", "k"],
-            &["DUMP", "k"],
-            &["RPUSH", "list", "x"],
-            &["SADD", "set", "x"],
-            &["XADD", "s", "*", "f", "v"],
-            &["PUBLISH", "channel", "message"],
-            &["RENAME", "k", "k2"],
-            &["COPY", "plain:a", "k"],
-            &["SORT", "plain:l", "BY", "w_*"],
-            &["MONITOR"],
-            &["NOTACOMMAND", "k"],
+        for (command, rule) in [
+            (&["APPEND", "k", "x"][..], "encrypted_key"),
+            (&["INCR", "k"], "encrypted_key"),
+            (&["GETRANGE", "k", "0", "1"], "encrypted_key"),
+            (&["HINCRBY", "h", "f", "1"], "encrypted_key"),
+            (&["EVAL", "return 1", "1", "k"], "encrypted_key"),
+            (&["OBJECT", "ENCODING", "k"], "encrypted_key"),
+            (&["DUMP", "k"], "encrypted_key"),
+            (&["RPUSH", "list", "x"], "encrypted_key"),
+            (&["SADD", "set", "x"], "encrypted_key"),
+            (&["XADD", "s", "*", "f", "v"], "encrypted_key"),
+            (&["PUBLISH", "channel", "message"], "encrypted_key"),
+            (&["RENAME", "k", "k2"], "moves_value"),
+            (&["COPY", "plain:a", "k"], "moves_value"),
+            (&["SORT", "plain:l", "BY", "w_*"], "sort_by_get"),
+            (&["MONITOR"], "not_proxied"),
+            (&["NOTACOMMAND", "k"], "unknown_command"),
         ] {
             let action = classify(&policy, command);
             assert!(
-                matches!(&action, Action::AnswerError(text) if text.starts_with("ERR redcloak: ")),
+                matches!(&action, Action::Refuse(r) if r.rule == rule && r.text.starts_with("ERR redcloak: ")),
                 "{command:?}: {action:?}"
             );
         }
@@ -886,7 +971,7 @@ mod tests {
 
     #[test]
     fn the_refusal_names_the_key_and_the_rule() {
-        let Action::AnswerError(text) = classify(&policy(), &["INCR", "counter"]) else {
+        let Action::Refuse(Refusal { text, .. }) = classify(&policy(), &["INCR", "counter"]) else {
             panic!()
         };
         assert!(
@@ -915,7 +1000,10 @@ mod tests {
         );
         assert!(matches!(
             policy.classify(&request(&["SUBSCRIBE", "c"]), &mut state),
-            Action::AnswerError(_)
+            Action::Refuse(Refusal {
+                rule: "in_transaction",
+                ..
+            })
         ));
         assert_eq!(
             policy.classify(&request(&["EXEC"]), &mut state),
@@ -930,7 +1018,7 @@ mod tests {
         );
         assert!(matches!(
             policy.classify(&request(&["INCR", "n"]), &mut state),
-            Action::AnswerError(_)
+            Action::Refuse(_)
         ));
         assert!(matches!(
             policy.classify(&request(&["EXEC"]), &mut state),
@@ -944,7 +1032,10 @@ mod tests {
         for mode in ["OFF", "skip"] {
             assert!(matches!(
                 classify(&policy, &["CLIENT", "REPLY", mode]),
-                Action::AnswerError(_)
+                Action::Refuse(Refusal {
+                    rule: "client_reply",
+                    ..
+                })
             ));
         }
         assert_eq!(

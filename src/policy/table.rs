@@ -369,15 +369,42 @@ pub static COMMANDS: &[Row] = &[
 
 /// The row for a command name, matched case-insensitively.
 pub fn lookup(name: &[u8]) -> Option<&'static Row> {
+    identify(name).1
+}
+
+/// A command's identity in metrics: its row, or `other` for names the table
+/// does not know (so label values stay bounded whatever clients send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandId(u16);
+
+impl CommandId {
+    /// Every identity there is: one per row, then `other`.
+    pub const COUNT: usize = COMMANDS.len() + 1;
+    pub const OTHER: CommandId = CommandId(COMMANDS.len() as u16);
+
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The lower-case command name, or `other`.
+    pub fn name(self) -> &'static str {
+        COMMANDS.get(self.index()).map_or("other", |row| row.name)
+    }
+}
+
+/// The identity and row of a command name (any case).
+pub fn identify(name: &[u8]) -> (CommandId, Option<&'static Row>) {
     let mut lower = [0u8; 32];
-    let lower = lower.get_mut(..name.len())?;
+    let Some(lower) = lower.get_mut(..name.len()) else {
+        return (CommandId::OTHER, None);
+    };
     for (to, from) in lower.iter_mut().zip(name) {
         *to = from.to_ascii_lowercase();
     }
-    COMMANDS
-        .binary_search_by(|row| row.name.as_bytes().cmp(lower))
-        .ok()
-        .map(|i| &COMMANDS[i])
+    match COMMANDS.binary_search_by(|row| row.name.as_bytes().cmp(lower)) {
+        Ok(i) => (CommandId(i as u16), Some(&COMMANDS[i])),
+        Err(_) => (CommandId::OTHER, None),
+    }
 }
 
 impl Keys {
@@ -472,6 +499,15 @@ mod tests {
         for row in COMMANDS {
             assert_eq!(row.name, row.name.to_ascii_lowercase());
         }
+    }
+
+    #[test]
+    fn command_ids_name_known_commands_and_fold_the_rest_into_other() {
+        assert_eq!(identify(b"GeT").0.name(), "get");
+        assert_eq!(identify(b"hset").0.name(), "hset");
+        assert_eq!(identify(b"nosuchcommand").0, CommandId::OTHER);
+        assert_eq!(identify(&[b'x'; 100]).0.name(), "other");
+        assert_eq!(CommandId::OTHER.index(), CommandId::COUNT - 1);
     }
 
     #[test]

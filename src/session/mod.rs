@@ -19,18 +19,32 @@
 //! error and shutdown stop the request half and let the reply half deliver
 //! what is pending; losing Redis answers every pending request with an error
 //! and closes the client.
+//!
+//! Counting: every request's entry carries a [`Tally`] (command, when it was
+//! read). The request half logs when each batch left for Redis
+//! ([`FlushLog`]); the reply half takes answered entries from [`Replies`]
+//! and, once their replies are written, records outcome, duration and the
+//! time Redis took. Refusals, failed logins and values that fail to open are
+//! also security events.
 
 pub mod open;
 pub mod pipeline;
 
-use crate::policy::{Action, Policy, ReplyPlan};
-use crate::resp::{self, Limits, ReplyScanner, RequestParser};
+use crate::auth::lockout::{Lockouts, PeerKey};
+use crate::events;
+use crate::metrics::{Metrics, Outcome};
+use crate::policy::table::{self, CommandId};
+use crate::policy::{self as policy_mod, Action, Policy, ReplyPlan, shown};
+use crate::resp::{self, Limits, ReplyScanner, Request, RequestParser};
 use crate::upstream::Login;
 use bytes::{Bytes, BytesMut};
-use pipeline::{Entry, Flow, Replies};
+use pipeline::{Done, Entry, Flow, Replies, Tally};
+use std::collections::VecDeque;
+use std::fmt;
 use std::io;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
@@ -48,6 +62,103 @@ pub struct SessionContext {
     pub client_write_timeout: Duration,
     /// Used to log the upstream connection in again after RESET.
     pub upstream_login: Arc<Login>,
+    pub metrics: Arc<Metrics>,
+    /// Failed client logins by peer; `None` when clients need no password.
+    pub lockouts: Option<Arc<Mutex<Lockouts>>>,
+    /// Security events may name keys.
+    pub log_key_names: bool,
+}
+
+/// Who is on the other end of a client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    Tls(SocketAddr),
+    /// A unix-socket peer, by user id when the kernel says.
+    Unix(Option<u32>),
+}
+
+impl Peer {
+    /// What failed logins are counted against.
+    pub fn key(&self) -> PeerKey {
+        match self {
+            Peer::Tcp(address) | Peer::Tls(address) => PeerKey::Ip(address.ip()),
+            Peer::Unix(uid) => PeerKey::UnixUser(*uid),
+        }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(address) | Peer::Tls(address) => write!(f, "{address}"),
+            Peer::Unix(_) => write!(f, "{}", self.key()),
+        }
+    }
+}
+
+impl SessionContext {
+    /// How much longer `peer` may not log in, if it is locked out.
+    pub fn locked_out(&self, peer: &Peer) -> Option<Duration> {
+        let lockouts = self.lockouts.as_ref()?;
+        let lockouts = lockouts.lock().unwrap_or_else(|e| e.into_inner());
+        lockouts.remaining(peer.key(), Instant::now())
+    }
+
+    /// Counts a failed login, and locks the peer out after too many.
+    fn login_failed(&self, peer: &Peer) {
+        self.metrics.auth_failures.increment(1);
+        events::client_auth_failure(peer);
+        let Some(lockouts) = self.lockouts.as_ref() else {
+            return;
+        };
+        let locked = lockouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record_failure(peer.key(), Instant::now());
+        if let Some(locked) = locked {
+            self.metrics.auth_lockouts.increment(1);
+            events::client_auth_lockout(peer, locked.failures, locked.duration.as_secs());
+        }
+    }
+}
+
+/// The error a locked-out peer gets for a login attempt or a new connection.
+pub fn lockout_error(peer: &Peer, remaining: Duration) -> String {
+    format!(
+        "ERR redcloak: too many failed AUTH attempts from {peer}; logins are refused for {} more seconds",
+        remaining.as_secs().max(1)
+    )
+}
+
+/// When each batch of requests left for Redis, with how many replies it
+/// awaits, oldest first. The request half appends; the reply half takes one
+/// reply at a time from the front. Both halves run in one task: the lock is
+/// never contended, and it is never held across an await.
+#[derive(Debug, Default)]
+struct FlushLog {
+    batches: Mutex<VecDeque<(usize, Instant)>>,
+}
+
+impl FlushLog {
+    fn sent(&self, replies: usize, at: Instant) {
+        if replies > 0 {
+            let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+            batches.push_back((replies, at));
+        }
+    }
+
+    /// When the request the next reply answers was sent.
+    fn answered(&self) -> Option<Instant> {
+        let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        let (left, at) = batches.front_mut()?;
+        let sent = *at;
+        *left -= 1;
+        if *left == 0 {
+            batches.pop_front();
+        }
+        Some(sent)
+    }
 }
 
 /// Why a session ended early. The side that failed is in the variant.
@@ -76,6 +187,7 @@ pub async fn run<C, U>(
     ctx: &SessionContext,
     client: C,
     upstream: U,
+    peer: &Peer,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError>
 where
@@ -86,12 +198,24 @@ where
     let (upstream_reader, upstream_writer) = tokio::io::split(upstream);
     let (fifo_in, fifo_out) = mpsc::channel(ctx.max_pending_requests);
     let upstream_failed = CancellationToken::new();
-    let requests = forward_requests(ctx, client_reader, upstream_writer, fifo_in, shutdown);
+    let flushes = FlushLog::default();
+    let requests = Requests {
+        ctx,
+        peer,
+        upstream: upstream_writer,
+        fifo: fifo_in,
+        output: BytesMut::with_capacity(READ_CHUNK),
+        unsent_replies: 0,
+        flushes: &flushes,
+    };
+    let requests = requests.forward(client_reader, shutdown);
     let replies = deliver_replies(
         ctx,
+        peer,
         upstream_reader,
         client_writer,
         fifo_out,
+        &flushes,
         &upstream_failed,
     );
     tokio::pin!(requests, replies);
@@ -111,150 +235,200 @@ where
     }
 }
 
-/// Client bytes -> requests -> policy -> upstream bytes and FIFO entries.
-async fn forward_requests<R, W>(
-    ctx: &SessionContext,
-    mut client: R,
-    mut upstream: W,
+/// The request half: client bytes -> requests -> policy -> upstream bytes
+/// and FIFO entries.
+struct Requests<'a, W> {
+    ctx: &'a SessionContext,
+    peer: &'a Peer,
+    upstream: W,
     fifo: mpsc::Sender<Entry>,
-    shutdown: &CancellationToken,
-) -> Result<RequestsEnd, SessionError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut input = BytesMut::with_capacity(READ_CHUNK);
-    let mut output = BytesMut::with_capacity(READ_CHUNK);
-    let mut parser = RequestParser::default();
-    let mut state = ctx.policy.new_connection();
-    loop {
-        input.reserve(READ_CHUNK);
-        let read = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(RequestsEnd::Drain),
-            read = client.read_buf(&mut input) => read.map_err(SessionError::Client)?,
-        };
-        if read == 0 {
-            return Ok(RequestsEnd::ClientClosed);
-        }
+    /// Requests encoded for Redis, not yet written.
+    output: BytesMut,
+    /// Replies the requests in `output` will get.
+    unsent_replies: usize,
+    flushes: &'a FlushLog,
+}
+
+impl<W: AsyncWrite + Unpin> Requests<'_, W> {
+    async fn forward<R: AsyncRead + Unpin>(
+        mut self,
+        mut client: R,
+        shutdown: &CancellationToken,
+    ) -> Result<RequestsEnd, SessionError> {
+        let ctx = self.ctx;
+        let mut input = BytesMut::with_capacity(READ_CHUNK);
+        let mut parser = RequestParser::default();
+        let mut state = ctx.policy.new_connection();
         loop {
-            let request = match parser.next(&mut input, &ctx.limits) {
-                Ok(Some(request)) => request,
-                Ok(None) => break,
-                Err(err) => {
-                    let reply = error_reply(&format!("ERR redcloak: protocol error: {err}"));
-                    enqueue(
-                        &fifo,
-                        Entry::Answer {
-                            reply,
-                            then_close: true,
-                        },
-                        &mut output,
-                        &mut upstream,
-                    )
-                    .await?;
-                    write_upstream(&mut upstream, &mut output).await?;
+            input.reserve(READ_CHUNK);
+            let read = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(RequestsEnd::Drain),
+                read = client.read_buf(&mut input) => read.map_err(SessionError::Client)?,
+            };
+            if read == 0 {
+                return Ok(RequestsEnd::ClientClosed);
+            }
+            ctx.metrics.client_received.increment(read as u64);
+            let received = Instant::now();
+            loop {
+                let request = match parser.next(&mut input, &ctx.limits) {
+                    Ok(Some(request)) => request,
+                    Ok(None) => break,
+                    Err(err) => {
+                        let reply = error_reply(&format!("ERR redcloak: protocol error: {err}"));
+                        self.answer(reply, true, None).await?;
+                        self.flush().await?;
+                        return Ok(RequestsEnd::Drain);
+                    }
+                };
+                let (command, row) = table::identify(request.name());
+                let tally = Tally { command, received };
+                if let Some(remaining) = self.lockout_refusal(&request) {
+                    let reply = error_reply(&lockout_error(self.peer, remaining));
+                    self.answer(reply, false, Some((tally, Outcome::Refused)))
+                        .await?;
+                    continue;
+                }
+                let action = ctx.policy.classify_as(row, &request, &mut state);
+                if self.act(action, &request, tally).await? == Flow::Close {
+                    self.flush().await?;
                     return Ok(RequestsEnd::Drain);
                 }
-            };
-            let action = ctx.policy.classify(&request, &mut state);
-            let quit = action == Action::Quit;
-            // An entry always enters the FIFO before its command is encoded:
-            // `enqueue` may flush `output`, and a reply must never arrive
-            // before the entry it answers.
-            let answer = match action {
-                Action::Forward(plan) => {
-                    enqueue(&fifo, Entry::Await(plan), &mut output, &mut upstream).await?;
-                    resp::encode_command(&mut output, &request.args);
-                    None
-                }
-                Action::Rewrite(args, plan) => {
-                    enqueue(&fifo, Entry::Await(plan), &mut output, &mut upstream).await?;
-                    resp::encode_command(&mut output, &args);
-                    None
-                }
-                Action::Reset => {
-                    enqueue(
-                        &fifo,
-                        Entry::Await(ReplyPlan::Reset),
-                        &mut output,
-                        &mut upstream,
-                    )
+            }
+            self.flush().await?;
+        }
+    }
+
+    /// How long a login attempt from a locked-out peer must wait, if it must.
+    fn lockout_refusal(&self, request: &Request) -> Option<Duration> {
+        self.ctx.lockouts.as_ref()?;
+        if !policy_mod::is_auth_attempt(request) {
+            return None;
+        }
+        self.ctx.locked_out(self.peer)
+    }
+
+    /// Carries out one decision. `Close` after QUIT.
+    async fn act(
+        &mut self,
+        action: Action,
+        request: &Request,
+        tally: Tally,
+    ) -> Result<Flow, SessionError> {
+        // An entry always enters the FIFO before its command is encoded:
+        // `enqueue` may flush `output`, and a reply must never arrive
+        // before the entry it answers.
+        match action {
+            Action::Forward(plan) => {
+                self.enqueue(Entry::Await(plan, Some(tally))).await?;
+                self.encode(&request.args);
+            }
+            Action::Rewrite(args, plan) => {
+                self.enqueue(Entry::Await(plan, Some(tally))).await?;
+                self.encode(&args);
+            }
+            Action::Reset => {
+                self.enqueue(Entry::Await(ReplyPlan::Reset, Some(tally)))
                     .await?;
-                    resp::encode_command(&mut output, &[b"RESET"]);
-                    let restore = Entry::Await(ReplyPlan::RestoreLogin);
-                    enqueue(&fifo, restore, &mut output, &mut upstream).await?;
-                    ctx.upstream_login.encode_auth(&mut output);
-                    None
-                }
-                Action::AnswerOk => Some(Entry::Answer {
-                    reply: OK.clone(),
-                    then_close: false,
-                }),
-                Action::Quit => Some(Entry::Answer {
-                    reply: OK.clone(),
-                    then_close: true,
-                }),
-                Action::AnswerError(text) => Some(Entry::Answer {
-                    reply: error_reply(&text),
-                    then_close: false,
-                }),
-            };
-            if let Some(answer) = answer {
-                enqueue(&fifo, answer, &mut output, &mut upstream).await?;
+                self.encode(&[b"RESET"]);
+                self.enqueue(Entry::Await(ReplyPlan::RestoreLogin, None))
+                    .await?;
+                self.ctx.upstream_login.encode_auth(&mut self.output);
+                self.unsent_replies += 1;
             }
-            if quit {
-                write_upstream(&mut upstream, &mut output).await?;
-                return Ok(RequestsEnd::Drain);
+            Action::AnswerOk => self.answer(OK, false, Some((tally, Outcome::Ok))).await?,
+            Action::Quit => {
+                self.answer(OK, true, Some((tally, Outcome::Ok))).await?;
+                return Ok(Flow::Close);
+            }
+            Action::AnswerError(text) => {
+                let outcome = Some((tally, Outcome::RedisError));
+                self.answer(error_reply(&text), false, outcome).await?;
+            }
+            Action::Refuse(refusal) => {
+                events::command_refused(self.peer, tally.command.name(), refusal.rule);
+                let outcome = Some((tally, Outcome::Refused));
+                self.answer(error_reply(&refusal.text), false, outcome)
+                    .await?;
+            }
+            Action::AuthFailed(text) => {
+                self.ctx.login_failed(self.peer);
+                let outcome = Some((tally, Outcome::RedisError));
+                self.answer(error_reply(text), false, outcome).await?;
             }
         }
-        write_upstream(&mut upstream, &mut output).await?;
+        Ok(Flow::Continue)
     }
-}
 
-/// Puts an entry in the FIFO. When it is full, the requests already encoded
-/// (all with their entries queued) are sent first: the reply half may be
-/// waiting for exactly those.
-async fn enqueue<W: AsyncWrite + Unpin>(
-    fifo: &mpsc::Sender<Entry>,
-    entry: Entry,
-    output: &mut BytesMut,
-    upstream: &mut W,
-) -> Result<(), SessionError> {
-    match fifo.try_send(entry) {
-        Ok(()) => Ok(()),
-        Err(TrySendError::Full(entry)) => {
-            write_upstream(upstream, output).await?;
-            fifo.send(entry)
-                .await
-                .map_err(|_| SessionError::UpstreamClosed)
-        }
-        Err(TrySendError::Closed(_)) => Err(SessionError::UpstreamClosed),
+    fn encode<A: AsRef<[u8]>>(&mut self, args: &[A]) {
+        resp::encode_command(&mut self.output, args);
+        self.unsent_replies += 1;
     }
-}
 
-async fn write_upstream<W: AsyncWrite + Unpin>(
-    upstream: &mut W,
-    output: &mut BytesMut,
-) -> Result<(), SessionError> {
-    if output.is_empty() {
-        return Ok(());
-    }
-    upstream
-        .write_all(output)
+    async fn answer(
+        &mut self,
+        reply: Bytes,
+        then_close: bool,
+        tally: Option<(Tally, Outcome)>,
+    ) -> Result<(), SessionError> {
+        self.enqueue(Entry::Answer {
+            reply,
+            then_close,
+            tally,
+        })
         .await
-        .map_err(SessionError::Upstream)?;
-    upstream.flush().await.map_err(SessionError::Upstream)?;
-    output.clear();
-    Ok(())
+    }
+
+    /// Puts an entry in the FIFO. When it is full, the requests already
+    /// encoded (all with their entries queued) are sent first: the reply half
+    /// may be waiting for exactly those.
+    async fn enqueue(&mut self, entry: Entry) -> Result<(), SessionError> {
+        match self.fifo.try_send(entry) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(entry)) => {
+                self.flush().await?;
+                self.fifo
+                    .send(entry)
+                    .await
+                    .map_err(|_| SessionError::UpstreamClosed)
+            }
+            Err(TrySendError::Closed(_)) => Err(SessionError::UpstreamClosed),
+        }
+    }
+
+    /// Writes the encoded requests to Redis, and logs when they left.
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if self.output.is_empty() {
+            return Ok(());
+        }
+        self.upstream
+            .write_all(&self.output)
+            .await
+            .map_err(SessionError::Upstream)?;
+        self.upstream
+            .flush()
+            .await
+            .map_err(SessionError::Upstream)?;
+        self.flushes.sent(self.unsent_replies, Instant::now());
+        self.ctx
+            .metrics
+            .upstream_sent
+            .increment(self.output.len() as u64);
+        self.unsent_replies = 0;
+        self.output.clear();
+        Ok(())
+    }
 }
 
 /// Upstream bytes -> replies matched to FIFO entries -> client bytes.
 async fn deliver_replies<R, W>(
     ctx: &SessionContext,
+    peer: &Peer,
     mut upstream: R,
     mut client: W,
     mut fifo: mpsc::Receiver<Entry>,
+    flushes: &FlushLog,
     upstream_failed: &CancellationToken,
 ) -> Result<(), SessionError>
 where
@@ -265,6 +439,7 @@ where
     let mut output = BytesMut::with_capacity(READ_CHUNK);
     let mut scanner = ReplyScanner::default();
     let mut replies = Replies::new(ctx.policy.keyring().clone(), ctx.reply_limits.clone());
+    let mut answered = Answered::default();
     let mut requests_done = false;
     loop {
         let flow = match deliver_ready(
@@ -281,7 +456,9 @@ where
                 return fail_pending(ctx, &mut client, &mut fifo, &mut output, &replies, err).await;
             }
         };
+        answered.take(&mut replies, flushes);
         write_client(ctx, &mut client, &mut output).await?;
+        answered.record(ctx, peer);
         if flow == Flow::Close || (requests_done && replies.needs_entry()) {
             let _ = client.shutdown().await;
             return Ok(());
@@ -292,7 +469,9 @@ where
                 match entry {
                     Some(entry) => {
                         if replies.accept(entry, &mut output) == Flow::Close {
+                            answered.take(&mut replies, flushes);
                             write_client(ctx, &mut client, &mut output).await?;
+                            answered.record(ctx, peer);
                             let _ = client.shutdown().await;
                             return Ok(());
                         }
@@ -303,13 +482,73 @@ where
             }
             read = upstream.read_buf(&mut input) => match read {
                 Ok(0) => Some(SessionError::UpstreamClosed),
-                Ok(_) => None,
+                Ok(read) => {
+                    ctx.metrics.upstream_received.increment(read as u64);
+                    None
+                }
                 Err(err) => Some(SessionError::Upstream(err)),
             },
             _ = upstream_failed.cancelled() => Some(SessionError::UpstreamClosed),
         };
         if let Some(err) = lost {
             return fail_pending(ctx, &mut client, &mut fifo, &mut output, &replies, err).await;
+        }
+    }
+}
+
+/// Answered requests between their reply's arrival and its write to the
+/// client, with the time Redis took for those it answered.
+#[derive(Default)]
+struct Answered {
+    done: Vec<(Done, Option<Duration>)>,
+    taken: Vec<Done>,
+}
+
+impl Answered {
+    /// Takes what `replies` answered since last time; a reply Redis sent
+    /// arrived now.
+    fn take(&mut self, replies: &mut Replies, flushes: &FlushLog) {
+        replies.take_done(&mut self.taken);
+        if self.taken.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for done in self.taken.drain(..) {
+            let waited = if done.forwarded {
+                flushes
+                    .answered()
+                    .map(|sent| now.saturating_duration_since(sent))
+            } else {
+                None
+            };
+            self.done.push((done, waited));
+        }
+    }
+
+    /// Their replies are written: count them, and report values that did not open.
+    fn record(&mut self, ctx: &SessionContext, peer: &Peer) {
+        if self.done.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for (done, waited) in self.done.drain(..) {
+            let command = done.tally.map_or(CommandId::OTHER, |t| t.command);
+            for failure in &done.failures {
+                ctx.metrics.open_failure(failure.reason).increment(1);
+                let key = ctx.log_key_names.then(|| shown(&failure.site.key));
+                events::decrypt_failure(
+                    peer,
+                    command.name(),
+                    failure.key_id,
+                    failure.reason,
+                    key.as_deref(),
+                );
+            }
+            if let Some(tally) = done.tally {
+                let duration = now.saturating_duration_since(tally.received);
+                ctx.metrics
+                    .command(tally.command, done.outcome, duration, waited);
+            }
         }
     }
 }
@@ -371,7 +610,7 @@ async fn fail_pending<W: AsyncWrite + Unpin>(
     fifo.close();
     while let Ok(entry) = fifo.try_recv() {
         match entry {
-            Entry::Await(_) => output.extend_from_slice(&failed),
+            Entry::Await(..) => output.extend_from_slice(&failed),
             Entry::Answer { reply, .. } => output.extend_from_slice(&reply),
         }
     }
@@ -395,6 +634,7 @@ async fn write_client<W: AsyncWrite + Unpin>(
     };
     match tokio::time::timeout(ctx.client_write_timeout, write).await {
         Ok(Ok(())) => {
+            ctx.metrics.client_sent.increment(output.len() as u64);
             output.clear();
             Ok(())
         }

@@ -10,20 +10,36 @@
 //! array the other elements are still delivered.
 
 use crate::crypto::keyring::Opened;
-use crate::crypto::{Keyring, OpenError};
+use crate::crypto::{Keyring, OpenError, envelope};
+use crate::metrics::OpenFailure;
 use crate::policy::{OpenPlan, ValueSite, shown};
 use crate::resp::{self, Limits};
 use bytes::BytesMut;
 
-/// Writes `frame` to `out` with its values opened.
+/// A value that failed to open: where it lives, the key id its header
+/// named (if it had one), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub site: ValueSite,
+    pub key_id: Option<u32>,
+    pub reason: OpenFailure,
+}
+
+/// Writes `frame` to `out` with its values opened; values that fail to
+/// open are added to `failures`.
 pub fn reply(
     plan: &OpenPlan,
     frame: &[u8],
     keyring: &Keyring,
     limits: &Limits,
     out: &mut BytesMut,
+    failures: &mut Vec<Failure>,
 ) {
-    let opener = Opener { keyring, limits };
+    let mut opener = Opener {
+        keyring,
+        limits,
+        failures,
+    };
     match plan {
         OpenPlan::One(site) => opener.value(site, frame, out),
         OpenPlan::Each(sites) => opener.each(sites, frame, out),
@@ -36,11 +52,12 @@ pub fn reply(
 struct Opener<'a> {
     keyring: &'a Keyring,
     limits: &'a Limits,
+    failures: &'a mut Vec<Failure>,
 }
 
 impl Opener<'_> {
     /// One element that holds a value (or nil, or an error).
-    fn value(&self, site: &ValueSite, element: &[u8], out: &mut BytesMut) {
+    fn value(&mut self, site: &ValueSite, element: &[u8], out: &mut BytesMut) {
         let Some(stored) = resp::bulk_body(element) else {
             out.extend_from_slice(element);
             return;
@@ -48,11 +65,23 @@ impl Opener<'_> {
         match self.keyring.open(stored, site.binding()) {
             Ok(Opened::Plaintext(plaintext)) => resp::encode_bulk(out, &plaintext),
             Ok(Opened::Legacy(_)) => out.extend_from_slice(element),
-            Err(err) => resp::encode_error(out, &failure(site, err)),
+            Err(err) => {
+                resp::encode_error(out, &failure(site, &err));
+                self.failures.push(Failure {
+                    site: site.clone(),
+                    key_id: envelope::key_id(stored).ok(),
+                    reason: match err {
+                        OpenError::AuthenticationFailed => OpenFailure::AuthFailed,
+                        OpenError::UnknownKeyId(_) => OpenFailure::UnknownKeyId,
+                        OpenError::Malformed => OpenFailure::Malformed,
+                        OpenError::NotAnEnvelope => OpenFailure::NotEncrypted,
+                    },
+                });
+            }
         }
     }
 
-    fn each(&self, sites: &[Option<ValueSite>], frame: &[u8], out: &mut BytesMut) {
+    fn each(&mut self, sites: &[Option<ValueSite>], frame: &[u8], out: &mut BytesMut) {
         let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
             out.extend_from_slice(frame);
             return;
@@ -67,7 +96,7 @@ impl Opener<'_> {
     }
 
     /// Field/value pairs: a flat array or map, or an array of 2-element arrays.
-    fn pairs(&self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+    fn pairs(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
         let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
             out.extend_from_slice(frame);
             return;
@@ -91,7 +120,7 @@ impl Opener<'_> {
     }
 
     /// HGETALL's pairs, delivered as HVALS would: the values as an array.
-    fn values_only(&self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+    fn values_only(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
         let Some((_, elements)) = resp::aggregate_elements(frame, self.limits) else {
             out.extend_from_slice(frame);
             return;
@@ -102,7 +131,7 @@ impl Opener<'_> {
         }
     }
 
-    fn scan(&self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+    fn scan(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
         match resp::aggregate_elements(frame, self.limits) {
             Some((header, elements)) if elements.len() == 2 => {
                 out.extend_from_slice(header);
@@ -123,7 +152,7 @@ fn with_field(site: &ValueSite, field: &[u8]) -> ValueSite {
 }
 
 /// The error text for a value that did not open. Names, never values.
-fn failure(site: &ValueSite, err: OpenError) -> String {
+fn failure(site: &ValueSite, err: &OpenError) -> String {
     let key = shown(&site.key);
     let place = match &site.field {
         Some(field) => format!("field '{}' of key '{key}'", shown(field)),
@@ -173,9 +202,21 @@ mod tests {
     }
 
     fn run(plan: &OpenPlan, frame: &[u8], ring: &Keyring) -> String {
+        run_counting(plan, frame, ring).0
+    }
+
+    fn run_counting(plan: &OpenPlan, frame: &[u8], ring: &Keyring) -> (String, Vec<Failure>) {
         let mut out = BytesMut::new();
-        reply(plan, frame, ring, &Limits::default(), &mut out);
-        String::from_utf8_lossy(&out).into_owned()
+        let mut failures = Vec::new();
+        reply(
+            plan,
+            frame,
+            ring,
+            &Limits::default(),
+            &mut out,
+            &mut failures,
+        );
+        (String::from_utf8_lossy(&out).into_owned(), failures)
     }
 
     #[test]
@@ -206,6 +247,41 @@ mod tests {
             "{legacy}"
         );
         assert!(!legacy.contains("plain\r"), "{legacy}");
+    }
+
+    #[test]
+    fn failures_are_reported_with_key_id_and_reason() {
+        let ring = keyring();
+        let (a, b) = (site("a", None), site("b", None));
+        let mut frame = b"*5\r\n".to_vec();
+        frame.extend(sealed(&ring, "va", &a));
+        frame.extend(sealed(&ring, "vb", &a)); // sealed for `a`, read as `b`
+        frame.extend(bulk(b"plain"));
+        frame.extend(bulk(&[0xC7, 0x0A, 0x4B, 1, 0]));
+        let mut unknown = ring.seal(b"v", a.binding());
+        unknown[7] = 9;
+        frame.extend(bulk(&unknown));
+        let plan = OpenPlan::Each(vec![
+            Some(a.clone()),
+            Some(b.clone()),
+            Some(a.clone()),
+            Some(a.clone()),
+            Some(a.clone()),
+        ]);
+        let (_, failures) = run_counting(&plan, &frame, &ring);
+        let seen: Vec<_> = failures
+            .iter()
+            .map(|f| (shown(&f.site.key), f.key_id, f.reason))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("b".to_owned(), Some(1), OpenFailure::AuthFailed),
+                ("a".to_owned(), None, OpenFailure::NotEncrypted),
+                ("a".to_owned(), None, OpenFailure::Malformed),
+                ("a".to_owned(), Some(9), OpenFailure::UnknownKeyId),
+            ]
+        );
     }
 
     #[test]

@@ -15,21 +15,49 @@
 
 use super::open;
 use crate::crypto::Keyring;
+use crate::metrics::Outcome;
 use crate::policy::ReplyPlan;
+use crate::policy::table::CommandId;
 use crate::policy::table::PubSubKind;
 use crate::resp::{self, Limits, ReplyKind};
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp3::types::BytesFrame;
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// One pending request, in request order.
 #[derive(Debug)]
 pub enum Entry {
-    /// Forwarded upstream; its reply follows the plan.
-    Await(ReplyPlan),
+    /// Forwarded upstream; its reply follows the plan. `None`: the proxy's
+    /// own request (the login after RESET), not counted as a command.
+    Await(ReplyPlan, Option<Tally>),
     /// Answered by the proxy itself; delivered when its turn comes.
-    Answer { reply: Bytes, then_close: bool },
+    Answer {
+        reply: Bytes,
+        then_close: bool,
+        /// `None`: not a command (a protocol error).
+        tally: Option<(Tally, Outcome)>,
+    },
+}
+
+/// What metrics need to know of a client request.
+#[derive(Debug, Clone, Copy)]
+pub struct Tally {
+    pub command: CommandId,
+    /// When the read that completed the request returned.
+    pub received: Instant,
+}
+
+/// A pending request that has been answered, in request order.
+#[derive(Debug)]
+pub struct Done {
+    pub tally: Option<Tally>,
+    pub outcome: Outcome,
+    /// Answered by Redis (an `Await` entry), not by the proxy.
+    pub forwarded: bool,
+    /// Values in the reply that failed to open.
+    pub failures: Vec<open::Failure>,
 }
 
 /// Whether the connection goes on after an entry was delivered.
@@ -53,6 +81,7 @@ pub enum UnexpectedReply {
 #[derive(Debug)]
 struct Head {
     plan: ReplyPlan,
+    tally: Option<Tally>,
     /// Confirmations still expected, for (un)subscribe plans.
     confirmations: usize,
 }
@@ -69,6 +98,8 @@ pub struct Replies {
     keyring: Arc<Keyring>,
     /// Limits for walking inside a reply that is already framed.
     limits: Limits,
+    /// Answered entries not yet taken by [`Replies::take_done`].
+    done: Vec<Done>,
 }
 
 impl Replies {
@@ -80,7 +111,13 @@ impl Replies {
             transaction: Vec::new(),
             keyring,
             limits,
+            done: Vec::new(),
         }
+    }
+
+    /// Moves the entries answered since the last call into `into`.
+    pub fn take_done(&mut self, into: &mut Vec<Done>) {
+        into.append(&mut self.done);
     }
 
     /// True when no entry is waiting for a reply: the next one may be taken.
@@ -93,15 +130,27 @@ impl Replies {
     pub fn accept(&mut self, entry: Entry, out: &mut BytesMut) -> Flow {
         debug_assert!(self.head.is_none());
         match entry {
-            Entry::Answer { reply, then_close } => {
+            Entry::Answer {
+                reply,
+                then_close,
+                tally,
+            } => {
                 out.extend_from_slice(&reply);
+                if let Some((tally, outcome)) = tally {
+                    self.done.push(Done {
+                        tally: Some(tally),
+                        outcome,
+                        forwarded: false,
+                        failures: Vec::new(),
+                    });
+                }
                 if then_close {
                     Flow::Close
                 } else {
                     Flow::Continue
                 }
             }
-            Entry::Await(plan) => {
+            Entry::Await(plan, tally) => {
                 let confirmations = match &plan {
                     ReplyPlan::Subscribe { channels, .. } => *channels,
                     ReplyPlan::Unsubscribe {
@@ -115,6 +164,7 @@ impl Replies {
                 };
                 self.head = Some(Head {
                     plan,
+                    tally,
                     confirmations,
                 });
                 Flow::Continue
@@ -175,17 +225,37 @@ impl Replies {
                 let done = head.confirmations == 0;
                 self.subscriptions.apply(kind, subscribe, channel);
                 out.extend_from_slice(&frame);
-                if done {
-                    self.head = None;
+                if done && let Some(head) = self.head.take() {
+                    self.answered(head.tally, Outcome::Ok, Vec::new());
                 }
                 return Ok(());
             }
             _ => {}
         }
-        let Some(Head { plan, .. }) = self.head.take() else {
+        let Some(Head { plan, tally, .. }) = self.head.take() else {
             return Err(UnexpectedReply::NoRequestWaiting);
         };
-        self.deliver(plan, frame, is_error, out)
+        let mut failures = Vec::new();
+        let replaced = matches!(plan, ReplyPlan::Replace(_));
+        let delivered = self.deliver(plan, frame, is_error, out, &mut failures);
+        let outcome = if !failures.is_empty() {
+            Outcome::DecryptError
+        } else if is_error || replaced {
+            Outcome::RedisError
+        } else {
+            Outcome::Ok
+        };
+        self.answered(tally, outcome, failures);
+        delivered
+    }
+
+    fn answered(&mut self, tally: Option<Tally>, outcome: Outcome, failures: Vec<open::Failure>) {
+        self.done.push(Done {
+            tally,
+            outcome,
+            forwarded: true,
+            failures,
+        });
     }
 
     fn deliver(
@@ -194,6 +264,7 @@ impl Replies {
         frame: Bytes,
         is_error: bool,
         out: &mut BytesMut,
+        failures: &mut Vec<open::Failure>,
     ) -> Result<(), UnexpectedReply> {
         match plan {
             ReplyPlan::Passthrough
@@ -222,12 +293,12 @@ impl Replies {
                 }
             }
             ReplyPlan::Open(plan) => {
-                open::reply(&plan, &frame, &self.keyring, &self.limits, out);
+                open::reply(&plan, &frame, &self.keyring, &self.limits, out, failures);
                 return Ok(());
             }
             ReplyPlan::Exec => {
                 let plans = std::mem::take(&mut self.transaction);
-                self.exec(&plans, &frame, out);
+                self.exec(&plans, &frame, out, failures);
                 return Ok(());
             }
             ReplyPlan::Discard => self.transaction.clear(),
@@ -243,7 +314,13 @@ impl Replies {
 
     /// EXEC's array, each element opened with the plan of the command it
     /// answers (queued plans are data plans: passthrough or open).
-    fn exec(&self, plans: &[ReplyPlan], frame: &[u8], out: &mut BytesMut) {
+    fn exec(
+        &self,
+        plans: &[ReplyPlan],
+        frame: &[u8],
+        out: &mut BytesMut,
+        failures: &mut Vec<open::Failure>,
+    ) {
         let opens = plans.iter().any(|p| matches!(p, ReplyPlan::Open(_)));
         let elements = opens
             .then(|| resp::aggregate_elements(frame, &self.limits))
@@ -256,7 +333,7 @@ impl Replies {
         for (i, element) in elements.into_iter().enumerate() {
             match plans.get(i) {
                 Some(ReplyPlan::Open(plan)) => {
-                    open::reply(plan, element, &self.keyring, &self.limits, out)
+                    open::reply(plan, element, &self.keyring, &self.limits, out, failures)
                 }
                 _ => out.extend_from_slice(element),
             }
@@ -383,9 +460,82 @@ mod tests {
     }
 
     fn await_plan(replies: &mut Replies, plan: ReplyPlan) {
+        let tally = Tally {
+            command: CommandId::OTHER,
+            received: Instant::now(),
+        };
         assert_eq!(
-            replies.accept(Entry::Await(plan), &mut BytesMut::new()),
+            replies.accept(Entry::Await(plan, Some(tally)), &mut BytesMut::new()),
             Flow::Continue
+        );
+    }
+
+    fn outcomes(replies: &mut Replies) -> Vec<(Outcome, bool, usize)> {
+        let mut done = Vec::new();
+        replies.take_done(&mut done);
+        done.iter()
+            .map(|d| (d.outcome, d.forwarded, d.failures.len()))
+            .collect()
+    }
+
+    #[test]
+    fn every_answered_entry_is_reported_once_with_its_outcome() {
+        let mut replies = replies();
+        await_plan(&mut replies, ReplyPlan::Passthrough);
+        feed(&mut replies, &[b"+OK\r\n"]).expect("ok");
+        await_plan(&mut replies, ReplyPlan::Passthrough);
+        feed(&mut replies, &[b"-ERR no\r\n"]).expect("error");
+        let site = crate::policy::ValueSite {
+            key: Bytes::from_static(b"k"),
+            bind_key: true,
+            field: None,
+        };
+        await_plan(
+            &mut replies,
+            ReplyPlan::Open(crate::policy::OpenPlan::One(site)),
+        );
+        feed(&mut replies, &[b"$5\r\nplain\r\n"]).expect("not encrypted");
+        await_plan(
+            &mut replies,
+            ReplyPlan::Subscribe {
+                kind: PubSubKind::Channel,
+                channels: 2,
+            },
+        );
+        feed(
+            &mut replies,
+            &[b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n"],
+        )
+        .expect("1");
+        // A subscribe counts once, when its last confirmation came.
+        assert_eq!(
+            outcomes(&mut replies),
+            [
+                (Outcome::Ok, true, 0),
+                (Outcome::RedisError, true, 0),
+                (Outcome::DecryptError, true, 1)
+            ]
+        );
+        feed(
+            &mut replies,
+            &[b"*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n"],
+        )
+        .expect("2");
+        let refused = Entry::Answer {
+            reply: Bytes::from_static(b"-ERR redcloak: no\r\n"),
+            then_close: false,
+            tally: Some((
+                Tally {
+                    command: CommandId::OTHER,
+                    received: Instant::now(),
+                },
+                Outcome::Refused,
+            )),
+        };
+        replies.accept(refused, &mut BytesMut::new());
+        assert_eq!(
+            outcomes(&mut replies),
+            [(Outcome::Ok, true, 0), (Outcome::Refused, false, 0)]
         );
     }
 
@@ -560,6 +710,7 @@ mod tests {
         let quit = Entry::Answer {
             reply: Bytes::from_static(b"+OK\r\n"),
             then_close: true,
+            tally: None,
         };
         assert_eq!(replies.accept(quit, &mut out), Flow::Close);
         assert_eq!(&out[..], b"+OK\r\n");

@@ -10,13 +10,15 @@
 pub mod gate;
 pub mod report;
 
+use crate::events;
+use crate::metrics::{Certificate, Metrics, UpstreamFailure};
 use crate::resp::{self, Limits, ReplyScanner};
 use crate::secret::Secret;
 use bytes::BytesMut;
 use rustls_pki_types::ServerName;
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -91,6 +93,29 @@ pub enum UpstreamError {
     },
 }
 
+impl UpstreamError {
+    /// The step that failed, as metrics count it.
+    pub fn failed_step(&self) -> UpstreamFailure {
+        match self {
+            UpstreamError::TlsConfig(_)
+            | UpstreamError::ServerName(_)
+            | UpstreamError::Connect { .. } => UpstreamFailure::Connect,
+            UpstreamError::Tls { .. } => UpstreamFailure::Tls,
+            // With TLS 1.3 a rejected client certificate shows up at login.
+            UpstreamError::Login { hint, .. } if !hint.is_empty() => UpstreamFailure::Tls,
+            UpstreamError::Auth { .. } | UpstreamError::Login { .. } => UpstreamFailure::Auth,
+            UpstreamError::Timeout { stage, .. } => match *stage {
+                STAGE_CONNECT => UpstreamFailure::Connect,
+                STAGE_TLS => UpstreamFailure::Tls,
+                _ => UpstreamFailure::Auth,
+            },
+        }
+    }
+}
+
+const STAGE_CONNECT: &str = "connecting";
+const STAGE_TLS: &str = "in the TLS handshake";
+
 pub struct Upstream {
     settings: UpstreamSettings,
     server_name: ServerName<'static>,
@@ -150,6 +175,41 @@ impl Upstream {
         Ok(tls)
     }
 
+    /// [`Upstream::connect`], counted in `metrics`: the handshake's duration,
+    /// success or the failed step, Redis's certificate expiry. A rejected
+    /// certificate or login is also a security event.
+    pub async fn connect_counted(
+        &self,
+        metrics: &Metrics,
+    ) -> Result<UpstreamStream, UpstreamError> {
+        let started = std::time::Instant::now();
+        let connected: Result<UpstreamStream, UpstreamError> = async {
+            let mut tls = self.handshake_with(&self.connector).await?;
+            metrics
+                .upstream_handshake
+                .record(started.elapsed().as_secs_f64());
+            if let Some(expiry) = warn_if_expiring(&tls).and_then(unix_time) {
+                metrics
+                    .certificate_expiry(Certificate::RedisServer)
+                    .set(expiry as f64);
+            }
+            self.log_in(&mut tls).await?;
+            Ok(tls)
+        }
+        .await;
+        match &connected {
+            Ok(_) => metrics.upstream_connections.increment(1),
+            Err(err) => {
+                let step = err.failed_step();
+                metrics.upstream_failure(step).increment(1);
+                if step != UpstreamFailure::Connect {
+                    events::upstream_rejected(&self.settings.address, err);
+                }
+            }
+        }
+        connected
+    }
+
     /// TCP and a TLS handshake with `connector`, no AUTH yet. The startup
     /// checks probe with other TLS configurations through this.
     pub async fn handshake_with(
@@ -158,7 +218,7 @@ impl Upstream {
     ) -> Result<UpstreamStream, UpstreamError> {
         let address = &self.settings.address;
         let tcp = self
-            .step("connecting", TcpStream::connect(address.as_str()))
+            .step(STAGE_CONNECT, TcpStream::connect(address.as_str()))
             .await?
             .map_err(|source| UpstreamError::Connect {
                 address: address.clone(),
@@ -169,16 +229,13 @@ impl Upstream {
                 address: address.clone(),
                 source,
             })?;
-        self.step(
-            "in the TLS handshake",
-            connector.connect(self.server_name.clone(), tcp),
-        )
-        .await?
-        .map_err(|err| UpstreamError::Tls {
-            address: address.clone(),
-            hint: tls_hint(&err),
-            reason: err.to_string(),
-        })
+        self.step(STAGE_TLS, connector.connect(self.server_name.clone(), tcp))
+            .await?
+            .map_err(|err| UpstreamError::Tls {
+                address: address.clone(),
+                hint: tls_hint(&err),
+                reason: err.to_string(),
+            })
     }
 
     /// The TLS handshake with redcloak's own configuration.
@@ -260,8 +317,9 @@ pub(crate) async fn read_reply<S: AsyncRead + Unpin>(
     }
 }
 
-/// Logs a warning when Redis's certificate expires within 30 days.
-fn warn_if_expiring(tls: &UpstreamStream) {
+/// Logs a warning when Redis's certificate expires within 30 days; returns
+/// when it expires.
+fn warn_if_expiring(tls: &UpstreamStream) -> Option<SystemTime> {
     let expiry = tls
         .get_ref()
         .1
@@ -273,6 +331,14 @@ fn warn_if_expiring(tls: &UpstreamStream) {
     {
         tracing::warn!(days_left = days, "Redis's TLS certificate expires soon");
     }
+    expiry
+}
+
+/// Seconds since the unix epoch.
+pub fn unix_time(at: SystemTime) -> Option<u64> {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
 }
 
 /// Names the likely cause of a TLS failure.

@@ -9,6 +9,7 @@ mod commands;
 mod encryption;
 mod gate;
 mod listeners;
+mod observability;
 mod pubsub;
 mod support;
 mod upstream;

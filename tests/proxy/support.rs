@@ -4,6 +4,7 @@
 //! clients for byte-exact checks.
 
 use bytes::{Bytes, BytesMut};
+use redcloak::admin::Telemetry;
 use redcloak::crypto::keyring::decode_key;
 use redcloak::crypto::{Keyring, LegacyPlaintext};
 use redcloak::dev::{self, ChildRedis, DevCerts, RedisOptions};
@@ -151,7 +152,20 @@ impl TestRedis {
         let file = self.path("redcloak.toml");
         std::fs::write(&file, config.render()).expect("write config");
         let loaded = redcloak::config::load(&file).expect("valid config");
-        let server = Server::bind(loaded).await.expect("proxy binds");
+        let telemetry = Telemetry::default();
+        // As `redcloak serve` does: the admin listener opens before the server.
+        let admin = match loaded.metrics_address {
+            Some(address) => {
+                let listener = tokio::net::TcpListener::bind(address)
+                    .await
+                    .expect("admin listener");
+                let bound = listener.local_addr().expect("admin address");
+                tokio::spawn(redcloak::admin::serve(listener, telemetry.clone()));
+                Some(bound)
+            }
+            None => None,
+        };
+        let server = Server::bind(loaded, telemetry).await.expect("proxy binds");
         let address = server.tcp_address();
         let tls_address = server.tls_address();
         let shutdown = CancellationToken::new();
@@ -159,6 +173,7 @@ impl TestRedis {
         Proxy {
             address,
             tls_address,
+            admin,
             shutdown,
             task,
         }
@@ -246,6 +261,8 @@ impl ProxyConfig {
 pub struct Proxy {
     pub address: Option<SocketAddr>,
     pub tls_address: Option<SocketAddr>,
+    /// The admin listener, when the config has `[metrics]`.
+    pub admin: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -265,6 +282,18 @@ impl Proxy {
             .expect("connect to proxy");
         stream.set_nodelay(true).expect("nodelay");
         RawClient::new(stream)
+    }
+
+    /// `GET path` on the admin listener: status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin.expect("[metrics] configured"), path).await
+    }
+
+    /// The Prometheus text from /metrics.
+    pub async fn scrape(&self) -> String {
+        let (status, body) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body
     }
 
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
@@ -418,6 +447,53 @@ fn init_logs() {
     });
 }
 
+/// `GET path` over plain HTTP/1.1: the status and the body.
+pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(address).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: redcloak\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(READ_TIMEOUT, exchange)
+        .await
+        .expect("admin answers in time")
+        .expect("admin answers");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one series in a Prometheus text (`name{labels}` exactly as
+/// rendered), or `None` when absent.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Polls `check` every 20 ms until it holds; fails after [`READ_TIMEOUT`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -430,4 +506,43 @@ pub fn free_port() -> u16 {
 /// The path of the built redcloak binary.
 pub fn redcloak_bin() -> &'static str {
     env!("CARGO_BIN_EXE_redcloak")
+}
+
+/// Sends `kill <name>` (e.g. `-TERM`) to a child.
+pub fn signal(child: &std::process::Child, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+/// Waits for the child to exit, killing it if it does not within the deadline.
+pub fn wait_exit(child: &mut std::process::Child) -> i32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code().unwrap_or(-1);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("redcloak did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until something accepts connections on a loopback port.
+pub async fn wait_listening(port: u16) {
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redcloak never listened on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

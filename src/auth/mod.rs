@@ -5,6 +5,8 @@
 //! credentials. Without `[listen.auth]` the answers are those of a Redis whose
 //! default user has no password. Replies never echo what the client sent.
 
+pub mod lockout;
+
 use crate::secret::Secret;
 
 /// What a client must present, if anything.

@@ -1,0 +1,197 @@
+//! The admin listener (`[metrics] address`), apart from the Redis listeners:
+//!
+//! * `GET /metrics`: Prometheus text format;
+//! * `GET /healthz`: 200 while the process runs;
+//! * `GET /readyz`: 200 when [`Health`] says ready, else 503 with the reason.
+//!
+//! A deliberately small HTTP/1.1 server: one request per connection, GET and
+//! HEAD only, the request head bounded in size and time, a few connections
+//! at once. It serves nothing secret, and reads no request body.
+
+use crate::health::Health;
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// Longest request head read.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// Time a client has to send its request and read the answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Admin connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 16;
+/// How often recorded histogram samples move into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the admin listener reports on.
+#[derive(Debug, Clone, Default)]
+pub struct Telemetry {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+/// Serves `listener` for as long as the process lives.
+pub async fn serve(listener: TcpListener, telemetry: Telemetry) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let telemetry = telemetry.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &telemetry)).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Moves histogram samples into buckets periodically, so memory stays
+/// bounded whether or not anyone scrapes.
+pub async fn run_upkeep(metrics: Arc<Metrics>) {
+    loop {
+        tokio::time::sleep(UPKEEP_INTERVAL).await;
+        metrics.run_upkeep();
+    }
+}
+
+async fn answer(mut stream: TcpStream, telemetry: &Telemetry) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() >= MAX_REQUEST_HEAD {
+            return respond(
+                &mut stream,
+                431,
+                "text/plain",
+                "request head too large\n",
+                true,
+            )
+            .await;
+        }
+        let mut chunk = [0u8; 1024];
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..read]);
+    }
+    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|b| *b == b' ');
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let with_body = method != b"HEAD";
+    if method != b"GET" && method != b"HEAD" {
+        return respond(
+            &mut stream,
+            405,
+            "text/plain",
+            "only GET and HEAD\n",
+            with_body,
+        )
+        .await;
+    }
+    let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+    match path {
+        b"/metrics" => {
+            let text = telemetry.metrics.render();
+            let kind = "text/plain; version=0.0.4; charset=utf-8";
+            respond(&mut stream, 200, kind, &text, with_body).await
+        }
+        b"/healthz" => respond(&mut stream, 200, "text/plain", "ok\n", with_body).await,
+        b"/readyz" => {
+            let health = &telemetry.health;
+            let status = if health.is_ready() { 200 } else { 503 };
+            let body = format!("{}\n", health.status());
+            respond(&mut stream, status, "text/plain", &body, with_body).await
+        }
+        _ => {
+            respond(
+                &mut stream,
+                404,
+                "text/plain",
+                "not found: try /metrics, /healthz or /readyz\n",
+                with_body,
+            )
+            .await
+        }
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    with_body: bool,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if with_body {
+        response.push_str(body);
+    }
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(address: std::net::SocketAddr, request: &str) -> String {
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        response
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_health_and_readiness_and_nothing_else() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let telemetry = Telemetry::default();
+        tokio::spawn(serve(listener, telemetry.clone()));
+        let request = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let healthz = get(address, &request("/healthz")).await;
+        assert!(healthz.starts_with("HTTP/1.1 200 OK\r\n"), "{healthz}");
+        let readyz = get(address, &request("/readyz")).await;
+        assert!(readyz.starts_with("HTTP/1.1 503 "), "{readyz}");
+        assert!(readyz.ends_with("starting: the startup checks have not passed yet\n"));
+        telemetry.health.serving();
+        telemetry.health.set_upstream_up(true);
+        let readyz = get(address, &request("/readyz?verbose")).await;
+        assert!(readyz.starts_with("HTTP/1.1 200 OK\r\n"), "{readyz}");
+        let metrics = get(address, &request("/metrics")).await;
+        assert!(metrics.contains("redcloak_build_info{"), "{metrics}");
+        assert!(
+            get(address, &request("/"))
+                .await
+                .starts_with("HTTP/1.1 404 ")
+        );
+        let post = get(address, "POST /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+        let head = get(address, "HEAD /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+        // Exactly the limit, unterminated: the server reads it all, then refuses.
+        let start = "GET /metrics HTTP/1.1\r\nX: ";
+        let huge = format!("{start}{}", "a".repeat(MAX_REQUEST_HEAD - start.len()));
+        assert!(get(address, &huge).await.starts_with("HTTP/1.1 431 "));
+    }
+}

@@ -1,0 +1,85 @@
+//! Security events: one structured log line per event, on the tracing target
+//! `redcloak::security` (JSON with `--log-format json`), so they can be
+//! routed and alerted on apart from the rest of the logs.
+//!
+//! | event                      | fields                                        |
+//! |----------------------------|-----------------------------------------------|
+//! | `client_auth_failure`      | peer                                          |
+//! | `client_auth_lockout`      | peer, failures, lockout_seconds               |
+//! | `command_refused`          | peer, command, rule                           |
+//! | `decrypt_failure`          | peer, command, key_id, reason, key (opt-in)   |
+//! | `upstream_rejected`        | upstream, step, error                         |
+//!
+//! Never a value, a password or key material. Key names only when
+//! `[logging] log_key_names = true`; command names only from the command
+//! table (an unknown name is `other`).
+
+use crate::metrics::{OpenFailure, UpstreamFailure};
+use crate::upstream::UpstreamError;
+use std::fmt::Display;
+use tracing::warn;
+
+/// The tracing target of every security event.
+pub const TARGET: &str = "redcloak::security";
+
+pub fn client_auth_failure(peer: &dyn Display) {
+    warn!(target: TARGET, event = "client_auth_failure", peer = %peer, "client AUTH failed");
+}
+
+pub fn client_auth_lockout(peer: &dyn Display, failures: u32, lockout_seconds: u64) {
+    warn!(
+        target: TARGET,
+        event = "client_auth_lockout",
+        peer = %peer,
+        failures,
+        lockout_seconds,
+        "too many failed AUTH attempts: peer locked out"
+    );
+}
+
+pub fn command_refused(peer: &dyn Display, command: &str, rule: &str) {
+    warn!(
+        target: TARGET,
+        event = "command_refused",
+        peer = %peer,
+        command,
+        rule,
+        "command refused"
+    );
+}
+
+/// `key`: the key name, only when the operator asked for key names in logs.
+pub fn decrypt_failure(
+    peer: &dyn Display,
+    command: &str,
+    key_id: Option<u32>,
+    reason: OpenFailure,
+    key: Option<&str>,
+) {
+    warn!(
+        target: TARGET,
+        event = "decrypt_failure",
+        peer = %peer,
+        command,
+        key_id,
+        reason = reason.label(),
+        key,
+        "a value from Redis failed to decrypt"
+    );
+}
+
+pub fn upstream_rejected(upstream: &str, error: &UpstreamError) {
+    let step = match error.failed_step() {
+        UpstreamFailure::Connect => "connect",
+        UpstreamFailure::Tls => "tls",
+        UpstreamFailure::Auth => "auth",
+    };
+    warn!(
+        target: TARGET,
+        event = "upstream_rejected",
+        upstream,
+        step,
+        error = %error,
+        "upstream verification failed"
+    );
+}

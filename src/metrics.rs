@@ -1,0 +1,633 @@
+//! Every metric redcloak exports, named once, with its help text, and the
+//! handles the rest of the proxy counts through.
+//!
+//! Names follow Prometheus conventions: prefix `redcloak_`, units in the
+//! name, `_total` on counters. Label values come from closed sets (enums,
+//! the command table, configured key ids), never from what a client sent:
+//! an unknown command is `other`. Nothing here ever holds a value, a key
+//! name, a password or key material.
+//!
+//! Each [`Metrics`] has its own recorder (not the process-global one), so
+//! servers in one process, such as the tests, do not mix their counts.
+
+use crate::crypto::Keyring;
+use crate::policy::table::CommandId;
+use ::metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One exported metric.
+#[derive(Debug)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+const fn def(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> MetricDef {
+    MetricDef {
+        name,
+        kind,
+        labels,
+        help,
+    }
+}
+
+use Kind::{Counter as C, Gauge as G, Histogram as H};
+
+pub const BUILD_INFO: MetricDef = def(
+    "redcloak_build_info",
+    G,
+    &["version", "git_sha"],
+    "Always 1; the labels say which build is running.",
+);
+pub const CLIENT_CONNECTIONS_ACTIVE: MetricDef = def(
+    "redcloak_client_connections_active",
+    G,
+    &[],
+    "Client connections open now.",
+);
+pub const CLIENT_CONNECTIONS_ACCEPTED: MetricDef = def(
+    "redcloak_client_connections_accepted_total",
+    C,
+    &["listener"],
+    "Client connections accepted, by listener (tcp, unix, tls).",
+);
+pub const CLIENT_CONNECTIONS_REJECTED: MetricDef = def(
+    "redcloak_client_connections_rejected_total",
+    C,
+    &["reason"],
+    "Client connections closed at once, by reason (limit: listen.max_connections; tls_handshake; auth: peer locked out).",
+);
+pub const CLIENT_AUTH_FAILURES: MetricDef = def(
+    "redcloak_client_auth_failures_total",
+    C,
+    &[],
+    "Failed client AUTH / HELLO AUTH attempts (wrong username or password).",
+);
+pub const CLIENT_AUTH_LOCKOUTS: MetricDef = def(
+    "redcloak_client_auth_lockouts_total",
+    C,
+    &[],
+    "Peers locked out after too many failed AUTH attempts.",
+);
+pub const COMMANDS: MetricDef = def(
+    "redcloak_commands_total",
+    C,
+    &["command", "outcome"],
+    "Commands answered, by command and outcome (ok, redis_error, refused, decrypt_error).",
+);
+pub const COMMAND_DURATION: MetricDef = def(
+    "redcloak_command_duration_seconds",
+    H,
+    &["command"],
+    "From reading a request to writing its reply to the client.",
+);
+pub const COMMAND_UPSTREAM_WAIT: MetricDef = def(
+    "redcloak_command_upstream_wait_seconds",
+    H,
+    &["command"],
+    "From sending a request to Redis to receiving its whole reply: the part of the duration spent in Redis and on the network.",
+);
+pub const CLIENT_BYTES: MetricDef = def(
+    "redcloak_client_bytes_total",
+    C,
+    &["direction"],
+    "Bytes read from (received) and written to (sent) clients.",
+);
+pub const UPSTREAM_BYTES: MetricDef = def(
+    "redcloak_upstream_bytes_total",
+    C,
+    &["direction"],
+    "Bytes read from (received) and written to (sent) Redis, before TLS.",
+);
+pub const VALUES_SEALED: MetricDef = def(
+    "redcloak_values_sealed_total",
+    C,
+    &["key_id"],
+    "Values encrypted, by data key id.",
+);
+pub const VALUES_OPENED: MetricDef = def(
+    "redcloak_values_opened_total",
+    C,
+    &["key_id"],
+    "Values decrypted, by the key id they were sealed with (rotation progress).",
+);
+pub const VALUE_OPEN_FAILURES: MetricDef = def(
+    "redcloak_value_open_failures_total",
+    C,
+    &["reason"],
+    "Values that failed to decrypt, by reason (auth_failed, unknown_key_id, malformed, not_encrypted).",
+);
+pub const LEGACY_PLAINTEXT_READ: MetricDef = def(
+    "redcloak_legacy_plaintext_values_read_total",
+    C,
+    &[],
+    "Unencrypted values passed to clients under encryption.legacy_plaintext = \"pass\".",
+);
+pub const UPSTREAM_CONNECTIONS: MetricDef = def(
+    "redcloak_upstream_connections_total",
+    C,
+    &[],
+    "Upstream connections opened (TLS handshake and AUTH succeeded).",
+);
+pub const UPSTREAM_CONNECT_FAILURES: MetricDef = def(
+    "redcloak_upstream_connect_failures_total",
+    C,
+    &["reason"],
+    "Upstream connections that failed, by step (connect, tls, auth).",
+);
+pub const UPSTREAM_TLS_HANDSHAKE: MetricDef = def(
+    "redcloak_upstream_tls_handshake_duration_seconds",
+    H,
+    &[],
+    "TCP connect and TLS handshake with Redis.",
+);
+pub const UPSTREAM_UP: MetricDef = def(
+    "redcloak_upstream_up",
+    G,
+    &[],
+    "1 while the last upstream check or connection succeeded, else 0.",
+);
+pub const CERTIFICATE_EXPIRY: MetricDef = def(
+    "redcloak_certificate_expiry_timestamp_seconds",
+    G,
+    &["certificate"],
+    "When a certificate expires, as a unix time (redis_server: Redis's, last seen; upstream_client: upstream.cert; listener: listen.tls.cert).",
+);
+
+/// Every metric, in the order the README lists them.
+pub const ALL: &[&MetricDef] = &[
+    &BUILD_INFO,
+    &CLIENT_CONNECTIONS_ACTIVE,
+    &CLIENT_CONNECTIONS_ACCEPTED,
+    &CLIENT_CONNECTIONS_REJECTED,
+    &CLIENT_AUTH_FAILURES,
+    &CLIENT_AUTH_LOCKOUTS,
+    &COMMANDS,
+    &COMMAND_DURATION,
+    &COMMAND_UPSTREAM_WAIT,
+    &CLIENT_BYTES,
+    &UPSTREAM_BYTES,
+    &VALUES_SEALED,
+    &VALUES_OPENED,
+    &VALUE_OPEN_FAILURES,
+    &LEGACY_PLAINTEXT_READ,
+    &UPSTREAM_CONNECTIONS,
+    &UPSTREAM_CONNECT_FAILURES,
+    &UPSTREAM_TLS_HANDSHAKE,
+    &UPSTREAM_UP,
+    &CERTIFICATE_EXPIRY,
+];
+
+/// Histogram buckets for request latencies, in seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+/// Histogram buckets for upstream handshakes, in seconds.
+const HANDSHAKE_BUCKETS: &[f64] = &[
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Which listener accepted a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Tcp,
+    Unix,
+    Tls,
+}
+
+/// Why a client connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Limit,
+    TlsHandshake,
+    Auth,
+}
+
+/// How a command ended, as the client saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// An error with Redis's meaning: from Redis, or from redcloak standing
+    /// in for Redis (AUTH, NOAUTH, wrong arguments to HELLO).
+    RedisError,
+    /// redcloak's policy refused it (unknown command, encrypted key, ...).
+    Refused,
+    /// A value in the reply failed to decrypt.
+    DecryptError,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 4] = [
+        Outcome::Ok,
+        Outcome::RedisError,
+        Outcome::Refused,
+        Outcome::DecryptError,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::RedisError => "redis_error",
+            Outcome::Refused => "refused",
+            Outcome::DecryptError => "decrypt_error",
+        }
+    }
+}
+
+/// Why a value failed to open (the label of [`VALUE_OPEN_FAILURES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenFailure {
+    AuthFailed,
+    UnknownKeyId,
+    Malformed,
+    NotEncrypted,
+}
+
+impl OpenFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            OpenFailure::AuthFailed => "auth_failed",
+            OpenFailure::UnknownKeyId => "unknown_key_id",
+            OpenFailure::Malformed => "malformed",
+            OpenFailure::NotEncrypted => "not_encrypted",
+        }
+    }
+}
+
+/// Which upstream step failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    Connect,
+    Tls,
+    Auth,
+}
+
+/// Whose certificate an expiry gauge is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Certificate {
+    RedisServer,
+    UpstreamClient,
+    Listener,
+}
+
+/// The counters of one command identity.
+struct CommandHandles {
+    outcomes: [Counter; 4],
+    duration: Histogram,
+    upstream_wait: Histogram,
+}
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    pub connections_active: Gauge,
+    accepted: [Counter; 3],
+    rejected: [Counter; 3],
+    pub auth_failures: Counter,
+    pub auth_lockouts: Counter,
+    commands: Vec<OnceLock<CommandHandles>>,
+    pub client_received: Counter,
+    pub client_sent: Counter,
+    pub upstream_received: Counter,
+    pub upstream_sent: Counter,
+    open_failures: [Counter; 4],
+    pub upstream_connections: Counter,
+    upstream_failures: [Counter; 3],
+    pub upstream_handshake: Histogram,
+    pub upstream_up: Gauge,
+    certificate_expiry: [Gauge; 3],
+    /// The keyring whose per-key counts are exported at each scrape.
+    keyring: OnceLock<Arc<Keyring>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut builder = PrometheusBuilder::new();
+        for (metric, buckets) in [
+            (&COMMAND_DURATION, LATENCY_BUCKETS),
+            (&COMMAND_UPSTREAM_WAIT, LATENCY_BUCKETS),
+            (&UPSTREAM_TLS_HANDSHAKE, HANDSHAKE_BUCKETS),
+        ] {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(metric.name.into()), buckets)
+                .unwrap_or_else(|_| unreachable!("the bucket lists are not empty"));
+        }
+        let recorder = builder.build_recorder();
+        for metric in ALL {
+            let (name, help) = (KeyName::from(metric.name), SharedString::from(metric.help));
+            match metric.kind {
+                Kind::Counter => recorder.describe_counter(name, None, help),
+                Kind::Gauge => recorder.describe_gauge(name, None, help),
+                Kind::Histogram => recorder.describe_histogram(name, None, help),
+            }
+        }
+        let handle = recorder.handle();
+        let counter = |def: &MetricDef, labels: &[(&'static str, &'static str)]| {
+            recorder.register_counter(&key(def, labels), &METADATA)
+        };
+        let gauge = |def: &MetricDef, labels: &[(&'static str, &'static str)]| {
+            recorder.register_gauge(&key(def, labels), &METADATA)
+        };
+        let by = |def: &MetricDef, label: &'static str, values: [&'static str; 3]| {
+            values.map(|value| counter(def, &[(label, value)]))
+        };
+        let git_sha = option_env!("BUILD_INFO_GIT_SHA").unwrap_or("unknown");
+        gauge(
+            &BUILD_INFO,
+            &[("version", env!("CARGO_PKG_VERSION")), ("git_sha", git_sha)],
+        )
+        .set(1.0);
+        let metrics = Metrics {
+            connections_active: gauge(&CLIENT_CONNECTIONS_ACTIVE, &[]),
+            accepted: by(
+                &CLIENT_CONNECTIONS_ACCEPTED,
+                "listener",
+                ["tcp", "unix", "tls"],
+            ),
+            rejected: by(
+                &CLIENT_CONNECTIONS_REJECTED,
+                "reason",
+                ["limit", "tls_handshake", "auth"],
+            ),
+            auth_failures: counter(&CLIENT_AUTH_FAILURES, &[]),
+            auth_lockouts: counter(&CLIENT_AUTH_LOCKOUTS, &[]),
+            commands: (0..CommandId::COUNT).map(|_| OnceLock::new()).collect(),
+            client_received: counter(&CLIENT_BYTES, &[("direction", "received")]),
+            client_sent: counter(&CLIENT_BYTES, &[("direction", "sent")]),
+            upstream_received: counter(&UPSTREAM_BYTES, &[("direction", "received")]),
+            upstream_sent: counter(&UPSTREAM_BYTES, &[("direction", "sent")]),
+            open_failures: [
+                OpenFailure::AuthFailed,
+                OpenFailure::UnknownKeyId,
+                OpenFailure::Malformed,
+                OpenFailure::NotEncrypted,
+            ]
+            .map(|f| counter(&VALUE_OPEN_FAILURES, &[("reason", f.label())])),
+            upstream_connections: counter(&UPSTREAM_CONNECTIONS, &[]),
+            upstream_failures: by(
+                &UPSTREAM_CONNECT_FAILURES,
+                "reason",
+                ["connect", "tls", "auth"],
+            ),
+            upstream_handshake: recorder
+                .register_histogram(&key(&UPSTREAM_TLS_HANDSHAKE, &[]), &METADATA),
+            upstream_up: gauge(&UPSTREAM_UP, &[]),
+            certificate_expiry: ["redis_server", "upstream_client", "listener"]
+                .map(|c| gauge(&CERTIFICATE_EXPIRY, &[("certificate", c)])),
+            keyring: OnceLock::new(),
+            recorder,
+            handle,
+        };
+        metrics.upstream_up.set(0.0);
+        metrics
+    }
+
+    pub fn accepted(&self, listener: Listener) -> &Counter {
+        &self.accepted[listener as usize]
+    }
+
+    pub fn rejected(&self, reason: Rejection) -> &Counter {
+        &self.rejected[reason as usize]
+    }
+
+    pub fn open_failure(&self, reason: OpenFailure) -> &Counter {
+        &self.open_failures[reason as usize]
+    }
+
+    pub fn upstream_failure(&self, reason: UpstreamFailure) -> &Counter {
+        &self.upstream_failures[reason as usize]
+    }
+
+    pub fn certificate_expiry(&self, certificate: Certificate) -> &Gauge {
+        &self.certificate_expiry[certificate as usize]
+    }
+
+    /// Counts one answered command, with how long it took end to end and,
+    /// when it went to Redis, how long Redis took.
+    pub fn command(
+        &self,
+        command: CommandId,
+        outcome: Outcome,
+        duration: Duration,
+        upstream_wait: Option<Duration>,
+    ) {
+        let handles = self.command_handles(command);
+        handles.outcomes[outcome as usize].increment(1);
+        handles.duration.record(duration.as_secs_f64());
+        if let Some(wait) = upstream_wait {
+            handles.upstream_wait.record(wait.as_secs_f64());
+        }
+    }
+
+    /// Registered on first use: a scrape shows the commands seen, not all 240.
+    fn command_handles(&self, command: CommandId) -> &CommandHandles {
+        self.commands[command.index()].get_or_init(|| {
+            let name = command.name();
+            let outcomes = Outcome::ALL.map(|outcome| {
+                self.recorder.register_counter(
+                    &key(
+                        &COMMANDS,
+                        &[("command", name), ("outcome", outcome.label())],
+                    ),
+                    &METADATA,
+                )
+            });
+            let histogram = |def: &MetricDef| {
+                self.recorder
+                    .register_histogram(&key(def, &[("command", name)]), &METADATA)
+            };
+            CommandHandles {
+                outcomes,
+                duration: histogram(&COMMAND_DURATION),
+                upstream_wait: histogram(&COMMAND_UPSTREAM_WAIT),
+            }
+        })
+    }
+
+    /// Exports the keyring's per-key counts (read at each scrape).
+    pub fn watch_keyring(&self, keyring: Arc<Keyring>) {
+        let _ = self.keyring.set(keyring);
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        if let Some(keyring) = self.keyring.get() {
+            for key_use in keyring.key_use() {
+                let id = SharedString::from(key_use.id.to_string());
+                let labels = || vec![Label::new("key_id", id.clone())];
+                let sealed = Key::from_parts(VALUES_SEALED.name, labels());
+                let opened = Key::from_parts(VALUES_OPENED.name, labels());
+                self.recorder
+                    .register_counter(&sealed, &METADATA)
+                    .absolute(key_use.sealed);
+                self.recorder
+                    .register_counter(&opened, &METADATA)
+                    .absolute(key_use.opened);
+            }
+            self.recorder
+                .register_counter(&key(&LEGACY_PLAINTEXT_READ, &[]), &METADATA)
+                .absolute(keyring.legacy_values_read());
+        }
+        self.handle.render()
+    }
+
+    /// Moves recorded histogram samples into their buckets. Run it
+    /// periodically: samples wait in memory until then.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), ::metrics::Level::INFO, Some(module_path!()));
+
+fn key(def: &MetricDef, labels: &[(&'static str, &'static str)]) -> Key {
+    debug_assert_eq!(
+        def.labels,
+        labels.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+        "labels of {}",
+        def.name
+    );
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(name, value)| Label::from_static_parts(name, value))
+        .collect();
+    Key::from_parts(def.name, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of one series in a rendering (`name{labels}` exactly).
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn names_are_unique_prefixed_and_carry_units() {
+        let mut names: Vec<_> = ALL.iter().map(|m| m.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len());
+        for metric in ALL {
+            assert!(metric.name.starts_with("redcloak_"), "{}", metric.name);
+            match metric.kind {
+                Kind::Counter => assert!(metric.name.ends_with("_total"), "{}", metric.name),
+                Kind::Histogram => assert!(metric.name.ends_with("_seconds"), "{}", metric.name),
+                Kind::Gauge => assert!(!metric.name.ends_with("_total"), "{}", metric.name),
+            }
+        }
+    }
+
+    #[test]
+    fn commands_are_counted_by_name_and_outcome_with_latencies() {
+        let metrics = Metrics::new();
+        let (get, _) = crate::policy::table::identify(b"GET");
+        metrics.command(get, Outcome::Ok, Duration::from_micros(300), None);
+        metrics.command(
+            get,
+            Outcome::DecryptError,
+            Duration::from_micros(300),
+            Some(Duration::from_micros(200)),
+        );
+        metrics.command(CommandId::OTHER, Outcome::Refused, Duration::ZERO, None);
+        let text = metrics.render();
+        let series = |labels: &str| value(&text, &format!("redcloak_commands_total{{{labels}}}"));
+        assert_eq!(series(r#"command="get",outcome="ok""#), Some(1.0));
+        assert_eq!(
+            series(r#"command="get",outcome="decrypt_error""#),
+            Some(1.0)
+        );
+        assert_eq!(series(r#"command="get",outcome="redis_error""#), Some(0.0));
+        assert_eq!(series(r#"command="other",outcome="refused""#), Some(1.0));
+        assert_eq!(
+            value(
+                &text,
+                r#"redcloak_command_duration_seconds_count{command="get"}"#
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"redcloak_command_upstream_wait_seconds_bucket{command="get",le="0.00025"}"#
+            ),
+            Some(1.0)
+        );
+        assert!(text.contains("# HELP redcloak_commands_total Commands answered"));
+    }
+
+    #[test]
+    fn keyring_use_is_exported_per_key_id() {
+        let ring = Keyring::new(
+            2,
+            vec![
+                (1, zeroize::Zeroizing::new([1; 32])),
+                (2, zeroize::Zeroizing::new([2; 32])),
+            ],
+            crate::crypto::LegacyPlaintext::Pass,
+        )
+        .expect("ring");
+        let binding = crate::crypto::Binding {
+            key: Some(b"k"),
+            field: None,
+        };
+        let sealed = ring.seal(b"v", binding);
+        ring.open(&sealed, binding).expect("opens");
+        ring.open(b"plain", binding).expect("legacy passes");
+        let metrics = Metrics::new();
+        metrics.watch_keyring(Arc::new(ring));
+        let text = metrics.render();
+        assert_eq!(
+            value(&text, r#"redcloak_values_sealed_total{key_id="2"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, r#"redcloak_values_opened_total{key_id="2"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, r#"redcloak_values_opened_total{key_id="1"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&text, "redcloak_legacy_plaintext_values_read_total"),
+            Some(1.0)
+        );
+        assert!(text.contains(r#"redcloak_build_info{version=""#));
+    }
+}

@@ -1,0 +1,555 @@
+//! What operators see: exact counts on /metrics after a known workload,
+//! /healthz and /readyz through start, upstream loss and drain, brute-force
+//! lockout, security events, and no secret anywhere in logs or metrics.
+
+use crate::support::*;
+use bytes::BytesMut;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const CLIENT_PASSWORD: &str = "client-password-5f0e9c-2d7a1b8e4c6f90a3b5d1";
+const METRICS: &str = "[metrics]\naddress = \"127.0.0.1:0\"\n";
+
+fn with_client_password(config: ProxyConfig, extra: &str) -> ProxyConfig {
+    config.tail(&format!(
+        "[listen.auth]\npassword = \"{CLIENT_PASSWORD}\"\n{extra}"
+    ))
+}
+
+/// A raw client that counts the bytes it sends and receives.
+struct Counting {
+    client: RawClient<tokio::net::TcpStream>,
+    sent: usize,
+    received: usize,
+}
+
+impl Counting {
+    async fn call(&mut self, args: &[&[u8]]) -> bytes::Bytes {
+        let mut encoded = BytesMut::new();
+        redcloak::resp::encode_command(&mut encoded, args);
+        self.sent += encoded.len();
+        let reply = self.client.call(args).await;
+        self.received += reply.len();
+        reply
+    }
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+#[tokio::test]
+async fn a_known_workload_shows_exact_counts_on_metrics() {
+    let redis = TestRedis::start().await;
+    let config = with_client_password(redis.config(), "").tail(METRICS);
+    let proxy = redis.start_proxy(&config).await;
+    let mut c = Counting {
+        client: proxy.raw().await,
+        sent: 0,
+        received: 0,
+    };
+    assert_error(&c.call(&[b"AUTH", b"wrong-guess"]).await, "-WRONGPASS");
+    assert_reply(
+        &c.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await,
+        b"+OK\r\n",
+    );
+    for (key, value) in [("k1", "v1"), ("k2", "v2"), ("plain:p", "x")] {
+        assert_reply(
+            &c.call(&[b"SET", key.as_bytes(), value.as_bytes()]).await,
+            b"+OK\r\n",
+        );
+    }
+    assert_reply(&c.call(&[b"GET", b"k1"]).await, b"$2\r\nv1\r\n");
+    assert_reply(&c.call(&[b"GET", b"k2"]).await, b"$2\r\nv2\r\n");
+    assert_reply(&c.call(&[b"GET", b"missing"]).await, b"$-1\r\n");
+    // k1's envelope copied to `bad` does not open there.
+    let mut admin = redis.admin().await;
+    let stored = admin.call(&[b"GET", b"k1"]).await;
+    let envelope = redcloak::resp::bulk_body(&stored).expect("bulk").to_vec();
+    admin.call(&[b"SET", b"bad", &envelope]).await;
+    assert_error(
+        &c.call(&[b"GET", b"bad"]).await,
+        "-ERR redcloak: value of key 'bad'",
+    );
+    assert_error(&c.call(&[b"INCR", b"k1"]).await, "-ERR redcloak:");
+    assert_error(
+        &c.call(&[b"INCR", b"plain:p"]).await,
+        "-ERR value is not an integer",
+    );
+    assert_error(
+        &c.call(&[b"NOTACOMMAND"]).await,
+        "-ERR redcloak: unknown command",
+    );
+
+    // The upstream check opens its own connection: two in all.
+    eventually("the upstream check connected", || async {
+        metric(&proxy.scrape().await, "redcloak_upstream_connections_total") == Some(2.0)
+    })
+    .await;
+    let text = proxy.scrape().await;
+    let value = |series: &str| metric(&text, series);
+    let commands = |command: &str, outcome: &str| {
+        value(&format!(
+            "redcloak_commands_total{{command=\"{command}\",outcome=\"{outcome}\"}}"
+        ))
+    };
+    assert_eq!(commands("auth", "redis_error"), Some(1.0));
+    assert_eq!(commands("auth", "ok"), Some(1.0));
+    assert_eq!(commands("set", "ok"), Some(3.0));
+    assert_eq!(commands("get", "ok"), Some(3.0));
+    assert_eq!(commands("get", "decrypt_error"), Some(1.0));
+    assert_eq!(commands("get", "redis_error"), Some(0.0));
+    assert_eq!(commands("incr", "refused"), Some(1.0));
+    assert_eq!(commands("incr", "redis_error"), Some(1.0));
+    assert_eq!(commands("other", "refused"), Some(1.0));
+    let histogram = |name: &str, command: &str| {
+        value(&format!("{name}_count{{command=\"{command}\"}}")).unwrap_or(0.0)
+    };
+    for (command, answered, sent_upstream) in [
+        ("auth", 2.0, 0.0),
+        ("set", 3.0, 3.0),
+        ("get", 4.0, 4.0),
+        ("incr", 2.0, 1.0),
+    ] {
+        assert_eq!(
+            histogram("redcloak_command_duration_seconds", command),
+            answered,
+            "{command}"
+        );
+        assert_eq!(
+            histogram("redcloak_command_upstream_wait_seconds", command),
+            sent_upstream,
+            "{command}"
+        );
+    }
+    let sum = |name: &str| value(&format!("{name}_sum{{command=\"get\"}}")).expect("sum");
+    assert!(
+        sum("redcloak_command_duration_seconds") >= sum("redcloak_command_upstream_wait_seconds")
+    );
+    assert_eq!(
+        value("redcloak_values_sealed_total{key_id=\"1\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        value("redcloak_values_opened_total{key_id=\"1\"}"),
+        Some(2.0)
+    );
+    for (reason, count) in [
+        ("auth_failed", 1.0),
+        ("unknown_key_id", 0.0),
+        ("malformed", 0.0),
+        ("not_encrypted", 0.0),
+    ] {
+        let series = format!("redcloak_value_open_failures_total{{reason=\"{reason}\"}}");
+        assert_eq!(value(&series), Some(count), "{reason}");
+    }
+    assert_eq!(
+        value("redcloak_legacy_plaintext_values_read_total"),
+        Some(0.0)
+    );
+    assert_eq!(value("redcloak_client_auth_failures_total"), Some(1.0));
+    assert_eq!(value("redcloak_client_auth_lockouts_total"), Some(0.0));
+    assert_eq!(
+        value("redcloak_client_connections_accepted_total{listener=\"tcp\"}"),
+        Some(1.0)
+    );
+    assert_eq!(value("redcloak_client_connections_active"), Some(1.0));
+    for reason in ["limit", "tls_handshake", "auth"] {
+        let series = format!("redcloak_client_connections_rejected_total{{reason=\"{reason}\"}}");
+        assert_eq!(value(&series), Some(0.0), "{reason}");
+    }
+    assert_eq!(
+        value("redcloak_client_bytes_total{direction=\"received\"}"),
+        Some(c.sent as f64)
+    );
+    assert_eq!(
+        value("redcloak_client_bytes_total{direction=\"sent\"}"),
+        Some(c.received as f64)
+    );
+    assert!(value("redcloak_upstream_bytes_total{direction=\"sent\"}").expect("sent") > 0.0);
+    assert!(value("redcloak_upstream_bytes_total{direction=\"received\"}").expect("read") > 0.0);
+    for step in ["connect", "tls", "auth"] {
+        let series = format!("redcloak_upstream_connect_failures_total{{reason=\"{step}\"}}");
+        assert_eq!(value(&series), Some(0.0), "{step}");
+    }
+    assert_eq!(
+        value("redcloak_upstream_tls_handshake_duration_seconds_count"),
+        Some(2.0)
+    );
+    assert_eq!(value("redcloak_upstream_up"), Some(1.0));
+    for certificate in ["redis_server", "upstream_client"] {
+        let series = format!(
+            "redcloak_certificate_expiry_timestamp_seconds{{certificate=\"{certificate}\"}}"
+        );
+        assert!(
+            value(&series).expect("expiry") > now_unix(),
+            "{certificate}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("redcloak_build_info{version=\"")
+                && l.contains(env!("CARGO_PKG_VERSION"))
+                && l.ends_with(" 1")),
+        "{text}"
+    );
+    drop(c);
+    eventually("the closed client leaves the active gauge", || async {
+        metric(&proxy.scrape().await, "redcloak_client_connections_active") == Some(0.0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn too_many_failed_logins_lock_the_peer_out_then_it_may_log_in_again() {
+    let redis = TestRedis::start().await;
+    let lockout = "max_failures = 3\nfailure_window = \"60s\"\nlockout_duration = \"2s\"\n";
+    let config = with_client_password(redis.config(), lockout).tail(METRICS);
+    let proxy = redis.start_proxy(&config).await;
+    let mut client = proxy.raw().await;
+    for _ in 0..3 {
+        assert_error(&client.call(&[b"AUTH", b"guess"]).await, "-WRONGPASS");
+    }
+    let locked_at = std::time::Instant::now();
+    // The 4th attempt, even with the right password, is refused within the window.
+    let refused = client.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await;
+    assert_error(
+        &refused,
+        "-ERR redcloak: too many failed AUTH attempts from 127.0.0.1",
+    );
+    assert_error(
+        &client
+            .call(&[
+                b"HELLO",
+                b"3",
+                b"AUTH",
+                b"default",
+                CLIENT_PASSWORD.as_bytes(),
+            ])
+            .await,
+        "-ERR redcloak: too many failed AUTH attempts",
+    );
+    assert_error(&client.call(&[b"GET", b"k"]).await, "-NOAUTH");
+    // A new connection from the same address is turned away at once.
+    let mut second = proxy.raw().await;
+    assert_error(
+        &second.read().await,
+        "-ERR redcloak: too many failed AUTH attempts",
+    );
+    second.expect_closed().await;
+    let text = proxy.scrape().await;
+    assert_eq!(
+        metric(&text, "redcloak_client_auth_failures_total"),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&text, "redcloak_client_auth_lockouts_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "redcloak_client_connections_rejected_total{reason=\"auth\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "redcloak_commands_total{command=\"auth\",outcome=\"refused\"}"
+        ),
+        Some(1.0)
+    );
+    // After the lockout, the right password works again.
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(locked_at.elapsed())).await;
+    assert_reply(
+        &client.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await,
+        b"+OK\r\n",
+    );
+    assert_reply(&client.call(&[b"GET", b"k"]).await, b"$-1\r\n");
+}
+
+#[tokio::test]
+async fn readiness_follows_the_upstream_and_upstream_failures_are_counted_by_step() {
+    let mut redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(METRICS)).await;
+    assert_eq!(proxy.admin_get("/readyz").await, (200, "ready\n".into()));
+    assert_eq!(proxy.admin_get("/healthz").await, (200, "ok\n".into()));
+    // A proxy whose Redis password is wrong: every client's connection fails at AUTH.
+    let mut wrong = redis
+        .config()
+        .upstream("password", "\"not-the-password\"")
+        .tail(METRICS);
+    wrong.upstream.retain(|l| !l.starts_with("password_file"));
+    let refused = redis.start_proxy(&wrong).await;
+    let mut client = refused.raw().await;
+    assert_error(&client.read().await, "-ERR redcloak: upstream unavailable");
+    eventually("the failed login is counted", || async {
+        let text = refused.scrape().await;
+        metric(
+            &text,
+            "redcloak_upstream_connect_failures_total{reason=\"auth\"}",
+        ) >= Some(2.0)
+            && metric(&text, "redcloak_upstream_up") == Some(0.0)
+    })
+    .await;
+    assert_eq!(refused.admin_get("/readyz").await.0, 503);
+
+    redis.redis.kill().await;
+    eventually("/readyz turns 503 once Redis is gone", || async {
+        proxy.admin_get("/readyz").await
+            == (
+                503,
+                "upstream unavailable: cannot connect to Redis\n".into(),
+            )
+    })
+    .await;
+    let text = proxy.scrape().await;
+    assert_eq!(metric(&text, "redcloak_upstream_up"), Some(0.0));
+    assert_eq!(proxy.admin_get("/healthz").await.0, 200);
+    let mut late = proxy.raw().await;
+    assert_error(&late.read().await, "-ERR redcloak: upstream unavailable");
+    let text = proxy.scrape().await;
+    assert!(
+        metric(
+            &text,
+            "redcloak_upstream_connect_failures_total{reason=\"connect\"}"
+        ) >= Some(1.0),
+        "{text}"
+    );
+}
+
+/// A TCP relay to Redis that holds every connection until released: the
+/// startup checks cannot finish before the test says so.
+async fn held_relay(redis_port: u16) -> (u16, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (release, released) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut released = released.clone();
+            tokio::spawn(async move {
+                let _ = released.wait_for(|r| *r).await;
+                if let Ok(mut outbound) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (port, release)
+}
+
+#[tokio::test]
+async fn readyz_is_503_until_the_gate_passes_then_200_then_503_for_good_while_draining() {
+    let redis = TestRedis::start().await;
+    let (relay_port, release) = held_relay(redis.redis.port()).await;
+    let (port, admin_port) = (free_port(), free_port());
+    let mut config = redis
+        .config()
+        .upstream("address", &format!("\"127.0.0.1:{relay_port}\""))
+        .upstream("connect_timeout", "\"20s\"")
+        .tail(&format!(
+            "[metrics]\naddress = \"127.0.0.1:{admin_port}\"\n"
+        ))
+        .tail("[shutdown]\ngrace_period = \"20s\"\n");
+    config.listen = vec![format!("address = \"127.0.0.1:{port}\"")];
+    std::fs::write(redis.path("ready.toml"), config.render()).expect("write");
+    let mut child = Command::new(redcloak_bin())
+        .args(["serve", "--config"])
+        .arg(redis.path("ready.toml"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    wait_listening(admin_port).await;
+    // The startup checks are waiting on the held relay.
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    assert_eq!(
+        http_get(admin, "/readyz").await,
+        (
+            503,
+            "starting: the startup checks have not passed yet\n".into()
+        )
+    );
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "no Redis listener before the gate passed"
+    );
+    release.send(true).expect("release");
+    eventually("/readyz turns 200", || async {
+        http_get(admin, "/readyz").await.0 == 200
+    })
+    .await;
+    // A request in flight holds the drain open.
+    let mut busy = RawClient::new(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect"),
+    );
+    busy.send(&[b"BLPOP", b"plain:queue", b"0"]).await;
+    wait_until_blocked(&redis, 1).await;
+    signal(&child, "-TERM");
+    eventually("/readyz turns 503 while draining", || async {
+        http_get(admin, "/readyz").await == (503, "draining: shutting down\n".into())
+    })
+    .await;
+    assert!(child.try_wait().expect("wait").is_none(), "still draining");
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    // The pending request is answered; the drain ends; never ready again.
+    let mut admin_client = redis.admin().await;
+    admin_client.call(&[b"RPUSH", b"plain:queue", b"job"]).await;
+    assert_reply(
+        &busy.read().await,
+        &resp_array(b'*', &[b"plain:queue", b"job"]),
+    );
+    assert_eq!(wait_exit(&mut child), 0);
+}
+
+/// Runs the binary at trace level through a workload with known secrets;
+/// returns its logs and its last scrape.
+async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) {
+    let (port, admin_port) = (free_port(), free_port());
+    let mut config = with_client_password(redis.config(), "")
+        .tail(&format!(
+            "[metrics]\naddress = \"127.0.0.1:{admin_port}\"\n"
+        ))
+        .tail(&format!("[logging]\nlog_key_names = {log_key_names}\n"));
+    config.listen = vec![format!("address = \"127.0.0.1:{port}\"")];
+    std::fs::write(redis.path("traced.toml"), config.render()).expect("write");
+    let mut child = Command::new(redcloak_bin())
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(redis.path("traced.toml"))
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let logs = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut text)
+            .expect("logs");
+        text
+    });
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!(
+                "redcloak exited with {status}: {}",
+                logs.await.expect("logs")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut client = RawClient::new(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect"),
+    );
+    assert_error(
+        &client.call(&[b"AUTH", b"guess-0a1b2c3d"]).await,
+        "-WRONGPASS",
+    );
+    client.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await;
+    let value = b"top-secret-value-7c41";
+    assert_reply(
+        &client.call(&[b"SET", b"session:alice-9f", value]).await,
+        b"+OK\r\n",
+    );
+    assert_reply(
+        &client.call(&[b"GET", b"session:alice-9f"]).await,
+        &[&b"$21\r\n"[..], value, b"\r\n"].concat(),
+    );
+    let mut admin = redis.admin().await;
+    let stored = admin.call(&[b"GET", b"session:alice-9f"]).await;
+    let envelope = redcloak::resp::bulk_body(&stored).expect("bulk").to_vec();
+    admin.call(&[b"SET", b"session:moved-9f", &envelope]).await;
+    assert_error(
+        &client.call(&[b"GET", b"session:moved-9f"]).await,
+        "-ERR redcloak:",
+    );
+    assert_error(
+        &client.call(&[b"APPEND", b"session:alice-9f", b"x"]).await,
+        "-ERR redcloak:",
+    );
+    let (_, scraped) = http_get(([127, 0, 0, 1], admin_port).into(), "/metrics").await;
+    signal(&child, "-TERM");
+    assert_eq!(wait_exit(&mut child), 0);
+    (logs.await.expect("logs"), scraped)
+}
+
+#[tokio::test]
+async fn security_events_are_json_on_their_own_target_and_no_secret_reaches_logs_or_metrics() {
+    let redis = TestRedis::start().await;
+    let key = std::fs::read_to_string(redis.path("key-1")).expect("key");
+    let key_bytes = redcloak::crypto::keyring::decode_key(1, key.as_bytes()).expect("key");
+    for log_key_names in [false, true] {
+        let (logs, scraped) = traced_run(&redis, log_key_names).await;
+        assert!(logs.lines().count() > 20, "trace logging is on: {logs}");
+        let secrets = [
+            CLIENT_PASSWORD.to_owned(),
+            "guess-0a1b2c3d".to_owned(),
+            redis.password.clone(),
+            key.trim().to_owned(),
+            "top-secret-value-7c41".to_owned(),
+            format!(
+                "{:02x}{:02x}{:02x}{:02x}",
+                key_bytes[0], key_bytes[1], key_bytes[2], key_bytes[3]
+            ),
+        ];
+        for secret in &secrets {
+            assert!(
+                !logs.contains(secret.as_str()),
+                "a secret in the logs: {secret}"
+            );
+            assert!(
+                !scraped.contains(secret.as_str()),
+                "a secret in /metrics: {secret}"
+            );
+        }
+        assert!(!scraped.contains("session:"), "key names never in metrics");
+        let events: Vec<serde_json::Value> = logs
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["target"] == "redcloak::security")
+            .collect();
+        let of = |name: &str| {
+            events
+                .iter()
+                .find(|e| e["fields"]["event"] == name)
+                .unwrap_or_else(|| panic!("no {name} event in {events:?}"))
+                .clone()
+        };
+        assert_eq!(
+            of("client_auth_failure")["fields"]["peer"]
+                .as_str()
+                .map(|p| p.starts_with("127.0.0.1:")),
+            Some(true)
+        );
+        let refused = of("command_refused");
+        assert_eq!(refused["fields"]["command"], "append");
+        assert_eq!(refused["fields"]["rule"], "encrypted_key");
+        let failed = of("decrypt_failure");
+        assert_eq!(failed["fields"]["command"], "get");
+        assert_eq!(failed["fields"]["key_id"], 1);
+        assert_eq!(failed["fields"]["reason"], "auth_failed");
+        assert_eq!(failed["level"], "WARN");
+        if log_key_names {
+            assert_eq!(failed["fields"]["key"], "session:moved-9f");
+        } else {
+            assert!(failed["fields"].get("key").is_none(), "{failed}");
+            assert!(!logs.contains("session:"), "key names only when asked for");
+        }
+    }
+}
