@@ -935,7 +935,45 @@ mod tests {
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("config/redcloak.example.toml");
             let config = load(&example).expect("the example loads");
             assert_eq!(config.upstream.username.as_deref(), Some("redcloak"));
-            assert!(config.listen.auth.is_some());
+            let auth = config.listen.auth.expect("listen.auth");
+            assert_eq!(auth.lockout, LockoutPolicy::default());
+            assert_eq!(
+                config.metrics_address,
+                Some("127.0.0.1:9187".parse().expect("address"))
+            );
+            assert!(!config.log_key_names);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn lockout_metrics_and_logging_keys_are_read_and_validated() {
+        Jail::expect_with(|jail| {
+            let base = MINIMAL;
+            let extra = "[listen.auth]\npassword = \"p\"\nmax_failures = 3\nfailure_window = \"2m\"\n\
+                         lockout_duration = \"10s\"\n[metrics]\naddress = \"0.0.0.0:9187\"\n\
+                         [logging]\nlog_key_names = true\n";
+            let config = load_in_jail(jail, &format!("{base}{extra}")).expect("valid");
+            assert_eq!(
+                config.listen.auth.expect("auth").lockout,
+                LockoutPolicy {
+                    max_failures: 3,
+                    window: Duration::from_secs(120),
+                    duration: Duration::from_secs(10),
+                }
+            );
+            assert_eq!(config.metrics_address.map(|a| a.port()), Some(9187));
+            assert!(config.log_key_names);
+            let zero = extra.replace("max_failures = 3", "max_failures = 0");
+            assert!(
+                error_text(load_in_jail(jail, &format!("{base}{zero}")))
+                    .starts_with("listen.auth.max_failures: must be greater than 0")
+            );
+            let bad = "[metrics]\naddress = \"nowhere\"\n";
+            assert!(
+                error_text(load_in_jail(jail, &format!("{base}{bad}")))
+                    .starts_with("metrics.address")
+            );
             Ok(())
         });
     }

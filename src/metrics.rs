@@ -314,7 +314,6 @@ pub struct Metrics {
     upstream_failures: [Counter; 3],
     pub upstream_handshake: Histogram,
     pub upstream_up: Gauge,
-    certificate_expiry: [Gauge; 3],
     /// The keyring whose per-key counts are exported at each scrape.
     keyring: OnceLock<Arc<Keyring>>,
 }
@@ -403,8 +402,6 @@ impl Metrics {
             upstream_handshake: recorder
                 .register_histogram(&key(&UPSTREAM_TLS_HANDSHAKE, &[]), &METADATA),
             upstream_up: gauge(&UPSTREAM_UP, &[]),
-            certificate_expiry: ["redis_server", "upstream_client", "listener"]
-                .map(|c| gauge(&CERTIFICATE_EXPIRY, &[("certificate", c)])),
             keyring: OnceLock::new(),
             recorder,
             handle,
@@ -429,8 +426,20 @@ impl Metrics {
         &self.upstream_failures[reason as usize]
     }
 
-    pub fn certificate_expiry(&self, certificate: Certificate) -> &Gauge {
-        &self.certificate_expiry[certificate as usize]
+    /// Exports when a certificate expires (registered when first known, so
+    /// no series reads 0 for a certificate that is not there).
+    pub fn set_certificate_expiry(&self, certificate: Certificate, unix_time: u64) {
+        let label = match certificate {
+            Certificate::RedisServer => "redis_server",
+            Certificate::UpstreamClient => "upstream_client",
+            Certificate::Listener => "listener",
+        };
+        self.recorder
+            .register_gauge(
+                &key(&CERTIFICATE_EXPIRY, &[("certificate", label)]),
+                &METADATA,
+            )
+            .set(unix_time as f64);
     }
 
     /// Counts one answered command, with how long it took end to end and,

@@ -297,10 +297,7 @@ fn export_expiry(telemetry: &Telemetry, which: Certificate, path: &std::path::Pa
         .and_then(|certs| certs.first().and_then(|c| tls::inspect::expiry(c)))
         .and_then(crate::upstream::unix_time);
     if let Some(expiry) = expiry {
-        telemetry
-            .metrics
-            .certificate_expiry(which)
-            .set(expiry as f64);
+        telemetry.metrics.set_certificate_expiry(which, expiry);
     }
 }
 

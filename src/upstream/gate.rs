@@ -73,6 +73,7 @@ pub async fn run(config: &Config) -> Report {
     checks.push(passwords(config));
     checks.push(keyring(config));
     checks.push(downstream(config));
+    checks.push(admin_listener(config));
     Report::new(config.profile, address, checks)
 }
 
@@ -615,6 +616,26 @@ fn downstream(config: &Config) -> Check {
         NAME,
         "plaintext listeners are loopback or unix sockets; the TLS listener's certificate and key load",
     )
+}
+
+/// The admin listener serves no secret, but its metrics show the shape of
+/// the traffic and its /readyz the state of Redis: loopback unless probes
+/// from elsewhere need it.
+fn admin_listener(config: &Config) -> Check {
+    const NAME: &str = "admin-listener";
+    match config.metrics_address {
+        None => ok(NAME, "no admin listener ([metrics] address is not set)"),
+        Some(address) if address.ip().is_loopback() => ok(
+            NAME,
+            format!("/metrics, /healthz and /readyz on {address} (loopback)"),
+        ),
+        Some(address) => problem(
+            NAME,
+            Status::Warn,
+            format!("/metrics, /healthz and /readyz on {address}, which is not loopback"),
+            "let only Prometheus and the orchestrator's probes reach it (firewall, Kubernetes NetworkPolicy), or listen on 127.0.0.1",
+        ),
+    }
 }
 
 /// Sends one command and reads one reply, within `timeout`.

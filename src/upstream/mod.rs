@@ -189,9 +189,7 @@ impl Upstream {
                 .upstream_handshake
                 .record(started.elapsed().as_secs_f64());
             if let Some(expiry) = warn_if_expiring(&tls).and_then(unix_time) {
-                metrics
-                    .certificate_expiry(Certificate::RedisServer)
-                    .set(expiry as f64);
+                metrics.set_certificate_expiry(Certificate::RedisServer, expiry);
             }
             self.log_in(&mut tls).await?;
             Ok(tls)

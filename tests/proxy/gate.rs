@@ -115,6 +115,7 @@ async fn a_secure_setup_passes_every_check_in_production() {
         "password",
         "keyring",
         "downstream",
+        "admin-listener",
     ] {
         outcome.status(name);
     }
@@ -460,4 +461,26 @@ async fn an_expired_certificate_of_our_own_fails() {
         "{}",
         outcome.detail("certificates")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_listener_off_loopback_is_a_warning_and_loopback_passes() {
+    let redis = TestRedis::start().await;
+    let loopback = redis
+        .config()
+        .tail("[metrics]\naddress = \"127.0.0.1:9187\"\n");
+    let outcome = check(&redis, &loopback).await;
+    assert_eq!(
+        (outcome.code, outcome.status("admin-listener").as_str()),
+        (0, "ok")
+    );
+    let open = redis
+        .config()
+        .tail("[metrics]\naddress = \"0.0.0.0:9187\"\n");
+    let outcome = check(&redis, &open).await;
+    assert_eq!(
+        (outcome.code, outcome.status("admin-listener").as_str()),
+        (0, "warn")
+    );
+    assert!(outcome.detail("admin-listener").contains("not loopback"));
 }

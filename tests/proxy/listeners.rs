@@ -133,7 +133,8 @@ async fn tls_listener_requires_a_client_certificate_from_client_ca() {
     let redis = TestRedis::start().await;
     let certs = listener_certs(&redis);
     let config = redis.config().tail(
-        "[listen.tls]\naddress = \"127.0.0.1:0\"\ncert = \"listener.crt\"\nkey = \"listener.key\"\nclient_ca = \"app-ca.crt\"\n",
+        "[listen.tls]\naddress = \"127.0.0.1:0\"\ncert = \"listener.crt\"\nkey = \"listener.key\"\nclient_ca = \"app-ca.crt\"\n\
+         [metrics]\naddress = \"127.0.0.1:0\"\n",
     );
     let proxy = redis.start_proxy(&config).await;
     let port = proxy.tls_address.expect("tls listener").port();
@@ -163,6 +164,18 @@ async fn tls_listener_requires_a_client_certificate_from_client_ca() {
             "a client without a trusted certificate was served: {text}"
         );
     }
+    let text = proxy.scrape().await;
+    let value = |series: &str| metric(&text, series);
+    assert_eq!(
+        value("redcloak_client_connections_accepted_total{listener=\"tls\"}"),
+        Some(4.0)
+    );
+    assert_eq!(
+        value("redcloak_client_connections_rejected_total{reason=\"tls_handshake\"}"),
+        Some(2.0)
+    );
+    let expiry = value("redcloak_certificate_expiry_timestamp_seconds{certificate=\"listener\"}");
+    assert!(expiry.expect("listener expiry") > 1.7e9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +219,12 @@ async fn redis_cli_works_through_the_plaintext_listener() {
 async fn clients_over_max_connections_get_an_error_and_are_closed() {
     let redis = TestRedis::start().await;
     let proxy = redis
-        .start_proxy(&redis.config().listen("max_connections = 2"))
+        .start_proxy(
+            &redis
+                .config()
+                .listen("max_connections = 2")
+                .tail("[metrics]\naddress = \"127.0.0.1:0\""),
+        )
         .await;
     let mut first = proxy.raw().await;
     let mut second = proxy.raw().await;
@@ -218,6 +236,18 @@ async fn clients_over_max_connections_get_an_error_and_are_closed() {
         b"-ERR max number of clients reached\r\n",
     );
     third.expect_closed().await;
+    let text = proxy.scrape().await;
+    assert_eq!(
+        metric(
+            &text,
+            "redcloak_client_connections_rejected_total{reason=\"limit\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "redcloak_client_connections_active"),
+        Some(2.0)
+    );
     // A freed slot is given to the next client.
     drop(first);
     let deadline = std::time::Instant::now() + READ_TIMEOUT;

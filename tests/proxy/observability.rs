@@ -196,6 +196,9 @@ async fn a_known_workload_shows_exact_counts_on_metrics() {
                 && l.ends_with(" 1")),
         "{text}"
     );
+    // Prometheus's own linter accepts the exposition.
+    let (linted, problems) = promtool(&["check", "metrics"], &text);
+    assert!(linted, "promtool check metrics: {problems}");
     drop(c);
     eventually("the closed client leaves the active gauge", || async {
         metric(&proxy.scrape().await, "redcloak_client_connections_active") == Some(0.0)
@@ -483,6 +486,36 @@ async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) 
         &client.call(&[b"APPEND", b"session:alice-9f", b"x"]).await,
         "-ERR redcloak:",
     );
+    // Redis stops accepting redcloak's password: the next upstream login is rejected.
+    let changed = format!(">{}-changed", redis.password);
+    admin
+        .call(&[
+            b"ACL",
+            b"SETUSER",
+            b"redcloak",
+            b"resetpass",
+            changed.as_bytes(),
+        ])
+        .await;
+    let mut rejected = RawClient::new(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect"),
+    );
+    assert_error(
+        &rejected.read().await,
+        "-ERR redcloak: upstream unavailable",
+    );
+    let restored = format!(">{}", redis.password);
+    admin
+        .call(&[
+            b"ACL",
+            b"SETUSER",
+            b"redcloak",
+            b"resetpass",
+            restored.as_bytes(),
+        ])
+        .await;
     let (_, scraped) = http_get(([127, 0, 0, 1], admin_port).into(), "/metrics").await;
     signal(&child, "-TERM");
     assert_eq!(wait_exit(&mut child), 0);
@@ -540,6 +573,14 @@ async fn security_events_are_json_on_their_own_target_and_no_secret_reaches_logs
         let refused = of("command_refused");
         assert_eq!(refused["fields"]["command"], "append");
         assert_eq!(refused["fields"]["rule"], "encrypted_key");
+        let rejected = of("upstream_rejected");
+        assert_eq!(rejected["fields"]["step"], "auth");
+        assert!(
+            rejected["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("refused redcloak's AUTH")),
+            "{rejected}"
+        );
         let failed = of("decrypt_failure");
         assert_eq!(failed["fields"]["command"], "get");
         assert_eq!(failed["fields"]["key_id"], 1);
@@ -552,4 +593,174 @@ async fn security_events_are_json_on_their_own_target_and_no_secret_reaches_logs
             assert!(!logs.contains("session:"), "key names only when asked for");
         }
     }
+}
+
+/// Every `redcloak_*` name in `text`, without histogram suffixes.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("redcloak_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|base| base.ends_with("_seconds"))
+            .unwrap_or(name);
+        names.insert(base.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+fn defined_metrics() -> std::collections::BTreeSet<String> {
+    redcloak::metrics::ALL
+        .iter()
+        .map(|m| m.name.to_owned())
+        .collect()
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn the_prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
+    for args in [
+        &["check", "config", "deploy/prometheus/prometheus.yml"][..],
+        &["check", "rules", "deploy/prometheus/alerts.yml"],
+        &["test", "rules", "deploy/prometheus/alerts.test.yml"],
+    ] {
+        let (ok, output) = promtool(args, "");
+        assert!(ok, "promtool {args:?}: {output}");
+    }
+    let alerts = read("deploy/prometheus/alerts.yml");
+    for alert in [
+        "RedcloakUpstreamDown",
+        "RedcloakDecryptFailures",
+        "RedcloakAuthFailureBurst",
+        "RedcloakCertificateExpiringSoon",
+        "RedcloakRefusedCommandsRising",
+    ] {
+        assert!(alerts.contains(&format!("alert: {alert}")), "{alert}");
+    }
+    let unknown: Vec<_> = metric_names(&alerts)
+        .difference(&defined_metrics())
+        .cloned()
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "alerts use undefined metrics: {unknown:?}"
+    );
+}
+
+#[test]
+fn the_dashboard_queries_parse_and_use_only_defined_metrics() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/prometheus/redcloak-dashboard.json")).expect("JSON");
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push(target["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    assert!(queries.len() >= 15, "{queries:?}");
+    // promtool parses PromQL in recording rules: one rule per query.
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, query) in queries.iter().enumerate() {
+        let query = query
+            .replace("$__rate_interval", "5m")
+            .replace("$instance", ".*");
+        rules.push_str(&format!(
+            "      - record: dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(&query).expect("quoted")
+        ));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&file, rules).expect("write");
+    let (ok, output) = promtool(&["check", "rules", file.to_str().expect("path")], "");
+    assert!(ok, "dashboard queries: {output}");
+    let used = metric_names(&queries.join("\n"));
+    let unknown: Vec<_> = used.difference(&defined_metrics()).cloned().collect();
+    assert!(
+        unknown.is_empty(),
+        "dashboard uses undefined metrics: {unknown:?}"
+    );
+    let unshown: Vec<_> = defined_metrics().difference(&used).cloned().collect();
+    assert!(unshown.is_empty(), "metrics with no panel: {unshown:?}");
+}
+
+#[test]
+fn the_readme_lists_every_metric_with_one_line_each() {
+    let readme = read("README.md");
+    let listed: Vec<&str> = readme
+        .lines()
+        .filter(|line| line.starts_with("| `redcloak_"))
+        .collect();
+    let names: Vec<String> = listed
+        .iter()
+        .map(|line| line.split('`').nth(1).expect("name").to_owned())
+        .collect();
+    let expected: Vec<String> = redcloak::metrics::ALL
+        .iter()
+        .map(|m| m.name.to_owned())
+        .collect();
+    assert_eq!(
+        names, expected,
+        "README metric table, in metrics::ALL order"
+    );
+    let unknown: Vec<_> = metric_names(&readme)
+        .difference(&defined_metrics())
+        .cloned()
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "README names undefined metrics: {unknown:?}"
+    );
+}
+
+#[tokio::test]
+async fn unix_socket_peers_are_counted_by_user_id_apart_from_tcp_peers() {
+    let redis = TestRedis::start().await;
+    let socket = redis.path("redcloak.sock");
+    let lockout = "max_failures = 2\nfailure_window = \"60s\"\nlockout_duration = \"60s\"\n";
+    let config = with_client_password(redis.config(), lockout)
+        .listen(&format!("unix_socket = \"{}\"", socket.display()));
+    let proxy = redis.start_proxy(&config).await;
+    let unix = || async {
+        RawClient::new(
+            tokio::net::UnixStream::connect(&socket)
+                .await
+                .expect("unix connect"),
+        )
+    };
+    let mut over_unix = unix().await;
+    for _ in 0..2 {
+        assert_error(&over_unix.call(&[b"AUTH", b"guess"]).await, "-WRONGPASS");
+    }
+    let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    let refused = over_unix.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await;
+    assert_error(
+        &refused,
+        &format!(
+            "-ERR redcloak: too many failed AUTH attempts from unix socket, uid {}",
+            uid.expect("uid")
+        ),
+    );
+    let mut again = unix().await;
+    assert_error(
+        &again.read().await,
+        "-ERR redcloak: too many failed AUTH attempts",
+    );
+    // A TCP client on 127.0.0.1 is another peer: not locked out.
+    let mut over_tcp = proxy.raw().await;
+    assert_reply(
+        &over_tcp.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await,
+        b"+OK\r\n",
+    );
 }

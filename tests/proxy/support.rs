@@ -546,3 +546,30 @@ pub async fn wait_listening(port: u16) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Runs Prometheus's `promtool` (Debian package `prometheus`), with `input`
+/// on stdin; returns whether it succeeded and what it printed.
+pub fn promtool(args: &[&str], input: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs: install it with `apt-get install -y prometheus`");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write to promtool");
+    let output = child.wait_with_output().expect("promtool finishes");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
