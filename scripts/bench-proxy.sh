@@ -10,6 +10,8 @@
 # The harness's Redis uses requirepass (the admin-capable default user) and
 # short-lived throwaway files, so the startup checks run in the development
 # profile, where those are warnings. Nothing about TLS or AUTH is relaxed.
+# Metrics are on, as in production (admin listener on an ephemeral port);
+# BENCH_METRICS=0 leaves them off, to measure what they cost.
 set -euo pipefail
 : "${PROXY_PORT:?}" "${REDIS_TLS_PORT:?}" "${CERT_DIR:?}" "${REDIS_PASSWORD:?}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -40,4 +42,7 @@ primary = 1
 id = 1
 file = "key-1"
 CONF
+if [[ "${BENCH_METRICS:-1}" != 0 ]]; then
+    printf '\n[metrics]\naddress = "127.0.0.1:0"\n' >>"$dir/redcloak.toml"
+fi
 exec "$bin" serve --config "$dir/redcloak.toml"

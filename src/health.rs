@@ -10,7 +10,7 @@
 //! connection attempt. Draining is final: nothing makes a draining proxy
 //! ready again.
 
-use crate::metrics::Metrics;
+use crate::admin::Telemetry;
 use crate::upstream::{Upstream, UpstreamStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -80,15 +80,14 @@ impl Health {
 /// reconnected when it fails.
 pub async fn watch_upstream(
     upstream: Arc<Upstream>,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
+    telemetry: Telemetry,
     shutdown: CancellationToken,
 ) {
     let mut connection: Option<UpstreamStream> = None;
     loop {
         let up = match connection.as_mut() {
             Some(stream) => ping(&upstream, stream).await,
-            None => match upstream.connect_counted(&metrics).await {
+            None => match upstream.connect_counted(&telemetry.metrics).await {
                 Ok(stream) => {
                     connection = Some(stream);
                     true
@@ -99,8 +98,7 @@ pub async fn watch_upstream(
         if !up {
             connection = None;
         }
-        health.set_upstream_up(up);
-        metrics.upstream_up.set(if up { 1.0 } else { 0.0 });
+        telemetry.set_upstream_up(up);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(UPSTREAM_CHECK_INTERVAL) => {}

@@ -183,14 +183,13 @@ impl Server {
         );
         let telemetry = &self.shared.telemetry;
         // The startup checks just reached Redis; the upstream check keeps this current.
-        telemetry.health.set_upstream_up(true);
+        telemetry.set_upstream_up(true);
         telemetry.health.serving();
         let background = TaskTracker::new();
         if self.watch_upstream {
             background.spawn(crate::health::watch_upstream(
                 self.shared.upstream.clone(),
-                telemetry.health.clone(),
-                telemetry.metrics.clone(),
+                telemetry.clone(),
                 shutdown.clone(),
             ));
         }
@@ -370,7 +369,7 @@ async fn serve<C>(
     let upstream = match shared.upstream.connect_counted(&telemetry.metrics).await {
         Ok(upstream) => upstream,
         Err(err) => {
-            telemetry.health.set_upstream_up(false);
+            telemetry.set_upstream_up(false);
             warn!(%peer, error = %err, "upstream connection failed");
             refuse(
                 &mut client,
@@ -380,7 +379,7 @@ async fn serve<C>(
             return;
         }
     };
-    telemetry.health.set_upstream_up(true);
+    telemetry.set_upstream_up(true);
     debug!(%peer, "client connected");
     match session::run(&shared.session, client, upstream, &peer, shutdown).await {
         Ok(()) => debug!(%peer, "client disconnected"),

@@ -118,7 +118,9 @@ impl SessionContext {
             .record_failure(peer.key(), Instant::now());
         if let Some(locked) = locked {
             self.metrics.auth_lockouts.increment(1);
-            events::client_auth_lockout(peer, locked.failures, locked.duration.as_secs());
+            // The peer as locked out: its address without the port, or its uid.
+            let locked_peer = peer.key();
+            events::client_auth_lockout(&locked_peer, locked.failures, locked.duration.as_secs());
         }
     }
 }
@@ -126,7 +128,8 @@ impl SessionContext {
 /// The error a locked-out peer gets for a login attempt or a new connection.
 pub fn lockout_error(peer: &Peer, remaining: Duration) -> String {
     format!(
-        "ERR redcloak: too many failed AUTH attempts from {peer}; logins are refused for {} more seconds",
+        "ERR redcloak: too many failed AUTH attempts from {}; logins are refused for {} more seconds",
+        peer.key(),
         remaining.as_secs().max(1)
     )
 }

@@ -516,6 +516,19 @@ async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) 
             restored.as_bytes(),
         ])
         .await;
+    // Enough failed logins lock this address out (the default: 5 in 60 s).
+    let mut guesses = 1;
+    while guesses < 5 {
+        assert_error(
+            &client.call(&[b"AUTH", b"guess-0a1b2c3d"]).await,
+            "-WRONGPASS",
+        );
+        guesses += 1;
+    }
+    assert_error(
+        &client.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await,
+        "-ERR redcloak: too many failed AUTH attempts",
+    );
     let (_, scraped) = http_get(([127, 0, 0, 1], admin_port).into(), "/metrics").await;
     signal(&child, "-TERM");
     assert_eq!(wait_exit(&mut child), 0);
@@ -573,6 +586,10 @@ async fn security_events_are_json_on_their_own_target_and_no_secret_reaches_logs
         let refused = of("command_refused");
         assert_eq!(refused["fields"]["command"], "append");
         assert_eq!(refused["fields"]["rule"], "encrypted_key");
+        let lockout = of("client_auth_lockout");
+        assert_eq!(lockout["fields"]["failures"], 5);
+        assert_eq!(lockout["fields"]["lockout_seconds"], 300);
+        assert_eq!(lockout["fields"]["peer"], "127.0.0.1");
         let rejected = of("upstream_rejected");
         assert_eq!(rejected["fields"]["step"], "auth");
         assert!(
@@ -730,7 +747,8 @@ async fn unix_socket_peers_are_counted_by_user_id_apart_from_tcp_peers() {
     let socket = redis.path("redcloak.sock");
     let lockout = "max_failures = 2\nfailure_window = \"60s\"\nlockout_duration = \"60s\"\n";
     let config = with_client_password(redis.config(), lockout)
-        .listen(&format!("unix_socket = \"{}\"", socket.display()));
+        .listen(&format!("unix_socket = \"{}\"", socket.display()))
+        .tail(METRICS);
     let proxy = redis.start_proxy(&config).await;
     let unix = || async {
         RawClient::new(
@@ -756,6 +774,14 @@ async fn unix_socket_peers_are_counted_by_user_id_apart_from_tcp_peers() {
     assert_error(
         &again.read().await,
         "-ERR redcloak: too many failed AUTH attempts",
+    );
+    let scraped = proxy.scrape().await;
+    assert_eq!(
+        metric(
+            &scraped,
+            "redcloak_client_connections_accepted_total{listener=\"unix\"}"
+        ),
+        Some(2.0)
     );
     // A TCP client on 127.0.0.1 is another peer: not locked out.
     let mut over_tcp = proxy.raw().await;

@@ -25,15 +25,28 @@ async fn a_redis_certificate_not_signed_by_upstream_ca_is_refused() {
         0o644,
     )
     .expect("write");
-    let proxy = redis
-        .start_proxy(&redis.config().upstream("ca", "\"other-ca.crt\""))
-        .await;
+    let config = redis
+        .config()
+        .upstream("ca", "\"other-ca.crt\"")
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"");
+    let proxy = redis.start_proxy(&config).await;
     let text = refusal(&proxy).await;
     assert!(
         text.starts_with("-ERR redcloak: upstream unavailable: TLS handshake"),
         "{text}"
     );
     assert!(text.contains("not signed by upstream.ca"), "{text}");
+    // Counted as a TLS failure (the client's connection and the upstream check).
+    let scraped = proxy.scrape().await;
+    let tls = metric(
+        &scraped,
+        "redcloak_upstream_connect_failures_total{reason=\"tls\"}",
+    );
+    assert!(tls >= Some(1.0), "{scraped}");
+    assert_eq!(
+        metric(&scraped, "redcloak_upstream_connections_total"),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
