@@ -9,17 +9,6 @@ use redcloak::crypto::Binding;
 use redcloak::crypto::keyring::Opened;
 use redcloak::resp;
 
-/// What Redis itself stores for a key (or a hash field), read over TLS
-/// around redcloak.
-async fn stored(redis: &TestRedis, key: &[u8], field: Option<&[u8]>) -> Vec<u8> {
-    let mut admin = redis.admin().await;
-    let reply = match field {
-        Some(field) => admin.call(&[b"HGET", key, field]).await,
-        None => admin.call(&[b"GET", key]).await,
-    };
-    resp::bulk_body(&reply).expect("a stored value").to_vec()
-}
-
 fn opens_to(redis: &TestRedis, stored: &[u8], binding: Binding<'_>, plaintext: &[u8]) {
     assert!(
         !stored
@@ -84,7 +73,7 @@ async fn redis_holds_only_envelopes_for_every_value_bearing_command() {
     for (name, plaintext) in strings {
         opens_to(
             &redis,
-            &stored(&redis, name, None).await,
+            &redis.stored(name, None).await,
             key(name),
             plaintext,
         );
@@ -102,7 +91,7 @@ async fn redis_holds_only_envelopes_for_every_value_bearing_command() {
         };
         opens_to(
             &redis,
-            &stored(&redis, b"h1", Some(field)).await,
+            &redis.stored(b"h1", Some(field)).await,
             binding,
             plaintext,
         );
@@ -112,7 +101,7 @@ async fn redis_holds_only_envelopes_for_every_value_bearing_command() {
         &c.call(&[b"SET", b"plain:counter", b"41"]).await,
         b"+OK\r\n",
     );
-    assert_eq!(stored(&redis, b"plain:counter", None).await, b"41");
+    assert_eq!(redis.stored(b"plain:counter", None).await, b"41");
     assert_reply(&c.call(&[b"INCR", b"plain:counter"]).await, b":42\r\n");
 }
 
@@ -303,7 +292,7 @@ async fn tampered_moved_and_foreign_values_become_errors_in_their_place() {
     let mut c = proxy.raw().await;
     fixture(&mut c).await;
     assert_reply(&c.call(&[b"SET", b"z", b"zeta"]).await, b"+OK\r\n");
-    let original = stored(&redis, b"a", None).await;
+    let original = redis.stored(b"a", None).await;
     let foreign_id = redis.keyring(&[(9, "key-1")], 9).seal(b"alpha", key(b"a"));
     let other_key = {
         let other = redcloak::crypto::keyring::generate_key();
@@ -326,7 +315,7 @@ async fn tampered_moved_and_foreign_values_become_errors_in_their_place() {
         ("appended", appended, "authentication failed"),
         (
             "moved from z",
-            stored(&redis, b"z", None).await,
+            redis.stored(b"z", None).await,
             "authentication failed",
         ),
         ("unknown key id", foreign_id, "unknown key id 9"),
@@ -352,8 +341,8 @@ async fn tampered_moved_and_foreign_values_become_errors_in_their_place() {
     }
     // Two hash fields swapped.
     let (one, two) = (
-        stored(&redis, b"h", Some(b"f1")).await,
-        stored(&redis, b"h", Some(b"f2")).await,
+        redis.stored(b"h", Some(b"f1")).await,
+        redis.stored(b"h", Some(b"f2")).await,
     );
     overwrite(&redis, b"h", Some(b"f1"), &two).await;
     overwrite(&redis, b"h", Some(b"f2"), &one).await;
@@ -406,11 +395,11 @@ async fn rotation_keeps_old_values_readable_and_seals_new_ones_with_the_new_prim
         b"+OK\r\n",
     );
     assert_eq!(
-        redcloak::crypto::envelope::key_id(&stored(&redis, b"new", None).await),
+        redcloak::crypto::envelope::key_id(&redis.stored(b"new", None).await),
         Ok(2)
     );
     assert_eq!(
-        redcloak::crypto::envelope::key_id(&stored(&redis, b"old", None).await),
+        redcloak::crypto::envelope::key_id(&redis.stored(b"old", None).await),
         Ok(1)
     );
 }

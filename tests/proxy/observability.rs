@@ -66,10 +66,7 @@ async fn a_known_workload_shows_exact_counts_on_metrics() {
     assert_reply(&c.call(&[b"GET", b"k2"]).await, b"$2\r\nv2\r\n");
     assert_reply(&c.call(&[b"GET", b"missing"]).await, b"$-1\r\n");
     // k1's envelope copied to `bad` does not open there.
-    let mut admin = redis.admin().await;
-    let stored = admin.call(&[b"GET", b"k1"]).await;
-    let envelope = redcloak::resp::bulk_body(&stored).expect("bulk").to_vec();
-    admin.call(&[b"SET", b"bad", &envelope]).await;
+    redis.copy_stored(b"k1", b"bad").await;
     assert_error(
         &c.call(&[b"GET", b"bad"]).await,
         "-ERR redcloak: value of key 'bad'",
@@ -474,10 +471,10 @@ async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) 
         &client.call(&[b"GET", b"session:alice-9f"]).await,
         &[&b"$21\r\n"[..], value, b"\r\n"].concat(),
     );
+    redis
+        .copy_stored(b"session:alice-9f", b"session:moved-9f")
+        .await;
     let mut admin = redis.admin().await;
-    let stored = admin.call(&[b"GET", b"session:alice-9f"]).await;
-    let envelope = redcloak::resp::bulk_body(&stored).expect("bulk").to_vec();
-    admin.call(&[b"SET", b"session:moved-9f", &envelope]).await;
     assert_error(
         &client.call(&[b"GET", b"session:moved-9f"]).await,
         "-ERR redcloak:",

@@ -127,6 +127,25 @@ impl TestRedis {
         Keyring::new(primary, keys, LegacyPlaintext::Reject).expect("keyring")
     }
 
+    /// What Redis itself stores for a key (or a hash field), read over TLS
+    /// around redcloak.
+    pub async fn stored(&self, key: &[u8], field: Option<&[u8]>) -> Vec<u8> {
+        let mut admin = self.admin().await;
+        let reply = match field {
+            Some(field) => admin.call(&[b"HGET", key, field]).await,
+            None => admin.call(&[b"GET", key]).await,
+        };
+        resp::bulk_body(&reply).expect("a stored value").to_vec()
+    }
+
+    /// Copies the bytes Redis stores for `from` to `to`, around redcloak
+    /// (a sealed value moved to a key it was not sealed for).
+    pub async fn copy_stored(&self, from: &[u8], to: &[u8]) {
+        let stored = self.stored(from, None).await;
+        let mut admin = self.admin().await;
+        assert_reply(&admin.call(&[b"SET", to, &stored]).await, b"+OK\r\n");
+    }
+
     /// A direct, authenticated TLS connection to Redis, bypassing redcloak.
     pub async fn admin(&self) -> RawClient<UpstreamStream> {
         let tls = redcloak::tls::client::config(
