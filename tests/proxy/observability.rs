@@ -630,6 +630,19 @@ fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
     names
 }
 
+/// Fails when `text` names a `redcloak_*` metric that `metrics::ALL` lacks.
+#[track_caller]
+fn assert_only_defined_metrics(text: &str, what: &str) {
+    let unknown: Vec<_> = metric_names(text)
+        .difference(&defined_metrics())
+        .cloned()
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "{what} names undefined metrics: {unknown:?}"
+    );
+}
+
 fn defined_metrics() -> std::collections::BTreeSet<String> {
     redcloak::metrics::ALL
         .iter()
@@ -662,14 +675,7 @@ fn the_prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
     ] {
         assert!(alerts.contains(&format!("alert: {alert}")), "{alert}");
     }
-    let unknown: Vec<_> = metric_names(&alerts)
-        .difference(&defined_metrics())
-        .cloned()
-        .collect();
-    assert!(
-        unknown.is_empty(),
-        "alerts use undefined metrics: {unknown:?}"
-    );
+    assert_only_defined_metrics(&alerts, "alerts");
 }
 
 #[test]
@@ -699,12 +705,9 @@ fn the_dashboard_queries_parse_and_use_only_defined_metrics() {
     std::fs::write(&file, rules).expect("write");
     let (ok, output) = promtool(&["check", "rules", file.to_str().expect("path")], "");
     assert!(ok, "dashboard queries: {output}");
-    let used = metric_names(&queries.join("\n"));
-    let unknown: Vec<_> = used.difference(&defined_metrics()).cloned().collect();
-    assert!(
-        unknown.is_empty(),
-        "dashboard uses undefined metrics: {unknown:?}"
-    );
+    let queries = queries.join("\n");
+    assert_only_defined_metrics(&queries, "the dashboard");
+    let used = metric_names(&queries);
     let unshown: Vec<_> = defined_metrics().difference(&used).cloned().collect();
     assert!(unshown.is_empty(), "metrics with no panel: {unshown:?}");
 }
@@ -728,14 +731,7 @@ fn the_readme_lists_every_metric_with_one_line_each() {
         names, expected,
         "README metric table, in metrics::ALL order"
     );
-    let unknown: Vec<_> = metric_names(&readme)
-        .difference(&defined_metrics())
-        .cloned()
-        .collect();
-    assert!(
-        unknown.is_empty(),
-        "README names undefined metrics: {unknown:?}"
-    );
+    assert_only_defined_metrics(&readme, "readme");
 }
 
 #[tokio::test]
