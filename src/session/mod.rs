@@ -9,8 +9,9 @@
 //!   client ◀─write── Replies (pipeline.rs) ◀── ReplyScanner ◀──read── upstream
 //! ```
 //!
-//! Both halves run in the connection's task. The FIFO is their only link and
-//! its capacity is the pending-request limit: when it is full the request
+//! Both halves run in the connection's task. The FIFO is their only link for
+//! requests (the flush log below only carries timings), and its capacity is
+//! the pending-request limit: when it is full the request
 //! half stops reading the client, and while the client does not read its
 //! replies the reply half stops reading Redis, so memory per connection stays
 //! bounded whatever the client does. Writes go out once per batch of frames.
@@ -28,23 +29,24 @@
 //! also security events.
 
 pub mod open;
+mod peer;
 pub mod pipeline;
+mod tally;
 
-use crate::auth::lockout::{Lockouts, PeerKey};
+use crate::auth::lockout::Lockouts;
 use crate::events;
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::table::{self, CommandId};
-use crate::policy::{self as policy_mod, Action, Policy, ReplyPlan, shown};
+use crate::policy::table;
+use crate::policy::{self, Action, Policy, ReplyPlan};
 use crate::resp::{self, Limits, ReplyScanner, Request, RequestParser};
 use crate::upstream::Login;
 use bytes::{Bytes, BytesMut};
-use pipeline::{Done, Entry, Flow, Replies, Tally};
-use std::collections::VecDeque;
-use std::fmt;
+pub use peer::{Peer, lockout_error};
+use pipeline::{Entry, Flow, Replies, Tally};
 use std::io;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tally::{Answered, FlushLog};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
@@ -67,101 +69,6 @@ pub struct SessionContext {
     pub lockouts: Option<Arc<Mutex<Lockouts>>>,
     /// Security events may name keys.
     pub log_key_names: bool,
-}
-
-/// Who is on the other end of a client connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Peer {
-    Tcp(SocketAddr),
-    Tls(SocketAddr),
-    /// A unix-socket peer, by user id when the kernel says.
-    Unix(Option<u32>),
-}
-
-impl Peer {
-    /// What failed logins are counted against.
-    pub fn key(&self) -> PeerKey {
-        match self {
-            Peer::Tcp(address) | Peer::Tls(address) => PeerKey::Ip(address.ip()),
-            Peer::Unix(uid) => PeerKey::UnixUser(*uid),
-        }
-    }
-}
-
-impl fmt::Display for Peer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Peer::Tcp(address) | Peer::Tls(address) => write!(f, "{address}"),
-            Peer::Unix(_) => write!(f, "{}", self.key()),
-        }
-    }
-}
-
-impl SessionContext {
-    /// How much longer `peer` may not log in, if it is locked out.
-    pub fn locked_out(&self, peer: &Peer) -> Option<Duration> {
-        let lockouts = self.lockouts.as_ref()?;
-        let lockouts = lockouts.lock().unwrap_or_else(|e| e.into_inner());
-        lockouts.remaining(peer.key(), Instant::now())
-    }
-
-    /// Counts a failed login, and locks the peer out after too many.
-    fn login_failed(&self, peer: &Peer) {
-        self.metrics.auth_failures.increment(1);
-        events::client_auth_failure(peer);
-        let Some(lockouts) = self.lockouts.as_ref() else {
-            return;
-        };
-        let locked = lockouts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record_failure(peer.key(), Instant::now());
-        if let Some(locked) = locked {
-            self.metrics.auth_lockouts.increment(1);
-            // The peer as locked out: its address without the port, or its uid.
-            let locked_peer = peer.key();
-            events::client_auth_lockout(&locked_peer, locked.failures, locked.duration.as_secs());
-        }
-    }
-}
-
-/// The error a locked-out peer gets for a login attempt or a new connection.
-pub fn lockout_error(peer: &Peer, remaining: Duration) -> String {
-    format!(
-        "ERR redcloak: too many failed AUTH attempts from {}; logins are refused for {} more seconds",
-        peer.key(),
-        remaining.as_secs().max(1)
-    )
-}
-
-/// When each batch of requests left for Redis, with how many replies it
-/// awaits, oldest first. The request half appends; the reply half takes one
-/// reply at a time from the front. Both halves run in one task: the lock is
-/// never contended, and it is never held across an await.
-#[derive(Debug, Default)]
-struct FlushLog {
-    batches: Mutex<VecDeque<(usize, Instant)>>,
-}
-
-impl FlushLog {
-    fn sent(&self, replies: usize, at: Instant) {
-        if replies > 0 {
-            let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
-            batches.push_back((replies, at));
-        }
-    }
-
-    /// When the request the next reply answers was sent.
-    fn answered(&self) -> Option<Instant> {
-        let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
-        let (left, at) = batches.front_mut()?;
-        let sent = *at;
-        *left -= 1;
-        if *left == 0 {
-            batches.pop_front();
-        }
-        Some(sent)
-    }
 }
 
 /// Why a session ended early. The side that failed is in the variant.
@@ -306,7 +213,7 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
     /// How long a login attempt from a locked-out peer must wait, if it must.
     fn lockout_refusal(&self, request: &Request) -> Option<Duration> {
         self.ctx.lockouts.as_ref()?;
-        if !policy_mod::is_auth_attempt(request) {
+        if !policy::is_auth_attempt(request) {
             return None;
         }
         self.ctx.locked_out(self.peer)
@@ -495,63 +402,6 @@ where
         };
         if let Some(err) = lost {
             return fail_pending(ctx, &mut client, &mut fifo, &mut output, &replies, err).await;
-        }
-    }
-}
-
-/// Answered requests between their reply's arrival and its write to the
-/// client, with the time Redis took for those it answered.
-#[derive(Default)]
-struct Answered {
-    done: Vec<(Done, Option<Duration>)>,
-    taken: Vec<Done>,
-}
-
-impl Answered {
-    /// Takes what `replies` answered since last time; a reply Redis sent
-    /// arrived now.
-    fn take(&mut self, replies: &mut Replies, flushes: &FlushLog) {
-        replies.take_done(&mut self.taken);
-        if self.taken.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        for done in self.taken.drain(..) {
-            let waited = if done.forwarded {
-                flushes
-                    .answered()
-                    .map(|sent| now.saturating_duration_since(sent))
-            } else {
-                None
-            };
-            self.done.push((done, waited));
-        }
-    }
-
-    /// Their replies are written: count them, and report values that did not open.
-    fn record(&mut self, ctx: &SessionContext, peer: &Peer) {
-        if self.done.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        for (done, waited) in self.done.drain(..) {
-            let command = done.tally.map_or(CommandId::OTHER, |t| t.command);
-            for failure in &done.failures {
-                ctx.metrics.open_failure(failure.reason).increment(1);
-                let key = ctx.log_key_names.then(|| shown(&failure.site.key));
-                events::decrypt_failure(
-                    peer,
-                    command.name(),
-                    failure.key_id,
-                    failure.reason,
-                    key.as_deref(),
-                );
-            }
-            if let Some(tally) = done.tally {
-                let duration = now.saturating_duration_since(tally.received);
-                ctx.metrics
-                    .command(tally.command, done.outcome, duration, waited);
-            }
         }
     }
 }
