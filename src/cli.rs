@@ -45,6 +45,11 @@ pub enum Command {
     /// Before listening it runs the startup security checks (see `check`)
     /// and exits 78 with the report when one fails.
     ///
+    /// With [metrics] address, an admin listener serves /metrics
+    /// (Prometheus), /healthz and /readyz (200 once the checks passed and
+    /// while Redis is reachable; 503 before, and from shutdown on).
+    /// Security events are logged on the target redcloak::security.
+    ///
     /// Stops on SIGTERM or SIGINT: listeners close, requests in flight finish
     /// within shutdown.grace_period, then it exits 0.
     Serve {

@@ -36,6 +36,10 @@ fn help_explains_every_subcommand_and_flag() {
     let (code, out, _) = run(&["serve", "--help"]);
     assert_eq!(code, 0);
     assert!(out.contains("--config") && out.contains("SIGTERM"), "{out}");
+    assert!(
+        out.contains("/readyz") && out.contains("redcloak::security"),
+        "{out}"
+    );
     let (code, out, _) = run(&["check", "--help"]);
     assert_eq!(code, 0);
     assert!(out.contains("--format") && out.contains("78"), "{out}");
