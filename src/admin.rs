@@ -69,6 +69,57 @@ pub async fn run_upkeep(metrics: Arc<Metrics>) {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{0} is not an http://HOST:PORT/PATH URL")]
+    Url(String),
+    #[error("cannot reach {url}: {error}")]
+    Connect { url: String, error: std::io::Error },
+    #[error("no answer from {0} in time")]
+    Timeout(String),
+    #[error("{0} did not answer HTTP")]
+    NotHttp(String),
+}
+
+/// `GET url` (plain http), for `redcloak health`: the status code and body.
+pub async fn probe(url: &str, timeout: Duration) -> Result<(u16, String), ProbeError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| ProbeError::Url(url.to_owned()))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if authority.is_empty() {
+        return Err(ProbeError::Url(url.to_owned()));
+    }
+    let path = if path.is_empty() { "/" } else { path };
+    let exchange = async {
+        let mut stream = TcpStream::connect(authority).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        (&mut stream)
+            .take(MAX_REQUEST_HEAD as u64 * 8)
+            .read_to_end(&mut response)
+            .await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ProbeError::Timeout(url.to_owned()))?
+        .map_err(|error| ProbeError::Connect {
+            url: url.to_owned(),
+            error,
+        })?;
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| ProbeError::NotHttp(url.to_owned()))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok((status, body.to_owned()))
+}
+
 async fn answer(mut stream: TcpStream, telemetry: &Telemetry) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -202,5 +253,16 @@ mod tests {
         let start = "GET /metrics HTTP/1.1\r\nX: ";
         let huge = format!("{start}{}", "a".repeat(MAX_REQUEST_HEAD - start.len()));
         assert!(get(address, &huge).await.starts_with("HTTP/1.1 431 "));
+        // The client `redcloak health` uses.
+        let url = format!("http://{address}/readyz");
+        let answer = probe(&url, Duration::from_secs(5)).await.expect("probe");
+        assert_eq!(answer, (200, "ready\n".to_owned()));
+        telemetry.health.draining();
+        let answer = probe(&url, Duration::from_secs(5)).await.expect("probe");
+        assert_eq!(answer.0, 503);
+        assert!(matches!(
+            probe("https://x/readyz", Duration::from_secs(1)).await,
+            Err(ProbeError::Url(_))
+        ));
     }
 }

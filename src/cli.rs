@@ -31,6 +31,44 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Write a development CA, a certificate for Redis (with --hosts as its
+    /// names), a client certificate for redcloak's upstream side and a
+    /// server certificate for redcloak's TLS listener into DIR (keys mode
+    /// 0600), then print the redis.conf and redcloak config lines that use
+    /// them. Existing files are never replaced without --force.
+    Dev {
+        /// The folder to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Names and addresses in Redis's certificate; the first is the host
+        /// redcloak connects to.
+        #[arg(
+            long,
+            value_name = "NAMES",
+            value_delimiter = ',',
+            default_value = "localhost,127.0.0.1"
+        )]
+        hosts: Vec<String>,
+        /// Names and addresses in the certificate of redcloak's TLS listener.
+        #[arg(
+            long,
+            value_name = "NAMES",
+            value_delimiter = ',',
+            default_value = "localhost,127.0.0.1"
+        )]
+        proxy_hosts: Vec<String>,
+        /// Replace existing files.
+        #[arg(long, conflicts_with = "if_missing")]
+        force: bool,
+        /// Write nothing, successfully, when every file is already there
+        /// (for one-shot containers that run on each start).
+        #[arg(long)]
+        if_missing: bool,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ReportFormat {
     Text,
@@ -64,6 +102,33 @@ pub enum Command {
         /// Where redcloak listens for plaintext clients (loopback only).
         #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:6380")]
         listen: SocketAddr,
+        /// Where /metrics, /healthz and /readyz are served.
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9187")]
+        metrics: SocketAddr,
+    },
+    /// Certificates for development and tests (production certificates
+    /// come from your own CA).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Print a new random password (32 random bytes, hex: 64 characters),
+    /// for Redis's ACL user or [listen.auth].
+    Password,
+    /// Ask redcloak's admin listener whether it is ready: exit 0 when the
+    /// URL answers 200, 1 otherwise (a container HEALTHCHECK; the image has
+    /// no shell or curl).
+    Health {
+        /// The URL to ask (http only).
+        #[arg(
+            long,
+            value_name = "URL",
+            default_value = "http://127.0.0.1:9187/readyz"
+        )]
+        url: String,
+        /// How long to wait for the answer, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3)]
+        timeout: u64,
     },
     /// Run the startup security checks against the configured Redis without
     /// serving, print the report, and exit 0 when every required check

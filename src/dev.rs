@@ -32,6 +32,8 @@ pub enum DevError {
     RedisStart(String),
     #[error("no secure random bytes: {0}")]
     Random(String),
+    #[error("not replacing existing files (pass --force to replace them): {}", .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    Exists(Vec<PathBuf>),
 }
 
 /// What a certificate is for.
@@ -118,10 +120,82 @@ pub struct DevCerts {
     pub redis_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// redcloak's own TLS listener.
+    pub proxy_cert: PathBuf,
+    pub proxy_key: PathBuf,
 }
 
-/// Writes a CA, a Redis server certificate for `hosts` and a client
-/// certificate for redcloak's upstream side into `dir` (keys mode 0600).
+impl DevCerts {
+    /// The files of a set in `dir`.
+    pub fn in_dir(dir: &Path) -> DevCerts {
+        DevCerts {
+            ca: dir.join("ca.crt"),
+            redis_cert: dir.join("redis.crt"),
+            redis_key: dir.join("redis.key"),
+            client_cert: dir.join("redcloak-client.crt"),
+            client_key: dir.join("redcloak-client.key"),
+            proxy_cert: dir.join("redcloak.crt"),
+            proxy_key: dir.join("redcloak.key"),
+        }
+    }
+
+    fn files(&self) -> [&Path; 7] {
+        [
+            &self.ca,
+            &self.redis_cert,
+            &self.redis_key,
+            &self.client_cert,
+            &self.client_key,
+            &self.proxy_cert,
+            &self.proxy_key,
+        ]
+    }
+}
+
+/// What to do when some of the files are already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse, naming them.
+    Refuse,
+    /// Replace them.
+    Replace,
+    /// Keep a complete set as it is; refuse a partial one.
+    KeepComplete,
+}
+
+/// `redcloak certs dev`: a CA, Redis's server certificate for
+/// `redis_hosts`, redcloak's upstream client certificate and its listener's
+/// server certificate for `proxy_hosts`, in `dir` (keys mode 0600). `None`
+/// when a complete set was kept.
+pub fn write_dev_set(
+    dir: &Path,
+    redis_hosts: &[&str],
+    proxy_hosts: &[&str],
+    existing: Existing,
+) -> Result<Option<DevCerts>, DevError> {
+    let certs = DevCerts::in_dir(dir);
+    let present: Vec<PathBuf> = certs
+        .files()
+        .iter()
+        .filter(|p| p.exists())
+        .map(|p| p.to_path_buf())
+        .collect();
+    match existing {
+        Existing::KeepComplete if present.len() == certs.files().len() => return Ok(None),
+        Existing::Refuse | Existing::KeepComplete if !present.is_empty() => {
+            return Err(DevError::Exists(present));
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(dir).map_err(|source| DevError::File {
+        path: dir.to_owned(),
+        source,
+    })?;
+    write_certs(&certs, redis_hosts, proxy_hosts, |_| {})?;
+    Ok(Some(certs))
+}
+
+/// Writes a complete development set into `dir`, replacing what is there.
 pub fn write_dev_certs(dir: &Path, hosts: &[&str]) -> Result<DevCerts, DevError> {
     write_dev_certs_with(dir, hosts, |_| {})
 }
@@ -133,22 +207,78 @@ pub fn write_dev_certs_with(
     hosts: &[&str],
     adjust_redis: impl FnOnce(&mut CertificateParams),
 ) -> Result<DevCerts, DevError> {
-    let ca = Authority::new("redcloak development CA")?;
-    let redis = ca.issue_with("redis", hosts, Usage::Server, adjust_redis)?;
-    let client = ca.issue("redcloak", &[], Usage::Client)?;
-    let certs = DevCerts {
-        ca: dir.join("ca.crt"),
-        redis_cert: dir.join("redis.crt"),
-        redis_key: dir.join("redis.key"),
-        client_cert: dir.join("redcloak-client.crt"),
-        client_key: dir.join("redcloak-client.key"),
-    };
-    write_file(&certs.ca, ca.cert_pem().as_bytes(), 0o644)?;
-    write_file(&certs.redis_cert, redis.cert_pem.as_bytes(), 0o644)?;
-    write_file(&certs.redis_key, redis.key_pem.as_bytes(), 0o600)?;
-    write_file(&certs.client_cert, client.cert_pem.as_bytes(), 0o644)?;
-    write_file(&certs.client_key, client.key_pem.as_bytes(), 0o600)?;
+    let certs = DevCerts::in_dir(dir);
+    write_certs(&certs, hosts, &["localhost", "127.0.0.1"], adjust_redis)?;
     Ok(certs)
+}
+
+fn write_certs(
+    certs: &DevCerts,
+    redis_hosts: &[&str],
+    proxy_hosts: &[&str],
+    adjust_redis: impl FnOnce(&mut CertificateParams),
+) -> Result<(), DevError> {
+    let ca = Authority::new("redcloak development CA")?;
+    let redis = ca.issue_with("redis", redis_hosts, Usage::Server, adjust_redis)?;
+    let client = ca.issue("redcloak", &[], Usage::Client)?;
+    let proxy = ca.issue("redcloak", proxy_hosts, Usage::Server)?;
+    write_file(&certs.ca, ca.cert_pem().as_bytes(), 0o644)?;
+    for (issued, cert, key) in [
+        (&redis, &certs.redis_cert, &certs.redis_key),
+        (&client, &certs.client_cert, &certs.client_key),
+        (&proxy, &certs.proxy_cert, &certs.proxy_key),
+    ] {
+        write_file(cert, issued.cert_pem.as_bytes(), 0o644)?;
+        write_file(key, issued.key_pem.as_bytes(), 0o600)?;
+    }
+    Ok(())
+}
+
+/// What `redcloak certs dev` prints after writing `certs`: the redis.conf
+/// and redcloak config lines that use them. `redis_host` is the name
+/// redcloak connects to; paths are as given (make them absolute first).
+pub fn usage_text(certs: &DevCerts, redis_host: &str) -> String {
+    let path = |p: &PathBuf| p.display().to_string();
+    format!(
+        "# --- redis.conf: TLS only, client certificates required ---\n\
+         port 0\n\
+         tls-port 6379\n\
+         tls-cert-file {redis_cert}\n\
+         tls-key-file {redis_key}\n\
+         tls-ca-cert-file {ca}\n\
+         tls-auth-clients yes\n\
+         user default off\n\
+         user redcloak on >REDIS_PASSWORD ~* &* +@all -@admin -@dangerous\n\
+         # --- end redis.conf ---\n\
+         \n\
+         # --- redcloak.toml: the upstream, and an optional TLS listener ---\n\
+         [upstream]\n\
+         address = \"{redis_host}:6379\"\n\
+         server_name = \"{redis_host}\"\n\
+         ca = \"{ca}\"\n\
+         cert = \"{client_cert}\"\n\
+         key = \"{client_key}\"\n\
+         username = \"redcloak\"\n\
+         password_file = \"/path/to/redis-password\"\n\
+         \n\
+         [listen.tls]\n\
+         address = \"127.0.0.1:6390\"\n\
+         cert = \"{proxy_cert}\"\n\
+         key = \"{proxy_key}\"\n\
+         # --- end redcloak.toml ---\n\
+         \n\
+         REDIS_PASSWORD: make one with `redcloak password > redis-password && chmod 600 redis-password`,\n\
+         put it in place of REDIS_PASSWORD above, and point password_file at that file.\n\
+         Clients of the TLS listener verify it with {ca}.\n\
+         These are development certificates: production ones come from your own CA.\n",
+        redis_cert = path(&certs.redis_cert),
+        redis_key = path(&certs.redis_key),
+        ca = path(&certs.ca),
+        client_cert = path(&certs.client_cert),
+        client_key = path(&certs.client_key),
+        proxy_cert = path(&certs.proxy_cert),
+        proxy_key = path(&certs.proxy_key),
+    )
 }
 
 /// Writes a file with `mode`, replacing any old one.

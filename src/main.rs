@@ -5,7 +5,8 @@
 use anyhow::Context;
 use clap::Parser;
 use redcloak::admin::{self, Telemetry};
-use redcloak::cli::{Cli, Command, LogFormat, ReportFormat};
+use redcloak::cli::{CertsCommand, Cli, Command, LogFormat, ReportFormat};
+use redcloak::dev::{self, Existing};
 use redcloak::upstream::gate;
 use redcloak::{config, playground, server::Server, shutdown};
 use std::process::ExitCode;
@@ -122,9 +123,75 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             );
             Ok(())
         }
-        Command::Dev { listen } => playground::run(listen, shutdown)
+        Command::Dev { listen, metrics } => playground::run(listen, metrics, shutdown)
             .await
             .map_err(|e| (EXIT_RUNTIME, e.into())),
+        Command::Certs {
+            command:
+                CertsCommand::Dev {
+                    out,
+                    hosts,
+                    proxy_hosts,
+                    force,
+                    if_missing,
+                },
+        } => {
+            let existing = match (force, if_missing) {
+                (true, _) => Existing::Replace,
+                (false, true) => Existing::KeepComplete,
+                (false, false) => Existing::Refuse,
+            };
+            let redis_names: Vec<&str> = hosts.iter().map(String::as_str).collect();
+            let proxy_names: Vec<&str> = proxy_hosts.iter().map(String::as_str).collect();
+            let written = dev::write_dev_set(&out, &redis_names, &proxy_names, existing)
+                .map_err(|e| (EXIT_RUNTIME, e.into()))?;
+            let Some(_) = written else {
+                eprintln!(
+                    "redcloak: {} already holds a complete set; kept it",
+                    out.display()
+                );
+                return Ok(());
+            };
+            let absolute = std::path::absolute(&out).unwrap_or(out);
+            let certs = dev::DevCerts::in_dir(&absolute);
+            let redis_host = hosts.first().map_or("localhost", String::as_str);
+            println!(
+                "Wrote a development CA and certificates to {}:",
+                absolute.display()
+            );
+            println!(
+                "  ca.crt                                 the CA (trust it; its key is not kept)"
+            );
+            println!(
+                "  redis.crt, redis.key                   Redis's server certificate for {}",
+                hosts.join(", ")
+            );
+            println!(
+                "  redcloak-client.crt, redcloak-client.key  redcloak's client certificate for Redis"
+            );
+            println!(
+                "  redcloak.crt, redcloak.key             redcloak's TLS listener, for {}",
+                proxy_hosts.join(", ")
+            );
+            println!();
+            print!("{}", dev::usage_text(&certs, redis_host));
+            Ok(())
+        }
+        Command::Password => {
+            let password = dev::random_password().map_err(|e| (EXIT_RUNTIME, e.into()))?;
+            println!("{password}");
+            Ok(())
+        }
+        Command::Health { url, timeout } => {
+            match admin::probe(&url, std::time::Duration::from_secs(timeout)).await {
+                Ok((200, _)) => Ok(()),
+                Ok((status, body)) => Err((
+                    EXIT_RUNTIME,
+                    anyhow::anyhow!("{url} answered {status}: {}", body.trim()),
+                )),
+                Err(err) => Err((EXIT_RUNTIME, err.into())),
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! client-certificate auth; redcloak listens on loopback. Ctrl-C stops both
 //! and removes the folder. The password is never printed, only its file.
 
+use crate::admin::Telemetry;
 use crate::config;
 use crate::dev::{self, ChildRedis, DevError, RedisOptions};
 use crate::server::{Server, StartError};
@@ -24,7 +25,11 @@ pub enum PlaygroundError {
 
 const REDIS_USER: &str = "redcloak";
 
-pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> Result<(), PlaygroundError> {
+pub async fn run(
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), PlaygroundError> {
     let dir = tempfile::Builder::new()
         .prefix("redcloak-dev-")
         .tempdir()
@@ -46,15 +51,25 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> Result<(), 
     };
     let redis = ChildRedis::start(path, &certs, &options).await?;
     let config_file = path.join("redcloak.toml");
-    let config_text = format!(
+    let mut config_text = format!(
         "[listen]\naddress = \"{listen}\"\n\n[upstream]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
          ca = \"ca.crt\"\ncert = \"redcloak-client.crt\"\nkey = \"redcloak-client.key\"\n\
          username = \"{REDIS_USER}\"\npassword_file = \"redis-password\"\n\n\
          [encryption]\nprimary = 1\n[[encryption.keys]]\nid = 1\nfile = \"key-1\"\n",
         port = redis.port()
     );
+    // Metrics are a bonus here: a busy port only means running without them.
+    let telemetry = Telemetry::default();
+    let admin = match tokio::net::TcpListener::bind(metrics).await {
+        Ok(listener) => {
+            tokio::spawn(crate::admin::serve(listener, telemetry.clone()));
+            config_text.push_str(&format!("\n[metrics]\naddress = \"{metrics}\"\n"));
+            format!("http://{metrics}/metrics (and /healthz, /readyz)")
+        }
+        Err(err) => format!("none ({metrics}: {err}; pass --metrics IP:PORT)"),
+    };
     dev::write_file(&config_file, config_text.as_bytes(), 0o644)?;
-    let server = Server::bind(config::load(&config_file)?, Default::default()).await?;
+    let server = Server::bind(config::load(&config_file)?, telemetry).await?;
     let address = server.tcp_address().unwrap_or(listen);
     println!(
         "redcloak dev: serving on {address}, in front of a throwaway TLS-only redis-server on 127.0.0.1:{port}\n\
@@ -64,6 +79,7 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> Result<(), 
          \x20              REDISCLI_AUTH=\"$(cat {pw})\" redis-cli --tls --cacert {ca} --cert {cert} --key {key} \\\n\
          \x20                -h 127.0.0.1 -p {port} --user {REDIS_USER} get greeting\n\
          \n  Redis holds only the encrypted envelope; redcloak opens it for its clients.\n\
+         \x20 Metrics: {admin}\n\
          \x20 Config: {config}\n  Ctrl-C stops both and removes {dir}",
         port = redis.port(),
         ip = address.ip(),

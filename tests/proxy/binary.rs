@@ -171,9 +171,10 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_playground_serves_in_front_of_a_tls_only_redis_and_cleans_up() {
-    let port = free_port();
+    let (port, metrics_port) = (free_port(), free_port());
     let mut child = Command::new(redcloak_bin())
         .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -218,6 +219,12 @@ async fn dev_playground_serves_in_front_of_a_tls_only_redis_and_cleans_up() {
     assert_reply(&c.call(&[b"SET", b"greeting", b"hello"]).await, b"+OK\r\n");
     assert_reply(&c.call(&[b"GET", b"greeting"]).await, b"$5\r\nhello\r\n");
     drop(c);
+    assert!(
+        banner.contains(&format!("Metrics: http://127.0.0.1:{metrics_port}/metrics")),
+        "{banner}"
+    );
+    let admin = ([127, 0, 0, 1], metrics_port).into();
+    assert_eq!(http_get(admin, "/readyz").await, (200, "ready\n".into()));
     // Redis itself holds the envelope, not the value.
     let redis_port: u16 = banner
         .split("redis-server on 127.0.0.1:")
@@ -291,4 +298,22 @@ async fn redis_benchmark_pipelined_through_redcloak_finishes_without_errors() {
     assert!(output.status.success(), "{text}");
     assert!(text.contains("SET: ") && text.contains("GET: "), "{text}");
     assert!(!text.to_lowercase().contains("error"), "{text}");
+}
+
+#[test]
+fn dev_without_redis_server_says_how_to_install_it() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let output = Command::new(redcloak_bin())
+        .args(["dev", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics", &format!("127.0.0.1:{}", free_port())])
+        .env("PATH", empty.path())
+        .output()
+        .expect("runs");
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{error}");
+    assert!(
+        error.contains("redis-server is not installed")
+            && error.contains("apt-get install redis-server"),
+        "{error}"
+    );
 }

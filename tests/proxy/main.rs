@@ -10,6 +10,7 @@ mod encryption;
 mod gate;
 mod listeners;
 mod observability;
+mod packaging;
 mod pubsub;
 mod support;
 mod upstream;
