@@ -17,7 +17,7 @@ use crate::crypto::keyring::Opened;
 use crate::resp::{self, Limits};
 use crate::tls::{self, inspect};
 use bytes::{Bytes, BytesMut};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
@@ -487,12 +487,21 @@ fn certificate_files(config: &Config) -> Check {
     expiry_check(NAME, setting, config.profile, days)
 }
 
+/// Secret files must be readable by redcloak's user only, or by its own
+/// group: Kubernetes mounts Secret volumes as root:fsGroup 0440 whatever
+/// their defaultMode (kubernetes/kubernetes#57923).
 fn key_files(config: &Config) -> Check {
     const NAME: &str = "secret-files";
+    let own_group = effective_gid();
+    let exposed = |meta: &std::fs::Metadata| {
+        let mode = meta.permissions().mode();
+        let ours = Some(meta.gid()) == own_group && mode & 0o020 == 0;
+        mode & 0o007 != 0 || (mode & 0o070 != 0 && !ours)
+    };
     let mut open_to_others = Vec::new();
     for (setting, path) in &config.secret_files {
         match std::fs::metadata(path) {
-            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+            Ok(meta) if exposed(&meta) => {
                 open_to_others.push(format!(
                     "{setting} {} (mode {:04o})",
                     path.display(),
@@ -514,7 +523,7 @@ fn key_files(config: &Config) -> Check {
         return ok(
             NAME,
             format!(
-                "{} secret files readable by their owner only",
+                "{} secret files readable by their owner (or redcloak's own group) only",
                 config.secret_files.len()
             ),
         );
@@ -522,9 +531,16 @@ fn key_files(config: &Config) -> Check {
     problem(
         NAME,
         strict(config.profile),
-        format!("readable by group or others: {}", open_to_others.join(", ")),
+        format!("readable by other users: {}", open_to_others.join(", ")),
         "chmod 600 each file (owned by the user redcloak runs as)",
     )
+}
+
+/// The process's effective group id, from /proc (no libc call needed).
+fn effective_gid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Gid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 fn passwords(config: &Config) -> Check {

@@ -3,6 +3,7 @@
 //! a FAIL line naming it, and no listener ever opened.
 
 use crate::support::*;
+use std::os::unix::fs::MetadataExt;
 use serde_json::Value;
 use std::process::Command;
 use time::{Duration as Days, OffsetDateTime};
@@ -292,19 +293,34 @@ async fn a_weak_password_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_readable_key_file_fails() {
+async fn a_key_file_readable_by_another_group_fails_and_by_our_own_group_passes() {
     let redis = TestRedis::start().await;
-    std::fs::set_permissions(
-        redis.path("key-1"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o640),
-    )
-    .expect("chmod");
+    let key = redis.path("key-1");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+        .expect("chmod");
+    // Group-readable by redcloak's own group (Kubernetes' fsGroup mounts): fine.
+    let own_group = std::fs::metadata("/proc/self").map(|m| m.gid()).expect("gid");
+    std::os::unix::fs::chown(&key, None, Some(own_group)).expect("chown");
+    let outcome = check(&redis, &redis.config()).await;
+    assert_eq!(
+        (outcome.code, outcome.status("secret-files").as_str()),
+        (0, "ok"),
+        "{}",
+        outcome.report
+    );
+    // By another group: refused.
+    std::os::unix::fs::chown(&key, None, Some(own_group + 4242)).expect("chown");
     let outcome = assert_refused(&redis, &redis.config(), "secret-files").await;
     assert!(
         outcome.detail("secret-files").contains("key-1 (mode 0640)"),
         "{}",
         outcome.detail("secret-files")
     );
+    // Readable by everyone: refused whatever the group.
+    std::os::unix::fs::chown(&key, None, Some(own_group)).expect("chown");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    assert_refused(&redis, &redis.config(), "secret-files").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
