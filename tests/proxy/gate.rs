@@ -3,8 +3,8 @@
 //! a FAIL line naming it, and no listener ever opened.
 
 use crate::support::*;
-use std::os::unix::fs::MetadataExt;
 use serde_json::Value;
+use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use time::{Duration as Days, OffsetDateTime};
 
@@ -299,7 +299,9 @@ async fn a_key_file_readable_by_another_group_fails_and_by_our_own_group_passes(
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o640))
         .expect("chmod");
     // Group-readable by redcloak's own group (Kubernetes' fsGroup mounts): fine.
-    let own_group = std::fs::metadata("/proc/self").map(|m| m.gid()).expect("gid");
+    let own_group = std::fs::metadata("/proc/self")
+        .map(|m| m.gid())
+        .expect("gid");
     std::os::unix::fs::chown(&key, None, Some(own_group)).expect("chown");
     let outcome = check(&redis, &redis.config()).await;
     assert_eq!(
