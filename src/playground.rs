@@ -3,12 +3,18 @@
 //! written to a temporary folder; a child redis-server serves TLS only with
 //! client-certificate auth; redcloak listens on loopback. Ctrl-C stops both
 //! and removes the folder. The password is never printed, only its file.
+//! At start it writes one value through itself and prints what Redis
+//! stores for it: the envelope, not the value.
 
 use crate::admin::Telemetry;
 use crate::config;
 use crate::dev::{self, ChildRedis, DevError, RedisOptions};
+use crate::resp::{self, Limits};
 use crate::server::{Server, StartError};
+use crate::upstream::{Upstream, read_reply};
+use bytes::BytesMut;
 use std::net::SocketAddr;
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,10 +75,21 @@ pub async fn run(
         Err(err) => format!("none ({metrics}: {err}; pass --metrics IP:PORT)"),
     };
     dev::write_file(&config_file, config_text.as_bytes(), 0o644)?;
-    let server = Server::bind(config::load(&config_file)?, telemetry).await?;
+    let loaded = config::load(&config_file)?;
+    let upstream = Upstream::from_config(&loaded.upstream).map_err(StartError::from)?;
+    let server = Server::bind(loaded, telemetry).await?;
     let address = server.tcp_address().unwrap_or(listen);
+    let serving = tokio::spawn(server.run(shutdown));
+    let demo = match show_envelope(address, &upstream).await {
+        Ok(stored) => format!(
+            "  redcloak just wrote {DEMO_KEY} = \"{DEMO_VALUE}\" through itself. Redis holds:\n\
+             \x20   {stored}\n"
+        ),
+        Err(err) => format!("  (the demonstration write failed: {err})\n"),
+    };
     println!(
         "redcloak dev: serving on {address}, in front of a throwaway TLS-only redis-server on 127.0.0.1:{port}\n\
+         \n{demo}\
          \n  try it:      redis-cli -h {ip} -p {client_port} set greeting hello\n\
          \x20              redis-cli -h {ip} -p {client_port} get greeting\n\
          \n  Redis itself (mutual TLS + AUTH):\n\
@@ -91,7 +108,51 @@ pub async fn run(
         config = config_file.display(),
         dir = path.display(),
     );
-    server.run(shutdown).await;
+    let _ = serving.await;
     drop(redis);
     Ok(())
+}
+
+const DEMO_KEY: &str = "redcloak:demo";
+const DEMO_VALUE: &str = "hello from redcloak";
+
+/// Writes the demonstration value through the proxy at `proxy`, then reads
+/// what Redis itself stores for it (redis-cli's escaped form, shortened).
+async fn show_envelope(proxy: SocketAddr, upstream: &Upstream) -> Result<String, String> {
+    let limits = Limits::default();
+    let mut client = tokio::net::TcpStream::connect(proxy)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = BytesMut::new();
+    resp::encode_command(
+        &mut out,
+        &[&b"SET"[..], DEMO_KEY.as_bytes(), DEMO_VALUE.as_bytes()],
+    );
+    client.write_all(&out).await.map_err(|e| e.to_string())?;
+    let reply = read_reply(&mut client, &limits)
+        .await
+        .map_err(|e| e.to_string())?;
+    if &reply[..] != b"+OK\r\n" {
+        return Err(String::from_utf8_lossy(&reply).trim().to_owned());
+    }
+    let mut direct = upstream.connect().await.map_err(|e| e.to_string())?;
+    out.clear();
+    resp::encode_command(&mut out, &[&b"GET"[..], DEMO_KEY.as_bytes()]);
+    direct.write_all(&out).await.map_err(|e| e.to_string())?;
+    let reply = read_reply(&mut direct, &limits)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stored = resp::bulk_body(&reply).ok_or("no value stored")?;
+    let mut escaped = String::new();
+    for byte in stored {
+        if escaped.len() > 60 {
+            escaped.push_str("...");
+            break;
+        }
+        escaped.extend(std::ascii::escape_default(*byte).map(char::from));
+    }
+    Ok(format!(
+        "\"{escaped}\" ({} bytes: an envelope, not the value)",
+        stored.len()
+    ))
 }

@@ -198,6 +198,12 @@ async fn dev_playground_serves_in_front_of_a_tls_only_redis_and_cleans_up() {
         banner.contains(&format!("serving on 127.0.0.1:{port}")),
         "{banner}"
     );
+    // The banner shows what Redis stores for a value written through redcloak.
+    assert!(
+        banner.contains("Redis holds:\n    \"\\xc7\\nK\\x01")
+            && banner.contains("(67 bytes: an envelope, not the value)"),
+        "{banner}"
+    );
     let dir = banner
         .lines()
         .find_map(|l| l.split("removes ").nth(1))
