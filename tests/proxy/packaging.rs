@@ -601,3 +601,57 @@ async fn the_compose_services_fit_together_and_run_without_docker() {
     signal(&redcloak, "-TERM");
     assert_eq!(wait_exit(&mut redcloak), 0);
 }
+
+/// What redcloak does with commands of a class, for docs/commands.md.
+fn support_of(class: redcloak::policy::table::Class) -> String {
+    use redcloak::policy::table::{Class, Handling};
+    match class {
+        Class::Connection(Handling::Auth) => "answered by redcloak (`[listen.auth]`); never forwarded".into(),
+        Class::Connection(Handling::Hello) => "forwarded without its AUTH, which redcloak checks".into(),
+        Class::Connection(Handling::Quit) => "answered by redcloak after every earlier reply".into(),
+        Class::Connection(Handling::Reset) => "forwarded; redcloak logs the upstream connection in again".into(),
+        Class::Connection(Handling::Client) => "forwarded; `CLIENT REPLY OFF/SKIP` refused".into(),
+        Class::Connection(Handling::Exec) => "forwarded; values in its replies opened".into(),
+        Class::Connection(Handling::Subscribe(_) | Handling::Unsubscribe(_)) => {
+            "forwarded; messages delivered as they come (refused inside MULTI)".into()
+        }
+        Class::Connection(_) => "forwarded".into(),
+        Class::Forward => "forwarded: no stored value crosses".into(),
+        Class::Value(_) => "**values sealed on the way in, opened on the way out**".into(),
+        Class::ServerReadsValue => "plaintext keys only: Redis must read the value".into(),
+        Class::Collection => "plaintext keys only: members are not encrypted yet".into(),
+        Class::MovesValue => "plaintext keys, or both keys encrypted with `bind_key = false`".into(),
+        Class::Sort => "plaintext keys only; BY and GET refused".into(),
+        Class::Refuse(reason) => format!("refused: {}", reason.split(';').next().unwrap_or(reason)),
+    }
+}
+
+#[test]
+fn the_command_support_table_in_docs_matches_the_command_table() {
+    let mut text = String::from(
+        "# Command support\n\n\
+         Generated from `src/policy/table.rs` (the one table of commands) by the test\n\
+         `the_command_support_table_in_docs_matches_the_command_table`; regenerate with\n\
+         `UPDATE_DOCS=1 cargo test --test proxy the_command_support_table`.\n\n\
+         Every command Redis 7.0 lists has a row. A command with no row is refused\n\
+         (`encryption.unknown_commands = \"refuse\"`, the default). \"Plaintext keys\" are\n\
+         keys an `[[encryption.rules]]` rule with `mode = \"plaintext\"` matches.\n\n\
+         | command | what redcloak does |\n|---|---|\n",
+    );
+    for row in redcloak::policy::table::COMMANDS {
+        text.push_str(&format!(
+            "| `{}` | {} |\n",
+            row.name.to_ascii_uppercase(),
+            support_of(row.class)
+        ));
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/commands.md");
+    if std::env::var_os("UPDATE_DOCS").is_some() {
+        std::fs::write(&path, &text).expect("write docs/commands.md");
+    }
+    let current = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        current == text,
+        "docs/commands.md is out of date: UPDATE_DOCS=1 cargo test --test proxy the_command_support_table"
+    );
+}
