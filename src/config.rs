@@ -969,6 +969,13 @@ mod tests {
                 error_text(load_in_jail(jail, &format!("{base}{zero}")))
                     .starts_with("listen.auth.max_failures: must be greater than 0")
             );
+            // The environment sets them like any other key.
+            jail.set_env("REDCLOAK_METRICS__ADDRESS", "127.0.0.1:9999");
+            jail.set_env("REDCLOAK_LISTEN__AUTH__MAX_FAILURES", "7");
+            let config = load_in_jail(jail, &format!("{base}{extra}")).expect("valid");
+            assert_eq!(config.metrics_address.map(|a| a.port()), Some(9999));
+            assert_eq!(config.listen.auth.expect("auth").lockout.max_failures, 7);
+            jail.clear_env();
             let bad = "[metrics]\naddress = \"nowhere\"\n";
             assert!(
                 error_text(load_in_jail(jail, &format!("{base}{bad}")))

@@ -655,3 +655,28 @@ fn the_command_support_table_in_docs_matches_the_command_table() {
         "docs/commands.md is out of date: UPDATE_DOCS=1 cargo test --test proxy the_command_support_table"
     );
 }
+
+#[test]
+fn the_readme_config_table_names_every_key_of_the_example_config() {
+    let readme = repo_file("README.md");
+    let mut section = String::new();
+    let mut checked = 0;
+    for line in repo_file("config/redcloak.example.toml").lines() {
+        let line = line.trim().trim_start_matches("# ").trim();
+        if line.starts_with("[[") {
+            section.clear(); // arrays of tables have no variables
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            section = name.to_owned();
+        } else if let Some((key, _)) = line.split_once(" = ")
+            && !key.contains(' ')
+            && !section.is_empty()
+        {
+            let variable = format!("REDCLOAK_{}__{}", section, key)
+                .to_ascii_uppercase()
+                .replace('.', "__");
+            assert!(readme.contains(&format!("`{variable}`")), "README lacks {variable}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 30, "only {checked} keys found");
+}
