@@ -6,51 +6,53 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn run(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(redcloak_bin())
-        .args(args)
-        .output()
-        .expect("redcloak runs");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn help_explains_every_subcommand_and_flag() {
-    let (code, out, _) = run(&["--help"]);
+    let (code, out, _) = run_redcloak(&["--help"]);
     assert_eq!(code, 0);
     for word in [
         "serve",
         "check",
         "keygen",
         "dev",
+        "certs",
+        "password",
+        "health",
         "--log-format",
         "Exit codes",
         "RUST_LOG",
     ] {
         assert!(out.contains(word), "--help lacks {word}: {out}");
     }
-    let (code, out, _) = run(&["serve", "--help"]);
+    let (code, out, _) = run_redcloak(&["certs", "dev", "--help"]);
+    assert_eq!(code, 0);
+    for word in [
+        "--out",
+        "--hosts",
+        "--proxy-hosts",
+        "--force",
+        "--if-missing",
+    ] {
+        assert!(out.contains(word), "certs dev --help lacks {word}: {out}");
+    }
+    let (code, out, _) = run_redcloak(&["serve", "--help"]);
     assert_eq!(code, 0);
     assert!(out.contains("--config") && out.contains("SIGTERM"), "{out}");
     assert!(
         out.contains("/readyz") && out.contains("redcloak::security"),
         "{out}"
     );
-    let (code, out, _) = run(&["check", "--help"]);
+    let (code, out, _) = run_redcloak(&["check", "--help"]);
     assert_eq!(code, 0);
     assert!(out.contains("--format") && out.contains("78"), "{out}");
-    let (code, out, _) = run(&["dev", "--help"]);
+    let (code, out, _) = run_redcloak(&["dev", "--help"]);
     assert_eq!(code, 0);
     assert!(out.contains("--listen"), "{out}");
 }
 
 #[test]
 fn keygen_prints_a_new_key_and_where_to_put_it() {
-    let (code, key, help) = run(&["keygen"]);
+    let (code, key, help) = run_redcloak(&["keygen"]);
     assert_eq!(code, 0);
     let decoded =
         redcloak::crypto::keyring::decode_key(1, key.as_bytes()).expect("base64 of 32 bytes");
@@ -59,16 +61,16 @@ fn keygen_prints_a_new_key_and_where_to_put_it() {
         help.contains("[[encryption.keys]]") && help.contains("primary"),
         "{help}"
     );
-    let (_, another, _) = run(&["keygen"]);
+    let (_, another, _) = run_redcloak(&["keygen"]);
     assert_ne!(key, another, "keys are random");
 }
 
 #[test]
 fn usage_errors_exit_64() {
-    assert_eq!(run(&["serve"]).0, 64);
-    assert_eq!(run(&["no-such-command"]).0, 64);
+    assert_eq!(run_redcloak(&["serve"]).0, 64);
+    assert_eq!(run_redcloak(&["no-such-command"]).0, 64);
     assert_eq!(
-        run(&["serve", "--config", "x", "--log-format", "xml"]).0,
+        run_redcloak(&["serve", "--config", "x", "--log-format", "xml"]).0,
         64
     );
 }
@@ -77,7 +79,7 @@ fn usage_errors_exit_64() {
 fn configuration_errors_exit_78_and_name_the_problem() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("missing.toml");
-    let (code, _, err) = run(&["serve", "--config", missing.to_str().expect("utf-8")]);
+    let (code, _, err) = run_redcloak(&["serve", "--config", missing.to_str().expect("utf-8")]);
     assert_eq!(code, 78, "{err}");
     assert!(err.contains("missing.toml"), "{err}");
 
@@ -87,7 +89,7 @@ fn configuration_errors_exit_78_and_name_the_problem() {
         "[listen]\naddres = \"127.0.0.1:6380\"\n[upstream]\naddress = \"x:1\"\n",
     )
     .expect("write");
-    let (code, _, err) = run(&["serve", "--config", typo.to_str().expect("utf-8")]);
+    let (code, _, err) = run_redcloak(&["serve", "--config", typo.to_str().expect("utf-8")]);
     assert_eq!(code, 78, "{err}");
     assert!(err.contains("addres"), "{err}");
 
@@ -102,7 +104,7 @@ fn configuration_errors_exit_78_and_name_the_problem() {
     .expect("write");
     let key = redcloak::crypto::keyring::generate_key();
     std::fs::write(dir.path().join("key-1"), key.as_bytes()).expect("write");
-    let (code, _, err) = run(&["serve", "--config", no_cert.to_str().expect("utf-8")]);
+    let (code, _, err) = run_redcloak(&["serve", "--config", no_cert.to_str().expect("utf-8")]);
     assert_eq!(code, 78, "{err}");
     assert!(
         err.contains("upstream.ca") && err.contains("ca.crt"),

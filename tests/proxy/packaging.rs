@@ -5,18 +5,6 @@ use crate::support::*;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 
-fn redcloak(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(redcloak_bin())
-        .args(args)
-        .output()
-        .expect("redcloak runs");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 /// The lines between `# --- NAME` and `# --- end NAME ---` in `text`.
 fn block<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
     text.lines()
@@ -41,7 +29,7 @@ async fn certs_dev_writes_a_set_that_redis_server_and_redcloak_accept() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("certs");
     let out_arg = out.to_str().expect("path");
-    let (code, printed, _) = redcloak(&["certs", "dev", "--out", out_arg]);
+    let (code, printed, _) = run_redcloak(&["certs", "dev", "--out", out_arg]);
     assert_eq!(code, 0, "{printed}");
     for (file, mode) in [
         ("ca.crt", 0o644),
@@ -57,21 +45,21 @@ async fn certs_dev_writes_a_set_that_redis_server_and_redcloak_accept() {
     }
     // Existing files are never replaced without --force.
     let ca = std::fs::read(out.join("ca.crt")).expect("ca");
-    let (code, _, error) = redcloak(&["certs", "dev", "--out", out_arg]);
+    let (code, _, error) = run_redcloak(&["certs", "dev", "--out", out_arg]);
     assert_eq!(code, 1);
     assert!(error.contains("pass --force"), "{error}");
     assert_eq!(std::fs::read(out.join("ca.crt")).expect("ca"), ca);
     assert_eq!(
-        redcloak(&["certs", "dev", "--out", out_arg, "--if-missing"]).0,
+        run_redcloak(&["certs", "dev", "--out", out_arg, "--if-missing"]).0,
         0
     );
     assert_eq!(std::fs::read(out.join("ca.crt")).expect("ca"), ca);
-    let (code, printed, _) = redcloak(&["certs", "dev", "--out", out_arg, "--force"]);
+    let (code, printed, _) = run_redcloak(&["certs", "dev", "--out", out_arg, "--force"]);
     assert_eq!(code, 0);
     assert_ne!(std::fs::read(out.join("ca.crt")).expect("ca"), ca);
 
     // redis-server with the printed lines, on a free port, with a password.
-    let (password_code, password, _) = redcloak(&["password"]);
+    let (password_code, password, _) = run_redcloak(&["password"]);
     assert_eq!(password_code, 0);
     let password = password.trim().to_owned();
     let redis_port = free_port();
@@ -154,12 +142,12 @@ async fn certs_dev_writes_a_set_that_redis_server_and_redcloak_accept() {
 
 #[test]
 fn password_prints_64_random_hex_characters() {
-    let (code, first, _) = redcloak(&["password"]);
+    let (code, first, _) = run_redcloak(&["password"]);
     assert_eq!(code, 0);
     let first = first.trim();
     assert_eq!(first.len(), 64);
     assert!(first.chars().all(|c| c.is_ascii_hexdigit()));
-    assert_ne!(redcloak(&["password"]).1.trim(), first);
+    assert_ne!(run_redcloak(&["password"]).1.trim(), first);
 }
 
 #[tokio::test]
@@ -175,7 +163,7 @@ async fn health_exits_0_only_when_the_url_answers_200() {
     let admin = proxy.admin.expect("admin");
     // The proxy runs in this runtime: the blocking child runs off it.
     let health =
-        |url: String| tokio::task::spawn_blocking(move || redcloak(&["health", "--url", &url]));
+        |url: String| tokio::task::spawn_blocking(move || run_redcloak(&["health", "--url", &url]));
     assert_eq!(
         health(format!("http://{admin}/readyz"))
             .await
@@ -606,10 +594,18 @@ async fn the_compose_services_fit_together_and_run_without_docker() {
 fn support_of(class: redcloak::policy::table::Class) -> String {
     use redcloak::policy::table::{Class, Handling};
     match class {
-        Class::Connection(Handling::Auth) => "answered by redcloak (`[listen.auth]`); never forwarded".into(),
-        Class::Connection(Handling::Hello) => "forwarded without its AUTH, which redcloak checks".into(),
-        Class::Connection(Handling::Quit) => "answered by redcloak after every earlier reply".into(),
-        Class::Connection(Handling::Reset) => "forwarded; redcloak logs the upstream connection in again".into(),
+        Class::Connection(Handling::Auth) => {
+            "answered by redcloak (`[listen.auth]`); never forwarded".into()
+        }
+        Class::Connection(Handling::Hello) => {
+            "forwarded without its AUTH, which redcloak checks".into()
+        }
+        Class::Connection(Handling::Quit) => {
+            "answered by redcloak after every earlier reply".into()
+        }
+        Class::Connection(Handling::Reset) => {
+            "forwarded; redcloak logs the upstream connection in again".into()
+        }
         Class::Connection(Handling::Client) => "forwarded; `CLIENT REPLY OFF/SKIP` refused".into(),
         Class::Connection(Handling::Exec) => "forwarded; values in its replies opened".into(),
         Class::Connection(Handling::Subscribe(_) | Handling::Unsubscribe(_)) => {
@@ -620,7 +616,9 @@ fn support_of(class: redcloak::policy::table::Class) -> String {
         Class::Value(_) => "**values sealed on the way in, opened on the way out**".into(),
         Class::ServerReadsValue => "plaintext keys only: Redis must read the value".into(),
         Class::Collection => "plaintext keys only: members are not encrypted yet".into(),
-        Class::MovesValue => "plaintext keys, or both keys encrypted with `bind_key = false`".into(),
+        Class::MovesValue => {
+            "plaintext keys, or both keys encrypted with `bind_key = false`".into()
+        }
         Class::Sort => "plaintext keys only; BY and GET refused".into(),
         Class::Refuse(reason) => format!("refused: {}", reason.split(';').next().unwrap_or(reason)),
     }
@@ -674,7 +672,10 @@ fn the_readme_config_table_names_every_key_of_the_example_config() {
             let variable = format!("REDCLOAK_{}__{}", section, key)
                 .to_ascii_uppercase()
                 .replace('.', "__");
-            assert!(readme.contains(&format!("`{variable}`")), "README lacks {variable}");
+            assert!(
+                readme.contains(&format!("`{variable}`")),
+                "README lacks {variable}"
+            );
             checked += 1;
         }
     }

@@ -522,6 +522,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Runs the redcloak binary to completion: exit code, stdout, stderr.
+pub fn run_redcloak(args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(redcloak_bin())
+        .args(args)
+        .output()
+        .expect("redcloak runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// The path of the built redcloak binary.
 pub fn redcloak_bin() -> &'static str {
     env!("CARGO_BIN_EXE_redcloak")
