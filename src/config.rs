@@ -24,6 +24,8 @@ use std::time::Duration;
 use zeroize::Zeroizing;
 
 const ENV_PREFIX: &str = "REDCLOAK_";
+/// Upstream connections kept ready when `upstream.pool_idle` is not set.
+const DEFAULT_POOL_IDLE: usize = 16;
 /// Variables holding key material (`[[encryption.keys]] env = "REDCLOAK_KEY_1"`)
 /// share the prefix but are not settings: the overlay skips them.
 const KEY_ENV_PREFIX: &str = "key_";
@@ -188,6 +190,7 @@ struct RawUpstream {
     #[serde(default)]
     allow_admin: bool,
     plaintext_port_probe: Option<u16>,
+    pool_idle: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -289,6 +292,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub allow_admin: bool,
     pub plaintext_port_probe: Option<u16>,
+    /// Upstream connections kept ready for new clients (0: none).
+    pub pool_idle: usize,
 }
 
 #[derive(Debug)]
@@ -466,6 +471,7 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
         )?,
         allow_admin: raw.allow_admin,
         plaintext_port_probe: raw.plaintext_port_probe,
+        pool_idle: raw.pool_idle.unwrap_or(DEFAULT_POOL_IDLE),
         server_name,
         address: raw.address,
     })

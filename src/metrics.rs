@@ -159,6 +159,12 @@ pub const UPSTREAM_TLS_HANDSHAKE: MetricDef = def(
     &[],
     "TCP connect and TLS handshake with Redis.",
 );
+pub const UPSTREAM_POOL_IDLE: MetricDef = def(
+    "redcloak_upstream_pool_idle",
+    G,
+    &[],
+    "Upstream connections ready for new clients (upstream.pool_idle at most).",
+);
 pub const UPSTREAM_UP: MetricDef = def(
     "redcloak_upstream_up",
     G,
@@ -192,6 +198,7 @@ pub const ALL: &[&MetricDef] = &[
     &UPSTREAM_CONNECTIONS,
     &UPSTREAM_CONNECT_FAILURES,
     &UPSTREAM_TLS_HANDSHAKE,
+    &UPSTREAM_POOL_IDLE,
     &UPSTREAM_UP,
     &CERTIFICATE_EXPIRY,
 ];
@@ -313,6 +320,7 @@ pub struct Metrics {
     pub upstream_connections: Counter,
     upstream_failures: [Counter; 3],
     pub upstream_handshake: Histogram,
+    pub upstream_pool_idle: Gauge,
     pub upstream_up: Gauge,
     /// The keyring whose per-key counts are exported at each scrape.
     keyring: OnceLock<Arc<Keyring>>,
@@ -401,6 +409,7 @@ impl Metrics {
             ),
             upstream_handshake: recorder
                 .register_histogram(&key(&UPSTREAM_TLS_HANDSHAKE, &[]), &METADATA),
+            upstream_pool_idle: gauge(&UPSTREAM_POOL_IDLE, &[]),
             upstream_up: gauge(&UPSTREAM_UP, &[]),
             keyring: OnceLock::new(),
             recorder,

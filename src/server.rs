@@ -22,6 +22,7 @@ use crate::policy::rules::Rules;
 use crate::resp::Limits;
 use crate::session::{self, Peer, SessionContext};
 use crate::tls::{self, TlsError};
+use crate::upstream::pool::Pool;
 use crate::upstream::{Upstream, UpstreamError};
 use std::io;
 use std::net::SocketAddr;
@@ -61,7 +62,7 @@ impl StartError {
 
 struct Shared {
     session: SessionContext,
-    upstream: Arc<Upstream>,
+    pool: Arc<Pool>,
     telemetry: Telemetry,
 }
 
@@ -154,7 +155,11 @@ impl Server {
             tls,
             shared: Arc::new(Shared {
                 session,
-                upstream: Arc::new(upstream),
+                pool: Arc::new(Pool::new(
+                    Arc::new(upstream),
+                    config.upstream.pool_idle,
+                    telemetry.metrics.clone(),
+                )),
                 telemetry,
             }),
             connections: Arc::new(Semaphore::new(config.listen.max_connections)),
@@ -178,7 +183,7 @@ impl Server {
             tcp = ?self.tcp_address(),
             tls = ?self.tls_address(),
             unix = ?self.unix.as_ref().map(|(_, p)| p),
-            upstream = self.shared.upstream.address(),
+            upstream = self.shared.pool.upstream().address(),
             "redcloak serving"
         );
         let telemetry = &self.shared.telemetry;
@@ -188,11 +193,12 @@ impl Server {
         let background = TaskTracker::new();
         if self.watch_upstream {
             background.spawn(crate::health::watch_upstream(
-                self.shared.upstream.clone(),
+                self.shared.pool.upstream().clone(),
                 telemetry.clone(),
                 shutdown.clone(),
             ));
         }
+        background.spawn(self.shared.pool.clone().keep_warm(shutdown.clone()));
         let upkeep = tokio::spawn(crate::admin::run_upkeep(telemetry.metrics.clone()));
         let sessions = TaskTracker::new();
         loop {
@@ -366,7 +372,7 @@ async fn serve<C>(
         return;
     }
     let _active = ActiveConnection::open(&telemetry.metrics.connections_active);
-    let upstream = match shared.upstream.connect_counted(&telemetry.metrics).await {
+    let upstream = match shared.pool.take().await {
         Ok(upstream) => upstream,
         Err(err) => {
             telemetry.set_upstream_up(false);
@@ -381,10 +387,14 @@ async fn serve<C>(
     };
     telemetry.set_upstream_up(true);
     debug!(%peer, "client connected");
-    match session::run(&shared.session, client, upstream, &peer, shutdown).await {
+    let (ended, reusable) = session::run(&shared.session, client, upstream, &peer, shutdown).await;
+    match ended {
         Ok(()) => debug!(%peer, "client disconnected"),
         Err(err) => info!(%peer, error = %err, "connection closed"),
     }
+    // At shutdown nothing more will be served: the connection just closes.
+    let reusable = reusable.filter(|_| !shutdown.is_cancelled());
+    shared.pool.give_back(reusable).await;
 }
 
 /// Counts a client connection in the active gauge while it lives.

@@ -93,56 +93,81 @@ enum RequestsEnd {
 }
 
 /// Serves one client until it leaves, Redis leaves, or shutdown drains it.
+/// Returns how it ended and, when every request sent upstream has been
+/// answered and no reply byte is left half-read, the upstream connection,
+/// fit to be reset and serve another client.
 pub async fn run<C, U>(
     ctx: &SessionContext,
     client: C,
     upstream: U,
     peer: &Peer,
     shutdown: &CancellationToken,
-) -> Result<(), SessionError>
+) -> (Result<(), SessionError>, Option<U>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (client_reader, client_writer) = tokio::io::split(client);
-    let (upstream_reader, upstream_writer) = tokio::io::split(upstream);
-    let (fifo_in, fifo_out) = mpsc::channel(ctx.max_pending_requests);
-    let upstream_failed = CancellationToken::new();
-    let flushes = FlushLog::default();
-    let requests = Requests {
-        ctx,
-        peer,
-        upstream: upstream_writer,
-        fifo: fifo_in,
-        output: BytesMut::with_capacity(READ_CHUNK),
-        unsent_replies: 0,
-        flushes: &flushes,
+    let (mut upstream_reader, mut upstream_writer) = tokio::io::split(upstream);
+    let (result, upstream_idle) = {
+        let (fifo_in, fifo_out) = mpsc::channel(ctx.max_pending_requests);
+        let upstream_failed = CancellationToken::new();
+        let client_gone = CancellationToken::new();
+        let flushes = FlushLog::default();
+        let requests = Requests {
+            ctx,
+            peer,
+            upstream: &mut upstream_writer,
+            fifo: fifo_in,
+            output: BytesMut::with_capacity(READ_CHUNK),
+            unsent_replies: 0,
+            flushes: &flushes,
+        };
+        let requests = requests.forward(client_reader, shutdown);
+        let replies = deliver_replies(
+            ctx,
+            peer,
+            &mut upstream_reader,
+            client_writer,
+            fifo_out,
+            &flushes,
+            [&upstream_failed, &client_gone],
+        );
+        tokio::pin!(requests, replies);
+        tokio::select! {
+            end = &mut requests => match end {
+                Ok(RequestsEnd::ClientClosed) => {
+                    // Nothing more to deliver: the reply half only says
+                    // whether the upstream connection is idle.
+                    client_gone.cancel();
+                    let idle = matches!(replies.await, Ok(UpstreamEnd::Idle));
+                    (Ok(()), idle)
+                }
+                Ok(RequestsEnd::Drain) => match replies.await {
+                    Ok(end) => (Ok(()), end == UpstreamEnd::Idle),
+                    Err(err) => (Err(err), false),
+                },
+                Err(SessionError::Client(err)) => (Err(SessionError::Client(err)), false),
+                Err(err) => {
+                    // Redis is gone: the reply half answers what is pending with errors.
+                    upstream_failed.cancel();
+                    let _ = replies.await;
+                    (Err(err), false)
+                }
+            },
+            end = &mut replies => (end.map(|_| ()), false),
+        }
     };
-    let requests = requests.forward(client_reader, shutdown);
-    let replies = deliver_replies(
-        ctx,
-        peer,
-        upstream_reader,
-        client_writer,
-        fifo_out,
-        &flushes,
-        &upstream_failed,
-    );
-    tokio::pin!(requests, replies);
-    tokio::select! {
-        end = &mut requests => match end {
-            Ok(RequestsEnd::ClientClosed) => Ok(()),
-            Ok(RequestsEnd::Drain) => replies.await,
-            Err(SessionError::Client(err)) => Err(SessionError::Client(err)),
-            Err(err) => {
-                // Redis is gone: the reply half answers what is pending with errors.
-                upstream_failed.cancel();
-                let _ = replies.await;
-                Err(err)
-            }
-        },
-        end = &mut replies => end,
-    }
+    let reusable = upstream_idle.then(|| upstream_reader.unsplit(upstream_writer));
+    (result, reusable)
+}
+
+/// The state the reply half leaves the upstream connection in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpstreamEnd {
+    /// Every request sent has its whole reply read, and nothing more was read.
+    Idle,
+    Busy,
 }
 
 /// The request half: client bytes -> requests -> policy -> upstream bytes
@@ -150,7 +175,7 @@ where
 struct Requests<'a, W> {
     ctx: &'a SessionContext,
     peer: &'a Peer,
-    upstream: W,
+    upstream: &'a mut W,
     fifo: mpsc::Sender<Entry>,
     /// Requests encoded for Redis, not yet written.
     output: BytesMut,
@@ -332,15 +357,17 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
 }
 
 /// Upstream bytes -> replies matched to FIFO entries -> client bytes.
+/// `stop`: Redis failed (answer what is pending with errors), and the client
+/// left (just say whether the upstream connection is idle).
 async fn deliver_replies<R, W>(
     ctx: &SessionContext,
     peer: &Peer,
-    mut upstream: R,
+    upstream: &mut R,
     mut client: W,
     mut fifo: mpsc::Receiver<Entry>,
     flushes: &FlushLog,
-    upstream_failed: &CancellationToken,
-) -> Result<(), SessionError>
+    [upstream_failed, client_gone]: [&CancellationToken; 2],
+) -> Result<UpstreamEnd, SessionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -371,7 +398,7 @@ where
         answered.record(ctx, peer);
         if flow == Flow::Close || (requests_done && replies.needs_entry()) {
             let _ = client.shutdown().await;
-            return Ok(());
+            return Ok(upstream_end(&input, &replies, flushes));
         }
         input.reserve(READ_CHUNK);
         let lost = tokio::select! {
@@ -383,7 +410,7 @@ where
                             write_client(ctx, &mut client, &mut output).await?;
                             answered.record(ctx, peer);
                             let _ = client.shutdown().await;
-                            return Ok(());
+                            return Ok(upstream_end(&input, &replies, flushes));
                         }
                     }
                     None => requests_done = true,
@@ -399,10 +426,20 @@ where
                 Err(err) => Some(SessionError::Upstream(err)),
             },
             _ = upstream_failed.cancelled() => Some(SessionError::UpstreamClosed),
+            _ = client_gone.cancelled() => return Ok(upstream_end(&input, &replies, flushes)),
         };
         if let Some(err) = lost {
             return fail_pending(ctx, &mut client, &mut fifo, &mut output, &replies, err).await;
         }
+    }
+}
+
+/// Idle when every request sent has been answered and nothing more was read.
+fn upstream_end(input: &BytesMut, replies: &Replies, flushes: &FlushLog) -> UpstreamEnd {
+    if input.is_empty() && replies.needs_entry() && flushes.is_empty() {
+        UpstreamEnd::Idle
+    } else {
+        UpstreamEnd::Busy
     }
 }
 
@@ -455,7 +492,7 @@ async fn fail_pending<W: AsyncWrite + Unpin>(
     output: &mut BytesMut,
     replies: &Replies,
     err: SessionError,
-) -> Result<(), SessionError> {
+) -> Result<UpstreamEnd, SessionError> {
     let failed = error_reply(&format!("ERR redcloak: {err}; closing the connection"));
     if !replies.needs_entry() {
         output.extend_from_slice(&failed);

@@ -30,6 +30,14 @@ impl FlushLog {
         }
     }
 
+    /// True when every request sent has been answered.
+    pub(super) fn is_empty(&self) -> bool {
+        self.batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// When the request the next reply answers was sent.
     pub(super) fn answered(&self) -> Option<Instant> {
         let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());

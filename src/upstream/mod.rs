@@ -8,6 +8,7 @@
 //! contain the password.
 
 pub mod gate;
+pub mod pool;
 pub mod report;
 
 use crate::events;
@@ -296,22 +297,44 @@ impl Upstream {
 }
 
 /// Reads one complete reply within `limits` (login replies, startup probes).
+/// Bytes after it are dropped: for exchanges of one request and one reply.
 pub(crate) async fn read_reply<S: AsyncRead + Unpin>(
     stream: &mut S,
     limits: &Limits,
 ) -> io::Result<BytesMut> {
-    let mut scanner = ReplyScanner::default();
-    let mut buf = BytesMut::with_capacity(256);
-    loop {
-        let scanned = scanner
-            .scan(&buf, limits)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if let Some(len) = scanned {
-            return Ok(buf.split_to(len));
+    ReplyReader::default().next(stream, limits).await
+}
+
+/// Reads replies one at a time, keeping bytes that arrived early.
+#[derive(Default)]
+pub(crate) struct ReplyReader {
+    scanner: ReplyScanner,
+    buf: BytesMut,
+}
+
+impl ReplyReader {
+    pub(crate) async fn next<S: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+        limits: &Limits,
+    ) -> io::Result<BytesMut> {
+        loop {
+            let scanned = self
+                .scanner
+                .scan(&self.buf, limits)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if let Some(len) = scanned {
+                return Ok(self.buf.split_to(len));
+            }
+            if stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
         }
-        if stream.read_buf(&mut buf).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
+    }
+
+    /// True when no byte beyond the replies read so far has arrived.
+    pub(crate) fn is_drained(&self) -> bool {
+        self.buf.is_empty()
     }
 }
 

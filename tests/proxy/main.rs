@@ -11,6 +11,7 @@ mod gate;
 mod listeners;
 mod observability;
 mod packaging;
+mod pool;
 mod pubsub;
 mod support;
 mod upstream;

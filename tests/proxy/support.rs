@@ -105,6 +105,9 @@ impl TestRedis {
                 format!(r#"username = "{REDIS_USER}""#),
                 r#"password_file = "redis-password""#.into(),
                 r#"connect_timeout = "5s""#.into(),
+                // No warm connections: tests count what reaches Redis
+                // exactly. The pool's own tests turn it on.
+                "pool_idle = 0".into(),
             ],
             top: Vec::new(),
             tail: String::new(),

@@ -1,0 +1,194 @@
+//! Warm upstream connections: a new client starts on a connection that is
+//! already connected, verified and logged in, and a client that leaves
+//! hands its connection back for the next one instead of closing it.
+//!
+//! A connection goes back only when its session says it is idle (every
+//! request answered, no reply half-read), and only after RESET and
+//! redcloak's own AUTH both succeed on it: RESET ends MULTI and WATCH,
+//! subscriptions, client tracking, CLIENT REPLY modes and the client name,
+//! selects db 0, and returns to RESP2, so nothing of one client's session
+//! reaches the next. Frames Redis pushed before the RESET (pub/sub messages,
+//! invalidations) are skipped; anything else, or no answer in time, closes
+//! the connection. A connection is also checked, without blocking, for a
+//! close or stray bytes when it is taken. A background task keeps `idle`
+//! connections ready.
+
+use super::{ReplyReader, Upstream, UpstreamError, UpstreamStream};
+use crate::metrics::Metrics;
+use crate::resp::{Limits, ReplyKind, reply_kind};
+use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Frames Redis may push before answering RESET that are skipped.
+const MAX_SKIPPED_FRAMES: usize = 1024;
+
+/// Up to `capacity` connections, ready or lent to clients. A client's
+/// connection comes back when it leaves (if fit), so under churn no new
+/// connection is made as long as `capacity` covers the clients at once.
+pub struct Pool {
+    upstream: Arc<Upstream>,
+    state: Mutex<PoolState>,
+    /// 0 turns pooling off.
+    capacity: usize,
+    wanted: Notify,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: VecDeque<UpstreamStream>,
+    /// Connections clients hold now.
+    lent: usize,
+}
+
+impl Pool {
+    pub fn new(upstream: Arc<Upstream>, capacity: usize, metrics: Arc<Metrics>) -> Pool {
+        Pool {
+            upstream,
+            state: Mutex::new(PoolState::default()),
+            capacity,
+            wanted: Notify::new(),
+            metrics,
+        }
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn show_idle(&self, state: &PoolState) {
+        self.metrics.upstream_pool_idle.set(state.idle.len() as f64);
+    }
+
+    /// A ready connection, or a new one when none is. Every connection
+    /// taken must be handed to [`Pool::give_back`] (or `None` for it).
+    pub async fn take(&self) -> Result<UpstreamStream, UpstreamError> {
+        loop {
+            let stream = {
+                let mut state = self.lock();
+                let stream = state.idle.pop_front();
+                self.show_idle(&state);
+                stream
+            };
+            let Some(mut stream) = stream else { break };
+            if still_open(&mut stream) {
+                self.lock().lent += 1;
+                return Ok(stream);
+            }
+            self.wanted.notify_one();
+        }
+        let stream = self.upstream.connect_counted(&self.metrics).await?;
+        self.lock().lent += 1;
+        Ok(stream)
+    }
+
+    /// A connection taken earlier comes back from its client: `Some` when
+    /// its session left it idle. Reset and logged in again it serves the
+    /// next client; otherwise it is closed.
+    pub async fn give_back(&self, stream: Option<UpstreamStream>) {
+        let room = {
+            let mut state = self.lock();
+            state.lent = state.lent.saturating_sub(1);
+            state.idle.len() + state.lent < self.capacity
+        };
+        if let (Some(mut stream), true) = (stream, room) {
+            let timeout = self.upstream.settings().connect_timeout;
+            let reset = tokio::time::timeout(timeout, self.reset(&mut stream)).await;
+            if matches!(reset, Ok(Ok(()))) {
+                let mut state = self.lock();
+                if state.idle.len() + state.lent < self.capacity {
+                    state.idle.push_back(stream);
+                    self.show_idle(&state);
+                    return;
+                }
+            }
+        }
+        self.wanted.notify_one();
+    }
+
+    /// RESET, then redcloak's AUTH; pushed frames before +RESET are skipped.
+    async fn reset(&self, stream: &mut UpstreamStream) -> std::io::Result<()> {
+        let mut out = BytesMut::with_capacity(128);
+        crate::resp::encode_command(&mut out, &[b"RESET"]);
+        self.upstream.login().encode_auth(&mut out);
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        let limits = Limits::default();
+        let refused = || std::io::Error::other("RESET or AUTH refused");
+        let mut replies = ReplyReader::default();
+        let mut skipped = 0;
+        loop {
+            let reply = replies.next(stream, &limits).await?;
+            if &reply[..] == b"+RESET\r\n" {
+                break;
+            }
+            let pushed = matches!(reply_kind(&reply), ReplyKind::Push | ReplyKind::Array);
+            skipped += 1;
+            if !pushed || skipped > MAX_SKIPPED_FRAMES {
+                return Err(refused());
+            }
+        }
+        let login = replies.next(stream, &limits).await?;
+        // Anything after +OK would answer no request: not reusable.
+        if &login[..] == b"+OK\r\n" && replies.is_drained() {
+            Ok(())
+        } else {
+            Err(refused())
+        }
+    }
+
+    /// Until `shutdown`, opens connections while ready and lent ones number
+    /// fewer than `capacity`.
+    pub async fn keep_warm(self: Arc<Self>, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            let short = {
+                let state = self.lock();
+                state.idle.len() + state.lent < self.capacity
+            };
+            if short {
+                match self.upstream.connect_counted(&self.metrics).await {
+                    Ok(stream) => {
+                        let mut state = self.lock();
+                        state.idle.push_back(stream);
+                        self.show_idle(&state);
+                        continue;
+                    }
+                    // Redis is down: clients get the error when they come;
+                    // try again after a pause.
+                    Err(_) => {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(self.upstream.settings().connect_timeout) => continue,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wanted.notified() => {}
+            }
+        }
+    }
+}
+
+/// True when nothing has arrived on an idle connection: no close, no
+/// error, no stray bytes. Never waits.
+fn still_open(stream: &mut UpstreamStream) -> bool {
+    let mut context = Context::from_waker(Waker::noop());
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    matches!(
+        Pin::new(stream).poll_read(&mut context, &mut buf),
+        Poll::Pending
+    )
+}
