@@ -28,9 +28,11 @@ use tokio_util::sync::CancellationToken;
 /// Frames Redis may push before answering RESET that are skipped.
 const MAX_SKIPPED_FRAMES: usize = 1024;
 
-/// Up to `capacity` connections, ready or lent to clients. A client's
-/// connection comes back when it leaves (if fit), so under churn no new
-/// connection is made as long as `capacity` covers the clients at once.
+/// Up to `capacity` ready connections. The background task opens new ones
+/// only while ready and lent ones together number fewer than `capacity`; a
+/// client's connection comes back when it leaves (if fit) whenever fewer
+/// than `capacity` are ready, so clients that come and go reuse connections
+/// instead of making new ones.
 pub struct Pool {
     upstream: Arc<Upstream>,
     state: Mutex<PoolState>,
@@ -96,17 +98,19 @@ impl Pool {
     /// its session left it idle. Reset and logged in again it serves the
     /// next client; otherwise it is closed.
     pub async fn give_back(&self, stream: Option<UpstreamStream>) {
+        // Room counts ready connections only: while more clients than
+        // `capacity` come and go, returned connections keep serving them.
         let room = {
             let mut state = self.lock();
             state.lent = state.lent.saturating_sub(1);
-            state.idle.len() + state.lent < self.capacity
+            state.idle.len() < self.capacity
         };
         if let (Some(mut stream), true) = (stream, room) {
             let timeout = self.upstream.settings().connect_timeout;
             let reset = tokio::time::timeout(timeout, self.reset(&mut stream)).await;
             if matches!(reset, Ok(Ok(()))) {
                 let mut state = self.lock();
-                if state.idle.len() + state.lent < self.capacity {
+                if state.idle.len() < self.capacity {
                     state.idle.push_back(stream);
                     self.show_idle(&state);
                     return;
