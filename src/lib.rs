@@ -20,7 +20,8 @@
 //!   `policy::rules` which keys are encrypted (pure).
 //! * [`crypto`]: the envelope (XAES-256-GCM, bound to key and field) and the keyring (pure).
 //! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
-//! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH.
+//! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::pool` keeps warm
+//!   connections and resets returned ones.
 //! * [`metrics`], [`events`], [`health`], [`admin`]: what operators see: every metric, the
 //!   security events, readiness, and the admin listener serving /metrics, /healthz, /readyz.
 //! * [`dev`], [`playground`]: throwaway certificates and redis-server for `redcloak dev` and the tests.

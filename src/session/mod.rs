@@ -1,4 +1,5 @@
-//! One client connection and its own upstream connection, 1:1.
+//! One client connection and its own upstream connection, 1:1 while the
+//! client stays (the connection may come from, and go back to, the pool).
 //!
 //! ```text
 //!   client ──read──▶ RequestParser ─▶ Policy::classify ─▶ upstream (re-encoded)
