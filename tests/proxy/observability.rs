@@ -484,16 +484,23 @@ async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) 
         "-ERR redcloak:",
     );
     // Redis stops accepting redcloak's password: the next upstream login is rejected.
-    let changed = format!(">{}-changed", redis.password);
-    admin
-        .call(&[
-            b"ACL",
-            b"SETUSER",
-            b"redcloak",
-            b"resetpass",
-            changed.as_bytes(),
-        ])
-        .await;
+    async fn set_password(
+        admin: &mut RawClient<redcloak::upstream::UpstreamStream>,
+        password: &str,
+    ) {
+        let rule = format!(">{password}");
+        let reply = admin
+            .call(&[
+                b"ACL",
+                b"SETUSER",
+                b"redcloak",
+                b"resetpass",
+                rule.as_bytes(),
+            ])
+            .await;
+        assert_reply(&reply, b"+OK\r\n");
+    }
+    set_password(&mut admin, &format!("{}-changed", redis.password)).await;
     let mut rejected = RawClient::new(
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -503,16 +510,7 @@ async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) 
         &rejected.read().await,
         "-ERR redcloak: upstream unavailable",
     );
-    let restored = format!(">{}", redis.password);
-    admin
-        .call(&[
-            b"ACL",
-            b"SETUSER",
-            b"redcloak",
-            b"resetpass",
-            restored.as_bytes(),
-        ])
-        .await;
+    set_password(&mut admin, &redis.password).await;
     // Enough failed logins lock this address out (the default: 5 in 60 s).
     let mut guesses = 1;
     while guesses < 5 {
