@@ -15,7 +15,6 @@ use crate::upstream::{Upstream, UpstreamStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 const STARTING: u8 = 0;
@@ -107,13 +106,9 @@ pub async fn watch_upstream(
 }
 
 async fn ping(upstream: &Upstream, stream: &mut UpstreamStream) -> bool {
-    let exchange = async {
-        stream.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
-        stream.flush().await?;
-        crate::upstream::read_reply(stream, &crate::resp::Limits::default()).await
-    };
-    let reply = tokio::time::timeout(upstream.settings().connect_timeout, exchange).await;
-    matches!(reply, Ok(Ok(reply)) if reply.as_ref() == b"+PONG\r\n")
+    let timeout = upstream.settings().connect_timeout;
+    let reply = crate::upstream::call(stream, &[b"PING"], timeout).await;
+    matches!(reply, Ok(reply) if reply.as_ref() == b"+PONG\r\n")
 }
 
 #[cfg(test)]

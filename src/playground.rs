@@ -9,12 +9,10 @@
 use crate::admin::Telemetry;
 use crate::config;
 use crate::dev::{self, ChildRedis, DevError, RedisOptions};
-use crate::resp::{self, Limits};
+use crate::resp;
 use crate::server::{Server, StartError};
-use crate::upstream::{Upstream, read_reply};
-use bytes::BytesMut;
+use crate::upstream::{Upstream, call};
 use std::net::SocketAddr;
-use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -119,29 +117,17 @@ const DEMO_VALUE: &str = "hello from redcloak";
 /// Writes the demonstration value through the proxy at `proxy`, then reads
 /// what Redis itself stores for it (redis-cli's escaped form, shortened).
 async fn show_envelope(proxy: SocketAddr, upstream: &Upstream) -> Result<String, String> {
-    let limits = Limits::default();
+    let timeout = upstream.settings().connect_timeout;
     let mut client = tokio::net::TcpStream::connect(proxy)
         .await
         .map_err(|e| e.to_string())?;
-    let mut out = BytesMut::new();
-    resp::encode_command(
-        &mut out,
-        &[&b"SET"[..], DEMO_KEY.as_bytes(), DEMO_VALUE.as_bytes()],
-    );
-    client.write_all(&out).await.map_err(|e| e.to_string())?;
-    let reply = read_reply(&mut client, &limits)
-        .await
-        .map_err(|e| e.to_string())?;
+    let set: [&[u8]; 3] = [b"SET", DEMO_KEY.as_bytes(), DEMO_VALUE.as_bytes()];
+    let reply = call(&mut client, &set, timeout).await?;
     if &reply[..] != b"+OK\r\n" {
         return Err(String::from_utf8_lossy(&reply).trim().to_owned());
     }
     let mut direct = upstream.connect().await.map_err(|e| e.to_string())?;
-    out.clear();
-    resp::encode_command(&mut out, &[&b"GET"[..], DEMO_KEY.as_bytes()]);
-    direct.write_all(&out).await.map_err(|e| e.to_string())?;
-    let reply = read_reply(&mut direct, &limits)
-        .await
-        .map_err(|e| e.to_string())?;
+    let reply = call(&mut direct, &[b"GET", DEMO_KEY.as_bytes()], timeout).await?;
     let stored = resp::bulk_body(&reply).ok_or("no value stored")?;
     let mut escaped = String::new();
     for byte in stored {

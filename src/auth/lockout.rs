@@ -91,10 +91,6 @@ impl Lockouts {
         }
     }
 
-    pub fn policy(&self) -> LockoutPolicy {
-        self.policy
-    }
-
     /// How much longer `peer` is locked out, if it is.
     pub fn remaining(&self, peer: PeerKey, now: Instant) -> Option<Duration> {
         let until = self.peers.get(&peer)?.locked_until?;

@@ -10,16 +10,15 @@
 //! nothing relaxes upstream TLS, certificate verification or AUTH.
 
 use super::report::{Check, Report, Status, ok, problem};
-use super::{Upstream, UpstreamStream};
+use super::{Upstream, UpstreamStream, call};
 use crate::config::{Config, Profile};
 use crate::crypto::Binding;
 use crate::crypto::keyring::Opened;
 use crate::resp::{self, Limits};
 use crate::tls::{self, inspect};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
 /// Passwords shorter than this fail, by profile.
@@ -651,26 +650,6 @@ fn admin_listener(config: &Config) -> Check {
             format!("/metrics, /healthz and /readyz on {address}, which is not loopback"),
             "let only Prometheus and the orchestrator's probes reach it (firewall, Kubernetes NetworkPolicy), or listen on 127.0.0.1",
         ),
-    }
-}
-
-/// Sends one command and reads one reply, within `timeout`.
-async fn call<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    args: &[&[u8]],
-    timeout: Duration,
-) -> Result<Bytes, String> {
-    let exchange = async {
-        let mut out = BytesMut::new();
-        resp::encode_command(&mut out, args);
-        stream.write_all(&out).await?;
-        stream.flush().await?;
-        super::read_reply(stream, &Limits::default()).await
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(reply)) => Ok(reply.freeze()),
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err("no answer in time".to_owned()),
     }
 }
 

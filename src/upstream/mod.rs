@@ -20,7 +20,7 @@ use rustls_pki_types::ServerName;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -170,10 +170,7 @@ impl Upstream {
 
     /// Opens a new connection: TCP, TLS, AUTH, each within the connect timeout.
     pub async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
-        let mut tls = self.handshake_with(&self.connector).await?;
-        warn_if_expiring(&tls);
-        self.log_in(&mut tls).await?;
-        Ok(tls)
+        self.open(None).await
     }
 
     /// [`Upstream::connect`], counted in `metrics`: the handshake's duration,
@@ -183,19 +180,28 @@ impl Upstream {
         &self,
         metrics: &Metrics,
     ) -> Result<UpstreamStream, UpstreamError> {
+        self.open(Some(metrics)).await
+    }
+
+    async fn open(&self, metrics: Option<&Metrics>) -> Result<UpstreamStream, UpstreamError> {
         let started = std::time::Instant::now();
         let connected: Result<UpstreamStream, UpstreamError> = async {
             let mut tls = self.handshake_with(&self.connector).await?;
-            metrics
-                .upstream_handshake
-                .record(started.elapsed().as_secs_f64());
-            if let Some(expiry) = warn_if_expiring(&tls).and_then(unix_time) {
-                metrics.set_certificate_expiry(Certificate::RedisServer, expiry);
+            let expiry = warn_if_expiring(&tls).and_then(unix_time);
+            if let Some(metrics) = metrics {
+                let handshake = started.elapsed().as_secs_f64();
+                metrics.upstream_handshake.record(handshake);
+                if let Some(expiry) = expiry {
+                    metrics.set_certificate_expiry(Certificate::RedisServer, expiry);
+                }
             }
             self.log_in(&mut tls).await?;
             Ok(tls)
         }
         .await;
+        let Some(metrics) = metrics else {
+            return connected;
+        };
         match &connected {
             Ok(_) => metrics.upstream_connections.increment(1),
             Err(err) => {
@@ -293,6 +299,27 @@ impl Upstream {
                 .unwrap_or_else(|| "default".into()),
             reply: text.trim_start_matches(['-', '+']).to_owned(),
         })
+    }
+}
+
+/// Sends one command and reads its reply, within `timeout` (startup probes,
+/// the readiness check, the playground's demonstration).
+pub(crate) async fn call<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    args: &[&[u8]],
+    timeout: Duration,
+) -> Result<bytes::Bytes, String> {
+    let exchange = async {
+        let mut out = BytesMut::new();
+        resp::encode_command(&mut out, args);
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        read_reply(stream, &Limits::default()).await
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(reply)) => Ok(reply.freeze()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err("no answer in time".to_owned()),
     }
 }
 

@@ -54,6 +54,12 @@ async fn certs_dev_writes_a_set_that_redis_server_and_redcloak_accept() {
         0
     );
     assert_eq!(std::fs::read(out.join("ca.crt")).expect("ca"), ca);
+    // A partial set is never completed silently.
+    let kept_key = std::fs::read(out.join("redis.key")).expect("key");
+    std::fs::remove_file(out.join("redcloak.key")).expect("remove");
+    let (code, _, error) = run_redcloak(&["certs", "dev", "--out", out_arg, "--if-missing"]);
+    assert_eq!(code, 1, "{error}");
+    assert_eq!(std::fs::read(out.join("redis.key")).expect("key"), kept_key);
     let (code, printed, _) = run_redcloak(&["certs", "dev", "--out", out_arg, "--force"]);
     assert_eq!(code, 0);
     assert_ne!(std::fs::read(out.join("ca.crt")).expect("ca"), ca);
