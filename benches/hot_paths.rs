@@ -1,15 +1,17 @@
 //! Criterion benches of the hot paths redcloak owns: sealing and opening a
-//! value, and a SET request from bytes to its sealed upstream form.
-//! `cargo bench --bench hot_paths`; results go in the closing notes and
-//! docs/envelope.md.
+//! value; a SET request from bytes to its sealed upstream form; a GET reply
+//! from upstream bytes to the plaintext reply the client gets; and both for
+//! a pipeline of 16. `cargo bench --bench hot_paths`; results go in
+//! docs/performance.md.
 
 use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use redcloak::auth::ClientAuth;
 use redcloak::crypto::{Binding, Keyring, LegacyPlaintext};
 use redcloak::policy::rules::Rules;
-use redcloak::policy::{Policy, UnknownCommands};
-use redcloak::resp::{self, Limits, RequestParser};
+use redcloak::policy::{Action, Policy, ReplyPlan, UnknownCommands};
+use redcloak::resp::{self, Limits, ReplyScanner, RequestParser};
+use redcloak::session::pipeline::{Entry, Replies};
 use std::hint::black_box;
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -46,13 +48,120 @@ fn seal_and_open(c: &mut Criterion) {
     group.finish();
 }
 
-fn classify_and_seal_set(c: &mut Criterion) {
-    let policy = Policy::new(
+fn policy() -> Policy {
+    Policy::new(
         ClientAuth::new(None),
         Rules::default(),
         Arc::new(keyring()),
         UnknownCommands::Refuse,
-    );
+    )
+}
+
+/// Every request in `input`, parsed, classified, sealed and encoded for Redis.
+fn forward_all(policy: &Policy, mut input: BytesMut, out: &mut BytesMut) -> Vec<ReplyPlan> {
+    let mut parser = RequestParser::default();
+    let mut state = policy.new_connection();
+    let mut plans = Vec::new();
+    while let Some(request) = parser.next(&mut input, &Limits::default()).expect("valid") {
+        match policy.classify(&request, &mut state) {
+            Action::Rewrite(args, plan) => {
+                resp::encode_command(out, &args);
+                plans.push(plan);
+            }
+            Action::Forward(plan) => {
+                resp::encode_command(out, &request.args);
+                plans.push(plan);
+            }
+            other => panic!("not forwarded: {other:?}"),
+        }
+    }
+    plans
+}
+
+/// Every reply in `input` matched to its plan and opened for the client.
+fn deliver_all(replies: &mut Replies, plans: &[ReplyPlan], input: &[u8], out: &mut BytesMut) {
+    let mut scanner = ReplyScanner::default();
+    let mut input = BytesMut::from(input);
+    for plan in plans {
+        replies.accept(Entry::Await(plan.clone(), None), out);
+        let len = scanner
+            .scan(&input, &Limits::default())
+            .expect("valid")
+            .expect("complete");
+        let frame = input.split_to(len).freeze();
+        replies.on_reply(frame, out).expect("expected reply");
+    }
+}
+
+/// `count` GETs of sealed values of `size` bytes: the requests as a client
+/// sends them, the plans, and the replies as Redis sends them.
+fn gets(policy: &Policy, count: usize, size: usize) -> (Vec<ReplyPlan>, Vec<u8>) {
+    let mut requests = BytesMut::new();
+    let mut stored = BytesMut::new();
+    for i in 0..count {
+        let key = format!("sessions:{i}");
+        resp::encode_command(&mut requests, &[b"GET", key.as_bytes()]);
+        let sealed = policy.keyring().seal(
+            &vec![0x5A; size],
+            Binding {
+                key: Some(key.as_bytes()),
+                field: None,
+            },
+        );
+        resp::encode_bulk(&mut stored, &sealed);
+    }
+    let plans = forward_all(policy, requests, &mut BytesMut::new());
+    (plans, stored.to_vec())
+}
+
+fn open_get_replies(c: &mut Criterion) {
+    let policy = policy();
+    let mut group = c.benchmark_group("reply");
+    for (count, label) in [(1, "open_GET_reply"), (16, "pipeline16_open_GET_replies")] {
+        for (name, size) in SIZES.into_iter().take(2) {
+            let (plans, stored) = gets(&policy, count, size);
+            group.throughput(Throughput::Bytes((count * size) as u64));
+            group.bench_function(BenchmarkId::new(label, name), |b| {
+                let mut replies = Replies::new(policy.keyring().clone(), Limits::default());
+                let mut out = BytesMut::with_capacity(count * (size + 64));
+                b.iter(|| {
+                    out.clear();
+                    deliver_all(&mut replies, &plans, black_box(&stored), &mut out);
+                    black_box(&out);
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn pipeline_of_16_sets(c: &mut Criterion) {
+    let policy = policy();
+    let mut group = c.benchmark_group("request");
+    for (name, size) in SIZES.into_iter().take(2) {
+        let mut input = BytesMut::new();
+        for i in 0..16 {
+            let key = format!("sessions:{i}");
+            resp::encode_command(
+                &mut input,
+                &[&b"SET"[..], key.as_bytes(), &vec![0x5A; size]],
+            );
+        }
+        group.throughput(Throughput::Bytes(16 * size as u64));
+        group.bench_function(BenchmarkId::new("pipeline16_SET", name), |b| {
+            let mut out = BytesMut::with_capacity(16 * (size + 256));
+            b.iter(|| {
+                out.clear();
+                let plans = forward_all(&policy, BytesMut::from(&input[..]), &mut out);
+                black_box((&out, plans));
+            })
+        });
+    }
+    group.finish();
+}
+
+fn classify_and_seal_set(c: &mut Criterion) {
+    let policy = policy();
     let mut group = c.benchmark_group("request");
     for (name, size) in SIZES.into_iter().take(2) {
         let mut frame = BytesMut::new();
@@ -87,5 +196,11 @@ fn classify_and_seal_set(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, seal_and_open, classify_and_seal_set);
+criterion_group!(
+    benches,
+    seal_and_open,
+    classify_and_seal_set,
+    pipeline_of_16_sets,
+    open_get_replies
+);
 criterion_main!(benches);

@@ -38,6 +38,8 @@ password_file = "redis-password"
 # Warm upstream connections for the 50 clients the harness runs at once
 # (the product default is 16; BENCH_POOL_IDLE=0 turns them off).
 pool_idle = ${BENCH_POOL_IDLE:-64}
+# Clients quiet this long hand their connection back (BENCH_RELEASE_IDLE_AFTER=off keeps them).
+release_idle_after = "${BENCH_RELEASE_IDLE_AFTER:-5s}"
 
 [encryption]
 primary = 1

@@ -191,6 +191,7 @@ struct RawUpstream {
     allow_admin: bool,
     plaintext_port_probe: Option<u16>,
     pool_idle: Option<usize>,
+    release_idle_after: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -294,6 +295,9 @@ pub struct UpstreamConfig {
     pub plaintext_port_probe: Option<u16>,
     /// Upstream connections kept ready for new clients (0: none).
     pub pool_idle: usize,
+    /// A client quiet this long on a clean connection gives it back
+    /// (`None`: "off", clients keep theirs).
+    pub release_idle_after: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -472,6 +476,10 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
         allow_admin: raw.allow_admin,
         plaintext_port_probe: raw.plaintext_port_probe,
         pool_idle: raw.pool_idle.unwrap_or(DEFAULT_POOL_IDLE),
+        release_idle_after: match raw.release_idle_after.as_deref().map(str::trim) {
+            Some("off") => None,
+            text => Some(parse_duration("upstream.release_idle_after", text, "5s")?),
+        },
         server_name,
         address: raw.address,
     })

@@ -137,6 +137,7 @@ impl Server {
             metrics: metrics.clone(),
             lockouts,
             log_key_names: config.log_key_names,
+            release_idle_after: config.upstream.release_idle_after,
         };
         let tcp = match config.listen.tcp {
             Some(address) => Some(bind_tcp(address).await?),
@@ -372,29 +373,40 @@ async fn serve<C>(
         return;
     }
     let _active = ActiveConnection::open(&telemetry.metrics.connections_active);
-    let upstream = match shared.pool.take().await {
-        Ok(upstream) => upstream,
-        Err(err) => {
-            telemetry.set_upstream_up(false);
-            warn!(%peer, error = %err, "upstream connection failed");
-            refuse(
-                &mut client,
-                &format!("ERR redcloak: upstream unavailable: {err}"),
-            )
-            .await;
+    debug!(%peer, "client connected");
+    let mut client = session::Client::new(&shared.session, client);
+    loop {
+        let upstream = match shared.pool.take().await {
+            Ok(upstream) => upstream,
+            Err(err) => {
+                telemetry.set_upstream_up(false);
+                warn!(%peer, error = %err, "upstream connection failed");
+                let text = format!("ERR redcloak: upstream unavailable: {err}");
+                refuse(client.stream(), &text).await;
+                return;
+            }
+        };
+        telemetry.set_upstream_up(true);
+        let end = session::run(&shared.session, client, upstream, &peer, shutdown).await;
+        match &end.result {
+            Ok(()) if end.parked.is_some() => debug!(%peer, "client parked"),
+            Ok(()) => debug!(%peer, "client disconnected"),
+            Err(err) => info!(%peer, error = %err, "connection closed"),
+        }
+        // At shutdown nothing more will be served: the connection just closes.
+        let reusable = end.upstream.filter(|_| !shutdown.is_cancelled());
+        shared.pool.give_back(reusable).await;
+        let Some(parked) = end.parked else { return };
+        client = parked;
+        let sent = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            sent = client.wait_for_request() => sent,
+        };
+        if !matches!(sent, Ok(true)) {
+            debug!(%peer, "client disconnected");
             return;
         }
-    };
-    telemetry.set_upstream_up(true);
-    debug!(%peer, "client connected");
-    let (ended, reusable) = session::run(&shared.session, client, upstream, &peer, shutdown).await;
-    match ended {
-        Ok(()) => debug!(%peer, "client disconnected"),
-        Err(err) => info!(%peer, error = %err, "connection closed"),
     }
-    // At shutdown nothing more will be served: the connection just closes.
-    let reusable = reusable.filter(|_| !shutdown.is_cancelled());
-    shared.pool.give_back(reusable).await;
 }
 
 /// Counts a client connection in the active gauge while it lives.

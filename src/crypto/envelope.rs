@@ -104,7 +104,7 @@ impl DataKey {
     /// Seals `value` into a new envelope, with a fresh random nonce.
     pub fn seal(&self, value: &[u8], binding: Binding<'_>) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
-        fill_random(&mut nonce);
+        fresh_nonce(&mut nonce);
         self.seal_with_nonce(value, binding, &nonce)
     }
 
@@ -213,6 +213,41 @@ fn push_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
     // Lengths are bounded by limits.max_bulk_bytes, far below u32::MAX.
     out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
     out.extend_from_slice(bytes);
+}
+
+/// Nonces drawn from one OS read: one getrandom call per 40 values sealed,
+/// not one per value (measured at ~0.5 us a call).
+const NONCES_PER_READ: usize = 40;
+
+struct NonceStock {
+    bytes: [u8; NONCE_LEN * NONCES_PER_READ],
+    /// Bytes at the front already handed out (and zeroed).
+    used: usize,
+}
+
+thread_local! {
+    static NONCES: std::cell::RefCell<NonceStock> = const {
+        std::cell::RefCell::new(NonceStock {
+            bytes: [0; NONCE_LEN * NONCES_PER_READ],
+            used: NONCE_LEN * NONCES_PER_READ,
+        })
+    };
+}
+
+/// A nonce of fresh OS randomness, never handed out twice: each thread reads
+/// a stock of them at once and hands each one out once. (redcloak never
+/// forks, so no two processes share a stock.)
+fn fresh_nonce(nonce: &mut [u8; NONCE_LEN]) {
+    NONCES.with_borrow_mut(|stock| {
+        if stock.used == stock.bytes.len() {
+            fill_random(&mut stock.bytes);
+            stock.used = 0;
+        }
+        let taken = &mut stock.bytes[stock.used..stock.used + NONCE_LEN];
+        nonce.copy_from_slice(taken);
+        taken.fill(0);
+        stock.used += NONCE_LEN;
+    });
 }
 
 /// Fills `buf` from the operating system's CSPRNG.
@@ -412,6 +447,19 @@ mod tests {
     fn nonces_differ_between_seals() {
         let k = key(1, 1);
         assert_ne!(k.seal(b"same", bound(b"k")), k.seal(b"same", bound(b"k")));
+    }
+
+    #[test]
+    fn no_nonce_repeats_across_stock_refills() {
+        let count = NONCES_PER_READ * 5 + 3;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..count {
+            let mut nonce = [0u8; NONCE_LEN];
+            fresh_nonce(&mut nonce);
+            assert_ne!(nonce, [0u8; NONCE_LEN]);
+            seen.insert(nonce);
+        }
+        assert_eq!(seen.len(), count);
     }
 
     proptest! {

@@ -110,6 +110,16 @@ pub enum Action {
     Quit,
 }
 
+impl Action {
+    /// The request goes to Redis (as parsed, rewritten, or as RESET).
+    pub fn forwards(&self) -> bool {
+        matches!(
+            self,
+            Action::Forward(_) | Action::Rewrite(..) | Action::Reset
+        )
+    }
+}
+
 /// Whether commands missing from the table are forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnknownCommands {

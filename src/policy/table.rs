@@ -367,6 +367,45 @@ pub static COMMANDS: &[Row] = &[
     Row { name: "zunionstore", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: true } },
 ];
 
+/// What a forwarded command leaves on the upstream connection once it is
+/// answered: what must be undone before the connection serves another
+/// client (or this client, on another connection, after a pause).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Leaves {
+    /// Nothing: the connection is as it was when it logged in.
+    Nothing,
+    /// Another database is selected: `SELECT 0` undoes it.
+    Database,
+    /// Anything else a connection remembers (MULTI, WATCH, subscriptions,
+    /// tracking, names, protocol, cluster flags) or may remember (commands
+    /// without a row, DEBUG): only RESET and AUTH undo it.
+    Session,
+}
+
+/// Rows outside [`Class::Connection`] that still change the connection.
+const CHANGE_THE_CONNECTION: &[&str] = &[
+    "asking",
+    "debug",
+    "readonly",
+    "readwrite",
+    "unwatch",
+    "watch",
+];
+
+/// What forwarding a command with this row (`None`: no row) leaves behind.
+pub fn leaves(row: Option<&Row>) -> Leaves {
+    match row {
+        None => Leaves::Session,
+        Some(row) if row.name == "select" => Leaves::Database,
+        Some(Row {
+            class: Class::Connection(_),
+            ..
+        }) => Leaves::Session,
+        Some(row) if CHANGE_THE_CONNECTION.contains(&row.name) => Leaves::Session,
+        Some(_) => Leaves::Nothing,
+    }
+}
+
 /// The row for a command name, matched case-insensitively.
 pub fn lookup(name: &[u8]) -> Option<&'static Row> {
     identify(name).1
@@ -540,5 +579,27 @@ mod tests {
         assert_eq!(keys_of("OBJECT ENCODING k"), ["k"]);
         assert_eq!(keys_of("OBJECT HELP"), Vec::<String>::new());
         assert_eq!(keys_of("PUBLISH channel message"), ["channel"]);
+    }
+
+    #[test]
+    fn only_plain_data_commands_leave_nothing_on_the_connection() {
+        for name in CHANGE_THE_CONNECTION {
+            assert!(lookup(name.as_bytes()).is_some(), "{name} has no row");
+        }
+        for row in COMMANDS {
+            let leaves = leaves(Some(row));
+            match row.class {
+                Class::Connection(_) => assert_eq!(leaves, Leaves::Session, "{}", row.name),
+                _ if CHANGE_THE_CONNECTION.contains(&row.name) => {
+                    assert_eq!(leaves, Leaves::Session)
+                }
+                _ if row.name == "select" => assert_eq!(leaves, Leaves::Database),
+                _ => assert_eq!(leaves, Leaves::Nothing, "{}", row.name),
+            }
+        }
+        assert_eq!(leaves(lookup(b"SET")), Leaves::Nothing);
+        assert_eq!(leaves(lookup(b"Client")), Leaves::Session);
+        assert_eq!(leaves(lookup(b"WATCH")), Leaves::Session);
+        assert_eq!(leaves(None), Leaves::Session);
     }
 }

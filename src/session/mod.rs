@@ -22,6 +22,14 @@
 //! what is pending; losing Redis answers every pending request with an error
 //! and closes the client.
 //!
+//! Parking: a client that has only used commands that leave nothing on the
+//! upstream connection ([`Leaves::Nothing`]), and that has been quiet for
+//! `upstream.release_idle_after` with every request answered, gives its
+//! upstream connection back: the session ends with the client *parked*, and
+//! the server starts a new session, on a connection from the pool, when the
+//! client sends again. What the proxy remembers of the client (its login,
+//! bytes read while parked) lives in [`Client`] and carries over.
+//!
 //! Counting: every request's entry carries a [`Tally`] (command, when it was
 //! read). The request half logs when each batch left for Redis
 //! ([`FlushLog`]); the reply half takes answered entries from [`Replies`]
@@ -37,14 +45,15 @@ mod tally;
 use crate::auth::lockout::Lockouts;
 use crate::events;
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::table;
-use crate::policy::{self, Action, Policy, ReplyPlan};
+use crate::policy::table::{self, Leaves};
+use crate::policy::{self, Action, Policy, ReplyPlan, RequestState};
 use crate::resp::{self, Limits, ReplyScanner, Request, RequestParser};
 use crate::upstream::Login;
 use bytes::{Bytes, BytesMut};
 pub use peer::{Peer, lockout_error};
 use pipeline::{Entry, Flow, Replies, Tally};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tally::{Answered, FlushLog};
@@ -53,6 +62,8 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 
 const READ_CHUNK: usize = 16 * 1024;
+/// What a parked client's first read may bring.
+const PARKED_READ: usize = 512;
 const OK: Bytes = Bytes::from_static(b"+OK\r\n");
 
 /// What every session of a server shares.
@@ -70,6 +81,48 @@ pub struct SessionContext {
     pub lockouts: Option<Arc<Mutex<Lockouts>>>,
     /// Security events may name keys.
     pub log_key_names: bool,
+    /// How long a client on a clean connection stays quiet before it is
+    /// parked; `None`: never.
+    pub release_idle_after: Option<Duration>,
+}
+
+/// A client connection and what the proxy remembers of it between sessions.
+pub struct Client<C> {
+    stream: C,
+    state: RequestState,
+    /// Read but not yet parsed (what a parked client sent).
+    input: BytesMut,
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin> Client<C> {
+    pub fn new(ctx: &SessionContext, stream: C) -> Self {
+        Client {
+            stream,
+            state: ctx.policy.new_connection(),
+            input: BytesMut::new(),
+        }
+    }
+
+    /// A parked client: waits until it sends something (`Ok(true)`) or
+    /// closes (`Ok(false)`).
+    pub async fn wait_for_request(&mut self) -> io::Result<bool> {
+        self.input.reserve(PARKED_READ);
+        Ok(self.stream.read_buf(&mut self.input).await? > 0)
+    }
+
+    pub fn stream(&mut self) -> &mut C {
+        &mut self.stream
+    }
+}
+
+/// How a session ended, and what of it can be used again.
+pub struct SessionEnd<C, U> {
+    pub result: Result<(), SessionError>,
+    /// The upstream connection, when every request sent has been answered
+    /// and no reply byte is left half-read, with what the client left on it.
+    pub upstream: Option<(U, Leaves)>,
+    /// The client, when it was parked: serve it again when it sends.
+    pub parked: Option<Client<C>>,
 }
 
 /// Why a session ended early. The side that failed is in the variant.
@@ -91,30 +144,37 @@ enum RequestsEnd {
     ClientClosed,
     /// QUIT, a protocol error or shutdown: deliver what is pending, then close.
     Drain,
+    /// Quiet on a clean connection with nothing pending.
+    Park,
 }
 
-/// Serves one client until it leaves, Redis leaves, or shutdown drains it.
-/// Returns how it ended and, when every request sent upstream has been
-/// answered and no reply byte is left half-read, the upstream connection,
-/// fit to be reset and serve another client.
+/// Serves one client until it leaves, Redis leaves, shutdown drains it, or
+/// it is parked.
 pub async fn run<C, U>(
     ctx: &SessionContext,
-    client: C,
+    client: Client<C>,
     upstream: U,
     peer: &Peer,
     shutdown: &CancellationToken,
-) -> (Result<(), SessionError>, Option<U>)
+) -> SessionEnd<C, U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (client_reader, client_writer) = tokio::io::split(client);
+    let Client {
+        stream,
+        mut state,
+        mut input,
+    } = client;
+    let (mut client_reader, mut client_writer) = tokio::io::split(stream);
     let (mut upstream_reader, mut upstream_writer) = tokio::io::split(upstream);
-    let (result, upstream_idle) = {
+    let mut leaves = Leaves::Nothing;
+    let (result, upstream_idle, park) = {
         let (fifo_in, fifo_out) = mpsc::channel(ctx.max_pending_requests);
         let upstream_failed = CancellationToken::new();
         let client_gone = CancellationToken::new();
         let flushes = FlushLog::default();
+        let replies_quiet = AtomicBool::new(false);
         let requests = Requests {
             ctx,
             peer,
@@ -123,44 +183,56 @@ where
             output: BytesMut::with_capacity(READ_CHUNK),
             unsent_replies: 0,
             flushes: &flushes,
+            leaves: &mut leaves,
+            replies_quiet: &replies_quiet,
         };
-        let requests = requests.forward(client_reader, shutdown);
+        let requests = requests.forward(&mut client_reader, &mut input, &mut state, shutdown);
         let replies = deliver_replies(
             ctx,
             peer,
             &mut upstream_reader,
-            client_writer,
+            &mut client_writer,
             fifo_out,
             &flushes,
+            &replies_quiet,
             [&upstream_failed, &client_gone],
         );
         tokio::pin!(requests, replies);
         tokio::select! {
             end = &mut requests => match end {
-                Ok(RequestsEnd::ClientClosed) => {
+                Ok(end @ (RequestsEnd::ClientClosed | RequestsEnd::Park)) => {
                     // Nothing more to deliver: the reply half only says
                     // whether the upstream connection is idle.
                     client_gone.cancel();
                     let idle = matches!(replies.await, Ok(UpstreamEnd::Idle));
-                    (Ok(()), idle)
+                    (Ok(()), idle, matches!(end, RequestsEnd::Park))
                 }
                 Ok(RequestsEnd::Drain) => match replies.await {
-                    Ok(end) => (Ok(()), end == UpstreamEnd::Idle),
-                    Err(err) => (Err(err), false),
+                    Ok(end) => (Ok(()), end == UpstreamEnd::Idle, false),
+                    Err(err) => (Err(err), false, false),
                 },
-                Err(SessionError::Client(err)) => (Err(SessionError::Client(err)), false),
+                Err(SessionError::Client(err)) => (Err(SessionError::Client(err)), false, false),
                 Err(err) => {
                     // Redis is gone: the reply half answers what is pending with errors.
                     upstream_failed.cancel();
                     let _ = replies.await;
-                    (Err(err), false)
+                    (Err(err), false, false)
                 }
             },
-            end = &mut replies => (end.map(|_| ()), false),
+            end = &mut replies => (end.map(|_| ()), false, false),
         }
     };
-    let reusable = upstream_idle.then(|| upstream_reader.unsplit(upstream_writer));
-    (result, reusable)
+    let upstream = upstream_idle.then(|| (upstream_reader.unsplit(upstream_writer), leaves));
+    let parked = park.then(|| Client {
+        stream: client_reader.unsplit(client_writer),
+        state,
+        input,
+    });
+    SessionEnd {
+        result,
+        upstream,
+        parked,
+    }
 }
 
 /// The state the reply half leaves the upstream connection in.
@@ -183,32 +255,57 @@ struct Requests<'a, W> {
     /// Replies the requests in `output` will get.
     unsent_replies: usize,
     flushes: &'a FlushLog,
+    /// What the commands forwarded so far leave on the upstream connection.
+    leaves: &'a mut Leaves,
+    /// Set by the reply half while it waits with no request pending.
+    replies_quiet: &'a AtomicBool,
 }
 
 impl<W: AsyncWrite + Unpin> Requests<'_, W> {
     async fn forward<R: AsyncRead + Unpin>(
         mut self,
-        mut client: R,
+        client: &mut R,
+        input: &mut BytesMut,
+        state: &mut RequestState,
         shutdown: &CancellationToken,
     ) -> Result<RequestsEnd, SessionError> {
         let ctx = self.ctx;
-        let mut input = BytesMut::with_capacity(READ_CHUNK);
         let mut parser = RequestParser::default();
-        let mut state = ctx.policy.new_connection();
+        // A parked client's first bytes are already in `input`.
+        let mut read = input.len();
+        let mut last_read = Instant::now();
+        let park = tokio::time::sleep(ctx.release_idle_after.unwrap_or_default());
+        tokio::pin!(park);
         loop {
-            input.reserve(READ_CHUNK);
-            let read = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(RequestsEnd::Drain),
-                read = client.read_buf(&mut input) => read.map_err(SessionError::Client)?,
-            };
             if read == 0 {
-                return Ok(RequestsEnd::ClientClosed);
+                input.reserve(READ_CHUNK);
+                let parkable = ctx.release_idle_after.is_some() && *self.leaves == Leaves::Nothing;
+                read = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(RequestsEnd::Drain),
+                    read = client.read_buf(input) => read.map_err(SessionError::Client)?,
+                    _ = &mut park, if parkable => {
+                        // The timer is only moved when it fires: not once per read.
+                        let quiet_since = last_read + ctx.release_idle_after.unwrap_or_default();
+                        if quiet_since <= Instant::now() && self.nothing_pending(input) {
+                            return Ok(RequestsEnd::Park);
+                        }
+                        let now = Instant::now();
+                        let next = if quiet_since > now { quiet_since } else { now + ctx.release_idle_after.unwrap_or_default() };
+                        park.as_mut().reset(next.into());
+                        continue;
+                    }
+                };
+                if read == 0 {
+                    return Ok(RequestsEnd::ClientClosed);
+                }
             }
             ctx.metrics.client_received.increment(read as u64);
+            read = 0;
             let received = Instant::now();
+            last_read = received;
             loop {
-                let request = match parser.next(&mut input, &ctx.limits) {
+                let request = match parser.next(input, &ctx.limits) {
                     Ok(Some(request)) => request,
                     Ok(None) => break,
                     Err(err) => {
@@ -226,7 +323,10 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                         .await?;
                     continue;
                 }
-                let action = ctx.policy.classify_as(row, &request, &mut state);
+                let action = ctx.policy.classify_as(row, &request, state);
+                if action.forwards() {
+                    *self.leaves = (*self.leaves).max(table::leaves(row));
+                }
                 if self.act(action, &request, tally).await? == Flow::Close {
                     self.flush().await?;
                     return Ok(RequestsEnd::Drain);
@@ -234,6 +334,14 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
             }
             self.flush().await?;
         }
+    }
+
+    /// Every request read has been answered and written to the client.
+    fn nothing_pending(&self, input: &BytesMut) -> bool {
+        input.is_empty()
+            && self.output.is_empty()
+            && self.fifo.capacity() == self.fifo.max_capacity()
+            && self.replies_quiet.load(Ordering::Relaxed)
     }
 
     /// How long a login attempt from a locked-out peer must wait, if it must.
@@ -360,13 +468,15 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
 /// Upstream bytes -> replies matched to FIFO entries -> client bytes.
 /// `stop`: Redis failed (answer what is pending with errors), and the client
 /// left (just say whether the upstream connection is idle).
+#[allow(clippy::too_many_arguments)]
 async fn deliver_replies<R, W>(
     ctx: &SessionContext,
     peer: &Peer,
     upstream: &mut R,
-    mut client: W,
+    client: &mut W,
     mut fifo: mpsc::Receiver<Entry>,
     flushes: &FlushLog,
+    quiet: &AtomicBool,
     [upstream_failed, client_gone]: [&CancellationToken; 2],
 ) -> Result<UpstreamEnd, SessionError>
 where
@@ -380,6 +490,11 @@ where
     let mut answered = Answered::default();
     let mut requests_done = false;
     loop {
+        quiet.store(false, Ordering::Relaxed);
+        if client_gone.is_cancelled() {
+            // Closed or parked: the client is not to be written to or shut.
+            return Ok(upstream_end(&input, &replies, flushes));
+        }
         let flow = match deliver_ready(
             ctx,
             &mut replies,
@@ -391,24 +506,25 @@ where
         ) {
             Ok(flow) => flow,
             Err(err) => {
-                return fail_pending(ctx, &mut client, &mut fifo, &mut output, &replies, err).await;
+                return fail_pending(ctx, client, &mut fifo, &mut output, &replies, err).await;
             }
         };
         answered.take(&mut replies, flushes);
-        write_client(ctx, &mut client, &mut output).await?;
+        write_client(ctx, client, &mut output).await?;
         answered.record(ctx, peer);
         if flow == Flow::Close || (requests_done && replies.needs_entry()) {
             let _ = client.shutdown().await;
             return Ok(upstream_end(&input, &replies, flushes));
         }
         input.reserve(READ_CHUNK);
+        quiet.store(replies.needs_entry() && input.is_empty(), Ordering::Relaxed);
         let lost = tokio::select! {
             entry = fifo.recv(), if replies.needs_entry() => {
                 match entry {
                     Some(entry) => {
                         if replies.accept(entry, &mut output) == Flow::Close {
                             answered.take(&mut replies, flushes);
-                            write_client(ctx, &mut client, &mut output).await?;
+                            write_client(ctx, client, &mut output).await?;
                             answered.record(ctx, peer);
                             let _ = client.shutdown().await;
                             return Ok(upstream_end(&input, &replies, flushes));
@@ -430,7 +546,7 @@ where
             _ = client_gone.cancelled() => return Ok(upstream_end(&input, &replies, flushes)),
         };
         if let Some(err) = lost {
-            return fail_pending(ctx, &mut client, &mut fifo, &mut output, &replies, err).await;
+            return fail_pending(ctx, client, &mut fifo, &mut output, &replies, err).await;
         }
     }
 }

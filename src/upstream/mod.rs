@@ -18,7 +18,7 @@ use crate::secret::Secret;
 use bytes::BytesMut;
 use rustls_pki_types::ServerName;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -122,6 +122,16 @@ pub struct Upstream {
     server_name: ServerName<'static>,
     connector: TlsConnector,
     login: Arc<Login>,
+    /// The certificate Redis showed last, so each new connection neither
+    /// parses it again nor repeats the same warning.
+    last_certificate: Mutex<Option<SeenCertificate>>,
+}
+
+struct SeenCertificate {
+    der: Vec<u8>,
+    expiry: Option<SystemTime>,
+    /// Days left when the expiry warning was last logged.
+    warned_at_days: Option<i64>,
 }
 
 impl Upstream {
@@ -153,7 +163,34 @@ impl Upstream {
             server_name,
             connector: TlsConnector::from(tls),
             login,
+            last_certificate: Mutex::new(None),
         })
+    }
+
+    /// Logs a warning when Redis's certificate expires within 30 days (once
+    /// a day, not once per connection); returns when it expires.
+    fn warn_if_expiring(&self, tls: &UpstreamStream) -> Option<SystemTime> {
+        let der = tls.get_ref().1.peer_certificates()?.first()?;
+        let mut last = self
+            .last_certificate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let seen = match &mut *last {
+            Some(seen) if seen.der[..] == der[..] => seen,
+            last => last.insert(SeenCertificate {
+                der: der.to_vec(),
+                expiry: crate::tls::inspect::expiry(der),
+                warned_at_days: None,
+            }),
+        };
+        if let Some(days) = seen.expiry.and_then(crate::tls::inspect::days_left)
+            && days < 30
+            && seen.warned_at_days != Some(days)
+        {
+            seen.warned_at_days = Some(days);
+            tracing::warn!(days_left = days, "Redis's TLS certificate expires soon");
+        }
+        seen.expiry
     }
 
     pub fn login(&self) -> &Arc<Login> {
@@ -187,7 +224,7 @@ impl Upstream {
         let started = std::time::Instant::now();
         let connected: Result<UpstreamStream, UpstreamError> = async {
             let mut tls = self.handshake_with(&self.connector).await?;
-            let expiry = warn_if_expiring(&tls).and_then(unix_time);
+            let expiry = self.warn_if_expiring(&tls).and_then(unix_time);
             if let Some(metrics) = metrics {
                 let handshake = started.elapsed().as_secs_f64();
                 metrics.upstream_handshake.record(handshake);
@@ -363,23 +400,6 @@ impl ReplyReader {
     pub(crate) fn is_drained(&self) -> bool {
         self.buf.is_empty()
     }
-}
-
-/// Logs a warning when Redis's certificate expires within 30 days; returns
-/// when it expires.
-fn warn_if_expiring(tls: &UpstreamStream) -> Option<SystemTime> {
-    let expiry = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(|c| crate::tls::inspect::expiry(c));
-    if let Some(days) = expiry.and_then(crate::tls::inspect::days_left)
-        && days < 30
-    {
-        tracing::warn!(days_left = days, "Redis's TLS certificate expires soon");
-    }
-    expiry
 }
 
 /// Seconds since the unix epoch.

@@ -3,18 +3,20 @@
 //! hands its connection back for the next one instead of closing it.
 //!
 //! A connection goes back only when its session says it is idle (every
-//! request answered, no reply half-read), and only after RESET and
-//! redcloak's own AUTH both succeed on it: RESET ends MULTI and WATCH,
-//! subscriptions, client tracking, CLIENT REPLY modes and the client name,
-//! selects db 0, and returns to RESP2, so nothing of one client's session
-//! reaches the next. Frames Redis pushed before the RESET (pub/sub messages,
-//! invalidations) are skipped; anything else, or no answer in time, closes
-//! the connection. A connection is also checked, without blocking, for a
-//! close or stray bytes when it is taken. A background task keeps `idle`
-//! connections ready.
+//! request answered, no reply half-read), and only once what its client
+//! left on it is undone ([`Leaves`]): nothing to undo after plain data
+//! commands; `SELECT 0` after SELECT; otherwise RESET and redcloak's own
+//! AUTH, which end MULTI and WATCH, subscriptions, client tracking, CLIENT
+//! REPLY modes and the client name, select db 0 and return to RESP2. So
+//! nothing of one client's session reaches the next. Frames Redis pushed
+//! before the RESET (pub/sub messages, invalidations) are skipped; anything
+//! else, or no answer in time, closes the connection. A connection is also
+//! checked, without blocking, for a close or stray bytes when it is taken.
+//! A background task keeps `idle` connections ready.
 
 use super::{ReplyReader, Upstream, UpstreamError, UpstreamStream};
 use crate::metrics::Metrics;
+use crate::policy::table::Leaves;
 use crate::resp::{Limits, ReplyKind, reply_kind};
 use bytes::BytesMut;
 use std::collections::VecDeque;
@@ -95,9 +97,9 @@ impl Pool {
     }
 
     /// A connection taken earlier comes back from its client: `Some` when
-    /// its session left it idle. Reset and logged in again it serves the
-    /// next client; otherwise it is closed.
-    pub async fn give_back(&self, stream: Option<UpstreamStream>) {
+    /// its session left it idle, with what the client left on it. Once that
+    /// is undone it serves the next client; otherwise it is closed.
+    pub async fn give_back(&self, stream: Option<(UpstreamStream, Leaves)>) {
         // Room counts ready connections only: while more clients than
         // `capacity` come and go, returned connections keep serving them.
         let room = {
@@ -105,9 +107,9 @@ impl Pool {
             state.lent = state.lent.saturating_sub(1);
             state.idle.len() < self.capacity
         };
-        if let (Some(mut stream), true) = (stream, room) {
+        if let (Some((mut stream, leaves)), true) = (stream, room) {
             let timeout = self.upstream.settings().connect_timeout;
-            let reset = tokio::time::timeout(timeout, self.reset(&mut stream)).await;
+            let reset = tokio::time::timeout(timeout, self.undo(&mut stream, leaves)).await;
             if matches!(reset, Ok(Ok(()))) {
                 let mut state = self.lock();
                 if state.idle.len() < self.capacity {
@@ -118,6 +120,27 @@ impl Pool {
             }
         }
         self.wanted.notify_one();
+    }
+
+    /// Undoes what a client left on the connection.
+    async fn undo(&self, stream: &mut UpstreamStream, leaves: Leaves) -> std::io::Result<()> {
+        match leaves {
+            Leaves::Nothing => Ok(()),
+            Leaves::Database => {
+                let mut out = BytesMut::with_capacity(32);
+                crate::resp::encode_command(&mut out, &[&b"SELECT"[..], b"0"]);
+                stream.write_all(&out).await?;
+                stream.flush().await?;
+                let mut replies = ReplyReader::default();
+                let reply = replies.next(stream, &Limits::default()).await?;
+                if &reply[..] == b"+OK\r\n" && replies.is_drained() {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("SELECT 0 refused"))
+                }
+            }
+            Leaves::Session => self.reset(stream).await,
+        }
     }
 
     /// RESET, then redcloak's AUTH; pushed frames before +RESET are skipped.

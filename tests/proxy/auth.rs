@@ -3,25 +3,13 @@
 
 use crate::support::*;
 
-/// Calls of AUTH that Redis has seen since the last CONFIG RESETSTAT.
-async fn redis_auth_calls(redis: &TestRedis) -> usize {
-    let mut admin = redis.admin().await;
-    let stats = admin.call(&[b"INFO", b"commandstats"]).await;
-    let stats = String::from_utf8_lossy(&stats);
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_auth:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().expect("number"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_listen_auth_auth_is_answered_like_a_passwordless_redis_and_never_forwarded() {
     let redis = TestRedis::start().await;
     let proxy = redis.start_proxy(&redis.config()).await;
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
-    let before = redis_auth_calls(&redis).await;
+    let before = redis_calls(&redis, "auth").await;
     assert_error(
         &c.call(&[b"AUTH", b"anything"]).await,
         "-ERR AUTH <password> called without any password",
@@ -42,7 +30,7 @@ async fn without_listen_auth_auth_is_answered_like_a_passwordless_redis_and_neve
     );
     // Each INFO above came from a fresh admin connection (one AUTH each).
     assert_eq!(
-        redis_auth_calls(&redis).await,
+        redis_calls(&redis, "auth").await,
         before + 1,
         "a client AUTH reached Redis"
     );

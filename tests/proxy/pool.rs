@@ -1,6 +1,9 @@
 //! Warm upstream connections: a client's connection serves the next client
-//! only after RESET and redcloak's AUTH, so nothing of one session reaches
-//! the next; a connection still busy, or closed while waiting, is not reused.
+//! only once what the client left on it is undone (nothing after data
+//! commands, SELECT 0 after SELECT, RESET and redcloak's AUTH otherwise), so
+//! nothing of one session reaches the next; a connection still busy, or
+//! closed while waiting, is not reused. A quiet client on a clean connection
+//! gives it back, and gets one again when it speaks.
 
 use crate::support::*;
 
@@ -160,4 +163,110 @@ async fn churning_clients_reuse_connections_instead_of_making_new_ones() {
     // The upstream check's connection aside, nothing new was opened.
     let after = opened(&proxy.scrape().await);
     assert!(after <= before.map(|b| b + 1.0), "{before:?} -> {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_commands_leave_nothing_to_undo_and_select_is_undone_with_select_0() {
+    let redis = TestRedis::start().await;
+    let proxy = pooled(&redis, 1).await;
+    eventually("the pool is warm", || async {
+        pool_idle(&proxy).await == Some(1.0)
+    })
+    .await;
+    let mut first = proxy.raw().await;
+    assert_reply(&first.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    assert_reply(&first.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
+    assert_reply(&first.call(&[b"PING"]).await, b"+PONG\r\n");
+    drop(first);
+    eventually("the connection came back", || async {
+        pool_idle(&proxy).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(redis_calls(&redis, "reset").await, 0, "nothing to undo");
+    assert_eq!(redis_calls(&redis, "select").await, 0);
+
+    let mut second = proxy.raw().await;
+    assert_reply(&second.call(&[b"SELECT", b"3"]).await, b"+OK\r\n");
+    assert_reply(&second.call(&[b"SET", b"k", b"db3"]).await, b"+OK\r\n");
+    drop(second);
+    eventually("the connection came back", || async {
+        pool_idle(&proxy).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(redis_calls(&redis, "reset").await, 0);
+    assert_eq!(
+        redis_calls(&redis, "select").await,
+        2,
+        "SELECT 3, then SELECT 0"
+    );
+
+    let mut third = proxy.raw().await;
+    assert_reply(&third.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
+    let info = third.call(&[b"CLIENT", b"INFO"]).await;
+    let info = String::from_utf8_lossy(&info).into_owned();
+    assert_eq!(field(&info, "db"), "0", "{info}");
+    drop(third);
+    // CLIENT changes the connection: RESET and AUTH before it serves again.
+    eventually("the connection came back", || async {
+        redis_calls(&redis, "reset").await == 1 && pool_idle(&proxy).await == Some(1.0)
+    })
+    .await;
+}
+
+/// A proxy with a one-connection pool whose clients give their connection
+/// back after 500 ms of quiet.
+async fn parking(redis: &TestRedis) -> Proxy {
+    let config = redis
+        .config()
+        .upstream("pool_idle", "1")
+        .upstream("release_idle_after", "\"500ms\"")
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
+    redis.start_proxy(&config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_client_on_a_clean_connection_gives_it_back_and_gets_one_when_it_speaks() {
+    let redis = TestRedis::start().await;
+    let proxy = parking(&redis).await;
+    eventually("the pool is warm", || async {
+        pool_idle(&proxy).await == Some(1.0)
+    })
+    .await;
+    let mut client = proxy.raw().await;
+    assert_reply(&client.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    assert_eq!(pool_idle(&proxy).await, Some(0.0), "the client holds it");
+    eventually("the quiet client gave its connection back", || async {
+        pool_idle(&proxy).await == Some(1.0)
+    })
+    .await;
+    // Still connected, and served as before, with requests pipelined.
+    client.send(&[b"GET", b"k"]).await;
+    client.send(&[b"SET", b"k2", b"w"]).await;
+    client.send(&[b"GET", b"k2"]).await;
+    assert_reply(&client.read().await, b"$1\r\nv\r\n");
+    assert_reply(&client.read().await, b"+OK\r\n");
+    assert_reply(&client.read().await, b"$1\r\nw\r\n");
+    eventually("given back again", || async {
+        pool_idle(&proxy).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(redis_calls(&redis, "reset").await, 0, "nothing to undo");
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_changed_its_connection_keeps_it_however_quiet() {
+    let redis = TestRedis::start().await;
+    let proxy = parking(&redis).await;
+    let mut in_db_2 = proxy.raw().await;
+    assert_reply(&in_db_2.call(&[b"SELECT", b"2"]).await, b"+OK\r\n");
+    assert_reply(&in_db_2.call(&[b"SET", b"k", b"db2"]).await, b"+OK\r\n");
+    let mut in_multi = proxy.raw().await;
+    assert_reply(&in_multi.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_reply(&in_multi.call(&[b"GET", b"k"]).await, b"+QUEUED\r\n");
+    // Four times the quiet that parks a clean client.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_reply(&in_db_2.call(&[b"GET", b"k"]).await, b"$3\r\ndb2\r\n");
+    let exec = in_multi.call(&[b"EXEC"]).await;
+    assert_reply(&exec, b"*1\r\n$-1\r\n");
 }

@@ -105,9 +105,10 @@ impl TestRedis {
                 format!(r#"username = "{REDIS_USER}""#),
                 r#"password_file = "redis-password""#.into(),
                 r#"connect_timeout = "5s""#.into(),
-                // No warm connections: tests count what reaches Redis
-                // exactly. The pool's own tests turn it on.
+                // No warm connections and no parking: tests count what
+                // reaches Redis exactly. The pool's own tests turn them on.
                 "pool_idle = 0".into(),
+                r#"release_idle_after = "off""#.into(),
             ],
             top: Vec::new(),
             tail: String::new(),
@@ -607,4 +608,18 @@ pub fn promtool(args: &[&str], input: &str) -> (bool, String) {
         String::from_utf8_lossy(&output.stderr)
     );
     (output.status.success(), text)
+}
+
+/// Calls of a command that Redis has counted (INFO commandstats), on a
+/// fresh admin connection.
+pub async fn redis_calls(redis: &TestRedis, command: &str) -> usize {
+    let mut admin = redis.admin().await;
+    let stats = admin.call(&[b"INFO", b"commandstats"]).await;
+    let stats = String::from_utf8_lossy(&stats);
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("number"))
 }
