@@ -102,22 +102,28 @@ impl Pool {
     pub async fn give_back(&self, stream: Option<(UpstreamStream, Leaves)>) {
         // Room counts ready connections only: while more clients than
         // `capacity` come and go, returned connections keep serving them.
-        let room = {
-            let mut state = self.lock();
-            state.lent = state.lent.saturating_sub(1);
-            state.idle.len() < self.capacity
-        };
+        // The connection stays counted as lent while it is undone, so the
+        // background task does not open another in its place meanwhile.
+        let room = self.lock().idle.len() < self.capacity;
         if let (Some((mut stream, leaves)), true) = (stream, room) {
             let timeout = self.upstream.settings().connect_timeout;
-            let reset = tokio::time::timeout(timeout, self.undo(&mut stream, leaves)).await;
-            if matches!(reset, Ok(Ok(()))) {
+            let undone = tokio::time::timeout(timeout, self.undo(&mut stream, leaves)).await;
+            if matches!(undone, Ok(Ok(()))) {
                 let mut state = self.lock();
+                state.lent = state.lent.saturating_sub(1);
                 if state.idle.len() < self.capacity {
                     state.idle.push_back(stream);
                     self.show_idle(&state);
                     return;
                 }
+                drop(state);
+                self.wanted.notify_one();
+                return;
             }
+        }
+        {
+            let mut state = self.lock();
+            state.lent = state.lent.saturating_sub(1);
         }
         self.wanted.notify_one();
     }
