@@ -386,7 +386,7 @@ async fn an_all_zero_data_key_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_upstream_connection_warns_when_redis_certificate_expires_soon() {
+async fn upstream_connections_warn_once_a_day_when_redis_certificate_expires_soon() {
     let now = OffsetDateTime::now_utc();
     let setup = RedisSetup {
         redis_cert_validity: Some((now - Days::days(1), now + Days::days(10))),
@@ -415,6 +415,14 @@ async fn every_upstream_connection_warns_when_redis_certificate_expires_soon() {
     let mut client = RawClient::new(stream);
     assert_reply(&client.call(&[b"PING"]).await, b"+PONG\r\n");
     drop(client);
+    // More clients, each on a new upstream connection (no pool here).
+    for _ in 0..3 {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let mut client = RawClient::new(stream);
+        assert_reply(&client.call(&[b"PING"]).await, b"+PONG\r\n");
+    }
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -429,7 +437,7 @@ async fn every_upstream_connection_warns_when_redis_certificate_expires_soon() {
     })
     .await
     .expect("join");
-    // Once at startup (the gate's warning) and once for the client's upstream connection.
+    // At startup (the gate's warning), and when upstream connections are made.
     assert!(
         logs.contains("startup check warning") && logs.contains("redis-certificate"),
         "{logs}"
@@ -438,6 +446,10 @@ async fn every_upstream_connection_warns_when_redis_certificate_expires_soon() {
         logs.contains("Redis's TLS certificate expires soon") && logs.contains("days_left=9"),
         "{logs}"
     );
+    // Once per certificate and day for the startup checks' connection and
+    // once for the server's, not once for each of the 4 client connections.
+    let warnings = logs.matches("Redis's TLS certificate expires soon").count();
+    assert!(warnings <= 2, "{warnings} warnings: {logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
