@@ -13,15 +13,16 @@
 //! * [`cli`], [`config`]: command line, and the validated configuration.
 //! * [`server`], [`shutdown`]: listeners, accept loop, connection limit, drain on SIGTERM.
 //! * [`tls`]: PEM loading and the rustls configs of both sides.
-//! * [`session`]: one client and its own upstream connection; `pipeline` matches replies to
-//!   requests, `open` opens the sealed values in a reply.
+//! * [`session`]: one client and its own upstream connection (given back while the client is
+//!   quiet on a clean connection); `pipeline` matches replies to requests, `open` opens the
+//!   sealed values in a reply.
 //! * [`resp`]: RESP parsing, framing and encoding (pure).
 //! * [`policy`]: what to do with each command; `policy::table` is the one table of commands,
 //!   `policy::rules` which keys are encrypted (pure).
 //! * [`crypto`]: the envelope (XAES-256-GCM, bound to key and field) and the keyring (pure).
 //! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
 //! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::pool` keeps warm
-//!   connections and resets returned ones.
+//!   connections and undoes what a client left on returned ones.
 //! * [`metrics`], [`events`], [`health`], [`admin`]: what operators see: every metric, the
 //!   security events, readiness, and the admin listener serving /metrics, /healthz, /readyz.
 //! * [`dev`], [`playground`]: throwaway certificates and redis-server for `redcloak dev` and the tests.

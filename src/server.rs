@@ -1,5 +1,7 @@
-//! Listeners, the accept loop, the connection limit, and one session task per
-//! client. Everything that can be wrong in the configuration (certificates,
+//! Listeners, the accept loop, the connection limit, and one task per client:
+//! it takes an upstream connection from the pool, runs the session, gives
+//! the connection back, and, when the session parked the client, waits for
+//! its next request to start the next session. Everything that can be wrong in the configuration (certificates,
 //! keys, names) is checked in [`Server::bind`], before any listener opens.
 //!
 //! On shutdown readiness turns to draining for good, the listeners close

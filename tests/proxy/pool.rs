@@ -270,3 +270,38 @@ async fn a_client_that_changed_its_connection_keeps_it_however_quiet() {
     let exec = in_multi.call(&[b"EXEC"]).await;
     assert_reply(&exec, b"*1\r\n$-1\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_client_stays_logged_in_to_redcloak() {
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .upstream("pool_idle", "1")
+        .upstream("release_idle_after", "\"300ms\"")
+        .tail("[listen.auth]\npassword = \"app-password-0123456789\"\n[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let proxy = redis.start_proxy(&config).await;
+    eventually("the pool is warm", || async {
+        pool_idle(&proxy).await == Some(1.0)
+    })
+    .await;
+    let mut client = proxy.raw().await;
+    assert_error(&client.call(&[b"GET", b"k"]).await, "-NOAUTH");
+    assert_reply(
+        &client.call(&[b"AUTH", b"app-password-0123456789"]).await,
+        b"+OK\r\n",
+    );
+    assert_reply(&client.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    eventually("the quiet client gave its connection back", || async {
+        pool_idle(&proxy).await == Some(1.0)
+    })
+    .await;
+    assert_reply(&client.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
+    // A client that never logged in is still refused after parking.
+    let mut stranger = proxy.raw().await;
+    assert_error(&stranger.call(&[b"GET", b"k"]).await, "-NOAUTH");
+    eventually("the stranger's connection is back", || async {
+        pool_idle(&proxy).await == Some(1.0)
+    })
+    .await;
+    assert_error(&stranger.call(&[b"GET", b"k"]).await, "-NOAUTH");
+}
