@@ -11,7 +11,8 @@
 //! Modules, in the order a request travels:
 //!
 //! * [`cli`], [`config`]: command line, and the validated configuration.
-//! * [`server`], [`shutdown`]: listeners, accept loop, connection limit, drain on SIGTERM.
+//! * [`server`], [`shutdown`]: listeners, accept loop, connection limit, drain on SIGTERM;
+//!   [`open_files`]: the descriptors those connections need.
 //! * [`tls`]: PEM loading and the rustls configs of both sides.
 //! * [`session`]: one client and its own upstream connection (given back while the client is
 //!   quiet on a clean connection); `pipeline` matches replies to requests, `open` opens the
@@ -36,6 +37,7 @@ pub mod dev;
 pub mod events;
 pub mod health;
 pub mod metrics;
+pub mod open_files;
 pub mod playground;
 pub mod policy;
 pub mod resp;

@@ -54,6 +54,13 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let loaded = config::load(&config)
                 .with_context(|| format!("configuration error in {}", config.display()))
                 .map_err(|e| (EXIT_CONFIG, e))?;
+            if let Some((before, after)) = redcloak::open_files::raise_to_hard_limit() {
+                tracing::info!(
+                    before,
+                    after,
+                    "raised the open-file limit to the hard limit"
+                );
+            }
             // The admin listener opens first, so probes see "starting"
             // (/readyz 503) while the startup checks run.
             let telemetry = Telemetry::default();
@@ -96,6 +103,8 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let loaded = config::load(&config)
                 .with_context(|| format!("configuration error in {}", config.display()))
                 .map_err(|e| (EXIT_CONFIG, e))?;
+            // As `serve` would: the report shows the limit it would run with.
+            redcloak::open_files::raise_to_hard_limit();
             let report = gate::run(&loaded).await;
             match format {
                 ReportFormat::Text => print!("{}", report.text()),

@@ -73,6 +73,7 @@ pub async fn run(config: &Config) -> Report {
     checks.push(keyring(config));
     checks.push(downstream(config));
     checks.push(admin_listener(config));
+    checks.push(open_files(config));
     Report::new(config.profile, address, checks)
 }
 
@@ -649,6 +650,32 @@ fn admin_listener(config: &Config) -> Check {
             Status::Warn,
             format!("/metrics, /healthz and /readyz on {address}, which is not loopback"),
             "let only Prometheus and the orchestrator's probes reach it (firewall, Kubernetes NetworkPolicy), or listen on 127.0.0.1",
+        ),
+    }
+}
+
+/// Whether the open-file limit lets every allowed client connect with its
+/// upstream connection. Past it, accepting fails and clients are refused.
+fn open_files(config: &Config) -> Check {
+    const NAME: &str = "open-files";
+    let needed = crate::open_files::needed(config);
+    let max = config.listen.max_connections;
+    match crate::open_files::soft_limit() {
+        Some(limit) if limit < needed => problem(
+            NAME,
+            Status::Warn,
+            format!(
+                "the open-file limit is {limit}; listen.max_connections = {max} clients with \
+                 their upstream connections need up to {needed}"
+            ),
+            "raise the hard limit (systemd LimitNOFILE=, docker --ulimit nofile=, ulimit -Hn) or lower listen.max_connections",
+        ),
+        limit => ok(
+            NAME,
+            format!(
+                "limit {} covers {max} clients with their upstream connections ({needed})",
+                limit.map_or("unlimited".to_string(), |l| l.to_string())
+            ),
         ),
     }
 }

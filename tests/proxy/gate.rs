@@ -117,6 +117,7 @@ async fn a_secure_setup_passes_every_check_in_production() {
         "keyring",
         "downstream",
         "admin-listener",
+        "open-files",
     ] {
         outcome.status(name);
     }
@@ -513,4 +514,63 @@ async fn an_admin_listener_off_loopback_is_a_warning_and_loopback_passes() {
         (0, "warn")
     );
     assert!(outcome.detail("admin-listener").contains("not loopback"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_clients_than_open_files_allow_is_a_warning_that_says_the_numbers() {
+    let redis = TestRedis::start().await;
+    // Two descriptors a client: more than any hard limit allows (nr_open
+    // is at most 2^30).
+    let many = redis.config().listen("max_connections = 2000000000");
+    let outcome = check(&redis, &many).await;
+    assert_eq!(
+        (outcome.code, outcome.status("open-files").as_str()),
+        (0, "warn"),
+        "{}",
+        outcome.report
+    );
+    let detail = outcome.detail("open-files");
+    assert!(
+        detail.contains("max_connections = 2000000000") && detail.contains("4000000064"),
+        "{detail}"
+    );
+    let few = redis.config().listen("max_connections = 10");
+    let outcome = check(&redis, &few).await;
+    assert_eq!(outcome.status("open-files"), "ok", "{}", outcome.report);
+
+    // Started with a soft limit of 64, redcloak works with the hard limit.
+    let file = redis.path("few.toml");
+    std::fs::write(&file, few.render()).expect("write");
+    let script = format!(
+        "ulimit -Sn 64 && echo \"$(ulimit -Hn)\" && exec {} check --format json --config {}",
+        redcloak_bin(),
+        file.display()
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .expect("runs")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let (hard, report) = stdout.split_once('\n').expect("two parts");
+    let report: serde_json::Value = serde_json::from_str(report).expect("json");
+    let detail = report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "open-files")
+        .map(|c| c["detail"].as_str().unwrap_or_default().to_string())
+        .expect("open-files");
+    let limit = if hard == "unlimited" {
+        hard
+    } else {
+        hard.trim()
+    };
+    assert!(
+        detail.starts_with(&format!("limit {limit} covers")),
+        "{detail}"
+    );
 }

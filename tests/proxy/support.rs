@@ -95,7 +95,12 @@ impl TestRedis {
     /// A config for redcloak in front of this Redis, to adjust per test.
     pub fn config(&self) -> ProxyConfig {
         ProxyConfig {
-            listen: vec![r#"address = "127.0.0.1:0""#.into()],
+            // Far more clients than any test opens, and few enough for the
+            // open-files check to pass under a 20,000 descriptor limit.
+            listen: vec![
+                r#"address = "127.0.0.1:0""#.into(),
+                "max_connections = 1000".into(),
+            ],
             upstream: vec![
                 format!(r#"address = "127.0.0.1:{}""#, self.redis.port()),
                 r#"server_name = "localhost""#.into(),
@@ -257,7 +262,16 @@ impl ProxyConfig {
         self
     }
 
+    /// Adds a `[listen]` line, replacing one with the same key.
     pub fn listen(mut self, line: &str) -> Self {
+        let key = line
+            .split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        self.listen
+            .retain(|l| l.split('=').next().unwrap_or_default().trim() != key);
         self.listen.push(line.into());
         self
     }
