@@ -275,14 +275,17 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
         let mut read = input.len();
         let mut last_read = Instant::now();
         let park = tokio::time::sleep(ctx.release_idle_after.unwrap_or_default());
-        tokio::pin!(park);
+        // Made once: each `cancelled()` locks the token, shared by every
+        // session, and registers a waiter.
+        let shutdown = shutdown.cancelled();
+        tokio::pin!(park, shutdown);
         loop {
             if read == 0 {
                 input.reserve(READ_CHUNK);
                 let parkable = ctx.release_idle_after.is_some() && *self.leaves == Leaves::Nothing;
                 read = tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => return Ok(RequestsEnd::Drain),
+                    _ = &mut shutdown => return Ok(RequestsEnd::Drain),
                     read = client.read_buf(input) => read.map_err(SessionError::Client)?,
                     _ = &mut park, if parkable => {
                         // The timer is only moved when it fires: not once per read.
@@ -489,6 +492,9 @@ where
     let mut replies = Replies::new(ctx.policy.keyring().clone(), ctx.reply_limits.clone());
     let mut answered = Answered::default();
     let mut requests_done = false;
+    let failed = upstream_failed.cancelled();
+    let gone = client_gone.cancelled();
+    tokio::pin!(failed, gone);
     loop {
         quiet.store(false, Ordering::Relaxed);
         if client_gone.is_cancelled() {
@@ -542,8 +548,8 @@ where
                 }
                 Err(err) => Some(SessionError::Upstream(err)),
             },
-            _ = upstream_failed.cancelled() => Some(SessionError::UpstreamClosed),
-            _ = client_gone.cancelled() => return Ok(upstream_end(&input, &replies, flushes)),
+            _ = &mut failed => Some(SessionError::UpstreamClosed),
+            _ = &mut gone => return Ok(upstream_end(&input, &replies, flushes)),
         };
         if let Some(err) = lost {
             return fail_pending(ctx, client, &mut fifo, &mut output, &replies, err).await;
