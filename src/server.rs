@@ -1,8 +1,9 @@
 //! Listeners, the accept loop, the connection limit, and one task per client:
 //! it takes an upstream connection from the pool, runs the session, gives
 //! the connection back, and, when the session parked the client, waits for
-//! its next request to start the next session. Everything that can be wrong in the configuration (certificates,
-//! keys, names) is checked in [`Server::bind`], before any listener opens.
+//! its next request to start the next session. Everything that can be wrong
+//! in the configuration (certificates, keys, names) is checked in
+//! [`Server::bind`], before any listener opens.
 //!
 //! On shutdown readiness turns to draining for good, the listeners close
 //! (the unix socket file is removed), then sessions drain: they stop reading
