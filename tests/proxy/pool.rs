@@ -20,6 +20,14 @@ async fn pool_idle(proxy: &Proxy) -> Option<f64> {
     metric(&proxy.scrape().await, "redcloak_upstream_pool_idle")
 }
 
+/// Waits until the pool holds `count` ready connections; `what` says why.
+async fn until_ready(proxy: &Proxy, count: u32, what: &str) {
+    eventually(what, || async {
+        pool_idle(proxy).await == Some(f64::from(count))
+    })
+    .await;
+}
+
 async fn client_id(client: &mut RawClient<tokio::net::TcpStream>) -> String {
     String::from_utf8_lossy(&client.call(&[b"CLIENT", b"ID"]).await).into_owned()
 }
@@ -35,10 +43,7 @@ fn field<'a>(info: &'a str, name: &str) -> &'a str {
 async fn the_next_client_gets_the_connection_reset_with_nothing_of_the_last_session() {
     let redis = TestRedis::start().await;
     let proxy = pooled(&redis, 1).await;
-    eventually("the pool is warm", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the pool is warm").await;
 
     let mut first = proxy.raw().await;
     let id = client_id(&mut first).await;
@@ -61,10 +66,7 @@ async fn the_next_client_gets_the_connection_reset_with_nothing_of_the_last_sess
         b"+QUEUED\r\n",
     );
     drop(first);
-    eventually("the connection came back", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the connection came back").await;
 
     let mut next = proxy.raw().await;
     assert_eq!(
@@ -96,10 +98,7 @@ async fn the_next_client_gets_the_connection_reset_with_nothing_of_the_last_sess
 async fn a_connection_left_waiting_for_a_reply_is_closed_not_reused() {
     let redis = TestRedis::start().await;
     let proxy = pooled(&redis, 1).await;
-    eventually("the pool is warm", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the pool is warm").await;
     let mut blocked = proxy.raw().await;
     let id = client_id(&mut blocked).await;
     blocked.send(&[b"BLPOP", b"plain:never", b"0"]).await;
@@ -107,10 +106,7 @@ async fn a_connection_left_waiting_for_a_reply_is_closed_not_reused() {
     drop(blocked);
     // Its BLPOP is unanswered: the pool makes a new connection instead.
     wait_until_blocked(&redis, 0).await;
-    eventually("a fresh connection is ready", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "a fresh connection is ready").await;
     let mut next = proxy.raw().await;
     assert_ne!(client_id(&mut next).await, id);
     assert_reply(&next.call(&[b"PING"]).await, b"+PONG\r\n");
@@ -120,10 +116,7 @@ async fn a_connection_left_waiting_for_a_reply_is_closed_not_reused() {
 async fn a_ready_connection_redis_closed_is_replaced_when_taken() {
     let redis = TestRedis::start().await;
     let proxy = pooled(&redis, 1).await;
-    eventually("the pool is warm", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the pool is warm").await;
     // Redis drops every connection of redcloak's user (the ready one too).
     let mut admin = redis.admin().await;
     let killed = admin
@@ -140,10 +133,7 @@ async fn a_ready_connection_redis_closed_is_replaced_when_taken() {
 async fn churning_clients_reuse_connections_instead_of_making_new_ones() {
     let redis = TestRedis::start().await;
     let proxy = pooled(&redis, 4).await;
-    eventually("the pool is warm", || async {
-        pool_idle(&proxy).await == Some(4.0)
-    })
-    .await;
+    until_ready(&proxy, 4, "the pool is warm").await;
     let opened = |text: &str| metric(text, "redcloak_upstream_connections_total");
     let before = opened(&proxy.scrape().await);
     for i in 0..50u32 {
@@ -156,10 +146,7 @@ async fn churning_clients_reuse_connections_instead_of_making_new_ones() {
         assert_reply(&client.call(&[b"QUIT"]).await, b"+OK\r\n");
         client.expect_closed().await;
     }
-    eventually("every connection came back", || async {
-        pool_idle(&proxy).await == Some(4.0)
-    })
-    .await;
+    until_ready(&proxy, 4, "every connection came back").await;
     // The upstream check's connection aside, nothing new was opened.
     let after = opened(&proxy.scrape().await);
     assert!(after <= before.map(|b| b + 1.0), "{before:?} -> {after:?}");
@@ -169,19 +156,13 @@ async fn churning_clients_reuse_connections_instead_of_making_new_ones() {
 async fn data_commands_leave_nothing_to_undo_and_select_is_undone_with_select_0() {
     let redis = TestRedis::start().await;
     let proxy = pooled(&redis, 1).await;
-    eventually("the pool is warm", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the pool is warm").await;
     let mut first = proxy.raw().await;
     assert_reply(&first.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
     assert_reply(&first.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
     assert_reply(&first.call(&[b"PING"]).await, b"+PONG\r\n");
     drop(first);
-    eventually("the connection came back", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the connection came back").await;
     assert_eq!(redis_calls(&redis, "reset").await, 0, "nothing to undo");
     assert_eq!(redis_calls(&redis, "select").await, 0);
 
@@ -189,10 +170,7 @@ async fn data_commands_leave_nothing_to_undo_and_select_is_undone_with_select_0(
     assert_reply(&second.call(&[b"SELECT", b"3"]).await, b"+OK\r\n");
     assert_reply(&second.call(&[b"SET", b"k", b"db3"]).await, b"+OK\r\n");
     drop(second);
-    eventually("the connection came back", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the connection came back").await;
     assert_eq!(redis_calls(&redis, "reset").await, 0);
     assert_eq!(
         redis_calls(&redis, "select").await,
@@ -228,17 +206,11 @@ async fn parking(redis: &TestRedis) -> Proxy {
 async fn a_quiet_client_on_a_clean_connection_gives_it_back_and_gets_one_when_it_speaks() {
     let redis = TestRedis::start().await;
     let proxy = parking(&redis).await;
-    eventually("the pool is warm", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the pool is warm").await;
     let mut client = proxy.raw().await;
     assert_reply(&client.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
     assert_eq!(pool_idle(&proxy).await, Some(0.0), "the client holds it");
-    eventually("the quiet client gave its connection back", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the quiet client gave its connection back").await;
     // Still connected, and served as before, with requests pipelined.
     client.send(&[b"GET", b"k"]).await;
     client.send(&[b"SET", b"k2", b"w"]).await;
@@ -246,10 +218,7 @@ async fn a_quiet_client_on_a_clean_connection_gives_it_back_and_gets_one_when_it
     assert_reply(&client.read().await, b"$1\r\nv\r\n");
     assert_reply(&client.read().await, b"+OK\r\n");
     assert_reply(&client.read().await, b"$1\r\nw\r\n");
-    eventually("given back again", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "given back again").await;
     assert_eq!(redis_calls(&redis, "reset").await, 0, "nothing to undo");
     drop(client);
 }
@@ -280,10 +249,7 @@ async fn a_parked_client_stays_logged_in_to_redcloak() {
         .upstream("release_idle_after", "\"300ms\"")
         .tail("[listen.auth]\npassword = \"app-password-0123456789\"\n[metrics]\naddress = \"127.0.0.1:0\"\n");
     let proxy = redis.start_proxy(&config).await;
-    eventually("the pool is warm", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the pool is warm").await;
     let mut client = proxy.raw().await;
     assert_error(&client.call(&[b"GET", b"k"]).await, "-NOAUTH");
     assert_reply(
@@ -291,17 +257,11 @@ async fn a_parked_client_stays_logged_in_to_redcloak() {
         b"+OK\r\n",
     );
     assert_reply(&client.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
-    eventually("the quiet client gave its connection back", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the quiet client gave its connection back").await;
     assert_reply(&client.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
     // A client that never logged in is still refused after parking.
     let mut stranger = proxy.raw().await;
     assert_error(&stranger.call(&[b"GET", b"k"]).await, "-NOAUTH");
-    eventually("the stranger's connection is back", || async {
-        pool_idle(&proxy).await == Some(1.0)
-    })
-    .await;
+    until_ready(&proxy, 1, "the stranger's connection is back").await;
     assert_error(&stranger.call(&[b"GET", b"k"]).await, "-NOAUTH");
 }
