@@ -105,26 +105,22 @@ impl Pool {
         // The connection stays counted as lent while it is undone, so the
         // background task does not open another in its place meanwhile.
         let room = self.lock().idle.len() < self.capacity;
+        let mut kept = None;
         if let (Some((mut stream, leaves)), true) = (stream, room) {
             let timeout = self.upstream.settings().connect_timeout;
             let undone = tokio::time::timeout(timeout, self.undo(&mut stream, leaves)).await;
-            if matches!(undone, Ok(Ok(()))) {
-                let mut state = self.lock();
-                state.lent = state.lent.saturating_sub(1);
-                if state.idle.len() < self.capacity {
-                    state.idle.push_back(stream);
-                    self.show_idle(&state);
-                    return;
-                }
-                drop(state);
-                self.wanted.notify_one();
-                return;
-            }
+            kept = matches!(undone, Ok(Ok(()))).then_some(stream);
         }
+        let mut state = self.lock();
+        state.lent = state.lent.saturating_sub(1);
+        if let Some(stream) = kept
+            && state.idle.len() < self.capacity
         {
-            let mut state = self.lock();
-            state.lent = state.lent.saturating_sub(1);
+            state.idle.push_back(stream);
+            self.show_idle(&state);
+            return;
         }
+        drop(state);
         self.wanted.notify_one();
     }
 
@@ -138,12 +134,7 @@ impl Pool {
                 stream.write_all(&out).await?;
                 stream.flush().await?;
                 let mut replies = ReplyReader::default();
-                let reply = replies.next(stream, &Limits::default()).await?;
-                if &reply[..] == b"+OK\r\n" && replies.is_drained() {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other("SELECT 0 refused"))
-                }
+                last_reply_is_ok(&mut replies, stream, "SELECT 0 refused").await
             }
             Leaves::Session => self.reset(stream).await,
         }
@@ -156,28 +147,21 @@ impl Pool {
         self.upstream.login().encode_auth(&mut out);
         stream.write_all(&out).await?;
         stream.flush().await?;
-        let limits = Limits::default();
-        let refused = || std::io::Error::other("RESET or AUTH refused");
+        const REFUSED: &str = "RESET or AUTH refused";
         let mut replies = ReplyReader::default();
         let mut skipped = 0;
         loop {
-            let reply = replies.next(stream, &limits).await?;
+            let reply = replies.next(stream, &Limits::default()).await?;
             if &reply[..] == b"+RESET\r\n" {
                 break;
             }
             let pushed = matches!(reply_kind(&reply), ReplyKind::Push | ReplyKind::Array);
             skipped += 1;
             if !pushed || skipped > MAX_SKIPPED_FRAMES {
-                return Err(refused());
+                return Err(std::io::Error::other(REFUSED));
             }
         }
-        let login = replies.next(stream, &limits).await?;
-        // Anything after +OK would answer no request: not reusable.
-        if &login[..] == b"+OK\r\n" && replies.is_drained() {
-            Ok(())
-        } else {
-            Err(refused())
-        }
+        last_reply_is_ok(&mut replies, stream, REFUSED).await
     }
 
     /// Until `shutdown`, opens connections while ready and lent ones number
@@ -211,6 +195,21 @@ impl Pool {
                 _ = self.wanted.notified() => {}
             }
         }
+    }
+}
+
+/// The next reply is `+OK` and nothing follows it (anything more would
+/// answer no request: the connection is not reusable).
+async fn last_reply_is_ok(
+    replies: &mut ReplyReader,
+    stream: &mut UpstreamStream,
+    refused: &'static str,
+) -> std::io::Result<()> {
+    let reply = replies.next(stream, &Limits::default()).await?;
+    if &reply[..] == b"+OK\r\n" && replies.is_drained() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(refused))
     }
 }
 
