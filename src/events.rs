@@ -9,6 +9,7 @@
 //! | `command_refused`          | peer, command, rule                           |
 //! | `decrypt_failure`          | peer, command, key_id, reason, key (opt-in)   |
 //! | `upstream_rejected`        | upstream, step, error                         |
+//! | `cross_protocol`           | peer                                          |
 //!
 //! Never a value, a password or key material. Key names only when
 //! `[logging] log_key_names = true`; command names only from the command
@@ -81,5 +82,16 @@ pub fn upstream_rejected(upstream: &str, error: &UpstreamError) {
         step,
         error = %error,
         "upstream verification failed"
+    );
+}
+
+/// A client sent `POST` or `Host:` as a command: an HTTP request aimed at the
+/// RESP port (a browser tricked into it, or a scan). Closed, as Redis does.
+pub fn cross_protocol(peer: &dyn Display) {
+    warn!(
+        target: TARGET,
+        event = "cross_protocol",
+        peer = %peer,
+        "possible cross-protocol attack: an HTTP request on the RESP port; connection closed"
     );
 }

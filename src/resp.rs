@@ -123,7 +123,13 @@ impl RequestParser {
                     },
                 }
             }
-            return self.next_multibulk(buf, limits);
+            let header_pending = self.expected == 0;
+            let before = buf.len();
+            match self.next_multibulk(buf, limits)? {
+                // `*0` or `*-1` was consumed: look for the next request.
+                None if header_pending && self.expected == 0 && buf.len() < before => continue,
+                parsed => return Ok(parsed),
+            }
         }
     }
 
@@ -136,8 +142,14 @@ impl RequestParser {
             let Some((count, body)) = read_length_line(buf, 0, b'*', "multibulk")? else {
                 return Ok(None);
             };
+            // As Redis: `*0` and negative counts are no requests at all.
+            let Ok(count) = usize::try_from(count) else {
+                let _ = buf.split_to(body);
+                return Ok(None);
+            };
             if count == 0 {
-                return Err(ProtocolError::EmptyRequest);
+                let _ = buf.split_to(body);
+                return Ok(None);
             }
             check_limit("array length", count, limits.max_array_len, "max_array_len")?;
             self.expected = count;
@@ -148,6 +160,8 @@ impl RequestParser {
             let Some((len, body)) = read_length_line(buf, self.pos, b'$', "bulk")? else {
                 return Ok(None);
             };
+            let len =
+                usize::try_from(len).map_err(|_| ProtocolError::InvalidLength { what: "bulk" })?;
             check_limit("bulk length", len, limits.max_bulk_bytes, "max_bulk_bytes")?;
             let end = body + len;
             check_limit(
@@ -222,14 +236,16 @@ fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Inline, ProtocolE
     Ok(Inline::Request(Request { args }))
 }
 
-/// Reads `<marker><decimal>\r\n` at `at`; returns the number and where the
-/// body starts. Only plain non-negative decimals are accepted.
+/// Reads `<marker><integer>\r\n` at `at`, the integer as Redis's
+/// `string2ll` reads it (no sign but `-`, no leading zeros, at most 18
+/// digits); returns it and where the body starts. A line that cannot hold a
+/// valid integer is an error at once, however few of its bytes arrived.
 fn read_length_line(
     buf: &[u8],
     at: usize,
     marker: u8,
     what: &'static str,
-) -> Result<Option<(usize, usize)>, ProtocolError> {
+) -> Result<Option<(i64, usize)>, ProtocolError> {
     let Some(&first) = buf.get(at) else {
         return Ok(None);
     };
@@ -239,21 +255,46 @@ fn read_length_line(
             got: first,
         });
     }
+    let invalid = ProtocolError::InvalidLength { what };
     let window = &buf[at + 1..buf.len().min(at + 1 + MAX_HEADER_LINE)];
     let Some(cr) = window.iter().position(|&b| b == b'\r') else {
-        if window.len() >= MAX_HEADER_LINE || window.iter().any(|b| !b.is_ascii_digit()) {
-            return Err(ProtocolError::InvalidLength { what });
+        // Not complete yet: what arrived must still be able to become valid.
+        if window.len() >= MAX_HEADER_LINE || !could_be_integer(window) {
+            return Err(invalid);
         }
         return Ok(None);
     };
-    let Some(&lf) = window.get(cr + 1) else {
+    let number = parse_string2ll(&window[..cr]).ok_or(invalid)?;
+    let Some(&lf) = buf.get(at + 1 + cr + 1) else {
         return Ok(None);
     };
-    let number = parse_decimal(&window[..cr]).ok_or(ProtocolError::InvalidLength { what })?;
     if lf != b'\n' {
         return Err(ProtocolError::MalformedLine(what));
     }
     Ok(Some((number, at + 1 + cr + 2)))
+}
+
+/// A prefix of what `parse_string2ll` accepts.
+fn could_be_integer(prefix: &[u8]) -> bool {
+    let digits = prefix.strip_prefix(b"-").unwrap_or(prefix);
+    digits.len() <= 18
+        && digits.iter().all(u8::is_ascii_digit)
+        && !(digits.len() > 1 && digits[0] == b'0')
+}
+
+/// Redis's `string2ll`, within 18 digits: `0`, or an optional `-` and a
+/// number without leading zeros.
+fn parse_string2ll(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text.strip_prefix(b"-") {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') || (negative && digits == b"0")
+    {
+        return None;
+    }
+    let value = parse_decimal(digits)? as i64;
+    Some(if negative { -value } else { value })
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<usize> {
@@ -645,9 +686,11 @@ mod tests {
         let limits = Limits::default();
         for bad in [
             &b"*1\r\n:1\r\n"[..],
-            b"*-1\r\n",
-            b"*0\r\n",
             b"*1\r\n$-1\r\n",
+            b"*01\r\n$4\r\nPING\r\n",
+            b"*1\r\n$04\r\nPING\r\n",
+            b"*1\r\n$-0\r\n",
+            b"*+1\r\n",
             b"*1\r\n$3\r\nGETX\r\n",
             b"*1x\r\n",
             b"*1\r\n$3\r\nGET\n\n",
@@ -660,6 +703,38 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn empty_and_negative_arrays_are_no_requests_as_in_redis() {
+        let got = parse_all(
+            b"*0\r\n*-1\r\n*1\r\n$4\r\nPING\r\n*0\r\n",
+            &Limits::default(),
+        );
+        assert_eq!(got.expect("valid"), vec![vec![b"PING".to_vec()]]);
+    }
+
+    #[test]
+    fn a_length_line_too_long_to_be_valid_fails_before_it_ends() {
+        for partial in [
+            &b"*1\r\n$12345678901234567890123"[..],
+            b"*12345678901234567890123",
+            b"*1\r\n$1234567890123456789",
+            b"*1\r\n$00",
+            b"*1\r\n$1x",
+        ] {
+            assert!(
+                parse_all(partial, &Limits::default()).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(partial)
+            );
+        }
+        // A prefix of a valid line waits for the rest.
+        assert!(
+            parse_all(b"*1\r\n$123456789012345678", &Limits::default())
+                .expect("incomplete")
+                .is_empty()
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! the table does not know unless `unknown_commands = "pass"`.
 
 pub mod rules;
+pub mod script;
 pub mod table;
 
 use crate::auth::{AuthOutcome, ClientAuth};
@@ -20,7 +21,7 @@ use crate::resp::Request;
 use bytes::Bytes;
 use rules::{Decision, Mode, Rules};
 use std::sync::Arc;
-use table::{Class, Handling, PubSubKind, Row, ValueCommand};
+use table::{Class, Handling, PubSubKind, Row, Scripting, Subcommand, ValueCommand};
 
 /// Where one stored value lives, as its envelope's associated data binds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +109,9 @@ pub enum Action {
     AuthFailed(&'static str),
     /// Answer `+OK` and close once every earlier reply is delivered.
     Quit,
+    /// An HTTP request on the RESP port (`POST`, `Host:`): close without a
+    /// reply, as Redis does against cross-protocol attacks.
+    CrossProtocol,
 }
 
 impl Action {
@@ -147,6 +151,7 @@ const NOAUTH: &str = "NOAUTH Authentication required.";
 const HELLO_NOAUTH: &str = "NOAUTH HELLO must be called with the client already authenticated, \
 otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and \
 select the RESP protocol version at the same time";
+const NOSCRIPT: &str = "NOSCRIPT No matching script. Please use EVAL.";
 const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
 
 /// A command the policy refused: which rule refused it (for the security
@@ -192,6 +197,8 @@ pub struct Policy {
     rules: Rules,
     keyring: Arc<Keyring>,
     unknown_commands: UnknownCommands,
+    /// Scripts and libraries proved so far, by every connection.
+    scripts: script::Book,
 }
 
 impl Policy {
@@ -206,6 +213,7 @@ impl Policy {
             rules,
             keyring,
             unknown_commands,
+            scripts: script::Book::default(),
         }
     }
 
@@ -233,6 +241,9 @@ impl Policy {
         request: &Request,
         state: &mut RequestState,
     ) -> Action {
+        if is_http(request.name()) {
+            return Action::CrossProtocol;
+        }
         let connection = match row.map(|r| r.class) {
             Some(Class::Connection(handling)) => Some(handling),
             _ => None,
@@ -370,13 +381,10 @@ impl Policy {
                     decision.describe()
                 )
             }),
+            Class::Scripting(scripting) => self.scripting(scripting, row, args),
             Class::Sort => {
-                let reads_other_keys = args.windows(2).skip(2).any(|pair| {
-                    (pair[0].eq_ignore_ascii_case(b"by") && !pair[1].eq_ignore_ascii_case(b"nosort"))
-                        || (pair[0].eq_ignore_ascii_case(b"get") && pair[1].as_ref() != b"#")
-                });
                 let name = name();
-                if reads_other_keys {
+                if sort_reads_other_keys(args) {
                     return refuse("sort_by_get", &format!(
                         "{name} with BY or GET makes Redis read other keys' values, which may be encrypted; \
                          sort in the application instead"
@@ -387,6 +395,87 @@ impl Policy {
                 })
             }
             Class::MovesValue => self.moves_value(&name(), row, args),
+        }
+    }
+
+    /// EVAL, EVALSHA, FCALL and the SCRIPT and FUNCTION subcommands: code
+    /// runs only once `script` proved it touches only declared keys, and
+    /// then only when every declared key is plaintext (Redis reads values).
+    fn scripting(&self, scripting: Scripting, row: &Row, args: &[Bytes]) -> Action {
+        let Some(target) = args.get(1) else {
+            return Action::Forward(ReplyPlan::Passthrough);
+        };
+        let name = row.name.to_ascii_uppercase();
+        let proved = match scripting {
+            Scripting::Eval => self.scripts.script(target),
+            Scripting::EvalSha => match self.scripts.script_by_sha(target) {
+                Some(verdict) => verdict,
+                None => return Action::AnswerError(NOSCRIPT.into()),
+            },
+            Scripting::FCall if self.scripts.knows_function(target) => Ok(()),
+            Scripting::FCall => {
+                return refuse(
+                    "unproven_script",
+                    &format!(
+                        "FCALL of '{}' refused: its library was not loaded through redcloak, so it is not \
+                         proved to touch only the keys it declares. Load it through redcloak \
+                         (FUNCTION LOAD REPLACE)",
+                        shown(target)
+                    ),
+                );
+            }
+            Scripting::Script => return self.admin("SCRIPT", table::SCRIPT_SUBCOMMANDS, args),
+            Scripting::Function => {
+                return self.admin("FUNCTION", table::FUNCTION_SUBCOMMANDS, args);
+            }
+        };
+        if let Err(unproven) = proved {
+            return refuse_unproven(&name, &unproven);
+        }
+        self.only_plaintext(row, args, |key, decision| {
+            format!(
+                "{name} needs Redis to read and write the values of '{key}', which is encrypted ({}). \
+                 Scripts run only on keys with a plaintext rule ([[encryption.rules]] mode = \"plaintext\")",
+                decision.describe()
+            )
+        })
+    }
+
+    /// SCRIPT and FUNCTION subcommands, by their entry in the table.
+    fn admin(&self, command: &str, subcommands: &[(&str, Subcommand)], args: &[Bytes]) -> Action {
+        let sub = &args[1];
+        let shown_sub = shown(sub).to_ascii_uppercase();
+        match table::subcommand(subcommands, sub) {
+            Some(Subcommand::Forward) => Action::Forward(ReplyPlan::Passthrough),
+            Some(Subcommand::Refuse(reason)) => refuse("not_proxied", reason),
+            Some(Subcommand::OnlyAllPlaintext) if self.rules.all_plaintext() => {
+                Action::Forward(ReplyPlan::Passthrough)
+            }
+            Some(Subcommand::OnlyAllPlaintext) => refuse(
+                "unproven_script",
+                &format!(
+                    "{command} {shown_sub} is refused while any key is encrypted: it would run or restore \
+                     code redcloak has not proved"
+                ),
+            ),
+            Some(Subcommand::Load) => {
+                // The body is the last argument (FUNCTION LOAD [REPLACE] code).
+                let Some(body) = args.get(2..).and_then(<[Bytes]>::last) else {
+                    return Action::Forward(ReplyPlan::Passthrough);
+                };
+                let proved = match command {
+                    "FUNCTION" => self.scripts.library(body),
+                    _ => self.scripts.script(body),
+                };
+                match proved {
+                    Ok(()) => Action::Forward(ReplyPlan::Passthrough),
+                    Err(unproven) => refuse_unproven(&format!("{command} LOAD"), &unproven),
+                }
+            }
+            None => refuse(
+                "unknown_command",
+                &format!("unknown subcommand '{command} {shown_sub}' refused"),
+            ),
         }
     }
 
@@ -637,6 +726,30 @@ impl Policy {
         state.authenticated = !self.client_auth.is_required();
         Action::Reset
     }
+}
+
+/// The words Redis closes a connection on: the start of an HTTP request.
+fn is_http(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"post") || name.eq_ignore_ascii_case(b"host:")
+}
+
+/// SORT's BY (other than NOSORT) and GET (other than `#`) read other keys.
+pub fn sort_reads_other_keys(args: &[Bytes]) -> bool {
+    args.windows(2).skip(2).any(|pair| {
+        (pair[0].eq_ignore_ascii_case(b"by") && !pair[1].eq_ignore_ascii_case(b"nosort"))
+            || (pair[0].eq_ignore_ascii_case(b"get") && pair[1].as_ref() != b"#")
+    })
+}
+
+fn refuse_unproven(what: &str, unproven: &script::Unproven) -> Action {
+    refuse(
+        "unproven_script",
+        &format!(
+            "{what} refused: redcloak cannot prove which keys this script touches: {}. Scripts must name \
+             each command as a literal (redis.call('GET', KEYS[1])) and take every key from KEYS",
+            unproven.0
+        ),
+    )
 }
 
 /// The plan for an array of values; a passthrough when none is encrypted.

@@ -47,6 +47,20 @@ impl Rules {
         Rules { rules }
     }
 
+    /// True when no key can be encrypted: a plaintext `*` rule comes
+    /// before any encrypting rule.
+    pub fn all_plaintext(&self) -> bool {
+        for rule in &self.rules {
+            if rule.mode != Mode::Plaintext {
+                return false;
+            }
+            if rule.pattern == "*" {
+                return true;
+            }
+        }
+        false
+    }
+
     pub fn decide(&self, key: &[u8]) -> Decision<'_> {
         self.rules
             .iter()

@@ -60,6 +60,67 @@ pub enum ValueCommand {
     HScan,
 }
 
+/// Commands that run, load or manage server-side Lua.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scripting {
+    /// EVAL, EVAL_RO: the body comes with the call.
+    Eval,
+    /// EVALSHA, EVALSHA_RO: a body redcloak must have seen and proved.
+    EvalSha,
+    /// FCALL, FCALL_RO: a function whose library redcloak loaded and proved.
+    FCall,
+    /// SCRIPT <subcommand>: see [`SCRIPT_SUBCOMMANDS`].
+    Script,
+    /// FUNCTION <subcommand>: see [`FUNCTION_SUBCOMMANDS`].
+    Function,
+}
+
+/// What the proxy does with a SCRIPT or FUNCTION subcommand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subcommand {
+    Forward,
+    /// SCRIPT LOAD, FUNCTION LOAD: forwarded once the body is proved.
+    Load,
+    /// Would run or restore code redcloak has not proved: forwarded only
+    /// when no key is encrypted.
+    OnlyAllPlaintext,
+    Refuse(&'static str),
+}
+
+const SCRIPT_DEBUG: &str = "SCRIPT DEBUG is not proxied: the Lua debugger takes over the connection; \
+debug scripts against a development Redis directly";
+
+#[rustfmt::skip]
+pub static SCRIPT_SUBCOMMANDS: &[(&str, Subcommand)] = &[
+    ("debug", Subcommand::Refuse(SCRIPT_DEBUG)),
+    ("exists", Subcommand::Forward),
+    ("flush", Subcommand::OnlyAllPlaintext),
+    ("help", Subcommand::Forward),
+    ("kill", Subcommand::Forward),
+    ("load", Subcommand::Load),
+];
+
+#[rustfmt::skip]
+pub static FUNCTION_SUBCOMMANDS: &[(&str, Subcommand)] = &[
+    ("delete", Subcommand::Forward),
+    ("dump", Subcommand::Forward),
+    ("flush", Subcommand::OnlyAllPlaintext),
+    ("help", Subcommand::Forward),
+    ("kill", Subcommand::Forward),
+    ("list", Subcommand::Forward),
+    ("load", Subcommand::Load),
+    ("restore", Subcommand::OnlyAllPlaintext),
+    ("stats", Subcommand::Forward),
+];
+
+/// A subcommand's entry (any case); `None`: unknown, refused.
+pub fn subcommand(table: &[(&str, Subcommand)], name: &[u8]) -> Option<Subcommand> {
+    table
+        .iter()
+        .find(|(known, _)| known.as_bytes().eq_ignore_ascii_case(name))
+        .map(|(_, what)| *what)
+}
+
 /// What the proxy may do with a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
@@ -81,6 +142,9 @@ pub enum Class {
     MovesValue,
     /// SORT: a collection; BY and GET make Redis read other keys' values.
     Sort,
+    /// Lua scripts and functions: run only when `policy::script` proves
+    /// they touch no key but the ones they declare.
+    Scripting(Scripting),
     Refuse(&'static str),
 }
 
@@ -113,6 +177,8 @@ pub struct Row {
 
 const MONITOR: &str = "MONITOR is not proxied: its stream does not fit the request/reply pipeline; \
 run it against Redis directly with an admin account";
+const MIGRATE: &str = "MIGRATE is not proxied: Redis would send the stored value to another server \
+over plaintext TCP and make connections anywhere; move data with redcloak in front of both sides";
 const REPLICATION: &str =
     "replication commands are not proxied; connect replicas to Redis directly";
 
@@ -157,21 +223,21 @@ pub static COMMANDS: &[Row] = &[
     Row { name: "discard", class: Class::Connection(Handling::Discard), keys: Keys::None },
     Row { name: "dump", class: Class::ServerReadsValue, keys: K1 },
     Row { name: "echo", class: Class::Forward, keys: Keys::None },
-    Row { name: "eval", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "eval_ro", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "evalsha", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "evalsha_ro", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
+    Row { name: "eval", class: Class::Scripting(Scripting::Eval), keys: Keys::NumKeys { at: 2, dest: false } },
+    Row { name: "eval_ro", class: Class::Scripting(Scripting::Eval), keys: Keys::NumKeys { at: 2, dest: false } },
+    Row { name: "evalsha", class: Class::Scripting(Scripting::EvalSha), keys: Keys::NumKeys { at: 2, dest: false } },
+    Row { name: "evalsha_ro", class: Class::Scripting(Scripting::EvalSha), keys: Keys::NumKeys { at: 2, dest: false } },
     Row { name: "exec", class: Class::Connection(Handling::Exec), keys: Keys::None },
     Row { name: "exists", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
     Row { name: "expire", class: Class::Forward, keys: K1 },
     Row { name: "expireat", class: Class::Forward, keys: K1 },
     Row { name: "expiretime", class: Class::Forward, keys: K1 },
     Row { name: "failover", class: Class::Forward, keys: Keys::None },
-    Row { name: "fcall", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "fcall_ro", class: Class::ServerReadsValue, keys: Keys::NumKeys { at: 2, dest: false } },
+    Row { name: "fcall", class: Class::Scripting(Scripting::FCall), keys: Keys::NumKeys { at: 2, dest: false } },
+    Row { name: "fcall_ro", class: Class::Scripting(Scripting::FCall), keys: Keys::NumKeys { at: 2, dest: false } },
     Row { name: "flushall", class: Class::Forward, keys: Keys::None },
     Row { name: "flushdb", class: Class::Forward, keys: Keys::None },
-    Row { name: "function", class: Class::Forward, keys: Keys::None },
+    Row { name: "function", class: Class::Scripting(Scripting::Function), keys: Keys::None },
     Row { name: "geoadd", class: Class::Collection, keys: K1 },
     Row { name: "geodist", class: Class::Collection, keys: K1 },
     Row { name: "geohash", class: Class::Collection, keys: K1 },
@@ -229,7 +295,7 @@ pub static COMMANDS: &[Row] = &[
     Row { name: "ltrim", class: Class::Collection, keys: K1 },
     Row { name: "memory", class: Class::Forward, keys: Keys::None },
     Row { name: "mget", class: Class::Value(ValueCommand::MGet), keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "migrate", class: Class::Forward, keys: Keys::None },
+    Row { name: "migrate", class: Class::Refuse(MIGRATE), keys: Keys::None },
     Row { name: "module", class: Class::Forward, keys: Keys::None },
     Row { name: "monitor", class: Class::Refuse(MONITOR), keys: Keys::None },
     Row { name: "move", class: Class::Forward, keys: K1 },
@@ -274,7 +340,7 @@ pub static COMMANDS: &[Row] = &[
     Row { name: "save", class: Class::Forward, keys: Keys::None },
     Row { name: "scan", class: Class::Forward, keys: Keys::None },
     Row { name: "scard", class: Class::Collection, keys: K1 },
-    Row { name: "script", class: Class::Forward, keys: Keys::None },
+    Row { name: "script", class: Class::Scripting(Scripting::Script), keys: Keys::None },
     Row { name: "sdiff", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
     Row { name: "sdiffstore", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
     Row { name: "select", class: Class::Forward, keys: Keys::None },

@@ -389,6 +389,12 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                 self.answer(OK, true, Some((tally, Outcome::Ok))).await?;
                 return Ok(Flow::Close);
             }
+            Action::CrossProtocol => {
+                events::cross_protocol(self.peer);
+                let outcome = Some((tally, Outcome::Refused));
+                self.answer(Bytes::new(), true, outcome).await?;
+                return Ok(Flow::Close);
+            }
             Action::AnswerError(text) => {
                 let outcome = Some((tally, Outcome::RedisError));
                 self.answer(error_reply(&text), false, outcome).await?;

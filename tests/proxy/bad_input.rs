@@ -29,7 +29,6 @@ async fn malformed_resp_gets_a_protocol_error_after_earlier_replies_and_closes()
             b"*1\r\n$4\r\nPINGPONG\r\n",
             "malformed bulk terminator line",
         ),
-        (b"*0\r\n", "at least one argument"),
         (b"GET \"quoted\"\r\n", "quotes in inline commands"),
     ] {
         let error = protocol_error_after(&proxy, bytes).await;
@@ -39,6 +38,87 @@ async fn malformed_resp_gets_a_protocol_error_after_earlier_replies_and_closes()
         );
         assert!(error.contains(reason), "{reason}: {error}");
     }
+}
+
+/// Replies a server sends (protocol errors reduced to "protocol error"), and
+/// whether it closed after them.
+type Framing = (Vec<String>, bool);
+
+/// What a server does with `bytes` followed by a PING: the replies it sends
+/// (protocol errors reduced to "protocol error"), and whether it then closed.
+async fn framing_of<S>(mut c: RawClient<S>, bytes: &[u8]) -> Framing
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    c.send_raw(bytes).await;
+    c.send_raw(b"*1\r\n$4\r\nPING\r\n").await;
+    let mut replies = Vec::new();
+    loop {
+        let Some(reply) = c.read_or_eof().await else {
+            return (replies, true);
+        };
+        let text = String::from_utf8_lossy(&reply).to_lowercase();
+        if text.contains("protocol error") {
+            replies.push("protocol error".into());
+            continue;
+        }
+        replies.push(text.trim_end().to_owned());
+        if replies.last().is_some_and(|r| r == "+pong") {
+            return (replies, false);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_framed_exactly_as_redis_frames_them() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let cases: [(&[u8], &[&str], bool); 6] = [
+        (b"*0\r\n", &["+pong"], false),
+        (b"*-1\r\n*0\r\n", &["+pong"], false),
+        (b"*01\r\n$4\r\nPING\r\n", &["protocol error"], true),
+        (b"*1\r\n$04\r\nPING\r\n", &["protocol error"], true),
+        (
+            b"*1\r\n$12345678901234567890123\r\n",
+            &["protocol error"],
+            true,
+        ),
+        // An HTTP request on the RESP port: closed without a word.
+        (
+            b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+            &[],
+            true,
+        ),
+    ];
+    for (bytes, replies, closed) in cases {
+        let expected = (replies.iter().map(|s| s.to_string()).collect(), closed);
+        let shown = String::from_utf8_lossy(bytes);
+        assert_eq!(
+            framing_of(redis.admin().await, bytes).await,
+            expected,
+            "Redis: {shown}"
+        );
+        assert_eq!(
+            framing_of(proxy.raw().await, bytes).await,
+            expected,
+            "redcloak: {shown}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_line_that_never_ends_is_refused_before_more_is_buffered() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut c = proxy.raw().await;
+    // 23 digits, then whatever the client sends next: refused at once.
+    c.send_raw(b"*1\r\n$12345678901234567890123").await;
+    let error = String::from_utf8_lossy(&c.read().await).into_owned();
+    assert!(
+        error.contains("protocol error: invalid bulk length"),
+        "{error}"
+    );
+    c.expect_closed().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

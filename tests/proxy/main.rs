@@ -13,5 +13,6 @@ mod observability;
 mod packaging;
 mod pool;
 mod pubsub;
+mod scripts;
 mod support;
 mod upstream;

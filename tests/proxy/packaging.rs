@@ -598,7 +598,7 @@ async fn the_compose_services_fit_together_and_run_without_docker() {
 
 /// What redcloak does with commands of a class, for docs/commands.md.
 fn support_of(class: redcloak::policy::table::Class) -> String {
-    use redcloak::policy::table::{Class, Handling};
+    use redcloak::policy::table::{Class, Handling, Scripting};
     match class {
         Class::Connection(Handling::Auth) => {
             "answered by redcloak (`[listen.auth]`); never forwarded".into()
@@ -626,6 +626,15 @@ fn support_of(class: redcloak::policy::table::Class) -> String {
             "plaintext keys, or both keys encrypted with `bind_key = false`".into()
         }
         Class::Sort => "plaintext keys only; BY and GET refused".into(),
+        Class::Scripting(Scripting::Eval | Scripting::FCall) => {
+            "plaintext keys only; the script must be proved to touch only its declared keys".into()
+        }
+        Class::Scripting(Scripting::EvalSha) => {
+            "plaintext keys only; `NOSCRIPT` until redcloak has proved the body (EVAL, SCRIPT LOAD)".into()
+        }
+        Class::Scripting(Scripting::Script | Scripting::Function) => {
+            "LOAD proves the body first; DEBUG refused; FLUSH and RESTORE only when no key is encrypted".into()
+        }
         Class::Refuse(reason) => format!("refused: {}", reason.split(';').next().unwrap_or(reason)),
     }
 }

@@ -265,3 +265,60 @@ async fn a_parked_client_stays_logged_in_to_redcloak() {
     until_ready(&proxy, 1, "the stranger's connection is back").await;
     assert_error(&stranger.call(&[b"GET", b"k"]).await, "-NOAUTH");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_command_that_changes_the_connection_is_undone_before_the_next_client() {
+    let redis = TestRedis::start().await;
+    let proxy = pooled(&redis, 1).await;
+    until_ready(&proxy, 1, "the pool is warm").await;
+    let changes: &[&[&[u8]]] = &[
+        &[b"HELLO", b"3"],
+        &[b"SELECT", b"5"],
+        &[b"CLIENT", b"SETNAME", b"alice"],
+        &[b"CLIENT", b"TRACKING", b"ON"],
+        &[b"SUBSCRIBE", b"plain:news"],
+        &[b"PSUBSCRIBE", b"plain:*"],
+        &[b"SSUBSCRIBE", b"plain:shard"],
+        &[b"WATCH", b"plain:w"],
+        &[b"MULTI"],
+    ];
+    for change in changes {
+        let mut first = proxy.raw().await;
+        let id = client_id(&mut first).await;
+        let reply = first.call(change).await;
+        assert!(!reply.starts_with(b"-"), "{change:?}: {reply:?}");
+        drop(first);
+        until_ready(&proxy, 1, "the connection came back").await;
+        let mut next = proxy.raw().await;
+        assert_eq!(
+            client_id(&mut next).await,
+            id,
+            "{change:?}: same connection"
+        );
+        let info = next.call(&[b"CLIENT", b"INFO"]).await;
+        let info = String::from_utf8_lossy(&info).into_owned();
+        for (name, clean) in [
+            ("db", "0"),
+            ("name", ""),
+            ("resp", "2"),
+            ("sub", "0"),
+            ("psub", "0"),
+            ("ssub", "0"),
+            ("multi", "-1"),
+            ("user", REDIS_USER),
+        ] {
+            assert_eq!(field(&info, name), clean, "{change:?} left {name}: {info}");
+        }
+        let flags = field(&info, "flags");
+        assert_eq!(flags, "N", "{change:?} left flags: {info}");
+        // WATCH leaves no flag: a watched key changed would fail the next MULTI.
+        assert_reply(
+            &next.call(&[b"SET", b"plain:w", b"changed"]).await,
+            b"+OK\r\n",
+        );
+        assert_reply(&next.call(&[b"MULTI"]).await, b"+OK\r\n");
+        assert_reply(&next.call(&[b"EXEC"]).await, b"*0\r\n");
+        drop(next);
+        until_ready(&proxy, 1, "the connection came back").await;
+    }
+}
