@@ -78,7 +78,10 @@ pub enum ReplyPlan {
     Reset,
     /// The proxy's own AUTH after RESET: swallow `+OK`, anything else is fatal.
     RestoreLogin,
-    /// Inside MULTI: `+QUEUED` delivered, the inner plan kept for EXEC.
+    /// MULTI: a transaction is open once Redis answers `+OK`.
+    Multi,
+    /// Inside MULTI: `+QUEUED` delivered, the inner plan kept for EXEC. Any
+    /// other reply means Redis did not queue it: the inner plan applies.
     Queued(Box<ReplyPlan>),
     /// Open EXEC's array element by element with the queued plans.
     Exec,
@@ -280,9 +283,11 @@ impl Policy {
             Handling::Quit => Action::Quit,
             Handling::Reset => self.reset(state),
             Handling::Client => client(args),
+            // Redis refuses MULTI with arguments (arity): no transaction opens.
+            Handling::Multi if !args.is_empty() => Action::Forward(ReplyPlan::Passthrough),
             Handling::Multi => {
                 state.in_multi = true;
-                Action::Forward(ReplyPlan::Passthrough)
+                Action::Forward(ReplyPlan::Multi)
             }
             // Outside MULTI, Redis answers these with its own error.
             Handling::Exec => Action::Forward(ReplyPlan::Exec),
@@ -640,10 +645,7 @@ impl Policy {
                 }
             }
             V::HScan => {
-                let no_values = args
-                    .iter()
-                    .skip(3)
-                    .any(|a| a.eq_ignore_ascii_case(b"novalues"));
+                let no_values = hscan_no_values(args);
                 match (no_values, site()) {
                     (false, Some(site)) => {
                         Action::Forward(ReplyPlan::Open(OpenPlan::HashScan(site)))
@@ -726,6 +728,28 @@ impl Policy {
         state.authenticated = !self.client_auth.is_required();
         Action::Reset
     }
+}
+
+/// HSCAN key cursor [MATCH pattern] [COUNT count] [NOVALUES], read as
+/// Redis reads it: MATCH and COUNT take the next argument whatever it is,
+/// so `MATCH novalues` is a pattern. An option Redis would refuse makes it
+/// answer an error, which holds no values.
+fn hscan_no_values(args: &[Bytes]) -> bool {
+    let mut i = 3;
+    let mut no_values = false;
+    while let Some(option) = args.get(i) {
+        let takes_value =
+            option.eq_ignore_ascii_case(b"match") || option.eq_ignore_ascii_case(b"count");
+        if takes_value && i + 1 < args.len() {
+            i += 2;
+        } else if option.eq_ignore_ascii_case(b"novalues") {
+            no_values = true;
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    no_values
 }
 
 /// The words Redis closes a connection on: the start of an HTTP request.
@@ -1108,12 +1132,50 @@ mod tests {
     }
 
     #[test]
+    fn multi_with_arguments_opens_no_transaction_as_redis_refuses_it() {
+        let policy = policy();
+        let mut state = policy.new_connection();
+        assert_eq!(
+            policy.classify(&request(&["MULTI", "x"]), &mut state),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+        assert!(matches!(
+            policy.classify(&request(&["GET", "k"]), &mut state),
+            Action::Forward(ReplyPlan::Open(_))
+        ));
+    }
+
+    #[test]
+    fn hscan_options_are_read_as_redis_reads_them() {
+        let policy = policy();
+        let mut state = policy.new_connection();
+        let plan = |args: &[&str], state: &mut RequestState| policy.classify(&request(args), state);
+        for opens in [
+            &["HSCAN", "h", "0"][..],
+            &["HSCAN", "h", "0", "MATCH", "novalues"],
+            &["HSCAN", "h", "0", "COUNT", "10", "MATCH", "NOVALUES"],
+        ] {
+            assert!(
+                matches!(
+                    plan(opens, &mut state),
+                    Action::Forward(ReplyPlan::Open(OpenPlan::HashScan(_)))
+                ),
+                "{opens:?}"
+            );
+        }
+        assert_eq!(
+            plan(&["HSCAN", "h", "0", "NOVALUES"], &mut state),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+    }
+
+    #[test]
     fn refusals_inside_multi_fail_the_exec_and_value_plans_are_queued() {
         let policy = policy();
         let mut state = policy.new_connection();
         assert_eq!(
             policy.classify(&request(&["MULTI"]), &mut state),
-            Action::Forward(ReplyPlan::Passthrough)
+            Action::Forward(ReplyPlan::Multi)
         );
         assert_eq!(
             policy.classify(&request(&["GET", "a"]), &mut state),
@@ -1137,7 +1199,7 @@ mod tests {
         );
         assert_eq!(
             policy.classify(&request(&["MULTI"]), &mut state),
-            Action::Forward(ReplyPlan::Passthrough)
+            Action::Forward(ReplyPlan::Multi)
         );
         assert!(matches!(
             policy.classify(&request(&["INCR", "n"]), &mut state),

@@ -293,7 +293,7 @@ pub static COMMANDS: &[Row] = &[
     Row { name: "lrem", class: Class::Collection, keys: K1 },
     Row { name: "lset", class: Class::Collection, keys: K1 },
     Row { name: "ltrim", class: Class::Collection, keys: K1 },
-    Row { name: "memory", class: Class::Forward, keys: Keys::None },
+    Row { name: "memory", class: Class::Forward, keys: Keys::Range { first: 2, last: 2, step: 1 } },
     Row { name: "mget", class: Class::Value(ValueCommand::MGet), keys: Keys::Range { first: 1, last: -1, step: 1 } },
     Row { name: "migrate", class: Class::Refuse(MIGRATE), keys: Keys::None },
     Row { name: "module", class: Class::Forward, keys: Keys::None },
@@ -512,6 +512,30 @@ pub fn identify(name: &[u8]) -> (CommandId, Option<&'static Row>) {
     }
 }
 
+/// Where XREAD's and XREADGROUP's stream names start, read as Redis's
+/// `xreadCommand` reads its options: BLOCK and COUNT take one argument,
+/// GROUP two (so a group or consumer named `streams` is not the keyword),
+/// NOACK none; STREAMS ends them. Anything else is a syntax error.
+fn streams_start(args: &[Bytes]) -> Option<usize> {
+    let mut i = 1;
+    while let Some(option) = args.get(i) {
+        let more = args.len() - i - 1;
+        let is = |word: &[u8]| option.eq_ignore_ascii_case(word);
+        if (is(b"block") || is(b"count")) && more >= 1 {
+            i += 2;
+        } else if is(b"group") && more >= 2 {
+            i += 3;
+        } else if is(b"noack") {
+            i += 1;
+        } else if is(b"streams") && more >= 1 {
+            return Some(i + 1);
+        } else {
+            return None;
+        }
+    }
+    None
+}
+
 impl Keys {
     /// Indices of the key arguments in `args`. Malformed requests yield the
     /// keys that can be found; Redis rejects the rest itself.
@@ -540,20 +564,26 @@ impl Keys {
                     .and_then(|n| std::str::from_utf8(n).ok())
                     .and_then(|n| n.parse::<usize>().ok())
                     .unwrap_or(0);
-                let end = (at + 1).saturating_add(count).min(len);
-                let mut keys: Vec<usize> = ((at + 1)..end).collect();
+                // As Redis: a count the arguments cannot hold means no keys
+                // (and Redis refuses the command).
+                if count > len.saturating_sub(at + 1) {
+                    return Vec::new();
+                }
+                let mut keys: Vec<usize> = ((at + 1)..at + 1 + count).collect();
                 if dest && len > 1 {
                     keys.insert(0, 1);
                 }
                 keys
             }
             Keys::Streams => {
-                let Some(streams) = args.iter().position(|a| a.eq_ignore_ascii_case(b"streams"))
-                else {
+                let Some(first) = streams_start(args) else {
                     return Vec::new();
                 };
-                let rest = len - streams - 1;
-                (streams + 1..streams + 1 + rest / 2).collect()
+                let rest = len - first;
+                if !rest.is_multiple_of(2) {
+                    return Vec::new();
+                }
+                (first..first + rest / 2).collect()
             }
             Keys::WithStore => {
                 let mut keys = if len > 1 { vec![1] } else { Vec::new() };
@@ -635,12 +665,17 @@ mod tests {
         assert_eq!(keys_of("BITOP AND dest a b"), ["dest", "a", "b"]);
         assert_eq!(keys_of("EVAL script 2 k1 k2 arg"), ["k1", "k2"]);
         assert_eq!(keys_of("EVAL script 0 arg"), Vec::<String>::new());
-        assert_eq!(keys_of("EVAL script 9 k1"), ["k1"]);
+        assert_eq!(keys_of("EVAL script 9 k1"), Vec::<String>::new());
         assert_eq!(
             keys_of("ZUNIONSTORE dest 2 a b WEIGHTS 1 2"),
             ["dest", "a", "b"]
         );
         assert_eq!(keys_of("XREAD COUNT 2 STREAMS s1 s2 0 0"), ["s1", "s2"]);
+        assert_eq!(
+            keys_of("XREADGROUP GROUP streams streams COUNT 1 STREAMS s1 >"),
+            ["s1"]
+        );
+        assert_eq!(keys_of("XREAD STREAMS s1 s2 0"), Vec::<String>::new());
         assert_eq!(keys_of("SORT list BY w_* STORE out"), ["list", "out"]);
         assert_eq!(keys_of("OBJECT ENCODING k"), ["k"]);
         assert_eq!(keys_of("OBJECT HELP"), Vec::<String>::new());

@@ -93,6 +93,9 @@ pub struct Replies {
     /// 2 or 3: what the client negotiated with HELLO.
     protocol: u8,
     subscriptions: Subscriptions,
+    /// Redis confirmed MULTI (`+OK`) and no EXEC, DISCARD or RESET has
+    /// ended the transaction since.
+    in_multi: bool,
     /// Plans of the commands Redis queued since MULTI, for EXEC.
     transaction: Vec<ReplyPlan>,
     keyring: Arc<Keyring>,
@@ -108,6 +111,7 @@ impl Replies {
             head: None,
             protocol: 2,
             subscriptions: Subscriptions::default(),
+            in_multi: false,
             transaction: Vec::new(),
             keyring,
             limits,
@@ -266,10 +270,27 @@ impl Replies {
         out: &mut BytesMut,
         failures: &mut Vec<open::Failure>,
     ) -> Result<(), UnexpectedReply> {
+        // Redis queued the command: whatever the request side believed, its
+        // plan waits for EXEC (the transaction is what Redis says it is).
+        if self.in_multi && &frame[..] == b"+QUEUED\r\n" {
+            let plan = match plan {
+                ReplyPlan::Queued(inner) => *inner,
+                plan => plan,
+            };
+            self.transaction.push(plan);
+            out.extend_from_slice(&frame);
+            return Ok(());
+        }
         match plan {
             ReplyPlan::Passthrough
             | ReplyPlan::Subscribe { .. }
             | ReplyPlan::Unsubscribe { .. } => {}
+            ReplyPlan::Multi => {
+                if &frame[..] == b"+OK\r\n" {
+                    self.in_multi = true;
+                    self.transaction.clear();
+                }
+            }
             ReplyPlan::Hello { protocol } => {
                 if let (false, Some(protocol)) = (is_error, protocol) {
                     self.protocol = protocol;
@@ -278,7 +299,7 @@ impl Replies {
             ReplyPlan::Reset => {
                 self.protocol = 2;
                 self.subscriptions = Subscriptions::default();
-                self.transaction.clear();
+                self.end_transaction();
             }
             ReplyPlan::RestoreLogin => {
                 if &frame[..] == b"+OK\r\n" {
@@ -287,29 +308,35 @@ impl Replies {
                 let text = String::from_utf8_lossy(frame.strip_suffix(b"\r\n").unwrap_or(&frame));
                 return Err(UnexpectedReply::RestoreLoginFailed(text.into_owned()));
             }
-            ReplyPlan::Queued(inner) => {
-                if &frame[..] == b"+QUEUED\r\n" {
-                    self.transaction.push(*inner);
-                }
+            // Not queued: an error (delivered as is), or Redis ran it.
+            ReplyPlan::Queued(inner) if !is_error => {
+                return self.deliver(*inner, frame, is_error, out, failures);
             }
+            ReplyPlan::Queued(_) => {}
             ReplyPlan::Open(plan) => {
                 open::reply(&plan, &frame, &self.keyring, &self.limits, out, failures);
                 return Ok(());
             }
             ReplyPlan::Exec => {
                 let plans = std::mem::take(&mut self.transaction);
+                self.in_multi = false;
                 self.exec(&plans, &frame, out, failures);
                 return Ok(());
             }
-            ReplyPlan::Discard => self.transaction.clear(),
+            ReplyPlan::Discard => self.end_transaction(),
             ReplyPlan::Replace(text) => {
-                self.transaction.clear();
+                self.end_transaction();
                 resp::encode_error(out, text);
                 return Ok(());
             }
         }
         out.extend_from_slice(&frame);
         Ok(())
+    }
+
+    fn end_transaction(&mut self) {
+        self.in_multi = false;
+        self.transaction.clear();
     }
 
     /// EXEC's array, each element opened with the plan of the command it
@@ -665,6 +692,8 @@ mod tests {
     #[test]
     fn queued_plans_are_kept_for_exec_in_order_and_cleared() {
         let mut replies = replies();
+        await_plan(&mut replies, ReplyPlan::Multi);
+        feed(&mut replies, &[b"+OK\r\n"]).expect("multi");
         await_plan(
             &mut replies,
             ReplyPlan::Queued(Box::new(ReplyPlan::Passthrough)),
@@ -679,6 +708,52 @@ mod tests {
         await_plan(&mut replies, ReplyPlan::Exec);
         feed(&mut replies, &[b"*1\r\n+OK\r\n"]).expect("exec");
         assert!(replies.queued_plans().is_empty());
+    }
+
+    #[test]
+    fn the_transaction_is_what_redis_says_it_is() {
+        let ring = crate::crypto::Keyring::new(
+            1,
+            vec![(1, zeroize::Zeroizing::new([1u8; 32]))],
+            crate::crypto::LegacyPlaintext::Reject,
+        )
+        .expect("ring");
+        let site = crate::policy::ValueSite {
+            key: Bytes::from_static(b"k"),
+            bind_key: true,
+            field: None,
+        };
+        let sealed = ring.seal(b"secret", site.binding());
+        let mut reply = BytesMut::new();
+        resp::encode_bulk(&mut reply, &sealed);
+        let open = || ReplyPlan::Open(crate::policy::OpenPlan::One(site.clone()));
+        // MULTI refused by Redis: a plan queued by the request side is
+        // answered with the value itself, and opened.
+        let mut replies = Replies::new(Arc::new(ring), Limits::default());
+        await_plan(&mut replies, ReplyPlan::Multi);
+        feed(
+            &mut replies,
+            &[b"-ERR wrong number of arguments for 'multi' command\r\n"],
+        )
+        .expect("refused");
+        await_plan(&mut replies, ReplyPlan::Queued(Box::new(open())));
+        let mut out = BytesMut::new();
+        replies
+            .on_reply(reply.clone().freeze(), &mut out)
+            .expect("value");
+        assert_eq!(&out[..], b"$6\r\nsecret\r\n");
+        // MULTI confirmed: a plan the request side did not queue is kept
+        // for EXEC when Redis queues it, and EXEC opens its element.
+        await_plan(&mut replies, ReplyPlan::Multi);
+        feed(&mut replies, &[b"+OK\r\n"]).expect("multi");
+        await_plan(&mut replies, open());
+        feed(&mut replies, &[b"+QUEUED\r\n"]).expect("queued");
+        await_plan(&mut replies, ReplyPlan::Exec);
+        let mut exec = BytesMut::from(&b"*1\r\n"[..]);
+        exec.extend_from_slice(&reply);
+        let mut out = BytesMut::new();
+        replies.on_reply(exec.freeze(), &mut out).expect("exec");
+        assert_eq!(&out[..], b"*1\r\n$6\r\nsecret\r\n");
     }
 
     #[test]

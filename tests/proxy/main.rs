@@ -8,6 +8,7 @@ mod binary;
 mod commands;
 mod encryption;
 mod gate;
+mod grammar;
 mod listeners;
 mod observability;
 mod packaging;
