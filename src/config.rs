@@ -171,6 +171,7 @@ struct RawAuth {
     password_file: Option<PathBuf>,
     password: Option<RawSecret>,
     max_failures: Option<u32>,
+    global_max_failures: Option<u32>,
     failure_window: Option<String>,
     lockout_duration: Option<String>,
 }
@@ -427,8 +428,14 @@ fn validate_lockout(raw: &RawAuth) -> Result<LockoutPolicy, ConfigError> {
         raw.max_failures.map(|n| n as usize),
         defaults.max_failures as usize,
     )?;
+    let global_max_failures = positive(
+        "listen.auth.global_max_failures",
+        raw.global_max_failures.map(|n| n as usize),
+        defaults.global_max_failures as usize,
+    )?;
     Ok(LockoutPolicy {
         max_failures: max_failures as u32,
+        global_max_failures: global_max_failures as u32,
         window: parse_duration(
             "listen.auth.failure_window",
             raw.failure_window.as_deref(),
@@ -972,6 +979,7 @@ mod tests {
                 config.listen.auth.expect("auth").lockout,
                 LockoutPolicy {
                     max_failures: 3,
+                    global_max_failures: 100,
                     window: Duration::from_secs(120),
                     duration: Duration::from_secs(10),
                 }

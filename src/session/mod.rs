@@ -348,7 +348,7 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
     }
 
     /// How long a login attempt from a locked-out peer must wait, if it must.
-    fn lockout_refusal(&self, request: &Request) -> Option<Duration> {
+    fn lockout_refusal(&self, request: &Request) -> Option<crate::auth::lockout::Lockout> {
         self.ctx.lockouts.as_ref()?;
         if !policy::is_auth_attempt(request) {
             return None;

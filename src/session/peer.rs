@@ -3,11 +3,11 @@
 //! check before a login or a new connection, and the counting of failures.
 
 use super::SessionContext;
-use crate::auth::lockout::PeerKey;
+use crate::auth::lockout::{Lockout, PeerKey};
 use crate::events;
 use std::fmt;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Who is on the other end of a client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +22,7 @@ impl Peer {
     /// What failed logins are counted against.
     pub fn key(&self) -> PeerKey {
         match self {
-            Peer::Tcp(address) | Peer::Tls(address) => PeerKey::Ip(address.ip()),
+            Peer::Tcp(address) | Peer::Tls(address) => PeerKey::ip(address.ip()),
             Peer::Unix(uid) => PeerKey::UnixUser(*uid),
         }
     }
@@ -38,8 +38,8 @@ impl fmt::Display for Peer {
 }
 
 impl SessionContext {
-    /// How much longer `peer` may not log in, if it is locked out.
-    pub fn locked_out(&self, peer: &Peer) -> Option<Duration> {
+    /// The lockout `peer` is under, if any.
+    pub fn locked_out(&self, peer: &Peer) -> Option<Lockout> {
         let lockouts = self.lockouts.as_ref()?;
         let lockouts = lockouts.lock().unwrap_or_else(|e| e.into_inner());
         lockouts.remaining(peer.key(), Instant::now())
@@ -58,18 +58,23 @@ impl SessionContext {
             .record_failure(peer.key(), Instant::now());
         if let Some(locked) = locked {
             self.metrics.auth_lockouts.increment(1);
-            // The peer as locked out: its address without the port, or its uid.
-            let locked_peer = peer.key();
+            // The peer as locked out (loopback, an address, a /64, a uid), or everyone.
+            let locked_peer = locked
+                .peer
+                .map_or_else(|| "all peers".to_owned(), |p| p.to_string());
             events::client_auth_lockout(&locked_peer, locked.failures, locked.duration.as_secs());
         }
     }
 }
 
 /// The error a locked-out peer gets for a login attempt or a new connection.
-pub fn lockout_error(peer: &Peer, remaining: Duration) -> String {
+pub fn lockout_error(peer: &Peer, lockout: Lockout) -> String {
+    let from = match lockout.everyone {
+        true => "all peers together".to_owned(),
+        false => peer.key().to_string(),
+    };
     format!(
-        "ERR redcloak: too many failed AUTH attempts from {}; logins are refused for {} more seconds",
-        peer.key(),
-        remaining.as_secs().max(1)
+        "ERR redcloak: too many failed AUTH attempts from {from}; logins are refused for {} more seconds",
+        lockout.remaining.as_secs().max(1)
     )
 }

@@ -203,6 +203,73 @@ async fn a_known_workload_shows_exact_counts_on_metrics() {
     .await;
 }
 
+/// A raw client connected from `source` (any of loopback's addresses).
+async fn connect_from(proxy: &Proxy, source: [u8; 4]) -> RawClient<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .expect("bind a loopback source address");
+    RawClient::new(socket.connect(proxy.addr()).await.expect("connect"))
+}
+
+#[tokio::test]
+async fn changing_the_loopback_source_address_does_not_escape_the_lockout() {
+    let redis = TestRedis::start().await;
+    let config = with_client_password(
+        redis.config(),
+        "max_failures = 3
+",
+    )
+    .tail(METRICS);
+    let proxy = redis.start_proxy(&config).await;
+    for last in [2u8, 3, 4] {
+        let mut guesser = connect_from(&proxy, [127, 0, 0, last]).await;
+        assert_error(&guesser.call(&[b"AUTH", b"guess"]).await, "-WRONGPASS");
+    }
+    // The right password from yet another loopback address is refused too.
+    let mut elsewhere = connect_from(&proxy, [127, 9, 9, 9]).await;
+    assert_error(
+        &elsewhere.read().await,
+        "-ERR redcloak: too many failed AUTH attempts from loopback",
+    );
+    elsewhere.expect_closed().await;
+}
+
+#[tokio::test]
+async fn the_global_failure_budget_locks_out_every_peer() {
+    let redis = TestRedis::start().await;
+    // Unix-socket users and loopback are different peers; none reaches its own limit.
+    let socket = redis.path("redcloak.sock");
+    let config = with_client_password(
+        redis.config(),
+        "max_failures = 3
+global_max_failures = 4
+",
+    )
+    .listen(&format!("unix_socket = \"{}\"", socket.display()))
+    .tail(METRICS);
+    let proxy = redis.start_proxy(&config).await;
+    let mut tcp = proxy.raw().await;
+    for _ in 0..2 {
+        assert_error(&tcp.call(&[b"AUTH", b"guess"]).await, "-WRONGPASS");
+    }
+    let mut unix = RawClient::new(
+        tokio::net::UnixStream::connect(&socket)
+            .await
+            .expect("unix"),
+    );
+    assert_error(&unix.call(&[b"AUTH", b"guess"]).await, "-WRONGPASS");
+    assert_error(&unix.call(&[b"AUTH", b"guess"]).await, "-WRONGPASS");
+    assert_error(
+        &unix.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await,
+        "-ERR redcloak: too many failed AUTH attempts from all peers together",
+    );
+    assert_error(
+        &tcp.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await,
+        "-ERR redcloak: too many failed AUTH attempts from all peers together",
+    );
+}
+
 #[tokio::test]
 async fn too_many_failed_logins_lock_the_peer_out_then_it_may_log_in_again() {
     let redis = TestRedis::start().await;
@@ -218,7 +285,7 @@ async fn too_many_failed_logins_lock_the_peer_out_then_it_may_log_in_again() {
     let refused = client.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await;
     assert_error(
         &refused,
-        "-ERR redcloak: too many failed AUTH attempts from 127.0.0.1",
+        "-ERR redcloak: too many failed AUTH attempts from loopback",
     );
     assert_error(
         &client
@@ -584,7 +651,7 @@ async fn security_events_are_json_on_their_own_target_and_no_secret_reaches_logs
         let lockout = of("client_auth_lockout");
         assert_eq!(lockout["fields"]["failures"], 5);
         assert_eq!(lockout["fields"]["lockout_seconds"], 300);
-        assert_eq!(lockout["fields"]["peer"], "127.0.0.1");
+        assert_eq!(lockout["fields"]["peer"], "loopback");
         let rejected = of("upstream_rejected");
         assert_eq!(rejected["fields"]["step"], "auth");
         assert!(
