@@ -1,6 +1,10 @@
 //! The upstream side's TLS: verify Redis's certificate against `upstream.ca`
 //! and the server name, present redcloak's client certificate. There is no
 //! option to skip verification or to connect without TLS.
+//!
+//! Session resumption is off: a resumed session skips the certificate
+//! checks of a full handshake, so a certificate that expired or is no
+//! longer trusted would still be accepted. Every connection verifies.
 
 use super::{TlsError, VERSIONS, load, provider};
 use rustls::client::WantsClientCert;
@@ -19,13 +23,18 @@ pub fn config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, T
             what: "upstream.cert and upstream.key",
             source,
         })?;
-    Ok(Arc::new(config))
+    Ok(without_resumption(config))
 }
 
 /// Like [`config`] but without a client certificate: the startup checks use
 /// it to prove that Redis refuses such clients. Never used to serve.
 pub fn config_without_client_cert(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
-    Ok(Arc::new(verifying(ca)?.with_no_client_auth()))
+    Ok(without_resumption(verifying(ca)?.with_no_client_auth()))
+}
+
+fn without_resumption(mut config: ClientConfig) -> Arc<ClientConfig> {
+    config.resumption = rustls::client::Resumption::disabled();
+    Arc::new(config)
 }
 
 /// TLS 1.2+ with Redis's certificate verified against `upstream.ca`.

@@ -214,3 +214,28 @@ async fn redis_going_away_closes_clients_and_new_clients_get_a_clear_error() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_certificate_that_expires_is_refused_on_the_next_connection_resumed_or_not() {
+    use time::{Duration as Span, OffsetDateTime};
+    let now = OffsetDateTime::now_utc();
+    let expires = now + Span::seconds(3);
+    let setup = RedisSetup {
+        redis_cert_validity: Some((now - Span::days(1), expires)),
+        ..RedisSetup::default()
+    };
+    let redis = TestRedis::start_with(setup).await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    // A full handshake while the certificate is valid: Redis hands out a
+    // session ticket that a resuming client could use later.
+    for _ in 0..2 {
+        let mut c = proxy.raw().await;
+        assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
+    }
+    let wait = (expires - OffsetDateTime::now_utc()) + Span::seconds(1);
+    tokio::time::sleep(wait.try_into().unwrap_or_default()).await;
+    for _ in 0..3 {
+        let text = refusal(&proxy).await;
+        assert!(text.contains("expired"), "{text}");
+    }
+}
