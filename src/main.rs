@@ -7,8 +7,9 @@ use clap::Parser;
 use redcloak::admin::{self, Telemetry};
 use redcloak::cli::{CertsCommand, Cli, Command, LogFormat, ReportFormat};
 use redcloak::dev::{self, Existing};
+use redcloak::server::{Drained, Server};
 use redcloak::upstream::gate;
-use redcloak::{config, playground, server::Server, shutdown};
+use redcloak::{config, playground, shutdown};
 use std::process::ExitCode;
 
 const EXIT_RUNTIME: u8 = 1;
@@ -16,6 +17,8 @@ const EXIT_USAGE: u8 = 64;
 const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
+    // Before anything secret is read: no core dump may hold keys or passwords.
+    redcloak::secret::forbid_core_dumps();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
@@ -96,8 +99,15 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 };
                 (code, anyhow::Error::new(err))
             })?;
-            server.run(shutdown).await;
-            Ok(())
+            match server.run(shutdown).await {
+                Drained::Clean => Ok(()),
+                Drained::Cut(connections) => Err((
+                    EXIT_RUNTIME,
+                    anyhow::anyhow!(
+                        "shutdown.grace_period ran out: {connections} connections were cut with requests in flight"
+                    ),
+                )),
+            }
         }
         Command::Check { config, format } => {
             let loaded = config::load(&config)

@@ -1,4 +1,5 @@
-//! Secret bytes (passwords): never printed, zeroized on drop, not `Clone`.
+//! Secret bytes (passwords): never printed, zeroized on drop, not `Clone`;
+//! and the process itself never dumps core (see [`forbid_core_dumps`]).
 //!
 //! `Debug` prints `<redacted>`; there is no `Display`. Comparison is
 //! constant-time over SHA-256 digests, so neither the content nor the length
@@ -9,6 +10,22 @@ use sha2::{Digest, Sha256};
 use std::fmt;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
+
+/// Makes the process non-dumpable and its core size limit 0, so a crash or
+/// a SIGABRT writes no core file holding data keys or passwords (and other
+/// users cannot ptrace it). Best effort: a failure is logged by the caller's
+/// absence of effect, never fatal.
+pub fn forbid_core_dumps() {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    let _ = set_dumpable_behavior(DumpableBehavior::NotDumpable);
+    let _ = setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    );
+}
 
 pub struct Secret(Zeroizing<Vec<u8>>);
 

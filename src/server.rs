@@ -69,6 +69,15 @@ struct Shared {
     telemetry: Telemetry,
 }
 
+/// How the drain at shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every connection finished within the grace period.
+    Clean,
+    /// The grace period ran out: this many connections were cut.
+    Cut(usize),
+}
+
 pub struct Server {
     tcp: Option<TcpListener>,
     unix: Option<(UnixListener, PathBuf)>,
@@ -181,8 +190,9 @@ impl Server {
         self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
-    /// Accepts clients until `shutdown`, then drains.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Accepts clients until `shutdown`, then drains. Says whether every
+    /// connection finished within the grace period.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Drained {
         info!(
             tcp = ?self.tcp_address(),
             tls = ?self.tls_address(),
@@ -190,6 +200,12 @@ impl Server {
             upstream = self.shared.pool.upstream().address(),
             "redcloak serving"
         );
+        // One line per listener with the address it got (port 0 picks one).
+        for (listener, address) in [("tcp", self.tcp_address()), ("tls", self.tls_address())] {
+            if let Some(address) = address {
+                info!(listener, %address, "listening");
+            }
+        }
         let telemetry = &self.shared.telemetry;
         // The startup checks just reached Redis; the upstream check keeps this current.
         telemetry.set_upstream_up(true);
@@ -229,18 +245,20 @@ impl Server {
         self.close_listeners();
         sessions.close();
         info!(connections = sessions.len(), grace_period = ?self.grace_period, "draining");
-        if tokio::time::timeout(self.grace_period, sessions.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                connections = sessions.len(),
-                "grace period over: closing the remaining connections"
-            );
-        }
+        let drained = match tokio::time::timeout(self.grace_period, sessions.wait()).await {
+            Ok(()) => Drained::Clean,
+            Err(_) => {
+                warn!(
+                    connections = sessions.len(),
+                    "grace period over: closing the remaining connections"
+                );
+                Drained::Cut(sessions.len())
+            }
+        };
         upkeep.abort();
         background.close();
         background.wait().await;
+        drained
     }
 
     fn close_listeners(&mut self) {

@@ -1,21 +1,40 @@
-//! Signals -> cancellation. SIGTERM and SIGINT cancel the token the accept
-//! loop and every session watch; the server then drains within its grace period.
+//! Signals -> cancellation. The first SIGTERM or SIGINT cancels the token
+//! the accept loop and every session watch; the server then drains within
+//! its grace period. A second one exits at once (exit code 1), cutting
+//! whatever is still open. SIGHUP is logged and ignored: it must never kill
+//! the process (its default action) while reload is not supported.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// The exit code when a second signal cuts the drain short.
+pub const EXIT_CUT_SHORT: i32 = 1;
 
 /// A token cancelled by the first SIGTERM or SIGINT.
 pub fn on_signal() -> std::io::Result<CancellationToken> {
     let token = CancellationToken::new();
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let cancel = token.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-            _ = interrupt.recv() => tracing::info!("SIGINT: draining"),
+        loop {
+            let name = tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = interrupt.recv() => "SIGINT",
+                _ = hangup.recv() => {
+                    warn!("SIGHUP: reload is not supported yet; ignored (restart to apply changes)");
+                    continue;
+                }
+            };
+            if cancel.is_cancelled() {
+                error!("{name} while draining: exiting now, cutting the connections still open");
+                std::process::exit(EXIT_CUT_SHORT);
+            }
+            info!("{name}: draining");
+            cancel.cancel();
         }
-        cancel.cancel();
     });
     Ok(token)
 }

@@ -185,6 +185,7 @@ where
             flushes: &flushes,
             leaves: &mut leaves,
             replies_quiet: &replies_quiet,
+            output_holds_password: false,
         };
         let requests = requests.forward(&mut client_reader, &mut input, &mut state, shutdown);
         let replies = deliver_replies(
@@ -259,6 +260,8 @@ struct Requests<'a, W> {
     leaves: &'a mut Leaves,
     /// Set by the reply half while it waits with no request pending.
     replies_quiet: &'a AtomicBool,
+    /// `output` holds redcloak's AUTH: wipe it once written.
+    output_holds_password: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Requests<'_, W> {
@@ -383,6 +386,9 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                     .await?;
                 self.ctx.upstream_login.encode_auth(&mut self.output);
                 self.unsent_replies += 1;
+                // Sent at once, so no later request grows (and copies) the buffer.
+                self.output_holds_password = true;
+                self.flush().await?;
             }
             Action::AnswerOk => self.answer(OK, false, Some((tally, Outcome::Ok))).await?,
             Action::Quit => {
@@ -455,10 +461,11 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
         if self.output.is_empty() {
             return Ok(());
         }
-        self.upstream
-            .write_all(&self.output)
-            .await
-            .map_err(SessionError::Upstream)?;
+        let written = self.upstream.write_all(&self.output).await;
+        if std::mem::take(&mut self.output_holds_password) {
+            zeroize::Zeroize::zeroize(&mut self.output[..]);
+        }
+        written.map_err(SessionError::Upstream)?;
         self.upstream
             .flush()
             .await

@@ -314,7 +314,10 @@ impl Upstream {
         };
         let mut out = BytesMut::new();
         self.login.encode_auth(&mut out);
-        tls.write_all(&out).await.map_err(login_error)?;
+        let written = tls.write_all(&out).await;
+        // The buffer held the password: wipe it before it is freed.
+        zeroize::Zeroize::zeroize(&mut out[..]);
+        written.map_err(login_error)?;
         tls.flush().await.map_err(login_error)?;
         // A login reply is a short line: bound it tightly.
         let limits = Limits {

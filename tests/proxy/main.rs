@@ -13,6 +13,7 @@ mod listeners;
 mod observability;
 mod packaging;
 mod pool;
+mod process;
 mod pubsub;
 mod scripts;
 mod support;

@@ -301,7 +301,7 @@ pub struct Proxy {
     /// The admin listener, when the config has `[metrics]`.
     pub admin: Option<SocketAddr>,
     pub shutdown: CancellationToken,
-    pub task: tokio::task::JoinHandle<()>,
+    pub task: tokio::task::JoinHandle<redcloak::server::Drained>,
 }
 
 impl Proxy {
@@ -524,10 +524,122 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    until(what, || {
+        let checked = check();
+        async move { checked.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `find` every 20 ms until it finds something; fails after
+/// [`READ_TIMEOUT`]. The one polling loop of the tests.
+pub async fn until<T, F, Fut>(what: &str, mut find: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let deadline = std::time::Instant::now() + READ_TIMEOUT;
-    while !check().await {
+    loop {
+        if let Some(found) = find().await {
+            return found;
+        }
         assert!(std::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `redcloak serve` as a child process, with JSON logs collected as they
+/// come; its listeners bind port 0 and the test reads the port they got
+/// from the logs (never a port picked beforehand, which races).
+pub struct ServeChild {
+    pub child: std::process::Child,
+    /// The plaintext TCP listener's address.
+    pub address: SocketAddr,
+    logs: Arc<std::sync::Mutex<String>>,
+}
+
+impl ServeChild {
+    /// Runs `redcloak serve --config <config> --log-format json`.
+    pub async fn start(config: &std::path::Path) -> ServeChild {
+        let mut command = std::process::Command::new(redcloak_bin());
+        command
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(config);
+        Self::spawn(command).await
+    }
+
+    /// Spawns `command` (a redcloak serve, perhaps behind a shell) and
+    /// waits for its TCP listener's address.
+    pub async fn spawn(mut command: std::process::Command) -> ServeChild {
+        let mut child = command
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn redcloak");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut logs = sink.lock().unwrap_or_else(|e| e.into_inner());
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let mut serving = ServeChild {
+            child,
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            logs,
+        };
+        serving.address = until("redcloak serve reports its TCP listener", || {
+            let found = serving.listener_address();
+            async move { found }
+        })
+        .await;
+        serving
+    }
+
+    fn listener_address(&self) -> Option<SocketAddr> {
+        self.logs().lines().find_map(|line| {
+            let line: serde_json::Value = serde_json::from_str(line).ok()?;
+            let fields = &line["fields"];
+            (fields["message"] == "listening" && fields["listener"] == "tcp")
+                .then(|| fields["address"].as_str()?.parse().ok())?
+        })
+    }
+
+    /// Everything logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub async fn raw(&self) -> RawClient<TcpStream> {
+        RawClient::new(TcpStream::connect(self.address).await.expect("connect"))
+    }
+
+    /// Sends a signal (`-TERM`, `-HUP`, ...).
+    pub fn signal(&self, name: &str) {
+        signal(&self.child, name);
+    }
+
+    /// The exit code, waiting at most 30 s.
+    pub async fn exit_code(mut self) -> (i32, String) {
+        let logs = self.logs.clone();
+        let code = tokio::task::spawn_blocking(move || wait_exit(&mut self.child))
+            .await
+            .expect("join");
+        let logs = logs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (code, logs)
+    }
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

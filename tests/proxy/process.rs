@@ -1,0 +1,113 @@
+//! The process as an operator meets it: signals (SIGHUP never kills it, a
+//! drain that runs out of time or is cut short by a second signal exits
+//! non-zero) and crashes (no core dump, which would hold keys and passwords).
+
+use crate::support::*;
+
+/// `redcloak serve` in front of `redis`, with `extra` config appended.
+async fn serve(redis: &TestRedis, extra: &str) -> ServeChild {
+    let config = redis.config().tail(extra);
+    let file = redis.path("serve.toml");
+    std::fs::write(&file, config.render()).expect("write config");
+    ServeChild::start(&file).await
+}
+
+/// A client blocked in BLPOP: a request in flight that a drain waits for.
+async fn request_in_flight(
+    redis: &TestRedis,
+    serving: &ServeChild,
+) -> RawClient<tokio::net::TcpStream> {
+    let mut client = serving.raw().await;
+    client.send(&[b"BLPOP", b"plain:queue", b"0"]).await;
+    wait_until_blocked(redis, 1).await;
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_logged_and_ignored() {
+    let redis = TestRedis::start().await;
+    let serving = serve(&redis, "").await;
+    let mut client = serving.raw().await;
+    assert_reply(&client.call(&[b"PING"]).await, b"+PONG\r\n");
+    serving.signal("-HUP");
+    eventually("SIGHUP is logged", || async {
+        serving
+            .logs()
+            .contains("SIGHUP: reload is not supported yet")
+    })
+    .await;
+    // The same client, and a new one, are still served.
+    assert_reply(&client.call(&[b"PING"]).await, b"+PONG\r\n");
+    assert_reply(&serving.raw().await.call(&[b"PING"]).await, b"+PONG\r\n");
+    drop(client);
+    serving.signal("-TERM");
+    assert_eq!(serving.exit_code().await.0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_runs_out_of_grace_exits_non_zero() {
+    let redis = TestRedis::start().await;
+    let serving = serve(&redis, "[shutdown]\ngrace_period = \"1s\"\n").await;
+    let _blocked = request_in_flight(&redis, &serving).await;
+    serving.signal("-TERM");
+    let (code, logs) = serving.exit_code().await;
+    assert_eq!(code, 1, "{logs}");
+    assert!(
+        logs.contains("grace_period ran out: 1 connections were cut"),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_while_draining_exits_at_once() {
+    let redis = TestRedis::start().await;
+    let serving = serve(&redis, "[shutdown]\ngrace_period = \"300s\"\n").await;
+    let _blocked = request_in_flight(&redis, &serving).await;
+    serving.signal("-TERM");
+    eventually("the drain starts", || async {
+        serving.logs().contains("SIGTERM: draining")
+    })
+    .await;
+    serving.signal("-TERM");
+    // Well before the 300 s grace period (exit_code waits 30 s at most).
+    let (code, logs) = serving.exit_code().await;
+    assert_eq!(code, 1, "{logs}");
+    assert!(
+        logs.contains("SIGTERM while draining: exiting now"),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_writes_no_core_dump_even_when_core_dumps_are_allowed() {
+    let redis = TestRedis::start().await;
+    let config = redis.config();
+    let file = redis.path("serve.toml");
+    std::fs::write(&file, config.render()).expect("write config");
+    let cwd = tempfile::tempdir().expect("cwd");
+    let mut command = std::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!(
+            "ulimit -c unlimited && exec {} serve --log-format json --config {}",
+            redcloak_bin(),
+            file.display()
+        ))
+        .current_dir(cwd.path());
+    let serving = ServeChild::spawn(command).await;
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", serving.child.id())).expect("limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core limit");
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+    serving.signal("-ABRT");
+    let (code, _) = serving.exit_code().await;
+    assert_ne!(code, 0);
+    let files: Vec<_> = std::fs::read_dir(cwd.path())
+        .expect("read cwd")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(files.is_empty(), "a core dump was written: {files:?}");
+}
