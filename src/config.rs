@@ -38,6 +38,13 @@ const SECRET_ENV: &[(&str, &str)] = &[
     ("listen.auth.password", "REDCLOAK_LISTEN__AUTH__PASSWORD"),
 ];
 
+/// Settings whose variables are text, read verbatim for the same reason: a
+/// file mode of `0600` would otherwise become the number 600.
+const TEXT_ENV: &[(&str, &str)] = &[(
+    "listen.unix_socket_mode",
+    "REDCLOAK_LISTEN__UNIX_SOCKET_MODE",
+)];
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{0}")]
@@ -310,7 +317,8 @@ pub struct LimitsConfig {
 
 /// Loads `path`, overlays the environment, and validates.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let secret_keys: Vec<&str> = SECRET_ENV.iter().map(|(key, _)| *key).collect();
+    let verbatim = || SECRET_ENV.iter().chain(TEXT_ENV);
+    let secret_keys: Vec<&str> = verbatim().map(|(key, _)| *key).collect();
     let mut figment = Figment::new().merge(Toml::file_exact(path)).merge(
         Env::prefixed(ENV_PREFIX)
             .split("__")
@@ -321,7 +329,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
                     .starts_with(KEY_ENV_PREFIX)
             }),
     );
-    for (key, variable) in SECRET_ENV {
+    for (key, variable) in verbatim() {
         if let Ok(value) = std::env::var(variable) {
             figment = figment.merge(Serialized::default(key, value));
         }
@@ -722,7 +730,8 @@ fn host_part(address: &str) -> Option<&str> {
 }
 
 fn parse_mode(text: Option<&str>) -> Result<u32, ConfigError> {
-    let text = text.unwrap_or("0660");
+    // The environment's text arrives verbatim, quotes included if given.
+    let text = text.unwrap_or("0660").trim_matches('"');
     u32::from_str_radix(text, 8)
         .ok()
         .filter(|mode| *mode <= 0o777)
@@ -827,6 +836,20 @@ mod tests {
             assert_eq!(config.upstream.connect_timeout, Duration::from_secs(5));
             assert_eq!(config.listen.max_connections, 10_000);
             assert_eq!(config.limits.resp, Limits::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_unix_socket_mode_may_come_from_the_environment_unquoted() {
+        Jail::expect_with(|jail| {
+            let toml = MINIMAL.replace("[listen]", "[listen]\nunix_socket = \"/tmp/r.sock\"");
+            jail.set_env("REDCLOAK_LISTEN__UNIX_SOCKET_MODE", "0600");
+            let config = load_in_jail(jail, &toml).expect("valid");
+            assert_eq!(config.listen.unix.expect("unix").mode, 0o600);
+            jail.set_env("REDCLOAK_LISTEN__UNIX_SOCKET_MODE", "\"0640\"");
+            let config = load_in_jail(jail, &toml).expect("quoted too");
+            assert_eq!(config.listen.unix.expect("unix").mode, 0o640);
             Ok(())
         });
     }

@@ -54,6 +54,12 @@ pub enum StartError {
     Upstream(#[from] UpstreamError),
     #[error("cannot listen on {what}: {source}")]
     Bind { what: String, source: io::Error },
+    #[error(
+        "another process is serving on the unix socket {}: stop it, or give this instance \
+         another listen.unix_socket",
+        .0.display()
+    )]
+    SocketInUse(PathBuf),
 }
 
 impl StartError {
@@ -282,21 +288,40 @@ async fn bind_tcp(address: SocketAddr) -> Result<TcpListener, StartError> {
         })
 }
 
-/// Binds the socket (replacing a stale one) and sets its mode.
+/// Binds the unix socket with its mode already set: it is bound inside a
+/// fresh private directory (mode 0700) next to the path, given its mode
+/// there, and only then renamed into place, so no other user can connect
+/// in between whatever the umask. An existing socket is replaced only when
+/// nothing answers on it (a stale file); a live one belongs to another
+/// process, and starting is refused.
 fn bind_unix(config: &UnixListenConfig) -> Result<(UnixListener, PathBuf), StartError> {
+    let path = &config.path;
     let bind_error = |source| StartError::Bind {
-        what: config.path.display().to_string(),
+        what: path.display().to_string(),
         source,
     };
-    if let Ok(meta) = std::fs::symlink_metadata(&config.path)
+    if let Ok(meta) = std::fs::symlink_metadata(path)
         && meta.file_type().is_socket()
     {
-        std::fs::remove_file(&config.path).map_err(bind_error)?;
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartError::SocketInUse(path.clone()));
+        }
+        std::fs::remove_file(path).map_err(bind_error)?;
     }
-    let listener = UnixListener::bind(&config.path).map_err(bind_error)?;
-    std::fs::set_permissions(&config.path, std::fs::Permissions::from_mode(config.mode))
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let private = tempfile::Builder::new()
+        .prefix(".redcloak-bind-")
+        .tempdir_in(parent)
         .map_err(bind_error)?;
-    Ok((listener, config.path.clone()))
+    let staged = private.path().join("socket");
+    let listener = UnixListener::bind(&staged).map_err(bind_error)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(config.mode))
+        .map_err(bind_error)?;
+    std::fs::rename(&staged, path).map_err(bind_error)?;
+    Ok((listener, path.clone()))
 }
 
 async fn accept_tcp(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {

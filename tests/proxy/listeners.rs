@@ -38,14 +38,107 @@ async fn unix_socket_clients_are_served_and_the_socket_has_its_mode() {
     assert_eq!(value, "unix");
     // Shutdown removes the socket file.
     proxy.shutdown.cancel();
-    let deadline = std::time::Instant::now() + READ_TIMEOUT;
-    while socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "socket file not removed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    eventually("the socket file is removed", || async { !socket.exists() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
+    let redis = TestRedis::start().await;
+    let socket = redis.path("shared.sock");
+    let config = redis
+        .config()
+        .listen(&format!("unix_socket = \"{}\"", socket.display()));
+    let _first = redis.start_proxy(&config).await;
+    // A second instance with the same socket refuses to start (exit 78).
+    let file = redis.path("second.toml");
+    std::fs::write(&file, config.render()).expect("write config");
+    let (code, _, stderr) = tokio::task::spawn_blocking(move || {
+        run_redcloak(&["serve", "--config", &file.display().to_string()])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("another process is serving on the unix socket"),
+        "{stderr}"
+    );
+    // The first instance still owns the socket.
+    let mut raw = RawClient::new(UnixStream::connect(&socket).await.expect("connect"));
+    assert_reply(&raw.call(&[b"PING"]).await, b"+PONG\r\n");
+
+    // A socket file nobody listens on is stale: replaced.
+    let stale = redis.path("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    assert!(stale.exists());
+    let config = redis
+        .config()
+        .listen(&format!("unix_socket = \"{}\"", stale.display()));
+    let _second = redis.start_proxy(&config).await;
+    let mut raw = RawClient::new(UnixStream::connect(&stale).await.expect("connect"));
+    assert_reply(&raw.call(&[b"PING"]).await, b"+PONG\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_never_appears_with_a_looser_mode_whatever_the_umask() {
+    let redis = TestRedis::start().await;
+    // A folder other users may enter, so only the socket's mode guards it.
+    let open_dir = tempfile::tempdir().expect("dir");
+    std::fs::set_permissions(open_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let socket = open_dir.path().join("redcloak.sock");
+    let config = redis
+        .config()
+        .listen(&format!("unix_socket = \"{}\"", socket.display()));
+    let file = redis.path("umask.toml");
+    std::fs::write(&file, config.render()).expect("write config");
+    // Watch the path as fast as possible while redcloak starts under umask 000.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (socket, watching) = (socket.clone(), watching.clone());
+        std::thread::spawn(move || {
+            let mut modes = std::collections::BTreeSet::new();
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(meta) = std::fs::symlink_metadata(&socket) {
+                    modes.insert(meta.permissions().mode() & 0o777);
+                }
+            }
+            modes
+        })
+    };
+    let mut command = std::process::Command::new("sh");
+    command.arg("-c").arg(format!(
+        "umask 000 && exec {} serve --log-format json --config {}",
+        redcloak_bin(),
+        file.display()
+    ));
+    let serving = ServeChild::spawn(command).await;
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let modes = watcher.join().expect("watcher");
+    assert_eq!(modes.into_iter().collect::<Vec<_>>(), [0o660]);
+    // Another user cannot connect; its owner can.
+    let other = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "python3",
+            "-c",
+        ])
+        .arg(format!(
+            "import socket; socket.socket(socket.AF_UNIX).connect({:?})",
+            socket.display().to_string()
+        ))
+        .output()
+        .expect("setpriv");
+    assert!(!other.status.success());
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    let mut raw = RawClient::new(UnixStream::connect(&socket).await.expect("connect"));
+    assert_reply(&raw.call(&[b"PING"]).await, b"+PONG\r\n");
+    drop(serving);
 }
 
 /// Certificates for redcloak's own TLS listener and for the app.
