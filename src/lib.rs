@@ -24,8 +24,9 @@
 //! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
 //! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::pool` keeps warm
 //!   connections and undoes what a client left on returned ones.
-//! * [`metrics`], [`events`], [`health`], [`admin`]: what operators see: every metric, the
-//!   security events, readiness, and the admin listener serving /metrics, /healthz, /readyz.
+//! * [`metrics`], [`events`], [`health`], [`admin`], [`logs`]: what operators see: every
+//!   metric, the security events, readiness, the admin listener serving /metrics, /healthz,
+//!   /readyz, and logs that never hold up serving.
 //! * [`dev`], [`playground`]: throwaway certificates and redis-server for `redcloak dev` and the tests.
 
 pub mod admin;
@@ -36,6 +37,7 @@ pub mod crypto;
 pub mod dev;
 pub mod events;
 pub mod health;
+pub mod logs;
 pub mod metrics;
 pub mod open_files;
 pub mod playground;

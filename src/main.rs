@@ -5,12 +5,39 @@
 use anyhow::Context;
 use clap::Parser;
 use redcloak::admin::{self, Telemetry};
-use redcloak::cli::{CertsCommand, Cli, Command, LogFormat, ReportFormat};
+use redcloak::cli::{CertsCommand, Cli, Command, ReportFormat};
 use redcloak::dev::{self, Existing};
 use redcloak::server::{Drained, Server};
 use redcloak::upstream::gate;
 use redcloak::{config, playground, shutdown};
 use std::process::ExitCode;
+
+// stdout and stderr may be closed or full: what the user is told must never
+// panic the process (println! and eprintln! would).
+macro_rules! outln {
+    ($($text:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($text)*);
+    }};
+}
+macro_rules! out {
+    ($($text:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($text)*);
+    }};
+}
+macro_rules! errln {
+    ($($text:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($text)*);
+    }};
+}
+macro_rules! err {
+    ($($text:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($text)*);
+    }};
+}
 
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_USAGE: u8 = 64;
@@ -30,21 +57,23 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_logs(cli.log_format);
+    redcloak::logs::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("redcloak: cannot start the runtime: {err}");
+            errln!("redcloak: cannot start the runtime: {err}");
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let outcome = runtime.block_on(run(cli.command));
+    redcloak::logs::flush();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, err)) => {
-            eprintln!("redcloak: {err:#}");
+            errln!("redcloak: {err:#}");
             ExitCode::from(code)
         }
     }
@@ -78,7 +107,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             // upstream is never put in front of a client.
             let report = gate::run(&loaded).await;
             if !report.passed {
-                eprint!("{}", report.text());
+                err!("{}", report.text());
                 return Err((
                     EXIT_CONFIG,
                     anyhow::anyhow!("refusing to start: the startup security checks failed"),
@@ -117,8 +146,8 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             redcloak::open_files::raise_to_hard_limit();
             let report = gate::run(&loaded).await;
             match format {
-                ReportFormat::Text => print!("{}", report.text()),
-                ReportFormat::Json => println!("{}", report.json()),
+                ReportFormat::Text => out!("{}", report.text()),
+                ReportFormat::Json => outln!("{}", report.json()),
             }
             if report.passed {
                 Ok(())
@@ -131,8 +160,8 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
         }
         Command::Keygen => {
             let key = redcloak::crypto::keyring::generate_key();
-            println!("{}", key.as_str());
-            eprintln!(
+            outln!("{}", key.as_str());
+            errln!(
                 "Store this key where only redcloak can read it, e.g. a file with mode 0600:\n\
                  \x20 redcloak keygen > /run/secrets/redcloak-key-2 && chmod 600 /run/secrets/redcloak-key-2\n\
                  then list it in the config of every proxy (it opens values at once):\n\
@@ -165,7 +194,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let written = dev::write_dev_set(&out, &redis_names, &proxy_names, existing)
                 .map_err(|e| (EXIT_RUNTIME, e.into()))?;
             let Some(_) = written else {
-                eprintln!(
+                errln!(
                     "redcloak: {} already holds a complete set; kept it",
                     out.display()
                 );
@@ -174,31 +203,31 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let absolute = std::path::absolute(&out).unwrap_or(out);
             let certs = dev::DevCerts::in_dir(&absolute);
             let redis_host = hosts.first().map_or("localhost", String::as_str);
-            println!(
+            outln!(
                 "Wrote a development CA and certificates to {}:",
                 absolute.display()
             );
-            println!(
+            outln!(
                 "  ca.crt                                 the CA (trust it; its key is not kept)"
             );
-            println!(
+            outln!(
                 "  redis.crt, redis.key                   Redis's server certificate for {}",
                 hosts.join(", ")
             );
-            println!(
+            outln!(
                 "  redcloak-client.crt, redcloak-client.key  redcloak's client certificate for Redis"
             );
-            println!(
+            outln!(
                 "  redcloak.crt, redcloak.key             redcloak's TLS listener, for {}",
                 proxy_hosts.join(", ")
             );
-            println!();
-            print!("{}", dev::usage_text(&certs, redis_host));
+            outln!();
+            out!("{}", dev::usage_text(&certs, redis_host));
             Ok(())
         }
         Command::Password => {
             let password = dev::random_password().map_err(|e| (EXIT_RUNTIME, e.into()))?;
-            println!("{password}");
+            outln!("{password}");
             Ok(())
         }
         Command::Health { url, timeout } => {
@@ -211,20 +240,5 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 Err(err) => Err((EXIT_RUNTIME, err.into())),
             }
         }
-    }
-}
-
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: journald, files and pipes get plain text.
-    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colours);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

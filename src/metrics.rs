@@ -179,6 +179,13 @@ pub const CERTIFICATE_EXPIRY: MetricDef = def(
 );
 
 /// Every metric, in the order the README lists them.
+pub const LOG_LINES_DROPPED: MetricDef = def(
+    "redcloak_log_lines_dropped_total",
+    C,
+    &[],
+    "Log lines lost because stderr was slow, full or closed (serving goes on).",
+);
+
 pub const ALL: &[&MetricDef] = &[
     &BUILD_INFO,
     &CLIENT_CONNECTIONS_ACTIVE,
@@ -201,6 +208,7 @@ pub const ALL: &[&MetricDef] = &[
     &UPSTREAM_POOL_IDLE,
     &UPSTREAM_UP,
     &CERTIFICATE_EXPIRY,
+    &LOG_LINES_DROPPED,
 ];
 
 /// Histogram buckets for request latencies, in seconds.
@@ -322,6 +330,7 @@ pub struct Metrics {
     pub upstream_handshake: Histogram,
     pub upstream_pool_idle: Gauge,
     pub upstream_up: Gauge,
+    log_lines_dropped: Counter,
     /// The keyring whose per-key counts are exported at each scrape.
     keyring: OnceLock<Arc<Keyring>>,
 }
@@ -389,6 +398,7 @@ impl Metrics {
             ),
             auth_failures: counter(&CLIENT_AUTH_FAILURES, &[]),
             auth_lockouts: counter(&CLIENT_AUTH_LOCKOUTS, &[]),
+            log_lines_dropped: counter(&LOG_LINES_DROPPED, &[]),
             commands: (0..CommandId::COUNT).map(|_| OnceLock::new()).collect(),
             client_received: counter(&CLIENT_BYTES, &[("direction", "received")]),
             client_sent: counter(&CLIENT_BYTES, &[("direction", "sent")]),
@@ -523,6 +533,8 @@ impl Metrics {
     /// Moves recorded histogram samples into their buckets. Run it
     /// periodically: samples wait in memory until then.
     pub fn run_upkeep(&self) {
+        self.log_lines_dropped
+            .absolute(crate::logs::dropped_lines());
         self.handle.run_upkeep();
     }
 }

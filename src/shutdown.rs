@@ -30,6 +30,7 @@ pub fn on_signal() -> std::io::Result<CancellationToken> {
             };
             if cancel.is_cancelled() {
                 error!("{name} while draining: exiting now, cutting the connections still open");
+                crate::logs::flush();
                 std::process::exit(EXIT_CUT_SHORT);
             }
             info!("{name}: draining");

@@ -111,3 +111,124 @@ async fn a_crash_writes_no_core_dump_even_when_core_dumps_are_allowed() {
         .collect();
     assert!(files.is_empty(), "a core dump was written: {files:?}");
 }
+
+/// The TCP ports a process listens on (from `ss`), for a child whose logs
+/// cannot be read.
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let output = std::process::Command::new("ss")
+        .args(["-Hltnp"])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains(&format!("pid={pid},")))
+        .filter_map(|line| {
+            line.split_whitespace()
+                .nth(3)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// A child process killed when the test ends, passed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// redcloak serve on a unix socket only (its one TCP port is the admin
+/// listener), its stderr set up by `stderr`, logging at debug.
+async fn serve_with_stderr(
+    redis: &TestRedis,
+    stderr: std::process::Stdio,
+) -> (Killed, std::path::PathBuf) {
+    let socket = redis.path("logs.sock");
+    let mut config = redis.config();
+    config.listen = vec![format!("unix_socket = \"{}\"", socket.display())];
+    let config = config.tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let file = redis.path("logs.toml");
+    std::fs::write(&file, config.render()).expect("write config");
+    let child = std::process::Command::new(redcloak_bin())
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("RUST_LOG", "debug")
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn");
+    let child = Killed(child);
+    let path = socket.clone();
+    until("redcloak listens on its unix socket", || {
+        let path = path.clone();
+        async move {
+            tokio::net::UnixStream::connect(&path)
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+    (child, socket)
+}
+
+async fn every_command_answered(socket: &std::path::Path, connections: usize, each: usize) {
+    for _ in 0..connections {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .expect("connect");
+        let mut client = RawClient::new(stream);
+        for _ in 0..each {
+            assert_reply(&client.call(&[b"PING"]).await, b"+PONG\r\n");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_disk_costs_log_lines_not_requests() {
+    let redis = TestRedis::start().await;
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let (mut child, socket) = serve_with_stderr(&redis, full.into()).await;
+    every_command_answered(&socket, 200, 10).await;
+    let pid = child.0.id();
+    let dropped = until("the dropped log lines are counted", || async {
+        for port in listening_ports(pid) {
+            let (status, body) = http_get(([127, 0, 0, 1], port).into(), "/metrics").await;
+            if status == 200 {
+                return metric(&body, "redcloak_log_lines_dropped_total").filter(|n| *n > 0.0);
+            }
+        }
+        None
+    })
+    .await;
+    assert!(dropped >= 200.0, "{dropped}");
+    signal(&child.0, "-TERM");
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child.0))
+        .await
+        .expect("join");
+    assert_eq!(code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stderr_closed_before_start_stops_nothing() {
+    let redis = TestRedis::start().await;
+    let (mut child, socket) = {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        serve_with_stderr(&redis, writer.into()).await
+    };
+    every_command_answered(&socket, 20, 10).await;
+    signal(&child.0, "-TERM");
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child.0))
+        .await
+        .expect("join");
+    assert_eq!(code, 0, "no panic (101) on a broken stderr");
+}
