@@ -534,6 +534,7 @@ fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
                 raw.max_reply_bytes,
                 defaults.max_reply_bytes,
             )?,
+            unauthenticated: false,
         },
         max_pending_requests: positive(
             "limits.max_pending_requests",

@@ -36,7 +36,15 @@ pub struct Limits {
     pub max_reply_depth: usize,
     /// Largest single reply.
     pub max_reply_bytes: usize,
+    /// The client has not logged in yet: requests are held to
+    /// [`UNAUTHENTICATED_MAX_ARGS`] and [`UNAUTHENTICATED_MAX_BULK`], as Redis 7 does.
+    pub unauthenticated: bool,
 }
+
+/// Most arguments in a request from a client that has not logged in.
+pub const UNAUTHENTICATED_MAX_ARGS: usize = 10;
+/// Largest bulk string from a client that has not logged in.
+pub const UNAUTHENTICATED_MAX_BULK: usize = 16 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -47,6 +55,17 @@ impl Default for Limits {
             max_inline_bytes: 64 * 1024,
             max_reply_depth: 64,
             max_reply_bytes: 256 * 1024 * 1024,
+            unauthenticated: false,
+        }
+    }
+}
+
+impl Limits {
+    /// These limits for a client that has not logged in yet.
+    pub fn before_login(&self) -> Limits {
+        Limits {
+            unauthenticated: true,
+            ..self.clone()
         }
     }
 }
@@ -73,6 +92,8 @@ pub enum ProtocolError {
     UnknownReplyType(u8),
     #[error("malformed {0} line")]
     MalformedLine(&'static str),
+    #[error("unauthenticated {0}")]
+    Unauthenticated(&'static str),
 }
 
 /// One client command: its arguments, each a zero-copy view of the read buffer.
@@ -151,6 +172,9 @@ impl RequestParser {
                 let _ = buf.split_to(body);
                 return Ok(None);
             }
+            if limits.unauthenticated && count > UNAUTHENTICATED_MAX_ARGS {
+                return Err(ProtocolError::Unauthenticated("multibulk length"));
+            }
             check_limit("array length", count, limits.max_array_len, "max_array_len")?;
             self.expected = count;
             self.args = Vec::with_capacity(count.min(64));
@@ -162,6 +186,9 @@ impl RequestParser {
             };
             let len =
                 usize::try_from(len).map_err(|_| ProtocolError::InvalidLength { what: "bulk" })?;
+            if limits.unauthenticated && len > UNAUTHENTICATED_MAX_BULK {
+                return Err(ProtocolError::Unauthenticated("bulk length"));
+            }
             check_limit("bulk length", len, limits.max_bulk_bytes, "max_bulk_bytes")?;
             let end = body + len;
             check_limit(
@@ -430,6 +457,9 @@ fn scan_element(
             }
             let len =
                 usize::try_from(len).map_err(|_| ProtocolError::InvalidLength { what: "bulk" })?;
+            if limits.unauthenticated && len > UNAUTHENTICATED_MAX_BULK {
+                return Err(ProtocolError::Unauthenticated("bulk length"));
+            }
             check_limit("bulk length", len, limits.max_bulk_bytes, "max_bulk_bytes")?;
             let end = body + len;
             if buf.len() < end + 2 {
@@ -733,6 +763,30 @@ mod tests {
         assert!(
             parse_all(b"*1\r\n$123456789012345678", &Limits::default())
                 .expect("incomplete")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_client_not_logged_in_sends_small_requests_only() {
+        let before = Limits::default().before_login();
+        assert_eq!(
+            parse_all(b"*11\r\n", &before),
+            Err(ProtocolError::Unauthenticated("multibulk length"))
+        );
+        assert_eq!(
+            parse_all(b"*2\r\n$4\r\nAUTH\r\n$16385\r\n", &before),
+            Err(ProtocolError::Unauthenticated("bulk length"))
+        );
+        let ten = b"*10\r\n"
+            .iter()
+            .copied()
+            .chain(b"$1\r\nx\r\n".repeat(10))
+            .collect::<Vec<_>>();
+        assert_eq!(parse_all(&ten, &before).expect("ten arguments").len(), 1);
+        assert!(
+            parse_all(b"*11\r\n", &Limits::default())
+                .expect("after login")
                 .is_empty()
         );
     }

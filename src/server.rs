@@ -148,6 +148,7 @@ impl Server {
         let session = SessionContext {
             policy,
             reply_limits,
+            unauthenticated_limits: config.limits.resp.before_login(),
             limits: config.limits.resp,
             max_pending_requests: config.limits.max_pending_requests,
             client_write_timeout: config.limits.client_write_timeout,

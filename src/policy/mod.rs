@@ -144,6 +144,11 @@ pub struct RequestState {
 }
 
 impl RequestState {
+    /// The client may use commands (it logged in, or needs not).
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated
+    }
+
     fn end_transaction(&mut self) {
         self.in_multi = false;
         self.multi_failed = false;

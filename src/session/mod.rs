@@ -70,6 +70,8 @@ const OK: Bytes = Bytes::from_static(b"+OK\r\n");
 pub struct SessionContext {
     pub policy: Policy,
     pub limits: Limits,
+    /// `limits` for clients that have not logged in (Redis 7's caps).
+    pub unauthenticated_limits: Limits,
     /// Limits for replies: values come back sealed, larger by the envelope.
     pub reply_limits: Limits,
     pub max_pending_requests: usize,
@@ -311,7 +313,11 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
             let received = Instant::now();
             last_read = received;
             loop {
-                let request = match parser.next(input, &ctx.limits) {
+                let limits = match state.is_authenticated() {
+                    true => &ctx.limits,
+                    false => &ctx.unauthenticated_limits,
+                };
+                let request = match parser.next(input, limits) {
                     Ok(Some(request)) => request,
                     Ok(None) => break,
                     Err(err) => {

@@ -160,3 +160,41 @@ async fn reset_logs_the_client_out_of_redcloak_when_auth_is_required() {
     );
     assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_not_logged_in_may_send_only_small_requests_as_in_redis() {
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .tail("[listen.auth]\npassword = \"client-secret-0123456789\"\n");
+    let proxy = redis.start_proxy(&config).await;
+    for (header, says) in [
+        (&b"*100\r\n"[..], "unauthenticated multibulk length"),
+        (
+            b"*2\r\n$4\r\nAUTH\r\n$16385\r\n",
+            "unauthenticated bulk length",
+        ),
+    ] {
+        let mut c = proxy.raw().await;
+        // Only the header: the refusal comes before anything else is read.
+        c.send_raw(header).await;
+        assert_error(
+            &c.read().await,
+            &format!("-ERR redcloak: protocol error: {says}"),
+        );
+        c.expect_closed().await;
+    }
+    // Logged in, the same sizes are served.
+    let mut c = proxy.raw().await;
+    assert_reply(
+        &c.call(&[b"AUTH", b"client-secret-0123456789"]).await,
+        b"+OK\r\n",
+    );
+    let mut mset: Vec<Vec<u8>> = vec![b"MSET".to_vec()];
+    for i in 0..50 {
+        mset.push(format!("plain:{i}").into_bytes());
+        mset.push(vec![b'v'; 20_000]);
+    }
+    let args: Vec<&[u8]> = mset.iter().map(Vec::as_slice).collect();
+    assert_reply(&c.call(&args).await, b"+OK\r\n");
+}
