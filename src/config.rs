@@ -195,6 +195,7 @@ struct RawUpstream {
     password_file: Option<PathBuf>,
     password: Option<RawSecret>,
     connect_timeout: Option<String>,
+    request_timeout: Option<String>,
     #[serde(default)]
     allow_admin: bool,
     plaintext_port_probe: Option<u16>,
@@ -299,6 +300,8 @@ pub struct UpstreamConfig {
     pub username: Option<String>,
     pub password: Secret,
     pub connect_timeout: Duration,
+    /// How long Redis may take to answer (plus a blocking command's own timeout).
+    pub request_timeout: Duration,
     pub allow_admin: bool,
     pub plaintext_port_probe: Option<u16>,
     /// Upstream connections kept ready for new clients (0: none).
@@ -487,6 +490,11 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
             "upstream.connect_timeout",
             raw.connect_timeout.as_deref(),
             "5s",
+        )?,
+        request_timeout: parse_duration(
+            "upstream.request_timeout",
+            raw.request_timeout.as_deref(),
+            "10s",
         )?,
         allow_admin: raw.allow_admin,
         plaintext_port_probe: raw.plaintext_port_probe,

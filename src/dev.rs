@@ -438,6 +438,11 @@ impl ChildRedis {
         self.port
     }
 
+    /// The redis-server process id (to stop it with SIGSTOP, a hung Redis).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Stops redis-server now (an upstream that vanishes).
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;

@@ -165,6 +165,18 @@ pub const UPSTREAM_POOL_IDLE: MetricDef = def(
     &[],
     "Upstream connections ready for new clients (upstream.pool_idle at most).",
 );
+pub const UPSTREAM_PROTOCOL_ERRORS: MetricDef = def(
+    "redcloak_upstream_protocol_errors_total",
+    C,
+    &[],
+    "Replies from Redis that broke RESP or contradicted their request; each closed its connection.",
+);
+pub const UPSTREAM_REQUEST_TIMEOUTS: MetricDef = def(
+    "redcloak_upstream_request_timeouts_total",
+    C,
+    &[],
+    "Requests Redis did not answer within upstream.request_timeout; each closed its connection.",
+);
 pub const UPSTREAM_UP: MetricDef = def(
     "redcloak_upstream_up",
     G,
@@ -206,6 +218,8 @@ pub const ALL: &[&MetricDef] = &[
     &UPSTREAM_CONNECT_FAILURES,
     &UPSTREAM_TLS_HANDSHAKE,
     &UPSTREAM_POOL_IDLE,
+    &UPSTREAM_PROTOCOL_ERRORS,
+    &UPSTREAM_REQUEST_TIMEOUTS,
     &UPSTREAM_UP,
     &CERTIFICATE_EXPIRY,
     &LOG_LINES_DROPPED,
@@ -329,6 +343,8 @@ pub struct Metrics {
     upstream_failures: [Counter; 3],
     pub upstream_handshake: Histogram,
     pub upstream_pool_idle: Gauge,
+    pub upstream_protocol_errors: Counter,
+    pub upstream_request_timeouts: Counter,
     pub upstream_up: Gauge,
     log_lines_dropped: Counter,
     /// The keyring whose per-key counts are exported at each scrape.
@@ -420,6 +436,8 @@ impl Metrics {
             upstream_handshake: recorder
                 .register_histogram(&key(&UPSTREAM_TLS_HANDSHAKE, &[]), &METADATA),
             upstream_pool_idle: gauge(&UPSTREAM_POOL_IDLE, &[]),
+            upstream_protocol_errors: counter(&UPSTREAM_PROTOCOL_ERRORS, &[]),
+            upstream_request_timeouts: counter(&UPSTREAM_REQUEST_TIMEOUTS, &[]),
             upstream_up: gauge(&UPSTREAM_UP, &[]),
             keyring: OnceLock::new(),
             recorder,

@@ -521,6 +521,15 @@ fn parse_signed(digits: &[u8]) -> Option<i64> {
     }
 }
 
+/// A frame whose type only RESP3 has (null, boolean, double, big number,
+/// blob error, verbatim string, map, set, push, attribute).
+pub fn is_resp3_only(frame: &[u8]) -> bool {
+    matches!(
+        frame.first(),
+        Some(b'_' | b'#' | b',' | b'(' | b'!' | b'=' | b'%' | b'~' | b'>' | b'|')
+    )
+}
+
 /// The kind of a complete reply, from its first byte.
 pub fn reply_kind(frame: &[u8]) -> ReplyKind {
     match frame.first() {

@@ -152,6 +152,7 @@ impl Server {
             limits: config.limits.resp,
             max_pending_requests: config.limits.max_pending_requests,
             client_write_timeout: config.limits.client_write_timeout,
+            request_timeout: config.upstream.request_timeout,
             upstream_login: upstream.login().clone(),
             metrics: metrics.clone(),
             lockouts,

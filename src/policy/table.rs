@@ -433,6 +433,79 @@ pub static COMMANDS: &[Row] = &[
     Row { name: "zunionstore", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: true } },
 ];
 
+/// How long Redis may legitimately take to answer a command beyond its
+/// usual work: blocking commands wait as long as their timeout says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocks {
+    /// Answers at once.
+    No,
+    /// Waits up to this long.
+    For(std::time::Duration),
+    /// May wait forever (a timeout of 0).
+    Forever,
+}
+
+/// Where a blocking command's timeout is.
+#[derive(Debug, Clone, Copy)]
+enum BlockTimeout {
+    /// Seconds (a float) in the last argument.
+    LastSeconds,
+    /// Seconds in argument 1.
+    FirstSeconds,
+    /// Milliseconds after a BLOCK option.
+    BlockOptionMillis,
+    /// Milliseconds in argument 2.
+    SecondMillis,
+}
+
+/// Every command that may keep Redis from answering, and its timeout.
+const BLOCKING: &[(&str, BlockTimeout)] = &[
+    ("blmove", BlockTimeout::LastSeconds),
+    ("blmpop", BlockTimeout::FirstSeconds),
+    ("blpop", BlockTimeout::LastSeconds),
+    ("brpop", BlockTimeout::LastSeconds),
+    ("brpoplpush", BlockTimeout::LastSeconds),
+    ("bzmpop", BlockTimeout::FirstSeconds),
+    ("bzpopmax", BlockTimeout::LastSeconds),
+    ("bzpopmin", BlockTimeout::LastSeconds),
+    ("wait", BlockTimeout::SecondMillis),
+    ("xread", BlockTimeout::BlockOptionMillis),
+    ("xreadgroup", BlockTimeout::BlockOptionMillis),
+];
+
+/// How long the command in `args` may block. A timeout that does not parse
+/// makes Redis answer with an error at once.
+pub fn blocks(row: Option<&Row>, args: &[Bytes]) -> Blocks {
+    let Some(row) = row else { return Blocks::No };
+    let Some((_, timeout)) = BLOCKING.iter().find(|(name, _)| *name == row.name) else {
+        return Blocks::No;
+    };
+    let number = |arg: Option<&Bytes>| -> Option<f64> {
+        std::str::from_utf8(arg?)
+            .ok()?
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n >= 0.0)
+    };
+    let seconds = match timeout {
+        BlockTimeout::LastSeconds => number(args.last()),
+        BlockTimeout::FirstSeconds => number(args.get(1)),
+        BlockTimeout::SecondMillis => number(args.get(2)).map(|ms| ms / 1000.0),
+        BlockTimeout::BlockOptionMillis => {
+            let at = args.iter().position(|a| a.eq_ignore_ascii_case(b"block"));
+            match at {
+                None => return Blocks::No,
+                Some(at) => number(args.get(at + 1)).map(|ms| ms / 1000.0),
+            }
+        }
+    };
+    match seconds {
+        None => Blocks::No,
+        Some(0.0) => Blocks::Forever,
+        Some(s) => Blocks::For(std::time::Duration::from_secs_f64(s.min(1e9))),
+    }
+}
+
 /// What a forwarded command leaves on the upstream connection once it is
 /// answered: what must be undone before the connection serves another
 /// client (or this client, on another connection, after a pause).
@@ -680,6 +753,30 @@ mod tests {
         assert_eq!(keys_of("OBJECT ENCODING k"), ["k"]);
         assert_eq!(keys_of("OBJECT HELP"), Vec::<String>::new());
         assert_eq!(keys_of("PUBLISH channel message"), ["channel"]);
+    }
+
+    #[test]
+    fn blocking_commands_say_how_long_they_may_wait() {
+        let blocks_of = |text: &str| {
+            let args = args(text);
+            blocks(lookup(&args[0]), &args)
+        };
+        let secs = |s: f64| Blocks::For(std::time::Duration::from_secs_f64(s));
+        assert_eq!(blocks_of("BLPOP a b 2.5"), secs(2.5));
+        assert_eq!(blocks_of("BLPOP a 0"), Blocks::Forever);
+        assert_eq!(blocks_of("BLMPOP 3 1 a LEFT"), secs(3.0));
+        assert_eq!(blocks_of("XREAD COUNT 1 BLOCK 1500 STREAMS s 0"), secs(1.5));
+        assert_eq!(blocks_of("XREAD COUNT 1 STREAMS s 0"), Blocks::No);
+        assert_eq!(
+            blocks_of("XREADGROUP GROUP g c BLOCK 0 STREAMS s >"),
+            Blocks::Forever
+        );
+        assert_eq!(blocks_of("WAIT 1 200"), secs(0.2));
+        assert_eq!(blocks_of("BLPOP a nonsense"), Blocks::No);
+        assert_eq!(blocks_of("GET a"), Blocks::No);
+        for (name, _) in BLOCKING {
+            assert!(lookup(name.as_bytes()).is_some(), "{name} has no row");
+        }
     }
 
     #[test]

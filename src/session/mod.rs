@@ -45,7 +45,7 @@ mod tally;
 use crate::auth::lockout::Lockouts;
 use crate::events;
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::table::{self, Leaves};
+use crate::policy::table::{self, Blocks, Leaves};
 use crate::policy::{self, Action, Policy, ReplyPlan, RequestState};
 use crate::resp::{self, Limits, ReplyScanner, Request, RequestParser};
 use crate::upstream::Login;
@@ -76,6 +76,9 @@ pub struct SessionContext {
     pub reply_limits: Limits,
     pub max_pending_requests: usize,
     pub client_write_timeout: Duration,
+    /// How long Redis may take to answer a request (beyond what a blocking
+    /// command asks to wait) before the connection is given up.
+    pub request_timeout: Duration,
     /// Used to log the upstream connection in again after RESET.
     pub upstream_login: Arc<Login>,
     pub metrics: Arc<Metrics>,
@@ -140,6 +143,8 @@ pub enum SessionError {
     UpstreamClosed,
     #[error("upstream protocol error: {0}")]
     UpstreamProtocol(String),
+    #[error("Redis did not answer within upstream.request_timeout ({0:?})")]
+    UpstreamTimeout(Duration),
 }
 
 enum RequestsEnd {
@@ -183,7 +188,7 @@ where
             upstream: &mut upstream_writer,
             fifo: fifo_in,
             output: BytesMut::with_capacity(READ_CHUNK),
-            unsent_replies: 0,
+            unsent: Vec::new(),
             flushes: &flushes,
             leaves: &mut leaves,
             replies_quiet: &replies_quiet,
@@ -255,8 +260,8 @@ struct Requests<'a, W> {
     fifo: mpsc::Sender<Entry>,
     /// Requests encoded for Redis, not yet written.
     output: BytesMut,
-    /// Replies the requests in `output` will get.
-    unsent_replies: usize,
+    /// How long each request in `output` may block Redis, in order.
+    unsent: Vec<Blocks>,
     flushes: &'a FlushLog,
     /// What the commands forwarded so far leave on the upstream connection.
     leaves: &'a mut Leaves,
@@ -339,7 +344,8 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                 if action.forwards() {
                     *self.leaves = (*self.leaves).max(table::leaves(row));
                 }
-                if self.act(action, &request, tally).await? == Flow::Close {
+                let blocks = table::blocks(row, &request.args);
+                if self.act(action, &request, tally, blocks).await? == Flow::Close {
                     self.flush().await?;
                     return Ok(RequestsEnd::Drain);
                 }
@@ -371,6 +377,7 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
         action: Action,
         request: &Request,
         tally: Tally,
+        blocks: Blocks,
     ) -> Result<Flow, SessionError> {
         // An entry always enters the FIFO before its command is encoded:
         // `enqueue` may flush `output`, and a reply must never arrive
@@ -378,20 +385,20 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
         match action {
             Action::Forward(plan) => {
                 self.enqueue(Entry::Await(plan, Some(tally))).await?;
-                self.encode(&request.args);
+                self.encode(&request.args, blocks);
             }
             Action::Rewrite(args, plan) => {
                 self.enqueue(Entry::Await(plan, Some(tally))).await?;
-                self.encode(&args);
+                self.encode(&args, blocks);
             }
             Action::Reset => {
                 self.enqueue(Entry::Await(ReplyPlan::Reset, Some(tally)))
                     .await?;
-                self.encode(&[b"RESET"]);
+                self.encode(&[b"RESET"], Blocks::No);
                 self.enqueue(Entry::Await(ReplyPlan::RestoreLogin, None))
                     .await?;
                 self.ctx.upstream_login.encode_auth(&mut self.output);
-                self.unsent_replies += 1;
+                self.unsent.push(Blocks::No);
                 // Sent at once, so no later request grows (and copies) the buffer.
                 self.output_holds_password = true;
                 self.flush().await?;
@@ -426,9 +433,9 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
         Ok(Flow::Continue)
     }
 
-    fn encode<A: AsRef<[u8]>>(&mut self, args: &[A]) {
+    fn encode<A: AsRef<[u8]>>(&mut self, args: &[A], blocks: Blocks) {
         resp::encode_command(&mut self.output, args);
-        self.unsent_replies += 1;
+        self.unsent.push(blocks);
     }
 
     async fn answer(
@@ -476,12 +483,11 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
             .flush()
             .await
             .map_err(SessionError::Upstream)?;
-        self.flushes.sent(self.unsent_replies, Instant::now());
+        self.flushes.sent(&mut self.unsent, Instant::now());
         self.ctx
             .metrics
             .upstream_sent
             .increment(self.output.len() as u64);
-        self.unsent_replies = 0;
         self.output.clear();
         Ok(())
     }
@@ -513,7 +519,10 @@ where
     let mut requests_done = false;
     let failed = upstream_failed.cancelled();
     let gone = client_gone.cancelled();
-    tokio::pin!(failed, gone);
+    // Reset only when the oldest pending request changes: not once per read.
+    let overdue = tokio::time::sleep(ctx.request_timeout);
+    let mut watched: Option<Instant> = None;
+    tokio::pin!(failed, gone, overdue);
     loop {
         quiet.store(false, Ordering::Relaxed);
         if client_gone.is_cancelled() {
@@ -543,6 +552,13 @@ where
         }
         input.reserve(READ_CHUNK);
         quiet.store(replies.needs_entry() && input.is_empty(), Ordering::Relaxed);
+        let deadline = flushes.deadline(ctx.request_timeout);
+        if deadline != watched {
+            watched = deadline;
+            if let Some(deadline) = deadline {
+                overdue.as_mut().reset(deadline.into());
+            }
+        }
         let lost = tokio::select! {
             entry = fifo.recv(), if replies.needs_entry() => {
                 match entry {
@@ -569,6 +585,10 @@ where
             },
             _ = &mut failed => Some(SessionError::UpstreamClosed),
             _ = &mut gone => return Ok(upstream_end(&input, &replies, flushes)),
+            _ = &mut overdue, if watched.is_some() => {
+                ctx.metrics.upstream_request_timeouts.increment(1);
+                Some(SessionError::UpstreamTimeout(ctx.request_timeout))
+            }
         };
         if let Some(err) = lost {
             return fail_pending(ctx, client, &mut fifo, &mut output, &replies, err).await;
@@ -611,7 +631,10 @@ fn deliver_ready(
                 }
             }
         }
-        let protocol_error = |err: String| SessionError::UpstreamProtocol(err);
+        let protocol_error = |err: String| {
+            ctx.metrics.upstream_protocol_errors.increment(1);
+            SessionError::UpstreamProtocol(err)
+        };
         let Some(len) = scanner
             .scan(input, &ctx.reply_limits)
             .map_err(|e| protocol_error(e.to_string()))?

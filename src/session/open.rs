@@ -8,6 +8,11 @@
 //! A value that fails to open becomes an error reply in its place, naming the
 //! key (and field) and the reason; never the ciphertext, never garbage. In an
 //! array the other elements are still delivered.
+//!
+//! A reply whose shape contradicts its request (an integer or status where a
+//! value must be, an array of the wrong length, a map that is not pairs) is
+//! a [`Contradiction`]: the connection is out of step with Redis, or not
+//! talking to Redis at all, and nothing of that reply is delivered.
 
 use crate::crypto::keyring::Opened;
 use crate::crypto::{Keyring, OpenError, envelope};
@@ -25,8 +30,14 @@ pub struct Failure {
     pub reason: OpenFailure,
 }
 
+/// A reply whose shape its request rules out: what was wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Contradiction(pub &'static str);
+
 /// Writes `frame` to `out` with its values opened; values that fail to
-/// open are added to `failures`.
+/// open are added to `failures`. On a contradiction, `out` holds garbage
+/// and must be discarded with the connection.
 pub fn reply(
     plan: &OpenPlan,
     frame: &[u8],
@@ -34,11 +45,12 @@ pub fn reply(
     limits: &Limits,
     out: &mut BytesMut,
     failures: &mut Vec<Failure>,
-) {
+) -> Result<(), Contradiction> {
     let mut opener = Opener {
         keyring,
         limits,
         failures,
+        contradiction: None,
     };
     match plan {
         OpenPlan::One(site) => opener.value(site, frame, out),
@@ -47,19 +59,51 @@ pub fn reply(
         OpenPlan::HashValues(site) => opener.values_only(site, frame, out),
         OpenPlan::HashScan(site) => opener.scan(site, frame, out),
     }
+    opener.contradiction.map_or(Ok(()), Err)
 }
 
 struct Opener<'a> {
     keyring: &'a Keyring,
     limits: &'a Limits,
     failures: &'a mut Vec<Failure>,
+    /// The first shape that contradicted the plan.
+    contradiction: Option<Contradiction>,
+}
+
+/// An error reply (RESP2 `-`, RESP3 `!`): fine in place of anything.
+fn is_error(element: &[u8]) -> bool {
+    matches!(element.first(), Some(b'-' | b'!'))
+}
+
+/// A nil: RESP2's null bulk string or array, or RESP3's null.
+fn is_nil(element: &[u8]) -> bool {
+    matches!(element, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n")
 }
 
 impl Opener<'_> {
+    fn contradicted(&mut self, what: &'static str, element: &[u8], out: &mut BytesMut) {
+        self.contradiction.get_or_insert(Contradiction(what));
+        out.extend_from_slice(element);
+    }
+
+    /// Where an aggregate was expected: an error or nil is copied, anything
+    /// else contradicts.
+    fn not_aggregate(&mut self, what: &'static str, frame: &[u8], out: &mut BytesMut) {
+        if is_error(frame) || is_nil(frame) {
+            out.extend_from_slice(frame);
+        } else {
+            self.contradicted(what, frame, out);
+        }
+    }
+
     /// One element that holds a value (or nil, or an error).
     fn value(&mut self, site: &ValueSite, element: &[u8], out: &mut BytesMut) {
         let Some(stored) = resp::bulk_body(element) else {
-            out.extend_from_slice(element);
+            if is_error(element) || is_nil(element) {
+                out.extend_from_slice(element);
+            } else {
+                self.contradicted("a value that is not a string", element, out);
+            }
             return;
         };
         match self.keyring.open(stored, site.binding()) {
@@ -83,9 +127,11 @@ impl Opener<'_> {
 
     fn each(&mut self, sites: &[Option<ValueSite>], frame: &[u8], out: &mut BytesMut) {
         let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
-            out.extend_from_slice(frame);
-            return;
+            return self.not_aggregate("no array where values must be", frame, out);
         };
+        if elements.len() != sites.len() || frame.first() != Some(&b'*') {
+            return self.contradicted("an array of another length than the keys asked", frame, out);
+        }
         out.extend_from_slice(header);
         for (i, element) in elements.into_iter().enumerate() {
             match sites.get(i) {
@@ -98,23 +144,27 @@ impl Opener<'_> {
     /// Field/value pairs: a flat array or map, or an array of 2-element arrays.
     fn pairs(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
         let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
-            out.extend_from_slice(frame);
-            return;
+            return self.not_aggregate("no field/value pairs where they must be", frame, out);
         };
         out.extend_from_slice(header);
         if elements.first().is_some_and(|e| e.first() == Some(&b'*')) {
             for pair in elements {
-                self.pairs(site, pair, out);
+                match resp::aggregate_elements(pair, self.limits) {
+                    Some((_, inner)) if inner.len() == 2 => self.pairs(site, pair, out),
+                    _ => {
+                        self.contradicted("a field/value pair that is not two elements", pair, out)
+                    }
+                }
             }
             return;
         }
+        if elements.len() % 2 != 0 {
+            return self.contradicted("field/value pairs of odd length", frame, out);
+        }
         for pair in elements.chunks(2) {
-            match pair {
-                [field, value] => {
-                    out.extend_from_slice(field);
-                    self.value(&with_field(site, field), value, out);
-                }
-                other => other.iter().for_each(|e| out.extend_from_slice(e)),
+            if let [field, value] = pair {
+                out.extend_from_slice(field);
+                self.value(&with_field(site, field), value, out);
             }
         }
     }
@@ -122,9 +172,11 @@ impl Opener<'_> {
     /// HGETALL's pairs, delivered as HVALS would: the values as an array.
     fn values_only(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
         let Some((_, elements)) = resp::aggregate_elements(frame, self.limits) else {
-            out.extend_from_slice(frame);
-            return;
+            return self.not_aggregate("no field/value pairs where they must be", frame, out);
         };
+        if elements.len() % 2 != 0 {
+            return self.contradicted("field/value pairs of odd length", frame, out);
+        }
         resp::encode_header(out, b'*', elements.len() / 2);
         for pair in elements.chunks_exact(2) {
             self.value(&with_field(site, pair[0]), pair[1], out);
@@ -138,7 +190,8 @@ impl Opener<'_> {
                 out.extend_from_slice(elements[0]);
                 self.pairs(site, elements[1], out);
             }
-            _ => out.extend_from_slice(frame),
+            Some(_) => self.contradicted("a scan reply that is not [cursor, items]", frame, out),
+            None => self.not_aggregate("no scan reply where one must be", frame, out),
         }
     }
 }
@@ -215,7 +268,8 @@ mod tests {
             &Limits::default(),
             &mut out,
             &mut failures,
-        );
+        )
+        .expect("the reply fits its plan");
         (String::from_utf8_lossy(&out).into_owned(), failures)
     }
 

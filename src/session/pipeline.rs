@@ -76,6 +76,10 @@ pub enum UnexpectedReply {
     NotAConfirmation,
     #[error("logging in again after RESET failed: {0}")]
     RestoreLoginFailed(String),
+    #[error("Redis's reply does not fit its request ({0}): the connection is out of step")]
+    Contradicts(&'static str),
+    #[error("Redis sent a RESP3 frame on a RESP2 connection: the connection is out of step")]
+    Resp3OnResp2,
 }
 
 #[derive(Debug)]
@@ -176,8 +180,37 @@ impl Replies {
         }
     }
 
-    /// Handles one complete reply frame from upstream.
+    /// Handles one complete reply frame from upstream. On an error nothing
+    /// of the frame is left in `out`.
     pub fn on_reply(&mut self, frame: Bytes, out: &mut BytesMut) -> Result<(), UnexpectedReply> {
+        let (mark, done) = (out.len(), self.done.len());
+        let head = self.head.as_ref().map(|h| h.tally);
+        let handled = self.handle_reply(frame, out);
+        if handled.is_err() {
+            out.truncate(mark);
+            self.done.truncate(done);
+            // The request this frame went to stays unanswered: the session
+            // answers it (and every later one) with the error.
+            if let (Some(tally), None) = (head, &self.head) {
+                self.head = Some(Head {
+                    plan: ReplyPlan::Passthrough,
+                    tally,
+                    confirmations: 1,
+                });
+            }
+        }
+        handled
+    }
+
+    fn handle_reply(&mut self, frame: Bytes, out: &mut BytesMut) -> Result<(), UnexpectedReply> {
+        // HELLO 3's own reply is the first RESP3 frame a connection sees.
+        let hello_pending = matches!(
+            self.head.as_ref().map(|h| &h.plan),
+            Some(ReplyPlan::Hello { .. })
+        );
+        if self.protocol == 2 && !hello_pending && resp::is_resp3_only(&frame) {
+            return Err(UnexpectedReply::Resp3OnResp2);
+        }
         let kind = resp::reply_kind(&frame);
         let event = match kind {
             ReplyKind::Push => pubsub_event(&frame),
@@ -314,14 +347,13 @@ impl Replies {
             }
             ReplyPlan::Queued(_) => {}
             ReplyPlan::Open(plan) => {
-                open::reply(&plan, &frame, &self.keyring, &self.limits, out, failures);
-                return Ok(());
+                return open::reply(&plan, &frame, &self.keyring, &self.limits, out, failures)
+                    .map_err(|c| UnexpectedReply::Contradicts(c.0));
             }
             ReplyPlan::Exec => {
                 let plans = std::mem::take(&mut self.transaction);
                 self.in_multi = false;
-                self.exec(&plans, &frame, out, failures);
-                return Ok(());
+                return self.exec(&plans, &frame, out, failures);
             }
             ReplyPlan::Discard => self.end_transaction(),
             ReplyPlan::Replace(text) => {
@@ -347,24 +379,36 @@ impl Replies {
         frame: &[u8],
         out: &mut BytesMut,
         failures: &mut Vec<open::Failure>,
-    ) {
+    ) -> Result<(), UnexpectedReply> {
         let opens = plans.iter().any(|p| matches!(p, ReplyPlan::Open(_)));
-        let elements = opens
-            .then(|| resp::aggregate_elements(frame, &self.limits))
-            .flatten();
-        let Some((header, elements)) = elements else {
+        if !opens {
             out.extend_from_slice(frame);
-            return;
+            return Ok(());
+        }
+        let Some((header, elements)) = resp::aggregate_elements(frame, &self.limits) else {
+            // EXECABORT, or nil when a WATCHed key changed.
+            if matches!(frame.first(), Some(b'-' | b'!' | b'_')) || frame == b"*-1\r\n" {
+                out.extend_from_slice(frame);
+                return Ok(());
+            }
+            return Err(UnexpectedReply::Contradicts("EXEC answered with no array"));
         };
+        if elements.len() != plans.len() {
+            return Err(UnexpectedReply::Contradicts(
+                "EXEC answered for another number of commands than were queued",
+            ));
+        }
         out.extend_from_slice(header);
-        for (i, element) in elements.into_iter().enumerate() {
-            match plans.get(i) {
-                Some(ReplyPlan::Open(plan)) => {
+        for (plan, element) in plans.iter().zip(elements) {
+            match plan {
+                ReplyPlan::Open(plan) => {
                     open::reply(plan, element, &self.keyring, &self.limits, out, failures)
+                        .map_err(|c| UnexpectedReply::Contradicts(c.0))?;
                 }
                 _ => out.extend_from_slice(element),
             }
         }
+        Ok(())
     }
 
     fn head_is_pubsub(&self) -> bool {
@@ -578,6 +622,7 @@ mod tests {
     #[test]
     fn resp3_pushes_never_take_the_head() {
         let mut replies = replies();
+        replies.protocol = 3;
         await_plan(&mut replies, ReplyPlan::Passthrough);
         let out = feed(
             &mut replies,
@@ -754,6 +799,60 @@ mod tests {
         let mut out = BytesMut::new();
         replies.on_reply(exec.freeze(), &mut out).expect("exec");
         assert_eq!(&out[..], b"*1\r\n$6\r\nsecret\r\n");
+    }
+
+    #[test]
+    fn a_reply_that_contradicts_its_request_is_out_of_step() {
+        let site = crate::policy::ValueSite {
+            key: Bytes::from_static(b"k"),
+            bind_key: true,
+            field: None,
+        };
+        let one = || ReplyPlan::Open(crate::policy::OpenPlan::One(site.clone()));
+        let each = || ReplyPlan::Open(crate::policy::OpenPlan::Each(vec![Some(site.clone())]));
+        let pairs = || ReplyPlan::Open(crate::policy::OpenPlan::HashPairs(site.clone()));
+        let cases: [(ReplyPlan, &'static [u8]); 7] = [
+            (one(), b":1\r\n"),
+            (one(), b"+OK\r\n"),
+            (one(), b"*1\r\n$1\r\nx\r\n"),
+            (each(), b"*2\r\n$-1\r\n$-1\r\n"),
+            (each(), b"*1\r\n:7\r\n"),
+            (pairs(), b"*1\r\n$1\r\nf\r\n"),
+            (pairs(), b":3\r\n"),
+        ];
+        for (plan, frame) in cases {
+            let mut replies = replies();
+            await_plan(&mut replies, plan);
+            let mut out = BytesMut::from(&b"+earlier\r\n"[..]);
+            assert!(
+                matches!(
+                    replies.on_reply(Bytes::from_static(frame), &mut out),
+                    Err(UnexpectedReply::Contradicts(_))
+                ),
+                "{:?}",
+                String::from_utf8_lossy(frame)
+            );
+            assert_eq!(&out[..], b"+earlier\r\n", "nothing of it is delivered");
+        }
+        // Errors and nils fit any plan.
+        for frame in [&b"-ERR x\r\n"[..], b"$-1\r\n"] {
+            let mut replies = replies();
+            await_plan(&mut replies, one());
+            assert_eq!(feed(&mut replies, &[frame]).expect("fits"), frame);
+        }
+        // RESP3 frames on a RESP2 connection, pushes included.
+        for frame in [
+            &b">2\r\n$10\r\ninvalidate\r\n*0\r\n"[..],
+            b"|1\r\n+a\r\n:1\r\n+OK\r\n",
+            b"_\r\n",
+        ] {
+            let mut replies = replies();
+            await_plan(&mut replies, ReplyPlan::Passthrough);
+            assert_eq!(
+                feed(&mut replies, &[frame]),
+                Err(UnexpectedReply::Resp3OnResp2)
+            );
+        }
     }
 
     #[test]

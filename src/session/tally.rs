@@ -8,31 +8,34 @@ use super::peer::Peer;
 use super::pipeline::{Done, Replies};
 use crate::events;
 use crate::policy::shown;
-use crate::policy::table::CommandId;
+use crate::policy::table::{Blocks, CommandId};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// When each batch of requests left for Redis, with how many replies it
-/// awaits, oldest first. The request half appends; the reply half takes one
-/// reply at a time from the front. Both halves run in one task: the lock is
-/// never contended, and it is never held across an await.
+/// When each request sent to Redis left, and how long it may legitimately
+/// block there, oldest first. The request half appends when it flushes;
+/// the reply half takes one entry per reply from the front, and watches
+/// the oldest for `upstream.request_timeout`. Both halves run in one task:
+/// the lock is never contended, and it is never held across an await.
 #[derive(Debug, Default)]
 pub(super) struct FlushLog {
-    batches: Mutex<VecDeque<(usize, Instant)>>,
+    sent: Mutex<VecDeque<(Instant, Blocks)>>,
 }
 
 impl FlushLog {
-    pub(super) fn sent(&self, replies: usize, at: Instant) {
-        if replies > 0 {
-            let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
-            batches.push_back((replies, at));
+    /// Logs the requests in `batch` as sent `at` (and empties it).
+    pub(super) fn sent(&self, batch: &mut Vec<Blocks>, at: Instant) {
+        if batch.is_empty() {
+            return;
         }
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        sent.extend(batch.drain(..).map(|blocks| (at, blocks)));
     }
 
     /// True when every request sent has been answered.
     pub(super) fn is_empty(&self) -> bool {
-        self.batches
+        self.sent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty()
@@ -40,14 +43,21 @@ impl FlushLog {
 
     /// When the request the next reply answers was sent.
     pub(super) fn answered(&self) -> Option<Instant> {
-        let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
-        let (left, at) = batches.front_mut()?;
-        let sent = *at;
-        *left -= 1;
-        if *left == 0 {
-            batches.pop_front();
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        sent.pop_front().map(|(at, _)| at)
+    }
+
+    /// When the oldest unanswered request is overdue: `timeout` after it
+    /// was sent, plus what it may block. `None`: nothing is due (nothing
+    /// pending, or a command that may block forever).
+    pub(super) fn deadline(&self, timeout: Duration) -> Option<Instant> {
+        let sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, blocks) = sent.front()?;
+        match blocks {
+            Blocks::No => Some(*at + timeout),
+            Blocks::For(wait) => Some(*at + timeout + *wait),
+            Blocks::Forever => None,
         }
-        Some(sent)
     }
 }
 
@@ -117,12 +127,30 @@ mod tests {
         let log = FlushLog::default();
         let start = Instant::now();
         let (first, second) = (start, start + Duration::from_millis(5));
-        log.sent(2, first);
-        log.sent(0, start + Duration::from_millis(1)); // a batch of answers only
-        log.sent(1, second);
+        log.sent(&mut vec![Blocks::No, Blocks::No], first);
+        log.sent(&mut vec![], start + Duration::from_millis(1)); // a batch of answers only
+        log.sent(&mut vec![Blocks::No], second);
         assert_eq!(log.answered(), Some(first));
         assert_eq!(log.answered(), Some(first));
         assert_eq!(log.answered(), Some(second));
         assert_eq!(log.answered(), None);
+    }
+
+    #[test]
+    fn the_oldest_pending_request_sets_the_deadline_blocking_ones_later_or_never() {
+        let log = FlushLog::default();
+        let timeout = Duration::from_secs(10);
+        let at = Instant::now();
+        assert_eq!(log.deadline(timeout), None);
+        let wait = Duration::from_secs(3);
+        log.sent(
+            &mut vec![Blocks::No, Blocks::For(wait), Blocks::Forever],
+            at,
+        );
+        assert_eq!(log.deadline(timeout), Some(at + timeout));
+        log.answered();
+        assert_eq!(log.deadline(timeout), Some(at + timeout + wait));
+        log.answered();
+        assert_eq!(log.deadline(timeout), None);
     }
 }

@@ -44,9 +44,13 @@ pub struct Pool {
     metrics: Arc<Metrics>,
 }
 
+/// A ready connection unused this long is PINGed before a client gets it.
+const CHECK_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Default)]
 struct PoolState {
-    idle: VecDeque<UpstreamStream>,
+    /// Ready connections, and since when each has been idle.
+    idle: VecDeque<(UpstreamStream, std::time::Instant)>,
     /// Connections clients hold now.
     lent: usize,
 }
@@ -84,8 +88,12 @@ impl Pool {
                 self.show_idle(&state);
                 stream
             };
-            let Some(mut stream) = stream else { break };
-            if still_open(&mut stream) {
+            let Some((mut stream, idle_since)) = stream else {
+                break;
+            };
+            if still_open(&mut stream)
+                && (idle_since.elapsed() < CHECK_AFTER_IDLE || self.answers(&mut stream).await)
+            {
                 self.lock().lent += 1;
                 return Ok(stream);
             }
@@ -116,12 +124,27 @@ impl Pool {
         if let Some(stream) = kept
             && state.idle.len() < self.capacity
         {
-            state.idle.push_back(stream);
+            state.idle.push_back((stream, std::time::Instant::now()));
             self.show_idle(&state);
             return;
         }
         drop(state);
         self.wanted.notify_one();
+    }
+
+    /// Whether a connection that sat idle still answers PING in time: a
+    /// hung Redis or a dead path is found here, not by the client's request.
+    async fn answers(&self, stream: &mut UpstreamStream) -> bool {
+        let ping = async {
+            stream.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
+            stream.flush().await?;
+            let reply = ReplyReader::default()
+                .next(stream, &Limits::default())
+                .await?;
+            Ok::<bool, std::io::Error>(&reply[..] == b"+PONG\r\n")
+        };
+        let timeout = self.upstream.settings().connect_timeout;
+        matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(true)))
     }
 
     /// Undoes what a client left on the connection.
@@ -176,7 +199,7 @@ impl Pool {
                 match self.upstream.connect_counted(&self.metrics).await {
                     Ok(stream) => {
                         let mut state = self.lock();
-                        state.idle.push_back(stream);
+                        state.idle.push_back((stream, std::time::Instant::now()));
                         self.show_idle(&state);
                         continue;
                     }

@@ -749,3 +749,120 @@ pub async fn redis_calls(redis: &TestRedis, command: &str) -> usize {
         .and_then(|rest| rest.split(',').next())
         .map_or(0, |n| n.parse().expect("number"))
 }
+
+/// A TLS man in the middle between redcloak and the test's Redis, standing
+/// in for faults: it presents Redis's certificate, requires redcloak's
+/// client certificate, and forwards bytes both ways, except that a test
+/// can make it answer Redis's next reply with bytes of its own (Redis out
+/// of step, or an impersonator), or hold Redis's replies (a hung Redis).
+pub struct TlsRelay {
+    pub port: u16,
+    control: Arc<RelayControl>,
+}
+
+#[derive(Default)]
+struct RelayControl {
+    replace_next: std::sync::Mutex<Option<Vec<u8>>>,
+    hold: std::sync::atomic::AtomicBool,
+    /// Upstream connections redcloak opened that it has closed since.
+    closed_by_redcloak: std::sync::atomic::AtomicUsize,
+}
+
+impl TlsRelay {
+    pub async fn start(redis: &TestRedis) -> TlsRelay {
+        let server = redcloak::tls::server::config(
+            &redis.certs.redis_cert,
+            &redis.certs.redis_key,
+            Some(&redis.certs.ca),
+        )
+        .expect("relay server tls");
+        let client = redcloak::tls::client::config(
+            &redis.certs.ca,
+            &redis.certs.client_cert,
+            &redis.certs.client_key,
+        )
+        .expect("relay client tls");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("relay bind");
+        let port = listener.local_addr().expect("relay addr").port();
+        let control = Arc::new(RelayControl::default());
+        let redis_port = redis.redis.port();
+        let shared = control.clone();
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(server);
+            let connector = tokio_rustls::TlsConnector::from(client);
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, connector, control) =
+                    (acceptor.clone(), connector.clone(), shared.clone());
+                tokio::spawn(async move {
+                    let Ok(downstream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let upstream = TcpStream::connect(("127.0.0.1", redis_port))
+                        .await
+                        .expect("relay reaches redis");
+                    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+                    let upstream = connector.connect(name, upstream).await.expect("relay tls");
+                    relay(downstream, upstream, &control).await;
+                });
+            }
+        });
+        TlsRelay { port, control }
+    }
+
+    /// Redis's next reply (the next bytes it sends) becomes `bytes`.
+    pub fn replace_next_reply(&self, bytes: &[u8]) {
+        *self.control.replace_next.lock().expect("lock") = Some(bytes.to_vec());
+    }
+
+    /// Stop (or resume) passing Redis's replies on.
+    pub fn hold_replies(&self, hold: bool) {
+        self.control
+            .hold
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections that redcloak closed.
+    pub fn closed_by_redcloak(&self) -> usize {
+        self.control
+            .closed_by_redcloak
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn relay<D, U>(downstream: D, upstream: U, control: &RelayControl)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut down_read, mut down_write) = tokio::io::split(downstream);
+    let (mut up_read, mut up_write) = tokio::io::split(upstream);
+    let requests = async {
+        let _ = tokio::io::copy(&mut down_read, &mut up_write).await;
+        control
+            .closed_by_redcloak
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    };
+    let replies = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let read = match up_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => read,
+            };
+            while control.hold.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let replaced = control.replace_next.lock().expect("lock").take();
+            let bytes = replaced.as_deref().unwrap_or(&buf[..read]);
+            if down_write.write_all(bytes).await.is_err() || down_write.flush().await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = requests => {}
+        _ = replies => {}
+    }
+}

@@ -239,3 +239,143 @@ async fn a_redis_certificate_that_expires_is_refused_on_the_next_connection_resu
         assert!(text.contains("expired"), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_contradicts_its_request_is_never_delivered_and_its_connection_is_closed() {
+    let redis = TestRedis::start().await;
+    let relay = TlsRelay::start(&redis).await;
+    let config = redis
+        .config()
+        .upstream("address", &format!("\"127.0.0.1:{}\"", relay.port))
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let proxy = redis.start_proxy(&config).await;
+    let mut setup = proxy.raw().await;
+    assert_reply(&setup.call(&[b"SET", b"k", b"secret"]).await, b"+OK\r\n");
+    drop(setup);
+    let cases: [(&[&[u8]], &[u8]); 4] = [
+        (&[b"GET", b"k"], b":1\r\n"),
+        (&[b"GET", b"k"], b"+OK\r\n"),
+        (&[b"MGET", b"k", b"k"], b"*1\r\n$3\r\nabc\r\n"),
+        // A RESP3 push on a RESP2 connection.
+        (&[b"PING"], b">2\r\n$7\r\nmessage\r\n$1\r\nx\r\n"),
+    ];
+    for (i, (request, reply)) in cases.into_iter().enumerate() {
+        let mut c = proxy.raw().await;
+        assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
+        relay.replace_next_reply(reply);
+        let error = c.call(request).await;
+        assert_error(&error, "-ERR redcloak: upstream protocol error: Redis");
+        c.expect_closed().await;
+        eventually("redcloak closes that upstream connection", || async {
+            relay.closed_by_redcloak() > i
+        })
+        .await;
+    }
+    assert_eq!(
+        metric(
+            &proxy.scrape().await,
+            "redcloak_upstream_protocol_errors_total"
+        ),
+        Some(4.0)
+    );
+    // Untouched replies still pass.
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"GET", b"k"]).await, b"$6\r\nsecret\r\n");
+}
+
+/// SIGSTOP or SIGCONT to the test's redis-server: a hung Redis, and back.
+fn freeze(redis: &TestRedis, frozen: bool) {
+    let pid = redis.redis.pid().expect("redis runs").to_string();
+    let signal = if frozen { "-STOP" } else { "-CONT" };
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_gets_pending_requests_an_error_after_request_timeout() {
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .upstream("request_timeout", "\"1s\"")
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let proxy = redis.start_proxy(&config).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
+    freeze(&redis, true);
+    c.send(&[b"GET", b"plain:a"]).await;
+    c.send(&[b"GET", b"plain:b"]).await;
+    let first = c.read().await;
+    freeze(&redis, false);
+    for error in [first, c.read().await] {
+        assert_error(
+            &error,
+            "-ERR redcloak: Redis did not answer within upstream.request_timeout (1s)",
+        );
+    }
+    c.expect_closed().await;
+    assert_eq!(
+        metric(
+            &proxy.scrape().await,
+            "redcloak_upstream_request_timeouts_total"
+        ),
+        Some(1.0)
+    );
+    // Blocking commands may wait their own timeout on top, or forever.
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"BLPOP", b"plain:q", b"1.5"]).await, b"*-1\r\n");
+    c.send(&[b"BLPOP", b"plain:q", b"0"]).await;
+    wait_until_blocked(&redis, 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let mut pusher = proxy.raw().await;
+    assert_reply(&pusher.call(&[b"RPUSH", b"plain:q", b"x"]).await, b":1\r\n");
+    assert_reply(&c.read().await, b"*2\r\n$7\r\nplain:q\r\n$1\r\nx\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_connection_idle_for_a_while_is_checked_before_a_client_gets_it() {
+    let redis = TestRedis::start().await;
+    let relay = TlsRelay::start(&redis).await;
+    // A request timeout far beyond the test's patience: only the check can answer.
+    let config = redis
+        .config()
+        .upstream("address", &format!("\"127.0.0.1:{}\"", relay.port))
+        .upstream("pool_idle", "1")
+        .upstream("connect_timeout", "\"1s\"")
+        .upstream("request_timeout", "\"600s\"")
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let proxy = redis.start_proxy(&config).await;
+    eventually("the pool is warm", || async {
+        metric(&proxy.scrape().await, "redcloak_upstream_pool_idle") == Some(1.0)
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    relay.hold_replies(true);
+    let mut c = proxy.raw().await;
+    c.send(&[b"GET", b"plain:a"]).await;
+    assert_error(&c.read().await, "-ERR redcloak: upstream unavailable");
+    relay.hold_replies(false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_use_tcp_keepalive() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
+    let filter = format!("dport = :{}", redis.redis.port());
+    let output = std::process::Command::new("ss")
+        .args(["-Htno", "state", "established", &filter])
+        .output()
+        .expect("ss");
+    let sockets = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(!sockets.trim().is_empty(), "no upstream connection found");
+    assert!(
+        sockets
+            .lines()
+            .all(|line| line.contains("timer:(keepalive")),
+        "{sockets}"
+    );
+}
