@@ -148,7 +148,6 @@ pub enum SessionError {
 }
 
 enum RequestsEnd {
-    ClientClosed,
     /// QUIT, a protocol error or shutdown: deliver what is pending, then close.
     Drain,
     /// Quiet on a clean connection with nothing pending.
@@ -180,6 +179,7 @@ where
         let (fifo_in, fifo_out) = mpsc::channel(ctx.max_pending_requests);
         let upstream_failed = CancellationToken::new();
         let client_gone = CancellationToken::new();
+        let client_done = CancellationToken::new();
         let flushes = FlushLog::default();
         let replies_quiet = AtomicBool::new(false);
         let requests = Requests {
@@ -203,22 +203,25 @@ where
             fifo_out,
             &flushes,
             &replies_quiet,
-            [&upstream_failed, &client_gone],
+            [&upstream_failed, &client_gone, &client_done],
         );
         tokio::pin!(requests, replies);
         tokio::select! {
             end = &mut requests => match end {
-                Ok(end @ (RequestsEnd::ClientClosed | RequestsEnd::Park)) => {
+                Ok(end @ RequestsEnd::Park) => {
                     // Nothing more to deliver: the reply half only says
                     // whether the upstream connection is idle.
                     client_gone.cancel();
                     let idle = matches!(replies.await, Ok(UpstreamEnd::Idle));
                     (Ok(()), idle, matches!(end, RequestsEnd::Park))
                 }
-                Ok(RequestsEnd::Drain) => match replies.await {
-                    Ok(end) => (Ok(()), end == UpstreamEnd::Idle, false),
-                    Err(err) => (Err(err), false, false),
-                },
+                Ok(RequestsEnd::Drain) => {
+                    client_done.cancel();
+                    match replies.await {
+                        Ok(end) => (Ok(()), end == UpstreamEnd::Idle, false),
+                        Err(err) => (Err(err), false, false),
+                    }
+                }
                 Err(SessionError::Client(err)) => (Err(SessionError::Client(err)), false, false),
                 Err(err) => {
                     // Redis is gone: the reply half answers what is pending with errors.
@@ -310,7 +313,10 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                     }
                 };
                 if read == 0 {
-                    return Ok(RequestsEnd::ClientClosed);
+                    // The client will send no more; it may still read (a
+                    // half-close, as `printf ... | nc` does): every pending
+                    // reply is delivered before the connection closes.
+                    return Ok(RequestsEnd::Drain);
                 }
             }
             ctx.metrics.client_received.increment(read as u64);
@@ -494,8 +500,10 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
 }
 
 /// Upstream bytes -> replies matched to FIFO entries -> client bytes.
-/// `stop`: Redis failed (answer what is pending with errors), and the client
-/// left (just say whether the upstream connection is idle).
+/// The tokens: Redis failed (answer what is pending with errors), the
+/// client left (just say whether the upstream connection is idle), and the
+/// client will send no more (deliver what is pending, but wait for nothing
+/// longer than `request_timeout`).
 #[allow(clippy::too_many_arguments)]
 async fn deliver_replies<R, W>(
     ctx: &SessionContext,
@@ -505,7 +513,7 @@ async fn deliver_replies<R, W>(
     mut fifo: mpsc::Receiver<Entry>,
     flushes: &FlushLog,
     quiet: &AtomicBool,
-    [upstream_failed, client_gone]: [&CancellationToken; 2],
+    [upstream_failed, client_gone, client_done]: [&CancellationToken; 3],
 ) -> Result<UpstreamEnd, SessionError>
 where
     R: AsyncRead + Unpin,
@@ -519,10 +527,11 @@ where
     let mut requests_done = false;
     let failed = upstream_failed.cancelled();
     let gone = client_gone.cancelled();
+    let done = client_done.cancelled();
     // Reset only when the oldest pending request changes: not once per read.
     let overdue = tokio::time::sleep(ctx.request_timeout);
     let mut watched: Option<Instant> = None;
-    tokio::pin!(failed, gone, overdue);
+    tokio::pin!(failed, gone, done, overdue);
     loop {
         quiet.store(false, Ordering::Relaxed);
         if client_gone.is_cancelled() {
@@ -552,7 +561,9 @@ where
         }
         input.reserve(READ_CHUNK);
         quiet.store(replies.needs_entry() && input.is_empty(), Ordering::Relaxed);
-        let deadline = flushes.deadline(ctx.request_timeout);
+        // Once the client stopped sending, nothing may wait forever for it.
+        let sending_done = requests_done || client_done.is_cancelled();
+        let deadline = flushes.deadline(ctx.request_timeout, sending_done);
         if deadline != watched {
             watched = deadline;
             if let Some(deadline) = deadline {
@@ -585,6 +596,8 @@ where
             },
             _ = &mut failed => Some(SessionError::UpstreamClosed),
             _ = &mut gone => return Ok(upstream_end(&input, &replies, flushes)),
+            // Only wakes the loop, to bound what is pending.
+            _ = &mut done, if !sending_done => None,
             _ = &mut overdue, if watched.is_some() => {
                 ctx.metrics.upstream_request_timeouts.increment(1);
                 Some(SessionError::UpstreamTimeout(ctx.request_timeout))

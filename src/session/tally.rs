@@ -49,13 +49,15 @@ impl FlushLog {
 
     /// When the oldest unanswered request is overdue: `timeout` after it
     /// was sent, plus what it may block. `None`: nothing is due (nothing
-    /// pending, or a command that may block forever).
-    pub(super) fn deadline(&self, timeout: Duration) -> Option<Instant> {
+    /// pending, or a command that may block forever while its client may
+    /// still send: once `client_done`, forever is `timeout`).
+    pub(super) fn deadline(&self, timeout: Duration, client_done: bool) -> Option<Instant> {
         let sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
         let (at, blocks) = sent.front()?;
         match blocks {
             Blocks::No => Some(*at + timeout),
             Blocks::For(wait) => Some(*at + timeout + *wait),
+            Blocks::Forever if client_done => Some(*at + timeout),
             Blocks::Forever => None,
         }
     }
@@ -141,16 +143,17 @@ mod tests {
         let log = FlushLog::default();
         let timeout = Duration::from_secs(10);
         let at = Instant::now();
-        assert_eq!(log.deadline(timeout), None);
+        assert_eq!(log.deadline(timeout, false), None);
         let wait = Duration::from_secs(3);
         log.sent(
             &mut vec![Blocks::No, Blocks::For(wait), Blocks::Forever],
             at,
         );
-        assert_eq!(log.deadline(timeout), Some(at + timeout));
+        assert_eq!(log.deadline(timeout, false), Some(at + timeout));
         log.answered();
-        assert_eq!(log.deadline(timeout), Some(at + timeout + wait));
+        assert_eq!(log.deadline(timeout, false), Some(at + timeout + wait));
         log.answered();
-        assert_eq!(log.deadline(timeout), None);
+        assert_eq!(log.deadline(timeout, false), None);
+        assert_eq!(log.deadline(timeout, true), Some(at + timeout));
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::support::*;
 use redis::AsyncCommands;
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_values_round_trip_empty_one_byte_and_one_mebibyte() {
@@ -174,4 +175,22 @@ async fn quit_answers_ok_after_earlier_replies_then_closes() {
     assert_reply(&c.read().await, b"+PONG\r\n");
     assert_reply(&c.read().await, b"+OK\r\n");
     c.expect_closed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_still_gets_every_reply() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    for _ in 0..10 {
+        let mut c = proxy.raw().await;
+        c.send(&[b"SET", b"plain:half", b"1"]).await;
+        c.send(&[b"WAIT", b"1", b"200"]).await;
+        c.send(&[b"GET", b"plain:half"]).await;
+        // As `printf ... | nc` does: no more requests, replies still read.
+        c.stream.shutdown().await.expect("half-close");
+        assert_reply(&c.read().await, b"+OK\r\n");
+        assert_reply(&c.read().await, b":0\r\n");
+        assert_reply(&c.read().await, b"$1\r\n1\r\n");
+        c.expect_closed().await;
+    }
 }

@@ -97,7 +97,14 @@ async fn the_next_client_gets_the_connection_reset_with_nothing_of_the_last_sess
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_left_waiting_for_a_reply_is_closed_not_reused() {
     let redis = TestRedis::start().await;
-    let proxy = pooled(&redis, 1).await;
+    // A client gone with a request pending is given up after the request
+    // timeout, even a BLPOP that could wait forever.
+    let config = redis
+        .config()
+        .upstream("pool_idle", "1")
+        .upstream("request_timeout", "\"1s\"")
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let proxy = redis.start_proxy(&config).await;
     until_ready(&proxy, 1, "the pool is warm").await;
     let mut blocked = proxy.raw().await;
     let id = client_id(&mut blocked).await;
