@@ -26,6 +26,8 @@ use zeroize::Zeroizing;
 const ENV_PREFIX: &str = "REDCLOAK_";
 /// Upstream connections kept ready when `upstream.pool_idle` is not set.
 const DEFAULT_POOL_IDLE: usize = 16;
+/// One address (or uid) may hold this many client connections by default.
+const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 2_000;
 /// Variables holding key material (`[[encryption.keys]] env = "REDCLOAK_KEY_1"`)
 /// share the prefix but are not settings: the overlay skips them.
 const KEY_ENV_PREFIX: &str = "key_";
@@ -158,6 +160,8 @@ struct RawListen {
     unix_socket: Option<PathBuf>,
     unix_socket_mode: Option<String>,
     max_connections: Option<usize>,
+    max_connections_per_peer: Option<usize>,
+    idle_timeout: Option<String>,
     tls: Option<RawListenTls>,
     auth: Option<RawAuth>,
 }
@@ -214,6 +218,7 @@ struct RawLimits {
     max_reply_bytes: Option<usize>,
     max_pending_requests: Option<usize>,
     client_write_timeout: Option<String>,
+    request_read_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -267,6 +272,10 @@ pub struct ListenConfig {
     pub tls: Option<TlsListenConfig>,
     pub auth: Option<ClientAuthConfig>,
     pub max_connections: usize,
+    /// Connections one peer (an IP address, or a unix-socket uid) may hold.
+    pub max_connections_per_peer: usize,
+    /// Close clients idle this long (`None`: never, as Redis's `timeout 0`).
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -316,6 +325,8 @@ pub struct LimitsConfig {
     pub resp: Limits,
     pub max_pending_requests: usize,
     pub client_write_timeout: Duration,
+    /// A request must arrive whole this long after its first byte.
+    pub request_read_timeout: Duration,
 }
 
 /// Loads `path`, overlays the environment, and validates.
@@ -423,12 +434,23 @@ fn validate_listen(raw: RawListen, base: &Path) -> Result<ListenConfig, ConfigEr
         }),
     };
     let max_connections = positive("listen.max_connections", raw.max_connections, 10_000)?;
+    let max_connections_per_peer = positive(
+        "listen.max_connections_per_peer",
+        raw.max_connections_per_peer,
+        max_connections.min(DEFAULT_MAX_CONNECTIONS_PER_PEER),
+    )?;
+    let idle_timeout = match raw.idle_timeout.as_deref().map(str::trim) {
+        None | Some("off") => None,
+        text => Some(parse_duration("listen.idle_timeout", text, "0s")?),
+    };
     Ok(ListenConfig {
         tcp,
         unix,
         tls,
         auth,
         max_connections,
+        max_connections_per_peer,
+        idle_timeout,
     })
 }
 
@@ -552,6 +574,11 @@ fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
         client_write_timeout: parse_duration(
             "limits.client_write_timeout",
             raw.client_write_timeout.as_deref(),
+            "30s",
+        )?,
+        request_read_timeout: parse_duration(
+            "limits.request_read_timeout",
+            raw.request_read_timeout.as_deref(),
             "30s",
         )?,
     })

@@ -41,8 +41,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-/// How long a client has to finish its TLS handshake.
-const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to finish its TLS handshake: a connection that
+/// never sends a ClientHello holds a slot no longer than this.
+const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause after a failed accept (out of file descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -153,6 +154,8 @@ impl Server {
             max_pending_requests: config.limits.max_pending_requests,
             client_write_timeout: config.limits.client_write_timeout,
             request_timeout: config.upstream.request_timeout,
+            request_read_timeout: config.limits.request_read_timeout,
+            idle_timeout: config.listen.idle_timeout,
             upstream_login: upstream.login().clone(),
             metrics: metrics.clone(),
             lockouts,
@@ -446,9 +449,18 @@ async fn serve<C>(
         shared.pool.give_back(reusable).await;
         let Some(parked) = end.parked else { return };
         client = parked;
+        // A parked client was already quiet for release_idle_after.
+        let idle_left = shared.session.idle_timeout.map(|timeout| {
+            let parked_after = shared.session.release_idle_after.unwrap_or_default();
+            timeout.saturating_sub(parked_after)
+        });
         let sent = tokio::select! {
             _ = shutdown.cancelled() => return,
             sent = client.wait_for_request() => sent,
+            _ = tokio::time::sleep(idle_left.unwrap_or_default()), if idle_left.is_some() => {
+                debug!(%peer, "idle client closed (listen.idle_timeout)");
+                return;
+            }
         };
         if !matches!(sent, Ok(true)) {
             debug!(%peer, "client disconnected");

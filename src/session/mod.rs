@@ -79,6 +79,10 @@ pub struct SessionContext {
     /// How long Redis may take to answer a request (beyond what a blocking
     /// command asks to wait) before the connection is given up.
     pub request_timeout: Duration,
+    /// A request must arrive whole within this of its first byte.
+    pub request_read_timeout: Duration,
+    /// Close clients quiet this long with nothing pending (`None`: never).
+    pub idle_timeout: Option<Duration>,
     /// Used to log the upstream connection in again after RESET.
     pub upstream_login: Arc<Login>,
     pub metrics: Arc<Metrics>,
@@ -193,6 +197,7 @@ where
             leaves: &mut leaves,
             replies_quiet: &replies_quiet,
             output_holds_password: false,
+            subscribed: false,
         };
         let requests = requests.forward(&mut client_reader, &mut input, &mut state, shutdown);
         let replies = deliver_replies(
@@ -272,6 +277,8 @@ struct Requests<'a, W> {
     replies_quiet: &'a AtomicBool,
     /// `output` holds redcloak's AUTH: wipe it once written.
     output_holds_password: bool,
+    /// The client subscribed to something (idle subscribers are not closed).
+    subscribed: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Requests<'_, W> {
@@ -288,18 +295,53 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
         let mut read = input.len();
         let mut last_read = Instant::now();
         let park = tokio::time::sleep(ctx.release_idle_after.unwrap_or_default());
+        let idle = tokio::time::sleep(ctx.idle_timeout.unwrap_or_default());
+        // When the request in progress (bytes read, not yet whole) began.
+        let mut partial_since: Option<Instant> = None;
+        let mut watched_partial: Option<Instant> = None;
+        let unfinished = tokio::time::sleep(ctx.request_read_timeout);
         // Made once: each `cancelled()` locks the token, shared by every
         // session, and registers a waiter.
         let shutdown = shutdown.cancelled();
-        tokio::pin!(park, shutdown);
+        tokio::pin!(park, idle, unfinished, shutdown);
         loop {
             if read == 0 {
                 input.reserve(READ_CHUNK);
                 let parkable = ctx.release_idle_after.is_some() && *self.leaves == Leaves::Nothing;
+                // Like Redis's `timeout`: not for subscribers or blocked clients.
+                let idles_out = ctx.idle_timeout.is_some() && !self.subscribed;
+                if partial_since != watched_partial {
+                    watched_partial = partial_since;
+                    if let Some(since) = partial_since {
+                        unfinished
+                            .as_mut()
+                            .reset((since + ctx.request_read_timeout).into());
+                    }
+                }
                 read = tokio::select! {
                     biased;
                     _ = &mut shutdown => return Ok(RequestsEnd::Drain),
                     read = client.read_buf(input) => read.map_err(SessionError::Client)?,
+                    _ = &mut unfinished, if watched_partial.is_some() => {
+                        let reply = error_reply(&format!(
+                            "ERR redcloak: protocol error: a request was not completed within \
+                             limits.request_read_timeout ({:?})",
+                            ctx.request_read_timeout
+                        ));
+                        self.answer(reply, true, None).await?;
+                        self.flush().await?;
+                        return Ok(RequestsEnd::Drain);
+                    }
+                    _ = &mut idle, if idles_out => {
+                        let timeout = ctx.idle_timeout.unwrap_or_default();
+                        let quiet_since = last_read + timeout;
+                        if quiet_since <= Instant::now() && self.nothing_pending(input) {
+                            return Ok(RequestsEnd::Drain);
+                        }
+                        let now = Instant::now();
+                        idle.as_mut().reset(quiet_since.max(now + timeout.min(Duration::from_secs(1))).into());
+                        continue;
+                    }
                     _ = &mut park, if parkable => {
                         // The timer is only moved when it fires: not once per read.
                         let quiet_since = last_read + ctx.release_idle_after.unwrap_or_default();
@@ -323,13 +365,17 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
             read = 0;
             let received = Instant::now();
             last_read = received;
+            let mut completed = false;
             loop {
                 let limits = match state.is_authenticated() {
                     true => &ctx.limits,
                     false => &ctx.unauthenticated_limits,
                 };
                 let request = match parser.next(input, limits) {
-                    Ok(Some(request)) => request,
+                    Ok(Some(request)) => {
+                        completed = true;
+                        request
+                    }
                     Ok(None) => break,
                     Err(err) => {
                         let reply = error_reply(&format!("ERR redcloak: protocol error: {err}"));
@@ -356,6 +402,13 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                     return Ok(RequestsEnd::Drain);
                 }
             }
+            // A request still incomplete must finish in time, counted from
+            // the last one that completed (or its own first byte).
+            partial_since = match (input.is_empty(), completed) {
+                (true, _) => None,
+                (false, true) => Some(received),
+                (false, false) => partial_since.or(Some(received)),
+            };
             self.flush().await?;
         }
     }
@@ -390,6 +443,7 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
         // before the entry it answers.
         match action {
             Action::Forward(plan) => {
+                self.subscribed |= matches!(plan, ReplyPlan::Subscribe { .. });
                 self.enqueue(Entry::Await(plan, Some(tally))).await?;
                 self.encode(&request.args, blocks);
             }

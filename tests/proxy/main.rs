@@ -5,6 +5,7 @@
 mod auth;
 mod bad_input;
 mod binary;
+mod clients;
 mod commands;
 mod encryption;
 mod gate;
