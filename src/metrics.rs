@@ -73,7 +73,7 @@ pub const CLIENT_CONNECTIONS_REJECTED: MetricDef = def(
     "redcloak_client_connections_rejected_total",
     C,
     &["reason"],
-    "Client connections closed at once, by reason (limit: listen.max_connections; tls_handshake; auth: peer locked out).",
+    "Client connections closed at once, by reason (limit: listen.max_connections; tls_handshake; auth: peer locked out; peer_limit: listen.max_connections_per_peer; evicted: silent, its slot given to a newcomer).",
 );
 pub const CLIENT_AUTH_FAILURES: MetricDef = def(
     "redcloak_client_auth_failures_total",
@@ -249,6 +249,8 @@ pub enum Rejection {
     Limit,
     TlsHandshake,
     Auth,
+    PeerLimit,
+    Evicted,
 }
 
 /// How a command ended, as the client saw it.
@@ -330,7 +332,7 @@ pub struct Metrics {
     handle: PrometheusHandle,
     pub connections_active: Gauge,
     accepted: [Counter; 3],
-    rejected: [Counter; 3],
+    rejected: [Counter; 5],
     pub auth_failures: Counter,
     pub auth_lockouts: Counter,
     commands: Vec<OnceLock<CommandHandles>>,
@@ -407,11 +409,8 @@ impl Metrics {
                 "listener",
                 ["tcp", "unix", "tls"],
             ),
-            rejected: by(
-                &CLIENT_CONNECTIONS_REJECTED,
-                "reason",
-                ["limit", "tls_handshake", "auth"],
-            ),
+            rejected: ["limit", "tls_handshake", "auth", "peer_limit", "evicted"]
+                .map(|reason| counter(&CLIENT_CONNECTIONS_REJECTED, &[("reason", reason)])),
             auth_failures: counter(&CLIENT_AUTH_FAILURES, &[]),
             auth_lockouts: counter(&CLIENT_AUTH_LOCKOUTS, &[]),
             log_lines_dropped: counter(&LOG_LINES_DROPPED, &[]),

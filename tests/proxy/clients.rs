@@ -83,3 +83,72 @@ async fn a_tls_client_that_never_says_hello_is_closed_within_seconds() {
     let waited = started.elapsed();
     assert!(waited < std::time::Duration::from_secs(8), "{waited:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_clients_are_served_while_silent_connections_flood_every_slot() {
+    let redis = TestRedis::start().await;
+    let config = redis.config().listen("max_connections = 40").tail(&format!(
+        "[listen.tls]\naddress = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             [metrics]\naddress = \"127.0.0.1:0\"\n",
+        redis.certs.proxy_cert.display(),
+        redis.certs.proxy_key.display()
+    ));
+    let proxy = redis.start_proxy(&config).await;
+    let tls = proxy.tls_address.expect("tls listener");
+    // Twice as many silent connections as slots: plaintext that never
+    // sends, TLS that never says hello.
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.push(TcpStream::connect(proxy.addr()).await.expect("connect"));
+        flood.push(TcpStream::connect(tls).await.expect("connect"));
+    }
+    for _ in 0..10 {
+        let mut real = proxy.raw().await;
+        assert_reply(&real.call(&[b"PING"]).await, b"+PONG\r\n");
+        // Still served after the next silent wave.
+        for _ in 0..10 {
+            flood.push(TcpStream::connect(proxy.addr()).await.expect("connect"));
+        }
+        assert_reply(&real.call(&[b"PING"]).await, b"+PONG\r\n");
+    }
+    let evicted = metric(
+        &proxy.scrape().await,
+        "redcloak_client_connections_rejected_total{reason=\"evicted\"}",
+    );
+    assert!(evicted.is_some_and(|n| n >= 50.0), "{evicted:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_may_hold_at_most_max_connections_per_peer() {
+    let redis = TestRedis::start().await;
+    let config = redis.config().listen("max_connections_per_peer = 3");
+    let proxy = redis.start_proxy(&config).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut client = proxy.raw().await;
+        assert_reply(&client.call(&[b"PING"]).await, b"+PONG\r\n");
+        held.push(client);
+    }
+    let mut fourth = proxy.raw().await;
+    assert_error(
+        &fourth.read().await,
+        "-ERR redcloak: too many connections from this peer (listen.max_connections_per_peer)",
+    );
+    fourth.expect_closed().await;
+    // Another address is another peer.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 2], 0)))
+        .expect("bind");
+    let mut other = RawClient::new(socket.connect(proxy.addr()).await.expect("connect"));
+    assert_reply(&other.call(&[b"PING"]).await, b"+PONG\r\n");
+    // A slot freed is a slot for the same address again.
+    held.pop();
+    let mut again = until("the freed slot", || async {
+        let mut client = proxy.raw().await;
+        client.send(&[b"PING"]).await;
+        (client.read().await.as_ref() == b"+PONG\r\n").then_some(client)
+    })
+    .await;
+    assert_reply(&again.call(&[b"PING"]).await, b"+PONG\r\n");
+}

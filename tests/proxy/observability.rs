@@ -353,6 +353,7 @@ async fn readiness_follows_the_upstream_and_upstream_failures_are_counted_by_ste
     wrong.upstream.retain(|l| !l.starts_with("password_file"));
     let refused = redis.start_proxy(&wrong).await;
     let mut client = refused.raw().await;
+    client.send(&[b"PING"]).await;
     assert_error(&client.read().await, "-ERR redcloak: upstream unavailable");
     eventually("the failed login is counted", || async {
         let text = refused.scrape().await;
@@ -378,6 +379,7 @@ async fn readiness_follows_the_upstream_and_upstream_failures_are_counted_by_ste
     assert_eq!(metric(&text, "redcloak_upstream_up"), Some(0.0));
     assert_eq!(proxy.admin_get("/healthz").await.0, 200);
     let mut late = proxy.raw().await;
+    late.send(&[b"PING"]).await;
     assert_error(&late.read().await, "-ERR redcloak: upstream unavailable");
     let text = proxy.scrape().await;
     assert!(
@@ -573,6 +575,7 @@ async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) 
             .await
             .expect("connect"),
     );
+    rejected.send(&[b"PING"]).await;
     assert_error(
         &rejected.read().await,
         "-ERR redcloak: upstream unavailable",

@@ -14,6 +14,8 @@
 //! active); a peer locked out for failed logins is turned away before any
 //! upstream connection is made for it.
 
+pub mod admission;
+
 use crate::admin::Telemetry;
 use crate::auth::lockout::Lockouts;
 use crate::auth::{ClientAuth, Credentials};
@@ -27,6 +29,7 @@ use crate::session::{self, Peer, SessionContext};
 use crate::tls::{self, TlsError};
 use crate::upstream::pool::Pool;
 use crate::upstream::{Upstream, UpstreamError};
+use admission::{Admission, Refused, Ticket};
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -35,7 +38,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -90,7 +92,7 @@ pub struct Server {
     unix: Option<(UnixListener, PathBuf)>,
     tls: Option<(TcpListener, TlsAcceptor)>,
     shared: Arc<Shared>,
-    connections: Arc<Semaphore>,
+    admission: Arc<Admission>,
     grace_period: Duration,
     /// Keep readiness current with an upstream check (when an admin listener reports it).
     watch_upstream: bool,
@@ -186,7 +188,10 @@ impl Server {
                 )),
                 telemetry,
             }),
-            connections: Arc::new(Semaphore::new(config.listen.max_connections)),
+            admission: Admission::new(
+                config.listen.max_connections,
+                config.listen.max_connections_per_peer,
+            ),
             grace_period: config.shutdown_grace_period,
             watch_upstream: config.metrics_address.is_some(),
         })
@@ -241,10 +246,11 @@ impl Server {
             };
             match accepted {
                 Ok(conn) => {
-                    let permit = self.connections.clone().try_acquire_owned().ok();
                     let shared = self.shared.clone();
+                    let admission = self.admission.clone();
                     let shutdown = shutdown.clone();
-                    sessions.spawn(async move { handle(&shared, conn, permit, &shutdown).await });
+                    sessions
+                        .spawn(async move { handle(&shared, &admission, conn, &shutdown).await });
                 }
                 Err(err) => {
                     warn!(error = %err, "accept failed");
@@ -367,28 +373,46 @@ async fn accept_unix(listener: Option<&UnixListener>) -> io::Result<UnixStream> 
 
 async fn handle(
     shared: &Shared,
+    admission: &Arc<Admission>,
     conn: Accepted,
-    permit: Option<OwnedSemaphorePermit>,
     shutdown: &CancellationToken,
 ) {
     let metrics = &shared.telemetry.metrics;
     match conn {
-        Accepted::Tcp(stream, address) => {
+        Accepted::Tcp(mut stream, address) => {
             metrics.accepted(Listener::Tcp).increment(1);
             let _ = stream.set_nodelay(true);
-            serve(shared, stream, Peer::Tcp(address), permit, shutdown).await;
+            let peer = Peer::Tcp(address);
+            if let Some(ticket) = admit(shared, admission, &peer, Some(&mut stream)).await {
+                serve(shared, stream, peer, ticket, shutdown).await;
+            }
         }
-        Accepted::Unix(stream) => {
+        Accepted::Unix(mut stream) => {
             metrics.accepted(Listener::Unix).increment(1);
             let uid = stream.peer_cred().ok().map(|c| c.uid());
-            serve(shared, stream, Peer::Unix(uid), permit, shutdown).await
+            let peer = Peer::Unix(uid);
+            if let Some(ticket) = admit(shared, admission, &peer, Some(&mut stream)).await {
+                serve(shared, stream, peer, ticket, shutdown).await;
+            }
         }
         Accepted::Tls(stream, address, acceptor) => {
             metrics.accepted(Listener::Tls).increment(1);
             let _ = stream.set_nodelay(true);
             let peer = Peer::Tls(address);
-            match tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve(shared, tls, peer, permit, shutdown).await,
+            // Before the handshake a refusal cannot be read: just close.
+            let Some(ticket) = admit::<TcpStream>(shared, admission, &peer, None).await else {
+                return;
+            };
+            let handshake = tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let handshake = tokio::select! {
+                done = handshake => done,
+                _ = ticket.evicted().cancelled() => {
+                    metrics.rejected(Rejection::Evicted).increment(1);
+                    return;
+                }
+            };
+            match handshake {
+                Ok(Ok(tls)) => serve(shared, tls, peer, ticket, shutdown).await,
                 Ok(Err(err)) => {
                     metrics.rejected(Rejection::TlsHandshake).increment(1);
                     info!(%peer, error = %err, "client TLS handshake failed");
@@ -402,22 +426,45 @@ async fn handle(
     }
 }
 
+/// A slot for the connection, or the refusal sent (when it can be read)
+/// and counted.
+async fn admit<C: AsyncWrite + Unpin>(
+    shared: &Shared,
+    admission: &Arc<Admission>,
+    peer: &Peer,
+    client: Option<&mut C>,
+) -> Option<Ticket> {
+    let (reason, text) = match admission.admit(peer).await {
+        Ok(ticket) => return Some(ticket),
+        Err(Refused::Full) => {
+            warn!(%peer, "connection refused: listen.max_connections reached");
+            (Rejection::Limit, "ERR max number of clients reached")
+        }
+        Err(Refused::PeerFull) => {
+            warn!(%peer, "connection refused: listen.max_connections_per_peer reached");
+            (
+                Rejection::PeerLimit,
+                "ERR redcloak: too many connections from this peer (listen.max_connections_per_peer)",
+            )
+        }
+    };
+    shared.telemetry.metrics.rejected(reason).increment(1);
+    if let Some(client) = client {
+        refuse(client, text).await;
+    }
+    None
+}
+
 async fn serve<C>(
     shared: &Shared,
     mut client: C,
     peer: Peer,
-    permit: Option<OwnedSemaphorePermit>,
+    mut ticket: Ticket,
     shutdown: &CancellationToken,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let telemetry = &shared.telemetry;
-    let Some(_permit) = permit else {
-        telemetry.metrics.rejected(Rejection::Limit).increment(1);
-        warn!(%peer, "connection refused: listen.max_connections reached");
-        refuse(&mut client, "ERR max number of clients reached").await;
-        return;
-    };
     if let Some(remaining) = shared.session.locked_out(&peer) {
         telemetry.metrics.rejected(Rejection::Auth).increment(1);
         refuse(&mut client, &session::lockout_error(&peer, remaining)).await;
@@ -426,6 +473,23 @@ async fn serve<C>(
     let _active = ActiveConnection::open(&telemetry.metrics.connections_active);
     debug!(%peer, "client connected");
     let mut client = session::Client::new(&shared.session, client);
+    // Until it says something, a client holds no upstream connection, and
+    // its slot is the first to go when every slot is taken.
+    let idle = shared.session.idle_timeout;
+    let spoke = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        spoke = client.wait_for_request() => spoke,
+        _ = ticket.evicted().cancelled() => {
+            telemetry.metrics.rejected(Rejection::Evicted).increment(1);
+            refuse(client.stream(), "ERR max number of clients reached").await;
+            return;
+        }
+        _ = tokio::time::sleep(idle.unwrap_or_default()), if idle.is_some() => return,
+    };
+    if !matches!(spoke, Ok(true)) {
+        return;
+    }
+    ticket.spoke();
     loop {
         let upstream = match shared.pool.take().await {
             Ok(upstream) => upstream,
