@@ -5,8 +5,11 @@
 //! * `GET /readyz`: 200 when [`Health`] says ready, else 503 with the reason.
 //!
 //! A deliberately small HTTP/1.1 server: one request per connection, GET and
-//! HEAD only, the request head bounded in size and time, a few connections
-//! at once. It serves nothing secret, and reads no request body.
+//! HEAD only, the request head bounded in size and time (1 s to arrive),
+//! a bounded number of connections at once and a few per peer address, so
+//! connections held open by one peer never keep probes from another (the
+//! kubelet, Prometheus) out. It serves nothing secret, and reads no request
+//! body.
 
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -18,10 +21,14 @@ use tokio::sync::Semaphore;
 
 /// Longest request head read.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// Time a client has to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
 /// Time a client has to send its request and read the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Admin connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 16;
+const MAX_CONNECTIONS: usize = 256;
+/// Admin connections one peer address may hold at once.
+const MAX_CONNECTIONS_PER_PEER: usize = 8;
 /// How often recorded histogram samples move into their buckets: samples
 /// wait in memory until then (at 300k requests/s, 1 s of them is ~5 MB).
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -44,9 +51,13 @@ impl Telemetry {
 /// Serves `listener` for as long as the process lives.
 pub async fn serve(listener: TcpListener, telemetry: Telemetry) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let peers = Arc::new(PeerCounts::default());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, address)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Some(peer) = peers.clone().enter(address.ip()) else {
             continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -55,8 +66,40 @@ pub async fn serve(listener: TcpListener, telemetry: Telemetry) {
         let telemetry = telemetry.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &telemetry)).await;
-            drop(slot);
+            drop((slot, peer));
         });
+    }
+}
+
+/// Admin connections open per peer address.
+#[derive(Default)]
+struct PeerCounts(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One admin connection counted against its peer while it lives.
+struct PeerSlot(Arc<PeerCounts>, std::net::IpAddr);
+
+impl PeerCounts {
+    fn enter(self: Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(ip).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        drop(counts);
+        Some(PeerSlot(self, ip))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -121,25 +164,47 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(u16, String), ProbeE
 }
 
 async fn answer(mut stream: TcpStream, telemetry: &Telemetry) -> std::io::Result<()> {
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
+        Ok(Ok(Some(head))) => head,
+        Ok(Ok(None)) | Err(_) => return Ok(()),
+        Ok(Err(err)) => return Err(err),
+    };
+    let Head::Complete(head) = head else {
+        return respond(
+            &mut stream,
+            431,
+            "text/plain",
+            "request head too large\n",
+            true,
+        )
+        .await;
+    };
+    route(&mut stream, &head, telemetry).await
+}
+
+enum Head {
+    Complete(Vec<u8>),
+    TooLarge,
+}
+
+/// The request head; `None` when the client closed first.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Head>> {
     let mut head = Vec::with_capacity(1024);
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         if head.len() >= MAX_REQUEST_HEAD {
-            return respond(
-                &mut stream,
-                431,
-                "text/plain",
-                "request head too large\n",
-                true,
-            )
-            .await;
+            return Ok(Some(Head::TooLarge));
         }
         let mut chunk = [0u8; 1024];
         let read = stream.read(&mut chunk).await?;
         if read == 0 {
-            return Ok(());
+            return Ok(None);
         }
         head.extend_from_slice(&chunk[..read]);
     }
+    Ok(Some(Head::Complete(head)))
+}
+
+async fn route(stream: &mut TcpStream, head: &[u8], telemetry: &Telemetry) -> std::io::Result<()> {
     let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|b| *b == b' ');
     let (method, target) = (
@@ -148,32 +213,25 @@ async fn answer(mut stream: TcpStream, telemetry: &Telemetry) -> std::io::Result
     );
     let with_body = method != b"HEAD";
     if method != b"GET" && method != b"HEAD" {
-        return respond(
-            &mut stream,
-            405,
-            "text/plain",
-            "only GET and HEAD\n",
-            with_body,
-        )
-        .await;
+        return respond(stream, 405, "text/plain", "only GET and HEAD\n", with_body).await;
     }
     let path = target.split(|b| *b == b'?').next().unwrap_or_default();
     match path {
         b"/metrics" => {
             let text = telemetry.metrics.render();
             let kind = "text/plain; version=0.0.4; charset=utf-8";
-            respond(&mut stream, 200, kind, &text, with_body).await
+            respond(stream, 200, kind, &text, with_body).await
         }
-        b"/healthz" => respond(&mut stream, 200, "text/plain", "ok\n", with_body).await,
+        b"/healthz" => respond(stream, 200, "text/plain", "ok\n", with_body).await,
         b"/readyz" => {
             let health = &telemetry.health;
             let status = if health.is_ready() { 200 } else { 503 };
             let body = format!("{}\n", health.status());
-            respond(&mut stream, status, "text/plain", &body, with_body).await
+            respond(stream, status, "text/plain", &body, with_body).await
         }
         _ => {
             respond(
-                &mut stream,
+                stream,
                 404,
                 "text/plain",
                 "not found: try /metrics, /healthz or /readyz\n",

@@ -851,3 +851,54 @@ async fn unix_socket_peers_are_counted_by_user_id_apart_from_tcp_peers() {
         b"+OK\r\n",
     );
 }
+
+/// `GET path` to the admin listener from a given loopback source address.
+async fn probe_from(source: [u8; 4], admin: std::net::SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.bind(std::net::SocketAddr::from((source, 0))).ok()?;
+    let mut stream = socket.connect(admin).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = String::new();
+    tokio::time::timeout(READ_TIMEOUT, stream.read_to_string(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    answer.lines().next().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn connections_held_open_never_keep_probes_from_the_admin_listener() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(METRICS)).await;
+    let admin = proxy.admin.expect("admin listener");
+    // One peer opens far more connections than it may hold, and sends nothing.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(
+            tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Another peer (the kubelet, Prometheus) is served at once.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let status = probe_from([127, 0, 0, 2], admin, path).await;
+        assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"), "{path}");
+    }
+    // The silent ones are closed within about a second, so even the same
+    // peer is served again.
+    for stream in &mut held {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(
+            READ_TIMEOUT,
+            tokio::io::AsyncReadExt::read(stream, &mut byte),
+        )
+        .await
+        .expect("closed in time");
+        assert!(matches!(read, Ok(0) | Err(_)));
+    }
+    let status = probe_from([127, 0, 0, 1], admin, "/healthz").await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
+}
