@@ -41,9 +41,11 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether Redis can be reached, for readiness and `redcloak_upstream_up`.
-    pub fn set_upstream_up(&self, up: bool) {
-        self.health.set_upstream_up(up);
+    /// Whether a new upstream connection works (`Err`: why not), for
+    /// readiness and `redcloak_upstream_up`.
+    pub fn set_upstream(&self, outcome: Result<(), String>) {
+        let up = outcome.is_ok();
+        self.health.set_upstream(outcome);
         self.metrics.upstream_up.set(if up { 1.0 } else { 0.0 });
     }
 }
@@ -293,7 +295,7 @@ mod tests {
         assert!(readyz.starts_with("HTTP/1.1 503 "), "{readyz}");
         assert!(readyz.ends_with("starting: the startup checks have not passed yet\n"));
         telemetry.health.serving();
-        telemetry.health.set_upstream_up(true);
+        telemetry.health.set_upstream(Ok(()));
         let readyz = get(address, &request("/readyz?verbose")).await;
         assert!(readyz.starts_with("HTTP/1.1 200 OK\r\n"), "{readyz}");
         let metrics = get(address, &request("/metrics")).await;

@@ -224,7 +224,7 @@ impl Server {
         }
         let telemetry = &self.shared.telemetry;
         // The startup checks just reached Redis; the upstream check keeps this current.
-        telemetry.set_upstream_up(true);
+        telemetry.set_upstream(Ok(()));
         telemetry.health.serving();
         let background = TaskTracker::new();
         if self.watch_upstream {
@@ -494,14 +494,13 @@ async fn serve<C>(
         let upstream = match shared.pool.take().await {
             Ok(upstream) => upstream,
             Err(err) => {
-                telemetry.set_upstream_up(false);
+                telemetry.set_upstream(Err(err.to_string()));
                 warn!(%peer, error = %err, "upstream connection failed");
                 let text = format!("ERR redcloak: upstream unavailable: {err}");
                 refuse(client.stream(), &text).await;
                 return;
             }
         };
-        telemetry.set_upstream_up(true);
         let end = session::run(&shared.session, client, upstream, &peer, shutdown).await;
         match &end.result {
             Ok(()) if end.parked.is_some() => debug!(%peer, "client parked"),

@@ -103,6 +103,17 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Redis (or something in its place) refused redcloak: its certificate
+    /// failed verification, or it refused redcloak's certificate or login.
+    /// Not a refused connection, and not a hang: those are outages.
+    pub fn is_rejection(&self) -> bool {
+        match self {
+            UpstreamError::Tls { .. } | UpstreamError::Auth { .. } => true,
+            UpstreamError::Login { hint, .. } => !hint.is_empty(),
+            _ => false,
+        }
+    }
+
     /// The step that failed, as metrics count it.
     pub fn failed_step(&self) -> UpstreamFailure {
         match self {
@@ -252,7 +263,7 @@ impl Upstream {
             Err(err) => {
                 let step = err.failed_step();
                 metrics.upstream_failure(step).increment(1);
-                if step != UpstreamFailure::Connect {
+                if err.is_rejection() {
                     events::upstream_rejected(&self.settings.address, err);
                 }
             }
@@ -455,5 +466,38 @@ fn tls_hint(err: &io::Error) -> &'static str {
             " (Redis closed the connection: is that a TLS port, and does Redis trust upstream.cert?)"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_are_rejections_never_a_hang_or_a_closed_port() {
+        let address = "redis:6379".to_owned();
+        let hang = UpstreamError::Timeout {
+            address: address.clone(),
+            timeout: Duration::from_secs(5),
+            stage: STAGE_TLS,
+        };
+        let closed = UpstreamError::Connect {
+            address: address.clone(),
+            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+        };
+        let untrusted = UpstreamError::Tls {
+            address: address.clone(),
+            reason: "invalid peer certificate".into(),
+            hint: "",
+        };
+        let login = UpstreamError::Auth {
+            address,
+            user: "redcloak".into(),
+            reply: "WRONGPASS".into(),
+        };
+        assert!(!hang.is_rejection());
+        assert!(!closed.is_rejection());
+        assert!(untrusted.is_rejection());
+        assert!(login.is_rejection());
     }
 }

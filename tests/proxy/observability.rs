@@ -16,6 +16,21 @@ fn with_client_password(config: ProxyConfig, extra: &str) -> ProxyConfig {
     ))
 }
 
+/// Sets redcloak's Redis password (ACL user `redcloak`), around redcloak.
+async fn set_password(admin: &mut RawClient<redcloak::upstream::UpstreamStream>, password: &str) {
+    let rule = format!(">{password}");
+    let reply = admin
+        .call(&[
+            b"ACL",
+            b"SETUSER",
+            b"redcloak",
+            b"resetpass",
+            rule.as_bytes(),
+        ])
+        .await;
+    assert_reply(&reply, b"+OK\r\n");
+}
+
 /// A raw client that counts the bytes it sends and receives.
 struct Counting {
     client: RawClient<tokio::net::TcpStream>,
@@ -367,13 +382,14 @@ async fn readiness_follows_the_upstream_and_upstream_failures_are_counted_by_ste
     assert_eq!(refused.admin_get("/readyz").await.0, 503);
 
     redis.redis.kill().await;
-    eventually("/readyz turns 503 once Redis is gone", || async {
-        proxy.admin_get("/readyz").await
-            == (
-                503,
-                "upstream unavailable: cannot connect to Redis\n".into(),
-            )
-    })
+    eventually(
+        "/readyz turns 503 once Redis is gone, naming the step",
+        || async {
+            let (status, body) = proxy.admin_get("/readyz").await;
+            status == 503
+                && body.starts_with("upstream unavailable: cannot connect to Redis at 127.0.0.1:")
+        },
+    )
     .await;
     let text = proxy.scrape().await;
     assert_eq!(metric(&text, "redcloak_upstream_up"), Some(0.0));
@@ -553,22 +569,6 @@ async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) 
         "-ERR redcloak:",
     );
     // Redis stops accepting redcloak's password: the next upstream login is rejected.
-    async fn set_password(
-        admin: &mut RawClient<redcloak::upstream::UpstreamStream>,
-        password: &str,
-    ) {
-        let rule = format!(">{password}");
-        let reply = admin
-            .call(&[
-                b"ACL",
-                b"SETUSER",
-                b"redcloak",
-                b"resetpass",
-                rule.as_bytes(),
-            ])
-            .await;
-        assert_reply(&reply, b"+OK\r\n");
-    }
     set_password(&mut admin, &format!("{}-changed", redis.password)).await;
     let mut rejected = RawClient::new(
         tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -901,4 +901,40 @@ async fn connections_held_open_never_keep_probes_from_the_admin_listener() {
     }
     let status = probe_from([127, 0, 0, 1], admin, "/healthz").await;
     assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
+}
+
+#[tokio::test]
+async fn readiness_follows_new_connections_and_the_replica_role() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(METRICS)).await;
+    let ready = || async { proxy.admin_get("/readyz").await.0 == 200 };
+    eventually("ready", ready).await;
+    let mut working = proxy.raw().await;
+    assert_reply(&working.call(&[b"PING"]).await, b"+PONG\r\n");
+    // New logins fail; connections made before still work.
+    let mut admin = redis.admin().await;
+    set_password(&mut admin, &format!("{}-changed", redis.password)).await;
+    eventually("503 naming the refused login", || async {
+        let (status, body) = proxy.admin_get("/readyz").await;
+        status == 503 && body.contains("refused redcloak's AUTH")
+    })
+    .await;
+    assert_reply(&working.call(&[b"PING"]).await, b"+PONG\r\n");
+    set_password(&mut admin, &redis.password).await;
+    eventually("ready again", ready).await;
+    // Demoted to a replica: reads would work, writes would not.
+    assert_reply(
+        &admin.call(&[b"REPLICAOF", b"127.0.0.1", b"1"]).await,
+        b"+OK\r\n",
+    );
+    eventually("503 for a replica", || async {
+        let (status, body) = proxy.admin_get("/readyz").await;
+        status == 503 && body.contains("is a replica")
+    })
+    .await;
+    assert_reply(
+        &admin.call(&[b"REPLICAOF", b"NO", b"ONE"]).await,
+        b"+OK\r\n",
+    );
+    eventually("ready once primary again", ready).await;
 }
