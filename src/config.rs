@@ -219,6 +219,7 @@ struct RawLimits {
     max_pending_requests: Option<usize>,
     client_write_timeout: Option<String>,
     request_read_timeout: Option<String>,
+    max_buffered_bytes: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -327,6 +328,8 @@ pub struct LimitsConfig {
     pub client_write_timeout: Duration,
     /// A request must arrive whole this long after its first byte.
     pub request_read_timeout: Duration,
+    /// What all connections' buffers may hold before reading requests pauses.
+    pub max_buffered_bytes: usize,
 }
 
 /// Loads `path`, overlays the environment, and validates.
@@ -580,6 +583,11 @@ fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
             "limits.request_read_timeout",
             raw.request_read_timeout.as_deref(),
             "30s",
+        )?,
+        max_buffered_bytes: positive(
+            "limits.max_buffered_bytes",
+            raw.max_buffered_bytes,
+            1024 * 1024 * 1024,
         )?,
     })
 }

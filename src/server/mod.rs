@@ -157,6 +157,7 @@ impl Server {
             client_write_timeout: config.limits.client_write_timeout,
             request_timeout: config.upstream.request_timeout,
             request_read_timeout: config.limits.request_read_timeout,
+            buffers: session::memory::BufferBudget::new(config.limits.max_buffered_bytes),
             idle_timeout: config.listen.idle_timeout,
             upstream_login: upstream.login().clone(),
             metrics: metrics.clone(),

@@ -37,6 +37,7 @@
 //! time Redis took. Refusals, failed logins and values that fail to open are
 //! also security events.
 
+pub mod memory;
 pub mod open;
 mod peer;
 pub mod pipeline;
@@ -81,6 +82,8 @@ pub struct SessionContext {
     pub request_timeout: Duration,
     /// A request must arrive whole within this of its first byte.
     pub request_read_timeout: Duration,
+    /// Bytes all sessions' buffers may hold before reading requests pauses.
+    pub buffers: memory::BufferBudget,
     /// Close clients quiet this long with nothing pending (`None`: never).
     pub idle_timeout: Option<Duration>,
     /// Used to log the upstream connection in again after RESET.
@@ -304,8 +307,18 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
         // session, and registers a waiter.
         let shutdown = shutdown.cancelled();
         tokio::pin!(park, idle, unfinished, shutdown);
+        let mut held = ctx.buffers.account();
         loop {
             if read == 0 {
+                held.set(input.capacity() + self.output.capacity());
+                // Only between requests: a request half-read must finish.
+                if ctx.buffers.over() && input.is_empty() {
+                    // Replies keep flowing; new requests wait for memory.
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(RequestsEnd::Drain),
+                        _ = ctx.buffers.wait_under() => {}
+                    }
+                }
                 input.reserve(READ_CHUNK);
                 let parkable = ctx.release_idle_after.is_some() && *self.leaves == Leaves::Nothing;
                 // Like Redis's `timeout`: not for subscribers or blocked clients.
@@ -575,6 +588,7 @@ where
 {
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut output = BytesMut::with_capacity(READ_CHUNK);
+    let mut held = ctx.buffers.account();
     let mut scanner = ReplyScanner::default();
     let mut replies = Replies::new(ctx.policy.keyring().clone(), ctx.reply_limits.clone());
     let mut answered = Answered::default();
@@ -607,13 +621,23 @@ where
             }
         };
         answered.take(&mut replies, flushes);
+        held.set(input.capacity() + output.capacity());
         write_client(ctx, client, &mut output).await?;
         answered.record(ctx, peer);
         if flow == Flow::Close || (requests_done && replies.needs_entry()) {
             let _ = client.shutdown().await;
             return Ok(upstream_end(&input, &replies, flushes));
         }
+        // A large reply went out: give its buffer back rather than keep it.
+        if input.is_empty() && input.capacity() > 4 * READ_CHUNK {
+            input = BytesMut::new();
+        }
+        if output.capacity() > 4 * READ_CHUNK {
+            output = BytesMut::new();
+        }
         input.reserve(READ_CHUNK);
+        held.set(input.capacity() + output.capacity());
+        let over_budget = ctx.buffers.over();
         quiet.store(replies.needs_entry() && input.is_empty(), Ordering::Relaxed);
         // Once the client stopped sending, nothing may wait forever for it.
         let sending_done = requests_done || client_done.is_cancelled();
@@ -640,7 +664,9 @@ where
                 }
                 None
             }
-            read = upstream.read_buf(&mut input) => match read {
+            // Over limits.max_buffered_bytes nothing more is taken from Redis
+            // until replies are delivered (or their slow readers cut).
+            read = upstream.read_buf(&mut input), if !over_budget => match read {
                 Ok(0) => Some(SessionError::UpstreamClosed),
                 Ok(read) => {
                     ctx.metrics.upstream_received.increment(read as u64);
@@ -648,6 +674,7 @@ where
                 }
                 Err(err) => Some(SessionError::Upstream(err)),
             },
+            _ = ctx.buffers.wait_under(), if over_budget => None,
             _ = &mut failed => Some(SessionError::UpstreamClosed),
             _ = &mut gone => return Ok(upstream_end(&input, &replies, flushes)),
             // Only wakes the loop, to bound what is pending.

@@ -3,7 +3,7 @@
 
 use crate::support::*;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_never_completes_is_cut_after_request_read_timeout() {
@@ -151,4 +151,63 @@ async fn one_address_may_hold_at_most_max_connections_per_peer() {
     })
     .await;
     assert_reply(&again.call(&[b"PING"]).await, b"+PONG\r\n");
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_together_hold_no_more_than_max_buffered_bytes() {
+    const MIB: u64 = 1024 * 1024;
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .tail("[limits]\nmax_buffered_bytes = 67108864\nclient_write_timeout = \"3s\"\n");
+    let file = redis.path("memory.toml");
+    std::fs::write(&file, config.render()).expect("write config");
+    let serving = ServeChild::start(&file).await;
+    let value = vec![b'v'; 16 * MIB as usize];
+    let mut writer = serving.raw().await;
+    assert_reply(
+        &writer.call(&[b"SET", b"plain:big", &value]).await,
+        b"+OK\r\n",
+    );
+    drop(writer);
+    let pid = serving.child.id();
+    let baseline = rss(pid);
+    // Twelve clients ask for 16 MiB each and read nothing (tiny receive
+    // buffers, so the kernel holds little of it for them).
+    let mut slow = Vec::new();
+    for _ in 0..12 {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut client = RawClient::new(socket.connect(serving.address).await.expect("connect"));
+        client.send(&[b"GET", b"plain:big"]).await;
+        slow.push(client);
+    }
+    // Let redcloak take in what it will: until its memory stops growing.
+    let last = std::sync::atomic::AtomicU64::new(rss(pid));
+    let held = until("memory settles", || async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let now = rss(pid);
+        let before = last.swap(now, std::sync::atomic::Ordering::SeqCst);
+        (now.abs_diff(before) < 2 * MIB).then_some(now)
+    })
+    .await;
+    let grown = held.saturating_sub(baseline);
+    // The bound, one request or reply in progress past it, and slack for
+    // the allocator: far below 12 x 16 MiB held twice (192-384 MiB).
+    assert!(grown < 64 * MIB + 48 * MIB, "grew {} MiB", grown / MIB);
+    // Once the slow readers are cut (client_write_timeout), others are served.
+    let mut patient = serving.raw().await;
+    assert_reply(&patient.call(&[b"PING"]).await, b"+PONG\r\n");
+    drop(slow);
 }
