@@ -101,6 +101,9 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                     .await
                     .with_context(|| format!("cannot listen on metrics.address {address}"))
                     .map_err(|e| (EXIT_RUNTIME, e))?;
+                if let Ok(address) = listener.local_addr() {
+                    tracing::info!(listener = "admin", %address, "listening");
+                }
                 tokio::spawn(admin::serve(listener, telemetry.clone()));
             }
             // The gate runs before any Redis listener opens: a failing

@@ -115,58 +115,31 @@ fn configuration_errors_exit_78_and_name_the_problem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     let redis = TestRedis::start().await;
-    let port = free_port();
-    let mut config = redis.config();
-    config.listen = vec![format!("address = \"127.0.0.1:{port}\"")];
-    let config = config.tail("[shutdown]\ngrace_period = \"20s\"\n");
+    let config = redis.config().tail("[shutdown]\ngrace_period = \"20s\"\n");
     std::fs::write(redis.path("serve.toml"), config.render()).expect("write");
-    let mut child = Command::new(redcloak_bin())
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(redis.path("serve.toml"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    wait_listening(port).await;
-
-    let mut busy = RawClient::new(
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect"),
-    );
-    let mut idle = RawClient::new(
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect"),
-    );
+    let serving = ServeChild::start(&redis.path("serve.toml")).await;
+    let address = serving.address;
+    let mut busy = serving.raw().await;
+    let mut idle = serving.raw().await;
     assert_reply(&idle.call(&[b"PING"]).await, b"+PONG\r\n");
     busy.send(&[b"BLPOP", b"plain:nothing", b"1"]).await;
     wait_until_blocked(&redis, 1).await;
-    signal(&child, "-TERM");
+    serving.signal("-TERM");
     // The idle client is closed, the blocked one gets its reply first.
     idle.expect_closed().await;
     assert_reply(&busy.read().await, b"*-1\r\n");
     busy.expect_closed().await;
-    let code = tokio::task::spawn_blocking(move || {
-        let code = wait_exit(&mut child);
-        let mut logs = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut logs)
-            .expect("logs");
-        (code, logs)
-    })
-    .await
-    .expect("join");
-    assert_eq!(code.0, 0, "{}", code.1);
-    for line in code.1.lines() {
+    let (code, logs) = serving.exit_code().await;
+    assert_eq!(code, 0, "{logs}");
+    for line in logs.lines() {
         assert!(
             line.starts_with('{') && line.ends_with('}'),
             "not a JSON log line: {line}"
         );
     }
-    assert!(code.1.contains("SIGTERM"), "{}", code.1);
+    assert!(logs.contains("SIGTERM"), "{logs}");
     assert!(
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err(),
+        tokio::net::TcpStream::connect(address).await.is_err(),
         "still listening"
     );
 }

@@ -59,32 +59,21 @@ async fn assert_refused(redis: &TestRedis, config: &ProxyConfig, name: &str) -> 
     assert_eq!(outcome.code, 78, "{}", outcome.report);
     assert_eq!(outcome.report["passed"], false);
     assert_eq!(outcome.status(name), "fail", "{}", outcome.report);
-    let port = free_port();
-    let mut serving = config.clone();
-    serving.listen = vec![format!("address = \"127.0.0.1:{port}\"")];
+    // Its listener binds port 0 and would log the address it got: the gate
+    // refuses before any listener opens, so no such line is ever logged.
     let file = redis.path("serve.toml");
-    std::fs::write(&file, serving.render()).expect("write");
-    let mut child = Command::new(redcloak_bin())
-        .args(["serve", "--config"])
-        .arg(&file)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    // While the gate runs, and after it refused, nothing listens.
-    loop {
-        assert!(
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "serve opened its listener"
-        );
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert_eq!(status.code(), Some(78));
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("read");
+    std::fs::write(&file, config.render()).expect("write");
+    let path = file.display().to_string();
+    let (code, _, stderr) = tokio::task::spawn_blocking(move || {
+        run_redcloak(&["serve", "--log-format", "json", "--config", &path])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        !stderr.contains("\"listening\""),
+        "serve opened a listener: {stderr}"
+    );
     assert!(
         stderr.contains("refusing to start") && stderr.contains(name),
         "{stderr}"
@@ -394,57 +383,27 @@ async fn upstream_connections_warn_once_a_day_when_redis_certificate_expires_soo
         ..RedisSetup::default()
     };
     let redis = TestRedis::start_with(setup).await;
-    let port = free_port();
     let mut config = redis.config();
     config.top.push("profile = \"staging\"".into());
-    config.listen = vec![format!("address = \"127.0.0.1:{port}\"")];
     std::fs::write(redis.path("serve.toml"), config.render()).expect("write");
-    let mut child = Command::new(redcloak_bin())
-        .args(["serve", "--config"])
-        .arg(redis.path("serve.toml"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = std::time::Instant::now() + READ_TIMEOUT;
-    let stream = loop {
-        if let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-            break stream;
-        }
-        assert!(std::time::Instant::now() < deadline, "serve never listened");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let mut client = RawClient::new(stream);
+    let serving = ServeChild::start(&redis.path("serve.toml")).await;
+    let mut client = serving.raw().await;
     assert_reply(&client.call(&[b"PING"]).await, b"+PONG\r\n");
     drop(client);
     // More clients, each on a new upstream connection (no pool here).
     for _ in 0..3 {
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let mut client = RawClient::new(stream);
+        let mut client = serving.raw().await;
         assert_reply(&client.call(&[b"PING"]).await, b"+PONG\r\n");
     }
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let logs = tokio::task::spawn_blocking(move || {
-        let _ = child.wait();
-        let mut logs = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut logs)
-            .expect("read");
-        logs
-    })
-    .await
-    .expect("join");
+    serving.signal("-TERM");
+    let (_, logs) = serving.exit_code().await;
     // At startup (the gate's warning), and when upstream connections are made.
     assert!(
         logs.contains("startup check warning") && logs.contains("redis-certificate"),
         "{logs}"
     );
     assert!(
-        logs.contains("Redis's TLS certificate expires soon") && logs.contains("days_left=9"),
+        logs.contains("Redis's TLS certificate expires soon") && logs.contains("\"days_left\":9"),
         "{logs}"
     );
     // Once per certificate and day for the startup checks' connection and

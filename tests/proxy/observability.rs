@@ -435,25 +435,19 @@ async fn held_relay(redis_port: u16) -> (u16, tokio::sync::watch::Sender<bool>) 
 async fn readyz_is_503_until_the_gate_passes_then_200_then_503_for_good_while_draining() {
     let redis = TestRedis::start().await;
     let (relay_port, release) = held_relay(redis.redis.port()).await;
-    let (port, admin_port) = (free_port(), free_port());
-    let mut config = redis
+    let config = redis
         .config()
         .upstream("address", &format!("\"127.0.0.1:{relay_port}\""))
         .upstream("connect_timeout", "\"20s\"")
-        .tail(&format!(
-            "[metrics]\naddress = \"127.0.0.1:{admin_port}\"\n"
-        ))
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"\n")
         .tail("[shutdown]\ngrace_period = \"20s\"\n");
-    config.listen = vec![format!("address = \"127.0.0.1:{port}\"")];
     std::fs::write(redis.path("ready.toml"), config.render()).expect("write");
-    let mut child = Command::new(redcloak_bin())
-        .args(["serve", "--config"])
-        .arg(redis.path("ready.toml"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
-    wait_listening(admin_port).await;
+    let mut command = Command::new(redcloak_bin());
+    command
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(redis.path("ready.toml"));
+    let mut serving = ServeChild::launch(command);
+    let admin = serving.wait_listening("admin").await;
     // The startup checks are waiting on the held relay.
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
     assert_eq!(
@@ -463,10 +457,9 @@ async fn readyz_is_503_until_the_gate_passes_then_200_then_503_for_good_while_dr
             "starting: the startup checks have not passed yet\n".into()
         )
     );
-    assert!(
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err(),
+    assert_eq!(
+        serving.listening("tcp"),
+        None,
         "no Redis listener before the gate passed"
     );
     release.send(true).expect("release");
@@ -474,20 +467,20 @@ async fn readyz_is_503_until_the_gate_passes_then_200_then_503_for_good_while_dr
         http_get(admin, "/readyz").await.0 == 200
     })
     .await;
+    serving.address = serving.wait_listening("tcp").await;
     // A request in flight holds the drain open.
-    let mut busy = RawClient::new(
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect"),
-    );
+    let mut busy = serving.raw().await;
     busy.send(&[b"BLPOP", b"plain:queue", b"0"]).await;
     wait_until_blocked(&redis, 1).await;
-    signal(&child, "-TERM");
+    serving.signal("-TERM");
     eventually("/readyz turns 503 while draining", || async {
         http_get(admin, "/readyz").await == (503, "draining: shutting down\n".into())
     })
     .await;
-    assert!(child.try_wait().expect("wait").is_none(), "still draining");
+    assert!(
+        serving.child.try_wait().expect("wait").is_none(),
+        "still draining"
+    );
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
     // The pending request is answered; the drain ends; never ready again.
     let mut admin_client = redis.admin().await;
@@ -496,47 +489,25 @@ async fn readyz_is_503_until_the_gate_passes_then_200_then_503_for_good_while_dr
         &busy.read().await,
         &resp_array(b'*', &[b"plain:queue", b"job"]),
     );
-    assert_eq!(wait_exit(&mut child), 0);
+    assert_eq!(serving.exit_code().await.0, 0);
 }
 
 /// Runs the binary at trace level through a workload with known secrets;
 /// returns its logs and its last scrape.
 async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) {
-    let (port, admin_port) = (free_port(), free_port());
-    let mut config = with_client_password(redis.config(), "")
-        .tail(&format!(
-            "[metrics]\naddress = \"127.0.0.1:{admin_port}\"\n"
-        ))
+    let config = with_client_password(redis.config(), "")
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"\n")
         .tail(&format!("[logging]\nlog_key_names = {log_key_names}\n"));
-    config.listen = vec![format!("address = \"127.0.0.1:{port}\"")];
     std::fs::write(redis.path("traced.toml"), config.render()).expect("write");
-    let mut child = Command::new(redcloak_bin())
+    let mut command = Command::new(redcloak_bin());
+    command
         .args(["--log-format", "json", "serve", "--config"])
         .arg(redis.path("traced.toml"))
         .env("RUST_LOG", "trace")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let logs = tokio::task::spawn_blocking(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut text)
-            .expect("logs");
-        text
-    });
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if let Some(status) = child.try_wait().expect("wait") {
-            panic!(
-                "redcloak exited with {status}: {}",
-                logs.await.expect("logs")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        .stdout(Stdio::null());
+    let serving = ServeChild::spawn(command).await;
+    let admin_address = serving.wait_listening("admin").await;
+    let port = serving.address.port();
     let mut client = RawClient::new(
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -594,10 +565,11 @@ async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) 
         &client.call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()]).await,
         "-ERR redcloak: too many failed AUTH attempts",
     );
-    let (_, scraped) = http_get(([127, 0, 0, 1], admin_port).into(), "/metrics").await;
-    signal(&child, "-TERM");
-    assert_eq!(wait_exit(&mut child), 0);
-    (logs.await.expect("logs"), scraped)
+    let (_, scraped) = http_get(admin_address, "/metrics").await;
+    serving.signal("-TERM");
+    let (code, logs) = serving.exit_code().await;
+    assert_eq!(code, 0);
+    (logs, scraped)
 }
 
 #[tokio::test]

@@ -556,6 +556,8 @@ pub struct ServeChild {
     /// The plaintext TCP listener's address.
     pub address: SocketAddr,
     logs: Arc<std::sync::Mutex<String>>,
+    /// Reads stderr into `logs` until the child closes it.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ServeChild {
@@ -570,7 +572,19 @@ impl ServeChild {
 
     /// Spawns `command` (a redcloak serve, perhaps behind a shell) and
     /// waits for its TCP listener's address.
-    pub async fn spawn(mut command: std::process::Command) -> ServeChild {
+    pub async fn spawn(command: std::process::Command) -> ServeChild {
+        let mut serving = Self::launch(command);
+        serving.address = until("redcloak serve reports its TCP listener", || {
+            let found = serving.listener_address();
+            async move { found }
+        })
+        .await;
+        serving
+    }
+
+    /// Spawns `command` without waiting for anything (`address` is unset
+    /// until the caller finds it with [`ServeChild::listening`]).
+    pub fn launch(mut command: std::process::Command) -> ServeChild {
         let mut child = command
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -578,7 +592,7 @@ impl ServeChild {
         let stderr = child.stderr.take().expect("stderr");
         let logs = Arc::new(std::sync::Mutex::new(String::new()));
         let sink = logs.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stderr)
                 .lines()
@@ -589,24 +603,36 @@ impl ServeChild {
                 logs.push('\n');
             }
         });
-        let mut serving = ServeChild {
+        ServeChild {
             child,
             address: SocketAddr::from(([127, 0, 0, 1], 0)),
             logs,
-        };
-        serving.address = until("redcloak serve reports its TCP listener", || {
-            let found = serving.listener_address();
-            async move { found }
-        })
-        .await;
-        serving
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits until `listener` reports its address.
+    pub async fn wait_listening(&self, listener: &str) -> SocketAddr {
+        until(
+            &format!("redcloak serve reports its {listener} listener"),
+            || {
+                let found = self.listening(listener);
+                async move { found }
+            },
+        )
+        .await
     }
 
     fn listener_address(&self) -> Option<SocketAddr> {
+        self.listening("tcp")
+    }
+
+    /// The address a listener (`tcp`, `tls`, `admin`) reported, if it did.
+    pub fn listening(&self, listener: &str) -> Option<SocketAddr> {
         self.logs().lines().find_map(|line| {
             let line: serde_json::Value = serde_json::from_str(line).ok()?;
             let fields = &line["fields"];
-            (fields["message"] == "listening" && fields["listener"] == "tcp")
+            (fields["message"] == "listening" && fields["listener"] == listener)
                 .then(|| fields["address"].as_str()?.parse().ok())?
         })
     }
@@ -625,12 +651,19 @@ impl ServeChild {
         signal(&self.child, name);
     }
 
-    /// The exit code, waiting at most 30 s.
+    /// The exit code (waiting at most 30 s) and every line it logged.
     pub async fn exit_code(mut self) -> (i32, String) {
         let logs = self.logs.clone();
-        let code = tokio::task::spawn_blocking(move || wait_exit(&mut self.child))
-            .await
-            .expect("join");
+        let reader = self.reader.take();
+        let code = tokio::task::spawn_blocking(move || {
+            let code = wait_exit(&mut self.child);
+            if let Some(reader) = reader {
+                let _ = reader.join();
+            }
+            code
+        })
+        .await
+        .expect("join");
         let logs = logs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         (code, logs)
     }
