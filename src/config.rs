@@ -175,7 +175,7 @@ struct RawListenTls {
     client_ca: Option<PathBuf>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     username: Option<String>,
@@ -336,6 +336,15 @@ pub struct LimitsConfig {
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let verbatim = || SECRET_ENV.iter().chain(TEXT_ENV);
     let secret_keys: Vec<&str> = verbatim().map(|(key, _)| *key).collect();
+    // Secrets from the environment never enter figment's value tree (it is
+    // not zeroized): they go straight into the raw config below.
+    let env_secrets: Vec<(&str, RawSecret)> = SECRET_ENV
+        .iter()
+        .filter_map(|(key, variable)| {
+            let value = zeroize::Zeroizing::new(std::env::var(variable).ok()?);
+            Some((*key, RawSecret(value)))
+        })
+        .collect();
     let mut figment = Figment::new().merge(Toml::file_exact(path)).merge(
         Env::prefixed(ENV_PREFIX)
             .split("__")
@@ -346,12 +355,25 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
                     .starts_with(KEY_ENV_PREFIX)
             }),
     );
-    for (key, variable) in verbatim() {
+    for (key, variable) in TEXT_ENV {
         if let Ok(value) = std::env::var(variable) {
             figment = figment.merge(Serialized::default(key, value));
         }
     }
-    let raw: RawConfig = figment.extract().map_err(Box::new)?;
+    let mut raw: RawConfig = figment.extract().map_err(Box::new)?;
+    for (key, secret) in env_secrets {
+        let slot = match key {
+            "upstream.password" => &mut raw.upstream.password,
+            _ => {
+                &mut raw
+                    .listen
+                    .auth
+                    .get_or_insert_with(RawAuth::default)
+                    .password
+            }
+        };
+        *slot = Some(secret);
+    }
     let base = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

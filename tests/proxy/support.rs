@@ -430,16 +430,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
 
 /// Waits until Redis reports `count` clients blocked (BLPOP and the like).
 pub async fn wait_until_blocked(redis: &TestRedis, count: usize) {
-    let mut admin = redis.admin().await;
+    let admin = tokio::sync::Mutex::new(redis.admin().await);
     let expected = format!("blocked_clients:{count}");
-    let deadline = std::time::Instant::now() + READ_TIMEOUT;
-    while !String::from_utf8_lossy(&admin.call(&[b"INFO", b"clients"]).await).contains(&expected) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "Redis never reported {expected}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(&format!("Redis reports {expected}"), || async {
+        let info = admin.lock().await.call(&[b"INFO", b"clients"]).await;
+        String::from_utf8_lossy(&info).contains(&expected)
+    })
+    .await;
 }
 
 /// The RESP bytes of an aggregate of bulk strings (`marker` `*` or `>`).
@@ -729,17 +726,12 @@ pub fn wait_exit(child: &mut std::process::Child) -> i32 {
 
 /// Waits until something accepts connections on a loopback port.
 pub async fn wait_listening(port: u16) {
-    let deadline = std::time::Instant::now() + READ_TIMEOUT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redcloak never listened on {port}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("something listens on {port}"), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
 }
 
 /// Runs Prometheus's `promtool` (Debian package `prometheus`), with `input`
