@@ -104,15 +104,25 @@ pub async fn watch_upstream(
     shutdown: CancellationToken,
 ) {
     loop {
-        let outcome = match upstream.connect_counted(&telemetry.metrics).await {
-            Ok(mut stream) => takes_writes(&upstream, &mut stream).await,
-            Err(err) => Err(err.to_string()),
-        };
+        // One lost connection (killed, or a blip) is not an outage: a
+        // failed check is tried again at once before it counts.
+        let mut outcome = check(&upstream, &telemetry).await;
+        if outcome.is_err() {
+            outcome = check(&upstream, &telemetry).await;
+        }
         telemetry.set_upstream(outcome);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(UPSTREAM_CHECK_INTERVAL) => {}
         }
+    }
+}
+
+/// A fresh connection, logged in, that HELLO says is a primary's.
+async fn check(upstream: &Upstream, telemetry: &Telemetry) -> Result<(), String> {
+    match upstream.connect_counted(&telemetry.metrics).await {
+        Ok(mut stream) => takes_writes(upstream, &mut stream).await,
+        Err(err) => Err(err.to_string()),
     }
 }
 
