@@ -32,6 +32,28 @@ async fn client_id(client: &mut RawClient<tokio::net::TcpStream>) -> String {
     String::from_utf8_lossy(&client.call(&[b"CLIENT", b"ID"]).await).into_owned()
 }
 
+/// Asserts `client` got the upstream connection `id`, back as it was when
+/// it logged in: db 0, no name, RESP2, no subscriptions, no MULTI, no
+/// tracking or other flags, redcloak's user. `after`: what was undone.
+async fn assert_clean(client: &mut RawClient<tokio::net::TcpStream>, id: &str, after: &str) {
+    assert_eq!(client_id(client).await, id, "{after}: the same connection");
+    let info = client.call(&[b"CLIENT", b"INFO"]).await;
+    let info = String::from_utf8_lossy(&info).into_owned();
+    for (name, clean) in [
+        ("db", "0"),
+        ("name", ""),
+        ("resp", "2"),
+        ("sub", "0"),
+        ("psub", "0"),
+        ("ssub", "0"),
+        ("multi", "-1"),
+        ("flags", "N"),
+        ("user", REDIS_USER),
+    ] {
+        assert_eq!(field(&info, name), clean, "{after} left {name}: {info}");
+    }
+}
+
 /// `name=value` fields of CLIENT INFO.
 fn field<'a>(info: &'a str, name: &str) -> &'a str {
     info.split_whitespace()
@@ -69,24 +91,7 @@ async fn the_next_client_gets_the_connection_reset_with_nothing_of_the_last_sess
     until_ready(&proxy, 1, "the connection came back").await;
 
     let mut next = proxy.raw().await;
-    assert_eq!(
-        client_id(&mut next).await,
-        id,
-        "the same upstream connection"
-    );
-    let info = next.call(&[b"CLIENT", b"INFO"]).await;
-    let info = String::from_utf8_lossy(&info).into_owned();
-    assert_eq!(field(&info, "db"), "0", "{info}");
-    assert_eq!(field(&info, "name"), "", "{info}");
-    assert_eq!(field(&info, "resp"), "2", "{info}");
-    assert_eq!(field(&info, "sub"), "0", "{info}");
-    assert_eq!(field(&info, "multi"), "-1", "{info}");
-    assert_eq!(field(&info, "user"), REDIS_USER, "{info}");
-    let flags = field(&info, "flags");
-    assert!(
-        !flags.contains('t') && !flags.contains('x') && !flags.contains('P'),
-        "{info}"
-    );
+    assert_clean(&mut next, &id, "after everything at once").await;
     // db 0, outside MULTI, not subscribed, RESP2.
     assert_reply(&next.call(&[b"GET", b"plain:db5"]).await, b"$-1\r\n");
     assert_reply(&next.call(&[b"GET", b"plain:queued"]).await, b"$-1\r\n");
@@ -297,27 +302,7 @@ async fn each_command_that_changes_the_connection_is_undone_before_the_next_clie
         drop(first);
         until_ready(&proxy, 1, "the connection came back").await;
         let mut next = proxy.raw().await;
-        assert_eq!(
-            client_id(&mut next).await,
-            id,
-            "{change:?}: same connection"
-        );
-        let info = next.call(&[b"CLIENT", b"INFO"]).await;
-        let info = String::from_utf8_lossy(&info).into_owned();
-        for (name, clean) in [
-            ("db", "0"),
-            ("name", ""),
-            ("resp", "2"),
-            ("sub", "0"),
-            ("psub", "0"),
-            ("ssub", "0"),
-            ("multi", "-1"),
-            ("user", REDIS_USER),
-        ] {
-            assert_eq!(field(&info, name), clean, "{change:?} left {name}: {info}");
-        }
-        let flags = field(&info, "flags");
-        assert_eq!(flags, "N", "{change:?} left flags: {info}");
+        assert_clean(&mut next, &id, &format!("{change:?}")).await;
         // WATCH leaves no flag: a watched key changed would fail the next MULTI.
         assert_reply(
             &next.call(&[b"SET", b"plain:w", b"changed"]).await,
