@@ -361,6 +361,31 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         }
     }
     let mut raw: RawConfig = figment.extract().map_err(Box::new)?;
+    // figment keeps copies of what it read that cannot be wiped: a secret
+    // written in the file itself is refused (files and the environment only).
+    let inline = [
+        ("upstream.password", raw.upstream.password.is_some()),
+        (
+            "listen.auth.password",
+            raw.listen
+                .auth
+                .as_ref()
+                .is_some_and(|a| a.password.is_some()),
+        ),
+    ];
+    if let Some((key, _)) = inline.iter().find(|(_, written)| *written) {
+        let variable = SECRET_ENV
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, v)| *v);
+        return Err(invalid(
+            key,
+            format!(
+                "a secret written in the configuration file is not accepted: put it in a file \
+                 ({key}_file, mode 0600) or the environment ({variable})"
+            ),
+        ));
+    }
     for (key, secret) in env_secrets {
         let slot = match key {
             "upstream.password" => &mut raw.upstream.password,
@@ -921,6 +946,28 @@ mod tests {
     }
 
     #[test]
+    fn secrets_written_in_the_file_itself_are_refused() {
+        Jail::expect_with(|jail| {
+            let inline = MINIMAL.replace(
+                "password_file = \"secrets/redis-password\"",
+                "password = \"written-in-the-file\"",
+            );
+            let text = error_text(load_in_jail(jail, &inline));
+            assert!(
+                text.contains(
+                    "upstream.password: a secret written in the configuration file is not accepted"
+                ) && text.contains("REDCLOAK_UPSTREAM__PASSWORD")
+                    && !text.contains("written-in-the-file"),
+                "{text}"
+            );
+            let auth = format!("{MINIMAL}\n[listen.auth]\npassword = \"client-secret\"\n");
+            let text = error_text(load_in_jail(jail, &auth));
+            assert!(text.contains("listen.auth.password_file"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         Jail::expect_with(|jail| {
             let text = error_text(load_in_jail(
@@ -1060,7 +1107,8 @@ mod tests {
     fn lockout_metrics_and_logging_keys_are_read_and_validated() {
         Jail::expect_with(|jail| {
             let base = MINIMAL;
-            let extra = "[listen.auth]\npassword = \"p\"\nmax_failures = 3\nfailure_window = \"2m\"\n\
+            jail.set_env("REDCLOAK_LISTEN__AUTH__PASSWORD", "p");
+            let extra = "[listen.auth]\nmax_failures = 3\nfailure_window = \"2m\"\n\
                          lockout_duration = \"10s\"\n[metrics]\naddress = \"0.0.0.0:9187\"\n\
                          [logging]\nlog_key_names = true\n";
             let config = load_in_jail(jail, &format!("{base}{extra}")).expect("valid");

@@ -168,7 +168,10 @@ impl Pool {
         let mut out = BytesMut::with_capacity(128);
         crate::resp::encode_command(&mut out, &[b"RESET"]);
         self.upstream.login().encode_auth(&mut out);
-        stream.write_all(&out).await?;
+        let written = stream.write_all(&out).await;
+        // The buffer held redcloak's password: wipe it before it is freed.
+        zeroize::Zeroize::zeroize(&mut out[..]);
+        written?;
         stream.flush().await?;
         const REFUSED: &str = "RESET or AUTH refused";
         let mut replies = ReplyReader::default();

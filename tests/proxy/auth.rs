@@ -102,7 +102,7 @@ async fn a_configured_username_must_match() {
     let redis = TestRedis::start().await;
     let config = redis
         .config()
-        .tail("[listen.auth]\nusername = \"app\"\npassword = \"app-password-0123456789\"\n");
+        .tail(&redis.listen_auth("app-password-0123456789", "username = \"app\"\n"));
     let proxy = redis.start_proxy(&config).await;
     let mut c = proxy.raw().await;
     assert_error(
@@ -142,7 +142,7 @@ async fn reset_logs_the_client_out_of_redcloak_when_auth_is_required() {
     let redis = TestRedis::start().await;
     let config = redis
         .config()
-        .tail("[listen.auth]\npassword = \"client-secret-0123456789\"\n");
+        .tail(&redis.listen_auth("client-secret-0123456789", ""));
     let proxy = redis.start_proxy(&config).await;
     let mut c = proxy.raw().await;
     assert_reply(
@@ -166,7 +166,7 @@ async fn a_client_not_logged_in_may_send_only_small_requests_as_in_redis() {
     let redis = TestRedis::start().await;
     let config = redis
         .config()
-        .tail("[listen.auth]\npassword = \"client-secret-0123456789\"\n");
+        .tail(&redis.listen_auth("client-secret-0123456789", ""));
     let proxy = redis.start_proxy(&config).await;
     for (header, says) in [
         (&b"*100\r\n"[..], "unauthenticated multibulk length"),

@@ -98,12 +98,13 @@ fn configuration_errors_exit_78_and_name_the_problem() {
     std::fs::write(
         &no_cert,
         "[listen]\naddress = \"127.0.0.1:0\"\n[upstream]\naddress = \"127.0.0.1:1\"\nca = \"ca.crt\"\n\
-         cert = \"c.crt\"\nkey = \"c.key\"\npassword = \"p\"\n\
+         cert = \"c.crt\"\nkey = \"c.key\"\npassword_file = \"p\"\n\
          [encryption]\nprimary = 1\n[[encryption.keys]]\nid = 1\nfile = \"key-1\"\n",
     )
     .expect("write");
     let key = redcloak::crypto::keyring::generate_key();
     std::fs::write(dir.path().join("key-1"), key.as_bytes()).expect("write");
+    redcloak::dev::write_file(&dir.path().join("p"), b"password", 0o600).expect("write");
     let (code, _, err) = run_redcloak(&["serve", "--config", no_cert.to_str().expect("utf-8")]);
     assert_eq!(code, 78, "{err}");
     assert!(

@@ -10,10 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const CLIENT_PASSWORD: &str = "client-password-5f0e9c-2d7a1b8e4c6f90a3b5d1";
 const METRICS: &str = "[metrics]\naddress = \"127.0.0.1:0\"\n";
 
-fn with_client_password(config: ProxyConfig, extra: &str) -> ProxyConfig {
-    config.tail(&format!(
-        "[listen.auth]\npassword = \"{CLIENT_PASSWORD}\"\n{extra}"
-    ))
+fn with_client_password(redis: &TestRedis, config: ProxyConfig, extra: &str) -> ProxyConfig {
+    config.tail(&redis.listen_auth(CLIENT_PASSWORD, extra))
 }
 
 /// Sets redcloak's Redis password (ACL user `redcloak`), around redcloak.
@@ -59,7 +57,7 @@ fn now_unix() -> f64 {
 #[tokio::test]
 async fn a_known_workload_shows_exact_counts_on_metrics() {
     let redis = TestRedis::start().await;
-    let config = with_client_password(redis.config(), "").tail(METRICS);
+    let config = with_client_password(&redis, redis.config(), "").tail(METRICS);
     let proxy = redis.start_proxy(&config).await;
     let mut c = Counting {
         client: proxy.raw().await,
@@ -230,12 +228,7 @@ async fn connect_from(proxy: &Proxy, source: [u8; 4]) -> RawClient<tokio::net::T
 #[tokio::test]
 async fn changing_the_loopback_source_address_does_not_escape_the_lockout() {
     let redis = TestRedis::start().await;
-    let config = with_client_password(
-        redis.config(),
-        "max_failures = 3
-",
-    )
-    .tail(METRICS);
+    let config = with_client_password(&redis, redis.config(), "max_failures = 3\n").tail(METRICS);
     let proxy = redis.start_proxy(&config).await;
     for last in [2u8, 3, 4] {
         let mut guesser = connect_from(&proxy, [127, 0, 0, last]).await;
@@ -256,10 +249,9 @@ async fn the_global_failure_budget_locks_out_every_peer() {
     // Unix-socket users and loopback are different peers; none reaches its own limit.
     let socket = redis.path("redcloak.sock");
     let config = with_client_password(
+        &redis,
         redis.config(),
-        "max_failures = 3
-global_max_failures = 4
-",
+        "max_failures = 3\nglobal_max_failures = 4\n",
     )
     .listen(&format!("unix_socket = \"{}\"", socket.display()))
     .tail(METRICS);
@@ -289,7 +281,7 @@ global_max_failures = 4
 async fn too_many_failed_logins_lock_the_peer_out_then_it_may_log_in_again() {
     let redis = TestRedis::start().await;
     let lockout = "max_failures = 3\nfailure_window = \"60s\"\nlockout_duration = \"2s\"\n";
-    let config = with_client_password(redis.config(), lockout).tail(METRICS);
+    let config = with_client_password(&redis, redis.config(), lockout).tail(METRICS);
     let proxy = redis.start_proxy(&config).await;
     let mut client = proxy.raw().await;
     for _ in 0..3 {
@@ -361,11 +353,11 @@ async fn readiness_follows_the_upstream_and_upstream_failures_are_counted_by_ste
     assert_eq!(proxy.admin_get("/readyz").await, (200, "ready\n".into()));
     assert_eq!(proxy.admin_get("/healthz").await, (200, "ok\n".into()));
     // A proxy whose Redis password is wrong: every client's connection fails at AUTH.
-    let mut wrong = redis
+    std::fs::write(redis.path("wrong-password"), "not-the-password").expect("write");
+    let wrong = redis
         .config()
-        .upstream("password", "\"not-the-password\"")
+        .upstream("password_file", "\"wrong-password\"")
         .tail(METRICS);
-    wrong.upstream.retain(|l| !l.starts_with("password_file"));
     let refused = redis.start_proxy(&wrong).await;
     let mut client = refused.raw().await;
     client.send(&[b"PING"]).await;
@@ -495,7 +487,7 @@ async fn readyz_is_503_until_the_gate_passes_then_200_then_503_for_good_while_dr
 /// Runs the binary at trace level through a workload with known secrets;
 /// returns its logs and its last scrape.
 async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) {
-    let config = with_client_password(redis.config(), "")
+    let config = with_client_password(redis, redis.config(), "")
         .tail("[metrics]\naddress = \"127.0.0.1:0\"\n")
         .tail(&format!("[logging]\nlog_key_names = {log_key_names}\n"));
     std::fs::write(redis.path("traced.toml"), config.render()).expect("write");
@@ -779,7 +771,7 @@ async fn unix_socket_peers_are_counted_by_user_id_apart_from_tcp_peers() {
     let redis = TestRedis::start().await;
     let socket = redis.path("redcloak.sock");
     let lockout = "max_failures = 2\nfailure_window = \"60s\"\nlockout_duration = \"60s\"\n";
-    let config = with_client_password(redis.config(), lockout)
+    let config = with_client_password(&redis, redis.config(), lockout)
         .listen(&format!("unix_socket = \"{}\"", socket.display()))
         .tail(METRICS);
     let proxy = redis.start_proxy(&config).await;

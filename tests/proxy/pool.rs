@@ -259,7 +259,8 @@ async fn a_parked_client_stays_logged_in_to_redcloak() {
         .config()
         .upstream("pool_idle", "1")
         .upstream("release_idle_after", "\"300ms\"")
-        .tail("[listen.auth]\npassword = \"app-password-0123456789\"\n[metrics]\naddress = \"127.0.0.1:0\"\n");
+        .tail(&redis.listen_auth("app-password-0123456789", ""))
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
     let proxy = redis.start_proxy(&config).await;
     until_ready(&proxy, 1, "the pool is warm").await;
     let mut client = proxy.raw().await;

@@ -92,6 +92,15 @@ impl TestRedis {
         self.dir.path().join(name)
     }
 
+    /// A `[listen.auth]` section: `password` in a file beside the config
+    /// (redcloak refuses secrets written in the config itself), then `extra`
+    /// lines of that section.
+    pub fn listen_auth(&self, password: &str, extra: &str) -> String {
+        dev::write_file(&self.path("client-password"), password.as_bytes(), 0o600)
+            .expect("client password file");
+        format!("[listen.auth]\npassword_file = \"client-password\"\n{extra}")
+    }
+
     /// A config for redcloak in front of this Redis, to adjust per test.
     pub fn config(&self) -> ProxyConfig {
         ProxyConfig {
