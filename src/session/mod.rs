@@ -63,6 +63,8 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 
 const READ_CHUNK: usize = 16 * 1024;
+/// Reply buffers larger than this are freed once empty, not kept.
+const KEPT_BUFFER: usize = 1024 * 1024;
 /// What a parked client's first read may bring.
 const PARKED_READ: usize = 512;
 const OK: Bytes = Bytes::from_static(b"+OK\r\n");
@@ -301,12 +303,11 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
         let idle = tokio::time::sleep(ctx.idle_timeout.unwrap_or_default());
         // When the request in progress (bytes read, not yet whole) began.
         let mut partial_since: Option<Instant> = None;
-        let mut watched_partial: Option<Instant> = None;
-        let unfinished = tokio::time::sleep(ctx.request_read_timeout);
+        let mut unfinished = watchdog(ctx.request_read_timeout);
         // Made once: each `cancelled()` locks the token, shared by every
         // session, and registers a waiter.
         let shutdown = shutdown.cancelled();
-        tokio::pin!(park, idle, unfinished, shutdown);
+        tokio::pin!(park, idle, shutdown);
         let mut held = ctx.buffers.account();
         loop {
             if read == 0 {
@@ -323,19 +324,15 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                 let parkable = ctx.release_idle_after.is_some() && *self.leaves == Leaves::Nothing;
                 // Like Redis's `timeout`: not for subscribers or blocked clients.
                 let idles_out = ctx.idle_timeout.is_some() && !self.subscribed;
-                if partial_since != watched_partial {
-                    watched_partial = partial_since;
-                    if let Some(since) = partial_since {
-                        unfinished
-                            .as_mut()
-                            .reset((since + ctx.request_read_timeout).into());
-                    }
-                }
                 read = tokio::select! {
                     biased;
                     _ = &mut shutdown => return Ok(RequestsEnd::Drain),
                     read = client.read_buf(input) => read.map_err(SessionError::Client)?,
-                    _ = &mut unfinished, if watched_partial.is_some() => {
+                    _ = unfinished.tick(), if partial_since.is_some() => {
+                        let started = partial_since.unwrap_or_else(Instant::now);
+                        if started + ctx.request_read_timeout > Instant::now() {
+                            continue;
+                        }
                         let reply = error_reply(&format!(
                             "ERR redcloak: protocol error: a request was not completed within \
                              limits.request_read_timeout ({:?})",
@@ -596,10 +593,8 @@ where
     let failed = upstream_failed.cancelled();
     let gone = client_gone.cancelled();
     let done = client_done.cancelled();
-    // Reset only when the oldest pending request changes: not once per read.
-    let overdue = tokio::time::sleep(ctx.request_timeout);
-    let mut watched: Option<Instant> = None;
-    tokio::pin!(failed, gone, done, overdue);
+    let mut overdue = watchdog(ctx.request_timeout);
+    tokio::pin!(failed, gone, done);
     loop {
         quiet.store(false, Ordering::Relaxed);
         if client_gone.is_cancelled() {
@@ -628,11 +623,12 @@ where
             let _ = client.shutdown().await;
             return Ok(upstream_end(&input, &replies, flushes));
         }
-        // A large reply went out: give its buffer back rather than keep it.
-        if input.is_empty() && input.capacity() > 4 * READ_CHUNK {
+        // A large reply went out: give its buffer back rather than keep it
+        // (pipelines of ordinary replies stay under this and reuse theirs).
+        if input.is_empty() && input.capacity() > KEPT_BUFFER {
             input = BytesMut::new();
         }
-        if output.capacity() > 4 * READ_CHUNK {
+        if output.capacity() > KEPT_BUFFER {
             output = BytesMut::new();
         }
         input.reserve(READ_CHUNK);
@@ -642,12 +638,6 @@ where
         // Once the client stopped sending, nothing may wait forever for it.
         let sending_done = requests_done || client_done.is_cancelled();
         let deadline = flushes.deadline(ctx.request_timeout, sending_done);
-        if deadline != watched {
-            watched = deadline;
-            if let Some(deadline) = deadline {
-                overdue.as_mut().reset(deadline.into());
-            }
-        }
         let lost = tokio::select! {
             entry = fifo.recv(), if replies.needs_entry() => {
                 match entry {
@@ -679,9 +669,14 @@ where
             _ = &mut gone => return Ok(upstream_end(&input, &replies, flushes)),
             // Only wakes the loop, to bound what is pending.
             _ = &mut done, if !sending_done => None,
-            _ = &mut overdue, if watched.is_some() => {
-                ctx.metrics.upstream_request_timeouts.increment(1);
-                Some(SessionError::UpstreamTimeout(ctx.request_timeout))
+            _ = overdue.tick(), if deadline.is_some() => {
+                match deadline {
+                    Some(due) if due <= Instant::now() => {
+                        ctx.metrics.upstream_request_timeouts.increment(1);
+                        Some(SessionError::UpstreamTimeout(ctx.request_timeout))
+                    }
+                    _ => None,
+                }
             }
         };
         if let Some(err) = lost {
@@ -790,6 +785,17 @@ async fn write_client<W: AsyncWrite + Unpin>(
         Ok(Err(err)) => Err(SessionError::Client(err)),
         Err(_) => Err(SessionError::ClientTooSlow),
     }
+}
+
+/// A coarse clock for a deadline of `timeout`: it ticks a few times per
+/// timeout (at most once a second) and the caller checks the deadline when
+/// it does. Nothing is re-armed per request or per read, and it only runs
+/// while its branch is enabled (something pending).
+fn watchdog(timeout: Duration) -> tokio::time::Interval {
+    let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    interval
 }
 
 fn error_reply(text: &str) -> Bytes {
