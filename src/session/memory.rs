@@ -71,11 +71,12 @@ impl Held<'_> {
                 .used
                 .fetch_add(bytes - before, Ordering::Relaxed);
         } else if bytes < before {
-            let used = self
+            let was = self
                 .budget
                 .used
                 .fetch_sub(before - bytes, Ordering::Relaxed);
-            if used - (before - bytes) <= self.budget.max {
+            // Only a fall back under the bound can wake anyone.
+            if was > self.budget.max && was - (before - bytes) <= self.budget.max {
                 self.budget.freed.notify_waiters();
             }
         }
