@@ -11,15 +11,17 @@
 //! Modules, in the order a request travels:
 //!
 //! * [`cli`], [`config`]: command line, and the validated configuration.
-//! * [`server`], [`shutdown`]: listeners, accept loop, connection limit, drain on SIGTERM;
-//!   [`open_files`]: the descriptors those connections need.
+//! * [`server`], [`shutdown`]: listeners, accept loop, admission (connection limits,
+//!   eviction of silent connections), drain on SIGTERM; [`open_files`]: the descriptors
+//!   those connections need.
 //! * [`tls`]: PEM loading and the rustls configs of both sides.
 //! * [`session`]: one client and its own upstream connection (given back while the client is
 //!   quiet on a clean connection); `pipeline` matches replies to requests, `open` opens the
 //!   sealed values in a reply.
 //! * [`resp`]: RESP parsing, framing and encoding (pure).
 //! * [`policy`]: what to do with each command; `policy::table` is the one table of commands,
-//!   `policy::rules` which keys are encrypted (pure).
+//!   `policy::rules` which keys are encrypted, `policy::script` proves which keys a Lua
+//!   script or library touches (pure).
 //! * [`crypto`]: the envelope (XAES-256-GCM, bound to key and field) and the keyring (pure).
 //! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
 //! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::pool` keeps warm

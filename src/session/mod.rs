@@ -17,10 +17,18 @@
 //! replies the reply half stops reading Redis, so memory per connection stays
 //! bounded whatever the client does. Writes go out once per batch of frames.
 //!
-//! Ends: the client closing ends everything at once; QUIT, a client protocol
+//! Ends: the client closing its sending side (EOF), QUIT, a client protocol
 //! error and shutdown stop the request half and let the reply half deliver
-//! what is pending; losing Redis answers every pending request with an error
-//! and closes the client.
+//! what is pending (a client that stopped sending waits for nothing longer
+//! than `upstream.request_timeout`); a client connection error ends
+//! everything at once; losing Redis, Redis not answering within
+//! `upstream.request_timeout`, or a reply that contradicts its request
+//! answers every pending request with an error and closes the client.
+//!
+//! Deadlines: a request must arrive whole within `limits.request_read_timeout`;
+//! an optional `listen.idle_timeout` closes quiet clients. Memory: both halves
+//! account their buffers in [`memory::BufferBudget`]; past
+//! `limits.max_buffered_bytes` they stop taking in more until it falls.
 //!
 //! Parking: a client that has only used commands that leave nothing on the
 //! upstream connection ([`Leaves::Nothing`]), and that has been quiet for
