@@ -66,9 +66,11 @@ pub async fn run(
     let telemetry = Telemetry::default();
     let admin = match tokio::net::TcpListener::bind(metrics).await {
         Ok(listener) => {
+            // The address it got (port 0 picks one).
+            let bound = listener.local_addr().unwrap_or(metrics);
             tokio::spawn(crate::admin::serve(listener, telemetry.clone()));
-            config_text.push_str(&format!("\n[metrics]\naddress = \"{metrics}\"\n"));
-            format!("http://{metrics}/metrics (and /healthz, /readyz)")
+            config_text.push_str(&format!("\n[metrics]\naddress = \"{bound}\"\n"));
+            format!("http://{bound}/metrics (and /healthz, /readyz)")
         }
         Err(err) => format!("none ({metrics}: {err}; pass --metrics IP:PORT)"),
     };
