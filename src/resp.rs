@@ -84,8 +84,6 @@ pub enum ProtocolError {
         limit: usize,
         setting: &'static str,
     },
-    #[error("a request must hold at least one argument")]
-    EmptyRequest,
     #[error("quotes in inline commands are not supported; send a RESP array")]
     QuotedInline,
     #[error("unknown reply type byte 0x{0:02x}")]

@@ -1,7 +1,9 @@
-//! Listeners, the accept loop, the connection limit, and one task per client:
-//! it takes an upstream connection from the pool, runs the session, gives
-//! the connection back, and, when the session parked the client, waits for
-//! its next request to start the next session. Everything that can be wrong
+//! Listeners, the accept loop, and one task per client: it gets a slot
+//! from [`admission`] (connection limits; the oldest silent connection
+//! gives way when all are taken), finishes the TLS handshake, waits for
+//! the client's first bytes, then takes an upstream connection from the
+//! pool, runs the session, gives the connection back, and, when the session
+//! parked the client, waits for its next request to start the next session. Everything that can be wrong
 //! in the configuration (certificates, keys, names) is checked in
 //! [`Server::bind`], before any listener opens.
 //!
