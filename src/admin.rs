@@ -6,18 +6,20 @@
 //!
 //! A deliberately small HTTP/1.1 server: one request per connection, GET and
 //! HEAD only, the request head bounded in size and time (1 s to arrive),
-//! a bounded number of connections at once and a few per peer address, so
-//! connections held open by one peer never keep probes from another (the
-//! kubelet, Prometheus) out. It serves nothing secret, and reads no request
+//! connections admitted as the Redis listeners admit theirs
+//! ([`crate::server::admission`]: a bound, a few per peer address, the
+//! oldest silent one evicted for a newcomer), so connections held open by one
+//! peer never keep probes from another (the kubelet, Prometheus) out. It serves nothing secret, and reads no request
 //! body.
 
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::server::admission::{Admission, Ticket};
+use crate::session::Peer;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 /// Longest request head read.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -52,56 +54,25 @@ impl Telemetry {
 
 /// Serves `listener` for as long as the process lives.
 pub async fn serve(listener: TcpListener, telemetry: Telemetry) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let peers = Arc::new(PeerCounts::default());
+    let admission = Admission::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
     loop {
         let Ok((stream, address)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Some(peer) = peers.clone().enter(address.ip()) else {
-            continue;
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let telemetry = telemetry.clone();
+        let (admission, telemetry) = (admission.clone(), telemetry.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &telemetry)).await;
-            drop((slot, peer));
-        });
-    }
-}
-
-/// Admin connections open per peer address.
-#[derive(Default)]
-struct PeerCounts(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-/// One admin connection counted against its peer while it lives.
-struct PeerSlot(Arc<PeerCounts>, std::net::IpAddr);
-
-impl PeerCounts {
-    fn enter(self: Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
-        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let count = counts.entry(ip).or_default();
-        if *count >= MAX_CONNECTIONS_PER_PEER {
-            return None;
-        }
-        *count += 1;
-        drop(counts);
-        Some(PeerSlot(self, ip))
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut counts = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = counts.get_mut(&self.1) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.1);
+            let Ok(mut ticket) = admission.admit(&Peer::Tcp(address)).await else {
+                return;
+            };
+            let evicted = ticket.evicted().clone();
+            let answered =
+                tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &telemetry, &mut ticket));
+            tokio::select! {
+                _ = answered => {}
+                _ = evicted.cancelled() => {}
             }
-        }
+        });
     }
 }
 
@@ -165,12 +136,18 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(u16, String), ProbeE
     Ok((status, body.to_owned()))
 }
 
-async fn answer(mut stream: TcpStream, telemetry: &Telemetry) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    telemetry: &Telemetry,
+    ticket: &mut Ticket,
+) -> std::io::Result<()> {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) | Err(_) => return Ok(()),
         Ok(Err(err)) => return Err(err),
     };
+    // It asked: no longer a silent connection a newcomer may take the slot of.
+    ticket.spoke();
     let Head::Complete(head) = head else {
         return respond(
             &mut stream,

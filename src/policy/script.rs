@@ -111,15 +111,15 @@ const HARMLESS_MEMBERS: &[&str] = &[
 /// Analyzes a script or library body.
 pub fn analyze(body: &[u8], source: Source) -> Result<Approved, Unproven> {
     if body.len() > MAX_SOURCE_BYTES {
-        return Err(unproven(format!(
+        return Err(Unproven(format!(
             "it is larger than {} KiB",
             MAX_SOURCE_BYTES / 1024
         )));
     }
-    let text = std::str::from_utf8(body).map_err(|_| unproven("it is not UTF-8 text".into()))?;
+    let text = std::str::from_utf8(body).map_err(|_| Unproven("it is not UTF-8 text".into()))?;
     let code = without_shebang(text);
     if nesting(code) > MAX_NESTING {
-        return Err(unproven(format!(
+        return Err(Unproven(format!(
             "it nests brackets or blocks deeper than {MAX_NESTING}"
         )));
     }
@@ -129,23 +129,19 @@ pub fn analyze(body: &[u8], source: Source) -> Result<Approved, Unproven> {
         .name("redcloak-lua".into())
         .stack_size(ANALYSIS_STACK)
         .spawn(move || parse_and_walk(&code, source))
-        .map_err(|_| unproven("no thread could be started to analyze it".into()))?
+        .map_err(|_| Unproven("no thread could be started to analyze it".into()))?
         .join()
-        .map_err(|_| unproven("its analysis failed".into()))?
+        .map_err(|_| Unproven("its analysis failed".into()))?
 }
 
 fn parse_and_walk(code: &str, source: Source) -> Result<Approved, Unproven> {
     let ast = full_moon::parse(code).map_err(|errors| {
         let first = errors.first().map(|e| e.to_string()).unwrap_or_default();
-        unproven(format!("it does not parse as Lua 5.1 ({first})"))
+        Unproven(format!("it does not parse as Lua 5.1 ({first})"))
     })?;
     let mut walk = Walk::new(source);
     walk.visit_ast(&ast);
     walk.verdict()
-}
-
-fn unproven(why: String) -> Unproven {
-    Unproven(why)
 }
 
 /// Redis strips a first line starting with `#!` (flags, library name).
@@ -257,17 +253,17 @@ impl Walk {
 
     fn verdict(self) -> Result<Approved, Unproven> {
         if let Some(why) = self.refusal {
-            return Err(unproven(why));
+            return Err(Unproven(why));
         }
         for (name, at) in &self.identifiers {
             if ESCAPES.contains(&name.as_str()) {
-                return Err(unproven(format!(
+                return Err(Unproven(format!(
                     "it uses '{name}', which can reach commands or keys around the checks"
                 )));
             }
             let guarded = self.guarded.contains(name);
             if guarded && (!self.sanctioned.contains(at) || self.assigned.contains(at)) {
-                return Err(unproven(match name.as_str() {
+                return Err(Unproven(match name.as_str() {
                     "redis" => "it uses 'redis' other than as redis.call(...), redis.pcall(...) \
                                 or a helper such as redis.log"
                         .to_owned(),
@@ -279,7 +275,7 @@ impl Walk {
             }
         }
         if self.source == Source::Library && self.functions.is_empty() {
-            return Err(unproven(
+            return Err(Unproven(
                 "it registers no function with redis.register_function".into(),
             ));
         }
@@ -346,7 +342,6 @@ impl Walk {
                 }
                 (name, callback)
             }
-            FunctionArgs::String(_) => (None, None),
             _ => (None, None),
         };
         let (Some(name), Some(body)) = (name, callback) else {

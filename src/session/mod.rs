@@ -352,23 +352,16 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                     }
                     _ = &mut idle, if idles_out => {
                         let timeout = ctx.idle_timeout.unwrap_or_default();
-                        let quiet_since = last_read + timeout;
-                        if quiet_since <= Instant::now() && self.nothing_pending(input) {
+                        if self.quiet_for(idle.as_mut(), timeout, last_read, input) {
                             return Ok(RequestsEnd::Drain);
                         }
-                        let now = Instant::now();
-                        idle.as_mut().reset(quiet_since.max(now + timeout.min(Duration::from_secs(1))).into());
                         continue;
                     }
                     _ = &mut park, if parkable => {
-                        // The timer is only moved when it fires: not once per read.
-                        let quiet_since = last_read + ctx.release_idle_after.unwrap_or_default();
-                        if quiet_since <= Instant::now() && self.nothing_pending(input) {
+                        let after = ctx.release_idle_after.unwrap_or_default();
+                        if self.quiet_for(park.as_mut(), after, last_read, input) {
                             return Ok(RequestsEnd::Park);
                         }
-                        let now = Instant::now();
-                        let next = if quiet_since > now { quiet_since } else { now + ctx.release_idle_after.unwrap_or_default() };
-                        park.as_mut().reset(next.into());
                         continue;
                     }
                 };
@@ -429,6 +422,30 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
             };
             self.flush().await?;
         }
+    }
+
+    /// When `timer` fired: whether the client has been quiet for `after`
+    /// since `last_read` with nothing pending; if not, the timer is moved to
+    /// the next moment that could be true. (Timers move only when they fire,
+    /// not once per read.)
+    fn quiet_for(
+        &self,
+        timer: std::pin::Pin<&mut tokio::time::Sleep>,
+        after: Duration,
+        last_read: Instant,
+        input: &BytesMut,
+    ) -> bool {
+        let (quiet_since, now) = (last_read + after, Instant::now());
+        if quiet_since <= now && self.nothing_pending(input) {
+            return true;
+        }
+        let next = if quiet_since > now {
+            quiet_since
+        } else {
+            now + after
+        };
+        timer.reset(next.into());
+        false
     }
 
     /// Every request read has been answered and written to the client.

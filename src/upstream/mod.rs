@@ -34,6 +34,18 @@ pub struct Login {
     pub password: Secret,
 }
 
+/// Writes and flushes `out`, which holds redcloak's AUTH, and wipes it
+/// before it is freed (written or not).
+pub(crate) async fn write_wiped<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    mut out: BytesMut,
+) -> io::Result<()> {
+    let written = stream.write_all(&out).await;
+    zeroize::Zeroize::zeroize(&mut out[..]);
+    written?;
+    stream.flush().await
+}
+
 impl Login {
     /// Appends `AUTH [username] password` to `out`.
     pub fn encode_auth(&self, out: &mut BytesMut) {
@@ -334,11 +346,7 @@ impl Upstream {
         };
         let mut out = BytesMut::new();
         self.login.encode_auth(&mut out);
-        let written = tls.write_all(&out).await;
-        // The buffer held the password: wipe it before it is freed.
-        zeroize::Zeroize::zeroize(&mut out[..]);
-        written.map_err(login_error)?;
-        tls.flush().await.map_err(login_error)?;
+        write_wiped(tls, out).await.map_err(login_error)?;
         // A login reply is a short line: bound it tightly.
         let limits = Limits {
             max_bulk_bytes: 4096,

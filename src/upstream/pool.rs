@@ -135,16 +135,9 @@ impl Pool {
     /// Whether a connection that sat idle still answers PING in time: a
     /// hung Redis or a dead path is found here, not by the client's request.
     async fn answers(&self, stream: &mut UpstreamStream) -> bool {
-        let ping = async {
-            stream.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
-            stream.flush().await?;
-            let reply = ReplyReader::default()
-                .next(stream, &Limits::default())
-                .await?;
-            Ok::<bool, std::io::Error>(&reply[..] == b"+PONG\r\n")
-        };
         let timeout = self.upstream.settings().connect_timeout;
-        matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(true)))
+        let reply = super::call(stream, &[b"PING"], timeout).await;
+        matches!(reply, Ok(reply) if &reply[..] == b"+PONG\r\n")
     }
 
     /// Undoes what a client left on the connection.
@@ -168,11 +161,7 @@ impl Pool {
         let mut out = BytesMut::with_capacity(128);
         crate::resp::encode_command(&mut out, &[b"RESET"]);
         self.upstream.login().encode_auth(&mut out);
-        let written = stream.write_all(&out).await;
-        // The buffer held redcloak's password: wipe it before it is freed.
-        zeroize::Zeroize::zeroize(&mut out[..]);
-        written?;
-        stream.flush().await?;
+        super::write_wiped(stream, out).await?;
         const REFUSED: &str = "RESET or AUTH refused";
         let mut replies = ReplyReader::default();
         let mut skipped = 0;
