@@ -29,10 +29,7 @@ fn keyring() -> Keyring {
 
 fn seal_and_open(c: &mut Criterion) {
     let ring = keyring();
-    let binding = Binding {
-        key: Some(b"sessions:3f2a9c"),
-        field: None,
-    };
+    let binding = Binding::string(b"sessions:3f2a9c");
     let mut group = c.benchmark_group("envelope");
     for (name, size) in SIZES {
         let value = vec![0x5Au8; size];
@@ -101,13 +98,9 @@ fn gets(policy: &Policy, count: usize, size: usize) -> (Vec<ReplyPlan>, Vec<u8>)
     for i in 0..count {
         let key = format!("sessions:{i}");
         resp::encode_command(&mut requests, &[b"GET", key.as_bytes()]);
-        let sealed = policy.keyring().seal(
-            &vec![0x5A; size],
-            Binding {
-                key: Some(key.as_bytes()),
-                field: None,
-            },
-        );
+        let sealed = policy
+            .keyring()
+            .seal(&vec![0x5A; size], Binding::string(key.as_bytes()));
         resp::encode_bulk(&mut stored, &sealed);
     }
     let plans = forward_all(policy, requests, &mut BytesMut::new());
@@ -122,7 +115,11 @@ fn open_get_replies(c: &mut Criterion) {
             let (plans, stored) = gets(&policy, count, size);
             group.throughput(Throughput::Bytes((count * size) as u64));
             group.bench_function(BenchmarkId::new(label, name), |b| {
-                let mut replies = Replies::new(policy.keyring().clone(), Limits::default());
+                let mut replies = Replies::new(
+                    policy.keyring().clone(),
+                    policy.rules().clone(),
+                    Limits::default(),
+                );
                 let mut out = BytesMut::with_capacity(count * (size + 64));
                 b.iter(|| {
                     out.clear();

@@ -12,7 +12,7 @@
 use crate::auth::lockout::LockoutPolicy;
 use crate::crypto::keyring::{self, Keyring, LegacyPlaintext};
 use crate::policy::UnknownCommands;
-use crate::policy::rules::{Mode, Rule};
+use crate::policy::rules::{Bind, Mode, Rule};
 use crate::resp::Limits;
 use crate::secret::{RawSecret, Secret};
 use figment::Figment;
@@ -139,9 +139,20 @@ struct RawKey {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
+    name: Option<String>,
     pattern: String,
     mode: RawMode,
+    bind: Option<RawBind>,
+    /// The older spelling: `true` is `bind = "key"`, `false` is `bind = "none"`.
     bind_key: Option<bool>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawBind {
+    Key,
+    Rule,
+    None,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -697,25 +708,7 @@ fn validate_encryption(
     let rules = raw
         .rules
         .into_iter()
-        .map(|rule| match (rule.mode, rule.bind_key) {
-            (RawMode::Plaintext, Some(_)) => Err(invalid(
-                "encryption.rules",
-                format!(
-                    "rule '{}': bind_key applies to encrypt rules only",
-                    rule.pattern
-                ),
-            )),
-            (RawMode::Plaintext, None) => Ok(Rule {
-                pattern: rule.pattern,
-                mode: Mode::Plaintext,
-            }),
-            (RawMode::Encrypt, bind_key) => Ok(Rule {
-                pattern: rule.pattern,
-                mode: Mode::Encrypt {
-                    bind_key: bind_key.unwrap_or(true),
-                },
-            }),
-        })
+        .map(rule)
         .collect::<Result<Vec<_>, _>>()?;
     let unknown_commands = match raw.unknown_commands {
         RawUnknown::Refuse => UnknownCommands::Refuse,
@@ -874,6 +867,42 @@ fn parse_duration(
 }
 
 // figment::Jail closures return figment::Error, which is large.
+/// One `[[encryption.rules]]` entry, checked.
+fn rule(raw: RawRule) -> Result<Rule, ConfigError> {
+    let bind = match (raw.bind, raw.bind_key) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "encryption.rules",
+                format!(
+                    "rule '{}': give bind or bind_key, not both (bind_key is the older spelling)",
+                    raw.pattern
+                ),
+            ));
+        }
+        (Some(RawBind::Key), None) | (None, Some(true)) => Some(Bind::Key),
+        (Some(RawBind::Rule), None) => Some(Bind::Rule),
+        (Some(RawBind::None), None) | (None, Some(false)) => Some(Bind::None),
+        (None, None) => None,
+    };
+    let mode = match (raw.mode, bind) {
+        (RawMode::Plaintext, Some(_)) => {
+            return Err(invalid(
+                "encryption.rules",
+                format!("rule '{}': bind applies to encrypt rules only", raw.pattern),
+            ));
+        }
+        (RawMode::Plaintext, None) => Mode::Plaintext,
+        (RawMode::Encrypt, bind) => Mode::Encrypt {
+            bind: bind.unwrap_or(Bind::Key),
+        },
+    };
+    Ok(Rule {
+        name: raw.name.unwrap_or_else(|| raw.pattern.clone()),
+        pattern: raw.pattern,
+        mode,
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err)]
 mod tests {
@@ -1071,8 +1100,25 @@ mod tests {
             assert_eq!(config.encryption.rules[0].mode, Mode::Plaintext);
             assert_eq!(
                 config.encryption.rules[1].mode,
-                Mode::Encrypt { bind_key: false }
+                Mode::Encrypt { bind: Bind::None }
             );
+            assert_eq!(config.encryption.rules[1].name, "s:*");
+            let by_rule = format!(
+                "{MINIMAL}\n[[encryption.rules]]\nname = \"queues\"\npattern = \"q:*\"\nmode = \"encrypt\"\nbind = \"rule\"\n"
+            );
+            let config = load_in_jail(jail, &by_rule).expect("a rule-bound rule");
+            assert_eq!(
+                config.encryption.rules[0].mode,
+                Mode::Encrypt { bind: Bind::Rule }
+            );
+            assert_eq!(config.encryption.rules[0].name, "queues");
+            let both = by_rule.replace("bind = \"rule\"", "bind = \"rule\"\nbind_key = true");
+            assert!(error_text(load_in_jail(jail, &both)).contains("not both"));
+            let plain_bound = rules.replace(
+                "mode = \"plaintext\"",
+                "mode = \"plaintext\"\nbind = \"key\"",
+            );
+            assert!(error_text(load_in_jail(jail, &plain_bound)).contains("encrypt rules only"));
             let bad_mode = rules.replace("mode = \"plaintext\"", "mode = \"clear\"");
             assert!(error_text(load_in_jail(jail, &bad_mode)).contains("clear"));
             Ok(())

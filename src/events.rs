@@ -69,6 +69,25 @@ pub fn decrypt_failure(
     );
 }
 
+/// A pub/sub message whose payload failed to open: dropped, not delivered.
+/// `channel`: only when the operator asked for key names in logs.
+pub fn message_dropped(
+    peer: &dyn Display,
+    key_id: Option<u32>,
+    reason: OpenFailure,
+    channel: Option<&str>,
+) {
+    warn!(
+        target: TARGET,
+        event = "message_dropped",
+        peer = %peer,
+        key_id,
+        reason = reason.label(),
+        channel,
+        "a pub/sub message failed to decrypt and was dropped"
+    );
+}
+
 pub fn upstream_rejected(upstream: &str, error: &UpstreamError) {
     let step = match error.failed_step() {
         UpstreamFailure::Connect => "connect",

@@ -649,10 +649,7 @@ mod tests {
             crate::crypto::LegacyPlaintext::Pass,
         )
         .expect("ring");
-        let binding = crate::crypto::Binding {
-            key: Some(b"k"),
-            field: None,
-        };
+        let binding = crate::crypto::Binding::string(b"k");
         let sealed = ring.seal(b"v", binding);
         ring.open(&sealed, binding).expect("opens");
         ring.open(b"plain", binding).expect("legacy passes");

@@ -19,14 +19,18 @@
 //!
 //! ```text
 //! magic | version | key id (the 8 header bytes)
-//! u8 kind: 1 = string value, 2 = hash field value
-//! u8 key bound: 0 or 1; if 1: u32 BE length | key name
-//! if kind 2: u32 BE length | field name
+//! u8 kind: 1 string value, 2 hash field value, 3 list element,
+//!          4 stream field value, 5 pub/sub message
+//! u8 scope: 0 unbound | 1, u32 BE length, key (or channel) name
+//!                     | 2, u32 BE length, rule name
+//! if kinds 2 and 4: u32 BE length | field name
 //! ```
 //!
-//! Whether the key name is bound comes from the configured rule
-//! (`bind_key`), never from the stored bytes, so a stored value cannot
-//! downgrade its own binding.
+//! The scope comes from the configured rule (`bind = "key"`, `"rule"` or
+//! `"none"`), never from the stored bytes, so a stored value cannot
+//! downgrade its own binding. The kind comes from the command that reads
+//! the value, so a list element cannot be read back as a hash field value
+//! or a string, whatever the scope.
 //!
 //! Why XAES-256-GCM: random 96-bit GCM nonces under one key are limited to
 //! 2^32 messages (NIST SP 800-38D), which a fleet of proxies sharing a key
@@ -47,16 +51,54 @@ pub const TAG_LEN: usize = 16;
 /// Bytes an envelope adds to a value.
 pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
 
-const KIND_STRING: u8 = 1;
-const KIND_HASH_FIELD: u8 = 2;
+/// What a sealed value is. Bound in the associated data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    String = 1,
+    HashField = 2,
+    ListElement = 3,
+    StreamValue = 4,
+    Message = 5,
+}
+
+/// Which name a value is bound to, as its rule says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// `bind = "none"`: any key of any unbound rule.
+    Unbound,
+    /// `bind = "key"`: this key (or pub/sub channel) only.
+    Key(&'a [u8]),
+    /// `bind = "rule"`: any key of the rule with this name.
+    Rule(&'a [u8]),
+}
 
 /// Where a value lives, as far as its associated data binds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Binding<'a> {
-    /// The key name, when the rule binds it.
-    pub key: Option<&'a [u8]>,
-    /// The hash field, for hash values.
+    pub kind: Kind,
+    pub scope: Scope<'a>,
+    /// The hash field or stream field, for those kinds.
     pub field: Option<&'a [u8]>,
+}
+
+impl<'a> Binding<'a> {
+    /// A string value bound to its key name.
+    pub const fn string(key: &'a [u8]) -> Self {
+        Binding {
+            kind: Kind::String,
+            scope: Scope::Key(key),
+            field: None,
+        }
+    }
+
+    /// A hash field's value bound to its key name and field.
+    pub const fn hash_field(key: &'a [u8], field: &'a [u8]) -> Self {
+        Binding {
+            kind: Kind::HashField,
+            scope: Scope::Key(key),
+            field: Some(field),
+        }
+    }
 }
 
 /// Why a stored value could not be opened. Never carries value bytes.
@@ -187,21 +229,24 @@ fn header(id: u32) -> [u8; HEADER_LEN] {
 }
 
 fn associated_data(header: &[u8], binding: Binding<'_>) -> Vec<u8> {
-    let key_len = binding.key.map_or(0, |k| k.len() + 4);
+    let name_len = match binding.scope {
+        Scope::Unbound => 0,
+        Scope::Key(name) | Scope::Rule(name) => name.len() + 4,
+    };
     let field_len = binding.field.map_or(0, |f| f.len() + 4);
-    let mut aad = Vec::with_capacity(HEADER_LEN + 2 + key_len + field_len);
+    let mut aad = Vec::with_capacity(HEADER_LEN + 2 + name_len + field_len);
     aad.extend_from_slice(header);
-    aad.push(if binding.field.is_some() {
-        KIND_HASH_FIELD
-    } else {
-        KIND_STRING
-    });
-    match binding.key {
-        Some(key) => {
+    aad.push(binding.kind as u8);
+    match binding.scope {
+        Scope::Unbound => aad.push(0),
+        Scope::Key(key) => {
             aad.push(1);
             push_prefixed(&mut aad, key);
         }
-        None => aad.push(0),
+        Scope::Rule(rule) => {
+            aad.push(2);
+            push_prefixed(&mut aad, rule);
+        }
     }
     if let Some(field) = binding.field {
         push_prefixed(&mut aad, field);
@@ -268,9 +313,10 @@ mod tests {
         DataKey::new(id, &[byte; 32])
     }
 
-    fn bound<'a>(key: &'a [u8]) -> Binding<'a> {
+    fn bound(key: &[u8]) -> Binding<'_> {
         Binding {
-            key: Some(key),
+            kind: Kind::String,
+            scope: Scope::Key(key),
             field: None,
         }
     }
@@ -336,23 +382,27 @@ mod tests {
             open_with(&keys, &sealed, bound(b"a")),
             Ok(b"secret".to_vec())
         );
-        assert_eq!(
-            open_with(&keys, &sealed, bound(b"b")),
-            Err(OpenError::AuthenticationFailed)
-        );
-        assert_eq!(
-            open_with(
-                &keys,
-                &sealed,
-                Binding {
-                    key: None,
-                    field: None
-                }
-            ),
-            Err(OpenError::AuthenticationFailed)
-        );
+        let elsewhere = |scope, kind| Binding {
+            kind,
+            scope,
+            field: None,
+        };
+        for (scope, kind) in [
+            (Scope::Key(b"b"), Kind::String),
+            (Scope::Unbound, Kind::String),
+            (Scope::Rule(b"a"), Kind::String),
+            (Scope::Key(b"a"), Kind::ListElement),
+            (Scope::Key(b"a"), Kind::Message),
+        ] {
+            assert_eq!(
+                open_with(&keys, &sealed, elsewhere(scope, kind)),
+                Err(OpenError::AuthenticationFailed),
+                "{scope:?} {kind:?}"
+            );
+        }
         let field = |f: &'static [u8]| Binding {
-            key: Some(b"h"),
+            kind: Kind::HashField,
+            scope: Scope::Key(b"h"),
             field: Some(f),
         };
         let in_hash = keys[0].seal(b"v", field(b"f1"));
@@ -361,25 +411,47 @@ mod tests {
             open_with(&keys, &in_hash, field(b"f2")),
             Err(OpenError::AuthenticationFailed)
         );
-        // A string value cannot pose as a hash field value, even unbound.
-        let unbound = keys[0].seal(
-            b"v",
-            Binding {
-                key: None,
-                field: None,
-            },
-        );
+        // A hash value cannot pose as a stream value of the same field.
+        let stream = Binding {
+            kind: Kind::StreamValue,
+            ..field(b"f1")
+        };
         assert_eq!(
-            open_with(
-                &keys,
-                &unbound,
-                Binding {
-                    key: None,
-                    field: Some(b"")
-                }
-            ),
+            open_with(&keys, &in_hash, stream),
             Err(OpenError::AuthenticationFailed)
         );
+        // Rule-bound: any key of the rule, no other rule.
+        let rule = |name: &'static [u8]| Binding {
+            kind: Kind::ListElement,
+            scope: Scope::Rule(name),
+            field: None,
+        };
+        let element = keys[0].seal(b"job", rule(b"queues"));
+        assert_eq!(
+            open_with(&keys, &element, rule(b"queues")),
+            Ok(b"job".to_vec())
+        );
+        assert_eq!(
+            open_with(&keys, &element, rule(b"other")),
+            Err(OpenError::AuthenticationFailed)
+        );
+    }
+
+    /// Envelopes written before kinds and rule scopes existed (strings and
+    /// hash values, key-bound or unbound) still open: the associated data
+    /// of kinds 1 and 2 is what it was.
+    #[test]
+    fn the_associated_data_of_strings_and_hash_values_is_unchanged() {
+        let header = header(1);
+        let aad = associated_data(&header, bound(b"k"));
+        assert_eq!(&aad[8..], &[1, 1, 0, 0, 0, 1, b'k']);
+        let unbound_field = Binding {
+            kind: Kind::HashField,
+            scope: Scope::Unbound,
+            field: Some(b"f"),
+        };
+        let aad = associated_data(&header, unbound_field);
+        assert_eq!(&aad[8..], &[2, 0, 0, 0, 0, 1, b'f']);
     }
 
     #[test]

@@ -184,10 +184,7 @@ mod tests {
         Zeroizing::new([byte; 32])
     }
 
-    const NAME: Binding<'static> = Binding {
-        key: Some(b"k"),
-        field: None,
-    };
+    const NAME: Binding<'static> = Binding::string(b"k");
 
     #[test]
     fn rotation_keeps_old_values_readable_and_seals_with_the_new_primary() {

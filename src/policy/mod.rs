@@ -1,34 +1,50 @@
 //! Decides what the proxy does with each client request.
 //!
-//! `Policy::classify` is pure: it reads a parsed [`Request`] and the
-//! request-side [`RequestState`] (client login, MULTI) and returns an
-//! [`Action`]: forward it, forward a rewritten form (values sealed, HELLO's
-//! AUTH stripped), answer it here, or refuse it. The [`ReplyPlan`] it returns
-//! travels through the session's FIFO and tells the reply side how to treat
-//! the reply, including which values to open and where they live.
+//! `Policy::classify` is pure and deterministic: it reads a parsed
+//! [`Request`] and the request-side [`RequestState`] (client login, MULTI)
+//! and returns an [`Action`]: forward it, seal the values at the positions
+//! it names and forward that ([`Action::Seal`]; `session::seal` encrypts,
+//! never this module), forward a rewritten form (HELLO's AUTH stripped),
+//! answer it here, or refuse it. Every per-command fact comes from
+//! `table`. The [`ReplyPlan`] it returns travels through the session's FIFO
+//! and tells the reply side how to treat the reply, including which values
+//! to open and where they live.
 //!
 //! It must never forward AUTH, or HELLO's AUTH arguments, upstream; never
-//! forward a value of an encrypted key unsealed; and never forward a command
-//! the table does not know unless `unknown_commands = "pass"`.
+//! forward a value of an encrypted key without naming it for sealing; and
+//! never forward a command the table does not know unless
+//! `unknown_commands = "pass"`.
 
 pub mod rules;
 pub mod script;
 pub mod table;
 
 use crate::auth::{AuthOutcome, ClientAuth};
-use crate::crypto::{Binding, Keyring};
+use crate::crypto::Keyring;
+use crate::crypto::envelope::{Binding, Kind, Scope};
 use crate::resp::Request;
 use bytes::Bytes;
-use rules::{Decision, Mode, Rules};
+use rules::{Bind, Decision, Mode, Rules};
 use std::sync::Arc;
-use table::{Class, Handling, PubSubKind, Row, Scripting, Subcommand, ValueCommand};
+use table::{Class, Handling, Opens, PubSubKind, Row, Scripting, Sealed, Subcommand, Values};
+
+/// Which name a value's envelope is bound to, as its key's rule says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SiteScope {
+    Key,
+    /// The rule's name.
+    Rule(Bytes),
+    Unbound,
+}
 
 /// Where one stored value lives, as its envelope's associated data binds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValueSite {
-    /// The key name (a copy, so a pending plan does not pin the read buffer).
+    pub kind: Kind,
+    /// The key (or channel) name; a copy, so a pending plan does not pin the
+    /// read buffer. Named in errors even when the scope does not bind it.
     pub key: Bytes,
-    pub bind_key: bool,
+    pub scope: SiteScope,
     /// The hash field, for hash values.
     pub field: Option<Bytes>,
 }
@@ -36,17 +52,35 @@ pub struct ValueSite {
 impl ValueSite {
     pub fn binding(&self) -> Binding<'_> {
         Binding {
-            key: self.bind_key.then_some(&self.key[..]),
+            kind: self.kind,
+            scope: match &self.scope {
+                SiteScope::Key => Scope::Key(&self.key),
+                SiteScope::Rule(name) => Scope::Rule(name),
+                SiteScope::Unbound => Scope::Unbound,
+            },
             field: self.field.as_deref(),
         }
     }
 }
 
+/// One argument to seal before the request goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealAt {
+    /// Its index in the request's arguments.
+    pub index: usize,
+    pub site: ValueSite,
+}
+
+/// A key a reply may name, and the site of its values (`None`: plaintext).
+pub type KeySite = (Bytes, Option<ValueSite>);
+
 /// Which values of a reply to open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenPlan {
-    /// One bulk value (GET, GETDEL, GETEX, GETSET, SET ... GET, HGET).
+    /// One bulk value (GET, GETDEL, GETEX, GETSET, SET ... GET, HGET, LINDEX).
     One(ValueSite),
+    /// One value or an array or set of values, all of one key (LPOP, LRANGE).
+    Values(ValueSite),
     /// An array, one site per element; `None`: a plaintext key (MGET, HMGET).
     Each(Vec<Option<ValueSite>>),
     /// A hash's field/value pairs: flat array, RESP3 map, or array of pairs
@@ -56,6 +90,10 @@ pub enum OpenPlan {
     HashValues(ValueSite),
     /// HSCAN: `[cursor, [field, value, ...]]`.
     HashScan(ValueSite),
+    /// BLPOP, BRPOP: `[key, value]`, the key one of these.
+    KeyAndValue(Vec<KeySite>),
+    /// LMPOP, BLMPOP: `[key, [value, ...]]`, the key one of these.
+    KeyAndValues(Vec<KeySite>),
 }
 
 /// What the reply side does with the reply to one forwarded request.
@@ -97,6 +135,8 @@ pub enum ReplyPlan {
 pub enum Action {
     /// Send the request upstream as parsed.
     Forward(ReplyPlan),
+    /// Seal the arguments named, then send the request.
+    Seal(Vec<SealAt>, ReplyPlan),
     /// Send these arguments instead.
     Rewrite(Vec<Bytes>, ReplyPlan),
     /// Send RESET, then log the upstream connection in again.
@@ -122,7 +162,7 @@ impl Action {
     pub fn forwards(&self) -> bool {
         matches!(
             self,
-            Action::Forward(_) | Action::Rewrite(..) | Action::Reset
+            Action::Forward(_) | Action::Seal(..) | Action::Rewrite(..) | Action::Reset
         )
     }
 }
@@ -202,7 +242,7 @@ pub fn shown(name: &[u8]) -> String {
 
 pub struct Policy {
     client_auth: ClientAuth,
-    rules: Rules,
+    rules: Arc<Rules>,
     keyring: Arc<Keyring>,
     unknown_commands: UnknownCommands,
     /// Scripts and libraries proved so far, by every connection.
@@ -218,7 +258,7 @@ impl Policy {
     ) -> Self {
         Policy {
             client_auth,
-            rules,
+            rules: Arc::new(rules),
             keyring,
             unknown_commands,
             scripts: script::Book::default(),
@@ -227,6 +267,10 @@ impl Policy {
 
     pub fn keyring(&self) -> &Arc<Keyring> {
         &self.keyring
+    }
+
+    pub fn rules(&self) -> &Arc<Rules> {
+        &self.rules
     }
 
     /// The state a new connection starts in.
@@ -270,6 +314,9 @@ impl Policy {
             (None, false) => self.data(row, request),
             (None, true) => match self.data(row, request) {
                 Action::Forward(plan) => Action::Forward(ReplyPlan::Queued(Box::new(plan))),
+                Action::Seal(values, plan) => {
+                    Action::Seal(values, ReplyPlan::Queued(Box::new(plan)))
+                }
                 Action::Rewrite(args, plan) => {
                     Action::Rewrite(args, ReplyPlan::Queued(Box::new(plan)))
                 }
@@ -370,10 +417,15 @@ impl Policy {
         };
         // The upper-case name only goes into refusals: not built on the hot path.
         let name = || row.name.to_ascii_uppercase();
+        if row.moves_values
+            && let Some(refusal) = self.moves_values(&name(), row, args)
+        {
+            return refusal;
+        }
         match row.class {
             Class::Connection(_) | Class::Forward => Action::Forward(ReplyPlan::Passthrough),
             Class::Refuse(reason) => refuse("not_proxied", reason),
-            Class::Value(command) => self.value(command, args),
+            Class::Sealed(sealed) => self.sealed(row, sealed, args),
             Class::ServerReadsValue => self.only_plaintext(row, args, |key, decision| {
                 let name = name();
                 format!(
@@ -382,11 +434,20 @@ impl Policy {
                     decision.describe()
                 )
             }),
+            Class::ComparesValues => self.only_plaintext(row, args, |key, decision| {
+                let name = name();
+                format!(
+                    "{name} on '{key}' is refused: Redis would compare list elements, and '{key}' is encrypted ({}) \
+                     with a random nonce per element, so no two elements compare equal. \
+                     Give such keys a plaintext rule to use {name}",
+                    decision.describe()
+                )
+            }),
             Class::Collection => self.only_plaintext(row, args, |key, decision| {
                 let name = name();
                 format!(
-                    "{name} on '{key}' is refused: lists, sets, sorted sets, streams, geo, HyperLogLog and \
-                     channels are not encrypted yet, and '{key}' is encrypted ({}). \
+                    "{name} on '{key}' is refused: sets, sorted sets, streams, geo and HyperLogLog \
+                     are not encrypted yet, and '{key}' is encrypted ({}). \
                      Give such keys a plaintext rule to use them",
                     decision.describe()
                 )
@@ -404,7 +465,6 @@ impl Policy {
                     format!("{name} on '{key}' is refused: '{key}' is encrypted ({})", decision.describe())
                 })
             }
-            Class::MovesValue => self.moves_value(&name(), row, args),
         }
     }
 
@@ -508,156 +568,148 @@ impl Policy {
         Action::Forward(ReplyPlan::Passthrough)
     }
 
-    /// RENAME, RENAMENX, COPY: the value must still open under its new name.
-    fn moves_value(&self, name: &str, row: &Row, args: &[Bytes]) -> Action {
+    /// LMOVE, RENAME, COPY and the like: values must still open under the
+    /// key they move to. `None`: they do.
+    fn moves_values(&self, name: &str, row: &Row, args: &[Bytes]) -> Option<Action> {
         let positions = row.keys.positions(args);
-        let (Some(&from), Some(&to)) = (positions.first(), positions.get(1)) else {
-            return Action::Forward(ReplyPlan::Passthrough);
-        };
-        let (source, target) = (self.rules.decide(&args[from]), self.rules.decide(&args[to]));
-        let still_opens = matches!(
-            (source.mode, target.mode),
-            (Mode::Plaintext, Mode::Plaintext)
-                | (
-                    Mode::Encrypt { bind_key: false },
-                    Mode::Encrypt { bind_key: false }
-                )
-        );
-        if still_opens {
-            return Action::Forward(ReplyPlan::Passthrough);
-        }
-        refuse(
-            "moves_value",
-            &format!(
-                "{name} would move the value of '{}' ({}) to '{}' ({}), where it would no longer decrypt. \
-             Values are bound to their key name: use bind_key = false on a rule covering both keys, or plaintext rules",
-                shown(&args[from]),
-                source.describe(),
-                shown(&args[to]),
-                target.describe()
-            ),
-        )
-    }
-
-    /// The site of a key's values, or `None` when its rule is plaintext.
-    fn site(&self, key: &Bytes, field: Option<&Bytes>) -> Option<ValueSite> {
-        match self.rules.decide(key).mode {
-            Mode::Plaintext => None,
-            Mode::Encrypt { bind_key } => Some(ValueSite {
-                key: Bytes::copy_from_slice(key),
-                bind_key,
-                field: field.map(|f| Bytes::copy_from_slice(f)),
-            }),
-        }
-    }
-
-    /// Seals the arguments at `values` (pairs of value index and its site).
-    fn seal(
-        &self,
-        args: &[Bytes],
-        values: impl IntoIterator<Item = (usize, Option<ValueSite>)>,
-    ) -> Vec<Bytes> {
-        let mut sealed = args.to_vec();
-        for (index, site) in values {
-            if let (Some(site), Some(value)) = (site, args.get(index)) {
-                sealed[index] = Bytes::from(self.keyring.seal(value, site.binding()));
+        let (&from, rest) = positions.split_first()?;
+        let source = self.rules.decide(&args[from]);
+        for &to in rest {
+            let target = self.rules.decide(&args[to]);
+            let same_key = args[to] == args[from] && source.mode != Mode::Plaintext;
+            if same_key || source.shares_values_with(&target) {
+                continue;
             }
+            return Some(refuse(
+                "moves_value",
+                &format!(
+                    "{name} would move values of '{}' ({}) to '{}' ({}), where they would no longer decrypt. \
+                     Values are bound to their key name: give both keys one rule with bind = \"rule\", \
+                     or plaintext rules",
+                    shown(&args[from]),
+                    source.describe(),
+                    shown(&args[to]),
+                    target.describe()
+                ),
+            ));
         }
-        sealed
+        None
     }
 
-    fn value(&self, command: ValueCommand, args: &[Bytes]) -> Action {
-        use ValueCommand as V;
+    /// The site of values of `kind` under `key` (a channel, for messages),
+    /// or `None` when its rule is plaintext.
+    fn site(&self, kind: Kind, key: &Bytes, field: Option<&Bytes>) -> Option<ValueSite> {
+        let decision = match kind {
+            Kind::Message => return message_site(&self.rules, key),
+            _ => self.rules.decide(key),
+        };
+        site_of(&decision, kind, key, field)
+    }
+
+    /// Commands of [`Class::Sealed`]: which arguments to seal, which parts
+    /// of the reply to open.
+    fn sealed(&self, row: &Row, sealed: Sealed, args: &[Bytes]) -> Action {
         let Some(key) = args.get(1) else {
             return Action::Forward(ReplyPlan::Passthrough);
         };
-        let site = || self.site(key, None);
-        let open_one = |site: Option<ValueSite>| {
-            site.map_or(ReplyPlan::Passthrough, |s| {
-                ReplyPlan::Open(OpenPlan::One(s))
-            })
+        let kind = sealed.kind;
+        if sealed.opens == Opens::HashValues
+            && let (Some(site), 2) = (self.site(kind, key, None), args.len())
+        {
+            // Values are bound to their fields: fetch the pairs, return the values.
+            return Action::Rewrite(
+                vec![Bytes::from_static(b"HGETALL"), key.clone()],
+                ReplyPlan::Open(OpenPlan::HashValues(site)),
+            );
+        }
+        let at = |index: usize, site: Option<ValueSite>| {
+            site.filter(|_| index < args.len())
+                .map(|site| SealAt { index, site })
         };
-        match command {
-            V::Set => {
-                let returns_old = args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"get"));
-                let site = site();
-                let plan = if returns_old {
-                    open_one(site.clone())
-                } else {
-                    ReplyPlan::Passthrough
-                };
-                Action::Rewrite(self.seal(args, [(2, site)]), plan)
-            }
-            V::SetNx => Action::Rewrite(self.seal(args, [(2, site())]), ReplyPlan::Passthrough),
-            V::GetSet => {
-                let site = site();
-                Action::Rewrite(self.seal(args, [(2, site.clone())]), open_one(site))
-            }
-            V::SetEx | V::PSetEx => {
-                Action::Rewrite(self.seal(args, [(3, site())]), ReplyPlan::Passthrough)
-            }
-            V::Get | V::GetDel | V::GetEx => Action::Forward(open_one(site())),
-            V::MGet => {
-                let sites: Vec<_> = args[1..].iter().map(|k| self.site(k, None)).collect();
-                Action::Forward(each(sites))
-            }
-            V::MSet | V::MSetNx => {
-                let values = (1..args.len())
-                    .step_by(2)
-                    .map(|k| (k + 1, self.site(&args[k], None)));
-                Action::Rewrite(self.seal(args, values), ReplyPlan::Passthrough)
-            }
-            V::HSet | V::HMSet => {
-                let values = (2..args.len())
-                    .step_by(2)
-                    .map(|f| (f + 1, self.site(key, Some(&args[f]))));
-                Action::Rewrite(self.seal(args, values), ReplyPlan::Passthrough)
-            }
-            V::HSetNx => {
-                let site = args.get(2).and_then(|field| self.site(key, Some(field)));
-                Action::Rewrite(self.seal(args, [(3, site)]), ReplyPlan::Passthrough)
-            }
-            V::HGet => Action::Forward(open_one(
-                args.get(2).and_then(|field| self.site(key, Some(field))),
-            )),
-            V::HMGet => {
-                let sites: Vec<_> = args[2..]
-                    .iter()
-                    .map(|field| self.site(key, Some(field)))
-                    .collect();
-                Action::Forward(each(sites))
-            }
-            V::HGetAll => Action::Forward(site().map_or(ReplyPlan::Passthrough, |s| {
-                ReplyPlan::Open(OpenPlan::HashPairs(s))
-            })),
-            V::HVals => match site() {
-                // Values are bound to their fields: fetch the pairs, return the values.
-                Some(site) if args.len() == 2 => Action::Rewrite(
-                    vec![Bytes::from_static(b"HGETALL"), key.clone()],
-                    ReplyPlan::Open(OpenPlan::HashValues(site)),
-                ),
-                _ => Action::Forward(ReplyPlan::Passthrough),
+        let seal: Vec<SealAt> = match sealed.values {
+            Values::None => Vec::new(),
+            Values::At(i) => at(i.into(), self.site(kind, key, None))
+                .into_iter()
+                .collect(),
+            Values::From(first) => match self.site(kind, key, None) {
+                Some(site) => (first.into()..args.len())
+                    .map(|index| SealAt {
+                        index,
+                        site: site.clone(),
+                    })
+                    .collect(),
+                None => Vec::new(),
             },
-            V::HRandField => {
-                let with_values = args
-                    .get(3)
-                    .is_some_and(|a| a.eq_ignore_ascii_case(b"withvalues"));
-                match (with_values, site()) {
-                    (true, Some(site)) => {
-                        Action::Forward(ReplyPlan::Open(OpenPlan::HashPairs(site)))
-                    }
-                    _ => Action::Forward(ReplyPlan::Passthrough),
-                }
+            Values::KeyValuePairs => (1..args.len())
+                .step_by(2)
+                .filter_map(|k| at(k + 1, self.site(kind, &args[k], None)))
+                .collect(),
+            Values::FieldValuePairs => (2..args.len())
+                .step_by(2)
+                .filter_map(|f| at(f + 1, self.site(kind, key, Some(&args[f]))))
+                .collect(),
+        };
+        match self.opens(row, sealed, args) {
+            plan if seal.is_empty() => Action::Forward(plan),
+            plan => Action::Seal(seal, plan),
+        }
+    }
+
+    /// The reply plan of a [`Class::Sealed`] command.
+    fn opens(&self, row: &Row, sealed: Sealed, args: &[Bytes]) -> ReplyPlan {
+        let (kind, key) = (sealed.kind, &args[1]);
+        let site = || self.site(kind, key, None);
+        let open = |site: Option<ValueSite>, plan: fn(ValueSite) -> OpenPlan| {
+            site.map_or(ReplyPlan::Passthrough, |s| ReplyPlan::Open(plan(s)))
+        };
+        let option_from = |first: usize, word: &[u8]| {
+            args.iter()
+                .skip(first)
+                .any(|a| a.eq_ignore_ascii_case(word))
+        };
+        let keyed = |plan: fn(Vec<KeySite>) -> OpenPlan| {
+            let sites: Vec<KeySite> = row
+                .keys
+                .positions(args)
+                .into_iter()
+                .map(|i| (args[i].clone(), self.site(kind, &args[i], None)))
+                .collect();
+            match sites.iter().all(|(_, site)| site.is_none()) {
+                true => ReplyPlan::Passthrough,
+                false => ReplyPlan::Open(plan(sites)),
             }
-            V::HScan => {
-                let no_values = hscan_no_values(args);
-                match (no_values, site()) {
-                    (false, Some(site)) => {
-                        Action::Forward(ReplyPlan::Open(OpenPlan::HashScan(site)))
-                    }
-                    _ => Action::Forward(ReplyPlan::Passthrough),
+        };
+        match sealed.opens {
+            Opens::Nothing => ReplyPlan::Passthrough,
+            Opens::Value => open(site(), OpenPlan::One),
+            Opens::ValueWithGet if option_from(3, b"get") => open(site(), OpenPlan::One),
+            Opens::ValueWithGet => ReplyPlan::Passthrough,
+            Opens::FieldValue => open(
+                args.get(2)
+                    .and_then(|field| self.site(kind, key, Some(field))),
+                OpenPlan::One,
+            ),
+            Opens::Values => open(site(), OpenPlan::Values),
+            Opens::PerKey => each(args[1..].iter().map(|k| self.site(kind, k, None)).collect()),
+            Opens::PerField => each(
+                args[2..]
+                    .iter()
+                    .map(|field| self.site(kind, key, Some(field)))
+                    .collect(),
+            ),
+            Opens::HashPairs => open(site(), OpenPlan::HashPairs),
+            Opens::HashPairsWithValues => match args.get(3) {
+                Some(option) if option.eq_ignore_ascii_case(b"withvalues") => {
+                    open(site(), OpenPlan::HashPairs)
                 }
-            }
+                _ => ReplyPlan::Passthrough,
+            },
+            // Rewritten to HGETALL before a plan is asked for (see `sealed`).
+            Opens::HashValues => ReplyPlan::Passthrough,
+            Opens::HashScan if hscan_no_values(args) => ReplyPlan::Passthrough,
+            Opens::HashScan => open(site(), OpenPlan::HashScan),
+            Opens::KeyAndValue => keyed(OpenPlan::KeyAndValue),
+            Opens::KeyAndValues => keyed(OpenPlan::KeyAndValues),
         }
     }
 
@@ -806,6 +858,42 @@ fn client(args: &[Bytes]) -> Action {
     }
 }
 
+/// Where the payload of a message on `channel` is sealed; `None` when the
+/// channel's rule is plaintext.
+pub fn message_site(rules: &Rules, channel: &[u8]) -> Option<ValueSite> {
+    let channel = Bytes::copy_from_slice(channel);
+    site_of(
+        &rules.decide_channel(&channel),
+        Kind::Message,
+        &channel,
+        None,
+    )
+}
+
+/// The site of values under a decided key; `None` when it is plaintext.
+fn site_of(
+    decision: &Decision<'_>,
+    kind: Kind,
+    key: &Bytes,
+    field: Option<&Bytes>,
+) -> Option<ValueSite> {
+    let scope = match decision.mode {
+        Mode::Plaintext => return None,
+        Mode::Encrypt { bind: Bind::Key } => SiteScope::Key,
+        Mode::Encrypt { bind: Bind::None } => SiteScope::Unbound,
+        Mode::Encrypt { bind: Bind::Rule } => {
+            let name = decision.rule.map_or("", |rule| &rule.name);
+            SiteScope::Rule(Bytes::copy_from_slice(name.as_bytes()))
+        }
+    };
+    Some(ValueSite {
+        kind,
+        key: Bytes::copy_from_slice(key),
+        scope,
+        field: field.map(|f| Bytes::copy_from_slice(f)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -833,12 +921,19 @@ mod tests {
         .expect("ring");
         let rules = Rules::new(vec![
             Rule {
+                name: "plain:*".into(),
                 pattern: "plain:*".into(),
                 mode: Mode::Plaintext,
             },
             Rule {
+                name: "free:*".into(),
                 pattern: "free:*".into(),
-                mode: Mode::Encrypt { bind_key: false },
+                mode: Mode::Encrypt { bind: Bind::None },
+            },
+            Rule {
+                name: "queues".into(),
+                pattern: "q:*".into(),
+                mode: Mode::Encrypt { bind: Bind::Rule },
             },
         ]);
         Policy::new(ClientAuth::new(auth), rules, Arc::new(ring), unknown)
@@ -862,9 +957,20 @@ mod tests {
 
     fn site(key: &str, field: Option<&str>) -> ValueSite {
         ValueSite {
+            kind: match field {
+                Some(_) => Kind::HashField,
+                None => Kind::String,
+            },
             key: Bytes::copy_from_slice(key.as_bytes()),
-            bind_key: true,
+            scope: SiteScope::Key,
             field: field.map(|f| Bytes::copy_from_slice(f.as_bytes())),
+        }
+    }
+
+    fn hash(key: &str) -> ValueSite {
+        ValueSite {
+            kind: Kind::HashField,
+            ..site(key, None)
         }
     }
 
@@ -951,33 +1057,68 @@ mod tests {
         }
     }
 
+    /// The arguments a request goes upstream with: sealed as the plan says.
+    fn sent(policy: &Policy, action: &Action, args: &[&str]) -> Vec<Bytes> {
+        match action {
+            Action::Seal(values, _) => {
+                crate::session::seal::arguments(&policy.keyring, &request(args).args, values)
+            }
+            other => panic!("not sealed: {other:?}"),
+        }
+    }
+
+    fn opens(policy: &Policy, stored: &[u8], site: &ValueSite) -> Vec<u8> {
+        match policy.keyring.open(stored, site.binding()) {
+            Ok(crate::crypto::keyring::Opened::Plaintext(plaintext)) => plaintext,
+            other => panic!("does not open: {other:?}"),
+        }
+    }
+
     #[test]
     fn set_seals_the_value_bound_to_its_key() {
         let policy = policy();
-        let Action::Rewrite(args, ReplyPlan::Passthrough) =
-            classify(&policy, &["SET", "k", "secret", "EX", "10"])
-        else {
-            panic!("SET is rewritten");
+        let command = ["SET", "k", "secret", "EX", "10"];
+        let action = classify(&policy, &command);
+        let Action::Seal(values, ReplyPlan::Passthrough) = &action else {
+            panic!("SET seals: {action:?}");
         };
+        assert_eq!(
+            values,
+            &[SealAt {
+                index: 2,
+                site: site("k", None)
+            }]
+        );
+        let args = sent(&policy, &action, &command);
         assert_eq!(args[1].as_ref(), b"k");
         assert_ne!(args[2].as_ref(), b"secret");
         assert_eq!(
             &args[3..],
             [Bytes::from_static(b"EX"), Bytes::from_static(b"10")]
         );
-        let opened = policy
-            .keyring
-            .open(&args[2], site("k", None).binding())
-            .expect("opens");
-        assert_eq!(
-            opened,
-            crate::crypto::keyring::Opened::Plaintext(b"secret".to_vec())
-        );
+        assert_eq!(opens(&policy, &args[2], &site("k", None)), b"secret");
         // SET ... GET returns the old value, which gets opened.
         assert!(matches!(
             classify(&policy, &["SET", "k", "v", "GET"]),
-            Action::Rewrite(_, ReplyPlan::Open(OpenPlan::One(s))) if s == site("k", None)
+            Action::Seal(_, ReplyPlan::Open(OpenPlan::One(s))) if s == site("k", None)
         ));
+    }
+
+    #[test]
+    fn classify_decides_without_encrypting_so_its_plans_repeat() {
+        let policy = policy();
+        for command in [
+            &["SET", "k", "v"][..],
+            &["RPUSH", "q", "a", "b"],
+            &["HSET", "h", "f", "v"],
+            &["PUBLISH", "news", "hello"],
+        ] {
+            assert_eq!(
+                classify(&policy, command),
+                classify(&policy, command),
+                "{command:?}"
+            );
+        }
     }
 
     #[test]
@@ -985,10 +1126,11 @@ mod tests {
         let policy = policy();
         assert_eq!(
             classify(&policy, &["SET", "plain:k", "v"]),
-            Action::Rewrite(
-                request(&["SET", "plain:k", "v"]).args,
-                ReplyPlan::Passthrough
-            )
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+        assert_eq!(
+            classify(&policy, &["PUBLISH", "__keyevent@0__:expired", "k"]),
+            Action::Forward(ReplyPlan::Passthrough)
         );
         assert_eq!(
             classify(&policy, &["GET", "plain:k"]),
@@ -1025,7 +1167,7 @@ mod tests {
             classify(&policy, &["HVALS", "h"]),
             Action::Rewrite(
                 request(&["HGETALL", "h"]).args,
-                ReplyPlan::Open(OpenPlan::HashValues(site("h", None)))
+                ReplyPlan::Open(OpenPlan::HashValues(hash("h")))
             )
         );
         assert_eq!(
@@ -1034,10 +1176,10 @@ mod tests {
         );
         assert_eq!(
             classify(&policy, &["HRANDFIELD", "h", "2", "WITHVALUES"]),
-            Action::Forward(ReplyPlan::Open(OpenPlan::HashPairs(site("h", None))))
+            Action::Forward(ReplyPlan::Open(OpenPlan::HashPairs(hash("h"))))
         );
         let unbound = ValueSite {
-            bind_key: false,
+            scope: SiteScope::Unbound,
             ..site("free:x", None)
         };
         assert_eq!(
@@ -1049,26 +1191,102 @@ mod tests {
     #[test]
     fn hash_and_multi_key_writes_seal_every_value() {
         let policy = policy();
-        let Action::Rewrite(args, _) = classify(&policy, &["HSET", "h", "f1", "v1", "f2", "v2"])
-        else {
-            panic!()
-        };
+        let command = ["HSET", "h", "f1", "v1", "f2", "v2"];
+        let args = sent(&policy, &classify(&policy, &command), &command);
         for (field, value, at) in [("f1", "v1", 3), ("f2", "v2", 5)] {
-            let opened = policy
-                .keyring
-                .open(&args[at], site("h", Some(field)).binding())
-                .expect("opens");
             assert_eq!(
-                opened,
-                crate::crypto::keyring::Opened::Plaintext(value.as_bytes().to_vec())
+                opens(&policy, &args[at], &site("h", Some(field))),
+                value.as_bytes()
             );
         }
-        let Action::Rewrite(args, _) = classify(&policy, &["MSET", "a", "1", "plain:b", "2"])
-        else {
-            panic!()
-        };
+        let command = ["MSET", "a", "1", "plain:b", "2", "c"];
+        let args = sent(&policy, &classify(&policy, &command), &command);
         assert_ne!(args[2].as_ref(), b"1");
         assert_eq!(args[4].as_ref(), b"2");
+        assert_eq!(args[5].as_ref(), b"c");
+    }
+
+    #[test]
+    fn list_elements_are_sealed_as_list_elements_and_pops_name_their_keys() {
+        let policy = policy();
+        let element = |key: &str| ValueSite {
+            kind: Kind::ListElement,
+            ..site(key, None)
+        };
+        let command = ["RPUSH", "q", "a", "b"];
+        let args = sent(&policy, &classify(&policy, &command), &command);
+        assert_eq!(opens(&policy, &args[2], &element("q")), b"a");
+        assert_eq!(opens(&policy, &args[3], &element("q")), b"b");
+        assert!(
+            policy
+                .keyring
+                .open(&args[2], site("q", None).binding())
+                .is_err()
+        );
+        assert_eq!(
+            classify(&policy, &["LPOP", "q", "2"]),
+            Action::Forward(ReplyPlan::Open(OpenPlan::Values(element("q"))))
+        );
+        assert_eq!(
+            classify(&policy, &["BLPOP", "q", "plain:l", "0"]),
+            Action::Forward(ReplyPlan::Open(OpenPlan::KeyAndValue(vec![
+                (Bytes::from_static(b"q"), Some(element("q"))),
+                (Bytes::from_static(b"plain:l"), None),
+            ])))
+        );
+        assert_eq!(
+            classify(&policy, &["LMPOP", "1", "q", "LEFT", "COUNT", "2"]),
+            Action::Forward(ReplyPlan::Open(OpenPlan::KeyAndValues(vec![(
+                Bytes::from_static(b"q"),
+                Some(element("q"))
+            )])))
+        );
+        assert_eq!(
+            classify(&policy, &["LLEN", "q"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+        // Messages are bound to their channel.
+        let command = ["PUBLISH", "news", "hello"];
+        let args = sent(&policy, &classify(&policy, &command), &command);
+        let message = ValueSite {
+            kind: Kind::Message,
+            ..site("news", None)
+        };
+        assert_eq!(opens(&policy, &args[2], &message), b"hello");
+    }
+
+    #[test]
+    fn values_move_within_one_rule_binding_only() {
+        let policy = policy();
+        let rule_bound = |key: &str| ValueSite {
+            kind: Kind::ListElement,
+            scope: SiteScope::Rule(Bytes::from_static(b"queues")),
+            ..site(key, None)
+        };
+        assert_eq!(
+            classify(&policy, &["LMOVE", "q:a", "q:b", "LEFT", "RIGHT"]),
+            Action::Forward(ReplyPlan::Open(OpenPlan::One(rule_bound("q:a"))))
+        );
+        // Within one key-bound key: a rotation.
+        assert!(matches!(
+            classify(&policy, &["RPOPLPUSH", "k", "k"]),
+            Action::Forward(ReplyPlan::Open(_))
+        ));
+        for command in [
+            &["LMOVE", "q:a", "other", "LEFT", "RIGHT"][..],
+            &["BLMOVE", "k1", "k2", "LEFT", "RIGHT", "0"],
+            &["RPOPLPUSH", "q:a", "plain:l"],
+            &["RENAME", "q:a", "free:b"],
+        ] {
+            assert!(
+                matches!(classify(&policy, command), Action::Refuse(r) if r.rule == "moves_value"),
+                "{command:?}"
+            );
+        }
+        assert_eq!(
+            classify(&policy, &["COPY", "q:a", "q:b"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
     }
 
     #[test]
@@ -1080,12 +1298,10 @@ mod tests {
             (&["GETRANGE", "k", "0", "1"], "encrypted_key"),
             (&["HINCRBY", "h", "f", "1"], "encrypted_key"),
             (&["EVAL", "return 1", "1", "k"], "encrypted_key"),
-            (&["OBJECT", "ENCODING", "k"], "encrypted_key"),
             (&["DUMP", "k"], "encrypted_key"),
-            (&["RPUSH", "list", "x"], "encrypted_key"),
+            (&["LREM", "list", "0", "x"], "encrypted_key"),
             (&["SADD", "set", "x"], "encrypted_key"),
             (&["XADD", "s", "*", "f", "v"], "encrypted_key"),
-            (&["PUBLISH", "channel", "message"], "encrypted_key"),
             (&["RENAME", "k", "k2"], "moves_value"),
             (&["COPY", "plain:a", "k"], "moves_value"),
             (&["SORT", "plain:l", "BY", "w_*"], "sort_by_get"),
@@ -1110,10 +1326,21 @@ mod tests {
             classify(&policy, &["SORT", "plain:l", "BY", "nosort"]),
             Action::Forward(ReplyPlan::Passthrough)
         );
-        assert_eq!(
-            classify(&policy, &["DEL", "k"]),
-            Action::Forward(ReplyPlan::Passthrough)
-        );
+        for key_only in [
+            &["DEL", "k"][..],
+            &["OBJECT", "FREQ", "k"],
+            &["OBJECT", "ENCODING", "k"],
+            &["SCARD", "k"],
+            &["ZCARD", "k"],
+            &["XLEN", "k"],
+            &["LTRIM", "k", "0", "1"],
+        ] {
+            assert_eq!(
+                classify(&policy, key_only),
+                Action::Forward(ReplyPlan::Passthrough),
+                "{key_only:?}"
+            );
+        }
         let open = policy_with(None, UnknownCommands::Pass);
         assert_eq!(
             classify(&open, &["NOTACOMMAND", "k"]),

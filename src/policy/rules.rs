@@ -1,41 +1,74 @@
 //! Which keys are encrypted: `[[encryption.rules]]`, first match wins, and a
-//! key no rule matches is encrypted. Patterns use Redis glob syntax (`*`,
-//! `?`, `[abc]`, `[^a-z]`, `\` escapes), matched without recursion so a
-//! client's key name cannot make matching slow.
+//! key no rule matches is encrypted and bound to its key name. Patterns use
+//! Redis glob syntax (`*`, `?`, `[abc]`, `[^a-z]`, `\` escapes), matched
+//! without recursion so a client's key name cannot make matching slow.
+//!
+//! Pub/sub channels are decided by the same rules, after one built-in
+//! rule: Redis's keyspace and keyevent notification channels are plaintext
+//! (Redis publishes them itself; their payloads are key names and event
+//! names, never values).
+
+/// Which name a sealed value is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bind {
+    /// The key (or channel) name: the value opens under that name only.
+    Key,
+    /// The rule's name: the value may move between the rule's keys
+    /// (LMOVE, SMOVE, the STORE forms, RENAME, COPY) and nowhere else.
+    Rule,
+    /// Nothing: the value opens under any key of any unbound rule
+    /// (`bind_key = false`, as before `bind` existed).
+    None,
+}
 
 /// What a rule does with the keys it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Values are sealed; `bind_key` binds them to the key name.
-    Encrypt {
-        bind_key: bool,
-    },
+    Encrypt { bind: Bind },
     Plaintext,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
+    /// What `bind = "rule"` binds values to: `name`, or the pattern.
+    pub name: String,
     pub pattern: String,
     pub mode: Mode,
 }
 
-/// The rule that decided a key's mode, for error messages.
+/// The rule that decided a key's mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision<'a> {
     pub mode: Mode,
     /// `None`: no rule matched (encrypted, key-bound, by default).
-    pub pattern: Option<&'a str>,
+    pub rule: Option<&'a Rule>,
 }
 
 impl Decision<'_> {
     /// How an error message names the rule.
     pub fn describe(&self) -> String {
-        match self.pattern {
-            Some(pattern) => format!("rule '{pattern}'"),
+        match self.rule {
+            Some(rule) => format!("rule '{}'", rule.pattern),
             None => "no rule matches it, so it is encrypted".to_owned(),
         }
     }
+
+    /// Whether a value sealed under `self` still opens under `other`:
+    /// both plaintext, both unbound, or both bound to the same rule.
+    pub fn shares_values_with(&self, other: &Decision<'_>) -> bool {
+        match (self.mode, other.mode) {
+            (Mode::Plaintext, Mode::Plaintext) => true,
+            (Mode::Encrypt { bind: Bind::None }, Mode::Encrypt { bind: Bind::None }) => true,
+            (Mode::Encrypt { bind: Bind::Rule }, Mode::Encrypt { bind: Bind::Rule }) => {
+                self.rule.map(|r| &r.name) == other.rule.map(|r| &r.name)
+            }
+            _ => false,
+        }
+    }
 }
+
+/// Redis's own notification channels: plaintext whatever the rules say.
+const NOTIFICATION_CHANNELS: [&str; 2] = ["__keyspace@*__:*", "__keyevent@*__:*"];
 
 #[derive(Debug, Default)]
 pub struct Rules {
@@ -67,14 +100,29 @@ impl Rules {
             .find(|rule| glob_match(rule.pattern.as_bytes(), key))
             .map_or(
                 Decision {
-                    mode: Mode::Encrypt { bind_key: true },
-                    pattern: None,
+                    mode: Mode::Encrypt { bind: Bind::Key },
+                    rule: None,
                 },
                 |rule| Decision {
                     mode: rule.mode,
-                    pattern: Some(&rule.pattern),
+                    rule: Some(rule),
                 },
             )
+    }
+
+    /// A pub/sub channel's decision: the notification channels are
+    /// plaintext, every other channel is decided as a key of that name.
+    pub fn decide_channel(&self, channel: &[u8]) -> Decision<'_> {
+        let notification = NOTIFICATION_CHANNELS
+            .iter()
+            .any(|pattern| glob_match(pattern.as_bytes(), channel));
+        match notification {
+            true => Decision {
+                mode: Mode::Plaintext,
+                rule: None,
+            },
+            false => self.decide(channel),
+        }
     }
 }
 
@@ -183,31 +231,74 @@ mod tests {
         assert!(!glob_match(b"*a*a*a*a*a*a*a*a*b", &key));
     }
 
+    fn rule(pattern: &str, mode: Mode) -> Rule {
+        Rule {
+            name: pattern.into(),
+            pattern: pattern.into(),
+            mode,
+        }
+    }
+
     #[test]
     fn first_match_wins_and_unmatched_keys_are_encrypted() {
         let rules = Rules::new(vec![
-            Rule {
-                pattern: "ratelimit:*".into(),
-                mode: Mode::Plaintext,
-            },
-            Rule {
-                pattern: "*".into(),
-                mode: Mode::Encrypt { bind_key: false },
-            },
+            rule("ratelimit:*", Mode::Plaintext),
+            rule("*", Mode::Encrypt { bind: Bind::None }),
         ]);
         assert_eq!(rules.decide(b"ratelimit:x").mode, Mode::Plaintext);
         assert_eq!(
             rules.decide(b"other").mode,
-            Mode::Encrypt { bind_key: false }
+            Mode::Encrypt { bind: Bind::None }
         );
         let empty = Rules::default();
         let none = empty.decide(b"k");
         assert_eq!(
             none,
             Decision {
-                mode: Mode::Encrypt { bind_key: true },
-                pattern: None
+                mode: Mode::Encrypt { bind: Bind::Key },
+                rule: None
             }
         );
+    }
+
+    #[test]
+    fn notification_channels_are_plaintext_and_other_channels_follow_the_rules() {
+        let rules = Rules::default();
+        for channel in ["__keyspace@0__:user:1", "__keyevent@12__:expired"] {
+            assert_eq!(
+                rules.decide_channel(channel.as_bytes()).mode,
+                Mode::Plaintext
+            );
+        }
+        assert_eq!(
+            rules.decide_channel(b"orders").mode,
+            Mode::Encrypt { bind: Bind::Key }
+        );
+        assert_eq!(
+            rules.decide_channel(b"__keyspace_x").mode,
+            Mode::Encrypt { bind: Bind::Key }
+        );
+    }
+
+    #[test]
+    fn values_move_only_between_keys_that_share_a_binding() {
+        let rules = Rules::new(vec![
+            rule("plain:*", Mode::Plaintext),
+            rule("q:*", Mode::Encrypt { bind: Bind::Rule }),
+            rule("jobs:*", Mode::Encrypt { bind: Bind::Rule }),
+            rule("free:*", Mode::Encrypt { bind: Bind::None }),
+        ]);
+        let shares = |a: &str, b: &str| {
+            rules
+                .decide(a.as_bytes())
+                .shares_values_with(&rules.decide(b.as_bytes()))
+        };
+        assert!(shares("plain:a", "plain:b"));
+        assert!(shares("q:a", "q:b"));
+        assert!(shares("free:a", "free:b"));
+        assert!(!shares("q:a", "jobs:a"));
+        assert!(!shares("q:a", "plain:a"));
+        assert!(!shares("k1", "k2"));
+        assert!(!shares("free:a", "q:a"));
     }
 }

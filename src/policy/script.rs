@@ -536,10 +536,10 @@ fn check_command(args: &[Arg]) -> Result<(), String> {
     };
     match row.class {
         Class::Forward
-        | Class::Value(_)
+        | Class::Sealed(_)
         | Class::ServerReadsValue
+        | Class::ComparesValues
         | Class::Collection
-        | Class::MovesValue
         | Class::Sort => {}
         _ => {
             return Err(format!(

@@ -1,12 +1,16 @@
 //! The one table of Redis commands: every command Redis 7.0 lists in
 //! `COMMAND`, one row each, sorted by lower-case name (tests check both).
 //!
-//! A row says what class the command is and where its keys are. The class
-//! decides what the proxy may do (see `Class`); commands without a row are
-//! refused unless `encryption.unknown_commands = "pass"`, because forwarding
-//! a command we do not understand could store a value in the clear.
-//! Refusal texts live here and nowhere else.
+//! A row holds every per-command fact the proxy uses: its class (what the
+//! proxy may do, with the refusal text where it refuses), where its keys
+//! are, which arguments are stored values and which parts of its reply to
+//! open ([`Sealed`]), whether it blocks and for how long, whether it moves
+//! values between its keys, and what it leaves on the connection. Commands
+//! without a row are refused unless `encryption.unknown_commands = "pass"`,
+//! because forwarding a command we do not understand could store a value in
+//! the clear. `docs/commands.md` is generated from this table.
 
+pub use crate::crypto::envelope::Kind;
 use bytes::Bytes;
 
 /// Which family of pub/sub subscriptions a command acts on.
@@ -33,31 +37,6 @@ pub enum Handling {
     Discard,
     Subscribe(PubSubKind),
     Unsubscribe(PubSubKind),
-}
-
-/// String and hash commands whose values redcloak seals and opens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ValueCommand {
-    Set,
-    SetNx,
-    SetEx,
-    PSetEx,
-    GetSet,
-    Get,
-    GetDel,
-    GetEx,
-    MGet,
-    MSet,
-    MSetNx,
-    HSet,
-    HSetNx,
-    HMSet,
-    HGet,
-    HMGet,
-    HGetAll,
-    HVals,
-    HRandField,
-    HScan,
 }
 
 /// Commands that run, load or manage server-side Lua.
@@ -125,27 +104,82 @@ pub fn subcommand(table: &[(&str, Subcommand)], name: &[u8]) -> Option<Subcomman
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
     Connection(Handling),
-    /// No stored value crosses: forwarded whatever its keys' rules
-    /// (key space, TTLs, hash field names, server and admin commands).
+    /// No stored value crosses: forwarded whatever its keys' rules (key
+    /// space, TTLs, hash field names, lengths and counts, server commands).
     Forward,
     /// Values are sealed on the way in and opened on the way out.
-    Value(ValueCommand),
+    Sealed(Sealed),
     /// Redis must read or compute on the value: forwarded only when every
     /// key's rule is plaintext.
     ServerReadsValue,
-    /// Lists, sets, sorted sets, streams, geo, HyperLogLog, channels: not
-    /// encrypted yet, so forwarded only when every key's rule is plaintext.
+    /// Redis must compare a stored element with one the client sends (LREM,
+    /// LPOS, LINSERT); random-nonce envelopes never compare equal, so
+    /// forwarded only when every key's rule is plaintext.
+    ComparesValues,
+    /// Sets, sorted sets, streams, geo, HyperLogLog: not encrypted yet, so
+    /// forwarded only when every key's rule is plaintext.
     Collection,
-    /// RENAME, RENAMENX, COPY: a key-bound value under a new name would no
-    /// longer open; forwarded when both keys are plaintext, or both are
-    /// encrypted without key binding.
-    MovesValue,
     /// SORT: a collection; BY and GET make Redis read other keys' values.
     Sort,
     /// Lua scripts and functions: run only when `policy::script` proves
     /// they touch no key but the ones they declare.
     Scripting(Scripting),
     Refuse(&'static str),
+}
+
+/// A command whose arguments or reply hold stored values: what kind of
+/// value, where they are in the arguments, and which parts of the reply
+/// to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    pub kind: Kind,
+    pub values: Values,
+    pub opens: Opens,
+}
+
+/// Where a command's values are among its arguments (0 is the name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    None,
+    /// The argument at this index: SET's value, LSET's element, PUBLISH's message.
+    At(u8),
+    /// Every argument from this index on: LPUSH's elements.
+    From(u8),
+    /// MSET: key, value, key, value, ...
+    KeyValuePairs,
+    /// HSET: field, value pairs from argument 2, each value bound to its field.
+    FieldValuePairs,
+}
+
+/// Which parts of a reply are stored values to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opens {
+    Nothing,
+    /// One value (or nil) of the first key: GET, LINDEX, LMOVE.
+    Value,
+    /// SET: the old value, when GET is among the options.
+    ValueWithGet,
+    /// HGET: the value of the field in argument 2.
+    FieldValue,
+    /// One value or an array (or RESP3 set) of values of the first key:
+    /// LPOP and RPOP with or without a count, LRANGE.
+    Values,
+    /// MGET: one value per key argument.
+    PerKey,
+    /// HMGET: one value per field argument.
+    PerField,
+    /// HGETALL: field/value pairs.
+    HashPairs,
+    /// HRANDFIELD: field/value pairs with WITHVALUES, else field names only.
+    HashPairsWithValues,
+    /// HVALS: sent as HGETALL, delivered as the values alone.
+    HashValues,
+    /// HSCAN: `[cursor, pairs]`, unless NOVALUES.
+    HashScan,
+    /// BLPOP, BRPOP: `[key, value]`, the key one of the arguments.
+    KeyAndValue,
+    /// LMPOP, BLMPOP: `[key, [values]]`.
+    KeyAndValues,
 }
 
 /// Where a command's keys are (argument 0 is the command name).
@@ -173,6 +207,53 @@ pub struct Row {
     pub name: &'static str,
     pub class: Class,
     pub keys: Keys,
+    /// Where its timeout is, if it may keep Redis from answering.
+    pub blocks: Option<Timeout>,
+    /// Values move between its keys (LMOVE, RENAME, COPY): forwarded only
+    /// when every key's rule shares the first key's binding.
+    pub moves_values: bool,
+    /// What it leaves on the upstream connection once answered.
+    pub leaves: Leaves,
+}
+
+/// A row for a command on data or the server.
+const fn row(name: &'static str, class: Class, keys: Keys) -> Row {
+    Row {
+        name,
+        class,
+        keys,
+        blocks: None,
+        moves_values: false,
+        leaves: Leaves::Nothing,
+    }
+}
+
+/// A row for a command on the connection: it leaves the session changed.
+const fn connection(name: &'static str, handling: Handling) -> Row {
+    Row {
+        leaves: Leaves::Session,
+        ..row(name, Class::Connection(handling), Keys::None)
+    }
+}
+
+impl Row {
+    const fn blocks(self, timeout: Timeout) -> Row {
+        Row {
+            blocks: Some(timeout),
+            ..self
+        }
+    }
+
+    const fn moves_values(self) -> Row {
+        Row {
+            moves_values: true,
+            ..self
+        }
+    }
+
+    const fn leaves(self, leaves: Leaves) -> Row {
+        Row { leaves, ..self }
+    }
 }
 
 const MONITOR: &str = "MONITOR is not proxied: its stream does not fit the request/reply pipeline; \
@@ -182,255 +263,306 @@ over plaintext TCP and make connections anywhere; move data with redcloak in fro
 const REPLICATION: &str =
     "replication commands are not proxied; connect replicas to Redis directly";
 
-/// The common key layout: argument 1 is the only key.
+/// The common key layouts.
+const NONE: Keys = Keys::None;
 const K1: Keys = Keys::Range {
     first: 1,
     last: 1,
     step: 1,
 };
+const K2: Keys = Keys::Range {
+    first: 2,
+    last: 2,
+    step: 1,
+};
+const K1_2: Keys = Keys::Range {
+    first: 1,
+    last: 2,
+    step: 1,
+};
+const ALL: Keys = Keys::Range {
+    first: 1,
+    last: -1,
+    step: 1,
+};
+const ALL_BUT_LAST: Keys = Keys::Range {
+    first: 1,
+    last: -2,
+    step: 1,
+};
+
+const fn sealed(kind: Kind, values: Values, opens: Opens) -> Sealed {
+    Sealed {
+        kind,
+        values,
+        opens,
+    }
+}
+
+const SET: Sealed = sealed(Kind::String, Values::At(2), Opens::ValueWithGet);
+const SETNX: Sealed = sealed(Kind::String, Values::At(2), Opens::Nothing);
+const SETEX: Sealed = sealed(Kind::String, Values::At(3), Opens::Nothing);
+const GETSET: Sealed = sealed(Kind::String, Values::At(2), Opens::Value);
+const GET: Sealed = sealed(Kind::String, Values::None, Opens::Value);
+const MGET: Sealed = sealed(Kind::String, Values::None, Opens::PerKey);
+const MSET: Sealed = sealed(Kind::String, Values::KeyValuePairs, Opens::Nothing);
+const HSET: Sealed = sealed(Kind::HashField, Values::FieldValuePairs, Opens::Nothing);
+const HGET: Sealed = sealed(Kind::HashField, Values::None, Opens::FieldValue);
+const HMGET: Sealed = sealed(Kind::HashField, Values::None, Opens::PerField);
+const HGETALL: Sealed = sealed(Kind::HashField, Values::None, Opens::HashPairs);
+const HVALS: Sealed = sealed(Kind::HashField, Values::None, Opens::HashValues);
+const HRANDFIELD: Sealed = sealed(Kind::HashField, Values::None, Opens::HashPairsWithValues);
+const HSCAN: Sealed = sealed(Kind::HashField, Values::None, Opens::HashScan);
+const LIST_PUSH: Sealed = sealed(Kind::ListElement, Values::From(2), Opens::Nothing);
+const LIST_POP: Sealed = sealed(Kind::ListElement, Values::None, Opens::Values);
+const LIST_ONE: Sealed = sealed(Kind::ListElement, Values::None, Opens::Value);
+const LIST_SET: Sealed = sealed(Kind::ListElement, Values::At(3), Opens::Nothing);
+const LIST_BLOCKING_POP: Sealed = sealed(Kind::ListElement, Values::None, Opens::KeyAndValue);
+const LIST_MPOP: Sealed = sealed(Kind::ListElement, Values::None, Opens::KeyAndValues);
+const PUBLISH: Sealed = sealed(Kind::Message, Values::At(2), Opens::Nothing);
 
 #[rustfmt::skip]
 pub static COMMANDS: &[Row] = &[
-    Row { name: "acl", class: Class::Forward, keys: Keys::None },
-    Row { name: "append", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "asking", class: Class::Forward, keys: Keys::None },
-    Row { name: "auth", class: Class::Connection(Handling::Auth), keys: Keys::None },
-    Row { name: "bgrewriteaof", class: Class::Forward, keys: Keys::None },
-    Row { name: "bgsave", class: Class::Forward, keys: Keys::None },
-    Row { name: "bitcount", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "bitfield", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "bitfield_ro", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "bitop", class: Class::ServerReadsValue, keys: Keys::Range { first: 2, last: -1, step: 1 } },
-    Row { name: "bitpos", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "blmove", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "blmpop", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "blpop", class: Class::Collection, keys: Keys::Range { first: 1, last: -2, step: 1 } },
-    Row { name: "brpop", class: Class::Collection, keys: Keys::Range { first: 1, last: -2, step: 1 } },
-    Row { name: "brpoplpush", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "bzmpop", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "bzpopmax", class: Class::Collection, keys: Keys::Range { first: 1, last: -2, step: 1 } },
-    Row { name: "bzpopmin", class: Class::Collection, keys: Keys::Range { first: 1, last: -2, step: 1 } },
-    Row { name: "client", class: Class::Connection(Handling::Client), keys: Keys::None },
-    Row { name: "cluster", class: Class::Forward, keys: Keys::None },
-    Row { name: "command", class: Class::Forward, keys: Keys::None },
-    Row { name: "config", class: Class::Forward, keys: Keys::None },
-    Row { name: "copy", class: Class::MovesValue, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "dbsize", class: Class::Forward, keys: Keys::None },
-    Row { name: "debug", class: Class::Forward, keys: Keys::None },
-    Row { name: "decr", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "decrby", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "del", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "discard", class: Class::Connection(Handling::Discard), keys: Keys::None },
-    Row { name: "dump", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "echo", class: Class::Forward, keys: Keys::None },
-    Row { name: "eval", class: Class::Scripting(Scripting::Eval), keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "eval_ro", class: Class::Scripting(Scripting::Eval), keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "evalsha", class: Class::Scripting(Scripting::EvalSha), keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "evalsha_ro", class: Class::Scripting(Scripting::EvalSha), keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "exec", class: Class::Connection(Handling::Exec), keys: Keys::None },
-    Row { name: "exists", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "expire", class: Class::Forward, keys: K1 },
-    Row { name: "expireat", class: Class::Forward, keys: K1 },
-    Row { name: "expiretime", class: Class::Forward, keys: K1 },
-    Row { name: "failover", class: Class::Forward, keys: Keys::None },
-    Row { name: "fcall", class: Class::Scripting(Scripting::FCall), keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "fcall_ro", class: Class::Scripting(Scripting::FCall), keys: Keys::NumKeys { at: 2, dest: false } },
-    Row { name: "flushall", class: Class::Forward, keys: Keys::None },
-    Row { name: "flushdb", class: Class::Forward, keys: Keys::None },
-    Row { name: "function", class: Class::Scripting(Scripting::Function), keys: Keys::None },
-    Row { name: "geoadd", class: Class::Collection, keys: K1 },
-    Row { name: "geodist", class: Class::Collection, keys: K1 },
-    Row { name: "geohash", class: Class::Collection, keys: K1 },
-    Row { name: "geopos", class: Class::Collection, keys: K1 },
-    Row { name: "georadius", class: Class::Collection, keys: Keys::WithStore },
-    Row { name: "georadius_ro", class: Class::Collection, keys: K1 },
-    Row { name: "georadiusbymember", class: Class::Collection, keys: Keys::WithStore },
-    Row { name: "georadiusbymember_ro", class: Class::Collection, keys: K1 },
-    Row { name: "geosearch", class: Class::Collection, keys: K1 },
-    Row { name: "geosearchstore", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "get", class: Class::Value(ValueCommand::Get), keys: K1 },
-    Row { name: "getbit", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "getdel", class: Class::Value(ValueCommand::GetDel), keys: K1 },
-    Row { name: "getex", class: Class::Value(ValueCommand::GetEx), keys: K1 },
-    Row { name: "getrange", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "getset", class: Class::Value(ValueCommand::GetSet), keys: K1 },
-    Row { name: "hdel", class: Class::Forward, keys: K1 },
-    Row { name: "hello", class: Class::Connection(Handling::Hello), keys: Keys::None },
-    Row { name: "hexists", class: Class::Forward, keys: K1 },
-    Row { name: "hget", class: Class::Value(ValueCommand::HGet), keys: K1 },
-    Row { name: "hgetall", class: Class::Value(ValueCommand::HGetAll), keys: K1 },
-    Row { name: "hincrby", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "hincrbyfloat", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "hkeys", class: Class::Forward, keys: K1 },
-    Row { name: "hlen", class: Class::Forward, keys: K1 },
-    Row { name: "hmget", class: Class::Value(ValueCommand::HMGet), keys: K1 },
-    Row { name: "hmset", class: Class::Value(ValueCommand::HMSet), keys: K1 },
-    Row { name: "hrandfield", class: Class::Value(ValueCommand::HRandField), keys: K1 },
-    Row { name: "hscan", class: Class::Value(ValueCommand::HScan), keys: K1 },
-    Row { name: "hset", class: Class::Value(ValueCommand::HSet), keys: K1 },
-    Row { name: "hsetnx", class: Class::Value(ValueCommand::HSetNx), keys: K1 },
-    Row { name: "hstrlen", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "hvals", class: Class::Value(ValueCommand::HVals), keys: K1 },
-    Row { name: "incr", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "incrby", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "incrbyfloat", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "info", class: Class::Forward, keys: Keys::None },
-    Row { name: "keys", class: Class::Forward, keys: Keys::None },
-    Row { name: "lastsave", class: Class::Forward, keys: Keys::None },
-    Row { name: "latency", class: Class::Forward, keys: Keys::None },
-    Row { name: "lcs", class: Class::ServerReadsValue, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "lindex", class: Class::Collection, keys: K1 },
-    Row { name: "linsert", class: Class::Collection, keys: K1 },
-    Row { name: "llen", class: Class::Collection, keys: K1 },
-    Row { name: "lmove", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "lmpop", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "lolwut", class: Class::Forward, keys: Keys::None },
-    Row { name: "lpop", class: Class::Collection, keys: K1 },
-    Row { name: "lpos", class: Class::Collection, keys: K1 },
-    Row { name: "lpush", class: Class::Collection, keys: K1 },
-    Row { name: "lpushx", class: Class::Collection, keys: K1 },
-    Row { name: "lrange", class: Class::Collection, keys: K1 },
-    Row { name: "lrem", class: Class::Collection, keys: K1 },
-    Row { name: "lset", class: Class::Collection, keys: K1 },
-    Row { name: "ltrim", class: Class::Collection, keys: K1 },
-    Row { name: "memory", class: Class::Forward, keys: Keys::Range { first: 2, last: 2, step: 1 } },
-    Row { name: "mget", class: Class::Value(ValueCommand::MGet), keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "migrate", class: Class::Refuse(MIGRATE), keys: Keys::None },
-    Row { name: "module", class: Class::Forward, keys: Keys::None },
-    Row { name: "monitor", class: Class::Refuse(MONITOR), keys: Keys::None },
-    Row { name: "move", class: Class::Forward, keys: K1 },
-    Row { name: "mset", class: Class::Value(ValueCommand::MSet), keys: Keys::Range { first: 1, last: -1, step: 2 } },
-    Row { name: "msetnx", class: Class::Value(ValueCommand::MSetNx), keys: Keys::Range { first: 1, last: -1, step: 2 } },
-    Row { name: "multi", class: Class::Connection(Handling::Multi), keys: Keys::None },
-    Row { name: "object", class: Class::ServerReadsValue, keys: Keys::Range { first: 2, last: 2, step: 1 } },
-    Row { name: "persist", class: Class::Forward, keys: K1 },
-    Row { name: "pexpire", class: Class::Forward, keys: K1 },
-    Row { name: "pexpireat", class: Class::Forward, keys: K1 },
-    Row { name: "pexpiretime", class: Class::Forward, keys: K1 },
-    Row { name: "pfadd", class: Class::Collection, keys: K1 },
-    Row { name: "pfcount", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "pfdebug", class: Class::Collection, keys: Keys::Range { first: 2, last: 2, step: 1 } },
-    Row { name: "pfmerge", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "pfselftest", class: Class::Forward, keys: Keys::None },
-    Row { name: "ping", class: Class::Forward, keys: Keys::None },
-    Row { name: "psetex", class: Class::Value(ValueCommand::PSetEx), keys: K1 },
-    Row { name: "psubscribe", class: Class::Connection(Handling::Subscribe(PubSubKind::Pattern)), keys: Keys::None },
-    Row { name: "psync", class: Class::Refuse(REPLICATION), keys: Keys::None },
-    Row { name: "pttl", class: Class::Forward, keys: K1 },
-    Row { name: "publish", class: Class::Collection, keys: K1 },
-    Row { name: "pubsub", class: Class::Forward, keys: Keys::None },
-    Row { name: "punsubscribe", class: Class::Connection(Handling::Unsubscribe(PubSubKind::Pattern)), keys: Keys::None },
-    Row { name: "quit", class: Class::Connection(Handling::Quit), keys: Keys::None },
-    Row { name: "randomkey", class: Class::Forward, keys: Keys::None },
-    Row { name: "readonly", class: Class::Forward, keys: Keys::None },
-    Row { name: "readwrite", class: Class::Forward, keys: Keys::None },
-    Row { name: "rename", class: Class::MovesValue, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "renamenx", class: Class::MovesValue, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "replconf", class: Class::Refuse(REPLICATION), keys: Keys::None },
-    Row { name: "replicaof", class: Class::Forward, keys: Keys::None },
-    Row { name: "reset", class: Class::Connection(Handling::Reset), keys: Keys::None },
-    Row { name: "restore", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "restore-asking", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "role", class: Class::Forward, keys: Keys::None },
-    Row { name: "rpop", class: Class::Collection, keys: K1 },
-    Row { name: "rpoplpush", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "rpush", class: Class::Collection, keys: K1 },
-    Row { name: "rpushx", class: Class::Collection, keys: K1 },
-    Row { name: "sadd", class: Class::Collection, keys: K1 },
-    Row { name: "save", class: Class::Forward, keys: Keys::None },
-    Row { name: "scan", class: Class::Forward, keys: Keys::None },
-    Row { name: "scard", class: Class::Collection, keys: K1 },
-    Row { name: "script", class: Class::Scripting(Scripting::Script), keys: Keys::None },
-    Row { name: "sdiff", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "sdiffstore", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "select", class: Class::Forward, keys: Keys::None },
-    Row { name: "set", class: Class::Value(ValueCommand::Set), keys: K1 },
-    Row { name: "setbit", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "setex", class: Class::Value(ValueCommand::SetEx), keys: K1 },
-    Row { name: "setnx", class: Class::Value(ValueCommand::SetNx), keys: K1 },
-    Row { name: "setrange", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "shutdown", class: Class::Forward, keys: Keys::None },
-    Row { name: "sinter", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "sintercard", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "sinterstore", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "sismember", class: Class::Collection, keys: K1 },
-    Row { name: "slaveof", class: Class::Forward, keys: Keys::None },
-    Row { name: "slowlog", class: Class::Forward, keys: Keys::None },
-    Row { name: "smembers", class: Class::Collection, keys: K1 },
-    Row { name: "smismember", class: Class::Collection, keys: K1 },
-    Row { name: "smove", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "sort", class: Class::Sort, keys: Keys::WithStore },
-    Row { name: "sort_ro", class: Class::Sort, keys: Keys::WithStore },
-    Row { name: "spop", class: Class::Collection, keys: K1 },
-    Row { name: "spublish", class: Class::Collection, keys: K1 },
-    Row { name: "srandmember", class: Class::Collection, keys: K1 },
-    Row { name: "srem", class: Class::Collection, keys: K1 },
-    Row { name: "sscan", class: Class::Collection, keys: K1 },
-    Row { name: "ssubscribe", class: Class::Connection(Handling::Subscribe(PubSubKind::Shard)), keys: Keys::None },
-    Row { name: "strlen", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "subscribe", class: Class::Connection(Handling::Subscribe(PubSubKind::Channel)), keys: Keys::None },
-    Row { name: "substr", class: Class::ServerReadsValue, keys: K1 },
-    Row { name: "sunion", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "sunionstore", class: Class::Collection, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "sunsubscribe", class: Class::Connection(Handling::Unsubscribe(PubSubKind::Shard)), keys: Keys::None },
-    Row { name: "swapdb", class: Class::Forward, keys: Keys::None },
-    Row { name: "sync", class: Class::Refuse(REPLICATION), keys: Keys::None },
-    Row { name: "time", class: Class::Forward, keys: Keys::None },
-    Row { name: "touch", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "ttl", class: Class::Forward, keys: K1 },
-    Row { name: "type", class: Class::Forward, keys: K1 },
-    Row { name: "unlink", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "unsubscribe", class: Class::Connection(Handling::Unsubscribe(PubSubKind::Channel)), keys: Keys::None },
-    Row { name: "unwatch", class: Class::Forward, keys: Keys::None },
-    Row { name: "wait", class: Class::Forward, keys: Keys::None },
-    Row { name: "watch", class: Class::Forward, keys: Keys::Range { first: 1, last: -1, step: 1 } },
-    Row { name: "xack", class: Class::Collection, keys: K1 },
-    Row { name: "xadd", class: Class::Collection, keys: K1 },
-    Row { name: "xautoclaim", class: Class::Collection, keys: K1 },
-    Row { name: "xclaim", class: Class::Collection, keys: K1 },
-    Row { name: "xdel", class: Class::Collection, keys: K1 },
-    Row { name: "xgroup", class: Class::Collection, keys: Keys::Range { first: 2, last: 2, step: 1 } },
-    Row { name: "xinfo", class: Class::Collection, keys: Keys::Range { first: 2, last: 2, step: 1 } },
-    Row { name: "xlen", class: Class::Collection, keys: K1 },
-    Row { name: "xpending", class: Class::Collection, keys: K1 },
-    Row { name: "xrange", class: Class::Collection, keys: K1 },
-    Row { name: "xread", class: Class::Collection, keys: Keys::Streams },
-    Row { name: "xreadgroup", class: Class::Collection, keys: Keys::Streams },
-    Row { name: "xrevrange", class: Class::Collection, keys: K1 },
-    Row { name: "xsetid", class: Class::Collection, keys: K1 },
-    Row { name: "xtrim", class: Class::Collection, keys: K1 },
-    Row { name: "zadd", class: Class::Collection, keys: K1 },
-    Row { name: "zcard", class: Class::Collection, keys: K1 },
-    Row { name: "zcount", class: Class::Collection, keys: K1 },
-    Row { name: "zdiff", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "zdiffstore", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: true } },
-    Row { name: "zincrby", class: Class::Collection, keys: K1 },
-    Row { name: "zinter", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "zintercard", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "zinterstore", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: true } },
-    Row { name: "zlexcount", class: Class::Collection, keys: K1 },
-    Row { name: "zmpop", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "zmscore", class: Class::Collection, keys: K1 },
-    Row { name: "zpopmax", class: Class::Collection, keys: K1 },
-    Row { name: "zpopmin", class: Class::Collection, keys: K1 },
-    Row { name: "zrandmember", class: Class::Collection, keys: K1 },
-    Row { name: "zrange", class: Class::Collection, keys: K1 },
-    Row { name: "zrangebylex", class: Class::Collection, keys: K1 },
-    Row { name: "zrangebyscore", class: Class::Collection, keys: K1 },
-    Row { name: "zrangestore", class: Class::Collection, keys: Keys::Range { first: 1, last: 2, step: 1 } },
-    Row { name: "zrank", class: Class::Collection, keys: K1 },
-    Row { name: "zrem", class: Class::Collection, keys: K1 },
-    Row { name: "zremrangebylex", class: Class::Collection, keys: K1 },
-    Row { name: "zremrangebyrank", class: Class::Collection, keys: K1 },
-    Row { name: "zremrangebyscore", class: Class::Collection, keys: K1 },
-    Row { name: "zrevrange", class: Class::Collection, keys: K1 },
-    Row { name: "zrevrangebylex", class: Class::Collection, keys: K1 },
-    Row { name: "zrevrangebyscore", class: Class::Collection, keys: K1 },
-    Row { name: "zrevrank", class: Class::Collection, keys: K1 },
-    Row { name: "zscan", class: Class::Collection, keys: K1 },
-    Row { name: "zscore", class: Class::Collection, keys: K1 },
-    Row { name: "zunion", class: Class::Collection, keys: Keys::NumKeys { at: 1, dest: false } },
-    Row { name: "zunionstore", class: Class::Collection, keys: Keys::NumKeys { at: 2, dest: true } },
+    row("acl", Class::Forward, NONE),
+    row("append", Class::ServerReadsValue, K1),
+    row("asking", Class::Forward, NONE).leaves(Leaves::Session),
+    connection("auth", Handling::Auth),
+    row("bgrewriteaof", Class::Forward, NONE),
+    row("bgsave", Class::Forward, NONE),
+    row("bitcount", Class::ServerReadsValue, K1),
+    row("bitfield", Class::ServerReadsValue, K1),
+    row("bitfield_ro", Class::ServerReadsValue, K1),
+    row("bitop", Class::ServerReadsValue, Keys::Range { first: 2, last: -1, step: 1 }),
+    row("bitpos", Class::ServerReadsValue, K1),
+    row("blmove", Class::Sealed(LIST_ONE), K1_2).blocks(Timeout::LastSeconds).moves_values(),
+    row("blmpop", Class::Sealed(LIST_MPOP), Keys::NumKeys { at: 2, dest: false }).blocks(Timeout::FirstSeconds),
+    row("blpop", Class::Sealed(LIST_BLOCKING_POP), ALL_BUT_LAST).blocks(Timeout::LastSeconds),
+    row("brpop", Class::Sealed(LIST_BLOCKING_POP), ALL_BUT_LAST).blocks(Timeout::LastSeconds),
+    row("brpoplpush", Class::Sealed(LIST_ONE), K1_2).blocks(Timeout::LastSeconds).moves_values(),
+    row("bzmpop", Class::Collection, Keys::NumKeys { at: 2, dest: false }).blocks(Timeout::FirstSeconds),
+    row("bzpopmax", Class::Collection, ALL_BUT_LAST).blocks(Timeout::LastSeconds),
+    row("bzpopmin", Class::Collection, ALL_BUT_LAST).blocks(Timeout::LastSeconds),
+    connection("client", Handling::Client),
+    row("cluster", Class::Forward, NONE),
+    row("command", Class::Forward, NONE),
+    row("config", Class::Forward, NONE),
+    row("copy", Class::Forward, K1_2).moves_values(),
+    row("dbsize", Class::Forward, NONE),
+    row("debug", Class::Forward, NONE).leaves(Leaves::Session),
+    row("decr", Class::ServerReadsValue, K1),
+    row("decrby", Class::ServerReadsValue, K1),
+    row("del", Class::Forward, ALL),
+    connection("discard", Handling::Discard),
+    row("dump", Class::ServerReadsValue, K1),
+    row("echo", Class::Forward, NONE),
+    row("eval", Class::Scripting(Scripting::Eval), Keys::NumKeys { at: 2, dest: false }),
+    row("eval_ro", Class::Scripting(Scripting::Eval), Keys::NumKeys { at: 2, dest: false }),
+    row("evalsha", Class::Scripting(Scripting::EvalSha), Keys::NumKeys { at: 2, dest: false }),
+    row("evalsha_ro", Class::Scripting(Scripting::EvalSha), Keys::NumKeys { at: 2, dest: false }),
+    connection("exec", Handling::Exec),
+    row("exists", Class::Forward, ALL),
+    row("expire", Class::Forward, K1),
+    row("expireat", Class::Forward, K1),
+    row("expiretime", Class::Forward, K1),
+    row("failover", Class::Forward, NONE),
+    row("fcall", Class::Scripting(Scripting::FCall), Keys::NumKeys { at: 2, dest: false }),
+    row("fcall_ro", Class::Scripting(Scripting::FCall), Keys::NumKeys { at: 2, dest: false }),
+    row("flushall", Class::Forward, NONE),
+    row("flushdb", Class::Forward, NONE),
+    row("function", Class::Scripting(Scripting::Function), NONE),
+    row("geoadd", Class::Collection, K1),
+    row("geodist", Class::Collection, K1),
+    row("geohash", Class::Collection, K1),
+    row("geopos", Class::Collection, K1),
+    row("georadius", Class::Collection, Keys::WithStore),
+    row("georadius_ro", Class::Collection, K1),
+    row("georadiusbymember", Class::Collection, Keys::WithStore),
+    row("georadiusbymember_ro", Class::Collection, K1),
+    row("geosearch", Class::Collection, K1),
+    row("geosearchstore", Class::Collection, K1_2),
+    row("get", Class::Sealed(GET), K1),
+    row("getbit", Class::ServerReadsValue, K1),
+    row("getdel", Class::Sealed(GET), K1),
+    row("getex", Class::Sealed(GET), K1),
+    row("getrange", Class::ServerReadsValue, K1),
+    row("getset", Class::Sealed(GETSET), K1),
+    row("hdel", Class::Forward, K1),
+    connection("hello", Handling::Hello),
+    row("hexists", Class::Forward, K1),
+    row("hget", Class::Sealed(HGET), K1),
+    row("hgetall", Class::Sealed(HGETALL), K1),
+    row("hincrby", Class::ServerReadsValue, K1),
+    row("hincrbyfloat", Class::ServerReadsValue, K1),
+    row("hkeys", Class::Forward, K1),
+    row("hlen", Class::Forward, K1),
+    row("hmget", Class::Sealed(HMGET), K1),
+    row("hmset", Class::Sealed(HSET), K1),
+    row("hrandfield", Class::Sealed(HRANDFIELD), K1),
+    row("hscan", Class::Sealed(HSCAN), K1),
+    row("hset", Class::Sealed(HSET), K1),
+    row("hsetnx", Class::Sealed(HSET), K1),
+    row("hstrlen", Class::ServerReadsValue, K1),
+    row("hvals", Class::Sealed(HVALS), K1),
+    row("incr", Class::ServerReadsValue, K1),
+    row("incrby", Class::ServerReadsValue, K1),
+    row("incrbyfloat", Class::ServerReadsValue, K1),
+    row("info", Class::Forward, NONE),
+    row("keys", Class::Forward, NONE),
+    row("lastsave", Class::Forward, NONE),
+    row("latency", Class::Forward, NONE),
+    row("lcs", Class::ServerReadsValue, K1_2),
+    row("lindex", Class::Sealed(LIST_ONE), K1),
+    row("linsert", Class::ComparesValues, K1),
+    row("llen", Class::Forward, K1),
+    row("lmove", Class::Sealed(LIST_ONE), K1_2).moves_values(),
+    row("lmpop", Class::Sealed(LIST_MPOP), Keys::NumKeys { at: 1, dest: false }),
+    row("lolwut", Class::Forward, NONE),
+    row("lpop", Class::Sealed(LIST_POP), K1),
+    row("lpos", Class::ComparesValues, K1),
+    row("lpush", Class::Sealed(LIST_PUSH), K1),
+    row("lpushx", Class::Sealed(LIST_PUSH), K1),
+    row("lrange", Class::Sealed(LIST_POP), K1),
+    row("lrem", Class::ComparesValues, K1),
+    row("lset", Class::Sealed(LIST_SET), K1),
+    row("ltrim", Class::Forward, K1),
+    row("memory", Class::Forward, K2),
+    row("mget", Class::Sealed(MGET), ALL),
+    row("migrate", Class::Refuse(MIGRATE), NONE),
+    row("module", Class::Forward, NONE),
+    row("monitor", Class::Refuse(MONITOR), NONE),
+    row("move", Class::Forward, K1),
+    row("mset", Class::Sealed(MSET), Keys::Range { first: 1, last: -1, step: 2 }),
+    row("msetnx", Class::Sealed(MSET), Keys::Range { first: 1, last: -1, step: 2 }),
+    connection("multi", Handling::Multi),
+    row("object", Class::Forward, K2),
+    row("persist", Class::Forward, K1),
+    row("pexpire", Class::Forward, K1),
+    row("pexpireat", Class::Forward, K1),
+    row("pexpiretime", Class::Forward, K1),
+    row("pfadd", Class::Collection, K1),
+    row("pfcount", Class::Collection, ALL),
+    row("pfdebug", Class::Collection, K2),
+    row("pfmerge", Class::Collection, ALL),
+    row("pfselftest", Class::Forward, NONE),
+    row("ping", Class::Forward, NONE),
+    row("psetex", Class::Sealed(SETEX), K1),
+    connection("psubscribe", Handling::Subscribe(PubSubKind::Pattern)),
+    row("psync", Class::Refuse(REPLICATION), NONE),
+    row("pttl", Class::Forward, K1),
+    row("publish", Class::Sealed(PUBLISH), K1),
+    row("pubsub", Class::Forward, NONE),
+    connection("punsubscribe", Handling::Unsubscribe(PubSubKind::Pattern)),
+    connection("quit", Handling::Quit),
+    row("randomkey", Class::Forward, NONE),
+    row("readonly", Class::Forward, NONE).leaves(Leaves::Session),
+    row("readwrite", Class::Forward, NONE).leaves(Leaves::Session),
+    row("rename", Class::Forward, K1_2).moves_values(),
+    row("renamenx", Class::Forward, K1_2).moves_values(),
+    row("replconf", Class::Refuse(REPLICATION), NONE),
+    row("replicaof", Class::Forward, NONE),
+    connection("reset", Handling::Reset),
+    row("restore", Class::ServerReadsValue, K1),
+    row("restore-asking", Class::ServerReadsValue, K1),
+    row("role", Class::Forward, NONE),
+    row("rpop", Class::Sealed(LIST_POP), K1),
+    row("rpoplpush", Class::Sealed(LIST_ONE), K1_2).moves_values(),
+    row("rpush", Class::Sealed(LIST_PUSH), K1),
+    row("rpushx", Class::Sealed(LIST_PUSH), K1),
+    row("sadd", Class::Collection, K1),
+    row("save", Class::Forward, NONE),
+    row("scan", Class::Forward, NONE),
+    row("scard", Class::Forward, K1),
+    row("script", Class::Scripting(Scripting::Script), NONE),
+    row("sdiff", Class::Collection, ALL),
+    row("sdiffstore", Class::Collection, ALL),
+    row("select", Class::Forward, NONE).leaves(Leaves::Database),
+    row("set", Class::Sealed(SET), K1),
+    row("setbit", Class::ServerReadsValue, K1),
+    row("setex", Class::Sealed(SETEX), K1),
+    row("setnx", Class::Sealed(SETNX), K1),
+    row("setrange", Class::ServerReadsValue, K1),
+    row("shutdown", Class::Forward, NONE),
+    row("sinter", Class::Collection, ALL),
+    row("sintercard", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
+    row("sinterstore", Class::Collection, ALL),
+    row("sismember", Class::Collection, K1),
+    row("slaveof", Class::Forward, NONE),
+    row("slowlog", Class::Forward, NONE),
+    row("smembers", Class::Collection, K1),
+    row("smismember", Class::Collection, K1),
+    row("smove", Class::Collection, K1_2),
+    row("sort", Class::Sort, Keys::WithStore),
+    row("sort_ro", Class::Sort, Keys::WithStore),
+    row("spop", Class::Collection, K1),
+    row("spublish", Class::Sealed(PUBLISH), K1),
+    row("srandmember", Class::Collection, K1),
+    row("srem", Class::Collection, K1),
+    row("sscan", Class::Collection, K1),
+    connection("ssubscribe", Handling::Subscribe(PubSubKind::Shard)),
+    row("strlen", Class::ServerReadsValue, K1),
+    connection("subscribe", Handling::Subscribe(PubSubKind::Channel)),
+    row("substr", Class::ServerReadsValue, K1),
+    row("sunion", Class::Collection, ALL),
+    row("sunionstore", Class::Collection, ALL),
+    connection("sunsubscribe", Handling::Unsubscribe(PubSubKind::Shard)),
+    row("swapdb", Class::Forward, NONE),
+    row("sync", Class::Refuse(REPLICATION), NONE),
+    row("time", Class::Forward, NONE),
+    row("touch", Class::Forward, ALL),
+    row("ttl", Class::Forward, K1),
+    row("type", Class::Forward, K1),
+    row("unlink", Class::Forward, ALL),
+    connection("unsubscribe", Handling::Unsubscribe(PubSubKind::Channel)),
+    row("unwatch", Class::Forward, NONE).leaves(Leaves::Session),
+    row("wait", Class::Forward, NONE).blocks(Timeout::SecondMillis),
+    row("watch", Class::Forward, ALL).leaves(Leaves::Session),
+    row("xack", Class::Forward, K1),
+    row("xadd", Class::Collection, K1),
+    row("xautoclaim", Class::Collection, K1),
+    row("xclaim", Class::Collection, K1),
+    row("xdel", Class::Forward, K1),
+    row("xgroup", Class::Forward, K2),
+    row("xinfo", Class::Collection, K2),
+    row("xlen", Class::Forward, K1),
+    row("xpending", Class::Forward, K1),
+    row("xrange", Class::Collection, K1),
+    row("xread", Class::Collection, Keys::Streams).blocks(Timeout::BlockOptionMillis),
+    row("xreadgroup", Class::Collection, Keys::Streams).blocks(Timeout::BlockOptionMillis),
+    row("xrevrange", Class::Collection, K1),
+    row("xsetid", Class::Forward, K1),
+    row("xtrim", Class::Forward, K1),
+    row("zadd", Class::Collection, K1),
+    row("zcard", Class::Forward, K1),
+    row("zcount", Class::Forward, K1),
+    row("zdiff", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
+    row("zdiffstore", Class::Collection, Keys::NumKeys { at: 2, dest: true }),
+    row("zincrby", Class::Collection, K1),
+    row("zinter", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
+    row("zintercard", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
+    row("zinterstore", Class::Collection, Keys::NumKeys { at: 2, dest: true }),
+    row("zlexcount", Class::Collection, K1),
+    row("zmpop", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
+    row("zmscore", Class::Collection, K1),
+    row("zpopmax", Class::Collection, K1),
+    row("zpopmin", Class::Collection, K1),
+    row("zrandmember", Class::Collection, K1),
+    row("zrange", Class::Collection, K1),
+    row("zrangebylex", Class::Collection, K1),
+    row("zrangebyscore", Class::Collection, K1),
+    row("zrangestore", Class::Collection, K1_2),
+    row("zrank", Class::Collection, K1),
+    row("zrem", Class::Collection, K1),
+    row("zremrangebylex", Class::Collection, K1),
+    row("zremrangebyrank", Class::Forward, K1),
+    row("zremrangebyscore", Class::Forward, K1),
+    row("zrevrange", Class::Collection, K1),
+    row("zrevrangebylex", Class::Collection, K1),
+    row("zrevrangebyscore", Class::Collection, K1),
+    row("zrevrank", Class::Collection, K1),
+    row("zscan", Class::Collection, K1),
+    row("zscore", Class::Collection, K1),
+    row("zunion", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
+    row("zunionstore", Class::Collection, Keys::NumKeys { at: 2, dest: true }),
 ];
 
 /// How long Redis may legitimately take to answer a command beyond its
@@ -446,38 +578,22 @@ pub enum Blocks {
 }
 
 /// Where a blocking command's timeout is.
-#[derive(Debug, Clone, Copy)]
-enum BlockTimeout {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
     /// Seconds (a float) in the last argument.
     LastSeconds,
     /// Seconds in argument 1.
     FirstSeconds,
-    /// Milliseconds after a BLOCK option.
+    /// Milliseconds after a BLOCK option (none: it does not block).
     BlockOptionMillis,
     /// Milliseconds in argument 2.
     SecondMillis,
 }
 
-/// Every command that may keep Redis from answering, and its timeout.
-const BLOCKING: &[(&str, BlockTimeout)] = &[
-    ("blmove", BlockTimeout::LastSeconds),
-    ("blmpop", BlockTimeout::FirstSeconds),
-    ("blpop", BlockTimeout::LastSeconds),
-    ("brpop", BlockTimeout::LastSeconds),
-    ("brpoplpush", BlockTimeout::LastSeconds),
-    ("bzmpop", BlockTimeout::FirstSeconds),
-    ("bzpopmax", BlockTimeout::LastSeconds),
-    ("bzpopmin", BlockTimeout::LastSeconds),
-    ("wait", BlockTimeout::SecondMillis),
-    ("xread", BlockTimeout::BlockOptionMillis),
-    ("xreadgroup", BlockTimeout::BlockOptionMillis),
-];
-
 /// How long the command in `args` may block. A timeout that does not parse
 /// makes Redis answer with an error at once.
 pub fn blocks(row: Option<&Row>, args: &[Bytes]) -> Blocks {
-    let Some(row) = row else { return Blocks::No };
-    let Some((_, timeout)) = BLOCKING.iter().find(|(name, _)| *name == row.name) else {
+    let Some(timeout) = row.and_then(|row| row.blocks) else {
         return Blocks::No;
     };
     let number = |arg: Option<&Bytes>| -> Option<f64> {
@@ -488,10 +604,10 @@ pub fn blocks(row: Option<&Row>, args: &[Bytes]) -> Blocks {
             .filter(|n| n.is_finite() && *n >= 0.0)
     };
     let seconds = match timeout {
-        BlockTimeout::LastSeconds => number(args.last()),
-        BlockTimeout::FirstSeconds => number(args.get(1)),
-        BlockTimeout::SecondMillis => number(args.get(2)).map(|ms| ms / 1000.0),
-        BlockTimeout::BlockOptionMillis => {
+        Timeout::LastSeconds => number(args.last()),
+        Timeout::FirstSeconds => number(args.get(1)),
+        Timeout::SecondMillis => number(args.get(2)).map(|ms| ms / 1000.0),
+        Timeout::BlockOptionMillis => {
             let at = args.iter().position(|a| a.eq_ignore_ascii_case(b"block"));
             match at {
                 None => return Blocks::No,
@@ -521,28 +637,9 @@ pub enum Leaves {
     Session,
 }
 
-/// Rows outside [`Class::Connection`] that still change the connection.
-const CHANGE_THE_CONNECTION: &[&str] = &[
-    "asking",
-    "debug",
-    "readonly",
-    "readwrite",
-    "unwatch",
-    "watch",
-];
-
 /// What forwarding a command with this row (`None`: no row) leaves behind.
 pub fn leaves(row: Option<&Row>) -> Leaves {
-    match row {
-        None => Leaves::Session,
-        Some(row) if row.name == "select" => Leaves::Database,
-        Some(Row {
-            class: Class::Connection(_),
-            ..
-        }) => Leaves::Session,
-        Some(row) if CHANGE_THE_CONNECTION.contains(&row.name) => Leaves::Session,
-        Some(_) => Leaves::Nothing,
-    }
+    row.map_or(Leaves::Session, |row| row.leaves)
 }
 
 /// The row for a command name, matched case-insensitively.
@@ -721,10 +818,7 @@ mod tests {
     #[test]
     fn lookup_ignores_case_and_rejects_unknown_names() {
         assert_eq!(lookup(b"AuTh").map(|r| r.name), Some("auth"));
-        assert_eq!(
-            lookup(b"GET").map(|r| r.class),
-            Some(Class::Value(ValueCommand::Get))
-        );
+        assert_eq!(lookup(b"GET").map(|r| r.class), Some(Class::Sealed(GET)));
         assert!(lookup(b"notacommand").is_none());
         assert!(lookup(&[b'a'; 40]).is_none());
         assert!(lookup(b"").is_none());
@@ -774,21 +868,44 @@ mod tests {
         assert_eq!(blocks_of("WAIT 1 200"), secs(0.2));
         assert_eq!(blocks_of("BLPOP a nonsense"), Blocks::No);
         assert_eq!(blocks_of("GET a"), Blocks::No);
-        for (name, _) in BLOCKING {
-            assert!(lookup(name.as_bytes()).is_some(), "{name} has no row");
-        }
+        let blocking: Vec<_> = COMMANDS
+            .iter()
+            .filter(|row| row.blocks.is_some())
+            .map(|row| row.name)
+            .collect();
+        assert_eq!(
+            blocking,
+            [
+                "blmove",
+                "blmpop",
+                "blpop",
+                "brpop",
+                "brpoplpush",
+                "bzmpop",
+                "bzpopmax",
+                "bzpopmin",
+                "wait",
+                "xread",
+                "xreadgroup"
+            ]
+        );
     }
 
     #[test]
     fn only_plain_data_commands_leave_nothing_on_the_connection() {
-        for name in CHANGE_THE_CONNECTION {
-            assert!(lookup(name.as_bytes()).is_some(), "{name} has no row");
-        }
+        let change_the_connection = [
+            "asking",
+            "debug",
+            "readonly",
+            "readwrite",
+            "unwatch",
+            "watch",
+        ];
         for row in COMMANDS {
             let leaves = leaves(Some(row));
             match row.class {
                 Class::Connection(_) => assert_eq!(leaves, Leaves::Session, "{}", row.name),
-                _ if CHANGE_THE_CONNECTION.contains(&row.name) => {
+                _ if change_the_connection.contains(&row.name) => {
                     assert_eq!(leaves, Leaves::Session)
                 }
                 _ if row.name == "select" => assert_eq!(leaves, Leaves::Database),
@@ -799,5 +916,26 @@ mod tests {
         assert_eq!(leaves(lookup(b"Client")), Leaves::Session);
         assert_eq!(leaves(lookup(b"WATCH")), Leaves::Session);
         assert_eq!(leaves(None), Leaves::Session);
+    }
+
+    #[test]
+    fn values_move_only_in_commands_that_say_so() {
+        let moving: Vec<_> = COMMANDS
+            .iter()
+            .filter(|row| row.moves_values)
+            .map(|row| row.name)
+            .collect();
+        assert_eq!(
+            moving,
+            [
+                "blmove",
+                "brpoplpush",
+                "copy",
+                "lmove",
+                "rename",
+                "renamenx",
+                "rpoplpush"
+            ]
+        );
     }
 }

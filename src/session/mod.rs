@@ -49,6 +49,7 @@ pub mod memory;
 pub mod open;
 mod peer;
 pub mod pipeline;
+pub mod seal;
 mod tally;
 
 use crate::auth::lockout::Lockouts;
@@ -482,6 +483,12 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                 self.enqueue(Entry::Await(plan, Some(tally))).await?;
                 self.encode(&request.args, blocks);
             }
+            Action::Seal(values, plan) => {
+                self.enqueue(Entry::Await(plan, Some(tally))).await?;
+                let keyring = self.ctx.policy.keyring();
+                let args = seal::arguments(keyring, &request.args, &values);
+                self.encode(&args, blocks);
+            }
             Action::Rewrite(args, plan) => {
                 self.enqueue(Entry::Await(plan, Some(tally))).await?;
                 self.encode(&args, blocks);
@@ -612,7 +619,11 @@ where
     let mut output = BytesMut::with_capacity(READ_CHUNK);
     let mut held = ctx.buffers.account();
     let mut scanner = ReplyScanner::default();
-    let mut replies = Replies::new(ctx.policy.keyring().clone(), ctx.reply_limits.clone());
+    let mut replies = Replies::new(
+        ctx.policy.keyring().clone(),
+        ctx.policy.rules().clone(),
+        ctx.reply_limits.clone(),
+    );
     let mut answered = Answered::default();
     let mut requests_done = false;
     let failed = upstream_failed.cancelled();

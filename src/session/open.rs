@@ -17,7 +17,8 @@
 use crate::crypto::keyring::Opened;
 use crate::crypto::{Keyring, OpenError, envelope};
 use crate::metrics::OpenFailure;
-use crate::policy::{OpenPlan, ValueSite, shown};
+use crate::policy::table::Kind;
+use crate::policy::{KeySite, OpenPlan, ValueSite, shown};
 use crate::resp::{self, Limits};
 use bytes::BytesMut;
 
@@ -58,6 +59,9 @@ pub fn reply(
         OpenPlan::HashPairs(site) => opener.pairs(site, frame, out),
         OpenPlan::HashValues(site) => opener.values_only(site, frame, out),
         OpenPlan::HashScan(site) => opener.scan(site, frame, out),
+        OpenPlan::Values(site) => opener.values(site, frame, out),
+        OpenPlan::KeyAndValue(sites) => opener.keyed(sites, frame, out, Opener::value),
+        OpenPlan::KeyAndValues(sites) => opener.keyed(sites, frame, out, Opener::values),
     }
     opener.contradiction.map_or(Ok(()), Err)
 }
@@ -122,6 +126,48 @@ impl Opener<'_> {
                     },
                 });
             }
+        }
+    }
+
+    /// One value, or an array or set of values, all of one site.
+    fn values(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+        if !matches!(frame.first(), Some(b'*' | b'~')) {
+            return self.value(site, frame, out);
+        }
+        let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
+            return self.not_aggregate("no array where values must be", frame, out);
+        };
+        out.extend_from_slice(header);
+        for element in elements {
+            self.value(site, element, out);
+        }
+    }
+
+    /// `[key, rest]` where the key is one the request named: `rest` is
+    /// opened with that key's site (nil when nothing came, as on a timeout).
+    fn keyed(
+        &mut self,
+        sites: &[KeySite],
+        frame: &[u8],
+        out: &mut BytesMut,
+        open_rest: fn(&mut Self, &ValueSite, &[u8], &mut BytesMut),
+    ) {
+        let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
+            return self.not_aggregate("no [key, values] where they must be", frame, out);
+        };
+        let [key, rest] = elements[..] else {
+            return self.contradicted("a [key, values] reply that is not two elements", frame, out);
+        };
+        let named =
+            resp::bulk_body(key).and_then(|name| sites.iter().find(|(k, _)| k[..] == *name));
+        let Some((_, site)) = named else {
+            return self.contradicted("a reply naming a key the request did not", frame, out);
+        };
+        out.extend_from_slice(header);
+        out.extend_from_slice(key);
+        match site {
+            Some(site) => open_rest(self, site, rest, out),
+            None => out.extend_from_slice(rest),
         }
     }
 
@@ -207,16 +253,20 @@ fn with_field(site: &ValueSite, field: &[u8]) -> ValueSite {
 /// The error text for a value that did not open. Names, never values.
 fn failure(site: &ValueSite, err: &OpenError) -> String {
     let key = shown(&site.key);
-    let place = match &site.field {
-        Some(field) => format!("field '{}' of key '{key}'", shown(field)),
-        None => format!("key '{key}'"),
+    let field = || site.field.as_deref().map(shown).unwrap_or_default();
+    let what = match site.kind {
+        Kind::String => format!("value of key '{key}'"),
+        Kind::HashField => format!("value of field '{}' of key '{key}'", field()),
+        Kind::ListElement => format!("element of list '{key}'"),
+        Kind::StreamValue => format!("value of field '{}' of stream '{key}'", field()),
+        Kind::Message => format!("message on channel '{key}'"),
     };
     match err {
         OpenError::NotAnEnvelope => format!(
-            "ERR redcloak: value of {place} is not encrypted (legacy plaintext); \
+            "ERR redcloak: {what} is not encrypted (legacy plaintext); \
              encryption.legacy_plaintext = \"pass\" reads such values during a migration"
         ),
-        err => format!("ERR redcloak: value of {place} failed to decrypt ({err})"),
+        err => format!("ERR redcloak: {what} failed to decrypt ({err})"),
     }
 }
 
@@ -238,9 +288,20 @@ mod tests {
 
     fn site(key: &str, field: Option<&str>) -> ValueSite {
         ValueSite {
+            kind: match field {
+                Some(_) => Kind::HashField,
+                None => Kind::String,
+            },
             key: Bytes::copy_from_slice(key.as_bytes()),
-            bind_key: true,
+            scope: crate::policy::SiteScope::Key,
             field: field.map(|f| Bytes::copy_from_slice(f.as_bytes())),
+        }
+    }
+
+    fn list(key: &str) -> ValueSite {
+        ValueSite {
+            kind: Kind::ListElement,
+            ..site(key, None)
         }
     }
 
@@ -358,7 +419,10 @@ mod tests {
     #[test]
     fn hash_pairs_open_in_flat_arrays_resp3_maps_and_pair_arrays() {
         let ring = keyring();
-        let h = site("h", None);
+        let h = ValueSite {
+            kind: Kind::HashField,
+            ..site("h", None)
+        };
         let v1 = sealed(&ring, "one", &site("h", Some("f1")));
         let v2 = sealed(&ring, "two", &site("h", Some("f2")));
         let fields = [bulk(b"f1"), bulk(b"f2")];
@@ -423,6 +487,94 @@ mod tests {
             text.matches("-ERR redcloak: value of field").count(),
             2,
             "{text}"
+        );
+    }
+
+    #[test]
+    fn list_replies_open_as_one_value_or_an_array_or_a_keyed_pair() {
+        let ring = keyring();
+        let (q, other) = (list("q"), list("other"));
+        let one = sealed(&ring, "job", &q);
+        assert_eq!(
+            run(&OpenPlan::Values(q.clone()), &one, &ring),
+            "$3\r\njob\r\n"
+        );
+        let array = [b"*2\r\n".to_vec(), one.clone(), sealed(&ring, "two", &q)].concat();
+        assert_eq!(
+            run(&OpenPlan::Values(q.clone()), &array, &ring),
+            "*2\r\n$3\r\njob\r\n$3\r\ntwo\r\n"
+        );
+        assert_eq!(
+            run(&OpenPlan::Values(q.clone()), b"*-1\r\n", &ring),
+            "*-1\r\n"
+        );
+        // A list element never opens as a string of the same key.
+        let text = run(&OpenPlan::One(site("q", None)), &one, &ring);
+        assert!(
+            text.starts_with("-ERR redcloak: value of key 'q' failed"),
+            "{text}"
+        );
+        let keyed = vec![
+            (Bytes::from_static(b"other"), Some(other.clone())),
+            (Bytes::from_static(b"q"), Some(q.clone())),
+            (Bytes::from_static(b"plain"), None),
+        ];
+        let pair = [b"*2\r\n$1\r\nq\r\n".to_vec(), one.clone()].concat();
+        assert_eq!(
+            run(&OpenPlan::KeyAndValue(keyed.clone()), &pair, &ring),
+            "*2\r\n$1\r\nq\r\n$3\r\njob\r\n"
+        );
+        let from_plain = b"*2\r\n$5\r\nplain\r\n$1\r\nx\r\n";
+        assert_eq!(
+            run(&OpenPlan::KeyAndValue(keyed.clone()), from_plain, &ring),
+            String::from_utf8_lossy(from_plain)
+        );
+        let mpop = [b"*2\r\n$1\r\nq\r\n".to_vec(), array.clone()].concat();
+        assert_eq!(
+            run(&OpenPlan::KeyAndValues(keyed.clone()), &mpop, &ring),
+            "*2\r\n$1\r\nq\r\n*2\r\n$3\r\njob\r\n$3\r\ntwo\r\n"
+        );
+        assert_eq!(
+            run(&OpenPlan::KeyAndValue(keyed.clone()), b"*-1\r\n", &ring),
+            "*-1\r\n"
+        );
+        // Sealed for `q`, delivered as if popped from `other`: an error in its place.
+        let swapped = [b"*2\r\n$5\r\nother\r\n".to_vec(), one].concat();
+        let text = run(&OpenPlan::KeyAndValue(keyed.clone()), &swapped, &ring);
+        assert!(
+            text.contains("-ERR redcloak: element of list 'other' failed to decrypt"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_keyed_reply_naming_a_key_not_asked_for_contradicts_the_request() {
+        let ring = keyring();
+        let keyed = vec![(Bytes::from_static(b"q"), Some(list("q")))];
+        let mut out = BytesMut::new();
+        let frame = b"*2\r\n$5\r\nstray\r\n$1\r\nx\r\n";
+        let plan = OpenPlan::KeyAndValue(keyed);
+        assert!(
+            reply(
+                &plan,
+                frame,
+                &ring,
+                &Limits::default(),
+                &mut out,
+                &mut Vec::new()
+            )
+            .is_err()
+        );
+        assert!(
+            reply(
+                &plan,
+                b":1\r\n",
+                &ring,
+                &Limits::default(),
+                &mut out,
+                &mut Vec::new()
+            )
+            .is_err()
         );
     }
 }

@@ -12,13 +12,18 @@
 //!
 //! Invariant: a reply is only ever delivered for the entry it answers. A frame
 //! that fits no entry is an [`UnexpectedReply`] and ends the connection.
+//!
+//! A message on a channel whose rule encrypts is delivered with its payload
+//! opened; one that fails to open is dropped, never delivered sealed, and
+//! reported like any value that failed to open.
 
 use super::open;
 use crate::crypto::Keyring;
-use crate::metrics::Outcome;
-use crate::policy::ReplyPlan;
+use crate::metrics::{OpenFailure, Outcome};
+use crate::policy::rules::Rules;
 use crate::policy::table::CommandId;
 use crate::policy::table::PubSubKind;
+use crate::policy::{self, OpenPlan, ReplyPlan};
 use crate::resp::{self, Limits, ReplyKind};
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp3::types::BytesFrame;
@@ -103,6 +108,8 @@ pub struct Replies {
     /// Plans of the commands Redis queued since MULTI, for EXEC.
     transaction: Vec<ReplyPlan>,
     keyring: Arc<Keyring>,
+    /// Which channels' messages are sealed.
+    rules: Arc<Rules>,
     /// Limits for walking inside a reply that is already framed.
     limits: Limits,
     /// Answered entries not yet taken by [`Replies::take_done`].
@@ -110,7 +117,7 @@ pub struct Replies {
 }
 
 impl Replies {
-    pub fn new(keyring: Arc<Keyring>, limits: Limits) -> Self {
+    pub fn new(keyring: Arc<Keyring>, rules: Arc<Rules>, limits: Limits) -> Self {
         Replies {
             head: None,
             protocol: 2,
@@ -118,6 +125,7 @@ impl Replies {
             in_multi: false,
             transaction: Vec::new(),
             keyring,
+            rules,
             limits,
             done: Vec::new(),
         }
@@ -233,13 +241,17 @@ impl Replies {
             _ => true,
         };
         if !for_head {
-            if let Some(PubSubEvent::Confirmation {
-                kind,
-                subscribe,
-                channel,
-            }) = event
-            {
-                self.subscriptions.apply(kind, subscribe, channel);
+            match event {
+                Some(PubSubEvent::Confirmation {
+                    kind,
+                    subscribe,
+                    channel,
+                }) => self.subscriptions.apply(kind, subscribe, channel),
+                Some(PubSubEvent::Message) => {
+                    self.deliver_message(&frame, out);
+                    return Ok(());
+                }
+                None => {}
             }
             out.extend_from_slice(&frame);
             return Ok(());
@@ -284,6 +296,63 @@ impl Replies {
         };
         self.answered(tally, outcome, failures);
         delivered
+    }
+
+    /// A `message`, `pmessage` or `smessage` delivery: the payload is
+    /// opened when its channel's rule encrypts. One that fails to open is
+    /// dropped (never delivered sealed) and reported as a failure.
+    fn deliver_message(&mut self, frame: &[u8], out: &mut BytesMut) {
+        let Some((header, elements)) = resp::aggregate_elements(frame, &self.limits) else {
+            return out.extend_from_slice(frame);
+        };
+        // [message, channel, payload] or [pmessage, pattern, channel, payload].
+        let (Some(&payload), Some(channel)) = (
+            elements.last(),
+            elements
+                .len()
+                .checked_sub(2)
+                .and_then(|at| elements.get(at)),
+        ) else {
+            return out.extend_from_slice(frame);
+        };
+        let channel = resp::bulk_body(channel).unwrap_or_default();
+        let Some(site) = policy::message_site(&self.rules, channel) else {
+            return out.extend_from_slice(frame);
+        };
+        let mut opened = BytesMut::new();
+        let mut failures = Vec::new();
+        let plan = OpenPlan::One(site);
+        let fits = open::reply(
+            &plan,
+            payload,
+            &self.keyring,
+            &self.limits,
+            &mut opened,
+            &mut failures,
+        );
+        if fits.is_err() || !failures.is_empty() {
+            if failures.is_empty()
+                && let OpenPlan::One(site) = plan
+            {
+                failures.push(open::Failure {
+                    site,
+                    key_id: None,
+                    reason: OpenFailure::Malformed,
+                });
+            }
+            self.done.push(Done {
+                tally: None,
+                outcome: Outcome::DecryptError,
+                forwarded: false,
+                failures,
+            });
+            return;
+        }
+        out.extend_from_slice(header);
+        for element in &elements[..elements.len() - 1] {
+            out.extend_from_slice(element);
+        }
+        out.extend_from_slice(&opened);
     }
 
     fn answered(&mut self, tally: Option<Tally>, outcome: Outcome, failures: Vec<open::Failure>) {
@@ -516,10 +585,80 @@ fn pubsub_event(frame: &Bytes) -> Option<PubSubEvent> {
 mod tests {
     use super::*;
 
-    fn replies() -> Replies {
+    fn ring() -> Keyring {
         let keys = vec![(1, zeroize::Zeroizing::new([1u8; 32]))];
-        let ring = Keyring::new(1, keys, crate::crypto::LegacyPlaintext::Reject).expect("ring");
-        Replies::new(Arc::new(ring), Limits::default())
+        Keyring::new(1, keys, crate::crypto::LegacyPlaintext::Reject).expect("ring")
+    }
+
+    /// Replies where every channel is plaintext (these tests are about framing).
+    fn replies() -> Replies {
+        let plaintext = crate::policy::rules::Rule {
+            name: "*".into(),
+            pattern: "*".into(),
+            mode: crate::policy::rules::Mode::Plaintext,
+        };
+        let rules = Arc::new(Rules::new(vec![plaintext]));
+        Replies::new(Arc::new(ring()), rules, Limits::default())
+    }
+
+    #[test]
+    fn messages_on_encrypted_channels_are_opened_and_ones_that_fail_are_dropped() {
+        let ring = Arc::new(ring());
+        let mut replies = Replies::new(ring.clone(), Arc::default(), Limits::default());
+        await_plan(
+            &mut replies,
+            ReplyPlan::Subscribe {
+                kind: PubSubKind::Pattern,
+                channels: 1,
+            },
+        );
+        feed(
+            &mut replies,
+            &[b"*3\r\n$10\r\npsubscribe\r\n$1\r\n*\r\n:1\r\n"],
+        )
+        .expect("confirmed");
+        outcomes(&mut replies);
+        let sealed = |channel: &[u8], payload: &[u8]| {
+            let site = policy::message_site(&Rules::default(), channel).expect("encrypted");
+            ring.seal(payload, site.binding())
+        };
+        let message = |name: &str, channel: &[u8], payload: &[u8]| {
+            let mut frame = BytesMut::new();
+            let parts: Vec<&[u8]> = match name {
+                "pmessage" => vec![b"pmessage", b"*", channel, payload],
+                _ => vec![name.as_bytes(), channel, payload],
+            };
+            resp::encode_header(&mut frame, b'*', parts.len());
+            for part in parts {
+                resp::encode_bulk(&mut frame, part);
+            }
+            frame.freeze()
+        };
+        let mut out = BytesMut::new();
+        let good = message("pmessage", b"news", &sealed(b"news", b"hello"));
+        replies.on_reply(good, &mut out).expect("delivered");
+        assert_eq!(
+            &out[..],
+            b"*4\r\n$8\r\npmessage\r\n$1\r\n*\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
+        );
+        assert!(outcomes(&mut replies).is_empty());
+        // Sealed for another channel, and not sealed at all: both dropped.
+        for bad in [
+            message("pmessage", b"news", &sealed(b"sport", b"score")),
+            message("pmessage", b"news", b"plaintext"),
+        ] {
+            let mut out = BytesMut::new();
+            replies.on_reply(bad, &mut out).expect("dropped, not fatal");
+            assert!(out.is_empty(), "{out:?}");
+            assert_eq!(outcomes(&mut replies), [(Outcome::DecryptError, false, 1)]);
+        }
+        // Redis's own notifications are plaintext.
+        let mut out = BytesMut::new();
+        let notification = message("pmessage", b"__keyevent@0__:del", b"user:1");
+        replies
+            .on_reply(notification.clone(), &mut out)
+            .expect("delivered");
+        assert_eq!(&out[..], &notification[..]);
     }
 
     fn feed(replies: &mut Replies, frames: &[&'static [u8]]) -> Result<Vec<u8>, UnexpectedReply> {
@@ -558,7 +697,8 @@ mod tests {
         feed(&mut replies, &[b"-ERR no\r\n"]).expect("error");
         let site = crate::policy::ValueSite {
             key: Bytes::from_static(b"k"),
-            bind_key: true,
+            kind: crate::policy::table::Kind::String,
+            scope: crate::policy::SiteScope::Key,
             field: None,
         };
         await_plan(
@@ -765,7 +905,8 @@ mod tests {
         .expect("ring");
         let site = crate::policy::ValueSite {
             key: Bytes::from_static(b"k"),
-            bind_key: true,
+            kind: crate::policy::table::Kind::String,
+            scope: crate::policy::SiteScope::Key,
             field: None,
         };
         let sealed = ring.seal(b"secret", site.binding());
@@ -774,7 +915,7 @@ mod tests {
         let open = || ReplyPlan::Open(crate::policy::OpenPlan::One(site.clone()));
         // MULTI refused by Redis: a plan queued by the request side is
         // answered with the value itself, and opened.
-        let mut replies = Replies::new(Arc::new(ring), Limits::default());
+        let mut replies = Replies::new(Arc::new(ring), Arc::default(), Limits::default());
         await_plan(&mut replies, ReplyPlan::Multi);
         feed(
             &mut replies,
@@ -805,7 +946,8 @@ mod tests {
     fn a_reply_that_contradicts_its_request_is_out_of_step() {
         let site = crate::policy::ValueSite {
             key: Bytes::from_static(b"k"),
-            bind_key: true,
+            kind: crate::policy::table::Kind::String,
+            scope: crate::policy::SiteScope::Key,
             field: None,
         };
         let one = || ReplyPlan::Open(crate::policy::OpenPlan::One(site.clone()));

@@ -8,7 +8,7 @@ use super::peer::Peer;
 use super::pipeline::{Done, Replies};
 use crate::events;
 use crate::policy::shown;
-use crate::policy::table::{Blocks, CommandId};
+use crate::policy::table::{Blocks, CommandId, Kind};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -103,6 +103,10 @@ impl Answered {
             for failure in &done.failures {
                 ctx.metrics.open_failure(failure.reason).increment(1);
                 let key = ctx.log_key_names.then(|| shown(&failure.site.key));
+                if failure.site.kind == Kind::Message {
+                    events::message_dropped(peer, failure.key_id, failure.reason, key.as_deref());
+                    continue;
+                }
                 events::decrypt_failure(
                     peer,
                     command.name(),

@@ -351,10 +351,7 @@ async fn round_trip(config: &Config, session: &mut UpstreamStream, timeout: Dura
     crate::crypto::envelope::fill_random(&mut nonce);
     let token: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
     let key = format!("redcloak:probe:{token}");
-    let binding = Binding {
-        key: Some(key.as_bytes()),
-        field: None,
-    };
+    let binding = Binding::string(key.as_bytes());
     let keyring = &config.encryption.keyring;
     let sealed = keyring.seal(token.as_bytes(), binding);
     let steps = async {

@@ -11,6 +11,7 @@ mod encryption;
 mod gate;
 mod grammar;
 mod listeners;
+mod lists;
 mod observability;
 mod packaging;
 mod pool;

@@ -596,10 +596,10 @@ async fn the_compose_services_fit_together_and_run_without_docker() {
     assert_eq!(wait_exit(&mut redcloak), 0);
 }
 
-/// What redcloak does with commands of a class, for docs/commands.md.
-fn support_of(class: redcloak::policy::table::Class) -> String {
-    use redcloak::policy::table::{Class, Handling, Scripting};
-    match class {
+/// What redcloak does with a command, for docs/commands.md.
+fn support_of(row: &redcloak::policy::table::Row) -> String {
+    use redcloak::policy::table::{Class, Handling, Kind, Scripting};
+    let support: String = match row.class {
         Class::Connection(Handling::Auth) => {
             "answered by redcloak (`[listen.auth]`); never forwarded".into()
         }
@@ -615,16 +615,25 @@ fn support_of(class: redcloak::policy::table::Class) -> String {
         Class::Connection(Handling::Client) => "forwarded; `CLIENT REPLY OFF/SKIP` refused".into(),
         Class::Connection(Handling::Exec) => "forwarded; values in its replies opened".into(),
         Class::Connection(Handling::Subscribe(_) | Handling::Unsubscribe(_)) => {
-            "forwarded; messages delivered as they come (refused inside MULTI)".into()
+            "forwarded; messages on encrypted channels opened as they come (refused inside MULTI)".into()
         }
         Class::Connection(_) => "forwarded".into(),
         Class::Forward => "forwarded: no stored value crosses".into(),
-        Class::Value(_) => "**values sealed on the way in, opened on the way out**".into(),
-        Class::ServerReadsValue => "plaintext keys only: Redis must read the value".into(),
-        Class::Collection => "plaintext keys only: members are not encrypted yet".into(),
-        Class::MovesValue => {
-            "plaintext keys, or both keys encrypted with `bind_key = false`".into()
+        Class::Sealed(sealed) => {
+            let what = match sealed.kind {
+                Kind::String => "string values",
+                Kind::HashField => "hash field values",
+                Kind::ListElement => "list elements",
+                Kind::StreamValue => "stream field values",
+                Kind::Message => "messages",
+            };
+            format!("**{what} sealed on the way in, opened on the way out**")
         }
+        Class::ServerReadsValue => "plaintext keys only: Redis must read the value".into(),
+        Class::ComparesValues => {
+            "plaintext keys only: Redis compares elements, and sealed elements never compare equal".into()
+        }
+        Class::Collection => "plaintext keys only: members are not encrypted yet".into(),
         Class::Sort => "plaintext keys only; BY and GET refused".into(),
         Class::Scripting(Scripting::Eval | Scripting::FCall) => {
             "plaintext keys only; the script must be proved to touch only its declared keys".into()
@@ -636,6 +645,19 @@ fn support_of(class: redcloak::policy::table::Class) -> String {
             "LOAD proves the body first; DEBUG refused; FLUSH and RESTORE only when no key is encrypted".into()
         }
         Class::Refuse(reason) => format!("refused: {}", reason.split(';').next().unwrap_or(reason)),
+    };
+    let mut notes = Vec::new();
+    if row.moves_values {
+        notes.push(
+            "moves values: every key's rule must share the first key's binding (`bind = \"rule\"`)",
+        );
+    }
+    if row.blocks.is_some() {
+        notes.push("blocks");
+    }
+    match notes.is_empty() {
+        true => support,
+        false => format!("{support}; {}", notes.join("; ")),
     }
 }
 
@@ -655,7 +677,7 @@ fn the_command_support_table_in_docs_matches_the_command_table() {
         text.push_str(&format!(
             "| `{}` | {} |\n",
             row.name.to_ascii_uppercase(),
-            support_of(row.class)
+            support_of(row)
         ));
     }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/commands.md");

@@ -1,8 +1,10 @@
 //! Pub/sub and blocking commands: out-of-band messages never take a pending
-//! request's place, and a blocked client is woken by another one. Channels
-//! and lists are refused when encrypted, so these use `plain:` names.
+//! request's place, and a blocked client is woken by another one. Messages
+//! on encrypted channels are sealed in Redis and opened for subscribers; one
+//! that does not open is dropped, never delivered sealed.
 
 use crate::support::*;
+use bytes::BytesMut;
 use futures_util::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,12 +65,180 @@ async fn resp2_subscribe_receives_messages_published_by_another_client() {
         b"*3\r\n$12\r\npunsubscribe\r\n$8\r\nplain:s*\r\n:0\r\n",
     );
     assert_reply(&sub.call(&[b"SET", b"after", b"pubsub"]).await, b"+OK\r\n");
-    // An encrypted channel is refused, and the connection stays usable.
-    assert_error(
-        &publisher.call(&[b"PUBLISH", b"news", b"x"]).await,
-        "-ERR redcloak: PUBLISH on 'news' is refused",
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_on_encrypted_channels_are_sealed_in_redis_and_opened_for_subscribers() {
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let proxy = redis.start_proxy(&config).await;
+    // Around redcloak: what Redis actually publishes.
+    let mut direct = redis.admin().await;
+    direct.send(&[b"SUBSCRIBE", b"news"]).await;
+    direct.read().await;
+    let mut resp2 = proxy.raw().await;
+    resp2.send(&[b"SUBSCRIBE", b"news"]).await;
+    resp2.read().await;
+    let mut resp3 = proxy.raw().await;
+    assert!(resp3.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
+    resp3.send(&[b"PSUBSCRIBE", b"n*"]).await;
+    resp3.read().await;
+    let mut publisher = proxy.raw().await;
+    assert_reply(
+        &publisher
+            .call(&[b"PUBLISH", b"news", b"hello-secret"])
+            .await,
+        b":3\r\n",
     );
-    assert_reply(&publisher.call(&[b"PING"]).await, b"+PONG\r\n");
+    assert_reply(
+        &resp2.read().await,
+        &resp_array(b'*', &[b"message", b"news", b"hello-secret"]),
+    );
+    assert_reply(
+        &resp3.read().await,
+        &resp_array(b'>', &[b"pmessage", b"n*", b"news", b"hello-secret"]),
+    );
+    let published = direct.read().await;
+    let text = String::from_utf8_lossy(&published);
+    assert!(!text.contains("hello-secret"), "{text}");
+    assert!(
+        published.windows(3).any(|w| w == [0xC7, 0x0A, 0x4B]),
+        "an envelope: {text}"
+    );
+    // Published around redcloak: plaintext, or sealed for another channel.
+    let mut forger = redis.admin().await;
+    assert_reply(
+        &forger
+            .call(&[b"PUBLISH", b"news", b"forged-plaintext"])
+            .await,
+        b":3\r\n",
+    );
+    let sealed_elsewhere = redis
+        .keyring(&[(1, "key-1")], 1)
+        .seal(b"replayed", redcloak::crypto::Binding::string(b"news"));
+    assert_reply(
+        &forger.call(&[b"PUBLISH", b"news", &sealed_elsewhere]).await,
+        b":3\r\n",
+    );
+    assert_reply(
+        &publisher
+            .call(&[b"PUBLISH", b"news", b"after-secret"])
+            .await,
+        b":3\r\n",
+    );
+    // Neither reaches a subscriber; the next good message does.
+    assert_reply(
+        &resp2.read().await,
+        &resp_array(b'*', &[b"message", b"news", b"after-secret"]),
+    );
+    assert_reply(
+        &resp3.read().await,
+        &resp_array(b'>', &[b"pmessage", b"n*", b"news", b"after-secret"]),
+    );
+    // Counted once per subscriber that dropped them (counted after the write).
+    eventually("both drops counted for both subscribers", || async {
+        let metrics = proxy.scrape().await;
+        let failures = |reason: &str| {
+            metric(
+                &metrics,
+                &format!("redcloak_value_open_failures_total{{reason=\"{reason}\"}}"),
+            )
+        };
+        failures("not_encrypted") == Some(2.0) && failures("auth_failed") == Some(2.0)
+    })
+    .await;
+    // Shard channels too.
+    let mut shard = proxy.raw().await;
+    shard.send(&[b"SSUBSCRIBE", b"orders"]).await;
+    shard.read().await;
+    assert_reply(
+        &publisher
+            .call(&[b"SPUBLISH", b"orders", b"order-secret"])
+            .await,
+        b":1\r\n",
+    );
+    assert_reply(
+        &shard.read().await,
+        &resp_array(b'*', &[b"smessage", b"orders", b"order-secret"]),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyspace_notifications_stay_plaintext() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut admin = redis.admin().await;
+    assert_reply(
+        &admin
+            .call(&[b"CONFIG", b"SET", b"notify-keyspace-events", b"KEA"])
+            .await,
+        b"+OK\r\n",
+    );
+    let mut sub = proxy.raw().await;
+    sub.send(&[b"PSUBSCRIBE", b"__key*@0__:*"]).await;
+    sub.read().await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"SET", b"session:1", b"v"]).await, b"+OK\r\n");
+    assert_reply(
+        &sub.read().await,
+        &resp_array(
+            b'*',
+            &[
+                b"pmessage",
+                b"__key*@0__:*",
+                b"__keyspace@0__:session:1",
+                b"set",
+            ],
+        ),
+    );
+    assert_reply(
+        &sub.read().await,
+        &resp_array(
+            b'*',
+            &[
+                b"pmessage",
+                b"__key*@0__:*",
+                b"__keyevent@0__:set",
+                b"session:1",
+            ],
+        ),
+    );
+}
+
+/// Celery stores a task's result with SET and PUBLISH of the same value in
+/// one transaction: both are sealed, and the whole transaction works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_stored_and_published_in_one_transaction_is_sealed_twice_and_delivered() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let key = b"celery-task-meta-42";
+    let result = br#"{"status": "SUCCESS", "result": "result-secret"}"#;
+    let mut waiter = proxy.raw().await;
+    waiter.send(&[b"SUBSCRIBE", key]).await;
+    waiter.read().await;
+    let mut worker = proxy.raw().await;
+    assert_reply(&worker.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_reply(
+        &worker.call(&[b"SETEX", key, b"86400", result]).await,
+        b"+QUEUED\r\n",
+    );
+    assert_reply(
+        &worker.call(&[b"PUBLISH", key, result]).await,
+        b"+QUEUED\r\n",
+    );
+    assert_reply(&worker.call(&[b"EXEC"]).await, b"*2\r\n+OK\r\n:1\r\n");
+    assert_reply(
+        &waiter.read().await,
+        &resp_array(b'*', &[b"message", key, result]),
+    );
+    let mut reader = proxy.raw().await;
+    let mut expected = BytesMut::new();
+    redcloak::resp::encode_bulk(&mut expected, result);
+    assert_reply(&reader.call(&[b"GET", key]).await, &expected);
+    let stored = redis.plaintext_in_redis(&[b"result-secret"]).await;
+    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

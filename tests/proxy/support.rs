@@ -156,6 +156,42 @@ impl TestRedis {
         resp::bulk_body(&reply).expect("a stored value").to_vec()
     }
 
+    /// Every key in Redis (database 0) whose stored content, read around
+    /// redcloak as its type requires, contains one of `needles`: "key
+    /// (type)" for each. Empty when Redis holds none of them in clear.
+    pub async fn plaintext_in_redis(&self, needles: &[&[u8]]) -> Vec<String> {
+        let mut admin = self.admin().await;
+        let keys = admin.call(&[b"KEYS", b"*"]).await;
+        let (_, keys) = resp::aggregate_elements(&keys, &Limits::default()).expect("a key list");
+        let mut found = Vec::new();
+        for key in keys {
+            let key = resp::bulk_body(key).expect("a key name").to_vec();
+            let kind = admin.call(&[b"TYPE", &key]).await;
+            let read: &[&[u8]] = match &kind[..] {
+                b"+string\r\n" => &[b"GET"],
+                b"+hash\r\n" => &[b"HGETALL"],
+                b"+list\r\n" => &[b"LRANGE", b"0", b"-1"],
+                b"+set\r\n" => &[b"SMEMBERS"],
+                b"+zset\r\n" => &[b"ZRANGE", b"0", b"-1", b"WITHSCORES"],
+                b"+stream\r\n" => &[b"XRANGE", b"-", b"+"],
+                _ => continue,
+            };
+            let mut command = vec![read[0], &key];
+            command.extend_from_slice(&read[1..]);
+            let content = admin.call(&command).await;
+            for needle in needles {
+                if content.windows(needle.len()).any(|w| w == *needle) {
+                    found.push(format!(
+                        "{} ({})",
+                        String::from_utf8_lossy(&key),
+                        String::from_utf8_lossy(&kind).trim()
+                    ));
+                }
+            }
+        }
+        found
+    }
+
     /// Copies the bytes Redis stores for `from` to `to`, around redcloak
     /// (a sealed value moved to a key it was not sealed for).
     pub async fn copy_stored(&self, from: &[u8], to: &[u8]) {
