@@ -12,7 +12,7 @@
 use crate::auth::lockout::LockoutPolicy;
 use crate::crypto::keyring::{self, Keyring, LegacyPlaintext};
 use crate::policy::UnknownCommands;
-use crate::policy::rules::{Bind, Mode, Rule};
+use crate::policy::rules::{Bind, Members, Mode, Rule};
 use crate::resp::Limits;
 use crate::secret::{RawSecret, Secret};
 use figment::Figment;
@@ -145,6 +145,14 @@ struct RawRule {
     bind: Option<RawBind>,
     /// The older spelling: `true` is `bind = "key"`, `false` is `bind = "none"`.
     bind_key: Option<bool>,
+    members: Option<RawMembers>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawMembers {
+    Random,
+    Deterministic,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -896,10 +904,24 @@ fn rule(raw: RawRule) -> Result<Rule, ConfigError> {
             bind: bind.unwrap_or(Bind::Key),
         },
     };
+    let members = match (mode, raw.members) {
+        (Mode::Plaintext, Some(_)) => {
+            return Err(invalid(
+                "encryption.rules",
+                format!(
+                    "rule '{}': members applies to encrypt rules only",
+                    raw.pattern
+                ),
+            ));
+        }
+        (_, Some(RawMembers::Deterministic)) => Members::Deterministic,
+        (_, Some(RawMembers::Random) | None) => Members::Random,
+    };
     Ok(Rule {
         name: raw.name.unwrap_or_else(|| raw.pattern.clone()),
         pattern: raw.pattern,
         mode,
+        members,
     })
 }
 
@@ -1112,6 +1134,13 @@ mod tests {
                 Mode::Encrypt { bind: Bind::Rule }
             );
             assert_eq!(config.encryption.rules[0].name, "queues");
+            assert_eq!(config.encryption.rules[0].members, Members::Random);
+            let deterministic = by_rule.replace(
+                "bind = \"rule\"",
+                "bind = \"rule\"\nmembers = \"deterministic\"",
+            );
+            let config = load_in_jail(jail, &deterministic).expect("deterministic list elements");
+            assert_eq!(config.encryption.rules[0].members, Members::Deterministic);
             let both = by_rule.replace("bind = \"rule\"", "bind = \"rule\"\nbind_key = true");
             assert!(error_text(load_in_jail(jail, &both)).contains("not both"));
             let plain_bound = rules.replace(

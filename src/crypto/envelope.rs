@@ -14,13 +14,36 @@
 //! Overhead: 48 bytes. A stored value that does not start with the magic and
 //! version and is shorter than 48 bytes is a legacy plaintext value.
 //!
+//! Set members, sorted-set members and (on `members = "deterministic"`
+//! rules) list elements use the *deterministic* envelope, so that equal
+//! members are equal to Redis (SISMEMBER, ZSCORE, SREM, LREM work):
+//!
+//! ```text
+//! offset  size  field
+//! ------  ----  ----------------------------------------------------------
+//!      0     3  magic 0xC7 0x0A 0x53 ("S": synthetic IV)
+//!      3   1-5  key id, unsigned LEB128 (one byte for ids below 128)
+//!    3+k    16  synthetic IV (AES-SIV, RFC 5297; also the tag)
+//!   19+k     n  ciphertext (same length as the member)
+//! ```
+//!
+//! Overhead: 20 bytes for key ids below 128, so members of up to 44 bytes
+//! stay within Redis's 64-byte compact (listpack) encodings. AES-256-SIV's
+//! 64-byte key is derived from the data key with HKDF-SHA256 under the label
+//! `redcloak member siv v1`, so it is never the XAES key itself. The
+//! associated data is the same as the random envelope's, with this header in
+//! place of the 8 header bytes. Equal members under one key and binding give
+//! equal envelopes: that is the point, and it is what such an envelope
+//! leaks (equality and frequency, and the length).
+//!
 //! Associated data (authenticated, not stored) binds the value to where it
 //! lives, so a value copied to another key or hash field fails to open:
 //!
 //! ```text
 //! magic | version | key id (the 8 header bytes)
 //! u8 kind: 1 string value, 2 hash field value, 3 list element,
-//!          4 stream field value, 5 pub/sub message
+//!          4 stream field value, 5 pub/sub message, 6 set member,
+//!          7 sorted-set member
 //! u8 scope: 0 unbound | 1, u32 BE length, key (or channel) name
 //!                     | 2, u32 BE length, rule name
 //! if kinds 2 and 4: u32 BE length | field name
@@ -40,10 +63,20 @@
 //! coordinate between proxies. The cost is two extra AES block encryptions
 //! and a GCM key setup per value.
 
+use aes_siv::siv::Aes256Siv;
+use hkdf::Hkdf;
+use sha2::Sha256;
 use xaes_256_gcm::Xaes256Gcm;
 use xaes_256_gcm::aead::{AeadInOut, KeyInit};
+use zeroize::Zeroizing;
 
 pub const MAGIC: [u8; 3] = [0xC7, 0x0A, 0x4B];
+/// The deterministic envelope's magic.
+pub const MEMBER_MAGIC: [u8; 3] = [0xC7, 0x0A, 0x53];
+/// Bytes a deterministic envelope adds to a member, for key ids below 128.
+pub const MEMBER_OVERHEAD: usize = 3 + 1 + SIV_LEN;
+const SIV_LEN: usize = 16;
+const SIV_KEY_LABEL: &[u8] = b"redcloak member siv v1";
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
 pub const NONCE_LEN: usize = 24;
@@ -59,6 +92,8 @@ pub enum Kind {
     ListElement = 3,
     StreamValue = 4,
     Message = 5,
+    SetMember = 6,
+    SortedSetMember = 7,
 }
 
 /// Which name a value is bound to, as its rule says.
@@ -119,10 +154,13 @@ pub enum OpenError {
 }
 
 /// One data key. Not `Clone`; its `Debug` shows nothing; the cipher state
-/// is zeroized on drop (xaes-256-gcm's `zeroize` feature).
+/// and the derived SIV key are zeroized on drop (xaes-256-gcm's `zeroize`
+/// feature, `Zeroizing`).
 pub struct DataKey {
     id: u32,
     cipher: Xaes256Gcm,
+    /// AES-256-SIV's key for deterministic envelopes, derived from the data key.
+    siv_key: Zeroizing<[u8; 64]>,
 }
 
 impl std::fmt::Debug for DataKey {
@@ -133,9 +171,16 @@ impl std::fmt::Debug for DataKey {
 
 impl DataKey {
     pub fn new(id: u32, key: &[u8; 32]) -> Self {
+        let mut siv_key = Zeroizing::new([0u8; 64]);
+        // The data key is 32 uniformly random bytes: a valid HKDF PRK.
+        // Expanding 64 bytes from SHA-256 never fails.
+        if let Ok(hkdf) = Hkdf::<Sha256>::from_prk(key) {
+            let _ = hkdf.expand(SIV_KEY_LABEL, siv_key.as_mut_slice());
+        }
         DataKey {
             id,
             cipher: Xaes256Gcm::new(key.into()),
+            siv_key,
         }
     }
 
@@ -172,6 +217,37 @@ impl DataKey {
         envelope
     }
 
+    /// Seals `member` into a deterministic envelope: the same member,
+    /// binding and key always give the same bytes.
+    pub fn seal_member(&self, member: &[u8], binding: Binding<'_>) -> Vec<u8> {
+        let mut envelope = member_header(self.id);
+        let aad = associated_data(&envelope, binding);
+        // Only fails for more than 126 associated-data items; there is one.
+        let sealed = self.siv().encrypt([&aad], member).unwrap_or_default();
+        envelope.extend_from_slice(&sealed);
+        envelope
+    }
+
+    /// AES-SIV encrypts through `&mut self`, so each call gets its own
+    /// instance (a key schedule, zeroized on drop).
+    fn siv(&self) -> Aes256Siv {
+        let key: &[u8; 64] = &self.siv_key;
+        Aes256Siv::new(key.into())
+    }
+
+    fn open_member(
+        &self,
+        envelope: &[u8],
+        header_len: usize,
+        binding: Binding<'_>,
+    ) -> Result<Vec<u8>, OpenError> {
+        let (header, sealed) = envelope.split_at(header_len);
+        let aad = associated_data(header, binding);
+        self.siv()
+            .decrypt([&aad], sealed)
+            .map_err(|_| OpenError::AuthenticationFailed)
+    }
+
     /// Opens an envelope whose header named this key.
     fn open(&self, envelope: &[u8], binding: Binding<'_>) -> Result<Vec<u8>, OpenError> {
         let (header, rest) = envelope.split_at(HEADER_LEN);
@@ -196,29 +272,87 @@ impl DataKey {
     }
 }
 
-/// The key id an envelope names; `NotAnEnvelope` without the magic,
-/// `Malformed` with the magic but not a whole envelope.
-pub fn key_id(stored: &[u8]) -> Result<u32, OpenError> {
+/// Which envelope a stored value is, and the key id its header names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Random { id: u32 },
+    Member { id: u32, header_len: usize },
+}
+
+fn format(stored: &[u8]) -> Result<Format, OpenError> {
+    if stored.starts_with(&MEMBER_MAGIC) {
+        let (id, id_len) = leb128(&stored[3..]).ok_or(OpenError::Malformed)?;
+        let header_len = 3 + id_len;
+        if stored.len() < header_len + SIV_LEN {
+            return Err(OpenError::Malformed);
+        }
+        return Ok(Format::Member { id, header_len });
+    }
     if !stored.starts_with(&MAGIC) {
         return Err(OpenError::NotAnEnvelope);
     }
     if stored.len() < OVERHEAD || stored[3] != VERSION {
         return Err(OpenError::Malformed);
     }
-    Ok(u32::from_be_bytes([
-        stored[4], stored[5], stored[6], stored[7],
-    ]))
+    let id = u32::from_be_bytes([stored[4], stored[5], stored[6], stored[7]]);
+    Ok(Format::Random { id })
 }
 
-/// Opens `stored` with whichever of `keys` its header names.
+/// The key id an envelope (random or deterministic) names;
+/// `NotAnEnvelope` without a magic, `Malformed` with a magic but not a
+/// whole envelope.
+pub fn key_id(stored: &[u8]) -> Result<u32, OpenError> {
+    match format(stored)? {
+        Format::Random { id } | Format::Member { id, .. } => Ok(id),
+    }
+}
+
+/// Opens `stored`, random or deterministic, with whichever of `keys` its
+/// header names. Either format opens wherever its binding matches, so a
+/// rule may switch list elements to deterministic envelopes and still read
+/// the elements it sealed before.
 pub fn open<'k>(
     stored: &[u8],
     binding: Binding<'_>,
     find_key: impl Fn(u32) -> Option<&'k DataKey>,
 ) -> Result<Vec<u8>, OpenError> {
-    let id = key_id(stored)?;
+    let format = format(stored)?;
+    let (Format::Random { id } | Format::Member { id, .. }) = format;
     let key = find_key(id).ok_or(OpenError::UnknownKeyId(id))?;
-    key.open(stored, binding)
+    match format {
+        Format::Random { .. } => key.open(stored, binding),
+        Format::Member { header_len, .. } => key.open_member(stored, header_len, binding),
+    }
+}
+
+/// A key id as unsigned LEB128: seven bits a byte, low bits first.
+fn push_leb128(out: &mut Vec<u8>, mut id: u32) {
+    while id >= 0x80 {
+        out.push((id as u8 & 0x7F) | 0x80);
+        id >>= 7;
+    }
+    out.push(id as u8);
+}
+
+/// Reads a minimal unsigned LEB128 u32: the value and its length. A
+/// longer-than-needed encoding is refused, so one id has one header.
+fn leb128(bytes: &[u8]) -> Option<(u32, usize)> {
+    let mut id: u64 = 0;
+    for (i, &byte) in bytes.iter().take(5).enumerate() {
+        id |= u64::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            let minimal = i == 0 || byte != 0;
+            return (minimal && id <= u64::from(u32::MAX)).then_some((id as u32, i + 1));
+        }
+    }
+    None
+}
+
+fn member_header(id: u32) -> Vec<u8> {
+    let mut header = Vec::with_capacity(MEMBER_OVERHEAD + 48);
+    header.extend_from_slice(&MEMBER_MAGIC);
+    push_leb128(&mut header, id);
+    header
 }
 
 fn header(id: u32) -> [u8; HEADER_LEN] {
@@ -357,6 +491,123 @@ mod tests {
             assert_eq!(hex(&buf), ciphertext);
             assert_eq!(hex(&got_tag), tag);
         }
+    }
+
+    fn unhex(text: &str) -> Vec<u8> {
+        let digits: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+        digits
+            .chunks(2)
+            .map(|pair| {
+                u8::from_str_radix(std::str::from_utf8(pair).unwrap_or("00"), 16).unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// RFC 5297 appendix A.1 (deterministic) and A.2 (nonce-based, several
+    /// associated data items), through the crate the member envelope uses.
+    #[test]
+    fn aes_siv_matches_the_rfc_5297_vectors() {
+        use aes_siv::siv::Aes128Siv;
+        let key = unhex("fffefdfc fbfaf9f8 f7f6f5f4 f3f2f1f0 f0f1f2f3 f4f5f6f7 f8f9fafb fcfdfeff");
+        let ad = unhex("10111213 14151617 18191a1b 1c1d1e1f 20212223 24252627");
+        let plaintext = unhex("11223344 55667788 99aabbcc ddee");
+        let key: [u8; 32] = key.try_into().expect("32 bytes");
+        let sealed = Aes128Siv::new(&key.into())
+            .encrypt([&ad], &plaintext)
+            .expect("seals");
+        assert_eq!(
+            hex(&sealed),
+            "85632d07c6e8f37f950acd320a2ecc9340c02b9690c4dc04daef7f6afe5c"
+        );
+        let opened = Aes128Siv::new(&key.into()).decrypt([&ad], &sealed);
+        assert_eq!(opened.as_deref(), Ok(&plaintext[..]));
+
+        let key = unhex("7f7e7d7c 7b7a7978 77767574 73727170 40414243 44454647 48494a4b 4c4d4e4f");
+        let key: [u8; 32] = key.try_into().expect("32 bytes");
+        let headers = [
+            unhex(
+                "00112233 44556677 8899aabb ccddeeff deaddada deaddada ffeeddcc bbaa9988 77665544 33221100",
+            ),
+            unhex("10203040 50607080 90a0"),
+            unhex("09f91102 9d74e35b d84156c5 635688c0"),
+        ];
+        let plaintext = unhex(
+            "74686973 20697320 736f6d65 20706c61 696e7465 78742074 6f20656e 63727970 74207573 696e6720 5349562d 414553",
+        );
+        let sealed = Aes128Siv::new(&key.into())
+            .encrypt(&headers, &plaintext)
+            .expect("seals");
+        assert_eq!(
+            hex(&sealed),
+            "7bdb6e3b432667eb06f4d14bff2fbd0fcb900f2fddbe404326601965c889bf17\
+             dba77ceb094fa663b7a3f748ba8af829ea64ad544a272e9c485b62a3fd5c0d"
+        );
+    }
+
+    fn member(key: &[u8]) -> Binding<'_> {
+        Binding {
+            kind: Kind::SetMember,
+            scope: Scope::Key(key),
+            field: None,
+        }
+    }
+
+    #[test]
+    fn member_envelopes_are_deterministic_short_and_open_only_under_their_binding() {
+        let keys = [key(1, 1), key(2, 300)];
+        let a = keys[0].seal_member(b"alice@example.com", member(b"s"));
+        assert_eq!(a, keys[0].seal_member(b"alice@example.com", member(b"s")));
+        assert_ne!(a, keys[0].seal_member(b"bob@example.com", member(b"s")));
+        assert_ne!(a, keys[0].seal_member(b"alice@example.com", member(b"t")));
+        assert_ne!(a, keys[1].seal_member(b"alice@example.com", member(b"s")));
+        assert_eq!(a.len(), 17 + MEMBER_OVERHEAD);
+        assert_eq!(&a[..4], &[0xC7, 0x0A, 0x53, 1]);
+        assert_eq!(keys[0].seal_member(&[b'x'; 44], member(b"s")).len(), 64);
+        // Key id 300 is two LEB128 bytes.
+        let wide = keys[1].seal_member(b"m", member(b"s"));
+        assert_eq!(&wide[3..5], &[0xAC, 0x02]);
+        assert_eq!(key_id(&wide), Ok(300));
+        assert_eq!(
+            open_with(&keys, &a, member(b"s")),
+            Ok(b"alice@example.com".to_vec())
+        );
+        assert_eq!(open_with(&keys, &wide, member(b"s")), Ok(b"m".to_vec()));
+        let empty = keys[0].seal_member(b"", member(b"s"));
+        assert_eq!(open_with(&keys, &empty, member(b"s")), Ok(Vec::new()));
+        let sorted = Binding {
+            kind: Kind::SortedSetMember,
+            ..member(b"s")
+        };
+        for elsewhere in [member(b"t"), sorted, bound(b"s")] {
+            assert_eq!(
+                open_with(&keys, &a, elsewhere),
+                Err(OpenError::AuthenticationFailed)
+            );
+        }
+        for i in 0..a.len() {
+            let mut bad = a.clone();
+            bad[i] ^= 0x40;
+            assert!(open_with(&keys, &bad, member(b"s")).is_err(), "byte {i}");
+        }
+        for len in 0..a.len() {
+            assert!(
+                open_with(&keys, &a[..len], member(b"s")).is_err(),
+                "cut to {len}"
+            );
+        }
+        // A non-minimal key id is malformed, not a second name for key 1.
+        let mut padded = a[..3].to_vec();
+        padded.extend_from_slice(&[0x81, 0x00]);
+        padded.extend_from_slice(&a[4..]);
+        assert_eq!(key_id(&padded), Err(OpenError::Malformed));
+    }
+
+    #[test]
+    fn the_member_key_is_derived_not_the_data_key() {
+        let k = key(9, 1);
+        assert_ne!(&k.siv_key[..32], &[9u8; 32]);
+        assert_ne!(&k.siv_key[32..], &[9u8; 32]);
+        assert_ne!(k.siv_key[..32], k.siv_key[32..]);
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -137,7 +137,20 @@ impl Keyring {
         }
     }
 
-    /// Opens a stored value, applying the legacy-plaintext policy.
+    /// Seals a member deterministically with the primary key: equal
+    /// members under one binding give equal envelopes (see `envelope`).
+    pub fn seal_member(&self, member: &[u8], binding: Binding<'_>) -> Vec<u8> {
+        match self.keys.get(&self.primary) {
+            Some(slot) => {
+                slot.sealed.fetch_add(1, Ordering::Relaxed);
+                slot.key.seal_member(member, binding)
+            }
+            // `new` guarantees the primary is present.
+            None => unreachable!("primary key missing from the keyring"),
+        }
+    }
+
+    /// Opens a stored value (either envelope), applying the legacy-plaintext policy.
     pub fn open<'a>(
         &self,
         stored: &'a [u8],

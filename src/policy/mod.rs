@@ -26,7 +26,9 @@ use crate::resp::Request;
 use bytes::Bytes;
 use rules::{Bind, Decision, Mode, Rules};
 use std::sync::Arc;
-use table::{Class, Handling, Opens, PubSubKind, Row, Scripting, Sealed, Subcommand, Values};
+use table::{
+    Class, Handling, Opens, PubSubKind, Row, Scores, Scripting, Sealed, Subcommand, Values,
+};
 
 /// Which name a value's envelope is bound to, as its key's rule says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +49,10 @@ pub struct ValueSite {
     pub scope: SiteScope,
     /// The hash field, for hash values.
     pub field: Option<Bytes>,
+    /// Sealed with the deterministic envelope (set and sorted-set members;
+    /// list elements on `members = "deterministic"` rules). Opening takes
+    /// either envelope.
+    pub deterministic: bool,
 }
 
 impl ValueSite {
@@ -94,6 +100,20 @@ pub enum OpenPlan {
     KeyAndValue(Vec<KeySite>),
     /// LMPOP, BLMPOP: `[key, [value, ...]]`, the key one of these.
     KeyAndValues(Vec<KeySite>),
+    /// Set or sorted-set members: one, an array or set of them, or with
+    /// `scores` member/score pairs (flat in RESP2, nested in RESP3).
+    Members { site: ValueSite, scores: bool },
+    /// BZPOPMIN, BZPOPMAX: `[key, member, score]`.
+    KeyMemberScore(Vec<KeySite>),
+    /// ZMPOP, BZMPOP: `[key, [[member, score], ...]]`.
+    KeyAndMembersWithScores(Vec<KeySite>),
+    /// SSCAN, ZSCAN: `[cursor, [member, (score,) ...]]`; with `pattern`,
+    /// only the members that match it once opened (MATCH was not sent).
+    Scan {
+        site: ValueSite,
+        scores: bool,
+        pattern: Option<Bytes>,
+    },
 }
 
 /// What the reply side does with the reply to one forwarded request.
@@ -425,7 +445,7 @@ impl Policy {
         match row.class {
             Class::Connection(_) | Class::Forward => Action::Forward(ReplyPlan::Passthrough),
             Class::Refuse(reason) => refuse("not_proxied", reason),
-            Class::Sealed(sealed) => self.sealed(row, sealed, args),
+            Class::Sealed(sealed) => self.sealed(&name, row, sealed, args),
             Class::ServerReadsValue => self.only_plaintext(row, args, |key, decision| {
                 let name = name();
                 format!(
@@ -434,19 +454,19 @@ impl Policy {
                     decision.describe()
                 )
             }),
-            Class::ComparesValues => self.only_plaintext(row, args, |key, decision| {
+            Class::OrdersValues => self.only_plaintext(row, args, |key, decision| {
                 let name = name();
                 format!(
-                    "{name} on '{key}' is refused: Redis would compare list elements, and '{key}' is encrypted ({}) \
-                     with a random nonce per element, so no two elements compare equal. \
-                     Give such keys a plaintext rule to use {name}",
+                    "{name} on '{key}' is refused: it ranges over members by their bytes, and '{key}' is \
+                     encrypted ({}), so the order Redis sees means nothing. Give such keys a plaintext rule \
+                     to use {name}",
                     decision.describe()
                 )
             }),
             Class::Collection => self.only_plaintext(row, args, |key, decision| {
                 let name = name();
                 format!(
-                    "{name} on '{key}' is refused: sets, sorted sets, streams, geo and HyperLogLog \
+                    "{name} on '{key}' is refused: streams, geo and HyperLogLog \
                      are not encrypted yet, and '{key}' is encrypted ({}). \
                      Give such keys a plaintext rule to use them",
                     decision.describe()
@@ -608,8 +628,17 @@ impl Policy {
 
     /// Commands of [`Class::Sealed`]: which arguments to seal, which parts
     /// of the reply to open.
-    fn sealed(&self, row: &Row, sealed: Sealed, args: &[Bytes]) -> Action {
-        let Some(key) = args.get(1) else {
+    fn sealed(
+        &self,
+        name: &dyn Fn() -> String,
+        row: &Row,
+        sealed: Sealed,
+        args: &[Bytes],
+    ) -> Action {
+        // The first key (ZUNION's comes after its count); values of commands
+        // over several keys share its binding (`moves_values`).
+        let first_key = row.keys.positions(args).first().copied();
+        let Some(key) = first_key.and_then(|at| args.get(at)) else {
             return Action::Forward(ReplyPlan::Passthrough);
         };
         let kind = sealed.kind;
@@ -621,6 +650,17 @@ impl Policy {
                 vec![Bytes::from_static(b"HGETALL"), key.clone()],
                 ReplyPlan::Open(OpenPlan::HashValues(site)),
             );
+        }
+        let key_site = self.site(kind, key, None);
+        if let Some(site) = &key_site
+            && let Some(refusal) = self.needs(name, row, sealed, site, args)
+        {
+            return refusal;
+        }
+        if let (Opens::Scan(scores), Some(site)) = (sealed.opens, &key_site)
+            && let Some(rewrite) = scan_matching(site, scores, args)
+        {
+            return rewrite;
         }
         let at = |index: usize, site: Option<ValueSite>| {
             site.filter(|_| index < args.len())
@@ -648,16 +688,26 @@ impl Policy {
                 .step_by(2)
                 .filter_map(|f| at(f + 1, self.site(kind, key, Some(&args[f]))))
                 .collect(),
+            Values::ScoreMemberPairs => match key_site {
+                Some(site) => (zadd_first_score(args) + 1..args.len())
+                    .step_by(2)
+                    .map(|index| SealAt {
+                        index,
+                        site: site.clone(),
+                    })
+                    .collect(),
+                None => Vec::new(),
+            },
         };
-        match self.opens(row, sealed, args) {
+        match self.opens(row, sealed, key, args) {
             plan if seal.is_empty() => Action::Forward(plan),
             plan => Action::Seal(seal, plan),
         }
     }
 
     /// The reply plan of a [`Class::Sealed`] command.
-    fn opens(&self, row: &Row, sealed: Sealed, args: &[Bytes]) -> ReplyPlan {
-        let (kind, key) = (sealed.kind, &args[1]);
+    fn opens(&self, row: &Row, sealed: Sealed, key: &Bytes, args: &[Bytes]) -> ReplyPlan {
+        let kind = sealed.kind;
         let site = || self.site(kind, key, None);
         let open = |site: Option<ValueSite>, plan: fn(ValueSite) -> OpenPlan| {
             site.map_or(ReplyPlan::Passthrough, |s| ReplyPlan::Open(plan(s)))
@@ -710,7 +760,66 @@ impl Policy {
             Opens::HashScan => open(site(), OpenPlan::HashScan),
             Opens::KeyAndValue => keyed(OpenPlan::KeyAndValue),
             Opens::KeyAndValues => keyed(OpenPlan::KeyAndValues),
+            Opens::KeyMemberScore => keyed(OpenPlan::KeyMemberScore),
+            Opens::KeyAndMembersWithScores => keyed(OpenPlan::KeyAndMembersWithScores),
+            Opens::Members(scores) => match site() {
+                Some(site) => ReplyPlan::Open(OpenPlan::Members {
+                    site,
+                    scores: with_scores(scores, row, args),
+                }),
+                None => ReplyPlan::Passthrough,
+            },
+            Opens::Scan(scores) => match site() {
+                Some(site) => ReplyPlan::Open(OpenPlan::Scan {
+                    site,
+                    scores: scores == Scores::Always,
+                    pattern: None,
+                }),
+                None => ReplyPlan::Passthrough,
+            },
         }
+    }
+
+    /// What a [`Class::Sealed`] command needs of an encrypted key's rule
+    /// that it may not have: `Some` refusal when it lacks it.
+    fn needs(
+        &self,
+        name: &dyn Fn() -> String,
+        row: &Row,
+        sealed: Sealed,
+        site: &ValueSite,
+        args: &[Bytes],
+    ) -> Option<Action> {
+        let key = shown(&site.key);
+        if sealed.equality && !site.deterministic {
+            let name = name();
+            return Some(refuse(
+                "encrypted_key",
+                &format!(
+                    "{name} on '{key}' is refused: Redis would compare list elements, and the elements of \
+                     '{key}' are sealed with a random nonce each, so none compare equal. Give its rule \
+                     members = \"deterministic\" (equal elements then look equal to Redis), or a plaintext rule"
+                ),
+            ));
+        }
+        // ZRANGE and ZRANGESTORE take BYLEX: a range over members' bytes.
+        let options = options_after_keys(row, args, 0);
+        if site.kind == Kind::SortedSetMember
+            && args[options..]
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(b"bylex"))
+        {
+            let name = name();
+            return Some(refuse(
+                "encrypted_key",
+                &format!(
+                    "{name} ... BYLEX on '{key}' is refused: it ranges over members by their bytes, and the \
+                     members of '{key}' are encrypted, so the order Redis sees means nothing. \
+                     Use BYSCORE or ranks, or give such keys a plaintext rule"
+                ),
+            ));
+        }
+        None
     }
 
     fn auth(&self, args: &[Bytes], state: &mut RequestState) -> Action {
@@ -886,12 +995,76 @@ fn site_of(
             SiteScope::Rule(Bytes::copy_from_slice(name.as_bytes()))
         }
     };
+    let deterministic = match kind {
+        Kind::SetMember | Kind::SortedSetMember => true,
+        Kind::ListElement => decision.list_members() == rules::Members::Deterministic,
+        Kind::String | Kind::HashField | Kind::StreamValue | Kind::Message => false,
+    };
     Some(ValueSite {
         kind,
         key: Bytes::copy_from_slice(key),
         scope,
         field: field.map(|f| Bytes::copy_from_slice(f)),
+        deterministic,
     })
+}
+
+/// Where a command's options start: after its last key and `fixed` more
+/// arguments.
+fn options_after_keys(row: &Row, args: &[Bytes], fixed: u8) -> usize {
+    let after_keys = row.keys.positions(args).last().map_or(2, |last| last + 1);
+    (after_keys + usize::from(fixed)).min(args.len())
+}
+
+/// Whether a reply of members carries scores, as the request asked.
+fn with_scores(scores: Scores, row: &Row, args: &[Bytes]) -> bool {
+    match scores {
+        Scores::Never => false,
+        Scores::Always => true,
+        Scores::WithOption(fixed) => args[options_after_keys(row, args, fixed)..]
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(b"withscores")),
+    }
+}
+
+/// ZADD's first score, after its options, read as Redis's `zaddGenericCommand`
+/// reads them: every leading NX, XX, GT, LT, CH or INCR is an option.
+fn zadd_first_score(args: &[Bytes]) -> usize {
+    const OPTIONS: [&[u8]; 6] = [b"nx", b"xx", b"gt", b"lt", b"ch", b"incr"];
+    let options = args
+        .iter()
+        .skip(2)
+        .take_while(|a| OPTIONS.iter().any(|o| a.eq_ignore_ascii_case(o)))
+        .count();
+    2 + options
+}
+
+/// SSCAN or ZSCAN with MATCH on an encrypted key: Redis would match the
+/// pattern against envelopes, so the request goes without it and redcloak
+/// matches the opened members. `None`: no MATCH.
+fn scan_matching(site: &ValueSite, scores: Scores, args: &[Bytes]) -> Option<Action> {
+    let mut forwarded = args[..args.len().min(3)].to_vec();
+    let mut pattern = None;
+    let mut i = 3;
+    while let Some(option) = args.get(i) {
+        let value = args.get(i + 1);
+        match value {
+            Some(value) if option.eq_ignore_ascii_case(b"match") => pattern = Some(value.clone()),
+            Some(value) => forwarded.extend([option.clone(), value.clone()]),
+            // An option without its value: Redis answers a syntax error.
+            None => return None,
+        }
+        i += 2;
+    }
+    let pattern = pattern?;
+    Some(Action::Rewrite(
+        forwarded,
+        ReplyPlan::Open(OpenPlan::Scan {
+            site: site.clone(),
+            scores: scores == Scores::Always,
+            pattern: Some(pattern),
+        }),
+    ))
 }
 
 #[cfg(test)]
@@ -924,16 +1097,19 @@ mod tests {
                 name: "plain:*".into(),
                 pattern: "plain:*".into(),
                 mode: Mode::Plaintext,
+                members: rules::Members::Random,
             },
             Rule {
                 name: "free:*".into(),
                 pattern: "free:*".into(),
                 mode: Mode::Encrypt { bind: Bind::None },
+                members: rules::Members::Random,
             },
             Rule {
                 name: "queues".into(),
                 pattern: "q:*".into(),
                 mode: Mode::Encrypt { bind: Bind::Rule },
+                members: rules::Members::Random,
             },
         ]);
         Policy::new(ClientAuth::new(auth), rules, Arc::new(ring), unknown)
@@ -964,6 +1140,7 @@ mod tests {
             key: Bytes::copy_from_slice(key.as_bytes()),
             scope: SiteScope::Key,
             field: field.map(|f| Bytes::copy_from_slice(f.as_bytes())),
+            deterministic: false,
         }
     }
 
@@ -1255,6 +1432,149 @@ mod tests {
         assert_eq!(opens(&policy, &args[2], &message), b"hello");
     }
 
+    fn member(kind: Kind, key: &str) -> ValueSite {
+        ValueSite {
+            kind,
+            deterministic: true,
+            ..site(key, None)
+        }
+    }
+
+    #[test]
+    fn set_and_sorted_set_members_are_sealed_deterministically_and_scores_stay_plain() {
+        let policy = policy();
+        let command = ["ZADD", "z", "NX", "ch", "1.5", "alice", "2", "bob"];
+        let action = classify(&policy, &command);
+        let args = sent(&policy, &action, &command);
+        assert_eq!(&args[..5], &request(&command).args[..5]);
+        assert_eq!(args[6].as_ref(), b"2");
+        let zset = member(Kind::SortedSetMember, "z");
+        assert_eq!(opens(&policy, &args[5], &zset), b"alice");
+        assert_eq!(opens(&policy, &args[7], &zset), b"bob");
+        // Deterministic: the member sent with ZSCORE is the stored one.
+        let again = sent(
+            &policy,
+            &classify(&policy, &["ZSCORE", "z", "alice"]),
+            &["ZSCORE", "z", "alice"],
+        );
+        assert_eq!(again[2], args[5]);
+        let set = ["SADD", "s", "m1", "m2"];
+        let sealed = sent(&policy, &classify(&policy, &set), &set);
+        let ismember = ["SISMEMBER", "s", "m2"];
+        assert_eq!(
+            sent(&policy, &classify(&policy, &ismember), &ismember)[2],
+            sealed[3]
+        );
+        assert_eq!(
+            classify(&policy, &["SMEMBERS", "s"]),
+            Action::Forward(ReplyPlan::Open(OpenPlan::Members {
+                site: member(Kind::SetMember, "s"),
+                scores: false
+            }))
+        );
+    }
+
+    #[test]
+    fn withscores_is_an_option_only_after_the_keys_and_fixed_arguments() {
+        let policy = policy();
+        let scores_of = |command: &[&str]| match classify(&policy, command) {
+            Action::Forward(ReplyPlan::Open(OpenPlan::Members { scores, .. })) => scores,
+            other => panic!("{command:?}: {other:?}"),
+        };
+        assert!(scores_of(&["ZRANGE", "z", "0", "-1", "WITHSCORES"]));
+        assert!(!scores_of(&["ZRANGE", "z", "0", "-1"]));
+        assert!(scores_of(&[
+            "ZREVRANGEBYSCORE",
+            "z",
+            "+inf",
+            "-inf",
+            "withscores",
+            "LIMIT",
+            "0",
+            "2"
+        ]));
+        assert!(scores_of(&["ZRANDMEMBER", "z", "2", "WITHSCORES"]));
+        assert!(scores_of(&["ZPOPMIN", "z"]));
+        // A key named withscores is a key, not the option.
+        assert!(!scores_of(&["ZUNION", "2", "withscores", "withscores"]));
+        assert!(scores_of(&[
+            "ZUNION",
+            "2",
+            "withscores",
+            "withscores",
+            "WITHSCORES"
+        ]));
+    }
+
+    #[test]
+    fn scans_with_match_on_encrypted_members_are_matched_after_opening() {
+        let policy = policy();
+        assert_eq!(
+            classify(
+                &policy,
+                &["SSCAN", "s", "0", "MATCH", "user:*", "COUNT", "10"]
+            ),
+            Action::Rewrite(
+                request(&["SSCAN", "s", "0", "COUNT", "10"]).args,
+                ReplyPlan::Open(OpenPlan::Scan {
+                    site: member(Kind::SetMember, "s"),
+                    scores: false,
+                    pattern: Some(Bytes::from_static(b"user:*")),
+                })
+            )
+        );
+        assert_eq!(
+            classify(&policy, &["ZSCAN", "z", "0"]),
+            Action::Forward(ReplyPlan::Open(OpenPlan::Scan {
+                site: member(Kind::SortedSetMember, "z"),
+                scores: true,
+                pattern: None,
+            }))
+        );
+        assert_eq!(
+            classify(&policy, &["SSCAN", "plain:s", "0", "MATCH", "a*"]),
+            Action::Forward(ReplyPlan::Passthrough)
+        );
+    }
+
+    #[test]
+    fn list_comparisons_need_deterministic_elements() {
+        let random = policy();
+        assert!(matches!(
+            classify(&random, &["LREM", "q", "0", "job"]),
+            Action::Refuse(r) if r.text.contains("members = \"deterministic\"")
+        ));
+        let ring = Keyring::new(
+            1,
+            vec![(1, Zeroizing::new([3; 32]))],
+            LegacyPlaintext::Reject,
+        )
+        .expect("ring");
+        let rules = Rules::new(vec![Rule {
+            name: "q".into(),
+            pattern: "q".into(),
+            mode: Mode::Encrypt { bind: Bind::Key },
+            members: rules::Members::Deterministic,
+        }]);
+        let policy = Policy::new(
+            ClientAuth::new(None),
+            rules,
+            Arc::new(ring),
+            UnknownCommands::Refuse,
+        );
+        let push = ["RPUSH", "q", "job"];
+        let pushed = sent(&policy, &classify(&policy, &push), &push);
+        let remove = ["LREM", "q", "0", "job"];
+        assert_eq!(
+            sent(&policy, &classify(&policy, &remove), &remove)[3],
+            pushed[2]
+        );
+        let insert = ["LINSERT", "q", "BEFORE", "job", "first"];
+        let inserted = sent(&policy, &classify(&policy, &insert), &insert);
+        assert_eq!(inserted[3], pushed[2]);
+        assert_eq!(inserted[2].as_ref(), b"BEFORE");
+    }
+
     #[test]
     fn values_move_within_one_rule_binding_only() {
         let policy = policy();
@@ -1300,7 +1620,9 @@ mod tests {
             (&["EVAL", "return 1", "1", "k"], "encrypted_key"),
             (&["DUMP", "k"], "encrypted_key"),
             (&["LREM", "list", "0", "x"], "encrypted_key"),
-            (&["SADD", "set", "x"], "encrypted_key"),
+            (&["ZRANGEBYLEX", "zset", "-", "+"], "encrypted_key"),
+            (&["ZRANGE", "zset", "[a", "[b", "BYLEX"], "encrypted_key"),
+            (&["GEOADD", "g", "1", "2", "m"], "encrypted_key"),
             (&["XADD", "s", "*", "f", "v"], "encrypted_key"),
             (&["RENAME", "k", "k2"], "moves_value"),
             (&["COPY", "plain:a", "k"], "moves_value"),

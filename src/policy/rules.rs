@@ -28,12 +28,25 @@ pub enum Mode {
     Plaintext,
 }
 
+/// How list elements of a rule's keys are sealed. Set and sorted-set
+/// members are always deterministic: Redis must find them by equality.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Members {
+    /// A random nonce per element: equal elements look different in Redis.
+    #[default]
+    Random,
+    /// Equal elements under one binding have equal envelopes, so LREM, LPOS
+    /// and LINSERT work; Redis sees which elements are equal.
+    Deterministic,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     /// What `bind = "rule"` binds values to: `name`, or the pattern.
     pub name: String,
     pub pattern: String,
     pub mode: Mode,
+    pub members: Members,
 }
 
 /// The rule that decided a key's mode.
@@ -51,6 +64,11 @@ impl Decision<'_> {
             Some(rule) => format!("rule '{}'", rule.pattern),
             None => "no rule matches it, so it is encrypted".to_owned(),
         }
+    }
+
+    /// How list elements of this key are sealed.
+    pub fn list_members(&self) -> Members {
+        self.rule.map_or(Members::Random, |rule| rule.members)
     }
 
     /// Whether a value sealed under `self` still opens under `other`:
@@ -236,6 +254,7 @@ mod tests {
             name: pattern.into(),
             pattern: pattern.into(),
             mode,
+            members: Members::Random,
         }
     }
 

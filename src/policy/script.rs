@@ -538,7 +538,7 @@ fn check_command(args: &[Arg]) -> Result<(), String> {
         Class::Forward
         | Class::Sealed(_)
         | Class::ServerReadsValue
-        | Class::ComparesValues
+        | Class::OrdersValues
         | Class::Collection
         | Class::Sort => {}
         _ => {

@@ -112,12 +112,12 @@ pub enum Class {
     /// Redis must read or compute on the value: forwarded only when every
     /// key's rule is plaintext.
     ServerReadsValue,
-    /// Redis must compare a stored element with one the client sends (LREM,
-    /// LPOS, LINSERT); random-nonce envelopes never compare equal, so
-    /// forwarded only when every key's rule is plaintext.
-    ComparesValues,
-    /// Sets, sorted sets, streams, geo, HyperLogLog: not encrypted yet, so
-    /// forwarded only when every key's rule is plaintext.
+    /// Redis orders members by their bytes (the BYLEX family): the order of
+    /// envelopes means nothing, so forwarded only when every key's rule is
+    /// plaintext.
+    OrdersValues,
+    /// Streams, geo, HyperLogLog: not encrypted yet, so forwarded only when
+    /// every key's rule is plaintext.
     Collection,
     /// SORT: a collection; BY and GET make Redis read other keys' values.
     Sort,
@@ -135,6 +135,11 @@ pub struct Sealed {
     pub kind: Kind,
     pub values: Values,
     pub opens: Opens,
+    /// Redis compares the values sent with stored ones (LREM, LPOS,
+    /// LINSERT): they must be sealed deterministically, which set and
+    /// sorted-set members always are and list elements are on rules with
+    /// `members = "deterministic"`.
+    pub equality: bool,
 }
 
 /// Where a command's values are among its arguments (0 is the name).
@@ -149,6 +154,18 @@ pub enum Values {
     KeyValuePairs,
     /// HSET: field, value pairs from argument 2, each value bound to its field.
     FieldValuePairs,
+    /// ZADD: options (NX, XX, GT, LT, CH, INCR), then score, member pairs.
+    ScoreMemberPairs,
+}
+
+/// Whether a reply of members carries their scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scores {
+    Never,
+    Always,
+    /// With WITHSCORES among the options, which start this many arguments
+    /// after the last key (ZRANGE's start and stop: 2).
+    WithOption(u8),
 }
 
 /// Which parts of a reply are stored values to open.
@@ -180,6 +197,16 @@ pub enum Opens {
     KeyAndValue,
     /// LMPOP, BLMPOP: `[key, [values]]`.
     KeyAndValues,
+    /// Set and sorted-set members: one, or an array or set of them, or
+    /// member/score pairs (flat in RESP2, nested in RESP3).
+    Members(Scores),
+    /// BZPOPMIN, BZPOPMAX: `[key, member, score]`.
+    KeyMemberScore,
+    /// ZMPOP, BZMPOP: `[key, [[member, score], ...]]`.
+    KeyAndMembersWithScores,
+    /// SSCAN, ZSCAN: `[cursor, members]`. MATCH is applied by redcloak
+    /// after opening, as Redis would have applied it after reading.
+    Scan(Scores),
 }
 
 /// Where a command's keys are (argument 0 is the command name).
@@ -209,8 +236,9 @@ pub struct Row {
     pub keys: Keys,
     /// Where its timeout is, if it may keep Redis from answering.
     pub blocks: Option<Timeout>,
-    /// Values move between its keys (LMOVE, RENAME, COPY): forwarded only
-    /// when every key's rule shares the first key's binding.
+    /// Values move between its keys or are compared across them (LMOVE,
+    /// RENAME, COPY, SMOVE, set algebra, ZUNIONSTORE): forwarded only when
+    /// every key's rule shares the first key's binding.
     pub moves_values: bool,
     /// What it leaves on the upstream connection once answered.
     pub leaves: Leaves,
@@ -296,6 +324,15 @@ const fn sealed(kind: Kind, values: Values, opens: Opens) -> Sealed {
         kind,
         values,
         opens,
+        equality: false,
+    }
+}
+
+/// Sent values Redis compares with stored ones.
+const fn compared(kind: Kind, values: Values) -> Sealed {
+    Sealed {
+        equality: true,
+        ..sealed(kind, values, Opens::Nothing)
     }
 }
 
@@ -320,6 +357,56 @@ const LIST_SET: Sealed = sealed(Kind::ListElement, Values::At(3), Opens::Nothing
 const LIST_BLOCKING_POP: Sealed = sealed(Kind::ListElement, Values::None, Opens::KeyAndValue);
 const LIST_MPOP: Sealed = sealed(Kind::ListElement, Values::None, Opens::KeyAndValues);
 const PUBLISH: Sealed = sealed(Kind::Message, Values::At(2), Opens::Nothing);
+const LIST_REM: Sealed = compared(Kind::ListElement, Values::At(3));
+const LIST_POS: Sealed = compared(Kind::ListElement, Values::At(2));
+const LIST_INSERT: Sealed = compared(Kind::ListElement, Values::From(3));
+const SET_ADD: Sealed = sealed(Kind::SetMember, Values::From(2), Opens::Nothing);
+const SET_IS: Sealed = sealed(Kind::SetMember, Values::At(2), Opens::Nothing);
+const SET_MOVE: Sealed = sealed(Kind::SetMember, Values::At(3), Opens::Nothing);
+const SET_READ: Sealed = sealed(Kind::SetMember, Values::None, Opens::Members(Scores::Never));
+const SET_STORE: Sealed = sealed(Kind::SetMember, Values::None, Opens::Nothing);
+const SET_SCAN: Sealed = sealed(Kind::SetMember, Values::None, Opens::Scan(Scores::Never));
+const ZSET_ADD: Sealed = sealed(
+    Kind::SortedSetMember,
+    Values::ScoreMemberPairs,
+    Opens::Nothing,
+);
+const ZSET_MEMBER: Sealed = sealed(Kind::SortedSetMember, Values::At(2), Opens::Nothing);
+const ZSET_MEMBERS: Sealed = sealed(Kind::SortedSetMember, Values::From(2), Opens::Nothing);
+const ZSET_INCR: Sealed = sealed(Kind::SortedSetMember, Values::At(3), Opens::Nothing);
+const ZSET_RANGE: Sealed = sealed(
+    Kind::SortedSetMember,
+    Values::None,
+    Opens::Members(Scores::WithOption(2)),
+);
+const ZSET_RANDOM: Sealed = sealed(
+    Kind::SortedSetMember,
+    Values::None,
+    Opens::Members(Scores::WithOption(1)),
+);
+const ZSET_ALGEBRA: Sealed = sealed(
+    Kind::SortedSetMember,
+    Values::None,
+    Opens::Members(Scores::WithOption(0)),
+);
+const ZSET_POP: Sealed = sealed(
+    Kind::SortedSetMember,
+    Values::None,
+    Opens::Members(Scores::Always),
+);
+const ZSET_BLOCKING_POP: Sealed =
+    sealed(Kind::SortedSetMember, Values::None, Opens::KeyMemberScore);
+const ZSET_MPOP: Sealed = sealed(
+    Kind::SortedSetMember,
+    Values::None,
+    Opens::KeyAndMembersWithScores,
+);
+const ZSET_STORE: Sealed = sealed(Kind::SortedSetMember, Values::None, Opens::Nothing);
+const ZSET_SCAN: Sealed = sealed(
+    Kind::SortedSetMember,
+    Values::None,
+    Opens::Scan(Scores::Always),
+);
 
 #[rustfmt::skip]
 pub static COMMANDS: &[Row] = &[
@@ -339,9 +426,9 @@ pub static COMMANDS: &[Row] = &[
     row("blpop", Class::Sealed(LIST_BLOCKING_POP), ALL_BUT_LAST).blocks(Timeout::LastSeconds),
     row("brpop", Class::Sealed(LIST_BLOCKING_POP), ALL_BUT_LAST).blocks(Timeout::LastSeconds),
     row("brpoplpush", Class::Sealed(LIST_ONE), K1_2).blocks(Timeout::LastSeconds).moves_values(),
-    row("bzmpop", Class::Collection, Keys::NumKeys { at: 2, dest: false }).blocks(Timeout::FirstSeconds),
-    row("bzpopmax", Class::Collection, ALL_BUT_LAST).blocks(Timeout::LastSeconds),
-    row("bzpopmin", Class::Collection, ALL_BUT_LAST).blocks(Timeout::LastSeconds),
+    row("bzmpop", Class::Sealed(ZSET_MPOP), Keys::NumKeys { at: 2, dest: false }).blocks(Timeout::FirstSeconds),
+    row("bzpopmax", Class::Sealed(ZSET_BLOCKING_POP), ALL_BUT_LAST).blocks(Timeout::LastSeconds),
+    row("bzpopmin", Class::Sealed(ZSET_BLOCKING_POP), ALL_BUT_LAST).blocks(Timeout::LastSeconds),
     connection("client", Handling::Client),
     row("cluster", Class::Forward, NONE),
     row("command", Class::Forward, NONE),
@@ -412,17 +499,17 @@ pub static COMMANDS: &[Row] = &[
     row("latency", Class::Forward, NONE),
     row("lcs", Class::ServerReadsValue, K1_2),
     row("lindex", Class::Sealed(LIST_ONE), K1),
-    row("linsert", Class::ComparesValues, K1),
+    row("linsert", Class::Sealed(LIST_INSERT), K1),
     row("llen", Class::Forward, K1),
     row("lmove", Class::Sealed(LIST_ONE), K1_2).moves_values(),
     row("lmpop", Class::Sealed(LIST_MPOP), Keys::NumKeys { at: 1, dest: false }),
     row("lolwut", Class::Forward, NONE),
     row("lpop", Class::Sealed(LIST_POP), K1),
-    row("lpos", Class::ComparesValues, K1),
+    row("lpos", Class::Sealed(LIST_POS), K1),
     row("lpush", Class::Sealed(LIST_PUSH), K1),
     row("lpushx", Class::Sealed(LIST_PUSH), K1),
     row("lrange", Class::Sealed(LIST_POP), K1),
-    row("lrem", Class::ComparesValues, K1),
+    row("lrem", Class::Sealed(LIST_REM), K1),
     row("lset", Class::Sealed(LIST_SET), K1),
     row("ltrim", Class::Forward, K1),
     row("memory", Class::Forward, K2),
@@ -468,13 +555,13 @@ pub static COMMANDS: &[Row] = &[
     row("rpoplpush", Class::Sealed(LIST_ONE), K1_2).moves_values(),
     row("rpush", Class::Sealed(LIST_PUSH), K1),
     row("rpushx", Class::Sealed(LIST_PUSH), K1),
-    row("sadd", Class::Collection, K1),
+    row("sadd", Class::Sealed(SET_ADD), K1),
     row("save", Class::Forward, NONE),
     row("scan", Class::Forward, NONE),
     row("scard", Class::Forward, K1),
     row("script", Class::Scripting(Scripting::Script), NONE),
-    row("sdiff", Class::Collection, ALL),
-    row("sdiffstore", Class::Collection, ALL),
+    row("sdiff", Class::Sealed(SET_READ), ALL).moves_values(),
+    row("sdiffstore", Class::Sealed(SET_STORE), ALL).moves_values(),
     row("select", Class::Forward, NONE).leaves(Leaves::Database),
     row("set", Class::Sealed(SET), K1),
     row("setbit", Class::ServerReadsValue, K1),
@@ -482,28 +569,28 @@ pub static COMMANDS: &[Row] = &[
     row("setnx", Class::Sealed(SETNX), K1),
     row("setrange", Class::ServerReadsValue, K1),
     row("shutdown", Class::Forward, NONE),
-    row("sinter", Class::Collection, ALL),
-    row("sintercard", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
-    row("sinterstore", Class::Collection, ALL),
-    row("sismember", Class::Collection, K1),
+    row("sinter", Class::Sealed(SET_READ), ALL).moves_values(),
+    row("sintercard", Class::Sealed(SET_STORE), Keys::NumKeys { at: 1, dest: false }).moves_values(),
+    row("sinterstore", Class::Sealed(SET_STORE), ALL).moves_values(),
+    row("sismember", Class::Sealed(SET_IS), K1),
     row("slaveof", Class::Forward, NONE),
     row("slowlog", Class::Forward, NONE),
-    row("smembers", Class::Collection, K1),
-    row("smismember", Class::Collection, K1),
-    row("smove", Class::Collection, K1_2),
+    row("smembers", Class::Sealed(SET_READ), K1),
+    row("smismember", Class::Sealed(SET_ADD), K1),
+    row("smove", Class::Sealed(SET_MOVE), K1_2).moves_values(),
     row("sort", Class::Sort, Keys::WithStore),
     row("sort_ro", Class::Sort, Keys::WithStore),
-    row("spop", Class::Collection, K1),
+    row("spop", Class::Sealed(SET_READ), K1),
     row("spublish", Class::Sealed(PUBLISH), K1),
-    row("srandmember", Class::Collection, K1),
-    row("srem", Class::Collection, K1),
-    row("sscan", Class::Collection, K1),
+    row("srandmember", Class::Sealed(SET_READ), K1),
+    row("srem", Class::Sealed(SET_ADD), K1),
+    row("sscan", Class::Sealed(SET_SCAN), K1),
     connection("ssubscribe", Handling::Subscribe(PubSubKind::Shard)),
     row("strlen", Class::ServerReadsValue, K1),
     connection("subscribe", Handling::Subscribe(PubSubKind::Channel)),
     row("substr", Class::ServerReadsValue, K1),
-    row("sunion", Class::Collection, ALL),
-    row("sunionstore", Class::Collection, ALL),
+    row("sunion", Class::Sealed(SET_READ), ALL).moves_values(),
+    row("sunionstore", Class::Sealed(SET_STORE), ALL).moves_values(),
     connection("sunsubscribe", Handling::Unsubscribe(PubSubKind::Shard)),
     row("swapdb", Class::Forward, NONE),
     row("sync", Class::Refuse(REPLICATION), NONE),
@@ -531,38 +618,38 @@ pub static COMMANDS: &[Row] = &[
     row("xrevrange", Class::Collection, K1),
     row("xsetid", Class::Forward, K1),
     row("xtrim", Class::Forward, K1),
-    row("zadd", Class::Collection, K1),
+    row("zadd", Class::Sealed(ZSET_ADD), K1),
     row("zcard", Class::Forward, K1),
     row("zcount", Class::Forward, K1),
-    row("zdiff", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
-    row("zdiffstore", Class::Collection, Keys::NumKeys { at: 2, dest: true }),
-    row("zincrby", Class::Collection, K1),
-    row("zinter", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
-    row("zintercard", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
-    row("zinterstore", Class::Collection, Keys::NumKeys { at: 2, dest: true }),
-    row("zlexcount", Class::Collection, K1),
-    row("zmpop", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
-    row("zmscore", Class::Collection, K1),
-    row("zpopmax", Class::Collection, K1),
-    row("zpopmin", Class::Collection, K1),
-    row("zrandmember", Class::Collection, K1),
-    row("zrange", Class::Collection, K1),
-    row("zrangebylex", Class::Collection, K1),
-    row("zrangebyscore", Class::Collection, K1),
-    row("zrangestore", Class::Collection, K1_2),
-    row("zrank", Class::Collection, K1),
-    row("zrem", Class::Collection, K1),
-    row("zremrangebylex", Class::Collection, K1),
+    row("zdiff", Class::Sealed(ZSET_ALGEBRA), Keys::NumKeys { at: 1, dest: false }).moves_values(),
+    row("zdiffstore", Class::Sealed(ZSET_STORE), Keys::NumKeys { at: 2, dest: true }).moves_values(),
+    row("zincrby", Class::Sealed(ZSET_INCR), K1),
+    row("zinter", Class::Sealed(ZSET_ALGEBRA), Keys::NumKeys { at: 1, dest: false }).moves_values(),
+    row("zintercard", Class::Sealed(ZSET_STORE), Keys::NumKeys { at: 1, dest: false }).moves_values(),
+    row("zinterstore", Class::Sealed(ZSET_STORE), Keys::NumKeys { at: 2, dest: true }).moves_values(),
+    row("zlexcount", Class::OrdersValues, K1),
+    row("zmpop", Class::Sealed(ZSET_MPOP), Keys::NumKeys { at: 1, dest: false }),
+    row("zmscore", Class::Sealed(ZSET_MEMBERS), K1),
+    row("zpopmax", Class::Sealed(ZSET_POP), K1),
+    row("zpopmin", Class::Sealed(ZSET_POP), K1),
+    row("zrandmember", Class::Sealed(ZSET_RANDOM), K1),
+    row("zrange", Class::Sealed(ZSET_RANGE), K1),
+    row("zrangebylex", Class::OrdersValues, K1),
+    row("zrangebyscore", Class::Sealed(ZSET_RANGE), K1),
+    row("zrangestore", Class::Sealed(ZSET_STORE), K1_2).moves_values(),
+    row("zrank", Class::Sealed(ZSET_MEMBER), K1),
+    row("zrem", Class::Sealed(ZSET_MEMBERS), K1),
+    row("zremrangebylex", Class::OrdersValues, K1),
     row("zremrangebyrank", Class::Forward, K1),
     row("zremrangebyscore", Class::Forward, K1),
-    row("zrevrange", Class::Collection, K1),
-    row("zrevrangebylex", Class::Collection, K1),
-    row("zrevrangebyscore", Class::Collection, K1),
-    row("zrevrank", Class::Collection, K1),
-    row("zscan", Class::Collection, K1),
-    row("zscore", Class::Collection, K1),
-    row("zunion", Class::Collection, Keys::NumKeys { at: 1, dest: false }),
-    row("zunionstore", Class::Collection, Keys::NumKeys { at: 2, dest: true }),
+    row("zrevrange", Class::Sealed(ZSET_RANGE), K1),
+    row("zrevrangebylex", Class::OrdersValues, K1),
+    row("zrevrangebyscore", Class::Sealed(ZSET_RANGE), K1),
+    row("zrevrank", Class::Sealed(ZSET_MEMBER), K1),
+    row("zscan", Class::Sealed(ZSET_SCAN), K1),
+    row("zscore", Class::Sealed(ZSET_MEMBER), K1),
+    row("zunion", Class::Sealed(ZSET_ALGEBRA), Keys::NumKeys { at: 1, dest: false }).moves_values(),
+    row("zunionstore", Class::Sealed(ZSET_STORE), Keys::NumKeys { at: 2, dest: true }).moves_values(),
 ];
 
 /// How long Redis may legitimately take to answer a command beyond its
@@ -934,7 +1021,23 @@ mod tests {
                 "lmove",
                 "rename",
                 "renamenx",
-                "rpoplpush"
+                "rpoplpush",
+                "sdiff",
+                "sdiffstore",
+                "sinter",
+                "sintercard",
+                "sinterstore",
+                "smove",
+                "sunion",
+                "sunionstore",
+                "zdiff",
+                "zdiffstore",
+                "zinter",
+                "zintercard",
+                "zinterstore",
+                "zrangestore",
+                "zunion",
+                "zunionstore",
             ]
         );
     }

@@ -17,6 +17,7 @@
 use crate::crypto::keyring::Opened;
 use crate::crypto::{Keyring, OpenError, envelope};
 use crate::metrics::OpenFailure;
+use crate::policy::rules::glob_match;
 use crate::policy::table::Kind;
 use crate::policy::{KeySite, OpenPlan, ValueSite, shown};
 use crate::resp::{self, Limits};
@@ -62,6 +63,20 @@ pub fn reply(
         OpenPlan::Values(site) => opener.values(site, frame, out),
         OpenPlan::KeyAndValue(sites) => opener.keyed(sites, frame, out, Opener::value),
         OpenPlan::KeyAndValues(sites) => opener.keyed(sites, frame, out, Opener::values),
+        OpenPlan::Members {
+            site,
+            scores: false,
+        } => opener.values(site, frame, out),
+        OpenPlan::Members { site, scores: true } => opener.with_scores(site, frame, out),
+        OpenPlan::KeyMemberScore(sites) => opener.key_member_score(sites, frame, out),
+        OpenPlan::KeyAndMembersWithScores(sites) => {
+            opener.keyed(sites, frame, out, Opener::with_scores)
+        }
+        OpenPlan::Scan {
+            site,
+            scores,
+            pattern,
+        } => opener.member_scan(site, *scores, pattern.as_deref(), frame, out),
     }
     opener.contradiction.map_or(Ok(()), Err)
 }
@@ -143,6 +158,108 @@ impl Opener<'_> {
         }
     }
 
+    /// Member/score pairs: flat (RESP2, and RESP3 ZPOPMIN without a count)
+    /// or an array of `[member, score]` arrays (RESP3).
+    fn with_scores(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+        let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
+            return self.not_aggregate("no members with scores where they must be", frame, out);
+        };
+        out.extend_from_slice(header);
+        if elements.first().is_some_and(|e| e.first() == Some(&b'*')) {
+            for pair in elements {
+                match resp::aggregate_elements(pair, self.limits) {
+                    Some((pair_header, inner)) if inner.len() == 2 => {
+                        out.extend_from_slice(pair_header);
+                        self.value(site, inner[0], out);
+                        out.extend_from_slice(inner[1]);
+                    }
+                    _ => {
+                        self.contradicted("a member/score pair that is not two elements", pair, out)
+                    }
+                }
+            }
+            return;
+        }
+        if elements.len() % 2 != 0 {
+            return self.contradicted("member/score pairs of odd length", frame, out);
+        }
+        for pair in elements.chunks_exact(2) {
+            self.value(site, pair[0], out);
+            out.extend_from_slice(pair[1]);
+        }
+    }
+
+    /// `[key, member, score]` (BZPOPMIN), the key one the request named.
+    fn key_member_score(&mut self, sites: &[KeySite], frame: &[u8], out: &mut BytesMut) {
+        let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
+            return self.not_aggregate("no [key, member, score] where it must be", frame, out);
+        };
+        let [key, member, score] = elements[..] else {
+            return self.contradicted(
+                "a [key, member, score] reply that is not three elements",
+                frame,
+                out,
+            );
+        };
+        let Some(site) = named_site(sites, key) else {
+            return self.contradicted("a reply naming a key the request did not", frame, out);
+        };
+        out.extend_from_slice(header);
+        out.extend_from_slice(key);
+        match site {
+            Some(site) => self.value(site, member, out),
+            None => out.extend_from_slice(member),
+        }
+        out.extend_from_slice(score);
+    }
+
+    /// SSCAN's or ZSCAN's `[cursor, items]`; with `pattern`, only the
+    /// members (with their scores) that match it once opened. A member that
+    /// fails to open stays, as an error, whatever the pattern.
+    fn member_scan(
+        &mut self,
+        site: &ValueSite,
+        scores: bool,
+        pattern: Option<&[u8]>,
+        frame: &[u8],
+        out: &mut BytesMut,
+    ) {
+        let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
+            return self.not_aggregate("no scan reply where one must be", frame, out);
+        };
+        let [cursor, items] = elements[..] else {
+            return self.contradicted("a scan reply that is not [cursor, items]", frame, out);
+        };
+        let Some((items_header, items)) = resp::aggregate_elements(items, self.limits) else {
+            return self.contradicted("scan items that are not an array", frame, out);
+        };
+        let step = if scores { 2 } else { 1 };
+        if items.len() % step != 0 {
+            return self.contradicted("member/score pairs of odd length", frame, out);
+        }
+        let mut kept = BytesMut::new();
+        let mut count = 0;
+        for entry in items.chunks_exact(step) {
+            let mut opened = BytesMut::new();
+            self.value(site, entry[0], &mut opened);
+            let matches = match (pattern, resp::bulk_body(&opened)) {
+                (Some(pattern), Some(member)) => glob_match(pattern, member),
+                _ => true,
+            };
+            if matches {
+                kept.extend_from_slice(&opened);
+                for rest in &entry[1..] {
+                    kept.extend_from_slice(rest);
+                }
+                count += step;
+            }
+        }
+        out.extend_from_slice(header);
+        out.extend_from_slice(cursor);
+        resp::encode_header(out, items_header[0], count);
+        out.extend_from_slice(&kept);
+    }
+
     /// `[key, rest]` where the key is one the request named: `rest` is
     /// opened with that key's site (nil when nothing came, as on a timeout).
     fn keyed(
@@ -158,9 +275,7 @@ impl Opener<'_> {
         let [key, rest] = elements[..] else {
             return self.contradicted("a [key, values] reply that is not two elements", frame, out);
         };
-        let named =
-            resp::bulk_body(key).and_then(|name| sites.iter().find(|(k, _)| k[..] == *name));
-        let Some((_, site)) = named else {
+        let Some(site) = named_site(sites, key) else {
             return self.contradicted("a reply naming a key the request did not", frame, out);
         };
         out.extend_from_slice(header);
@@ -242,6 +357,15 @@ impl Opener<'_> {
     }
 }
 
+/// The site of the key a reply element names, if the request named it.
+fn named_site<'a>(sites: &'a [KeySite], key: &[u8]) -> Option<&'a Option<ValueSite>> {
+    let name = resp::bulk_body(key)?;
+    sites
+        .iter()
+        .find(|(asked, _)| asked[..] == *name)
+        .map(|(_, site)| site)
+}
+
 fn with_field(site: &ValueSite, field: &[u8]) -> ValueSite {
     let field = resp::bulk_body(field).unwrap_or(field);
     ValueSite {
@@ -260,6 +384,8 @@ fn failure(site: &ValueSite, err: &OpenError) -> String {
         Kind::ListElement => format!("element of list '{key}'"),
         Kind::StreamValue => format!("value of field '{}' of stream '{key}'", field()),
         Kind::Message => format!("message on channel '{key}'"),
+        Kind::SetMember => format!("member of set '{key}'"),
+        Kind::SortedSetMember => format!("member of sorted set '{key}'"),
     };
     match err {
         OpenError::NotAnEnvelope => format!(
@@ -295,6 +421,7 @@ mod tests {
             key: Bytes::copy_from_slice(key.as_bytes()),
             scope: crate::policy::SiteScope::Key,
             field: field.map(|f| Bytes::copy_from_slice(f.as_bytes())),
+            deterministic: false,
         }
     }
 
@@ -575,6 +702,116 @@ mod tests {
                 &mut Vec::new()
             )
             .is_err()
+        );
+    }
+
+    fn zset(key: &str) -> ValueSite {
+        ValueSite {
+            kind: Kind::SortedSetMember,
+            deterministic: true,
+            ..site(key, None)
+        }
+    }
+
+    fn member(ring: &Keyring, value: &str, at: &ValueSite) -> Vec<u8> {
+        bulk(&ring.seal_member(value.as_bytes(), at.binding()))
+    }
+
+    #[test]
+    fn members_with_scores_open_flat_and_nested_and_keep_the_scores() {
+        let ring = keyring();
+        let z = zset("z");
+        let (a, b) = (member(&ring, "alice", &z), member(&ring, "bob", &z));
+        let plan = OpenPlan::Members {
+            site: z.clone(),
+            scores: true,
+        };
+        let flat = [
+            b"*4\r\n".to_vec(),
+            a.clone(),
+            b"$1\r\n1\r\n".to_vec(),
+            b.clone(),
+            b"$1\r\n2\r\n".to_vec(),
+        ]
+        .concat();
+        assert_eq!(
+            run(&plan, &flat, &ring),
+            "*4\r\n$5\r\nalice\r\n$1\r\n1\r\n$3\r\nbob\r\n$1\r\n2\r\n"
+        );
+        let nested = [
+            b"*2\r\n*2\r\n".to_vec(),
+            a.clone(),
+            b",1\r\n*2\r\n".to_vec(),
+            b.clone(),
+            b",2\r\n".to_vec(),
+        ]
+        .concat();
+        assert_eq!(
+            run(&plan, &nested, &ring),
+            "*2\r\n*2\r\n$5\r\nalice\r\n,1\r\n*2\r\n$3\r\nbob\r\n,2\r\n"
+        );
+        assert_eq!(run(&plan, b"*0\r\n", &ring), "*0\r\n");
+        let sites = vec![(Bytes::from_static(b"z"), Some(z.clone()))];
+        let popped = [b"*3\r\n$1\r\nz\r\n".to_vec(), a.clone(), b",1\r\n".to_vec()].concat();
+        assert_eq!(
+            run(&OpenPlan::KeyMemberScore(sites.clone()), &popped, &ring),
+            "*3\r\n$1\r\nz\r\n$5\r\nalice\r\n,1\r\n"
+        );
+        let mpop = [b"*2\r\n$1\r\nz\r\n".to_vec(), nested].concat();
+        assert!(
+            run(&OpenPlan::KeyAndMembersWithScores(sites), &mpop, &ring)
+                .ends_with("$3\r\nbob\r\n,2\r\n")
+        );
+    }
+
+    #[test]
+    fn scans_match_opened_members_and_keep_failures_in_place() {
+        let ring = keyring();
+        let s = ValueSite {
+            kind: Kind::SetMember,
+            ..zset("s")
+        };
+        let items = [
+            member(&ring, "user:1", &s),
+            member(&ring, "admin:1", &s),
+            member(&ring, "user:2", &zset("other")),
+        ];
+        let frame = [b"*2\r\n$2\r\n17\r\n*3\r\n".to_vec(), items.concat()].concat();
+        let plan = |pattern: Option<&'static [u8]>| OpenPlan::Scan {
+            site: s.clone(),
+            scores: false,
+            pattern: pattern.map(Bytes::from_static),
+        };
+        let (text, failures) = run_counting(&plan(Some(b"user:*")), &frame, &ring);
+        assert!(
+            text.starts_with(
+                "*2\r\n$2\r\n17\r\n*2\r\n$6\r\nuser:1\r\n-ERR redcloak: member of set 's' failed"
+            ),
+            "{text}"
+        );
+        assert_eq!(failures.len(), 1);
+        let all = run(&plan(None), &frame, &ring);
+        assert!(
+            all.contains("*3\r\n$6\r\nuser:1\r\n$7\r\nadmin:1\r\n"),
+            "{all}"
+        );
+        let z = zset("z");
+        let pairs = [
+            b"*2\r\n$1\r\n0\r\n*4\r\n".to_vec(),
+            member(&ring, "a1", &z),
+            b"$1\r\n1\r\n".to_vec(),
+            member(&ring, "b1", &z),
+            b"$1\r\n2\r\n".to_vec(),
+        ]
+        .concat();
+        let scan = OpenPlan::Scan {
+            site: z,
+            scores: true,
+            pattern: Some(Bytes::from_static(b"b*")),
+        };
+        assert_eq!(
+            run(&scan, &pairs, &ring),
+            "*2\r\n$1\r\n0\r\n*2\r\n$2\r\nb1\r\n$1\r\n2\r\n"
         );
     }
 }

@@ -596,6 +596,7 @@ mod tests {
             name: "*".into(),
             pattern: "*".into(),
             mode: crate::policy::rules::Mode::Plaintext,
+            members: crate::policy::rules::Members::Random,
         };
         let rules = Arc::new(Rules::new(vec![plaintext]));
         Replies::new(Arc::new(ring()), rules, Limits::default())
@@ -700,6 +701,7 @@ mod tests {
             kind: crate::policy::table::Kind::String,
             scope: crate::policy::SiteScope::Key,
             field: None,
+            deterministic: false,
         };
         await_plan(
             &mut replies,
@@ -908,6 +910,7 @@ mod tests {
             kind: crate::policy::table::Kind::String,
             scope: crate::policy::SiteScope::Key,
             field: None,
+            deterministic: false,
         };
         let sealed = ring.seal(b"secret", site.binding());
         let mut reply = BytesMut::new();
@@ -949,6 +952,7 @@ mod tests {
             kind: crate::policy::table::Kind::String,
             scope: crate::policy::SiteScope::Key,
             field: None,
+            deterministic: false,
         };
         let one = || ReplyPlan::Open(crate::policy::OpenPlan::One(site.clone()));
         let each = || ReplyPlan::Open(crate::policy::OpenPlan::Each(vec![Some(site.clone())]));

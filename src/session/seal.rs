@@ -13,7 +13,11 @@ pub fn arguments(keyring: &Keyring, args: &[Bytes], values: &[SealAt]) -> Vec<By
     let mut sealed = args.to_vec();
     for SealAt { index, site } in values {
         if let Some(value) = args.get(*index) {
-            sealed[*index] = Bytes::from(keyring.seal(value, site.binding()));
+            let envelope = match site.deterministic {
+                true => keyring.seal_member(value, site.binding()),
+                false => keyring.seal(value, site.binding()),
+            };
+            sealed[*index] = Bytes::from(envelope);
         }
     }
     sealed
@@ -45,6 +49,7 @@ mod tests {
             key: Bytes::from_static(b"q"),
             scope: SiteScope::Key,
             field: None,
+            deterministic: false,
         };
         let plan = [2, 3, 9].map(|index| SealAt {
             index,

@@ -18,5 +18,6 @@ mod pool;
 mod process;
 mod pubsub;
 mod scripts;
+mod sets;
 mod support;
 mod upstream;

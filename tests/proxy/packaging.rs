@@ -626,12 +626,19 @@ fn support_of(row: &redcloak::policy::table::Row) -> String {
                 Kind::ListElement => "list elements",
                 Kind::StreamValue => "stream field values",
                 Kind::Message => "messages",
+                Kind::SetMember => "set members (deterministic envelope)",
+                Kind::SortedSetMember => "sorted-set members (deterministic envelope; scores plaintext)",
             };
-            format!("**{what} sealed on the way in, opened on the way out**")
+            match sealed.equality {
+                true => format!(
+                    "**{what} sealed**; Redis compares them, so only on `members = \"deterministic\"` rules"
+                ),
+                false => format!("**{what} sealed on the way in, opened on the way out**"),
+            }
         }
         Class::ServerReadsValue => "plaintext keys only: Redis must read the value".into(),
-        Class::ComparesValues => {
-            "plaintext keys only: Redis compares elements, and sealed elements never compare equal".into()
+        Class::OrdersValues => {
+            "plaintext keys only: Redis orders members by their bytes, which means nothing for envelopes".into()
         }
         Class::Collection => "plaintext keys only: members are not encrypted yet".into(),
         Class::Sort => "plaintext keys only; BY and GET refused".into(),
