@@ -107,6 +107,14 @@ pub enum OpenPlan {
     KeyMemberScore(Vec<KeySite>),
     /// ZMPOP, BZMPOP: `[key, [[member, score], ...]]`.
     KeyAndMembersWithScores(Vec<KeySite>),
+    /// Stream entries `[[id, [field, value, ...]], ...]` (XRANGE, XCLAIM).
+    StreamEntries(ValueSite),
+    /// XREAD, XREADGROUP: `[[key, entries], ...]` or a RESP3 map of them.
+    Streams(Vec<KeySite>),
+    /// XAUTOCLAIM: `[cursor, entries, deleted ids]`.
+    AutoClaim(ValueSite),
+    /// XINFO STREAM: the entries among its fields.
+    StreamInfo(ValueSite),
     /// SSCAN, ZSCAN: `[cursor, [member, (score,) ...]]`; with `pattern`,
     /// only the members that match it once opened (MATCH was not sent).
     Scan {
@@ -466,7 +474,7 @@ impl Policy {
             Class::Collection => self.only_plaintext(row, args, |key, decision| {
                 let name = name();
                 format!(
-                    "{name} on '{key}' is refused: streams, geo and HyperLogLog \
+                    "{name} on '{key}' is refused: geo and HyperLogLog \
                      are not encrypted yet, and '{key}' is encrypted ({}). \
                      Give such keys a plaintext rule to use them",
                     decision.describe()
@@ -688,6 +696,10 @@ impl Policy {
                 .step_by(2)
                 .filter_map(|f| at(f + 1, self.site(kind, key, Some(&args[f]))))
                 .collect(),
+            Values::StreamFields => (xadd_id_position(args) + 1..args.len())
+                .step_by(2)
+                .filter_map(|f| at(f + 1, self.site(kind, key, Some(&args[f]))))
+                .collect(),
             Values::ScoreMemberPairs => match key_site {
                 Some(site) => (zadd_first_score(args) + 1..args.len())
                     .step_by(2)
@@ -768,6 +780,27 @@ impl Policy {
                     scores: with_scores(scores, row, args),
                 }),
                 None => ReplyPlan::Passthrough,
+            },
+            Opens::StreamEntries { options_from } => {
+                let options = args.get(usize::from(options_from)..).unwrap_or_default();
+                match options.iter().any(|a| a.eq_ignore_ascii_case(b"justid")) {
+                    true => ReplyPlan::Passthrough,
+                    false => open(site(), OpenPlan::StreamEntries),
+                }
+            }
+            Opens::AutoClaim => {
+                let options = args.get(5..).unwrap_or_default();
+                match options.iter().any(|a| a.eq_ignore_ascii_case(b"justid")) {
+                    true => ReplyPlan::Passthrough,
+                    false => open(site(), OpenPlan::AutoClaim),
+                }
+            }
+            Opens::Streams => keyed(OpenPlan::Streams),
+            Opens::StreamInfo => match args.get(1) {
+                Some(sub) if sub.eq_ignore_ascii_case(b"stream") => {
+                    open(site(), OpenPlan::StreamInfo)
+                }
+                _ => ReplyPlan::Passthrough,
             },
             Opens::Scan(scores) => match site() {
                 Some(site) => ReplyPlan::Open(OpenPlan::Scan {
@@ -1025,6 +1058,30 @@ fn with_scores(scores: Scores, row: &Row, args: &[Bytes]) -> bool {
             .iter()
             .any(|a| a.eq_ignore_ascii_case(b"withscores")),
     }
+}
+
+/// XADD's id, after its options, read as Redis's
+/// `streamParseAddOrTrimArgsOrReply` reads them: NOMKSTREAM; MAXLEN or MINID,
+/// an optional `=` or `~`, and the threshold; LIMIT and its count. The first
+/// other argument is the id; field, value pairs follow it.
+fn xadd_id_position(args: &[Bytes]) -> usize {
+    let mut i = 2;
+    while let Some(option) = args.get(i) {
+        let is = |word: &[u8]| option.eq_ignore_ascii_case(word);
+        if is(b"nomkstream") {
+            i += 1;
+        } else if is(b"maxlen") || is(b"minid") {
+            let exactness = args
+                .get(i + 1)
+                .is_some_and(|a| a[..] == *b"=" || a[..] == *b"~");
+            i += if exactness { 3 } else { 2 };
+        } else if is(b"limit") {
+            i += 2;
+        } else {
+            break;
+        }
+    }
+    i
 }
 
 /// ZADD's first score, after its options, read as Redis's `zaddGenericCommand`
@@ -1538,6 +1595,37 @@ mod tests {
     }
 
     #[test]
+    fn xadd_options_are_read_as_redis_reads_them() {
+        let id_of = |command: &str| {
+            let args = request(&command.split(' ').collect::<Vec<_>>()).args;
+            String::from_utf8_lossy(&args[xadd_id_position(&args)]).into_owned()
+        };
+        assert_eq!(id_of("XADD s * f v"), "*");
+        assert_eq!(
+            id_of("XADD s NOMKSTREAM MAXLEN ~ 10 LIMIT 5 1-1 f v"),
+            "1-1"
+        );
+        assert_eq!(id_of("XADD s MAXLEN 10 * f v"), "*");
+        assert_eq!(id_of("XADD s minid = 0-1 * f v"), "*");
+        // A field named like an option is a field: options end at the id.
+        assert_eq!(id_of("XADD s * maxlen v"), "*");
+        let policy = policy();
+        let command = [
+            "XADD", "s", "MAXLEN", "~", "5", "*", "user", "u1", "maxlen", "9",
+        ];
+        let args = sent(&policy, &classify(&policy, &command), &command);
+        assert_eq!(&args[..7], &request(&command).args[..7]);
+        assert_eq!(args[8].as_ref(), b"maxlen");
+        let field = |name: &str| ValueSite {
+            kind: Kind::StreamValue,
+            field: Some(Bytes::copy_from_slice(name.as_bytes())),
+            ..site("s", None)
+        };
+        assert_eq!(opens(&policy, &args[7], &field("user")), b"u1");
+        assert_eq!(opens(&policy, &args[9], &field("maxlen")), b"9");
+    }
+
+    #[test]
     fn list_comparisons_need_deterministic_elements() {
         let random = policy();
         assert!(matches!(
@@ -1623,7 +1711,7 @@ mod tests {
             (&["ZRANGEBYLEX", "zset", "-", "+"], "encrypted_key"),
             (&["ZRANGE", "zset", "[a", "[b", "BYLEX"], "encrypted_key"),
             (&["GEOADD", "g", "1", "2", "m"], "encrypted_key"),
-            (&["XADD", "s", "*", "f", "v"], "encrypted_key"),
+            (&["PFADD", "hll", "x"], "encrypted_key"),
             (&["RENAME", "k", "k2"], "moves_value"),
             (&["COPY", "plain:a", "k"], "moves_value"),
             (&["SORT", "plain:l", "BY", "w_*"], "sort_by_get"),

@@ -116,8 +116,8 @@ pub enum Class {
     /// envelopes means nothing, so forwarded only when every key's rule is
     /// plaintext.
     OrdersValues,
-    /// Streams, geo, HyperLogLog: not encrypted yet, so forwarded only when
-    /// every key's rule is plaintext.
+    /// Geo and HyperLogLog: not encrypted yet, so forwarded only when every
+    /// key's rule is plaintext.
     Collection,
     /// SORT: a collection; BY and GET make Redis read other keys' values.
     Sort,
@@ -156,6 +156,9 @@ pub enum Values {
     FieldValuePairs,
     /// ZADD: options (NX, XX, GT, LT, CH, INCR), then score, member pairs.
     ScoreMemberPairs,
+    /// XADD: options (NOMKSTREAM, MAXLEN/MINID [=|~] n, LIMIT n), the id,
+    /// then field, value pairs, each value bound to its field.
+    StreamFields,
 }
 
 /// Whether a reply of members carries their scores.
@@ -207,6 +210,17 @@ pub enum Opens {
     /// SSCAN, ZSCAN: `[cursor, members]`. MATCH is applied by redcloak
     /// after opening, as Redis would have applied it after reading.
     Scan(Scores),
+    /// Stream entries `[[id, [field, value, ...]], ...]` (XRANGE; XCLAIM
+    /// unless JUSTID, whose options start at this argument).
+    StreamEntries {
+        options_from: u8,
+    },
+    /// XREAD, XREADGROUP: `[[key, entries], ...]`, a RESP3 map, or nil.
+    Streams,
+    /// XAUTOCLAIM: `[cursor, entries, deleted ids]`, unless JUSTID.
+    AutoClaim,
+    /// XINFO STREAM: its first-entry, last-entry and (FULL) entries.
+    StreamInfo,
 }
 
 /// Where a command's keys are (argument 0 is the command name).
@@ -402,6 +416,20 @@ const ZSET_MPOP: Sealed = sealed(
     Opens::KeyAndMembersWithScores,
 );
 const ZSET_STORE: Sealed = sealed(Kind::SortedSetMember, Values::None, Opens::Nothing);
+const STREAM_ADD: Sealed = sealed(Kind::StreamValue, Values::StreamFields, Opens::Nothing);
+const STREAM_RANGE: Sealed = sealed(
+    Kind::StreamValue,
+    Values::None,
+    Opens::StreamEntries { options_from: 4 },
+);
+const STREAM_CLAIM: Sealed = sealed(
+    Kind::StreamValue,
+    Values::None,
+    Opens::StreamEntries { options_from: 5 },
+);
+const STREAM_AUTOCLAIM: Sealed = sealed(Kind::StreamValue, Values::None, Opens::AutoClaim);
+const STREAM_READ: Sealed = sealed(Kind::StreamValue, Values::None, Opens::Streams);
+const STREAM_INFO: Sealed = sealed(Kind::StreamValue, Values::None, Opens::StreamInfo);
 const ZSET_SCAN: Sealed = sealed(
     Kind::SortedSetMember,
     Values::None,
@@ -604,18 +632,18 @@ pub static COMMANDS: &[Row] = &[
     row("wait", Class::Forward, NONE).blocks(Timeout::SecondMillis),
     row("watch", Class::Forward, ALL).leaves(Leaves::Session),
     row("xack", Class::Forward, K1),
-    row("xadd", Class::Collection, K1),
-    row("xautoclaim", Class::Collection, K1),
-    row("xclaim", Class::Collection, K1),
+    row("xadd", Class::Sealed(STREAM_ADD), K1),
+    row("xautoclaim", Class::Sealed(STREAM_AUTOCLAIM), K1),
+    row("xclaim", Class::Sealed(STREAM_CLAIM), K1),
     row("xdel", Class::Forward, K1),
     row("xgroup", Class::Forward, K2),
-    row("xinfo", Class::Collection, K2),
+    row("xinfo", Class::Sealed(STREAM_INFO), K2),
     row("xlen", Class::Forward, K1),
     row("xpending", Class::Forward, K1),
-    row("xrange", Class::Collection, K1),
-    row("xread", Class::Collection, Keys::Streams).blocks(Timeout::BlockOptionMillis),
-    row("xreadgroup", Class::Collection, Keys::Streams).blocks(Timeout::BlockOptionMillis),
-    row("xrevrange", Class::Collection, K1),
+    row("xrange", Class::Sealed(STREAM_RANGE), K1),
+    row("xread", Class::Sealed(STREAM_READ), Keys::Streams).blocks(Timeout::BlockOptionMillis),
+    row("xreadgroup", Class::Sealed(STREAM_READ), Keys::Streams).blocks(Timeout::BlockOptionMillis),
+    row("xrevrange", Class::Sealed(STREAM_RANGE), K1),
     row("xsetid", Class::Forward, K1),
     row("xtrim", Class::Forward, K1),
     row("zadd", Class::Sealed(ZSET_ADD), K1),

@@ -77,6 +77,10 @@ pub fn reply(
             scores,
             pattern,
         } => opener.member_scan(site, *scores, pattern.as_deref(), frame, out),
+        OpenPlan::StreamEntries(site) => opener.entries(site, frame, out),
+        OpenPlan::Streams(sites) => opener.streams(sites, frame, out),
+        OpenPlan::AutoClaim(site) => opener.autoclaim(site, frame, out),
+        OpenPlan::StreamInfo(site) => opener.stream_info(site, frame, out),
     }
     opener.contradiction.map_or(Ok(()), Err)
 }
@@ -260,6 +264,109 @@ impl Opener<'_> {
         out.extend_from_slice(&kept);
     }
 
+    /// One stream entry `[id, [field, value, ...]]`; the fields are nil for
+    /// an entry deleted while pending (XREADGROUP, XCLAIM).
+    fn entry(&mut self, site: &ValueSite, element: &[u8], out: &mut BytesMut) {
+        let Some((header, parts)) = resp::aggregate_elements(element, self.limits) else {
+            return self.not_aggregate("no stream entry where one must be", element, out);
+        };
+        let [id, fields] = parts[..] else {
+            return self.contradicted("a stream entry that is not [id, fields]", element, out);
+        };
+        out.extend_from_slice(header);
+        out.extend_from_slice(id);
+        if is_nil(fields) {
+            return out.extend_from_slice(fields);
+        }
+        match resp::aggregate_elements(fields, self.limits) {
+            Some((fields_header, pairs)) if pairs.len() % 2 == 0 => {
+                out.extend_from_slice(fields_header);
+                for pair in pairs.chunks_exact(2) {
+                    out.extend_from_slice(pair[0]);
+                    self.value(&with_field(site, pair[0]), pair[1], out);
+                }
+            }
+            _ => self.contradicted("stream fields that are not field/value pairs", fields, out),
+        }
+    }
+
+    /// An array of stream entries (or nil).
+    fn entries(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+        let Some((header, entries)) = resp::aggregate_elements(frame, self.limits) else {
+            return self.not_aggregate("no stream entries where they must be", frame, out);
+        };
+        out.extend_from_slice(header);
+        for entry in entries {
+            self.entry(site, entry, out);
+        }
+    }
+
+    /// XREAD's `[[key, entries], ...]` (RESP2) or `{key: entries}` (RESP3).
+    fn streams(&mut self, sites: &[KeySite], frame: &[u8], out: &mut BytesMut) {
+        let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
+            return self.not_aggregate("no streams where they must be", frame, out);
+        };
+        if frame.first() != Some(&b'%') {
+            out.extend_from_slice(header);
+            for stream in elements {
+                self.keyed(sites, stream, out, Opener::entries);
+            }
+            return;
+        }
+        out.extend_from_slice(header);
+        for pair in elements.chunks_exact(2) {
+            let [key, entries] = pair else { continue };
+            let Some(site) = named_site(sites, key) else {
+                return self.contradicted("a reply naming a key the request did not", frame, out);
+            };
+            out.extend_from_slice(key);
+            match site {
+                Some(site) => self.entries(site, entries, out),
+                None => out.extend_from_slice(entries),
+            }
+        }
+    }
+
+    /// XAUTOCLAIM's `[cursor, entries, deleted ids]`.
+    fn autoclaim(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+        let Some((header, parts)) = resp::aggregate_elements(frame, self.limits) else {
+            return self.not_aggregate("no XAUTOCLAIM reply where one must be", frame, out);
+        };
+        let [cursor, entries, deleted] = parts[..] else {
+            return self.contradicted(
+                "an XAUTOCLAIM reply that is not [cursor, entries, deleted]",
+                frame,
+                out,
+            );
+        };
+        out.extend_from_slice(header);
+        out.extend_from_slice(cursor);
+        self.entries(site, entries, out);
+        out.extend_from_slice(deleted);
+    }
+
+    /// XINFO STREAM's name/value pairs (array or map): `first-entry` and
+    /// `last-entry` are entries, FULL's `entries` a list of them; the rest
+    /// (lengths, ids, groups, pending lists) holds no values.
+    fn stream_info(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+        let Some((header, elements)) = resp::aggregate_elements(frame, self.limits) else {
+            return self.not_aggregate("no XINFO STREAM reply where one must be", frame, out);
+        };
+        if elements.len() % 2 != 0 {
+            return self.contradicted("XINFO STREAM fields of odd length", frame, out);
+        }
+        out.extend_from_slice(header);
+        for pair in elements.chunks_exact(2) {
+            out.extend_from_slice(pair[0]);
+            let name = resp::bulk_body(pair[0]).or_else(|| simple_body(pair[0]));
+            match name {
+                Some(b"first-entry" | b"last-entry") => self.entry(site, pair[1], out),
+                Some(b"entries") => self.entries(site, pair[1], out),
+                _ => out.extend_from_slice(pair[1]),
+            }
+        }
+    }
+
     /// `[key, rest]` where the key is one the request named: `rest` is
     /// opened with that key's site (nil when nothing came, as on a timeout).
     fn keyed(
@@ -355,6 +462,11 @@ impl Opener<'_> {
             None => self.not_aggregate("no scan reply where one must be", frame, out),
         }
     }
+}
+
+/// The text of a simple string (`+text`), as RESP3 map keys may be.
+fn simple_body(element: &[u8]) -> Option<&[u8]> {
+    element.strip_prefix(b"+")?.strip_suffix(b"\r\n")
 }
 
 /// The site of the key a reply element names, if the request named it.

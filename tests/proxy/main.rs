@@ -19,5 +19,6 @@ mod process;
 mod pubsub;
 mod scripts;
 mod sets;
+mod streams;
 mod support;
 mod upstream;
