@@ -43,7 +43,8 @@
 //! magic | version | key id (the 8 header bytes)
 //! u8 kind: 1 string value, 2 hash field value, 3 list element,
 //!          4 stream field value, 5 pub/sub message, 6 set member,
-//!          7 sorted-set member
+//!          7 sorted-set member (8, HyperLogLog element, is never sealed:
+//!          see `DataKey::token`)
 //! u8 scope: 0 unbound | 1, u32 BE length, key (or channel) name
 //!                     | 2, u32 BE length, rule name
 //! if kinds 2 and 4: u32 BE length | field name
@@ -65,6 +66,7 @@
 
 use aes_siv::siv::Aes256Siv;
 use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use xaes_256_gcm::Xaes256Gcm;
 use xaes_256_gcm::aead::{AeadInOut, KeyInit};
@@ -77,6 +79,9 @@ pub const MEMBER_MAGIC: [u8; 3] = [0xC7, 0x0A, 0x53];
 pub const MEMBER_OVERHEAD: usize = 3 + 1 + SIV_LEN;
 const SIV_LEN: usize = 16;
 const SIV_KEY_LABEL: &[u8] = b"redcloak member siv v1";
+const TOKEN_KEY_LABEL: &[u8] = b"redcloak hll token v1";
+/// Bytes of a HyperLogLog token.
+pub const TOKEN_LEN: usize = 16;
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
 pub const NONCE_LEN: usize = 24;
@@ -94,6 +99,8 @@ pub enum Kind {
     Message = 5,
     SetMember = 6,
     SortedSetMember = 7,
+    /// Never sealed: PFADD sends a keyed token of each element instead.
+    HyperLogLogElement = 8,
 }
 
 /// Which name a value is bound to, as its rule says.
@@ -161,6 +168,8 @@ pub struct DataKey {
     cipher: Xaes256Gcm,
     /// AES-256-SIV's key for deterministic envelopes, derived from the data key.
     siv_key: Zeroizing<[u8; 64]>,
+    /// HMAC-SHA256's key for HyperLogLog tokens, derived from the data key.
+    token_key: Zeroizing<[u8; 32]>,
 }
 
 impl std::fmt::Debug for DataKey {
@@ -172,15 +181,18 @@ impl std::fmt::Debug for DataKey {
 impl DataKey {
     pub fn new(id: u32, key: &[u8; 32]) -> Self {
         let mut siv_key = Zeroizing::new([0u8; 64]);
+        let mut token_key = Zeroizing::new([0u8; 32]);
         // The data key is 32 uniformly random bytes: a valid HKDF PRK.
-        // Expanding 64 bytes from SHA-256 never fails.
+        // Expanding 32 or 64 bytes from SHA-256 never fails.
         if let Ok(hkdf) = Hkdf::<Sha256>::from_prk(key) {
             let _ = hkdf.expand(SIV_KEY_LABEL, siv_key.as_mut_slice());
+            let _ = hkdf.expand(TOKEN_KEY_LABEL, token_key.as_mut_slice());
         }
         DataKey {
             id,
             cipher: Xaes256Gcm::new(key.into()),
             siv_key,
+            token_key,
         }
     }
 
@@ -226,6 +238,22 @@ impl DataKey {
         let sealed = self.siv().encrypt([&aad], member).unwrap_or_default();
         envelope.extend_from_slice(&sealed);
         envelope
+    }
+
+    /// The token PFADD sends for `element`: HMAC-SHA256 under a key derived
+    /// from the data key, over the binding (as associated data is built)
+    /// and the element, cut to 16 bytes. Equal elements under one binding
+    /// and key give equal tokens, so Redis counts distinct elements; the
+    /// elements themselves never reach Redis, and a token cannot be opened.
+    pub fn token(&self, element: &[u8], binding: Binding<'_>) -> [u8; TOKEN_LEN] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.token_key.as_slice())
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(&associated_data(b"hll-token", binding));
+        mac.update(element);
+        let digest = mac.finalize().into_bytes();
+        let mut token = [0u8; TOKEN_LEN];
+        token.copy_from_slice(&digest[..TOKEN_LEN]);
+        token
     }
 
     /// AES-SIV encrypts through `&mut self`, so each call gets its own
@@ -600,6 +628,23 @@ mod tests {
         padded.extend_from_slice(&[0x81, 0x00]);
         padded.extend_from_slice(&a[4..]);
         assert_eq!(key_id(&padded), Err(OpenError::Malformed));
+    }
+
+    #[test]
+    fn hyperloglog_tokens_are_keyed_bound_and_deterministic() {
+        let element = |key: &'static [u8]| Binding {
+            kind: Kind::HyperLogLogElement,
+            scope: Scope::Key(key),
+            field: None,
+        };
+        let k = key(1, 1);
+        let token = k.token(b"visitor-1", element(b"h"));
+        assert_eq!(token, k.token(b"visitor-1", element(b"h")));
+        assert_ne!(token, k.token(b"visitor-2", element(b"h")));
+        assert_ne!(token, k.token(b"visitor-1", element(b"other")));
+        assert_ne!(token, key(2, 1).token(b"visitor-1", element(b"h")));
+        assert!(!token.windows(9).any(|w| w == b"visitor-1"));
+        assert_ne!(k.token_key[..], k.siv_key[..32]);
     }
 
     #[test]

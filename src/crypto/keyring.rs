@@ -150,6 +150,16 @@ impl Keyring {
         }
     }
 
+    /// The HyperLogLog token of `element` under the primary key (see
+    /// `DataKey::token`).
+    pub fn token(&self, element: &[u8], binding: Binding<'_>) -> [u8; envelope::TOKEN_LEN] {
+        match self.keys.get(&self.primary) {
+            Some(slot) => slot.key.token(element, binding),
+            // `new` guarantees the primary is present.
+            None => unreachable!("primary key missing from the keyring"),
+        }
+    }
+
     /// Opens a stored value (either envelope), applying the legacy-plaintext policy.
     pub fn open<'a>(
         &self,

@@ -115,6 +115,8 @@ pub enum OpenPlan {
     AutoClaim(ValueSite),
     /// XINFO STREAM: the entries among its fields.
     StreamInfo(ValueSite),
+    /// GEORADIUS, GEOSEARCH: members, or arrays whose first element is one.
+    GeoResults(ValueSite),
     /// SSCAN, ZSCAN: `[cursor, [member, (score,) ...]]`; with `pattern`,
     /// only the members that match it once opened (MATCH was not sent).
     Scan {
@@ -471,15 +473,6 @@ impl Policy {
                     decision.describe()
                 )
             }),
-            Class::Collection => self.only_plaintext(row, args, |key, decision| {
-                let name = name();
-                format!(
-                    "{name} on '{key}' is refused: geo and HyperLogLog \
-                     are not encrypted yet, and '{key}' is encrypted ({}). \
-                     Give such keys a plaintext rule to use them",
-                    decision.describe()
-                )
-            }),
             Class::Scripting(scripting) => self.scripting(scripting, row, args),
             Class::Sort => {
                 let name = name();
@@ -700,6 +693,19 @@ impl Policy {
                 .step_by(2)
                 .filter_map(|f| at(f + 1, self.site(kind, key, Some(&args[f]))))
                 .collect(),
+            Values::Span { first, count } => (usize::from(first)..usize::from(first + count))
+                .filter_map(|index| at(index, key_site.clone()))
+                .collect(),
+            Values::GeoTriples => (geoadd_first_longitude(args) + 2..args.len())
+                .step_by(3)
+                .filter_map(|index| at(index, key_site.clone()))
+                .collect(),
+            Values::AfterWord(word) => args
+                .iter()
+                .position(|a| a.eq_ignore_ascii_case(word.as_bytes()))
+                .and_then(|option| at(option + 1, key_site.clone()))
+                .into_iter()
+                .collect(),
             Values::ScoreMemberPairs => match key_site {
                 Some(site) => (zadd_first_score(args) + 1..args.len())
                     .step_by(2)
@@ -802,6 +808,15 @@ impl Policy {
                 }
                 _ => ReplyPlan::Passthrough,
             },
+            Opens::GeoResults => {
+                let stores = args.iter().skip(2).any(|a| {
+                    a.eq_ignore_ascii_case(b"store") || a.eq_ignore_ascii_case(b"storedist")
+                });
+                match stores {
+                    true => ReplyPlan::Passthrough,
+                    false => open(site(), OpenPlan::GeoResults),
+                }
+            }
             Opens::Scan(scores) => match site() {
                 Some(site) => ReplyPlan::Open(OpenPlan::Scan {
                     site,
@@ -1031,7 +1046,11 @@ fn site_of(
     let deterministic = match kind {
         Kind::SetMember | Kind::SortedSetMember => true,
         Kind::ListElement => decision.list_members() == rules::Members::Deterministic,
-        Kind::String | Kind::HashField | Kind::StreamValue | Kind::Message => false,
+        Kind::String
+        | Kind::HashField
+        | Kind::StreamValue
+        | Kind::Message
+        | Kind::HyperLogLogElement => false,
     };
     Some(ValueSite {
         kind,
@@ -1082,6 +1101,18 @@ fn xadd_id_position(args: &[Bytes]) -> usize {
         }
     }
     i
+}
+
+/// GEOADD's first longitude, after its options (NX, XX, CH), as Redis's
+/// `geoaddCommand` reads them.
+fn geoadd_first_longitude(args: &[Bytes]) -> usize {
+    const OPTIONS: [&[u8]; 3] = [b"nx", b"xx", b"ch"];
+    let options = args
+        .iter()
+        .skip(2)
+        .take_while(|a| OPTIONS.iter().any(|o| a.eq_ignore_ascii_case(o)))
+        .count();
+    2 + options
 }
 
 /// ZADD's first score, after its options, read as Redis's `zaddGenericCommand`
@@ -1710,8 +1741,7 @@ mod tests {
             (&["LREM", "list", "0", "x"], "encrypted_key"),
             (&["ZRANGEBYLEX", "zset", "-", "+"], "encrypted_key"),
             (&["ZRANGE", "zset", "[a", "[b", "BYLEX"], "encrypted_key"),
-            (&["GEOADD", "g", "1", "2", "m"], "encrypted_key"),
-            (&["PFADD", "hll", "x"], "encrypted_key"),
+            (&["PFDEBUG", "GETREG", "hll"], "encrypted_key"),
             (&["RENAME", "k", "k2"], "moves_value"),
             (&["COPY", "plain:a", "k"], "moves_value"),
             (&["SORT", "plain:l", "BY", "w_*"], "sort_by_get"),

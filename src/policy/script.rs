@@ -539,7 +539,6 @@ fn check_command(args: &[Arg]) -> Result<(), String> {
         | Class::Sealed(_)
         | Class::ServerReadsValue
         | Class::OrdersValues
-        | Class::Collection
         | Class::Sort => {}
         _ => {
             return Err(format!(

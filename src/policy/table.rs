@@ -116,9 +116,6 @@ pub enum Class {
     /// envelopes means nothing, so forwarded only when every key's rule is
     /// plaintext.
     OrdersValues,
-    /// Geo and HyperLogLog: not encrypted yet, so forwarded only when every
-    /// key's rule is plaintext.
-    Collection,
     /// SORT: a collection; BY and GET make Redis read other keys' values.
     Sort,
     /// Lua scripts and functions: run only when `policy::script` proves
@@ -159,6 +156,15 @@ pub enum Values {
     /// XADD: options (NOMKSTREAM, MAXLEN/MINID [=|~] n, LIMIT n), the id,
     /// then field, value pairs, each value bound to its field.
     StreamFields,
+    /// `count` arguments from `first` on: GEODIST's two members.
+    Span {
+        first: u8,
+        count: u8,
+    },
+    /// GEOADD: options (NX, XX, CH), then longitude, latitude, member triples.
+    GeoTriples,
+    /// The argument after this option word: GEOSEARCH's FROMMEMBER member.
+    AfterWord(&'static str),
 }
 
 /// Whether a reply of members carries their scores.
@@ -221,6 +227,9 @@ pub enum Opens {
     AutoClaim,
     /// XINFO STREAM: its first-entry, last-entry and (FULL) entries.
     StreamInfo,
+    /// GEORADIUS, GEOSEARCH: members, or `[member, distance?, hash?,
+    /// coordinates?]` arrays with the WITH options; an integer with STORE.
+    GeoResults,
 }
 
 /// Where a command's keys are (argument 0 is the command name).
@@ -430,6 +439,27 @@ const STREAM_CLAIM: Sealed = sealed(
 const STREAM_AUTOCLAIM: Sealed = sealed(Kind::StreamValue, Values::None, Opens::AutoClaim);
 const STREAM_READ: Sealed = sealed(Kind::StreamValue, Values::None, Opens::Streams);
 const STREAM_INFO: Sealed = sealed(Kind::StreamValue, Values::None, Opens::StreamInfo);
+const GEO_ADD: Sealed = sealed(Kind::SortedSetMember, Values::GeoTriples, Opens::Nothing);
+const GEO_DIST: Sealed = sealed(
+    Kind::SortedSetMember,
+    Values::Span { first: 2, count: 2 },
+    Opens::Nothing,
+);
+const GEO_MEMBERS: Sealed = sealed(Kind::SortedSetMember, Values::From(2), Opens::Nothing);
+const GEO_RADIUS: Sealed = sealed(Kind::SortedSetMember, Values::None, Opens::GeoResults);
+const GEO_RADIUS_BY_MEMBER: Sealed =
+    sealed(Kind::SortedSetMember, Values::At(2), Opens::GeoResults);
+const GEO_SEARCH: Sealed = sealed(
+    Kind::SortedSetMember,
+    Values::AfterWord("frommember"),
+    Opens::GeoResults,
+);
+const GEO_SEARCH_STORE: Sealed = sealed(
+    Kind::SortedSetMember,
+    Values::AfterWord("frommember"),
+    Opens::Nothing,
+);
+const PFADD: Sealed = sealed(Kind::HyperLogLogElement, Values::From(2), Opens::Nothing);
 const ZSET_SCAN: Sealed = sealed(
     Kind::SortedSetMember,
     Values::None,
@@ -485,16 +515,16 @@ pub static COMMANDS: &[Row] = &[
     row("flushall", Class::Forward, NONE),
     row("flushdb", Class::Forward, NONE),
     row("function", Class::Scripting(Scripting::Function), NONE),
-    row("geoadd", Class::Collection, K1),
-    row("geodist", Class::Collection, K1),
-    row("geohash", Class::Collection, K1),
-    row("geopos", Class::Collection, K1),
-    row("georadius", Class::Collection, Keys::WithStore),
-    row("georadius_ro", Class::Collection, K1),
-    row("georadiusbymember", Class::Collection, Keys::WithStore),
-    row("georadiusbymember_ro", Class::Collection, K1),
-    row("geosearch", Class::Collection, K1),
-    row("geosearchstore", Class::Collection, K1_2),
+    row("geoadd", Class::Sealed(GEO_ADD), K1),
+    row("geodist", Class::Sealed(GEO_DIST), K1),
+    row("geohash", Class::Sealed(GEO_MEMBERS), K1),
+    row("geopos", Class::Sealed(GEO_MEMBERS), K1),
+    row("georadius", Class::Sealed(GEO_RADIUS), Keys::WithStore).moves_values(),
+    row("georadius_ro", Class::Sealed(GEO_RADIUS), K1),
+    row("georadiusbymember", Class::Sealed(GEO_RADIUS_BY_MEMBER), Keys::WithStore).moves_values(),
+    row("georadiusbymember_ro", Class::Sealed(GEO_RADIUS_BY_MEMBER), K1),
+    row("geosearch", Class::Sealed(GEO_SEARCH), K1),
+    row("geosearchstore", Class::Sealed(GEO_SEARCH_STORE), K1_2).moves_values(),
     row("get", Class::Sealed(GET), K1),
     row("getbit", Class::ServerReadsValue, K1),
     row("getdel", Class::Sealed(GET), K1),
@@ -554,10 +584,10 @@ pub static COMMANDS: &[Row] = &[
     row("pexpire", Class::Forward, K1),
     row("pexpireat", Class::Forward, K1),
     row("pexpiretime", Class::Forward, K1),
-    row("pfadd", Class::Collection, K1),
-    row("pfcount", Class::Collection, ALL),
-    row("pfdebug", Class::Collection, K2),
-    row("pfmerge", Class::Collection, ALL),
+    row("pfadd", Class::Sealed(PFADD), K1),
+    row("pfcount", Class::Forward, ALL).moves_values(),
+    row("pfdebug", Class::ServerReadsValue, K2),
+    row("pfmerge", Class::Forward, ALL).moves_values(),
     row("pfselftest", Class::Forward, NONE),
     row("ping", Class::Forward, NONE),
     row("psetex", Class::Sealed(SETEX), K1),
@@ -1046,7 +1076,12 @@ mod tests {
                 "blmove",
                 "brpoplpush",
                 "copy",
+                "georadius",
+                "georadiusbymember",
+                "geosearchstore",
                 "lmove",
+                "pfcount",
+                "pfmerge",
                 "rename",
                 "renamenx",
                 "rpoplpush",

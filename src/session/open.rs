@@ -81,6 +81,7 @@ pub fn reply(
         OpenPlan::Streams(sites) => opener.streams(sites, frame, out),
         OpenPlan::AutoClaim(site) => opener.autoclaim(site, frame, out),
         OpenPlan::StreamInfo(site) => opener.stream_info(site, frame, out),
+        OpenPlan::GeoResults(site) => opener.geo_results(site, frame, out),
     }
     opener.contradiction.map_or(Ok(()), Err)
 }
@@ -367,6 +368,28 @@ impl Opener<'_> {
         }
     }
 
+    /// GEORADIUS's and GEOSEARCH's results: a member each, or (with WITHDIST,
+    /// WITHHASH, WITHCOORD) an array of the member and those.
+    fn geo_results(&mut self, site: &ValueSite, frame: &[u8], out: &mut BytesMut) {
+        let Some((header, results)) = resp::aggregate_elements(frame, self.limits) else {
+            return self.not_aggregate("no geo results where they must be", frame, out);
+        };
+        out.extend_from_slice(header);
+        for result in results {
+            match resp::aggregate_elements(result, self.limits) {
+                Some((result_header, parts)) if !parts.is_empty() => {
+                    out.extend_from_slice(result_header);
+                    self.value(site, parts[0], out);
+                    for part in &parts[1..] {
+                        out.extend_from_slice(part);
+                    }
+                }
+                Some(_) => self.contradicted("an empty geo result", result, out),
+                None => self.value(site, result, out),
+            }
+        }
+    }
+
     /// `[key, rest]` where the key is one the request named: `rest` is
     /// opened with that key's site (nil when nothing came, as on a timeout).
     fn keyed(
@@ -498,6 +521,7 @@ fn failure(site: &ValueSite, err: &OpenError) -> String {
         Kind::Message => format!("message on channel '{key}'"),
         Kind::SetMember => format!("member of set '{key}'"),
         Kind::SortedSetMember => format!("member of sorted set '{key}'"),
+        Kind::HyperLogLogElement => format!("element of HyperLogLog '{key}'"),
     };
     match err {
         OpenError::NotAnEnvelope => format!(

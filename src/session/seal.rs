@@ -1,10 +1,12 @@
 //! Seals the request arguments a plan names, with the keyring's primary
-//! key: the one place request values are encrypted. `policy::classify`
+//! key: the one place request values are encrypted (random or deterministic
+//! envelopes, or HyperLogLog tokens). `policy::classify`
 //! decides which arguments are values and where they live; this module only
 //! applies that decision. Pure.
 
 use crate::crypto::Keyring;
 use crate::policy::SealAt;
+use crate::policy::table::Kind;
 use bytes::Bytes;
 
 /// The request's arguments with each one `values` names replaced by its
@@ -13,9 +15,10 @@ pub fn arguments(keyring: &Keyring, args: &[Bytes], values: &[SealAt]) -> Vec<By
     let mut sealed = args.to_vec();
     for SealAt { index, site } in values {
         if let Some(value) = args.get(*index) {
-            let envelope = match site.deterministic {
-                true => keyring.seal_member(value, site.binding()),
-                false => keyring.seal(value, site.binding()),
+            let envelope = match (site.kind, site.deterministic) {
+                (Kind::HyperLogLogElement, _) => keyring.token(value, site.binding()).to_vec(),
+                (_, true) => keyring.seal_member(value, site.binding()),
+                (_, false) => keyring.seal(value, site.binding()),
             };
             sealed[*index] = Bytes::from(envelope);
         }
@@ -28,7 +31,6 @@ mod tests {
     use super::*;
     use crate::crypto::keyring::Opened;
     use crate::crypto::{Binding, LegacyPlaintext};
-    use crate::policy::table::Kind;
     use crate::policy::{SiteScope, ValueSite};
     use zeroize::Zeroizing;
 

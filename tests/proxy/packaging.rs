@@ -627,9 +627,13 @@ fn support_of(row: &redcloak::policy::table::Row) -> String {
                 Kind::StreamValue => "stream field values",
                 Kind::Message => "messages",
                 Kind::SetMember => "set members (deterministic envelope)",
-                Kind::SortedSetMember => "sorted-set members (deterministic envelope; scores plaintext)",
+                Kind::SortedSetMember => "sorted-set and geo members (deterministic envelope; scores and coordinates plaintext)",
+                Kind::HyperLogLogElement => "HyperLogLog elements",
             };
             match sealed.equality {
+                _ if sealed.kind == Kind::HyperLogLogElement => {
+                    "**elements sent as keyed tokens (HMAC), never in clear**; counts work".into()
+                }
                 true => format!(
                     "**{what} sealed**; Redis compares them, so only on `members = \"deterministic\"` rules"
                 ),
@@ -640,7 +644,6 @@ fn support_of(row: &redcloak::policy::table::Row) -> String {
         Class::OrdersValues => {
             "plaintext keys only: Redis orders members by their bytes, which means nothing for envelopes".into()
         }
-        Class::Collection => "plaintext keys only: members are not encrypted yet".into(),
         Class::Sort => "plaintext keys only; BY and GET refused".into(),
         Class::Scripting(Scripting::Eval | Scripting::FCall) => {
             "plaintext keys only; the script must be proved to touch only its declared keys".into()

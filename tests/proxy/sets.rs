@@ -448,3 +448,204 @@ async fn list_elements_on_deterministic_rules_can_be_found_removed_and_inserted(
     let stored = redis.plaintext_in_redis(&[b"secret"]).await;
     assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geo_members_are_sealed_and_coordinates_stay_plaintext() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(TEAMS)).await;
+    for protocol in [2u8, 3] {
+        let mut c = proxy.raw().await;
+        if protocol == 3 {
+            assert!(c.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
+        }
+        let g = format!("places{protocol}");
+        let g = g.as_bytes();
+        assert_reply(
+            &c.call(&[
+                b"GEOADD",
+                g,
+                b"CH",
+                b"13.361389",
+                b"38.115556",
+                b"palermo-secret",
+                b"15.087269",
+                b"37.502669",
+                b"catania-secret",
+            ])
+            .await,
+            b":2\r\n",
+        );
+        let distance = texts(
+            &c.call(&[b"GEODIST", g, b"palermo-secret", b"catania-secret", b"km"])
+                .await,
+        );
+        assert!(distance[0].starts_with("166.27"), "{distance:?}");
+        assert_eq!(
+            texts(&c.call(&[b"GEOHASH", g, b"palermo-secret"]).await),
+            ["sqc8b49rny0"]
+        );
+        let position = texts(&c.call(&[b"GEOPOS", g, b"catania-secret", b"nowhere"]).await);
+        assert!(
+            position[0].starts_with("15.08726") && position[2] == "nil",
+            "{position:?}"
+        );
+        assert_eq!(
+            texts(
+                &c.call(&[
+                    b"GEOSEARCH",
+                    g,
+                    b"FROMLONLAT",
+                    b"15",
+                    b"37",
+                    b"BYRADIUS",
+                    b"100",
+                    b"km",
+                    b"ASC"
+                ])
+                .await
+            ),
+            ["catania-secret"]
+        );
+        let with = texts(
+            &c.call(&[
+                b"GEOSEARCH",
+                g,
+                b"FROMMEMBER",
+                b"palermo-secret",
+                b"BYRADIUS",
+                b"200",
+                b"km",
+                b"ASC",
+                b"WITHDIST",
+            ])
+            .await,
+        );
+        assert_eq!(
+            (with[0].as_str(), with[2].as_str()),
+            ("palermo-secret", "catania-secret"),
+            "{with:?}"
+        );
+        assert_eq!(
+            texts(
+                &c.call(&[b"GEORADIUS", g, b"15", b"37", b"200", b"km", b"ASC"])
+                    .await
+            ),
+            ["catania-secret", "palermo-secret"]
+        );
+        let by_member = texts(
+            &c.call(&[
+                b"GEORADIUSBYMEMBER_RO",
+                g,
+                b"catania-secret",
+                b"10",
+                b"km",
+                b"WITHCOORD",
+            ])
+            .await,
+        );
+        assert_eq!(by_member[0], "catania-secret", "{by_member:?}");
+        // A geo key is a sorted set: its members open there too.
+        assert_eq!(
+            texts(&c.call(&[b"ZRANGE", g, b"0", b"0"]).await),
+            ["palermo-secret"]
+        );
+    }
+    let mut c = proxy.raw().await;
+    assert_reply(
+        &c.call(&[b"GEOADD", b"team:geo", b"13.36", b"38.11", b"base-secret"])
+            .await,
+        b":1\r\n",
+    );
+    assert_reply(
+        &c.call(&[
+            b"GEOSEARCHSTORE",
+            b"team:near",
+            b"team:geo",
+            b"FROMMEMBER",
+            b"base-secret",
+            b"BYRADIUS",
+            b"1",
+            b"km",
+        ])
+        .await,
+        b":1\r\n",
+    );
+    assert_eq!(
+        texts(&c.call(&[b"ZRANGE", b"team:near", b"0", b"-1"]).await),
+        ["base-secret"]
+    );
+    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
+    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hyperloglogs_count_keyed_tokens_never_the_elements() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(TEAMS)).await;
+    let mut c = proxy.raw().await;
+    assert_reply(
+        &c.call(&[
+            b"PFADD",
+            b"visitors",
+            b"alice-secret",
+            b"bob-secret",
+            b"alice-secret",
+        ])
+        .await,
+        b":1\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"PFADD", b"visitors", b"bob-secret"]).await,
+        b":0\r\n",
+    );
+    assert_reply(&c.call(&[b"PFCOUNT", b"visitors"]).await, b":2\r\n");
+    assert_reply(
+        &c.call(&[b"PFADD", b"team:mon", b"ann-secret", b"ben-secret"])
+            .await,
+        b":1\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"PFADD", b"team:tue", b"ben-secret", b"cat-secret"])
+            .await,
+        b":1\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"PFCOUNT", b"team:mon", b"team:tue"]).await,
+        b":3\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"PFMERGE", b"team:week", b"team:mon", b"team:tue"])
+            .await,
+        b"+OK\r\n",
+    );
+    assert_reply(&c.call(&[b"PFCOUNT", b"team:week"]).await, b":3\r\n");
+    // Key-bound counters use their own tokens: merging them would double count.
+    assert_error(
+        &c.call(&[b"PFMERGE", b"visitors", b"team:mon"]).await,
+        "-ERR redcloak: PFMERGE would move values of 'visitors'",
+    );
+    assert_error(
+        &c.call(&[b"PFDEBUG", b"GETREG", b"visitors"]).await,
+        "-ERR redcloak: PFDEBUG needs Redis to read the value of 'visitors'",
+    );
+    // What Redis was sent: tokens, not the elements (the sparse HLL keeps
+    // no element bytes anyway, so check what crossed the wire).
+    let mut admin = redis.admin().await;
+    assert_reply(
+        &admin
+            .call(&[b"CONFIG", b"SET", b"slowlog-log-slower-than", b"0"])
+            .await,
+        b"+OK\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"PFADD", b"visitors", b"carol-secret"]).await,
+        b":1\r\n",
+    );
+    let log = admin.call(&[b"SLOWLOG", b"GET", b"10"]).await;
+    let text = String::from_utf8_lossy(&log);
+    assert!(
+        text.contains("PFADD") && text.contains("visitors"),
+        "{text}"
+    );
+    assert!(!text.contains("carol-secret"), "{text}");
+}
