@@ -12,6 +12,7 @@
 use crate::auth::lockout::LockoutPolicy;
 use crate::crypto::keyring::{self, Keyring, LegacyPlaintext};
 use crate::policy::UnknownCommands;
+use crate::policy::known;
 use crate::policy::rules::{Bind, Members, Mode, Rule};
 use crate::resp::Limits;
 use crate::secret::{RawSecret, Secret};
@@ -83,6 +84,21 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     #[serde(default)]
     logging: RawLogging,
+    #[serde(default)]
+    scripts: Vec<RawScript>,
+}
+
+/// A `[[scripts]]` entry: a Lua script whose effect on values is known.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScript {
+    name: String,
+    body: String,
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    reply: String,
 }
 
 #[derive(Deserialize)]
@@ -274,6 +290,8 @@ pub struct Config {
     pub metrics_address: Option<SocketAddr>,
     /// Security events may name keys (`[logging] log_key_names`).
     pub log_key_names: bool,
+    /// Known Lua scripts: the shipped ones and `[[scripts]]`.
+    pub scripts: known::Registry,
 }
 
 #[derive(Debug)]
@@ -445,8 +463,26 @@ impl Config {
                 .map(|m| parse_address("metrics.address", &m.address))
                 .transpose()?,
             log_key_names: raw.logging.log_key_names,
+            scripts: validate_scripts(raw.scripts)?,
         })
     }
+}
+
+/// The shipped known scripts plus `[[scripts]]`, each entry proved.
+fn validate_scripts(raw: Vec<RawScript>) -> Result<known::Registry, ConfigError> {
+    let entries = raw
+        .into_iter()
+        .map(|s| known::ScriptEntry {
+            name: s.name,
+            body: s.body,
+            keys: s.keys,
+            args: s.args,
+            reply: s.reply,
+        })
+        .collect();
+    known::Registry::builtin()
+        .with_entries(entries)
+        .map_err(|e| invalid("scripts", e.to_string()))
 }
 
 fn validate_listen(raw: RawListen, base: &Path) -> Result<ListenConfig, ConfigError> {
@@ -1148,6 +1184,17 @@ mod tests {
                 "mode = \"plaintext\"\nbind = \"key\"",
             );
             assert!(error_text(load_in_jail(jail, &plain_bound)).contains("encrypt rules only"));
+            let script = format!(
+                "{MINIMAL}\n[[scripts]]\nname = \"pop\"\nbody = \"return redis.call('LPOP', KEYS[1])\"\n\
+                 keys = [\"list\"]\nreply = \"KEYS[1]\"\n"
+            );
+            load_in_jail(jail, &script).expect("a proved script entry");
+            let sneaky = script.replace("KEYS[1])", "'other')");
+            let text = error_text(load_in_jail(jail, &sneaky));
+            assert!(
+                text.contains("script 'pop': its body is not proved"),
+                "{text}"
+            );
             let bad_mode = rules.replace("mode = \"plaintext\"", "mode = \"clear\"");
             assert!(error_text(load_in_jail(jail, &bad_mode)).contains("clear"));
             Ok(())

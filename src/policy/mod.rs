@@ -15,6 +15,7 @@
 //! never forward a command the table does not know unless
 //! `unknown_commands = "pass"`.
 
+pub mod known;
 pub mod rules;
 pub mod script;
 pub mod table;
@@ -277,6 +278,8 @@ pub struct Policy {
     unknown_commands: UnknownCommands,
     /// Scripts and libraries proved so far, by every connection.
     scripts: script::Book,
+    /// Scripts whose effect on values is known, by SHA-1.
+    known: known::Registry,
 }
 
 impl Policy {
@@ -292,7 +295,13 @@ impl Policy {
             keyring,
             unknown_commands,
             scripts: script::Book::default(),
+            known: known::Registry::builtin(),
         }
+    }
+
+    /// The known scripts (`known::Registry::builtin` plus `[[scripts]]`).
+    pub fn with_known_scripts(self, known: known::Registry) -> Self {
+        Policy { known, ..self }
     }
 
     pub fn keyring(&self) -> &Arc<Keyring> {
@@ -497,6 +506,16 @@ impl Policy {
             return Action::Forward(ReplyPlan::Passthrough);
         };
         let name = row.name.to_ascii_uppercase();
+        let digest = match scripting {
+            Scripting::Eval => Some(script::sha1(target)),
+            Scripting::EvalSha => script::parse_sha1(target),
+            _ => None,
+        };
+        if let Some(known) = digest.and_then(|digest| self.known.get(&digest))
+            && let Some(action) = self.known_script(&name, known, args)
+        {
+            return action;
+        }
         let proved = match scripting {
             Scripting::Eval => self.scripts.script(target),
             Scripting::EvalSha => match self.scripts.script_by_sha(target) {
@@ -529,6 +548,101 @@ impl Policy {
                  Scripts run only on keys with a plaintext rule ([[encryption.rules]] mode = \"plaintext\")",
                 decision.describe()
             )
+        })
+    }
+
+    /// EVAL or EVALSHA of a known script. `None`: treat it as any proved
+    /// script (a plaintext-only script on plaintext keys).
+    fn known_script(
+        &self,
+        name: &str,
+        known: &known::KnownScript,
+        args: &[Bytes],
+    ) -> Option<Action> {
+        let numkeys = args
+            .get(2)
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .and_then(|n| n.parse::<usize>().ok())?;
+        let keys = args.get(3..3 + numkeys)?;
+        let (holds, arg_roles, reply) = match &known.usage {
+            known::Use::PlaintextOnly(reason) => {
+                let encrypted = keys
+                    .iter()
+                    .find(|k| self.rules.decide(k).mode != Mode::Plaintext)?;
+                return Some(refuse(
+                    "encrypted_key",
+                    &format!(
+                        "{name} of {} on '{}' is refused: {reason}",
+                        known.name,
+                        shown(encrypted)
+                    ),
+                ));
+            }
+            known::Use::Serve { keys, args, reply } => (keys, args, reply),
+        };
+        let argv_from = 3 + numkeys;
+        let argv = args.len() - argv_from;
+        if numkeys != holds.len() || argv != arg_roles.len() {
+            return Some(refuse(
+                "unproven_script",
+                &format!(
+                    "{name} of {} is refused: it takes {} keys and {} arguments, and was given {numkeys} and {argv}",
+                    known.name,
+                    holds.len(),
+                    arg_roles.len()
+                ),
+            ));
+        }
+        let sites: Vec<Option<ValueSite>> = keys
+            .iter()
+            .zip(holds)
+            .map(|(key, holds)| self.site(holds.kind(), key, None))
+            .collect();
+        // Values may pass between the keys of one script: they must share a binding.
+        if let Some((first_key, other_keys)) = keys.split_first() {
+            let first = self.rules.decide(first_key);
+            for key in other_keys {
+                let other = self.rules.decide(key);
+                if key != first_key && !first.shares_values_with(&other) {
+                    return Some(refuse(
+                        "moves_value",
+                        &format!(
+                            "{name} of {} would pass values between '{}' ({}) and '{}' ({}), whose bindings \
+                             differ: give its keys one rule with bind = \"rule\"",
+                            known.name,
+                            shown(first_key),
+                            first.describe(),
+                            shown(key),
+                            other.describe()
+                        ),
+                    ));
+                }
+            }
+        }
+        let site_of_role = |role: &known::Role| match role {
+            known::Role::Plain => None,
+            known::Role::ValuesOf(n) => sites.get(n - 1).cloned().flatten(),
+        };
+        let seal: Vec<SealAt> = arg_roles
+            .iter()
+            .enumerate()
+            .filter_map(|(i, role)| {
+                site_of_role(role).map(|site| SealAt {
+                    index: argv_from + i,
+                    site,
+                })
+            })
+            .collect();
+        let plan = match site_of_role(reply) {
+            Some(site) => ReplyPlan::Open(OpenPlan::Members {
+                site,
+                scores: false,
+            }),
+            None => ReplyPlan::Passthrough,
+        };
+        Some(match seal.is_empty() {
+            true => Action::Forward(plan),
+            false => Action::Seal(seal, plan),
         })
     }
 

@@ -689,16 +689,23 @@ impl Book {
     }
 }
 
+/// The verdict on a script body, not remembered (for configured entries).
+pub fn prove_script(body: &[u8]) -> Result<(), Unproven> {
+    analyze(body, Source::Script).map(|_| ())
+}
+
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn sha1(body: &[u8]) -> [u8; 20] {
+/// The SHA-1 Redis names a script by.
+pub fn sha1(body: &[u8]) -> [u8; 20] {
     use sha1::Digest;
     sha1::Sha1::digest(body).into()
 }
 
-fn parse_sha1(hex: &[u8]) -> Option<[u8; 20]> {
+/// A SHA-1 written as 40 hex digits (any case).
+pub fn parse_sha1(hex: &[u8]) -> Option<[u8; 20]> {
     if hex.len() != 40 {
         return None;
     }

@@ -145,7 +145,8 @@ impl Server {
             Rules::new(encryption.rules),
             keyring,
             encryption.unknown_commands,
-        );
+        )
+        .with_known_scripts(config.scripts);
         let reply_limits = Limits {
             max_bulk_bytes: config.limits.resp.max_bulk_bytes + envelope::OVERHEAD,
             ..config.limits.resp.clone()

@@ -8,6 +8,7 @@ mod binary;
 mod clients;
 mod commands;
 mod encryption;
+mod frameworks;
 mod gate;
 mod grammar;
 mod listeners;

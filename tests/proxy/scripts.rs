@@ -13,6 +13,10 @@ async fn loaded_directly(redis: &TestRedis, body: &[u8]) -> Vec<u8> {
     redcloak::resp::bulk_body(&reply).expect("a sha").to_vec()
 }
 
+fn call(args: &[Vec<u8>]) -> Vec<&[u8]> {
+    args.iter().map(Vec::as_slice).collect()
+}
+
 async fn absent(redis: &TestRedis, key: &[u8]) {
     let mut admin = redis.admin().await;
     assert_reply(&admin.call(&[b"EXISTS", key]).await, b":0\r\n");
@@ -233,4 +237,83 @@ async fn an_all_plaintext_configuration_may_flush_scripts() {
     let proxy = redis.start_proxy(&config).await;
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"SCRIPT", b"FLUSH"]).await, b"+OK\r\n");
+}
+
+/// A `[[scripts]]` entry: pops the oldest job of a list and records it in a
+/// sorted set of the same rule, sealing the member it is given.
+const JOB_SCRIPT: &str = r#"
+[[scripts]]
+name = "take job"
+body = "local job = redis.call('LPOP', KEYS[1]) redis.call('ZADD', KEYS[2], 1, ARGV[1]) return job"
+keys = ["list", "sorted-set"]
+args = ["KEYS[2]"]
+reply = "KEYS[1]"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_scripts_run_on_encrypted_keys_with_arguments_sealed_and_replies_opened() {
+    let redis = TestRedis::start().await;
+    let rules = "[[encryption.rules]]\nname = \"jobs\"\npattern = \"jobs:*\"\nmode = \"encrypt\"\nbind = \"rule\"\n";
+    let proxy = redis
+        .start_proxy(&redis.config().tail(rules).tail(JOB_SCRIPT))
+        .await;
+    let mut c = proxy.raw().await;
+    assert_reply(
+        &c.call(&[b"RPUSH", b"jobs:ready", b"job-1-secret", b"job-2-secret"])
+            .await,
+        b":2\r\n",
+    );
+    let body = b"local job = redis.call('LPOP', KEYS[1]) redis.call('ZADD', KEYS[2], 1, ARGV[1]) return job";
+    let take = |command: &'static [u8], script: &[u8]| -> Vec<Vec<u8>> {
+        [
+            command,
+            script,
+            b"2",
+            b"jobs:ready",
+            b"jobs:taken",
+            b"worker-secret",
+        ]
+        .iter()
+        .map(|a| a.to_vec())
+        .collect()
+    };
+    let eval = take(b"EVAL", body);
+    assert_reply(&c.call(&call(&eval)).await, b"$12\r\njob-1-secret\r\n");
+    let sha = loaded_directly(&redis, body).await;
+    let evalsha = take(b"EVALSHA", &sha);
+    assert_reply(&c.call(&call(&evalsha)).await, b"$12\r\njob-2-secret\r\n");
+    assert_reply(
+        &c.call(&[b"ZSCORE", b"jobs:taken", b"worker-secret"]).await,
+        b"$1\r\n1\r\n",
+    );
+    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
+    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    // Called with keys of different bindings, or another number of arguments: refused.
+    assert_error(
+        &c.call(&[b"EVAL", body, b"2", b"jobs:ready", b"elsewhere", b"m"])
+            .await,
+        "-ERR redcloak: EVAL of take job would pass values between 'jobs:ready'",
+    );
+    assert_error(
+        &c.call(&[b"EVAL", body, b"2", b"jobs:ready", b"jobs:taken"])
+            .await,
+        "-ERR redcloak: EVAL of take job is refused: it takes 2 keys and 1 arguments, and was given 2 and 0",
+    );
+    // redis-py's Lock scripts compare the stored token: refused on an
+    // encrypted key with the rule to add, run on a plaintext one.
+    let release = "\n        local token = redis.call('get', KEYS[1])\n        if not token or token ~= ARGV[1] then\n            return 0\n        end\n        redis.call('del', KEYS[1])\n        return 1\n    ";
+    assert_error(
+        &c.call(&[b"EVAL", release.as_bytes(), b"1", b"lock:jobs", b"token"])
+            .await,
+        "-ERR redcloak: EVAL of redis-py Lock release on 'lock:jobs' is refused: redis-py's Lock compares the token",
+    );
+    assert_reply(
+        &c.call(&[b"SET", b"plain:lock", b"token", b"NX"]).await,
+        b"+OK\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"EVAL", release.as_bytes(), b"1", b"plain:lock", b"token"])
+            .await,
+        b":1\r\n",
+    );
 }
