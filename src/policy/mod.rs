@@ -465,35 +465,20 @@ impl Policy {
             Class::Connection(_) | Class::Forward => Action::Forward(ReplyPlan::Passthrough),
             Class::Refuse(reason) => refuse("not_proxied", reason),
             Class::Sealed(sealed) => self.sealed(&name, row, sealed, args),
-            Class::ServerReadsValue => self.only_plaintext(row, args, |key, decision| {
-                let name = name();
-                format!(
-                    "{name} needs Redis to read the value of '{key}', which is encrypted ({}). \
-                     To use {name} on such keys, give them a plaintext rule ([[encryption.rules]] mode = \"plaintext\")",
-                    decision.describe()
-                )
-            }),
-            Class::OrdersValues => self.only_plaintext(row, args, |key, decision| {
-                let name = name();
-                format!(
-                    "{name} on '{key}' is refused: it ranges over members by their bytes, and '{key}' is \
-                     encrypted ({}), so the order Redis sees means nothing. Give such keys a plaintext rule \
-                     to use {name}",
-                    decision.describe()
-                )
-            }),
+            Class::ServerReadsValue | Class::OrdersValues => self.only_plaintext(row, args),
             Class::Scripting(scripting) => self.scripting(scripting, row, args),
             Class::Sort => {
                 let name = name();
                 if sort_reads_other_keys(args) {
-                    return refuse("sort_by_get", &format!(
-                        "{name} with BY or GET makes Redis read other keys' values, which may be encrypted; \
+                    return refuse(
+                        "sort_by_get",
+                        &format!(
+                            "{name} with BY or GET makes Redis read other keys' values, which may be encrypted; \
                          sort in the application instead"
-                    ));
+                        ),
+                    );
                 }
-                self.only_plaintext(row, args, |key, decision| {
-                    format!("{name} on '{key}' is refused: '{key}' is encrypted ({})", decision.describe())
-                })
+                self.only_plaintext(row, args)
             }
         }
     }
@@ -542,13 +527,7 @@ impl Policy {
         if let Err(unproven) = proved {
             return refuse_unproven(&name, &unproven);
         }
-        self.only_plaintext(row, args, |key, decision| {
-            format!(
-                "{name} needs Redis to read and write the values of '{key}', which is encrypted ({}). \
-                 Scripts run only on keys with a plaintext rule ([[encryption.rules]] mode = \"plaintext\")",
-                decision.describe()
-            )
-        })
+        self.only_plaintext(row, args)
     }
 
     /// EVAL or EVALSHA of a known script. `None`: treat it as any proved
@@ -684,20 +663,17 @@ impl Policy {
         }
     }
 
-    /// Forwards when every key of the command is plaintext.
-    fn only_plaintext(
-        &self,
-        row: &Row,
-        args: &[Bytes],
-        message: impl Fn(&str, &Decision<'_>) -> String,
-    ) -> Action {
-        for position in row.keys.positions(args) {
+    /// Forwards when every key of the command is plaintext; otherwise the
+    /// row's refusal names the first encrypted key and its rule.
+    fn only_plaintext(&self, row: &Row, args: &[Bytes]) -> Action {
+        let mut positions = row.keys.positions(args);
+        positions.extend(row.keys.store_candidates(args));
+        for position in positions {
             let decision = self.rules.decide(&args[position]);
             if decision.mode != Mode::Plaintext {
-                return refuse(
-                    "encrypted_key",
-                    &message(&shown(&args[position]), &decision),
-                );
+                let key = shown(&args[position]);
+                let text = table::plaintext_only(row, &key, &decision.describe());
+                return refuse("encrypted_key", &text);
             }
         }
         Action::Forward(ReplyPlan::Passthrough)
@@ -706,7 +682,8 @@ impl Policy {
     /// LMOVE, RENAME, COPY and the like: values must still open under the
     /// key they move to. `None`: they do.
     fn moves_values(&self, name: &str, row: &Row, args: &[Bytes]) -> Option<Action> {
-        let positions = row.keys.positions(args);
+        let mut positions = row.keys.positions(args);
+        positions.extend(row.keys.store_candidates(args));
         let (&from, rest) = positions.split_first()?;
         let source = self.rules.decide(&args[from]);
         for &to in rest {
@@ -816,8 +793,10 @@ impl Policy {
                 .collect(),
             Values::AfterWord(word) => args
                 .iter()
-                .position(|a| a.eq_ignore_ascii_case(word.as_bytes()))
-                .and_then(|option| at(option + 1, key_site.clone()))
+                .enumerate()
+                .skip(options_after_keys(row, args, 0))
+                .find(|(_, a)| a.eq_ignore_ascii_case(word.as_bytes()))
+                .and_then(|(option, _)| at(option + 1, key_site.clone()))
                 .into_iter()
                 .collect(),
             Values::ScoreMemberPairs => match key_site {
@@ -923,10 +902,8 @@ impl Policy {
                 _ => ReplyPlan::Passthrough,
             },
             Opens::GeoResults => {
-                let stores = args.iter().skip(2).any(|a| {
-                    a.eq_ignore_ascii_case(b"store") || a.eq_ignore_ascii_case(b"storedist")
-                });
-                match stores {
+                // With STORE or STOREDIST (a second key), the reply is a count.
+                match row.keys.positions(args).len() > 1 {
                     true => ReplyPlan::Passthrough,
                     false => open(site(), OpenPlan::GeoResults),
                 }
@@ -1768,6 +1745,50 @@ mod tests {
         };
         assert_eq!(opens(&policy, &args[7], &field("user")), b"u1");
         assert_eq!(opens(&policy, &args[9], &field("maxlen")), b"9");
+    }
+
+    #[test]
+    fn scripts_of_frameworks_that_build_payloads_in_lua_are_refused_with_the_rule_to_add() {
+        let policy = policy();
+        let body = "return redis.call('HGETALL', KEYS[1])";
+        for (key, says) in [
+            (
+                "bull:emails:42",
+                "BullMQ builds and parses its job payloads inside Lua",
+            ),
+            ("queues:default", "pattern = \"queues:*\""),
+        ] {
+            match classify(&policy, &["EVAL", body, "1", key]) {
+                Action::Refuse(r) => assert!(r.text.contains(says), "{}", r.text),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_key_redis_may_store_into_must_share_the_binding() {
+        let policy = policy();
+        // Redis's key specs name the first STORE; its parser writes to the last.
+        assert!(matches!(
+            classify(&policy, &["GEORADIUS", "q:a", "0", "0", "1", "km", "STORE", "q:b", "STORE", "plain:x"]),
+            Action::Refuse(r) if r.rule == "moves_value"
+        ));
+        assert!(matches!(
+            classify(&policy, &["SORT", "plain:l", "STORE", "plain:a", "STORE", "secret"]),
+            Action::Refuse(r) if r.rule == "encrypted_key"
+        ));
+        // A member named `store` is a member: the reply is opened.
+        assert!(matches!(
+            classify(&policy, &["GEORADIUSBYMEMBER", "g", "store", "10", "km"]),
+            Action::Seal(_, ReplyPlan::Open(OpenPlan::GeoResults(_)))
+        ));
+        assert!(matches!(
+            classify(
+                &policy,
+                &["GEORADIUS", "q:a", "0", "0", "1", "km", "STORE", "q:b"]
+            ),
+            Action::Forward(ReplyPlan::Passthrough)
+        ));
     }
 
     #[test]

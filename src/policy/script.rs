@@ -591,7 +591,7 @@ fn stand_ins(args: &[Arg], keys: Keys) -> Result<Vec<Bytes>, String> {
             at + 1 + count
         }
         // Keywords decide where keys are: every other argument must be a literal.
-        Keys::Streams | Keys::WithStore => {
+        Keys::Streams | Keys::SortStore | Keys::GeoStore { .. } => {
             let positions = keys.positions(&stand_ins);
             let unknown = args
                 .iter()

@@ -232,6 +232,50 @@ pub enum Opens {
     GeoResults,
 }
 
+/// Why a command that needs plaintext keys is refused on `key`, whose rule
+/// `rule` describes: the text after `ERR redcloak: `, saying what to do.
+pub fn plaintext_only(row: &Row, key: &str, rule: &str) -> String {
+    let name = row.name.to_ascii_uppercase();
+    match row.class {
+        Class::ServerReadsValue => format!(
+            "{name} needs Redis to read the value of '{key}', which is encrypted ({rule}). \
+             To use {name} on such keys, give them a plaintext rule ([[encryption.rules]] mode = \"plaintext\")"
+        ),
+        Class::OrdersValues => format!(
+            "{name} on '{key}' is refused: it ranges over members by their bytes, and '{key}' is \
+             encrypted ({rule}), so the order Redis sees means nothing. Give such keys a plaintext rule \
+             to use {name}"
+        ),
+        Class::Scripting(_) => {
+            let framework = PLAINTEXT_FRAMEWORKS
+                .iter()
+                .find(|(prefix, _)| key.starts_with(prefix))
+                .map_or(String::new(), |(_, why)| format!(" {why}"));
+            format!(
+                "{name} needs Redis to read and write the values of '{key}', which is encrypted ({rule}). \
+                 Scripts run only on keys with a plaintext rule ([[encryption.rules]] mode = \"plaintext\"), \
+                 unless they are known scripts (docs/envelope.md).{framework}"
+            )
+        }
+        _ => format!("{name} on '{key}' is refused: '{key}' is encrypted ({rule})"),
+    }
+}
+
+/// Frameworks whose Lua scripts build or parse payloads, by the prefix of
+/// their keys: no proxy can encrypt what Lua must read.
+const PLAINTEXT_FRAMEWORKS: &[(&str, &str)] = &[
+    (
+        "bull:",
+        "BullMQ builds and parses its job payloads inside Lua, so no proxy can encrypt them: \
+         give its keys a plaintext rule (pattern = \"bull:*\", mode = \"plaintext\")",
+    ),
+    (
+        "queues:",
+        "Laravel's queue builds and parses its job payloads inside Lua, so no proxy can encrypt them: \
+         give its keys a plaintext rule (pattern = \"queues:*\", mode = \"plaintext\")",
+    ),
+];
+
 /// Where a command's keys are (argument 0 is the command name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keys {
@@ -249,8 +293,16 @@ pub enum Keys {
     },
     /// XREAD / XREADGROUP: after STREAMS, the first half of the arguments.
     Streams,
-    /// Argument 1, and the argument after STORE or STOREDIST.
-    WithStore,
+    /// SORT: argument 1, and the argument after the last STORE, read as
+    /// Redis's `sortGetKeys` reads them (LIMIT takes two arguments, GET and
+    /// BY one).
+    SortStore,
+    /// GEORADIUS(BYMEMBER): argument 1, then the argument after the first
+    /// STORE and the first STOREDIST from `options_from` on, as Redis 7's
+    /// key specs find them.
+    GeoStore {
+        options_from: u8,
+    },
 }
 
 pub struct Row {
@@ -519,9 +571,9 @@ pub static COMMANDS: &[Row] = &[
     row("geodist", Class::Sealed(GEO_DIST), K1),
     row("geohash", Class::Sealed(GEO_MEMBERS), K1),
     row("geopos", Class::Sealed(GEO_MEMBERS), K1),
-    row("georadius", Class::Sealed(GEO_RADIUS), Keys::WithStore).moves_values(),
+    row("georadius", Class::Sealed(GEO_RADIUS), Keys::GeoStore { options_from: 6 }).moves_values(),
     row("georadius_ro", Class::Sealed(GEO_RADIUS), K1),
-    row("georadiusbymember", Class::Sealed(GEO_RADIUS_BY_MEMBER), Keys::WithStore).moves_values(),
+    row("georadiusbymember", Class::Sealed(GEO_RADIUS_BY_MEMBER), Keys::GeoStore { options_from: 5 }).moves_values(),
     row("georadiusbymember_ro", Class::Sealed(GEO_RADIUS_BY_MEMBER), K1),
     row("geosearch", Class::Sealed(GEO_SEARCH), K1),
     row("geosearchstore", Class::Sealed(GEO_SEARCH_STORE), K1_2).moves_values(),
@@ -636,8 +688,8 @@ pub static COMMANDS: &[Row] = &[
     row("smembers", Class::Sealed(SET_READ), K1),
     row("smismember", Class::Sealed(SET_ADD), K1),
     row("smove", Class::Sealed(SET_MOVE), K1_2).moves_values(),
-    row("sort", Class::Sort, Keys::WithStore),
-    row("sort_ro", Class::Sort, Keys::WithStore),
+    row("sort", Class::Sort, Keys::SortStore),
+    row("sort_ro", Class::Sort, Keys::SortStore),
     row("spop", Class::Sealed(SET_READ), K1),
     row("spublish", Class::Sealed(PUBLISH), K1),
     row("srandmember", Class::Sealed(SET_READ), K1),
@@ -851,6 +903,44 @@ fn streams_start(args: &[Bytes]) -> Option<usize> {
     None
 }
 
+/// SORT's STORE key, as `sortGetKeys` finds it: LIMIT skips two
+/// arguments, GET and BY one, and the last STORE wins.
+fn sort_store(args: &[Bytes]) -> Option<usize> {
+    let (mut i, mut store) = (2, None);
+    while let Some(arg) = args.get(i) {
+        let is = |word: &[u8]| arg.eq_ignore_ascii_case(word);
+        if is(b"limit") {
+            i += 2;
+        } else if is(b"store") && i + 1 < args.len() {
+            store = Some(i + 1);
+        } else if is(b"get") || is(b"by") {
+            i += 1;
+        }
+        i += 1;
+    }
+    store
+}
+
+impl Keys {
+    /// Every argument that follows a STORE or STOREDIST word among the
+    /// options: where Redis's parser may write (it takes the last one; its
+    /// key specs name the first). Values may move only to keys that share
+    /// the first key's binding, so those checks take all of them.
+    pub fn store_candidates(&self, args: &[Bytes]) -> Vec<usize> {
+        let options_from = match self {
+            Keys::SortStore => 2,
+            Keys::GeoStore { options_from } => usize::from(*options_from),
+            _ => return Vec::new(),
+        };
+        (options_from..args.len().saturating_sub(1))
+            .filter(|&i| {
+                args[i].eq_ignore_ascii_case(b"store") || args[i].eq_ignore_ascii_case(b"storedist")
+            })
+            .map(|i| i + 1)
+            .collect()
+    }
+}
+
 impl Keys {
     /// Indices of the key arguments in `args`. Malformed requests yield the
     /// keys that can be found; Redis rejects the rest itself.
@@ -900,15 +990,17 @@ impl Keys {
                 }
                 (first..first + rest / 2).collect()
             }
-            Keys::WithStore => {
+            Keys::SortStore => {
                 let mut keys = if len > 1 { vec![1] } else { Vec::new() };
-                for (i, arg) in args.iter().enumerate().skip(2) {
-                    if (arg.eq_ignore_ascii_case(b"store")
-                        || arg.eq_ignore_ascii_case(b"storedist"))
-                        && i + 1 < len
-                    {
-                        keys.push(i + 1);
-                    }
+                keys.extend(sort_store(args));
+                keys
+            }
+            Keys::GeoStore { options_from } => {
+                let mut keys = if len > 1 { vec![1] } else { Vec::new() };
+                for word in [&b"store"[..], b"storedist"] {
+                    let found = (usize::from(options_from)..len.saturating_sub(1))
+                        .find(|&i| args[i].eq_ignore_ascii_case(word));
+                    keys.extend(found.map(|i| i + 1));
                 }
                 keys
             }
