@@ -11,9 +11,11 @@
 //! stored values inside Lua); its refusal names the plaintext rule to add.
 //!
 //! Entries ship with redcloak (taken verbatim from the frameworks' released
-//! versions) and come from `[[scripts]]` in the configuration. Every entry's
-//! body must still pass the prover: the registry never widens which keys a
-//! script may touch.
+//! versions) and come from `[[scripts]]` in the configuration. Every
+//! configured body must pass the prover; shipped ones pass it too, except
+//! Sidekiq's, which names its key through a local the prover does not
+//! follow and was checked by hand (exactly those bytes, by SHA-1). The
+//! registry never lets a script touch a key it does not declare.
 
 use super::script::{self, Unproven};
 use super::table::Kind;
@@ -92,6 +94,18 @@ pub struct KnownScript {
     pub usage: Use,
 }
 
+/// How a shipped entry's body was shown to touch only its declared keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// The prover accepts it (a test checks).
+    Proved,
+    /// It names its keys through a local (`local key = KEYS[1]`), which the
+    /// prover does not follow; this exact body was read line by line: every
+    /// command's key is that local, bound once to `KEYS[n]` and never
+    /// reassigned.
+    Reviewed,
+}
+
 /// A `[[scripts]]` entry as configured, before it is checked.
 #[derive(Debug, Clone)]
 pub struct ScriptEntry {
@@ -106,6 +120,9 @@ pub struct ScriptEntry {
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     by_sha: HashMap<[u8; 20], KnownScript>,
+    /// Shipped bodies the prover cannot follow but a person checked: SCRIPT
+    /// LOAD of exactly these bytes is accepted without the prover.
+    reviewed: std::collections::HashSet<[u8; 20]>,
 }
 
 /// Huey's schedule pop (huey/storage.py, SCHEDULE_POP_LUA, 2.x and 3.x):
@@ -116,6 +133,27 @@ local res = redis.call('zrangebyscore', KEYS[1], '-inf', unix_ts)
 if #res and redis.call('zremrangebyscore', KEYS[1], '-inf', unix_ts) == #res then
     return res
 end";
+
+/// Sidekiq's scheduler (lib/sidekiq/scheduled.rb, LUA_ZPOPBYSCORE, 6.x as
+/// Debian ships it): pops the first due job of the schedule or retry set.
+/// Ruby's `<<~LUA` strips the common indentation and keeps the last newline.
+const SIDEKIQ_ZPOPBYSCORE: &str = "\
+local key, now = KEYS[1], ARGV[1]
+local jobs = redis.call(\"zrangebyscore\", key, \"-inf\", now, \"limit\", 0, 1)
+if jobs[1] then
+  redis.call(\"zrem\", key, jobs[1])
+  return jobs[1]
+end
+";
+
+/// kombu's binding refresh (kombu/transport/redis.py, REFRESH_BINDING,
+/// 5.6+): adds a binding to an exchange's table and pushes its deadline.
+const KOMBU_REFRESH_BINDING: &str = "
+redis.call('SADD', KEYS[1], ARGV[1])
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[2], 'GT', ms + tonumber(ARGV[3]), ARGV[2])
+";
 
 const REDIS_PY_LOCK: &str = "redis-py's Lock compares the token stored under the lock's key \
 inside Lua, and an encrypted token never equals the one the client holds. Lock tokens are \
@@ -171,35 +209,58 @@ impl Registry {
     /// The entries shipped with redcloak.
     pub fn builtin() -> Registry {
         let mut registry = Registry::default();
-        registry.add(
-            HUEY_SCHEDULE_POP,
-            KnownScript {
-                name: "huey schedule pop".into(),
-                usage: Use::Serve {
-                    keys: vec![Holds::SortedSet],
-                    args: vec![Role::Plain],
-                    reply: Role::ValuesOf(1),
-                },
+        let pop = |name: &str| KnownScript {
+            name: name.into(),
+            usage: Use::Serve {
+                keys: vec![Holds::SortedSet],
+                args: vec![Role::Plain],
+                reply: Role::ValuesOf(1),
             },
+        };
+        registry.ship(HUEY_SCHEDULE_POP, pop("huey schedule pop"), Shown::Proved);
+        registry.ship(
+            SIDEKIQ_ZPOPBYSCORE,
+            pop("sidekiq zpopbyscore"),
+            Shown::Reviewed,
         );
+        let refresh = KnownScript {
+            name: "kombu refresh binding".into(),
+            usage: Use::Serve {
+                keys: vec![Holds::Set, Holds::SortedSet],
+                args: vec![Role::ValuesOf(1), Role::ValuesOf(2), Role::Plain],
+                reply: Role::Plain,
+            },
+        };
+        registry.ship(KOMBU_REFRESH_BINDING, refresh, Shown::Proved);
         for (name, body) in [
             ("redis-py Lock release", REDIS_PY_LOCK_RELEASE),
             ("redis-py Lock extend", REDIS_PY_LOCK_EXTEND),
             ("redis-py Lock reacquire", REDIS_PY_LOCK_REACQUIRE),
         ] {
-            registry.add(
-                body,
-                KnownScript {
-                    name: name.into(),
-                    usage: Use::PlaintextOnly(REDIS_PY_LOCK.into()),
-                },
-            );
+            let lock = KnownScript {
+                name: name.into(),
+                usage: Use::PlaintextOnly(REDIS_PY_LOCK.into()),
+            };
+            registry.ship(body, lock, Shown::Proved);
         }
         registry
     }
 
+    fn ship(&mut self, body: &str, script: KnownScript, shown: Shown) {
+        if shown == Shown::Reviewed {
+            self.reviewed.insert(script::sha1(body.as_bytes()));
+        }
+        self.add(body, script);
+    }
+
     fn add(&mut self, body: &str, script: KnownScript) {
         self.by_sha.insert(script::sha1(body.as_bytes()), script);
+    }
+
+    /// Whether this exact body is a shipped one a person checked (the
+    /// prover does not follow it); see [`Shown::Reviewed`].
+    pub fn is_reviewed(&self, body: &[u8]) -> bool {
+        self.reviewed.contains(&script::sha1(body))
     }
 
     /// Adds configured entries, each checked: its body proved, its roles
@@ -258,13 +319,19 @@ mod tests {
         let registry = Registry::builtin();
         for body in [
             HUEY_SCHEDULE_POP,
+            KOMBU_REFRESH_BINDING,
             REDIS_PY_LOCK_RELEASE,
             REDIS_PY_LOCK_EXTEND,
             REDIS_PY_LOCK_REACQUIRE,
         ] {
             assert_eq!(script::prove_script(body.as_bytes()), Ok(()));
             assert!(registry.get(&script::sha1(body.as_bytes())).is_some());
+            assert!(!registry.is_reviewed(body.as_bytes()));
         }
+        // Sidekiq's names its key through a local: reviewed, not proved.
+        assert!(script::prove_script(SIDEKIQ_ZPOPBYSCORE.as_bytes()).is_err());
+        assert!(registry.is_reviewed(SIDEKIQ_ZPOPBYSCORE.as_bytes()));
+        assert!(!registry.is_reviewed(SIDEKIQ_ZPOPBYSCORE.trim_end().as_bytes()));
         // The SHA-1 redis-py computes for Huey's body (its EVALSHA).
         assert_eq!(
             script::sha1(HUEY_SCHEDULE_POP.as_bytes())

@@ -317,3 +317,62 @@ async fn known_scripts_run_on_encrypted_keys_with_arguments_sealed_and_replies_o
         b":1\r\n",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_scripts_of_sidekiq_and_kombu_run_on_encrypted_keys() {
+    let redis = TestRedis::start().await;
+    let rules = "[[encryption.rules]]\nname = \"kombu\"\npattern = \"_kombu.*\"\nmode = \"encrypt\"\nbind = \"rule\"\n";
+    let proxy = redis.start_proxy(&redis.config().tail(rules)).await;
+    let mut c = proxy.raw().await;
+    // Sidekiq 6 loads its scheduler script, then calls it by SHA-1.
+    let sidekiq = "local key, now = KEYS[1], ARGV[1]\nlocal jobs = redis.call(\"zrangebyscore\", key, \"-inf\", now, \"limit\", 0, 1)\nif jobs[1] then\n  redis.call(\"zrem\", key, jobs[1])\n  return jobs[1]\nend\n";
+    assert_reply(
+        &c.call(&[b"ZADD", b"schedule", b"10", b"{\"args\":[\"job-secret\"]}"])
+            .await,
+        b":1\r\n",
+    );
+    let sha = c.call(&[b"SCRIPT", b"LOAD", sidekiq.as_bytes()]).await;
+    let sha = redcloak::resp::bulk_body(&sha).expect("a sha").to_vec();
+    assert_reply(
+        &c.call(&[b"EVALSHA", &sha, b"1", b"schedule", b"5"]).await,
+        b"$-1\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"EVALSHA", &sha, b"1", b"schedule", b"20"]).await,
+        b"$23\r\n{\"args\":[\"job-secret\"]}\r\n",
+    );
+    assert_reply(&c.call(&[b"ZCARD", b"schedule"]).await, b":0\r\n");
+    // The same text with one character changed is not the reviewed script.
+    let changed = sidekiq.replace("limit", "LIMIT");
+    assert_error(
+        &c.call(&[b"SCRIPT", b"LOAD", changed.as_bytes()]).await,
+        "-ERR redcloak: SCRIPT LOAD refused: redcloak cannot prove",
+    );
+    // kombu's binding refresh adds a set member and a sorted-set member.
+    let kombu = "\nredis.call('SADD', KEYS[1], ARGV[1])\nlocal now = redis.call('TIME')\nlocal ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)\nredis.call('ZADD', KEYS[2], 'GT', ms + tonumber(ARGV[3]), ARGV[2])\n";
+    assert_reply(
+        &c.call(&[
+            b"EVAL",
+            kombu.as_bytes(),
+            b"2",
+            b"_kombu.binding.tasks",
+            b"_kombu.binding_deadlines",
+            b"route-secret",
+            b"tasks-secret",
+            b"60000",
+        ])
+        .await,
+        b"$-1\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"SMEMBERS", b"_kombu.binding.tasks"]).await,
+        &resp_array(b'*', &[b"route-secret"]),
+    );
+    assert_reply(
+        &c.call(&[b"ZRANGE", b"_kombu.binding_deadlines", b"0", b"-1"])
+            .await,
+        &resp_array(b'*', &[b"tasks-secret"]),
+    );
+    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
+    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+}
