@@ -647,6 +647,61 @@ mod tests {
         assert_ne!(k.token_key[..], k.siv_key[..32]);
     }
 
+    const KINDS: [Kind; 7] = [
+        Kind::String,
+        Kind::HashField,
+        Kind::ListElement,
+        Kind::StreamValue,
+        Kind::Message,
+        Kind::SetMember,
+        Kind::SortedSetMember,
+    ];
+
+    /// Every kind, in both envelopes, opens under its own binding and kind
+    /// and under no other kind, scope or field.
+    #[test]
+    fn every_kind_round_trips_in_both_envelopes_and_opens_nowhere_else() {
+        let keys = [key(6, 7)];
+        let at = |kind: Kind, scope: Scope<'static>| Binding {
+            kind,
+            scope,
+            field: matches!(kind, Kind::HashField | Kind::StreamValue).then_some(&b"f"[..]),
+        };
+        for kind in KINDS {
+            for scope in [Scope::Key(b"k"), Scope::Rule(b"r"), Scope::Unbound] {
+                let binding = at(kind, scope);
+                for sealed in [
+                    keys[0].seal(b"payload", binding),
+                    keys[0].seal_member(b"payload", binding),
+                ] {
+                    assert_eq!(open_with(&keys, &sealed, binding), Ok(b"payload".to_vec()));
+                    for other in KINDS.into_iter().filter(|k| *k != kind) {
+                        assert!(
+                            open_with(&keys, &sealed, at(other, scope)).is_err(),
+                            "{kind:?} as {other:?}"
+                        );
+                    }
+                    for other in [Scope::Key(b"k2"), Scope::Rule(b"k"), Scope::Key(b"r")] {
+                        assert!(
+                            open_with(&keys, &sealed, at(kind, other)).is_err(),
+                            "{kind:?} under {other:?}"
+                        );
+                    }
+                    if binding.field.is_some() {
+                        let moved = Binding {
+                            field: Some(b"g"),
+                            ..binding
+                        };
+                        assert!(
+                            open_with(&keys, &sealed, moved).is_err(),
+                            "{kind:?} in another field"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_member_key_is_derived_not_the_data_key() {
         let k = key(9, 1);

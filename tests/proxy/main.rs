@@ -22,4 +22,5 @@ mod scripts;
 mod sets;
 mod streams;
 mod support;
+mod transactions;
 mod upstream;
