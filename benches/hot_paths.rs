@@ -12,6 +12,7 @@ use redcloak::policy::rules::Rules;
 use redcloak::policy::{Action, Policy, ReplyPlan, UnknownCommands};
 use redcloak::resp::{self, Limits, ReplyScanner, RequestParser};
 use redcloak::session::pipeline::{Entry, Replies};
+use redcloak::session::seal;
 use std::hint::black_box;
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -67,6 +68,11 @@ fn forward_all(policy: &Policy, mut input: BytesMut, out: &mut BytesMut) -> Vec<
             }
             Action::Forward(plan) => {
                 resp::encode_command(out, &request.args);
+                plans.push(plan);
+            }
+            Action::Seal(values, plan) => {
+                let args = seal::arguments(policy.keyring(), &request.args, &values);
+                resp::encode_command(out, &args);
                 plans.push(plan);
             }
             other => panic!("not forwarded: {other:?}"),
