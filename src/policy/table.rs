@@ -922,6 +922,17 @@ fn sort_store(args: &[Bytes]) -> Option<usize> {
 }
 
 impl Keys {
+    /// The first key's index, as [`Keys::positions`] would give it, without
+    /// building the list for the common layouts.
+    pub fn first(&self, args: &[Bytes]) -> Option<usize> {
+        match *self {
+            Keys::Range {
+                first, last: 1.., ..
+            } if usize::from(first) < args.len() => Some(usize::from(first)),
+            _ => self.positions(args).first().copied(),
+        }
+    }
+
     /// Every argument that follows a STORE or STOREDIST word among the
     /// options: where Redis's parser may write (it takes the last one; its
     /// key specs name the first). Values may move only to keys that share

@@ -158,21 +158,20 @@ impl Policy {
     ) -> Action {
         // The first key (ZUNION's comes after its count); values of commands
         // over several keys share its binding (`moves_values`).
-        let first_key = row.keys.positions(args).first().copied();
-        let Some(key) = first_key.and_then(|at| args.get(at)) else {
+        let Some(key) = row.keys.first(args).and_then(|at| args.get(at)) else {
             return Action::Forward(ReplyPlan::Passthrough);
         };
         let kind = sealed.kind;
+        let key_site = self.site(kind, key, None);
         if sealed.opens == Opens::HashValues
-            && let (Some(site), 2) = (self.site(kind, key, None), args.len())
+            && let (Some(site), 2) = (&key_site, args.len())
         {
             // Values are bound to their fields: fetch the pairs, return the values.
             return Action::Rewrite(
                 vec![Bytes::from_static(b"HGETALL"), key.clone()],
-                ReplyPlan::Open(OpenPlan::HashValues(site)),
+                ReplyPlan::Open(OpenPlan::HashValues(site.clone())),
             );
         }
-        let key_site = self.site(kind, key, None);
         if let Some(site) = &key_site
             && let Some(refusal) = self.needs(name, row, sealed, site, args)
         {
@@ -183,16 +182,16 @@ impl Policy {
         {
             return rewrite;
         }
+        // The plan first: it borrows the key's site, which sealing may then take.
+        let plan = self.opens(row, sealed, key, &key_site, args);
         let at = |index: usize, site: Option<ValueSite>| {
             site.filter(|_| index < args.len())
                 .map(|site| SealAt { index, site })
         };
         let seal: Vec<SealAt> = match sealed.values {
             Values::None => Vec::new(),
-            Values::At(i) => at(i.into(), self.site(kind, key, None))
-                .into_iter()
-                .collect(),
-            Values::From(first) => match self.site(kind, key, None) {
+            Values::At(i) => at(i.into(), key_site).into_iter().collect(),
+            Values::From(first) => match &key_site {
                 Some(site) => (first.into()..args.len())
                     .map(|index| SealAt {
                         index,
@@ -228,7 +227,7 @@ impl Policy {
                 .and_then(|(option, _)| at(option + 1, key_site.clone()))
                 .into_iter()
                 .collect(),
-            Values::ScoreMemberPairs => match key_site {
+            Values::ScoreMemberPairs => match &key_site {
                 Some(site) => (zadd_first_score(args) + 1..args.len())
                     .step_by(2)
                     .map(|index| SealAt {
@@ -239,16 +238,23 @@ impl Policy {
                 None => Vec::new(),
             },
         };
-        match self.opens(row, sealed, key, args) {
-            plan if seal.is_empty() => Action::Forward(plan),
-            plan => Action::Seal(seal, plan),
+        match seal.is_empty() {
+            true => Action::Forward(plan),
+            false => Action::Seal(seal, plan),
         }
     }
 
     /// The reply plan of a [`Class::Sealed`] command.
-    fn opens(&self, row: &Row, sealed: Sealed, key: &Bytes, args: &[Bytes]) -> ReplyPlan {
+    fn opens(
+        &self,
+        row: &Row,
+        sealed: Sealed,
+        key: &Bytes,
+        key_site: &Option<ValueSite>,
+        args: &[Bytes],
+    ) -> ReplyPlan {
         let kind = sealed.kind;
-        let site = || self.site(kind, key, None);
+        let site = || key_site.clone();
         let open = |site: Option<ValueSite>, plan: fn(ValueSite) -> OpenPlan| {
             site.map_or(ReplyPlan::Passthrough, |s| ReplyPlan::Open(plan(s)))
         };
@@ -371,9 +377,8 @@ impl Policy {
             ));
         }
         // ZRANGE and ZRANGESTORE take BYLEX: a range over members' bytes.
-        let options = options_after_keys(row, args, 0);
         if site.kind == Kind::SortedSetMember
-            && args[options..]
+            && args[options_after_keys(row, args, 0)..]
                 .iter()
                 .any(|a| a.eq_ignore_ascii_case(b"bylex"))
         {
