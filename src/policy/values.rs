@@ -518,25 +518,23 @@ pub(super) fn xadd_id_position(args: &[Bytes]) -> usize {
 /// GEOADD's first longitude, after its options (NX, XX, CH), as Redis's
 /// `geoaddCommand` reads them.
 fn geoadd_first_longitude(args: &[Bytes]) -> usize {
-    const OPTIONS: [&[u8]; 3] = [b"nx", b"xx", b"ch"];
-    let options = args
-        .iter()
-        .skip(2)
-        .take_while(|a| OPTIONS.iter().any(|o| a.eq_ignore_ascii_case(o)))
-        .count();
-    2 + options
+    after_leading_options(args, &[b"nx", b"xx", b"ch"])
 }
 
 /// ZADD's first score, after its options, read as Redis's `zaddGenericCommand`
 /// reads them: every leading NX, XX, GT, LT, CH or INCR is an option.
 fn zadd_first_score(args: &[Bytes]) -> usize {
-    const OPTIONS: [&[u8]; 6] = [b"nx", b"xx", b"gt", b"lt", b"ch", b"incr"];
-    let options = args
+    after_leading_options(args, &[b"nx", b"xx", b"gt", b"lt", b"ch", b"incr"])
+}
+
+/// The first argument after the key that is none of `options` (any case).
+fn after_leading_options(args: &[Bytes], options: &[&[u8]]) -> usize {
+    let leading = args
         .iter()
         .skip(2)
-        .take_while(|a| OPTIONS.iter().any(|o| a.eq_ignore_ascii_case(o)))
+        .take_while(|a| options.iter().any(|o| a.eq_ignore_ascii_case(o)))
         .count();
-    2 + options
+    2 + leading
 }
 
 /// SSCAN or ZSCAN with MATCH on an encrypted key: Redis would match the

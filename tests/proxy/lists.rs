@@ -53,8 +53,7 @@ async fn every_list_command_works_on_encrypted_keys_in_resp2_and_resp3() {
         assert_reply(&c.call(&[b"LINDEX", q, b"99"]).await, nil(protocol));
         assert_reply(&c.call(&[b"LSET", q, b"2", b"A-secret"]).await, b"+OK\r\n");
         assert_reply(&c.call(&[b"LLEN", q]).await, b":5\r\n");
-        let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-        assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+        redis.assert_holds_no_plaintext(&[b"secret"]).await;
         assert_reply(&c.call(&[b"LPOP", q]).await, b"$8\r\ny-secret\r\n");
         assert_reply(
             &c.call(&[b"LPOP", q, b"2"]).await,
@@ -120,8 +119,7 @@ async fn every_list_command_works_on_encrypted_keys_in_resp2_and_resp3() {
             &resp_array(b'*', &[b"g-secret", b"h-secret"]),
         );
     }
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,8 +157,7 @@ async fn pipelined_and_transactional_list_commands_are_sealed_and_opened_in_orde
     let mut exec = b"*3\r\n:3\r\n$12\r\njob-1-secret\r\n".to_vec();
     exec.extend(resp_array(b'*', &[b"job-2-secret", b"job-3-secret"]));
     assert_reply(&c.read().await, &exec);
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,6 +262,5 @@ async fn elements_move_between_keys_of_one_rule_and_nowhere_else() {
         &c.call(&[b"LPOP", b"queue:running"]).await,
         "-ERR redcloak: element of list 'queue:running' failed to decrypt",
     );
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
 }

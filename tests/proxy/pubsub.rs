@@ -237,8 +237,7 @@ async fn a_result_stored_and_published_in_one_transaction_is_sealed_twice_and_de
     let mut expected = BytesMut::new();
     redcloak::resp::encode_bulk(&mut expected, result);
     assert_reply(&reader.call(&[b"GET", key]).await, &expected);
-    let stored = redis.plaintext_in_redis(&[b"result-secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"result-secret"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -286,8 +286,7 @@ async fn known_scripts_run_on_encrypted_keys_with_arguments_sealed_and_replies_o
         &c.call(&[b"ZSCORE", b"jobs:taken", b"worker-secret"]).await,
         b"$1\r\n1\r\n",
     );
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
     // Called with keys of different bindings, or another number of arguments: refused.
     assert_error(
         &c.call(&[b"EVAL", body, b"2", b"jobs:ready", b"elsewhere", b"m"])
@@ -373,6 +372,5 @@ async fn shipped_scripts_of_sidekiq_and_kombu_run_on_encrypted_keys() {
             .await,
         &resp_array(b'*', &[b"tasks-secret"]),
     );
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
 }

@@ -4,32 +4,10 @@
 //! reply shape is opened, in RESP2 and RESP3, pipelined and inside MULTI.
 
 use crate::support::*;
-use redcloak::resp::{self, Limits};
 
 /// A rule whose keys' members may be combined and moved between each other.
 const TEAMS: &str = "[[encryption.rules]]\nname = \"teams\"\npattern = \"team:*\"\n\
 mode = \"encrypt\"\nbind = \"rule\"\n";
-
-/// Every scalar in a reply, depth first: bulk bodies, and the text of
-/// integers, doubles and statuses. Nil is `nil`.
-fn texts(reply: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    flatten(reply, &mut out);
-    out
-}
-
-fn flatten(element: &[u8], out: &mut Vec<String>) {
-    if matches!(element, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n") {
-        return out.push("nil".into());
-    }
-    if let Some((_, elements)) = resp::aggregate_elements(element, &Limits::default()) {
-        return elements.into_iter().for_each(|e| flatten(e, out));
-    }
-    match resp::bulk_body(element) {
-        Some(body) => out.push(String::from_utf8_lossy(body).into_owned()),
-        None => out.push(String::from_utf8_lossy(&element[1..element.len() - 2]).into_owned()),
-    }
-}
 
 fn sorted(mut items: Vec<String>) -> Vec<String> {
     items.sort();
@@ -88,8 +66,7 @@ async fn set_commands_work_on_encrypted_members_in_resp2_and_resp3() {
             &c.call(&[b"SREM", s, b"bob-secret", b"nobody"]).await,
             b":1\r\n",
         );
-        let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-        assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+        redis.assert_holds_no_plaintext(&[b"secret"]).await;
         let popped = texts(&c.call(&[b"SPOP", s]).await);
         assert!(
             popped == ["alice-secret"] || popped == ["carol-secret"],
@@ -153,8 +130,7 @@ async fn set_commands_work_on_encrypted_members_in_resp2_and_resp3() {
         &c.call(&[b"SUNIONSTORE", b"elsewhere", b"team:a"]).await,
         "-ERR redcloak: SUNIONSTORE would move values of 'elsewhere'",
     );
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,8 +213,7 @@ async fn sorted_set_commands_work_on_encrypted_members_with_plaintext_scores() {
             texts(&c.call(&[b"ZSCAN", z, b"0", b"MATCH", b"a*"]).await),
             ["0", "alice-secret", "5"]
         );
-        let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-        assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+        redis.assert_holds_no_plaintext(&[b"secret"]).await;
         assert_eq!(
             texts(&c.call(&[b"ZPOPMIN", z]).await),
             ["carol-secret", "3"]
@@ -375,8 +350,7 @@ async fn sorted_set_commands_work_on_encrypted_members_with_plaintext_scores() {
         &admin.call(&[b"OBJECT", b"ENCODING", b"compact"]).await,
         b"$8\r\nlistpack\r\n",
     );
-    let stored = redis.plaintext_in_redis(&[b"secret", &long]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret", &long]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,8 +384,7 @@ async fn set_and_sorted_set_commands_pipelined_and_in_multi_are_opened_in_order(
         ["tag-secret", "job-secret", "1", "1"]
     );
     assert_eq!(texts(&c.read().await), ["1"]);
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,8 +418,7 @@ async fn list_elements_on_deterministic_rules_can_be_found_removed_and_inserted(
         &c.call(&[b"LREM", b"q", b"0", b"a"]).await,
         "-ERR redcloak: LREM on 'q' is refused: Redis would compare list elements",
     );
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -574,8 +546,7 @@ async fn geo_members_are_sealed_and_coordinates_stay_plaintext() {
         texts(&c.call(&[b"ZRANGE", b"team:near", b"0", b"-1"]).await),
         ["base-secret"]
     );
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,27 +5,6 @@
 use crate::support::*;
 use redcloak::resp::{self, Limits};
 
-/// Every scalar in a reply, depth first (bulk bodies, and the text of
-/// integers and statuses; nil is `nil`).
-fn texts(reply: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    flatten(reply, &mut out);
-    out
-}
-
-fn flatten(element: &[u8], out: &mut Vec<String>) {
-    if matches!(element, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n") {
-        return out.push("nil".into());
-    }
-    if let Some((_, elements)) = resp::aggregate_elements(element, &Limits::default()) {
-        return elements.into_iter().for_each(|e| flatten(e, out));
-    }
-    match resp::bulk_body(element) {
-        Some(body) => out.push(String::from_utf8_lossy(body).into_owned()),
-        None => out.push(String::from_utf8_lossy(&element[1..element.len() - 2]).into_owned()),
-    }
-}
-
 fn contains_all(haystack: &[String], needles: &[&str]) -> bool {
     needles.iter().all(|n| haystack.iter().any(|h| h == n))
 }
@@ -84,8 +63,7 @@ async fn stream_commands_open_every_entry_in_resp2_and_resp3() {
             .await,
             b"$3\r\n3-1\r\n",
         );
-        let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-        assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+        redis.assert_holds_no_plaintext(&[b"secret"]).await;
         assert_eq!(
             texts(&c.call(&[b"XRANGE", s, b"-", b"+"]).await),
             [
@@ -229,8 +207,7 @@ async fn stream_commands_open_every_entry_in_resp2_and_resp3() {
             ["3-1", "user", "u3-secret"]
         );
     }
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,6 +284,5 @@ async fn a_blocked_xread_is_woken_and_values_moved_between_fields_do_not_open() 
         text.contains("-ERR redcloak: value of field 'note' of stream 'jobs' failed to decrypt"),
         "{text}"
     );
-    let stored = redis.plaintext_in_redis(&[b"secret"]).await;
-    assert!(stored.is_empty(), "Redis holds plaintext: {stored:?}");
+    redis.assert_holds_no_plaintext(&[b"secret"]).await;
 }

@@ -192,6 +192,23 @@ impl TestRedis {
         found
     }
 
+    /// Asserts that Redis stores none of `needles` in clear (see
+    /// [`TestRedis::plaintext_in_redis`]).
+    #[track_caller]
+    pub fn assert_holds_no_plaintext<'a>(
+        &'a self,
+        needles: &'a [&'a [u8]],
+    ) -> impl std::future::Future<Output = ()> + 'a {
+        let caller = std::panic::Location::caller();
+        async move {
+            let found = self.plaintext_in_redis(needles).await;
+            assert!(
+                found.is_empty(),
+                "{caller}: Redis holds plaintext: {found:?}"
+            );
+        }
+    }
+
     /// Copies the bytes Redis stores for `from` to `to`, around redcloak
     /// (a sealed value moved to a key it was not sealed for).
     pub async fn copy_stored(&self, from: &[u8], to: &[u8]) {
@@ -492,6 +509,27 @@ pub fn resp_array(marker: u8, items: &[&[u8]]) -> Vec<u8> {
         resp::encode_bulk(&mut out, item);
     }
     out.to_vec()
+}
+
+/// Every scalar in a reply, depth first: bulk bodies, and the text of
+/// integers, doubles and statuses; nil is `nil`. For replies whose shape
+/// differs between RESP2 and RESP3 but whose content does not.
+pub fn texts(reply: &[u8]) -> Vec<String> {
+    fn flatten(element: &[u8], out: &mut Vec<String>) {
+        if matches!(element, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n") {
+            return out.push("nil".into());
+        }
+        if let Some((_, elements)) = resp::aggregate_elements(element, &Limits::default()) {
+            return elements.into_iter().for_each(|e| flatten(e, out));
+        }
+        match resp::bulk_body(element) {
+            Some(body) => out.push(String::from_utf8_lossy(body).into_owned()),
+            None => out.push(String::from_utf8_lossy(&element[1..element.len() - 2]).into_owned()),
+        }
+    }
+    let mut out = Vec::new();
+    flatten(reply, &mut out);
+    out
 }
 
 /// Asserts a reply's exact bytes, showing both as text when they differ.
