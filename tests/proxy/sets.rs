@@ -163,6 +163,27 @@ async fn sorted_set_commands_work_on_encrypted_members_with_plaintext_scores() {
                 .await,
             b":1\r\n",
         );
+        // GT keeps the higher score; NX adds only new members; INCR answers the score.
+        assert_reply(
+            &c.call(&[b"ZADD", z, b"GT", b"CH", b"4", b"alice-secret"])
+                .await,
+            b":0\r\n",
+        );
+        assert_reply(
+            &c.call(&[b"ZADD", z, b"NX", b"9", b"alice-secret"]).await,
+            b":0\r\n",
+        );
+        assert_eq!(
+            texts(
+                &c.call(&[b"ZADD", z, b"LT", b"INCR", b"-1", b"alice-secret"])
+                    .await
+            ),
+            ["4"]
+        );
+        assert_eq!(
+            texts(&c.call(&[b"ZADD", z, b"INCR", b"1", b"alice-secret"]).await),
+            ["5"]
+        );
         assert_eq!(
             texts(&c.call(&[b"ZINCRBY", z, b"2", b"bob-secret"]).await),
             ["4"]
