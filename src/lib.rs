@@ -3,7 +3,7 @@
 //! ```text
 //!  app ──RESP──▶ server ──▶ session ─────────────────────────▶ upstream ──mTLS+AUTH──▶ Redis
 //!  (tcp, unix,   (accept,   requests: resp::RequestParser
-//!   tls)          limits)             -> policy::classify -> plan + re-encoded command
+//!   tls)          limits)             -> policy::classify (a plan) -> session::seal -> command
 //!                           replies:  resp::ReplyScanner -> session::pipeline (FIFO of plans)
 //!  app ◀──RESP── ◀───────── ◀─────────────────────────────────────────────── Redis
 //! ```
@@ -16,13 +16,16 @@
 //!   those connections need.
 //! * [`tls`]: PEM loading and the rustls configs of both sides.
 //! * [`session`]: one client and its own upstream connection (given back while the client is
-//!   quiet on a clean connection); `pipeline` matches replies to requests, `open` opens the
-//!   sealed values in a reply.
+//!   quiet on a clean connection); `seal` seals the arguments a plan names, `pipeline` matches
+//!   replies to requests and opens pub/sub messages, `open` opens the sealed values in a reply.
 //! * [`resp`]: RESP parsing, framing and encoding (pure).
-//! * [`policy`]: what to do with each command; `policy::table` is the one table of commands,
-//!   `policy::rules` which keys are encrypted, `policy::script` proves which keys a Lua
-//!   script or library touches (pure).
-//! * [`crypto`]: the envelope (XAES-256-GCM, bound to key and field) and the keyring (pure).
+//! * [`policy`]: what to do with each command; `policy::table` is the one table of commands
+//!   (every per-command fact), `policy::values` the plans for commands on stored values,
+//!   `policy::rules` which keys are encrypted and how bound, `policy::script` proves which
+//!   keys a Lua script or library touches, `policy::known` the scripts whose effect on values
+//!   is known (pure).
+//! * [`crypto`]: the envelopes (XAES-256-GCM, random; AES-SIV, deterministic for members),
+//!   HyperLogLog tokens, bound to kind, key or rule, and field; and the keyring (pure).
 //! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
 //! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::pool` keeps warm
 //!   connections and undoes what a client left on returned ones.
