@@ -1,7 +1,9 @@
 //! Value encryption, pure: no sockets, no config files.
 //!
-//! `envelope` is the byte format and the AEAD (XAES-256-GCM) around one
-//! value; `keyring` holds the keys (one primary that seals, all that open)
+//! `envelope` is the byte formats and the ciphers around one value: the
+//! random envelope (XAES-256-GCM), the deterministic one for members
+//! (AES-256-SIV) and HyperLogLog tokens (HMAC-SHA256), the last two under
+//! keys derived from each data key; `keyring` holds the keys (one primary that seals, all that open)
 //! and turns files or environment variables into keys. Nothing here logs or
 //! formats a value, a plaintext or a key.
 

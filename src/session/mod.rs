@@ -2,7 +2,7 @@
 //! client stays (the connection may come from, and go back to, the pool).
 //!
 //! ```text
-//!   client ──read──▶ RequestParser ─▶ Policy::classify ─▶ upstream (re-encoded)
+//!   client ──read──▶ RequestParser ─▶ Policy::classify ─▶ seal ─▶ upstream (re-encoded)
 //!                                          │ Entry (plan or answer)
 //!                                          ▼
 //!                               FIFO (bounded: limits.max_pending_requests)
