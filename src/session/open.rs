@@ -950,4 +950,107 @@ mod tests {
             "*2\r\n$1\r\n0\r\n*2\r\n$2\r\nb1\r\n$1\r\n2\r\n"
         );
     }
+
+    /// Replies of any shape, well framed: scalars, nil, errors, and nested
+    /// arrays, maps, sets and pushes of them (some holding real envelopes).
+    fn any_reply() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let ring = keyring();
+        let sealed_value = ring.seal(b"v", site("k", None).binding());
+        let sealed_member = ring.seal_member(b"m", zset("k").binding());
+        let scalar = prop_oneof![
+            Just(b"$-1\r\n".to_vec()),
+            Just(b"*-1\r\n".to_vec()),
+            Just(b"_\r\n".to_vec()),
+            Just(b":7\r\n".to_vec()),
+            Just(b",1.5\r\n".to_vec()),
+            Just(b"+OK\r\n".to_vec()),
+            Just(b"-ERR x\r\n".to_vec()),
+            Just(bulk(b"k")),
+            Just(bulk(b"f")),
+            Just(bulk(&sealed_value)),
+            Just(bulk(&sealed_member)),
+            proptest::collection::vec(any::<u8>(), 0..8).prop_map(|b| bulk(&b)),
+        ];
+        scalar.prop_recursive(4, 64, 6, |inner| {
+            (
+                prop_oneof![Just(b'*'), Just(b'%'), Just(b'~'), Just(b'>')],
+                proptest::collection::vec(inner, 0..6),
+            )
+                .prop_map(|(marker, elements)| {
+                    let count = match marker {
+                        b'%' => elements.len() / 2,
+                        _ => elements.len(),
+                    };
+                    let mut frame = format!("{}{count}\r\n", marker as char).into_bytes();
+                    for element in &elements[..if marker == b'%' { count * 2 } else { count }] {
+                        frame.extend_from_slice(element);
+                    }
+                    frame
+                })
+        })
+    }
+
+    fn every_plan() -> Vec<OpenPlan> {
+        let (k, h, z) = (
+            site("k", None),
+            ValueSite {
+                kind: Kind::HashField,
+                ..site("k", None)
+            },
+            zset("k"),
+        );
+        let sites = vec![
+            (Bytes::from_static(b"k"), Some(z.clone())),
+            (Bytes::from_static(b"p"), None),
+        ];
+        vec![
+            OpenPlan::One(k.clone()),
+            OpenPlan::Values(k.clone()),
+            OpenPlan::Each(vec![Some(k.clone()), None]),
+            OpenPlan::HashPairs(h.clone()),
+            OpenPlan::HashValues(h.clone()),
+            OpenPlan::HashScan(h.clone()),
+            OpenPlan::KeyAndValue(sites.clone()),
+            OpenPlan::KeyAndValues(sites.clone()),
+            OpenPlan::Members {
+                site: z.clone(),
+                scores: false,
+            },
+            OpenPlan::Members {
+                site: z.clone(),
+                scores: true,
+            },
+            OpenPlan::KeyMemberScore(sites.clone()),
+            OpenPlan::KeyAndMembersWithScores(sites.clone()),
+            OpenPlan::Scan {
+                site: z.clone(),
+                scores: true,
+                pattern: Some(Bytes::from_static(b"m*")),
+            },
+            OpenPlan::Scan {
+                site: z.clone(),
+                scores: false,
+                pattern: None,
+            },
+            OpenPlan::StreamEntries(h.clone()),
+            OpenPlan::Streams(sites.clone()),
+            OpenPlan::AutoClaim(h.clone()),
+            OpenPlan::StreamInfo(h.clone()),
+            OpenPlan::GeoResults(z),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever Redis sends, every plan either delivers something or
+        /// reports a contradiction: never a panic.
+        #[test]
+        fn no_reply_shape_makes_any_plan_panic(frame in any_reply()) {
+            let ring = keyring();
+            for plan in every_plan() {
+                let mut out = BytesMut::new();
+                let _ = reply(&plan, &frame, &ring, &Limits::default(), &mut out, &mut Vec::new());
+            }
+        }
+    }
 }
