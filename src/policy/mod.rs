@@ -1505,4 +1505,67 @@ mod tests {
             Action::AnswerError(_)
         ));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// Every command in the table, with any arguments from words its
+        /// grammar reacts to, is classified without a panic, and a plan that
+        /// seals names only arguments that exist.
+        #[test]
+        fn every_command_with_any_arguments_is_classified_without_a_panic(
+            row in 0..table::COMMANDS.len(),
+            words in proptest::collection::vec(0..WORDS.len(), 0..9),
+        ) {
+            let policy = policy();
+            let mut args = vec![table::COMMANDS[row].name];
+            args.extend(words.iter().map(|&w| WORDS[w]));
+            let mut state = policy.new_connection();
+            if let Action::Seal(values, _) = policy.classify(&request(&args), &mut state) {
+                proptest::prop_assert!(values.iter().all(|v| v.index > 0 && v.index < args.len()));
+            }
+        }
+    }
+
+    const WORDS: &[&str] = &[
+        "k",
+        "q:a",
+        "q:b",
+        "plain:x",
+        "free:y",
+        "0",
+        "1",
+        "2",
+        "3",
+        "-1",
+        "+inf",
+        "store",
+        "STOREDIST",
+        "withscores",
+        "WITHVALUES",
+        "BYLEX",
+        "BYSCORE",
+        "REV",
+        "LIMIT",
+        "MATCH",
+        "COUNT",
+        "NX",
+        "GT",
+        "CH",
+        "INCR",
+        "MAXLEN",
+        "~",
+        "=",
+        "*",
+        "frommember",
+        "STREAMS",
+        "GROUP",
+        "BLOCK",
+        "JUSTID",
+        "GET",
+        "BY",
+        "LEFT",
+        "NOVALUES",
+        "STREAM",
+        "FULL",
+    ];
 }
