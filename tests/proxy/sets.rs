@@ -19,10 +19,7 @@ async fn set_commands_work_on_encrypted_members_in_resp2_and_resp3() {
     let redis = TestRedis::start().await;
     let proxy = redis.start_proxy(&redis.config().tail(TEAMS)).await;
     for protocol in [2u8, 3] {
-        let mut c = proxy.raw().await;
-        if protocol == 3 {
-            assert!(c.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
-        }
+        let mut c = proxy.raw_speaking(protocol).await;
         let s = format!("set{protocol}");
         let s = s.as_bytes();
         assert_reply(
@@ -138,10 +135,7 @@ async fn sorted_set_commands_work_on_encrypted_members_with_plaintext_scores() {
     let redis = TestRedis::start().await;
     let proxy = redis.start_proxy(&redis.config().tail(TEAMS)).await;
     for protocol in [2u8, 3] {
-        let mut c = proxy.raw().await;
-        if protocol == 3 {
-            assert!(c.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
-        }
+        let mut c = proxy.raw_speaking(protocol).await;
         let z = format!("board{protocol}");
         let z = z.as_bytes();
         assert_reply(
@@ -447,10 +441,7 @@ async fn geo_members_are_sealed_and_coordinates_stay_plaintext() {
     let redis = TestRedis::start().await;
     let proxy = redis.start_proxy(&redis.config().tail(TEAMS)).await;
     for protocol in [2u8, 3] {
-        let mut c = proxy.raw().await;
-        if protocol == 3 {
-            assert!(c.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
-        }
+        let mut c = proxy.raw_speaking(protocol).await;
         let g = format!("places{protocol}");
         let g = g.as_bytes();
         assert_reply(

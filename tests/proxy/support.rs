@@ -384,6 +384,15 @@ impl Proxy {
     }
 
     /// `GET path` on the admin listener: status and body.
+    /// A raw client that has said `HELLO 3` when `protocol` is 3.
+    pub async fn raw_speaking(&self, protocol: u8) -> RawClient<TcpStream> {
+        let mut client = self.raw().await;
+        if protocol == 3 {
+            assert!(client.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
+        }
+        client
+    }
+
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         http_get(self.admin.expect("[metrics] configured"), path).await
     }
