@@ -1,0 +1,321 @@
+//! The request half of a session: client bytes -> requests -> policy ->
+//! sealed arguments -> upstream bytes, and one FIFO entry per request for
+//! the reply half. It reads the client only while the FIFO has room, and
+//! decides when the client is quiet enough to be parked or closed.
+
+use super::pipeline::{Entry, Flow, Tally};
+use super::quiet::QuietTimer;
+use super::{OK, READ_CHUNK, SessionError, Shared, error_reply, seal, watchdog};
+use crate::events;
+use crate::metrics::Outcome;
+use crate::policy::table::{self, Blocks, Leaves};
+use crate::policy::{self, Action, ReplyPlan, RequestState};
+use crate::resp::{self, Request, RequestParser};
+use crate::session::{Peer, SessionContext, lockout_error};
+use bytes::{Bytes, BytesMut};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+
+pub(super) enum RequestsEnd {
+    /// QUIT, a protocol error or shutdown: deliver what is pending, then close.
+    Drain,
+    /// Quiet on a clean connection with nothing pending.
+    Park,
+}
+
+/// The request half: client bytes -> requests -> policy -> upstream bytes
+/// and FIFO entries.
+pub(super) struct Requests<'a, W> {
+    pub(super) ctx: &'a SessionContext,
+    pub(super) peer: &'a Peer,
+    pub(super) upstream: &'a mut W,
+    pub(super) fifo: mpsc::Sender<Entry>,
+    /// Requests encoded for Redis, not yet written.
+    pub(super) output: BytesMut,
+    /// How long each request in `output` may block Redis, in order.
+    pub(super) unsent: Vec<Blocks>,
+    pub(super) shared: &'a Shared,
+    /// What the commands forwarded so far leave on the upstream connection.
+    pub(super) leaves: &'a mut Leaves,
+    /// `output` holds redcloak's AUTH: wipe it once written.
+    pub(super) output_holds_password: bool,
+    /// The client subscribed to something (idle subscribers are not closed).
+    pub(super) subscribed: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Requests<'_, W> {
+    pub(super) async fn forward<R: AsyncRead + Unpin>(
+        mut self,
+        client: &mut R,
+        input: &mut BytesMut,
+        state: &mut RequestState,
+        shutdown: &CancellationToken,
+    ) -> Result<RequestsEnd, SessionError> {
+        let ctx = self.ctx;
+        let mut parser = RequestParser::default();
+        // A parked client's first bytes are already in `input`.
+        let mut read = input.len();
+        let mut last_read = Instant::now();
+        let mut park = QuietTimer::new(ctx.release_idle_after.unwrap_or_default());
+        let mut idle = QuietTimer::new(ctx.idle_timeout.unwrap_or_default());
+        // When the request in progress (bytes read, not yet whole) began.
+        let mut partial_since: Option<Instant> = None;
+        let mut unfinished = watchdog(ctx.request_read_timeout);
+        // Made once: each `cancelled()` locks the token, shared by every
+        // session, and registers a waiter.
+        let shutdown = shutdown.cancelled();
+        tokio::pin!(shutdown);
+        let mut held = ctx.buffers.account();
+        loop {
+            if read == 0 {
+                held.set(input.capacity() + self.output.capacity());
+                // Only between requests: a request half-read must finish.
+                if ctx.buffers.over() && input.is_empty() {
+                    // Replies keep flowing; new requests wait for memory.
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(RequestsEnd::Drain),
+                        _ = ctx.buffers.wait_under() => {}
+                    }
+                }
+                input.reserve(READ_CHUNK);
+                let parkable = ctx.release_idle_after.is_some() && *self.leaves == Leaves::Nothing;
+                // Like Redis's `timeout`: not for subscribers or blocked clients.
+                let idles_out = ctx.idle_timeout.is_some() && !self.subscribed;
+                read = tokio::select! {
+                    biased;
+                    _ = &mut shutdown => return Ok(RequestsEnd::Drain),
+                    read = client.read_buf(input) => read.map_err(SessionError::Client)?,
+                    _ = unfinished.tick(), if partial_since.is_some() => {
+                        let started = partial_since.unwrap_or_else(Instant::now);
+                        if started + ctx.request_read_timeout > Instant::now() {
+                            continue;
+                        }
+                        let reply = error_reply(&format!(
+                            "ERR redcloak: protocol error: a request was not completed within \
+                             limits.request_read_timeout ({:?})",
+                            ctx.request_read_timeout
+                        ));
+                        self.answer(reply, true, None).await?;
+                        self.flush().await?;
+                        return Ok(RequestsEnd::Drain);
+                    }
+                    _ = idle.fired(), if idles_out => {
+                        if idle.quiet(last_read, self.nothing_pending(input)) {
+                            return Ok(RequestsEnd::Drain);
+                        }
+                        continue;
+                    }
+                    _ = park.fired(), if parkable => {
+                        if park.quiet(last_read, self.nothing_pending(input)) {
+                            return Ok(RequestsEnd::Park);
+                        }
+                        continue;
+                    }
+                };
+                if read == 0 {
+                    // The client will send no more; it may still read (a
+                    // half-close, as `printf ... | nc` does): every pending
+                    // reply is delivered before the connection closes.
+                    return Ok(RequestsEnd::Drain);
+                }
+            }
+            ctx.metrics.client_received.increment(read as u64);
+            read = 0;
+            let received = Instant::now();
+            last_read = received;
+            let mut completed = false;
+            loop {
+                let limits = match state.is_authenticated() {
+                    true => &ctx.limits,
+                    false => &ctx.unauthenticated_limits,
+                };
+                let request = match parser.next(input, limits) {
+                    Ok(Some(request)) => {
+                        completed = true;
+                        request
+                    }
+                    Ok(None) => break,
+                    Err(err) => {
+                        let reply = error_reply(&format!("ERR redcloak: protocol error: {err}"));
+                        self.answer(reply, true, None).await?;
+                        self.flush().await?;
+                        return Ok(RequestsEnd::Drain);
+                    }
+                };
+                let (command, row) = table::identify(request.name());
+                let tally = Tally { command, received };
+                if let Some(remaining) = self.lockout_refusal(&request) {
+                    let reply = error_reply(&lockout_error(self.peer, remaining));
+                    self.answer(reply, false, Some((tally, Outcome::Refused)))
+                        .await?;
+                    continue;
+                }
+                let action = ctx.policy.classify_as(row, &request, state);
+                if action.forwards() {
+                    *self.leaves = (*self.leaves).max(table::leaves(row));
+                }
+                let blocks = table::blocks(row, &request.args);
+                if self.act(action, &request, tally, blocks).await? == Flow::Close {
+                    self.flush().await?;
+                    return Ok(RequestsEnd::Drain);
+                }
+            }
+            // A request still incomplete must finish in time, counted from
+            // the last one that completed (or its own first byte).
+            partial_since = match (input.is_empty(), completed) {
+                (true, _) => None,
+                (false, true) => Some(received),
+                (false, false) => partial_since.or(Some(received)),
+            };
+            self.flush().await?;
+        }
+    }
+
+    /// Every request read has been answered and written to the client.
+    fn nothing_pending(&self, input: &BytesMut) -> bool {
+        input.is_empty()
+            && self.output.is_empty()
+            && self.fifo.capacity() == self.fifo.max_capacity()
+            && self.shared.replies_quiet.load(Ordering::Relaxed)
+    }
+
+    /// How long a login attempt from a locked-out peer must wait, if it must.
+    fn lockout_refusal(&self, request: &Request) -> Option<crate::auth::lockout::Lockout> {
+        self.ctx.lockouts.as_ref()?;
+        if !policy::is_auth_attempt(request) {
+            return None;
+        }
+        self.ctx.locked_out(self.peer)
+    }
+
+    /// Carries out one decision. `Close` after QUIT.
+    async fn act(
+        &mut self,
+        action: Action,
+        request: &Request,
+        tally: Tally,
+        blocks: Blocks,
+    ) -> Result<Flow, SessionError> {
+        // An entry always enters the FIFO before its command is encoded:
+        // `enqueue` may flush `output`, and a reply must never arrive
+        // before the entry it answers.
+        match action {
+            Action::Forward(plan) => {
+                self.subscribed |= matches!(plan, ReplyPlan::Subscribe { .. });
+                self.enqueue(Entry::Await(plan, Some(tally))).await?;
+                self.encode(&request.args, blocks);
+            }
+            Action::Seal(values, plan) => {
+                self.enqueue(Entry::Await(plan, Some(tally))).await?;
+                let keyring = self.ctx.policy.keyring();
+                let args = seal::arguments(keyring, &request.args, &values);
+                self.encode(&args, blocks);
+            }
+            Action::Rewrite(args, plan) => {
+                self.enqueue(Entry::Await(plan, Some(tally))).await?;
+                self.encode(&args, blocks);
+            }
+            Action::Reset => {
+                self.enqueue(Entry::Await(ReplyPlan::Reset, Some(tally)))
+                    .await?;
+                self.encode(&[b"RESET"], Blocks::No);
+                self.enqueue(Entry::Await(ReplyPlan::RestoreLogin, None))
+                    .await?;
+                self.ctx.upstream_login.encode_auth(&mut self.output);
+                self.unsent.push(Blocks::No);
+                // Sent at once, so no later request grows (and copies) the buffer.
+                self.output_holds_password = true;
+                self.flush().await?;
+            }
+            Action::AnswerOk => self.answer(OK, false, Some((tally, Outcome::Ok))).await?,
+            Action::Quit => {
+                self.answer(OK, true, Some((tally, Outcome::Ok))).await?;
+                return Ok(Flow::Close);
+            }
+            Action::CrossProtocol => {
+                events::cross_protocol(self.peer);
+                let outcome = Some((tally, Outcome::Refused));
+                self.answer(Bytes::new(), true, outcome).await?;
+                return Ok(Flow::Close);
+            }
+            Action::AnswerError(text) => {
+                let outcome = Some((tally, Outcome::RedisError));
+                self.answer(error_reply(&text), false, outcome).await?;
+            }
+            Action::Refuse(refusal) => {
+                events::command_refused(self.peer, tally.command.name(), refusal.rule);
+                let outcome = Some((tally, Outcome::Refused));
+                self.answer(error_reply(&refusal.text), false, outcome)
+                    .await?;
+            }
+            Action::AuthFailed(text) => {
+                self.ctx.login_failed(self.peer);
+                let outcome = Some((tally, Outcome::RedisError));
+                self.answer(error_reply(text), false, outcome).await?;
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn encode<A: AsRef<[u8]>>(&mut self, args: &[A], blocks: Blocks) {
+        resp::encode_command(&mut self.output, args);
+        self.unsent.push(blocks);
+    }
+
+    async fn answer(
+        &mut self,
+        reply: Bytes,
+        then_close: bool,
+        tally: Option<(Tally, Outcome)>,
+    ) -> Result<(), SessionError> {
+        self.enqueue(Entry::Answer {
+            reply,
+            then_close,
+            tally,
+        })
+        .await
+    }
+
+    /// Puts an entry in the FIFO. When it is full, the requests already
+    /// encoded (all with their entries queued) are sent first: the reply half
+    /// may be waiting for exactly those.
+    async fn enqueue(&mut self, entry: Entry) -> Result<(), SessionError> {
+        match self.fifo.try_send(entry) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(entry)) => {
+                self.flush().await?;
+                self.fifo
+                    .send(entry)
+                    .await
+                    .map_err(|_| SessionError::UpstreamClosed)
+            }
+            Err(TrySendError::Closed(_)) => Err(SessionError::UpstreamClosed),
+        }
+    }
+
+    /// Writes the encoded requests to Redis, and logs when they left.
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if self.output.is_empty() {
+            return Ok(());
+        }
+        let written = self.upstream.write_all(&self.output).await;
+        if std::mem::take(&mut self.output_holds_password) {
+            zeroize::Zeroize::zeroize(&mut self.output[..]);
+        }
+        written.map_err(SessionError::Upstream)?;
+        self.upstream
+            .flush()
+            .await
+            .map_err(SessionError::Upstream)?;
+        self.shared.flushes.sent(&mut self.unsent, Instant::now());
+        self.ctx
+            .metrics
+            .upstream_sent
+            .increment(self.output.len() as u64);
+        self.output.clear();
+        Ok(())
+    }
+}
