@@ -162,7 +162,7 @@ impl Policy {
             return Action::Forward(ReplyPlan::Passthrough);
         };
         let kind = sealed.kind;
-        let key_site = self.site(kind, key, None);
+        let mut key_site = self.site(kind, key, None);
         if sealed.opens == Opens::HashValues
             && let (Some(site), 2) = (&key_site, args.len())
         {
@@ -182,8 +182,7 @@ impl Policy {
         {
             return rewrite;
         }
-        // The plan first: it borrows the key's site, which sealing may then take.
-        let plan = self.opens(row, sealed, key, &key_site, args);
+        let plan = self.opens(row, sealed, key, &mut key_site, args);
         let at = |index: usize, site: Option<ValueSite>| {
             site.filter(|_| index < args.len())
                 .map(|site| SealAt { index, site })
@@ -250,11 +249,17 @@ impl Policy {
         row: &Row,
         sealed: Sealed,
         key: &Bytes,
-        key_site: &Option<ValueSite>,
+        key_site: &mut Option<ValueSite>,
         args: &[Bytes],
     ) -> ReplyPlan {
         let kind = sealed.kind;
-        let site = || key_site.clone();
+        // Nothing is sealed (GET): the plan takes the key's site; otherwise
+        // sealing needs it after, and the plan takes a copy (SET ... GET).
+        let takes = sealed.values == Values::None;
+        let mut site = || match takes {
+            true => key_site.take(),
+            false => key_site.clone(),
+        };
         let open = |site: Option<ValueSite>, plan: fn(ValueSite) -> OpenPlan| {
             site.map_or(ReplyPlan::Passthrough, |s| ReplyPlan::Open(plan(s)))
         };
