@@ -954,7 +954,7 @@ fn rule(raw: RawRule) -> Result<Rule, ConfigError> {
         (_, Some(RawMembers::Random) | None) => Members::Random,
     };
     Ok(Rule {
-        name: raw.name.unwrap_or_else(|| raw.pattern.clone()),
+        name: raw.name.unwrap_or_else(|| raw.pattern.clone()).into(),
         pattern: raw.pattern,
         mode,
         members,
@@ -1160,7 +1160,7 @@ mod tests {
                 config.encryption.rules[1].mode,
                 Mode::Encrypt { bind: Bind::None }
             );
-            assert_eq!(config.encryption.rules[1].name, "s:*");
+            assert_eq!(&*config.encryption.rules[1].name, "s:*");
             let by_rule = format!(
                 "{MINIMAL}\n[[encryption.rules]]\nname = \"queues\"\npattern = \"q:*\"\nmode = \"encrypt\"\nbind = \"rule\"\n"
             );
@@ -1169,7 +1169,7 @@ mod tests {
                 config.encryption.rules[0].mode,
                 Mode::Encrypt { bind: Bind::Rule }
             );
-            assert_eq!(config.encryption.rules[0].name, "queues");
+            assert_eq!(&*config.encryption.rules[0].name, "queues");
             assert_eq!(config.encryption.rules[0].members, Members::Random);
             let deterministic = by_rule.replace(
                 "bind = \"rule\"",

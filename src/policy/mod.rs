@@ -37,7 +37,7 @@ use table::{Class, Handling, PubSubKind, Row, Scripting, Subcommand};
 pub enum SiteScope {
     Key,
     /// The rule's name.
-    Rule(Bytes),
+    Rule(std::sync::Arc<str>),
     Unbound,
 }
 
@@ -63,7 +63,7 @@ impl ValueSite {
             kind: self.kind,
             scope: match &self.scope {
                 SiteScope::Key => Scope::Key(&self.key),
-                SiteScope::Rule(name) => Scope::Rule(name),
+                SiteScope::Rule(name) => Scope::Rule(name.as_bytes()),
                 SiteScope::Unbound => Scope::Unbound,
             },
             field: self.field.as_deref(),
@@ -119,13 +119,17 @@ pub enum OpenPlan {
     StreamInfo(ValueSite),
     /// GEORADIUS, GEOSEARCH: members, or arrays whose first element is one.
     GeoResults(ValueSite),
-    /// SSCAN, ZSCAN: `[cursor, [member, (score,) ...]]`; with `pattern`,
-    /// only the members that match it once opened (MATCH was not sent).
-    Scan {
-        site: ValueSite,
-        scores: bool,
-        pattern: Option<Bytes>,
-    },
+    /// SSCAN, ZSCAN (boxed: rare, and the largest plan).
+    Scan(Box<ScanPlan>),
+}
+
+/// SSCAN's and ZSCAN's `[cursor, [member, (score,) ...]]`; with `pattern`,
+/// only the members that match it once opened (MATCH was not sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPlan {
+    pub site: ValueSite,
+    pub scores: bool,
+    pub pattern: Option<Bytes>,
 }
 
 /// What the reply side does with the reply to one forwarded request.
@@ -1150,20 +1154,20 @@ mod tests {
             ),
             Action::Rewrite(
                 request(&["SSCAN", "s", "0", "COUNT", "10"]).args,
-                ReplyPlan::Open(OpenPlan::Scan {
+                ReplyPlan::Open(OpenPlan::Scan(Box::new(ScanPlan {
                     site: member(Kind::SetMember, "s"),
                     scores: false,
                     pattern: Some(Bytes::from_static(b"user:*")),
-                })
+                })))
             )
         );
         assert_eq!(
             classify(&policy, &["ZSCAN", "z", "0"]),
-            Action::Forward(ReplyPlan::Open(OpenPlan::Scan {
+            Action::Forward(ReplyPlan::Open(OpenPlan::Scan(Box::new(ScanPlan {
                 site: member(Kind::SortedSetMember, "z"),
                 scores: true,
                 pattern: None,
-            }))
+            }))))
         );
         assert_eq!(
             classify(&policy, &["SSCAN", "plain:s", "0", "MATCH", "a*"]),
@@ -1289,7 +1293,7 @@ mod tests {
         let policy = policy();
         let rule_bound = |key: &str| ValueSite {
             kind: Kind::ListElement,
-            scope: SiteScope::Rule(Bytes::from_static(b"queues")),
+            scope: SiteScope::Rule("queues".into()),
             ..site(key, None)
         };
         assert_eq!(

@@ -43,7 +43,8 @@ pub enum Members {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     /// What `bind = "rule"` binds values to: `name`, or the pattern.
-    pub name: String,
+    /// Shared, so a plan names it without a copy.
+    pub name: std::sync::Arc<str>,
     pub pattern: String,
     pub mode: Mode,
     pub members: Members,

@@ -8,7 +8,8 @@ use super::known;
 use super::rules::{Bind, Decision, Members, Mode, Rules};
 use super::table::{Kind, Opens, Row, Scores, Sealed, Values};
 use super::{
-    Action, KeySite, OpenPlan, Policy, ReplyPlan, SealAt, SiteScope, ValueSite, refuse, shown,
+    Action, KeySite, OpenPlan, Policy, ReplyPlan, ScanPlan, SealAt, SiteScope, ValueSite, refuse,
+    shown,
 };
 use bytes::Bytes;
 
@@ -349,11 +350,11 @@ impl Policy {
                 }
             }
             Opens::Scan(scores) => match site() {
-                Some(site) => ReplyPlan::Open(OpenPlan::Scan {
+                Some(site) => ReplyPlan::Open(OpenPlan::Scan(Box::new(ScanPlan {
                     site,
                     scores: scores == Scores::Always,
                     pattern: None,
-                }),
+                }))),
                 None => ReplyPlan::Passthrough,
             },
         }
@@ -456,8 +457,10 @@ fn site_of(
         Mode::Encrypt { bind: Bind::Key } => SiteScope::Key,
         Mode::Encrypt { bind: Bind::None } => SiteScope::Unbound,
         Mode::Encrypt { bind: Bind::Rule } => {
-            let name = decision.rule.map_or("", |rule| &rule.name);
-            SiteScope::Rule(Bytes::copy_from_slice(name.as_bytes()))
+            let name = decision
+                .rule
+                .map_or_else(|| "".into(), |rule| rule.name.clone());
+            SiteScope::Rule(name)
         }
     };
     let deterministic = match kind {
@@ -562,10 +565,10 @@ fn scan_matching(site: &ValueSite, scores: Scores, args: &[Bytes]) -> Option<Act
     let pattern = pattern?;
     Some(Action::Rewrite(
         forwarded,
-        ReplyPlan::Open(OpenPlan::Scan {
+        ReplyPlan::Open(OpenPlan::Scan(Box::new(ScanPlan {
             site: site.clone(),
             scores: scores == Scores::Always,
             pattern: Some(pattern),
-        }),
+        }))),
     ))
 }

@@ -72,11 +72,9 @@ pub fn reply(
         OpenPlan::KeyAndMembersWithScores(sites) => {
             opener.keyed(sites, frame, out, Opener::with_scores)
         }
-        OpenPlan::Scan {
-            site,
-            scores,
-            pattern,
-        } => opener.member_scan(site, *scores, pattern.as_deref(), frame, out),
+        OpenPlan::Scan(scan) => {
+            opener.member_scan(&scan.site, scan.scores, scan.pattern.as_deref(), frame, out)
+        }
         OpenPlan::StreamEntries(site) => opener.entries(site, frame, out),
         OpenPlan::Streams(sites) => opener.streams(sites, frame, out),
         OpenPlan::AutoClaim(site) => opener.autoclaim(site, frame, out),
@@ -913,10 +911,12 @@ mod tests {
             member(&ring, "user:2", &zset("other")),
         ];
         let frame = [b"*2\r\n$2\r\n17\r\n*3\r\n".to_vec(), items.concat()].concat();
-        let plan = |pattern: Option<&'static [u8]>| OpenPlan::Scan {
-            site: s.clone(),
-            scores: false,
-            pattern: pattern.map(Bytes::from_static),
+        let plan = |pattern: Option<&'static [u8]>| {
+            OpenPlan::Scan(Box::new(crate::policy::ScanPlan {
+                site: s.clone(),
+                scores: false,
+                pattern: pattern.map(Bytes::from_static),
+            }))
         };
         let (text, failures) = run_counting(&plan(Some(b"user:*")), &frame, &ring);
         assert!(
@@ -940,11 +940,11 @@ mod tests {
             b"$1\r\n2\r\n".to_vec(),
         ]
         .concat();
-        let scan = OpenPlan::Scan {
+        let scan = OpenPlan::Scan(Box::new(crate::policy::ScanPlan {
             site: z,
             scores: true,
             pattern: Some(Bytes::from_static(b"b*")),
-        };
+        }));
         assert_eq!(
             run(&scan, &pairs, &ring),
             "*2\r\n$1\r\n0\r\n*2\r\n$2\r\nb1\r\n$1\r\n2\r\n"
@@ -1023,16 +1023,16 @@ mod tests {
             },
             OpenPlan::KeyMemberScore(sites.clone()),
             OpenPlan::KeyAndMembersWithScores(sites.clone()),
-            OpenPlan::Scan {
+            OpenPlan::Scan(Box::new(crate::policy::ScanPlan {
                 site: z.clone(),
                 scores: true,
                 pattern: Some(Bytes::from_static(b"m*")),
-            },
-            OpenPlan::Scan {
+            })),
+            OpenPlan::Scan(Box::new(crate::policy::ScanPlan {
                 site: z.clone(),
                 scores: false,
                 pattern: None,
-            },
+            })),
             OpenPlan::StreamEntries(h.clone()),
             OpenPlan::Streams(sites.clone()),
             OpenPlan::AutoClaim(h.clone()),
