@@ -531,6 +531,26 @@ async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) 
         &client.call(&[b"APPEND", b"session:alice-9f", b"x"]).await,
         "-ERR redcloak:",
     );
+    // A message published around redcloak, in clear, on an encrypted channel:
+    // dropped, and a security event that never holds the payload.
+    let mut subscriber = RawClient::new(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect"),
+    );
+    subscriber
+        .call(&[b"AUTH", CLIENT_PASSWORD.as_bytes()])
+        .await;
+    subscriber.send(&[b"SUBSCRIBE", b"session:news"]).await;
+    subscriber.read().await;
+    admin.call(&[b"PUBLISH", b"session:news", value]).await;
+    client
+        .call(&[b"PUBLISH", b"session:news", b"sealed-hello"])
+        .await;
+    assert_reply(
+        &subscriber.read().await,
+        &resp_array(b'*', &[b"message", b"session:news", b"sealed-hello"]),
+    );
     // Redis stops accepting redcloak's password: the next upstream login is rejected.
     set_password(&mut admin, &format!("{}-changed", redis.password)).await;
     let mut rejected = RawClient::new(
@@ -632,6 +652,13 @@ async fn security_events_are_json_on_their_own_target_and_no_secret_reaches_logs
         assert_eq!(failed["fields"]["key_id"], 1);
         assert_eq!(failed["fields"]["reason"], "auth_failed");
         assert_eq!(failed["level"], "WARN");
+        let dropped = of("message_dropped");
+        assert_eq!(dropped["fields"]["reason"], "not_encrypted");
+        assert_eq!(dropped["level"], "WARN");
+        assert_eq!(
+            dropped["fields"].get("channel").and_then(|c| c.as_str()),
+            log_key_names.then_some("session:news")
+        );
         if log_key_names {
             assert_eq!(failed["fields"]["key"], "session:moved-9f");
         } else {
