@@ -11,11 +11,9 @@
 //! stored values inside Lua); its refusal names the plaintext rule to add.
 //!
 //! Entries ship with redcloak (taken verbatim from the frameworks' released
-//! versions) and come from `[[scripts]]` in the configuration. Every
-//! configured body must pass the prover; shipped ones pass it too, except
-//! Sidekiq's, which names its key through a local the prover does not
-//! follow and was checked by hand (exactly those bytes, by SHA-1). The
-//! registry never lets a script touch a key it does not declare.
+//! versions) and come from `[[scripts]]` in the configuration. Every body,
+//! shipped or configured, passes the prover (a test checks the shipped
+//! ones): the registry never lets a script touch a key it does not declare.
 
 use super::script::{self, Unproven};
 use super::table::Kind;
@@ -94,18 +92,6 @@ pub struct KnownScript {
     pub usage: Use,
 }
 
-/// How a shipped entry's body was shown to touch only its declared keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Shown {
-    /// The prover accepts it (a test checks).
-    Proved,
-    /// It names its keys through a local (`local key = KEYS[1]`), which the
-    /// prover does not follow; this exact body was read line by line: every
-    /// command's key is that local, bound once to `KEYS[n]` and never
-    /// reassigned.
-    Reviewed,
-}
-
 /// A `[[scripts]]` entry as configured, before it is checked.
 #[derive(Debug, Clone)]
 pub struct ScriptEntry {
@@ -120,9 +106,6 @@ pub struct ScriptEntry {
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     by_sha: HashMap<[u8; 20], KnownScript>,
-    /// Shipped bodies the prover cannot follow but a person checked: SCRIPT
-    /// LOAD of exactly these bytes is accepted without the prover.
-    reviewed: std::collections::HashSet<[u8; 20]>,
 }
 
 /// Huey's schedule pop (huey/storage.py, SCHEDULE_POP_LUA, 2.x and 3.x):
@@ -217,12 +200,8 @@ impl Registry {
                 reply: Role::ValuesOf(1),
             },
         };
-        registry.ship(HUEY_SCHEDULE_POP, pop("huey schedule pop"), Shown::Proved);
-        registry.ship(
-            SIDEKIQ_ZPOPBYSCORE,
-            pop("sidekiq zpopbyscore"),
-            Shown::Reviewed,
-        );
+        registry.add(HUEY_SCHEDULE_POP, pop("huey schedule pop"));
+        registry.add(SIDEKIQ_ZPOPBYSCORE, pop("sidekiq zpopbyscore"));
         let refresh = KnownScript {
             name: "kombu refresh binding".into(),
             usage: Use::Serve {
@@ -231,7 +210,7 @@ impl Registry {
                 reply: Role::Plain,
             },
         };
-        registry.ship(KOMBU_REFRESH_BINDING, refresh, Shown::Proved);
+        registry.add(KOMBU_REFRESH_BINDING, refresh);
         for (name, body) in [
             ("redis-py Lock release", REDIS_PY_LOCK_RELEASE),
             ("redis-py Lock extend", REDIS_PY_LOCK_EXTEND),
@@ -241,26 +220,13 @@ impl Registry {
                 name: name.into(),
                 usage: Use::PlaintextOnly(REDIS_PY_LOCK.into()),
             };
-            registry.ship(body, lock, Shown::Proved);
+            registry.add(body, lock);
         }
         registry
     }
 
-    fn ship(&mut self, body: &str, script: KnownScript, shown: Shown) {
-        if shown == Shown::Reviewed {
-            self.reviewed.insert(script::sha1(body.as_bytes()));
-        }
-        self.add(body, script);
-    }
-
     fn add(&mut self, body: &str, script: KnownScript) {
         self.by_sha.insert(script::sha1(body.as_bytes()), script);
-    }
-
-    /// Whether this exact body is a shipped one a person checked (the
-    /// prover does not follow it); see [`Shown::Reviewed`].
-    pub fn is_reviewed(&self, body: &[u8]) -> bool {
-        self.reviewed.contains(&script::sha1(body))
     }
 
     /// Adds configured entries, each checked: its body proved, its roles
@@ -319,6 +285,7 @@ mod tests {
         let registry = Registry::builtin();
         for body in [
             HUEY_SCHEDULE_POP,
+            SIDEKIQ_ZPOPBYSCORE,
             KOMBU_REFRESH_BINDING,
             REDIS_PY_LOCK_RELEASE,
             REDIS_PY_LOCK_EXTEND,
@@ -326,12 +293,7 @@ mod tests {
         ] {
             assert_eq!(script::prove_script(body.as_bytes()), Ok(()));
             assert!(registry.get(&script::sha1(body.as_bytes())).is_some());
-            assert!(!registry.is_reviewed(body.as_bytes()));
         }
-        // Sidekiq's names its key through a local: reviewed, not proved.
-        assert!(script::prove_script(SIDEKIQ_ZPOPBYSCORE.as_bytes()).is_err());
-        assert!(registry.is_reviewed(SIDEKIQ_ZPOPBYSCORE.as_bytes()));
-        assert!(!registry.is_reviewed(SIDEKIQ_ZPOPBYSCORE.trim_end().as_bytes()));
         // The SHA-1 redis-py computes for Huey's body (its EVALSHA).
         assert_eq!(
             script::sha1(HUEY_SCHEDULE_POP.as_bytes())

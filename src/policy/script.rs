@@ -8,7 +8,10 @@
 //!   literal, the command has a row in the command table and may run in a
 //!   script, and each of its key arguments is `KEYS[<number>]` (in a library:
 //!   `<first parameter>[<number>]` of the callback given inline to
-//!   `redis.register_function`, and nowhere else);
+//!   `redis.register_function`, and nowhere else), or, in a script, a local
+//!   declared at the top level as `local name = KEYS[<number>]` and never
+//!   declared again (no other local, parameter or loop variable of that
+//!   name anywhere), never assigned, and not used before that line;
 //! * `redis` appears only as `redis.call(...)`, `redis.pcall(...)` or one of
 //!   its harmless helpers and constants (never as a value, an index by
 //!   string, or an assignment target);
@@ -227,6 +230,14 @@ struct Walk {
     /// for guarded names, whatever else sanctioned them).
     assigned: HashSet<usize>,
     functions: Vec<String>,
+    /// Top-level `local name = KEYS[n]` (scripts): the name stands for a
+    /// declared key after its declaration, if it is never declared again
+    /// or assigned (checked in the verdict). Name and declaration offset.
+    aliases: std::collections::HashMap<String, usize>,
+    /// How often each name is declared (locals, parameters, loop variables).
+    declarations: std::collections::HashMap<String, usize>,
+    /// Blocks open around the node being visited (the chunk's is 1).
+    block_depth: usize,
     /// The first reason found, if any.
     refusal: Option<String>,
 }
@@ -243,8 +254,18 @@ impl Walk {
             sanctioned: HashSet::new(),
             assigned: HashSet::new(),
             functions: Vec::new(),
+            aliases: Default::default(),
+            declarations: Default::default(),
+            block_depth: 0,
             refusal: None,
         }
+    }
+
+    fn declared(&mut self, name: &TokenReference) {
+        *self
+            .declarations
+            .entry(name.token().to_string())
+            .or_default() += 1;
     }
 
     fn refuse(&mut self, why: String) {
@@ -272,6 +293,22 @@ impl Walk {
                          aliased, passed on or redeclared)"
                     ),
                 }));
+            }
+        }
+        for (alias, declared_at) in &self.aliases {
+            let redeclared = self.declarations.get(alias).copied().unwrap_or(0) != 1;
+            let reassigned = self
+                .identifiers
+                .iter()
+                .any(|(name, at)| name == alias && self.assigned.contains(at));
+            let used_before = self
+                .identifiers
+                .iter()
+                .any(|(name, at)| name == alias && at < declared_at);
+            if redeclared || reassigned || used_before {
+                return Err(Unproven(format!(
+                    "the local '{alias}' holds a key (KEYS[n]) and is also declared again, assigned                      or used before it; give keys to redis.call as KEYS[n] or as a local set once"
+                )));
             }
         }
         if self.source == Source::Library && self.functions.is_empty() {
@@ -389,7 +426,7 @@ impl Walk {
                 arguments
                     .iter()
                     .enumerate()
-                    .map(|(i, e)| classify(e, keys_table.as_deref(), i + 1 == count))
+                    .map(|(i, e)| classify(e, keys_table.as_deref(), &self.aliases, i + 1 == count))
                     .collect()
             }
             FunctionArgs::String(token) => {
@@ -441,7 +478,50 @@ impl Visitor for Walk {
         }
     }
 
+    fn visit_block(&mut self, _: &ast::Block) {
+        self.block_depth += 1;
+    }
+
+    fn visit_block_end(&mut self, _: &ast::Block) {
+        self.block_depth -= 1;
+    }
+
+    fn visit_local_assignment(&mut self, local: &ast::LocalAssignment) {
+        let top_level =
+            self.source == Source::Script && self.frames.is_empty() && self.block_depth == 1;
+        let values: Vec<&Expression> = local.expressions().iter().collect();
+        for (i, name) in local.names().iter().enumerate() {
+            self.declared(name);
+            let holds_key = matches!(
+                values.get(i),
+                Some(Expression::Var(Var::Expression(var))) if is_declared_key(var, Some("KEYS"))
+            );
+            if top_level && holds_key {
+                self.aliases.insert(name.token().to_string(), offset(name));
+            }
+        }
+    }
+
+    fn visit_local_function(&mut self, function: &ast::LocalFunction) {
+        self.declared(function.name());
+    }
+
+    fn visit_generic_for(&mut self, generic_for: &ast::GenericFor) {
+        for name in generic_for.names() {
+            self.declared(name);
+        }
+    }
+
+    fn visit_numeric_for(&mut self, numeric_for: &ast::NumericFor) {
+        self.declared(numeric_for.index_variable());
+    }
+
     fn visit_function_body(&mut self, body: &FunctionBody) {
+        for parameter in body.parameters() {
+            if let Parameter::Name(name) = parameter {
+                self.declared(name);
+            }
+        }
         let first_parameter = match body.parameters().iter().next() {
             Some(Parameter::Name(name)) => Some(name.token().to_string()),
             _ => None,
@@ -496,7 +576,20 @@ fn inline_body(expression: &Expression) -> Option<&FunctionBody> {
     }
 }
 
-fn classify(expression: &Expression, keys_table: Option<&str>, last: bool) -> Arg {
+fn classify(
+    expression: &Expression,
+    keys_table: Option<&str>,
+    aliases: &std::collections::HashMap<String, usize>,
+    last: bool,
+) -> Arg {
+    // A top-level local bound once to KEYS[n], used after its declaration.
+    if let Expression::Var(Var::Name(name)) = expression
+        && aliases
+            .get(&name.token().to_string())
+            .is_some_and(|declared_at| offset(name) > *declared_at)
+    {
+        return Arg::DeclaredKey;
+    }
     if let Some(bytes) = literal(expression) {
         return Arg::Literal(bytes);
     }
@@ -760,16 +853,83 @@ mod tests {
     }
 
     #[test]
+    fn a_top_level_local_set_once_to_a_declared_key_is_that_key() {
+        let sidekiq = "local key, now = KEYS[1], ARGV[1]\n\
+            local jobs = redis.call(\"zrangebyscore\", key, \"-inf\", now, \"limit\", 0, 1)\n\
+            if jobs[1] then\n  redis.call(\"zrem\", key, jobs[1])\n  return jobs[1]\nend\n";
+        for code in [
+            sidekiq,
+            "local k = KEYS[1] return redis.call('GET', k)",
+            "local k = KEYS[2] local v = redis.call('GET', k) return {k, v}",
+            "local k = KEYS[1] local function f() return redis.call('GET', k) end return f()",
+        ] {
+            assert!(script(code).is_ok(), "{code}: {:?}", script(code));
+        }
+        for (code, why) in [
+            (
+                "local k = KEYS[1] k = 'other' return redis.call('GET', k)",
+                "declared again, assigned",
+            ),
+            (
+                "local k = KEYS[1] do local k = 'x' return redis.call('GET', k) end",
+                "declared again",
+            ),
+            (
+                "local k = KEYS[1] local function f(k) return redis.call('GET', k) end return f('x')",
+                "declared again",
+            ),
+            (
+                "local k = KEYS[1] for k = 1, 2 do redis.call('GET', k) end",
+                "declared again",
+            ),
+            (
+                "local k = KEYS[1] for _, k in ipairs(ARGV) do redis.call('GET', k) end",
+                "declared again",
+            ),
+            (
+                "local k local k = KEYS[1] return redis.call('GET', k)",
+                "declared again",
+            ),
+            (
+                "redis.call('GET', k) local k = KEYS[1]",
+                "argument 1 of its 'GET' call is a key",
+            ),
+            (
+                "if true then local k = KEYS[1] return redis.call('GET', k) end",
+                "argument 1",
+            ),
+            (
+                "local k = ARGV[1] return redis.call('GET', k)",
+                "argument 1",
+            ),
+            (
+                "local k = KEYS[1] return redis.call('GET', k .. ':x')",
+                "argument 1",
+            ),
+            (
+                "local k = KEYS return redis.call('GET', k[1])",
+                "argument 1",
+            ),
+        ] {
+            refused(script(code), why);
+        }
+        // In a library the keys come from the callback's parameter only.
+        refused(
+            library(
+                "local k = KEYS[1] redis.register_function('f', function(keys, args) \
+                 return redis.call('GET', k) end)",
+            ),
+            "",
+        );
+    }
+
+    #[test]
     fn refuses_undeclared_keys() {
         refused(
             script("return redis.call('SET','secret:1',ARGV[1])"),
             "argument 1 of its 'SET' call is a key",
         );
         refused(script("return redis.call('GET', ARGV[1])"), "argument 1");
-        refused(
-            script("local k = KEYS[1] return redis.call('GET', k)"),
-            "argument 1",
-        );
         refused(script("return redis.call('GET', KEYS[i])"), "argument 1");
         refused(
             script("return redis.call('MGET', KEYS[1], 'x')"),

@@ -341,8 +341,8 @@ async fn shipped_scripts_of_sidekiq_and_kombu_run_on_encrypted_keys() {
         b"$23\r\n{\"args\":[\"job-secret\"]}\r\n",
     );
     assert_reply(&c.call(&[b"ZCARD", b"schedule"]).await, b":0\r\n");
-    // The same text with one character changed is not the reviewed script.
-    let changed = sidekiq.replace("limit", "LIMIT");
+    // Its key is a local bound once to KEYS[1]; bound again, it is refused.
+    let changed = sidekiq.replace("if jobs[1] then", "key = now\nif jobs[1] then");
     assert_error(
         &c.call(&[b"SCRIPT", b"LOAD", changed.as_bytes()]).await,
         "-ERR redcloak: SCRIPT LOAD refused: redcloak cannot prove",
