@@ -506,6 +506,13 @@ impl Visitor for Walk {
         self.declared(function.name());
     }
 
+    /// `function name() end` assigns `name` (the visible local, if any).
+    fn visit_function_declaration(&mut self, function: &ast::FunctionDeclaration) {
+        if let Some(root) = function.name().names().iter().next() {
+            self.declared(root);
+        }
+    }
+
     fn visit_generic_for(&mut self, generic_for: &ast::GenericFor) {
         for name in generic_for.names() {
             self.declared(name);
@@ -888,6 +895,10 @@ mod tests {
             ),
             (
                 "local k local k = KEYS[1] return redis.call('GET', k)",
+                "declared again",
+            ),
+            (
+                "local k = KEYS[1] function k() end return redis.call('GET', k)",
                 "declared again",
             ),
             (
