@@ -28,7 +28,8 @@
 //!   HyperLogLog tokens, bound to kind, key or rule, and field; and the keyring (pure).
 //! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
 //! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::pool` keeps warm
-//!   connections and undoes what a client left on returned ones.
+//!   connections and undoes what a client left on returned ones; `upstream::lane` the routing
+//!   book of a connection shared by several clients (its IO is not built yet).
 //! * [`metrics`], [`events`], [`health`], [`admin`], [`logs`]: what operators see: every
 //!   metric, the security events, readiness, the admin listener serving /metrics, /healthz,
 //!   /readyz, and logs that never hold up serving.

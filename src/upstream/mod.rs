@@ -8,6 +8,7 @@
 //! contain the password.
 
 pub mod gate;
+pub mod lane;
 pub mod pool;
 pub mod report;
 
