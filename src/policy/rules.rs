@@ -4,9 +4,10 @@
 //! without recursion so a client's key name cannot make matching slow.
 //!
 //! Pub/sub channels are decided by the same rules, after one built-in
-//! rule: Redis's keyspace and keyevent notification channels are plaintext
-//! (Redis publishes them itself; their payloads are key names and event
-//! names, never values).
+//! rule: Redis's own channels are plaintext (keyspace and keyevent
+//! notifications, `__redis__:invalidate`, `__sentinel__:*`): Redis publishes
+//! them itself, and their payloads are key names, event names and server
+//! addresses, never values.
 
 /// Which name a sealed value is bound to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,8 +87,16 @@ impl Decision<'_> {
     }
 }
 
-/// Redis's own notification channels: plaintext whatever the rules say.
-const NOTIFICATION_CHANNELS: [&str; 2] = ["__keyspace@*__:*", "__keyevent@*__:*"];
+/// Redis's own channels: plaintext whatever the rules say. Keyspace and
+/// keyevent notifications, client-side caching invalidations sent to a
+/// REDIRECT client (their payload is an array of key names), and
+/// Sentinel's hello messages.
+const NOTIFICATION_CHANNELS: [&str; 4] = [
+    "__keyspace@*__:*",
+    "__keyevent@*__:*",
+    "__redis__:*",
+    "__sentinel__:*",
+];
 
 #[derive(Debug, Default)]
 pub struct Rules {
@@ -284,7 +293,12 @@ mod tests {
     #[test]
     fn notification_channels_are_plaintext_and_other_channels_follow_the_rules() {
         let rules = Rules::default();
-        for channel in ["__keyspace@0__:user:1", "__keyevent@12__:expired"] {
+        for channel in [
+            "__keyspace@0__:user:1",
+            "__keyevent@12__:expired",
+            "__redis__:invalidate",
+            "__sentinel__:hello",
+        ] {
             assert_eq!(
                 rules.decide_channel(channel.as_bytes()).mode,
                 Mode::Plaintext

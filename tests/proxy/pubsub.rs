@@ -207,6 +207,37 @@ async fn keyspace_notifications_stay_plaintext() {
     );
 }
 
+/// Client-side caching in RESP2 sends invalidations to another connection
+/// as `message`s on `__redis__:invalidate`, whose payload is an array of
+/// key names: delivered as Redis sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracking_invalidations_redirected_in_resp2_are_delivered() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut listener = proxy.raw().await;
+    let id = listener.call(&[b"CLIENT", b"ID"]).await;
+    let id = String::from_utf8_lossy(&id[1..id.len() - 2]).into_owned();
+    listener
+        .send(&[b"SUBSCRIBE", b"__redis__:invalidate"])
+        .await;
+    listener.read().await;
+    let mut cached = proxy.raw().await;
+    assert_reply(
+        &cached
+            .call(&[b"CLIENT", b"TRACKING", b"ON", b"REDIRECT", id.as_bytes()])
+            .await,
+        b"+OK\r\n",
+    );
+    assert_reply(&cached.call(&[b"SET", b"user:1", b"v1"]).await, b"+OK\r\n");
+    assert_reply(&cached.call(&[b"GET", b"user:1"]).await, b"$2\r\nv1\r\n");
+    let mut writer = proxy.raw().await;
+    assert_reply(&writer.call(&[b"SET", b"user:1", b"v2"]).await, b"+OK\r\n");
+    let mut expected = resp_array(b'*', &[b"message", b"__redis__:invalidate"]);
+    expected[1] = b'3';
+    expected.extend(resp_array(b'*', &[b"user:1"]));
+    assert_reply(&listener.read().await, &expected);
+}
+
 /// Celery stores a task's result with SET and PUBLISH of the same value in
 /// one transaction: both are sealed, and the whole transaction works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
