@@ -62,25 +62,19 @@ impl Policy {
             .map(|(key, holds)| self.site(holds.kind(), key, None))
             .collect();
         // Values may pass between the keys of one script: they must share a binding.
-        if let Some((first_key, other_keys)) = keys.split_first() {
-            let first = self.rules.decide(first_key);
-            for key in other_keys {
-                let other = self.rules.decide(key);
-                if key != first_key && !first.shares_values_with(&other) {
-                    return Some(refuse(
-                        "moves_value",
-                        &format!(
-                            "{name} of {} would pass values between '{}' ({}) and '{}' ({}), whose bindings \
-                             differ: give its keys one rule with bind = \"rule\"",
-                            known.name,
-                            shown(first_key),
-                            first.describe(),
-                            shown(key),
-                            other.describe()
-                        ),
-                    ));
-                }
-            }
+        if let Some((first, other)) = self.unshared(keys) {
+            return Some(refuse(
+                "moves_value",
+                &format!(
+                    "{name} of {} would pass values between '{}' ({}) and '{}' ({}), whose bindings \
+                     differ: give its keys one rule with bind = \"rule\"",
+                    known.name,
+                    shown(first),
+                    self.rules.decide(first).describe(),
+                    shown(other),
+                    self.rules.decide(other).describe()
+                ),
+            ));
         }
         let site_of_role = |role: &known::Role| match role {
             known::Role::Plain => None,
@@ -114,28 +108,33 @@ impl Policy {
     pub(super) fn moves_values(&self, name: &str, row: &Row, args: &[Bytes]) -> Option<Action> {
         let mut positions = row.keys.positions(args);
         positions.extend(row.keys.store_candidates(args));
-        let (&from, rest) = positions.split_first()?;
-        let source = self.rules.decide(&args[from]);
-        for &to in rest {
-            let target = self.rules.decide(&args[to]);
-            let same_key = args[to] == args[from] && source.mode != Mode::Plaintext;
-            if same_key || source.shares_values_with(&target) {
-                continue;
-            }
-            return Some(refuse(
-                "moves_value",
-                &format!(
-                    "{name} would move values of '{}' ({}) to '{}' ({}), where they would no longer decrypt. \
-                     Values are bound to their key name: give both keys one rule with bind = \"rule\", \
-                     or plaintext rules",
-                    shown(&args[from]),
-                    source.describe(),
-                    shown(&args[to]),
-                    target.describe()
-                ),
-            ));
-        }
-        None
+        let (from, to) = self.unshared(positions.iter().map(|&at| &args[at]))?;
+        Some(refuse(
+            "moves_value",
+            &format!(
+                "{name} would move values of '{}' ({}) to '{}' ({}), where they would no longer decrypt. \
+                 Values are bound to their key name: give both keys one rule with bind = \"rule\", \
+                 or plaintext rules",
+                shown(from),
+                self.rules.decide(from).describe(),
+                shown(to),
+                self.rules.decide(to).describe()
+            ),
+        ))
+    }
+
+    /// The first key and the first of the others whose values would not
+    /// open under the first key's binding; `None`: they all share it (the
+    /// same key always does).
+    fn unshared<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k Bytes>,
+    ) -> Option<(&'k Bytes, &'k Bytes)> {
+        let mut keys = keys.into_iter();
+        let first = keys.next()?;
+        let source = self.rules.decide(first);
+        keys.find(|key| *key != first && !source.shares_values_with(&self.rules.decide(key)))
+            .map(|other| (first, other))
     }
 
     /// The site of values of `kind` under `key` (a channel, for messages),
@@ -436,20 +435,14 @@ fn each(sites: Vec<Option<ValueSite>>) -> ReplyPlan {
 /// Where the payload of a message on `channel` is sealed; `None` when the
 /// channel's rule is plaintext.
 pub fn message_site(rules: &Rules, channel: &[u8]) -> Option<ValueSite> {
-    let channel = Bytes::copy_from_slice(channel);
-    site_of(
-        &rules.decide_channel(&channel),
-        Kind::Message,
-        &channel,
-        None,
-    )
+    site_of(&rules.decide_channel(channel), Kind::Message, channel, None)
 }
 
 /// The site of values under a decided key; `None` when it is plaintext.
 fn site_of(
     decision: &Decision<'_>,
     kind: Kind,
-    key: &Bytes,
+    key: &[u8],
     field: Option<&Bytes>,
 ) -> Option<ValueSite> {
     let scope = match decision.mode {

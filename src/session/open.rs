@@ -84,6 +84,36 @@ pub fn reply(
     opener.contradiction.map_or(Ok(()), Err)
 }
 
+/// A pub/sub message's payload under `site`, opened into `out`; or why it
+/// did not open (a payload that is not a string is malformed). Nothing is
+/// written to `out` on failure that the caller must deliver.
+pub fn payload(
+    site: &ValueSite,
+    element: &[u8],
+    keyring: &Keyring,
+    limits: &Limits,
+    out: &mut BytesMut,
+) -> Result<(), Failure> {
+    let mut failures = Vec::new();
+    let mut opener = Opener {
+        keyring,
+        limits,
+        failures: &mut failures,
+        contradiction: None,
+    };
+    opener.value(site, element, out);
+    let contradicted = opener.contradiction.is_some();
+    match failures.pop() {
+        Some(failure) => Err(failure),
+        None if contradicted => Err(Failure {
+            site: site.clone(),
+            key_id: None,
+            reason: OpenFailure::Malformed,
+        }),
+        None => Ok(()),
+    }
+}
+
 struct Opener<'a> {
     keyring: &'a Keyring,
     limits: &'a Limits,

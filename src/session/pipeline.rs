@@ -19,11 +19,11 @@
 
 use super::open;
 use crate::crypto::Keyring;
-use crate::metrics::{OpenFailure, Outcome};
+use crate::metrics::Outcome;
 use crate::policy::rules::Rules;
 use crate::policy::table::CommandId;
 use crate::policy::table::PubSubKind;
-use crate::policy::{self, OpenPlan, ReplyPlan};
+use crate::policy::{self, ReplyPlan};
 use crate::resp::{self, Limits, ReplyKind};
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp3::types::BytesFrame;
@@ -320,31 +320,14 @@ impl Replies {
             return out.extend_from_slice(frame);
         };
         let mut opened = BytesMut::new();
-        let mut failures = Vec::new();
-        let plan = OpenPlan::One(site);
-        let fits = open::reply(
-            &plan,
-            payload,
-            &self.keyring,
-            &self.limits,
-            &mut opened,
-            &mut failures,
-        );
-        if fits.is_err() || !failures.is_empty() {
-            if failures.is_empty()
-                && let OpenPlan::One(site) = plan
-            {
-                failures.push(open::Failure {
-                    site,
-                    key_id: None,
-                    reason: OpenFailure::Malformed,
-                });
-            }
+        if let Err(failure) =
+            open::payload(&site, payload, &self.keyring, &self.limits, &mut opened)
+        {
             self.done.push(Done {
                 tally: None,
                 outcome: Outcome::DecryptError,
                 forwarded: false,
-                failures,
+                failures: vec![failure],
             });
             return;
         }
