@@ -304,19 +304,8 @@ impl Opener<'_> {
         };
         out.extend_from_slice(header);
         out.extend_from_slice(id);
-        if is_nil(fields) {
-            return out.extend_from_slice(fields);
-        }
-        match resp::aggregate_elements(fields, self.limits) {
-            Some((fields_header, pairs)) if pairs.len() % 2 == 0 => {
-                out.extend_from_slice(fields_header);
-                for pair in pairs.chunks_exact(2) {
-                    out.extend_from_slice(pair[0]);
-                    self.value(&with_field(site, pair[0]), pair[1], out);
-                }
-            }
-            _ => self.contradicted("stream fields that are not field/value pairs", fields, out),
-        }
+        // Field/value pairs, as a hash's are (nil passes as it came).
+        self.pairs(site, fields, out);
     }
 
     /// An array of stream entries (or nil).
