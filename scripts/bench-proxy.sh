@@ -35,12 +35,12 @@ ca = "$CERT_DIR/ca.crt"
 cert = "$CERT_DIR/client.crt"
 key = "$CERT_DIR/client.key"
 password_file = "redis-password"
-# Warm upstream connections for the harness's 50 clients: under churn (-k 0) a
-# closing session and its successor overlap, and about twice as many are open
-# (the product default is 16; BENCH_POOL_IDLE=0 turns them off).
-pool_idle = ${BENCH_POOL_IDLE:-128}
-# Clients quiet this long hand their connection back (BENCH_RELEASE_IDLE_AFTER=off keeps them).
-release_idle_after = "${BENCH_RELEASE_IDLE_AFTER:-5s}"
+# Product defaults, unless overridden: BENCH_POOL_IDLE (upstream.pool_idle),
+# BENCH_LANES (upstream.lanes; 0 gives every client its own connection, the
+# design before lanes), BENCH_RELEASE_IDLE_AFTER (upstream.release_idle_after).
+${BENCH_POOL_IDLE:+pool_idle = $BENCH_POOL_IDLE}
+${BENCH_LANES:+lanes = $BENCH_LANES}
+${BENCH_RELEASE_IDLE_AFTER:+release_idle_after = "$BENCH_RELEASE_IDLE_AFTER"}
 
 [encryption]
 primary = 1

@@ -240,6 +240,7 @@ struct RawUpstream {
     plaintext_port_probe: Option<u16>,
     pool_idle: Option<usize>,
     release_idle_after: Option<String>,
+    lanes: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -356,6 +357,9 @@ pub struct UpstreamConfig {
     /// A client quiet this long on a clean connection gives it back
     /// (`None`: "off", clients keep theirs).
     pub release_idle_after: Option<Duration>,
+    /// Shared upstream connections per (database, protocol); 0: none, every
+    /// client gets a connection of its own.
+    pub lanes: usize,
 }
 
 #[derive(Debug)]
@@ -630,9 +634,28 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
             Some("off") => None,
             text => Some(parse_duration("upstream.release_idle_after", text, "5s")?),
         },
+        lanes: match raw.lanes {
+            None => default_lanes(),
+            Some(lanes) if lanes <= MAX_LANES => lanes,
+            Some(lanes) => {
+                return Err(invalid(
+                    "upstream.lanes",
+                    format!("{lanes} lanes: at most {MAX_LANES} (0 turns lanes off)"),
+                ));
+            }
+        },
         server_name,
         address: raw.address,
     })
+}
+
+/// Lanes per key at most.
+const MAX_LANES: usize = 64;
+
+/// Lanes per key when not configured: one per two cores, one to four.
+fn default_lanes() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 2).clamp(1, 4)
 }
 
 fn validate_limits(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {

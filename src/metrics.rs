@@ -177,6 +177,34 @@ pub const UPSTREAM_REQUEST_TIMEOUTS: MetricDef = def(
     &[],
     "Requests Redis did not answer within upstream.request_timeout; each closed its connection.",
 );
+pub const UPSTREAM_LANES_OPEN: MetricDef = def(
+    "redcloak_upstream_lanes_open",
+    G,
+    &[],
+    "Shared upstream connections (lanes) open now.",
+);
+pub const UPSTREAM_LANES_POISONED: MetricDef = def(
+    "redcloak_upstream_lanes_poisoned_total",
+    C,
+    &["reason"],
+    "Lanes closed because they lost sync or their connection, by reason (nothing_in_flight, push, parse_error, contradiction, connection_lost, timeout, certificate_expired); each request in flight on one got an error.",
+);
+/// Why lanes are poisoned: `upstream::lane::book::Poison`'s labels.
+pub const LANE_POISON_REASONS: [&str; 7] = [
+    "nothing_in_flight",
+    "push",
+    "parse_error",
+    "contradiction",
+    "connection_lost",
+    "timeout",
+    "certificate_expired",
+];
+pub const CLIENT_PINS: MetricDef = def(
+    "redcloak_client_pins_total",
+    C,
+    &[],
+    "Clients moved from a lane to a connection of their own (MULTI, WATCH, blocking commands, subscriptions and other connection state).",
+);
 pub const UPSTREAM_UP: MetricDef = def(
     "redcloak_upstream_up",
     G,
@@ -221,6 +249,9 @@ pub const ALL: &[&MetricDef] = &[
     &UPSTREAM_PROTOCOL_ERRORS,
     &UPSTREAM_REQUEST_TIMEOUTS,
     &UPSTREAM_UP,
+    &UPSTREAM_LANES_OPEN,
+    &UPSTREAM_LANES_POISONED,
+    &CLIENT_PINS,
     &CERTIFICATE_EXPIRY,
     &LOG_LINES_DROPPED,
 ];
@@ -348,6 +379,9 @@ pub struct Metrics {
     pub upstream_protocol_errors: Counter,
     pub upstream_request_timeouts: Counter,
     pub upstream_up: Gauge,
+    pub upstream_lanes_open: Gauge,
+    lanes_poisoned: [Counter; 7],
+    pub client_pins: Counter,
     log_lines_dropped: Counter,
     /// The keyring whose per-key counts are exported at each scrape.
     keyring: OnceLock<Arc<Keyring>>,
@@ -438,6 +472,10 @@ impl Metrics {
             upstream_protocol_errors: counter(&UPSTREAM_PROTOCOL_ERRORS, &[]),
             upstream_request_timeouts: counter(&UPSTREAM_REQUEST_TIMEOUTS, &[]),
             upstream_up: gauge(&UPSTREAM_UP, &[]),
+            upstream_lanes_open: gauge(&UPSTREAM_LANES_OPEN, &[]),
+            lanes_poisoned: LANE_POISON_REASONS
+                .map(|reason| counter(&UPSTREAM_LANES_POISONED, &[("reason", reason)])),
+            client_pins: counter(&CLIENT_PINS, &[]),
             keyring: OnceLock::new(),
             recorder,
             handle,
@@ -456,6 +494,12 @@ impl Metrics {
 
     pub fn open_failure(&self, reason: OpenFailure) -> &Counter {
         &self.open_failures[reason as usize]
+    }
+
+    /// The poisoned-lane counter for a reason in [`LANE_POISON_REASONS`].
+    pub fn lane_poisoned(&self, reason: &str) -> Option<&Counter> {
+        let at = LANE_POISON_REASONS.iter().position(|r| *r == reason)?;
+        self.lanes_poisoned.get(at)
     }
 
     pub fn upstream_failure(&self, reason: UpstreamFailure) -> &Counter {

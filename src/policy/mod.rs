@@ -16,6 +16,7 @@
 //! `unknown_commands = "pass"`.
 
 pub mod known;
+pub mod local;
 pub mod rules;
 pub mod script;
 pub mod table;
@@ -179,6 +180,8 @@ pub enum Action {
     Reset,
     /// Answer `+OK` here (a successful AUTH).
     AnswerOk,
+    /// Answer with this reply here (state kept for a client on a lane).
+    Answer(Bytes),
     /// Answer this error here; the connection stays usable.
     AnswerError(String),
     /// Refused by policy: answer the refusal's text; the connection stays usable.
@@ -214,6 +217,8 @@ pub enum UnknownCommands {
 #[derive(Debug)]
 pub struct RequestState {
     authenticated: bool,
+    /// What redcloak answers itself for a client on a lane.
+    pub local: local::LocalState,
     in_multi: bool,
     /// A command inside MULTI was refused: EXEC must fail like Redis's EXECABORT.
     multi_failed: bool,
@@ -251,6 +256,31 @@ fn refuse(rule: &'static str, reason: &str) -> Action {
         rule,
         text: format!("ERR redcloak: {reason}"),
     })
+}
+
+impl Policy {
+    /// Whether a request changes, or waits on, its upstream connection, so
+    /// that a client on a shared lane must first move to a connection of
+    /// its own: transactions, WATCH, blocking commands (a timeout that
+    /// parses; Redis refuses the others at once), subscriptions, CLIENT,
+    /// HELLO, SELECT, RESET, and the commands whose row says they leave
+    /// state behind (or that have no row, when those are forwarded).
+    /// Decided before `classify`, which may change the request state.
+    pub fn needs_own_connection(&self, row: Option<&Row>, args: &[Bytes]) -> bool {
+        let Some(row) = row else {
+            return self.unknown_commands == UnknownCommands::Pass;
+        };
+        match row.class {
+            Class::Connection(Handling::Auth | Handling::Quit) => false,
+            // Outside MULTI, Redis answers them with its own error.
+            Class::Connection(Handling::Exec | Handling::Discard) => false,
+            Class::Connection(_) => true,
+            _ => {
+                row.leaves != table::Leaves::Nothing
+                    || table::blocks(Some(row), args) != table::Blocks::No
+            }
+        }
+    }
 }
 
 /// Whether a request is a client login attempt (AUTH, or HELLO with AUTH):
@@ -321,6 +351,7 @@ impl Policy {
     pub fn new_connection(&self) -> RequestState {
         RequestState {
             authenticated: !self.client_auth.is_required(),
+            local: local::LocalState::default(),
             in_multi: false,
             multi_failed: false,
         }

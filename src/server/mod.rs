@@ -26,9 +26,11 @@ use crate::crypto::envelope;
 use crate::metrics::{Certificate, Listener, Rejection};
 use crate::policy::Policy;
 use crate::policy::rules::Rules;
+use crate::policy::table::Leaves;
 use crate::resp::Limits;
-use crate::session::{self, Peer, SessionContext};
+use crate::session::{self, Next, Peer, SessionContext};
 use crate::tls::{self, TlsError};
+use crate::upstream::lane::{LaneKey, LaneLimits, LaneOpenError, Lanes};
 use crate::upstream::pool::Pool;
 use crate::upstream::{Upstream, UpstreamError};
 use admission::{Admission, Refused, Ticket};
@@ -77,6 +79,8 @@ impl StartError {
 struct Shared {
     session: SessionContext,
     pool: Arc<Pool>,
+    /// `None`: lanes are off (`upstream.lanes = 0`).
+    lanes: Option<Arc<Lanes>>,
     telemetry: Telemetry,
 }
 
@@ -160,7 +164,9 @@ impl Server {
             client_write_timeout: config.limits.client_write_timeout,
             request_timeout: config.upstream.request_timeout,
             request_read_timeout: config.limits.request_read_timeout,
-            buffers: session::memory::BufferBudget::new(config.limits.max_buffered_bytes),
+            buffers: Arc::new(session::memory::BufferBudget::new(
+                config.limits.max_buffered_bytes,
+            )),
             idle_timeout: config.listen.idle_timeout,
             upstream_login: upstream.login().clone(),
             metrics: metrics.clone(),
@@ -179,17 +185,32 @@ impl Server {
             }
             _ => None,
         };
+        let pool = Arc::new(Pool::new(
+            Arc::new(upstream),
+            config.upstream.pool_idle,
+            telemetry.metrics.clone(),
+        ));
+        let lanes = (config.upstream.lanes > 0).then(|| {
+            Lanes::new(
+                pool.clone(),
+                config.upstream.lanes,
+                LaneLimits {
+                    request_timeout: config.upstream.request_timeout,
+                    ..LaneLimits::default()
+                },
+                session.reply_limits.clone(),
+                session.buffers.clone(),
+                telemetry.metrics.clone(),
+            )
+        });
         Ok(Server {
             tcp,
             unix,
             tls,
             shared: Arc::new(Shared {
                 session,
-                pool: Arc::new(Pool::new(
-                    Arc::new(upstream),
-                    config.upstream.pool_idle,
-                    telemetry.metrics.clone(),
-                )),
+                pool,
+                lanes,
                 telemetry,
             }),
             admission: Admission::new(
@@ -494,28 +515,68 @@ async fn serve<C>(
         return;
     }
     ticket.spoke();
+    // Clients start on a lane; a request that needs a connection of its own
+    // pins the client to one from the pool until it is parked.
+    let mut pinned = shared.lanes.is_none();
     loop {
-        let upstream = match shared.pool.take().await {
-            Ok(upstream) => upstream,
-            Err(err) => {
-                telemetry.set_upstream(Err(err.to_string()));
-                warn!(%peer, error = %err, "upstream connection failed");
-                let text = format!("ERR redcloak: upstream unavailable: {err}");
-                refuse(client.stream(), &text).await;
-                return;
+        let (result, next_client) = match (&shared.lanes, pinned) {
+            (Some(lanes), false) => {
+                let key = LaneKey::database(client.local_state().database);
+                let lane = match lanes.attach(key).await {
+                    Ok(lane) => lane,
+                    Err(err) => return upstream_unavailable(shared, client, &peer, &err).await,
+                };
+                let end =
+                    session::run_on_lane(&shared.session, client, lane, &peer, shutdown).await;
+                (end.result, end.client)
+            }
+            _ => {
+                let mut upstream = match shared.pool.take().await {
+                    Ok(upstream) => upstream,
+                    Err(err) => {
+                        let err = LaneOpenError::Upstream(err);
+                        return upstream_unavailable(shared, client, &peer, &err).await;
+                    }
+                };
+                // What the client told redcloak on lanes, Redis now hears.
+                let replayed = !client.local_state().is_default();
+                if replayed && let Err(text) = replay(shared, &mut upstream, &client).await {
+                    shared.pool.give_back(None).await;
+                    warn!(%peer, error = %text, "restoring the client's connection state failed");
+                    let text = format!("ERR redcloak: cannot restore the connection state: {text}");
+                    refuse(client.stream(), &text).await;
+                    return;
+                }
+                let end = session::run(&shared.session, client, upstream, &peer, shutdown).await;
+                // At shutdown nothing more will be served: the connection just closes.
+                let reusable =
+                    end.upstream
+                        .filter(|_| !shutdown.is_cancelled())
+                        .map(|(upstream, leaves)| match replayed {
+                            true => (upstream, leaves.max(Leaves::Session)),
+                            false => (upstream, leaves),
+                        });
+                shared.pool.give_back(reusable).await;
+                (end.result, end.client)
             }
         };
-        let end = session::run(&shared.session, client, upstream, &peer, shutdown).await;
-        match &end.result {
-            Ok(()) if end.parked.is_some() => debug!(%peer, "client parked"),
-            Ok(()) => debug!(%peer, "client disconnected"),
-            Err(err) => info!(%peer, error = %err, "connection closed"),
+        match (&result, &next_client) {
+            (Ok(()), Some((_, Next::Park))) => debug!(%peer, "client parked"),
+            (Ok(()), Some((_, Next::Pin))) => debug!(%peer, "client pinned"),
+            (Ok(()), None) => debug!(%peer, "client disconnected"),
+            (Err(err), _) => info!(%peer, error = %err, "connection closed"),
         }
-        // At shutdown nothing more will be served: the connection just closes.
-        let reusable = end.upstream.filter(|_| !shutdown.is_cancelled());
-        shared.pool.give_back(reusable).await;
-        let Some(parked) = end.parked else { return };
-        client = parked;
+        let Some((next_client, next)) = next_client else {
+            return;
+        };
+        client = next_client;
+        if next == Next::Pin {
+            telemetry.metrics.client_pins.increment(1);
+            pinned = true;
+            continue;
+        }
+        // Parked: back on a lane when it sends again.
+        pinned = shared.lanes.is_none();
         // A parked client was already quiet for release_idle_after.
         let idle_left = shared.session.idle_timeout.map(|timeout| {
             let parked_after = shared.session.release_idle_after.unwrap_or_default();
@@ -534,6 +595,38 @@ async fn serve<C>(
             return;
         }
     }
+}
+
+/// Sends the commands that restore a client's lane state on a connection.
+async fn replay<C: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    upstream: &mut crate::upstream::UpstreamStream,
+    client: &session::Client<C>,
+) -> Result<(), String> {
+    let timeout = shared.pool.upstream().settings().connect_timeout;
+    for (args, must_succeed) in crate::policy::local::replay(client.local_state()) {
+        let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+        let reply = crate::upstream::call(upstream, &args, timeout).await?;
+        if must_succeed && reply.first() == Some(&b'-') {
+            return Err(String::from_utf8_lossy(reply.trim_ascii_end()).into_owned());
+        }
+    }
+    Ok(())
+}
+
+/// Redis cannot be reached: the client is told so and closed.
+async fn upstream_unavailable<C: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    mut client: session::Client<C>,
+    peer: &Peer,
+    err: &LaneOpenError,
+) {
+    if let LaneOpenError::Upstream(err) = err {
+        shared.telemetry.set_upstream(Err(err.to_string()));
+    }
+    warn!(%peer, error = %err, "upstream connection failed");
+    let text = format!("ERR redcloak: {err}");
+    refuse(client.stream(), &text).await;
 }
 
 /// Counts a client connection in the active gauge while it lives.

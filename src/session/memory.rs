@@ -45,6 +45,20 @@ impl BufferBudget {
         }
     }
 
+    /// Counts `bytes` more, held outside any session's own account (reply
+    /// frames a lane has handed to a session and it has not taken yet).
+    pub fn add(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Gives back bytes counted with [`BufferBudget::add`].
+    pub fn remove(&self, bytes: usize) {
+        let was = self.used.fetch_sub(bytes, Ordering::Relaxed);
+        if was > self.max && was - bytes <= self.max {
+            self.freed.notify_waiters();
+        }
+    }
+
     /// An account of one buffer owner's bytes, given back on drop.
     pub fn account(&self) -> Held<'_> {
         Held {

@@ -64,12 +64,14 @@ use crate::policy::table::Leaves;
 use crate::policy::{Policy, RequestState};
 use crate::resp::{self, Limits};
 use crate::upstream::Login;
+use crate::upstream::lane::LaneLink;
+use crate::upstream::lane::book::Poison;
 use bytes::{Bytes, BytesMut};
 pub use peer::{Peer, lockout_error};
 use replies::{ReplyHalf, UpstreamEnd};
-use requests::{Requests, RequestsEnd};
+use requests::{Direct, RequestSink, Requests, RequestsEnd};
 use std::io;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tally::FlushLog;
@@ -100,7 +102,7 @@ pub struct SessionContext {
     /// A request must arrive whole within this of its first byte.
     pub request_read_timeout: Duration,
     /// Bytes all sessions' buffers may hold before reading requests pauses.
-    pub buffers: memory::BufferBudget,
+    pub buffers: Arc<memory::BufferBudget>,
     /// Close clients quiet this long with nothing pending (`None`: never).
     pub idle_timeout: Option<Duration>,
     /// Used to log the upstream connection in again after RESET.
@@ -142,6 +144,12 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Client<C> {
     pub fn stream(&mut self) -> &mut C {
         &mut self.stream
     }
+
+    /// What redcloak keeps of the client's connection state while it is on
+    /// lanes (replayed when it moves to a connection of its own).
+    pub fn local_state(&self) -> &crate::policy::local::LocalState {
+        &self.state.local
+    }
 }
 
 /// How a session ended, and what of it can be used again.
@@ -150,8 +158,18 @@ pub struct SessionEnd<C, U> {
     /// The upstream connection, when every request sent has been answered
     /// and no reply byte is left half-read, with what the client left on it.
     pub upstream: Option<(U, Leaves)>,
-    /// The client, when it was parked: serve it again when it sends.
-    pub parked: Option<Client<C>>,
+    /// The client, when it is to be served again, and when.
+    pub client: Option<(Client<C>, Next)>,
+}
+
+/// When a client whose session ended is served again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Parked: when it sends again.
+    Park,
+    /// At once, on a connection of its own: it sent a request that needs
+    /// one (read again first, from the client's input).
+    Pin,
 }
 
 /// Why a session ended early. The side that failed is in the variant.
@@ -165,10 +183,19 @@ pub enum SessionError {
     Upstream(io::Error),
     #[error("upstream connection closed by Redis")]
     UpstreamClosed,
+    /// A reply that contradicts its request.
     #[error("upstream protocol error: {0}")]
     UpstreamProtocol(String),
+    /// A reply that breaks RESP or the reply limits.
+    #[error("upstream protocol error: {0}")]
+    UpstreamFraming(String),
     #[error("Redis did not answer within upstream.request_timeout ({0:?})")]
     UpstreamTimeout(Duration),
+    /// The client's lane was lost with its requests on it.
+    #[error("upstream connection lost")]
+    UpstreamLost,
+    #[error("upstream unavailable: {0}")]
+    UpstreamUnavailable(String),
 }
 
 /// What the two halves of a session share besides the FIFO.
@@ -184,10 +211,13 @@ struct Shared {
     client_gone: CancellationToken,
     /// The client will send no more: deliver what is pending, then close.
     client_done: CancellationToken,
+    /// Set before `client_done` when the client moves to another connection
+    /// once what is pending is delivered: it is not closed.
+    client_moving: AtomicBool,
 }
 
-/// Serves one client until it leaves, Redis leaves, shutdown drains it, or
-/// it is parked.
+/// Serves one client on its own upstream connection until it leaves,
+/// Redis leaves, shutdown drains it, or it is parked.
 pub async fn run<C, U>(
     ctx: &SessionContext,
     client: Client<C>,
@@ -197,7 +227,91 @@ pub async fn run<C, U>(
 ) -> SessionEnd<C, U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut upstream_reader, mut upstream_writer) = tokio::io::split(upstream);
+    let mut sink = Direct(&mut upstream_writer);
+    let (served, client) = serve(
+        ctx,
+        client,
+        &mut upstream_reader,
+        &mut sink,
+        false,
+        peer,
+        shutdown,
+    )
+    .await;
+    let upstream = served
+        .upstream_idle
+        .then(|| (upstream_reader.unsplit(upstream_writer), served.leaves));
+    SessionEnd {
+        result: served.result,
+        upstream,
+        client,
+    }
+}
+
+/// Serves one client on a lane until it leaves, its lane is lost, shutdown
+/// drains it, it is parked, or it needs a connection of its own (pinned).
+pub async fn run_on_lane<C>(
+    ctx: &SessionContext,
+    client: Client<C>,
+    lane: LaneLink,
+    peer: &Peer,
+    shutdown: &CancellationToken,
+) -> SessionEnd<C, ()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let LaneLink {
+        mut requests,
+        mut replies,
+    } = lane;
+    let (served, client) = serve(
+        ctx,
+        client,
+        &mut replies,
+        &mut requests,
+        true,
+        peer,
+        shutdown,
+    )
+    .await;
+    // A reply that contradicts its request: the lane is out of step for
+    // every client on it. (A lane whose Redis stops answering is poisoned
+    // by its own reader.)
+    if let Err(SessionError::UpstreamProtocol(_)) = &served.result {
+        requests.poison(Poison::Contradiction);
+    }
+    SessionEnd {
+        result: served.result,
+        upstream: None,
+        client,
+    }
+}
+
+/// How the two halves ended.
+struct Served {
+    result: Result<(), SessionError>,
+    /// Every request sent was answered and nothing more was read.
+    upstream_idle: bool,
+    leaves: Leaves,
+}
+
+/// Runs the request half and the reply half of one session.
+async fn serve<C, R, W>(
+    ctx: &SessionContext,
+    client: Client<C>,
+    upstream_reader: &mut R,
+    upstream_writer: &mut W,
+    on_lane: bool,
+    peer: &Peer,
+    shutdown: &CancellationToken,
+) -> (Served, Option<(Client<C>, Next)>)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    W: RequestSink,
 {
     let Client {
         stream,
@@ -205,15 +319,15 @@ where
         mut input,
     } = client;
     let (mut client_reader, mut client_writer) = tokio::io::split(stream);
-    let (mut upstream_reader, mut upstream_writer) = tokio::io::split(upstream);
     let mut leaves = Leaves::Nothing;
-    let (result, upstream_idle, park) = {
+    let (result, upstream_idle, next) = {
         let (fifo_in, fifo_out) = mpsc::channel(ctx.max_pending_requests);
         let shared = Shared::default();
         let requests = Requests {
             ctx,
             peer,
-            upstream: &mut upstream_writer,
+            upstream: upstream_writer,
+            on_lane,
             fifo: fifo_in,
             output: BytesMut::with_capacity(READ_CHUNK),
             unsent: Vec::new(),
@@ -226,10 +340,11 @@ where
         let replies = ReplyHalf {
             ctx,
             peer,
-            upstream: &mut upstream_reader,
+            upstream: upstream_reader,
             client: &mut client_writer,
             fifo: fifo_out,
             shared: &shared,
+            on_lane,
         }
         .deliver();
         let (client_gone, client_done, upstream_failed) = (
@@ -240,42 +355,47 @@ where
         tokio::pin!(requests, replies);
         tokio::select! {
             end = &mut requests => match end {
-                Ok(end @ RequestsEnd::Park) => {
+                Ok(RequestsEnd::Park) => {
                     // Nothing more to deliver: the reply half only says
                     // whether the upstream connection is idle.
                     client_gone.cancel();
                     let idle = matches!(replies.await, Ok(UpstreamEnd::Idle));
-                    (Ok(()), idle, matches!(end, RequestsEnd::Park))
+                    (Ok(()), idle, Some(Next::Park))
                 }
-                Ok(RequestsEnd::Drain) => {
+                Ok(end @ (RequestsEnd::Drain | RequestsEnd::Pin)) => {
+                    let pin = end == RequestsEnd::Pin;
+                    shared.client_moving.store(pin, Ordering::Relaxed);
                     client_done.cancel();
                     match replies.await {
-                        Ok(end) => (Ok(()), end == UpstreamEnd::Idle, false),
-                        Err(err) => (Err(err), false, false),
+                        Ok(idle) => (Ok(()), idle == UpstreamEnd::Idle, pin.then_some(Next::Pin)),
+                        Err(err) => (Err(err), false, None),
                     }
                 }
-                Err(SessionError::Client(err)) => (Err(SessionError::Client(err)), false, false),
+                Err(SessionError::Client(err)) => (Err(SessionError::Client(err)), false, None),
                 Err(err) => {
                     // Redis is gone: the reply half answers what is pending with errors.
                     upstream_failed.cancel();
                     let _ = replies.await;
-                    (Err(err), false, false)
+                    (Err(err), false, None)
                 }
             },
-            end = &mut replies => (end.map(|_| ()), false, false),
+            end = &mut replies => (end.map(|_| ()), false, None),
         }
     };
-    let upstream = upstream_idle.then(|| (upstream_reader.unsplit(upstream_writer), leaves));
-    let parked = park.then(|| Client {
-        stream: client_reader.unsplit(client_writer),
-        state,
-        input,
+    let client = next.map(|next| {
+        let client = Client {
+            stream: client_reader.unsplit(client_writer),
+            state,
+            input,
+        };
+        (client, next)
     });
-    SessionEnd {
+    let served = Served {
         result,
-        upstream,
-        parked,
-    }
+        upstream_idle,
+        leaves,
+    };
+    (served, client)
 }
 
 /// A coarse clock for a deadline of `timeout`: it ticks a few times per

@@ -31,6 +31,8 @@ pub(super) struct ReplyHalf<'a, R, W> {
     pub(super) client: &'a mut W,
     pub(super) fifo: mpsc::Receiver<Entry>,
     pub(super) shared: &'a Shared,
+    /// Reading a lane's frames (counted in the budget already).
+    pub(super) on_lane: bool,
 }
 
 impl<R, W> ReplyHalf<'_, R, W>
@@ -51,6 +53,7 @@ where
             client,
             mut fifo,
             shared,
+            on_lane,
         } = self;
         let Shared {
             flushes,
@@ -58,6 +61,7 @@ where
             upstream_failed,
             client_gone,
             client_done,
+            client_moving: moving,
         } = shared;
         let mut input = BytesMut::with_capacity(READ_CHUNK);
         let mut output = BytesMut::with_capacity(READ_CHUNK);
@@ -100,7 +104,10 @@ where
             write_client(ctx, client, &mut output).await?;
             answered.record(ctx, peer);
             if flow == Flow::Close || (requests_done && replies.needs_entry()) {
-                let _ = client.shutdown().await;
+                // A client moving to another connection stays open.
+                if flow == Flow::Close || !moving.load(Ordering::Relaxed) {
+                    let _ = client.shutdown().await;
+                }
                 return Ok(upstream_end(&input, &replies, flushes));
             }
             // A large reply went out: give its buffer back rather than keep it
@@ -136,15 +143,20 @@ where
                 }
                 // Over limits.max_buffered_bytes nothing more is taken from Redis
                 // until replies are delivered (or their slow readers cut).
-                read = upstream.read_buf(&mut input), if !over_budget => match read {
+                // A lane's frames are counted already: taking them frees nothing
+                // and holds nothing more, so they are always taken.
+                read = upstream.read_buf(&mut input), if !over_budget || on_lane => match read {
                     Ok(0) => Some(SessionError::UpstreamClosed),
                     Ok(read) => {
                         ctx.metrics.upstream_received.increment(read as u64);
                         None
                     }
+                    Err(err) if crate::upstream::lane::is_lost(&err) => {
+                        Some(SessionError::UpstreamLost)
+                    }
                     Err(err) => Some(SessionError::Upstream(err)),
                 },
-                _ = ctx.buffers.wait_under(), if over_budget => None,
+                _ = ctx.buffers.wait_under(), if over_budget && !on_lane => None,
                 _ = &mut failed => Some(SessionError::UpstreamClosed),
                 _ = &mut gone => return Ok(upstream_end(&input, &replies, flushes)),
                 // Only wakes the loop, to bound what is pending.
@@ -205,9 +217,10 @@ fn deliver_ready(
             ctx.metrics.upstream_protocol_errors.increment(1);
             SessionError::UpstreamProtocol(err)
         };
-        let Some(len) = scanner
-            .scan(input, &ctx.reply_limits)
-            .map_err(|e| protocol_error(e.to_string()))?
+        let Some(len) = scanner.scan(input, &ctx.reply_limits).map_err(|e| {
+            ctx.metrics.upstream_protocol_errors.increment(1);
+            SessionError::UpstreamFraming(e.to_string())
+        })?
         else {
             return Ok(Flow::Continue);
         };

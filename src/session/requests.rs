@@ -12,6 +12,7 @@ use crate::policy::table::{self, Blocks, Leaves};
 use crate::policy::{self, Action, ReplyPlan, RequestState};
 use crate::resp::{self, Request, RequestParser};
 use crate::session::{Peer, SessionContext, lockout_error};
+use crate::upstream::lane::{LaneError, LaneOpenError, LaneRequests};
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -19,11 +20,71 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RequestsEnd {
     /// QUIT, a protocol error or shutdown: deliver what is pending, then close.
     Drain,
     /// Quiet on a clean connection with nothing pending.
     Park,
+    /// On a lane, a request that needs a connection of its own: it is put
+    /// back in front of the unread input; deliver what is pending, then move.
+    Pin,
+}
+
+/// Where a session's requests go: its own upstream connection or a lane.
+pub(super) trait RequestSink {
+    /// Sends the `requests` whole requests in `output`. `output` is left
+    /// for the caller to clear (and wipe).
+    fn send(
+        &mut self,
+        output: &mut BytesMut,
+        requests: usize,
+    ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send;
+
+    /// SELECT on a lane: `Ok(Err(text))` is Redis's refusal. Never called
+    /// on a connection of its own, which forwards SELECT.
+    fn select(
+        &mut self,
+        database: u32,
+    ) -> impl std::future::Future<Output = Result<Result<(), String>, SessionError>> + Send;
+}
+
+/// A session's own upstream connection.
+pub(super) struct Direct<'a, W>(pub(super) &'a mut W);
+
+impl<W: AsyncWrite + Unpin + Send> RequestSink for Direct<'_, W> {
+    async fn send(&mut self, output: &mut BytesMut, _requests: usize) -> Result<(), SessionError> {
+        self.0
+            .write_all(output)
+            .await
+            .map_err(SessionError::Upstream)?;
+        self.0.flush().await.map_err(SessionError::Upstream)
+    }
+
+    async fn select(&mut self, _database: u32) -> Result<Result<(), String>, SessionError> {
+        Ok(Err(
+            "ERR redcloak: SELECT is forwarded on this connection".into()
+        ))
+    }
+}
+
+impl RequestSink for LaneRequests {
+    async fn send(&mut self, output: &mut BytesMut, requests: usize) -> Result<(), SessionError> {
+        LaneRequests::send(self, output.split().freeze(), requests)
+            .await
+            .map_err(|err| match err {
+                LaneError::Lost(_) => SessionError::UpstreamLost,
+                LaneError::Unavailable(err) => SessionError::UpstreamUnavailable(err.to_string()),
+            })
+    }
+
+    async fn select(&mut self, database: u32) -> Result<Result<(), String>, SessionError> {
+        match LaneRequests::select(self, database).await {
+            Ok(()) => Ok(Ok(())),
+            Err(LaneOpenError::Refused(text)) => Ok(Err(text)),
+            Err(err) => Err(SessionError::UpstreamUnavailable(err.to_string())),
+        }
+    }
 }
 
 /// The request half: client bytes -> requests -> policy -> upstream bytes
@@ -32,6 +93,8 @@ pub(super) struct Requests<'a, W> {
     pub(super) ctx: &'a SessionContext,
     pub(super) peer: &'a Peer,
     pub(super) upstream: &'a mut W,
+    /// On a lane: requests that need a connection of their own end the stay.
+    pub(super) on_lane: bool,
     pub(super) fifo: mpsc::Sender<Entry>,
     /// Requests encoded for Redis, not yet written.
     pub(super) output: BytesMut,
@@ -46,7 +109,7 @@ pub(super) struct Requests<'a, W> {
     pub(super) subscribed: bool,
 }
 
-impl<W: AsyncWrite + Unpin> Requests<'_, W> {
+impl<W: RequestSink> Requests<'_, W> {
     pub(super) async fn forward<R: AsyncRead + Unpin>(
         mut self,
         client: &mut R,
@@ -147,6 +210,38 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                 };
                 let (command, row) = table::identify(request.name());
                 let tally = Tally { command, received };
+                if self.on_lane
+                    && state.is_authenticated()
+                    && let Some(action) = policy::local::answer(&request.args, &mut state.local)
+                {
+                    self.act(action, &request, tally, Blocks::No).await?;
+                    continue;
+                }
+                if self.on_lane
+                    && state.is_authenticated()
+                    && let Some(database) = policy::local::select(&request.args)
+                {
+                    // Replies to what came before are awaited on the old lane first.
+                    self.flush().await?;
+                    let action = match self.upstream.select(database).await? {
+                        Ok(()) => {
+                            state.local.database = database;
+                            Action::AnswerOk
+                        }
+                        Err(refused) => Action::AnswerError(refused),
+                    };
+                    self.act(action, &request, tally, Blocks::No).await?;
+                    continue;
+                }
+                if self.on_lane && ctx.policy.needs_own_connection(row, &request.args) {
+                    // Read again, first, on the connection the client moves to.
+                    let mut again = BytesMut::with_capacity(input.len() + 64);
+                    resp::encode_command(&mut again, &request.args);
+                    again.extend_from_slice(input);
+                    *input = again;
+                    self.flush().await?;
+                    return Ok(RequestsEnd::Pin);
+                }
                 if let Some(remaining) = self.lockout_refusal(&request) {
                     let reply = error_reply(&lockout_error(self.peer, remaining));
                     self.answer(reply, false, Some((tally, Outcome::Refused)))
@@ -231,6 +326,10 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
                 self.flush().await?;
             }
             Action::AnswerOk => self.answer(OK, false, Some((tally, Outcome::Ok))).await?,
+            Action::Answer(reply) => {
+                self.answer(reply, false, Some((tally, Outcome::Ok)))
+                    .await?
+            }
             Action::Quit => {
                 self.answer(OK, true, Some((tally, Outcome::Ok))).await?;
                 return Ok(Flow::Close);
@@ -301,20 +400,17 @@ impl<W: AsyncWrite + Unpin> Requests<'_, W> {
         if self.output.is_empty() {
             return Ok(());
         }
-        let written = self.upstream.write_all(&self.output).await;
+        let bytes = self.output.len();
+        let written = self
+            .upstream
+            .send(&mut self.output, self.unsent.len())
+            .await;
         if std::mem::take(&mut self.output_holds_password) {
             zeroize::Zeroize::zeroize(&mut self.output[..]);
         }
-        written.map_err(SessionError::Upstream)?;
-        self.upstream
-            .flush()
-            .await
-            .map_err(SessionError::Upstream)?;
+        written?;
         self.shared.flushes.sent(&mut self.unsent, Instant::now());
-        self.ctx
-            .metrics
-            .upstream_sent
-            .increment(self.output.len() as u64);
+        self.ctx.metrics.upstream_sent.increment(bytes as u64);
         self.output.clear();
         Ok(())
     }

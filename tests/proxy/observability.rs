@@ -558,7 +558,8 @@ async fn traced_run(redis: &TestRedis, log_key_names: bool) -> (String, String) 
             .await
             .expect("connect"),
     );
-    rejected.send(&[b"PING"]).await;
+    // MULTI needs a connection of its own (the shared lane logged in before).
+    rejected.send(&[b"MULTI"]).await;
     assert_error(
         &rejected.read().await,
         "-ERR redcloak: upstream unavailable",

@@ -11,6 +11,9 @@ use crate::support::*;
 async fn pooled(redis: &TestRedis, idle: usize) -> Proxy {
     let config = redis
         .config()
+        // The pool serves clients with connections of their own (lanes
+        // off; pinned clients take theirs the same way).
+        .upstream("lanes", "0")
         .upstream("pool_idle", &idle.to_string())
         .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
     redis.start_proxy(&config).await
@@ -106,6 +109,9 @@ async fn a_connection_left_waiting_for_a_reply_is_closed_not_reused() {
     // timeout, even a BLPOP that could wait forever.
     let config = redis
         .config()
+        // The pool serves clients with connections of their own (lanes
+        // off; pinned clients take theirs the same way).
+        .upstream("lanes", "0")
         .upstream("pool_idle", "1")
         .upstream("request_timeout", "\"1s\"")
         .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
@@ -208,6 +214,9 @@ async fn data_commands_leave_nothing_to_undo_and_select_is_undone_with_select_0(
 async fn parking(redis: &TestRedis) -> Proxy {
     let config = redis
         .config()
+        // The pool serves clients with connections of their own (lanes
+        // off; pinned clients take theirs the same way).
+        .upstream("lanes", "0")
         .upstream("pool_idle", "1")
         .upstream("release_idle_after", "\"500ms\"")
         .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
@@ -257,6 +266,9 @@ async fn a_parked_client_stays_logged_in_to_redcloak() {
     let redis = TestRedis::start().await;
     let config = redis
         .config()
+        // The pool serves clients with connections of their own (lanes
+        // off; pinned clients take theirs the same way).
+        .upstream("lanes", "0")
         .upstream("pool_idle", "1")
         .upstream("release_idle_after", "\"300ms\"")
         .tail(&redis.listen_auth("app-password-0123456789", ""))

@@ -206,7 +206,10 @@ async fn redis_going_away_closes_clients_and_new_clients_get_a_clear_error() {
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
     redis.redis.kill().await;
-    // The idle client is closed as soon as its upstream connection ends.
+    // The idle client on a lane is told when it next sends, and closed.
+    c.send(&[b"PING"]).await;
+    let error = String::from_utf8_lossy(&c.read().await).into_owned();
+    assert!(error.starts_with("-ERR redcloak: upstream"), "{error}");
     c.expect_closed().await;
     let text = refusal(&proxy).await;
     assert!(
@@ -252,19 +255,24 @@ async fn a_reply_that_contradicts_its_request_is_never_delivered_and_its_connect
     let mut setup = proxy.raw().await;
     assert_reply(&setup.call(&[b"SET", b"k", b"secret"]).await, b"+OK\r\n");
     drop(setup);
-    let cases: [(&[&[u8]], &[u8]); 4] = [
-        (&[b"GET", b"k"], b":1\r\n"),
-        (&[b"GET", b"k"], b"+OK\r\n"),
-        (&[b"MGET", b"k", b"k"], b"*1\r\n$3\r\nabc\r\n"),
+    // The session finds the first three contradicting their requests; the
+    // lane's reader finds the push. Either poisons the client's lane.
+    type Case<'a> = (&'a [&'a [u8]], &'a [u8], &'a str);
+    let cases: [Case; 4] = [
+        (&[b"GET", b"k"], b":1\r\n", CONTRADICTS),
+        (&[b"GET", b"k"], b"+OK\r\n", CONTRADICTS),
+        (&[b"MGET", b"k", b"k"], b"*1\r\n$3\r\nabc\r\n", CONTRADICTS),
         // A RESP3 push on a RESP2 connection.
-        (&[b"PING"], b">2\r\n$7\r\nmessage\r\n$1\r\nx\r\n"),
+        (&[b"PING"], b">2\r\n$7\r\nmessage\r\n$1\r\nx\r\n", LOST),
     ];
-    for (i, (request, reply)) in cases.into_iter().enumerate() {
+    const CONTRADICTS: &str = "-ERR redcloak: upstream protocol error: Redis";
+    const LOST: &str = "-ERR redcloak: upstream connection lost";
+    for (i, (request, reply, expected)) in cases.into_iter().enumerate() {
         let mut c = proxy.raw().await;
         assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
         relay.replace_next_reply(reply);
         let error = c.call(request).await;
-        assert_error(&error, "-ERR redcloak: upstream protocol error: Redis");
+        assert_error(&error, expected);
         c.expect_closed().await;
         eventually("redcloak closes that upstream connection", || async {
             relay.closed_by_redcloak() > i
@@ -278,6 +286,15 @@ async fn a_reply_that_contradicts_its_request_is_never_delivered_and_its_connect
         ),
         Some(4.0)
     );
+    let metrics = proxy.scrape().await;
+    let poisoned = |reason: &str| {
+        metric(
+            &metrics,
+            &format!("redcloak_upstream_lanes_poisoned_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(poisoned("contradiction"), Some(3.0));
+    assert_eq!(poisoned("push"), Some(1.0));
     // Untouched replies still pass.
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"GET", b"k"]).await, b"$6\r\nsecret\r\n");

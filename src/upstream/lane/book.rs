@@ -1,9 +1,7 @@
-//! A lane: one upstream connection that several clients' requests share
-//! (issue 14). This file holds its routing book, pure and socket-free: which
-//! client each reply belongs to, in the order the requests were written.
-//! The lane's writer and reader (the IO around it) come next; the invariant
-//! they must keep is this module's: a reply reaches only the client that sent
-//! the request, in order, or that client gets an error.
+//! A lane's routing book, pure and socket-free: which client each reply
+//! belongs to, in the order the requests were written. The lane's writer
+//! and reader (`super`) keep this module's invariant: a reply reaches only
+//! the client that sent the request, in order, or that client gets an error.
 //!
 //! Redis answers one connection's requests in order, so the requests in
 //! flight form a FIFO. Each entry names its client by id and generation (a
@@ -50,6 +48,35 @@ pub enum Poison {
     Contradiction,
     /// The connection failed or was closed.
     ConnectionLost,
+    /// Redis did not answer within `upstream.request_timeout`.
+    Timeout,
+    /// Redis's certificate expired: no connection outlives the check a new
+    /// one would fail.
+    CertificateExpired,
+}
+
+impl Poison {
+    pub const ALL: [Poison; 7] = [
+        Poison::NothingInFlight,
+        Poison::Push,
+        Poison::ParseError,
+        Poison::Contradiction,
+        Poison::ConnectionLost,
+        Poison::Timeout,
+        Poison::CertificateExpired,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Poison::NothingInFlight => "nothing_in_flight",
+            Poison::Push => "push",
+            Poison::ParseError => "parse_error",
+            Poison::Contradiction => "contradiction",
+            Poison::ConnectionLost => "connection_lost",
+            Poison::Timeout => "timeout",
+            Poison::CertificateExpired => "certificate_expired",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -142,6 +169,12 @@ mod tests {
 
     fn client(id: u64) -> ClientKey {
         ClientKey { id, generation: 0 }
+    }
+
+    #[test]
+    fn every_reason_has_its_metric_series() {
+        let labels = Poison::ALL.map(Poison::label);
+        assert_eq!(labels, crate::metrics::LANE_POISON_REASONS);
     }
 
     #[test]

@@ -1,0 +1,299 @@
+//! Lanes: clients share a few upstream connections; the handshakes clients
+//! send on connecting are answered by redcloak and keep them there; commands
+//! that need a connection of their own move the client to one, with its
+//! state replayed; and under chaos (Redis killing the lanes, clients leaving
+//! mid-pipeline, slow readers, large values) no reply ever reaches another
+//! client.
+
+use crate::support::*;
+use redcloak::upstream::UpstreamStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+const METRICS: &str = "[metrics]\naddress = \"127.0.0.1:0\"\n";
+
+/// redcloak's connections to Redis, as `CLIENT LIST` shows them.
+async fn redcloak_connections(admin: &mut RawClient<UpstreamStream>) -> Vec<String> {
+    let list = admin
+        .call(&[&b"CLIENT"[..], b"LIST", b"TYPE", b"normal"])
+        .await;
+    let user = format!(" user={REDIS_USER} ");
+    texts(&list)
+        .concat()
+        .lines()
+        .filter(|line| line.contains(&user))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_handshakes_are_answered_on_the_lane_and_pinning_replays_them() {
+    let redis = TestRedis::start().await;
+    let config = redis.config().upstream("lanes", "1").tail(METRICS);
+    let proxy = redis.start_proxy(&config).await;
+    let mut admin = redis.admin().await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut c = proxy.raw().await;
+        let name = format!("app-{i}");
+        // What redis-py and node-redis send on connecting. Redis answers
+        // SETINFO (7.0 does not know it), on the lane; the rest redcloak does.
+        let setinfo: [&[u8]; 4] = [b"CLIENT", b"SETINFO", b"LIB-NAME", b"redis-py"];
+        let direct = admin.call(&setinfo).await;
+        assert_reply(&c.call(&setinfo).await, &direct);
+        let setinfo: [&[u8]; 4] = [b"CLIENT", b"SETINFO", b"LIB-VER", b"8.0.0"];
+        let direct = admin.call(&setinfo).await;
+        assert_reply(&c.call(&setinfo).await, &direct);
+        assert_reply(
+            &c.call(&[b"CLIENT", b"SETNAME", name.as_bytes()]).await,
+            b"+OK\r\n",
+        );
+        let got = c.call(&[b"CLIENT", b"GETNAME"]).await;
+        assert_reply(&got, format!("${}\r\n{name}\r\n", name.len()).as_bytes());
+        let key = format!("lane:{i}");
+        assert_reply(&c.call(&[b"SET", key.as_bytes(), b"v"]).await, b"+OK\r\n");
+        assert_reply(&c.call(&[b"GET", key.as_bytes()]).await, b"$1\r\nv\r\n");
+        clients.push(c);
+    }
+    // Twenty clients, one upstream connection, no name set on it.
+    let connections = redcloak_connections(&mut admin).await;
+    assert_eq!(connections.len(), 1, "{connections:?}");
+    assert!(connections[0].contains(" name= "), "{connections:?}");
+    let metrics = proxy.scrape().await;
+    assert_eq!(metric(&metrics, "redcloak_upstream_lanes_open"), Some(1.0));
+    assert_eq!(metric(&metrics, "redcloak_client_pins_total"), Some(0.0));
+
+    // A pipeline with a transaction in the middle: the replies before it
+    // come from the lane, the rest from the client's own connection, in order.
+    let c = &mut clients[3];
+    let mut pipeline = bytes::BytesMut::new();
+    for args in [
+        &[&b"SET"[..], b"plain:lane-t", b"1"][..],
+        &[b"MULTI"],
+        &[b"INCR", b"plain:lane-t"],
+        &[b"EXEC"],
+        &[b"GET", b"plain:lane-t"],
+        &[b"CLIENT", b"GETNAME"],
+    ] {
+        redcloak::resp::encode_command(&mut pipeline, args);
+    }
+    c.send_raw(&pipeline).await;
+    for expected in [
+        &b"+OK\r\n"[..],
+        b"+OK\r\n",
+        b"+QUEUED\r\n",
+        b"*1\r\n:2\r\n",
+        b"$1\r\n2\r\n",
+        b"$5\r\napp-3\r\n",
+    ] {
+        assert_reply(&c.read().await, expected);
+    }
+    // Redis knows the name and library the client gave redcloak.
+    let connections = redcloak_connections(&mut admin).await;
+    assert_eq!(connections.len(), 2, "{connections:?}");
+    let pinned = connections
+        .iter()
+        .find(|line| line.contains(" name=app-3 "))
+        .unwrap_or_else(|| panic!("the name was replayed: {connections:?}"));
+    assert!(pinned.contains("cmd=client|getname"), "{pinned}");
+    assert_eq!(
+        metric(&proxy.scrape().await, "redcloak_client_pins_total"),
+        Some(1.0)
+    );
+    // Blocking commands pin too; the lane's other clients are not held up.
+    let b = &mut clients[4];
+    b.send(&[b"BLPOP", b"lane:queue", b"0"]).await;
+    wait_until_blocked(&redis, 1).await;
+    assert_reply(
+        &clients[5].call(&[b"RPUSH", b"lane:queue", b"job"]).await,
+        b":1\r\n",
+    );
+    let popped = clients[4].read().await;
+    assert_eq!(texts(&popped), ["lane:queue", "job"]);
+    assert_eq!(
+        metric(&proxy.scrape().await, "redcloak_client_pins_total"),
+        Some(2.0)
+    );
+}
+
+/// A small deterministic generator (no shared randomness between clients).
+struct Dice(u64);
+
+impl Dice {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    values: AtomicUsize,
+    errors: AtomicUsize,
+    foreign: AtomicUsize,
+    garbage: AtomicUsize,
+}
+
+/// One client: pipelines of SET and GET on its own keys, values carrying its
+/// id; now and then it leaves mid-pipeline, reads slowly, or writes a large
+/// value. A lost lane answers its requests with errors and closes it; it
+/// connects again.
+async fn chaos_client(
+    proxy_address: std::net::SocketAddr,
+    id: u64,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
+    let mut dice = Dice(0x9E37_79B9_7F4A_7C15 ^ (id + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let mine = format!("client-{id}:");
+    let mut round = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(stream) = tokio::net::TcpStream::connect(proxy_address).await else {
+            continue;
+        };
+        let mut c = RawClient::new(stream);
+        'connection: while !stop.load(Ordering::Relaxed) {
+            round += 1;
+            let depth = 1 + dice.next(32) as usize;
+            let mut pipeline = bytes::BytesMut::new();
+            let mut expect_value = Vec::new();
+            for j in 0..depth {
+                let key = format!("chaos:{id}:{}", j % 4);
+                let mut value = format!("{mine}{round}:{j}:").into_bytes();
+                // A few clients write a large value now and then.
+                if id.is_multiple_of(67) && dice.next(8) == 0 {
+                    value.resize((1 + dice.next(8) as usize) << 20, b'x');
+                }
+                if dice.next(2) == 0 {
+                    redcloak::resp::encode_command(
+                        &mut pipeline,
+                        &[b"SET", key.as_bytes(), &value],
+                    );
+                    expect_value.push(false);
+                } else {
+                    redcloak::resp::encode_command(&mut pipeline, &[b"GET", key.as_bytes()]);
+                    expect_value.push(true);
+                }
+            }
+            if c.stream.write_all(&pipeline).await.is_err() {
+                break 'connection;
+            }
+            // Leaves mid-pipeline: what it asked is read and dropped by redcloak.
+            if dice.next(10) == 0 {
+                break 'connection;
+            }
+            if id.is_multiple_of(40) {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            for wants_value in expect_value {
+                let Some(reply) = c.read_or_eof().await else {
+                    break 'connection;
+                };
+                match reply.first() {
+                    Some(b'-') => {
+                        tally.errors.fetch_add(1, Ordering::Relaxed);
+                        let text = String::from_utf8_lossy(&reply).into_owned();
+                        if !text.starts_with("-ERR redcloak: upstream") {
+                            tally.garbage.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Some(b'$') if wants_value && &reply[..] == b"$-1\r\n" => {}
+                    Some(b'$') if wants_value => {
+                        tally.values.fetch_add(1, Ordering::Relaxed);
+                        let body = texts(&reply).concat();
+                        if !body.starts_with(&mine) {
+                            tally.foreign.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("client {id} got {:?}", &body[..body.len().min(40)]);
+                        }
+                    }
+                    Some(b'+') if !wants_value && &reply[..] == b"+OK\r\n" => {}
+                    _ => {
+                        tally.garbage.fetch_add(1, Ordering::Relaxed);
+                        eprintln!(
+                            "client {id}: unexpected {:?}",
+                            &reply[..reply.len().min(40)]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_chaos_no_client_ever_receives_another_clients_value() {
+    let redis = TestRedis::start().await;
+    let config = redis.config().upstream("lanes", "1").tail(&format!(
+        "{METRICS}[limits]\nclient_write_timeout = \"2s\"\n"
+    ));
+    let proxy = redis.start_proxy(&config).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let clients: Vec<_> = (0..200)
+        .map(|id| tokio::spawn(chaos_client(proxy.addr(), id, stop.clone(), tally.clone())))
+        .collect();
+    let mut admin = redis.admin().await;
+    let mut kills = 0;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        // Only with a lane open, so each kill poisons exactly one.
+        until("a lane is open", || async {
+            let open = metric(&proxy.scrape().await, "redcloak_upstream_lanes_open");
+            (open == Some(1.0)).then_some(())
+        })
+        .await;
+        let killed = admin
+            .call(&[b"CLIENT", b"KILL", b"USER", REDIS_USER.as_bytes()])
+            .await;
+        assert_reply(&killed, b":1\r\n");
+        kills += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        tokio::time::timeout(Duration::from_secs(30), client)
+            .await
+            .expect("client finishes")
+            .expect("client task");
+    }
+    let values = tally.values.load(Ordering::Relaxed);
+    let errors = tally.errors.load(Ordering::Relaxed);
+    assert_eq!(
+        tally.foreign.load(Ordering::Relaxed),
+        0,
+        "a value reached another client"
+    );
+    assert_eq!(
+        tally.garbage.load(Ordering::Relaxed),
+        0,
+        "a reply that fits no request"
+    );
+    eprintln!("chaos: {values} values, {errors} errors, {kills} kills");
+    assert!(values > 1000, "values {values}, errors {errors}");
+    assert!(errors > 0, "the kills were felt: {errors}");
+    let metrics = proxy.scrape().await;
+    let poisoned = |reason: &str| {
+        metric(
+            &metrics,
+            &format!("redcloak_upstream_lanes_poisoned_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(poisoned("connection_lost"), f64::from(kills));
+    for reason in [
+        "nothing_in_flight",
+        "push",
+        "parse_error",
+        "contradiction",
+        "timeout",
+    ] {
+        assert_eq!(poisoned(reason), 0.0, "{reason}");
+    }
+    // And afterwards a new client is served.
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
+}
