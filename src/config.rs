@@ -652,8 +652,14 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
 /// Lanes per key at most.
 const MAX_LANES: usize = 64;
 
-/// Lanes per key when not configured: one per two cores, one to four.
+/// Lanes per key when not configured: one per runtime worker.
 fn default_lanes() -> usize {
+    default_workers()
+}
+
+/// Runtime worker threads when TOKIO_WORKER_THREADS is not set: one per two
+/// cores, one to four.
+pub fn default_workers() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cores / 2).clamp(1, 4)
 }

@@ -58,10 +58,14 @@ fn main() -> ExitCode {
         }
     };
     redcloak::logs::init(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker per two cores (one to four) unless TOKIO_WORKER_THREADS
+    // says otherwise: a sidecar shares its machine with the app and Redis,
+    // and wakeups across threads cost more than they bring (docs/performance.md).
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        runtime.worker_threads(redcloak::config::default_workers());
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             errln!("redcloak: cannot start the runtime: {err}");

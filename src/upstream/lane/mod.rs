@@ -365,7 +365,13 @@ impl Lane {
             }
             if out.is_empty() {
                 tokio::select! {
-                    _ = woken => continue,
+                    _ = woken => {
+                        // Let the sessions already running on this thread
+                        // queue theirs too: one write then carries them all.
+                        // No timer: a lone request waits one turn, no more.
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
                     _ = self.lost.cancelled() => return,
                 }
             }
@@ -838,4 +844,178 @@ fn lost_error(lost: Lost) -> std::io::Error {
 /// Whether an upstream read error says the client's lane was lost.
 pub fn is_lost(err: &std::io::Error) -> bool {
     err.get_ref().is_some_and(|inner| inner.is::<Lost>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    fn lane_on(stream: DuplexStream, budget: usize) -> Arc<Lane> {
+        Lane::start(
+            stream,
+            LaneLimits::default(),
+            Limits::default(),
+            None,
+            Arc::new(BufferBudget::new(budget)),
+            Arc::new(Metrics::new()),
+            async {},
+        )
+    }
+
+    fn client(lane: &Lane, id: u64) -> (ClientKey, mpsc::UnboundedReceiver<LaneReply>) {
+        let key = ClientKey { id, generation: 0 };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        lane.attach(key, sender, Arc::new(AtomicUsize::new(0)));
+        (key, receiver)
+    }
+
+    fn get(key: &str) -> Bytes {
+        let mut out = BytesMut::new();
+        crate::resp::encode_command(&mut out, &[b"GET", key.as_bytes()]);
+        out.freeze()
+    }
+
+    /// A Redis stand-in: answers each GET with its key, in order.
+    async fn echo_redis(mut redis: DuplexStream, answers: usize) {
+        let mut input = BytesMut::new();
+        let mut parser = crate::resp::RequestParser::default();
+        let mut answered = 0;
+        while answered < answers {
+            if redis.read_buf(&mut input).await.unwrap_or(0) == 0 {
+                return;
+            }
+            while let Ok(Some(request)) = parser.next(&mut input, &Limits::default()) {
+                let mut out = BytesMut::new();
+                crate::resp::encode_bulk(&mut out, &request.args[1]);
+                if redis.write_all(&out).await.is_err() {
+                    return;
+                }
+                answered += 1;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn clients_get_their_own_replies_in_order_and_a_leaver_s_are_dropped() {
+        let (proxy_side, redis_side) = tokio::io::duplex(4096);
+        let lane = lane_on(proxy_side, usize::MAX);
+        let (a, mut a_replies) = client(&lane, 1);
+        let (b, mut b_replies) = client(&lane, 2);
+        let (c, _c_replies) = client(&lane, 3);
+        // c leaves before the writer ran: its two requests never reach Redis.
+        let redis = tokio::spawn(echo_redis(redis_side, 5));
+        for (who, key) in [
+            (a, "a0"),
+            (c, "c0"),
+            (b, "b0"),
+            (a, "a1"),
+            (c, "c1"),
+            (b, "b1"),
+        ] {
+            lane.submit(who, get(key), 1).await.expect("submit");
+        }
+        lane.leave(c);
+        let mut batch = BytesMut::new();
+        batch.extend_from_slice(&get("a2"));
+        lane.submit(a, batch.freeze(), 1).await.expect("submit");
+        for (replies, keys) in [
+            (&mut a_replies, ["a0", "a1", "a2"].as_slice()),
+            (&mut b_replies, &["b0", "b1"]),
+        ] {
+            for key in keys {
+                let frame = replies.recv().await.expect("open").expect("not lost");
+                assert_eq!(
+                    &frame[..],
+                    format!("${}\r\n{key}\r\n", key.len()).as_bytes()
+                );
+            }
+        }
+        redis.await.expect("redis");
+        // Redis closing is the only thing that ended the lane; no one was
+        // waiting, so no one heard of it.
+        lane.lost.cancelled().await;
+        assert_eq!(lane.lock().book.poisoned(), Some(Poison::ConnectionLost));
+        assert!(a_replies.try_recv().is_err() && b_replies.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_push_poisons_and_only_clients_waiting_get_lost_once() {
+        let (proxy_side, mut redis_side) = tokio::io::duplex(4096);
+        let lane = lane_on(proxy_side, usize::MAX);
+        let (a, mut a_replies) = client(&lane, 1);
+        let (_idle, mut idle_replies) = client(&lane, 2);
+        lane.submit(a, get("x"), 1).await.expect("submit");
+        lane.submit(a, get("y"), 1).await.expect("submit");
+        redis_side.write_all(b"+one\r\n").await.expect("write");
+        let first = a_replies.recv().await.expect("open").expect("a reply");
+        assert_eq!(&first[..], b"+one\r\n");
+        redis_side
+            .write_all(b">2\r\n+message\r\n+x\r\n+two\r\n")
+            .await
+            .expect("write");
+        assert_eq!(
+            a_replies.recv().await.expect("open"),
+            Err(Lost(Poison::Push))
+        );
+        lane.lost.cancelled().await;
+        assert!(a_replies.try_recv().is_err(), "nothing after Lost");
+        // The client with nothing on the lane heard nothing; it moves when it
+        // next sends (LaneRequests), as this lane takes nothing more.
+        assert!(idle_replies.try_recv().is_err());
+        assert!(lane.submit(a, get("z"), 1).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_reply_with_nothing_in_flight_poisons() {
+        let (proxy_side, mut redis_side) = tokio::io::duplex(4096);
+        let lane = lane_on(proxy_side, usize::MAX);
+        redis_side.write_all(b"+stray\r\n").await.expect("write");
+        lane.lost.cancelled().await;
+        assert_eq!(lane.lock().book.poisoned(), Some(Poison::NothingInFlight));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever Redis sends, the lane reader never panics: each client
+        /// gets whole frames and then, at most once, `Lost`.
+        #[test]
+        fn any_bytes_from_redis_poison_or_pass_but_never_panic(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8),
+            requests in 0usize..6,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let (proxy_side, mut redis_side) = tokio::io::duplex(1 << 16);
+                let lane = lane_on(proxy_side, 1 << 20);
+                let (a, mut replies) = client(&lane, 1);
+                for i in 0..requests {
+                    lane.submit(a, get(&i.to_string()), 1).await.expect("submit");
+                }
+                for chunk in &chunks {
+                    let _ = redis_side.write_all(chunk).await;
+                    tokio::task::yield_now().await;
+                }
+                drop(redis_side);
+                lane.lost.cancelled().await;
+                let mut lost = 0;
+                let mut frames = 0;
+                while let Ok(reply) = replies.try_recv() {
+                    match reply {
+                        Ok(frame) => {
+                            prop_assert_eq!(lost, 0);
+                            let mut scanner = ReplyScanner::default();
+                            prop_assert_eq!(scanner.scan(&frame, &Limits::default()).ok().flatten(), Some(frame.len()));
+                            frames += 1;
+                        }
+                        Err(_) => lost += 1,
+                    }
+                }
+                prop_assert!(frames <= requests);
+                prop_assert_eq!(lost, usize::from(frames < requests));
+                Ok(())
+            })?;
+        }
+    }
 }
