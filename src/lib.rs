@@ -15,21 +15,24 @@
 //!   eviction of silent connections), drain on SIGTERM; [`open_files`]: the descriptors
 //!   those connections need.
 //! * [`tls`]: PEM loading and the rustls configs of both sides.
-//! * [`session`]: one client and its own upstream connection (given back while the client is
-//!   quiet on a clean connection); `seal` seals the arguments a plan names, `pipeline` matches
-//!   replies to requests and opens pub/sub messages, `open` opens the sealed values in a reply.
+//! * [`session`]: one client, on a shared lane or pinned to an upstream connection of its own
+//!   (parked while quiet on a clean connection); `seal` seals the arguments a plan names,
+//!   `pipeline` matches replies to requests and opens pub/sub messages, `open` opens the
+//!   sealed values in a reply.
 //! * [`resp`]: RESP parsing, framing and encoding (pure).
 //! * [`policy`]: what to do with each command; `policy::table` is the one table of commands
 //!   (every per-command fact), `policy::values` the plans for commands on stored values,
-//!   `policy::rules` which keys are encrypted and how bound, `policy::script` proves which
+//!   `policy::rules` which keys are encrypted and how bound, `policy::local` what redcloak
+//!   answers itself for a client on a lane (and replays when it is pinned), `policy::script` proves which
 //!   keys a Lua script or library touches, `policy::known` the scripts whose effect on values
 //!   is known (pure).
 //! * [`crypto`]: the envelopes (XAES-256-GCM, random; AES-SIV, deterministic for members),
 //!   HyperLogLog tokens, bound to kind, key or rule, and field; and the keyring (pure).
 //! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
 //! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::pool` keeps warm
-//!   connections and undoes what a client left on returned ones; `upstream::lane` the routing
-//!   book of a connection shared by several clients (its IO is not built yet).
+//!   connections and undoes what a client left on returned ones; `upstream::lane` the lanes,
+//!   connections many clients share: a writer, a reader and the pure routing book
+//!   (`lane::book`) that hands each reply to the client that asked.
 //! * [`metrics`], [`events`], [`health`], [`admin`], [`logs`]: what operators see: every
 //!   metric, the security events, readiness, the admin listener serving /metrics, /healthz,
 //!   /readyz, and logs that never hold up serving.

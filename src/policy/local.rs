@@ -1,7 +1,8 @@
 //! What a client on a shared lane is answered by redcloak itself, and the
 //! connection state redcloak keeps for it meanwhile: the handshakes that
 //! clients send on connecting (CLIENT SETNAME, GETNAME, SETINFO, SELECT) must
-//! not cost them a connection of their own. CLIENT SETINFO goes to Redis on
+//! not cost them a connection of their own (CLIENT MAINT_NOTIFICATIONS is
+//! answered as Redis 7 does: redcloak relays no maintenance pushes). CLIENT SETINFO goes to Redis on
 //! the lane (Redis before 7.2 refuses it; either way it only labels the
 //! connection). CLIENT ID is not answered here: clients pass the id to
 //! CLIENT TRACKING REDIRECT and CLIENT KILL ID, which need Redis's own, so
@@ -16,10 +17,15 @@
 use super::Action;
 use crate::resp;
 use bytes::{Bytes, BytesMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A client's connection state as redcloak keeps it on lanes.
 #[derive(Debug, Default, Clone)]
 pub struct LocalState {
+    /// redcloak's own id for the client, as HELLO reports it.
+    pub id: u64,
+    /// HELLO 3 was answered: the client speaks RESP3 (its lanes do too).
+    pub resp3: bool,
     pub name: Option<Bytes>,
     pub lib_name: Option<Bytes>,
     pub lib_version: Option<Bytes>,
@@ -27,11 +33,28 @@ pub struct LocalState {
     pub database: u32,
 }
 
+/// redcloak's client ids, for HELLO on lanes.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 impl LocalState {
+    /// A new client's state, with its own id.
+    pub fn new() -> LocalState {
+        LocalState {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            ..LocalState::default()
+        }
+    }
+
+    /// 2 or 3.
+    pub fn protocol(&self) -> u8 {
+        if self.resp3 { 3 } else { 2 }
+    }
+
     /// Whether Redis needs to be told anything when the client moves to a
     /// connection of its own.
     pub fn is_default(&self) -> bool {
-        self.name.is_none()
+        !self.resp3
+            && self.name.is_none()
             && self.lib_name.is_none()
             && self.lib_version.is_none()
             && self.database == 0
@@ -66,6 +89,13 @@ pub fn answer(args: &[Bytes], state: &mut LocalState) -> Option<Action> {
             state.name = (!name.is_empty()).then(|| name.clone());
             Action::AnswerOk
         }),
+        // Maintenance notifications (Redis 8) would push frames on the
+        // connection; redcloak follows its upstream itself and relays none,
+        // so it answers as a Redis without them does (redis-py carries on).
+        (b"maint_notifications", _) => Some(Action::AnswerError(format!(
+            "ERR unknown subcommand '{}'. Try CLIENT HELP.",
+            super::shown(subcommand)
+        ))),
         (b"setinfo", [attribute, value]) => {
             let attribute = attribute.to_ascii_lowercase();
             let slot = match attribute.as_slice() {
@@ -102,6 +132,35 @@ pub fn select(args: &[Bytes]) -> Option<u32> {
     std::str::from_utf8(index).ok()?.parse().ok()
 }
 
+/// The HELLO reply for a client on a lane: Redis's own reply to HELLO in
+/// that protocol (server, version, mode, role, modules), with the client's
+/// id in place of the lane's. `None` when `server` is not a HELLO reply.
+pub fn hello_reply(server: &[u8], id: u64) -> Option<Bytes> {
+    let (header, elements) = resp::aggregate_elements(server, &resp::Limits::default())?;
+    if elements.len() % 2 != 0 {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(server.len() + 16);
+    out.extend_from_slice(header);
+    for pair in elements.chunks(2) {
+        out.extend_from_slice(pair[0]);
+        if resp::bulk_body(pair[0]) == Some(b"id") {
+            out.extend_from_slice(format!(":{id}\r\n").as_bytes());
+        } else {
+            out.extend_from_slice(pair[1]);
+        }
+    }
+    Some(out.freeze())
+}
+
+/// The name a HELLO ... SETNAME name sets (the arguments as forwarded).
+pub fn hello_name(args: &[Bytes]) -> Option<&Bytes> {
+    args.windows(2)
+        .skip(2)
+        .find(|pair| pair[0].eq_ignore_ascii_case(b"setname"))
+        .map(|pair| &pair[1])
+}
+
 /// Redis's rule for names and library attributes: printable ASCII, no spaces.
 fn valid_attribute(value: &[u8]) -> bool {
     value.iter().all(|&b| (b'!'..=b'~').contains(&b))
@@ -113,6 +172,9 @@ fn valid_attribute(value: &[u8]) -> bool {
 pub fn replay(state: &LocalState) -> Vec<(Vec<Bytes>, bool)> {
     let mut commands = Vec::new();
     let command = |args: &[&[u8]]| args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
+    if state.resp3 {
+        commands.push((command(&[b"HELLO", b"3"]), true));
+    }
     if state.database != 0 {
         let database = state.database.to_string();
         commands.push((command(&[b"SELECT", database.as_bytes()]), true));
@@ -171,6 +233,16 @@ mod tests {
         assert_eq!(ask(&["CLIENT", "SETINFO", "LIB-VER", "a b"]), b"forwarded");
         assert!(ask(&["CLIENT", "SETNAME", "two words"]).starts_with(b"-ERR Client names"));
         assert_eq!(ask(&["CLIENT", "SETNAME", ""]), b"+OK\r\n");
+        assert_eq!(
+            ask(&[
+                "CLIENT",
+                "MAINT_NOTIFICATIONS",
+                "ON",
+                "moving-endpoint-type",
+                "internal-ip"
+            ]),
+            b"-ERR unknown subcommand 'MAINT_NOTIFICATIONS'. Try CLIENT HELP.\r\n"
+        );
         assert_eq!(state.name, None);
         assert_eq!(state.lib_name.as_deref(), Some(&b"redis-py"[..]));
         assert_eq!(state.lib_version.as_deref(), Some(&b"8.0.0"[..]));

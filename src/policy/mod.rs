@@ -271,7 +271,9 @@ impl Policy {
             return self.unknown_commands == UnknownCommands::Pass;
         };
         match row.class {
-            Class::Connection(Handling::Auth | Handling::Quit) => false,
+            // HELLO 2 or 3 is answered on the lane (after classify, which
+            // checks its AUTH); another version goes to Redis from there.
+            Class::Connection(Handling::Auth | Handling::Quit | Handling::Hello) => false,
             // Outside MULTI, Redis answers them with its own error.
             Class::Connection(Handling::Exec | Handling::Discard) => false,
             Class::Connection(_) => true,
@@ -351,7 +353,7 @@ impl Policy {
     pub fn new_connection(&self) -> RequestState {
         RequestState {
             authenticated: !self.client_auth.is_required(),
-            local: local::LocalState::default(),
+            local: local::LocalState::new(),
             in_multi: false,
             multi_failed: false,
         }

@@ -1,9 +1,11 @@
 //! Listeners, the accept loop, and one task per client: it gets a slot
 //! from [`admission`] (connection limits; the oldest silent connection
 //! gives way when all are taken), finishes the TLS handshake, waits for
-//! the client's first bytes, then takes an upstream connection from the
-//! pool, runs the session, gives the connection back, and, when the session
-//! parked the client, waits for its next request to start the next session. Everything that can be wrong
+//! the client's first bytes, then serves it on a lane of its database; when
+//! the session pins the client, on a connection of its own from the pool
+//! (its lane state replayed there, the connection given back after), and,
+//! when the session parked the client, waits for its next request to serve
+//! it on a lane again. Everything that can be wrong
 //! in the configuration (certificates, keys, names) is checked in
 //! [`Server::bind`], before any listener opens.
 //!
@@ -521,7 +523,11 @@ async fn serve<C>(
     loop {
         let (result, next_client) = match (&shared.lanes, pinned) {
             (Some(lanes), false) => {
-                let key = LaneKey::database(client.local_state().database);
+                let local = client.local_state();
+                let key = LaneKey {
+                    database: local.database,
+                    protocol: local.protocol(),
+                };
                 let lane = match lanes.attach(key).await {
                     Ok(lane) => lane,
                     Err(err) => return upstream_unavailable(shared, client, &peer, &err).await,

@@ -1,13 +1,14 @@
-//! One client connection and its own upstream connection, 1:1 while the
-//! client stays (the connection may come from, and go back to, the pool).
+//! One client connection, served on a shared lane or on an upstream
+//! connection of its own (the connection may come from, and go back to, the
+//! pool).
 //!
 //! ```text
-//!   client ──read──▶ RequestParser ─▶ Policy::classify ─▶ seal ─▶ upstream (re-encoded)
+//!   client ──read──▶ RequestParser ─▶ Policy::classify ─▶ seal ─▶ RequestSink (lane or own connection)
 //!                                          │ Entry (plan or answer)
 //!                                          ▼
 //!                               FIFO (bounded: limits.max_pending_requests)
 //!                                          │
-//!   client ◀─write── Replies (pipeline.rs) ◀── ReplyScanner ◀──read── upstream
+//!   client ◀─write── Replies (pipeline.rs) ◀── ReplyScanner ◀──read── lane frames / upstream
 //! ```
 //!
 //! The request half is `requests.rs`, the reply half `replies.rs` (with
@@ -17,16 +18,25 @@
 //! requests (the flush log below only carries timings), and its capacity is
 //! the pending-request limit: when it is full the request
 //! half stops reading the client, and while the client does not read its
-//! replies the reply half stops reading Redis, so memory per connection stays
-//! bounded whatever the client does. Writes go out once per batch of frames.
+//! replies the reply half stops reading Redis (or its lane's frames, which
+//! queue for it), so memory per connection stays bounded whatever the
+//! client does. Writes go out once per batch of frames.
+//!
+//! On a lane ([`run_on_lane`]), redcloak answers SELECT and CLIENT
+//! SETNAME/GETNAME itself (`policy::local`), and a request that needs the
+//! connection itself ends the session with [`Next::Pin`]: the request is put
+//! back in front of the client's unread input, what is pending is
+//! delivered, and the server serves the client again on a connection of its
+//! own ([`run`]), its lane state replayed there.
 //!
 //! Ends: the client closing its sending side (EOF), QUIT, a client protocol
 //! error and shutdown stop the request half and let the reply half deliver
 //! what is pending (a client that stopped sending waits for nothing longer
 //! than `upstream.request_timeout`); a client connection error ends
-//! everything at once; losing Redis, Redis not answering within
+//! everything at once; losing Redis or the lane, Redis not answering within
 //! `upstream.request_timeout`, or a reply that contradicts its request
-//! answers every pending request with an error and closes the client.
+//! answers every pending request with an error and closes the client (and
+//! poisons its lane).
 //!
 //! Deadlines: a request must arrive whole within `limits.request_read_timeout`;
 //! an optional `listen.idle_timeout` closes quiet clients. Memory: both halves
@@ -36,10 +46,10 @@
 //! Parking: a client that has only used commands that leave nothing on the
 //! upstream connection ([`Leaves::Nothing`]), and that has been quiet for
 //! `upstream.release_idle_after` with every request answered, gives its
-//! upstream connection back: the session ends with the client *parked*, and
-//! the server starts a new session, on a connection from the pool, when the
+//! upstream connection (or lane) back: the session ends with the client
+//! *parked*, and the server starts a new session, on a lane, when the
 //! client sends again. What the proxy remembers of the client (its login,
-//! bytes read while parked) lives in [`Client`] and carries over.
+//! lane state, bytes read while parked) lives in [`Client`] and carries over.
 //!
 //! Counting: every request's entry carries a [`Tally`] (command, when it was
 //! read). The request half logs when each batch left for Redis
@@ -323,6 +333,7 @@ where
     let (result, upstream_idle, next) = {
         let (fifo_in, fifo_out) = mpsc::channel(ctx.max_pending_requests);
         let shared = Shared::default();
+        let protocol = state.local.protocol();
         let requests = Requests {
             ctx,
             peer,
@@ -345,6 +356,7 @@ where
             fifo: fifo_out,
             shared: &shared,
             on_lane,
+            protocol,
         }
         .deliver();
         let (client_gone, client_done, upstream_failed) = (

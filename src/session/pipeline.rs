@@ -37,6 +37,13 @@ pub enum Entry {
     /// Forwarded upstream; its reply follows the plan. `None`: the proxy's
     /// own request (the login after RESET), not counted as a command.
     Await(ReplyPlan, Option<Tally>),
+    /// HELLO answered by the proxy for a client on a lane: delivered when
+    /// its turn comes, and the replies after it are in `protocol`.
+    Hello {
+        reply: Bytes,
+        protocol: u8,
+        tally: Tally,
+    },
     /// Answered by the proxy itself; delivered when its turn comes.
     Answer {
         reply: Bytes,
@@ -131,6 +138,13 @@ impl Replies {
         }
     }
 
+    /// Replies start in `protocol` (a client that said HELLO 3 on a lane,
+    /// now on a connection that was told so).
+    pub fn speaking(mut self, protocol: u8) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
     /// Moves the entries answered since the last call into `into`.
     pub fn take_done(&mut self, into: &mut Vec<Done>) {
         into.append(&mut self.done);
@@ -146,6 +160,21 @@ impl Replies {
     pub fn accept(&mut self, entry: Entry, out: &mut BytesMut) -> Flow {
         debug_assert!(self.head.is_none());
         match entry {
+            Entry::Hello {
+                reply,
+                protocol,
+                tally,
+            } => {
+                out.extend_from_slice(&reply);
+                self.protocol = protocol;
+                self.done.push(Done {
+                    tally: Some(tally),
+                    outcome: Outcome::Ok,
+                    forwarded: false,
+                    failures: Vec::new(),
+                });
+                Flow::Continue
+            }
             Entry::Answer {
                 reply,
                 then_close,

@@ -33,6 +33,8 @@ pub(super) struct ReplyHalf<'a, R, W> {
     pub(super) shared: &'a Shared,
     /// Reading a lane's frames (counted in the budget already).
     pub(super) on_lane: bool,
+    /// The protocol the client speaks when the session starts.
+    pub(super) protocol: u8,
 }
 
 impl<R, W> ReplyHalf<'_, R, W>
@@ -54,6 +56,7 @@ where
             mut fifo,
             shared,
             on_lane,
+            protocol,
         } = self;
         let Shared {
             flushes,
@@ -71,7 +74,8 @@ where
             ctx.policy.keyring().clone(),
             ctx.policy.rules().clone(),
             ctx.reply_limits.clone(),
-        );
+        )
+        .speaking(protocol);
         let mut answered = Answered::default();
         let mut requests_done = false;
         let failed = upstream_failed.cancelled();
@@ -249,7 +253,9 @@ async fn fail_pending<W: AsyncWrite + Unpin>(
     while let Ok(entry) = fifo.try_recv() {
         match entry {
             Entry::Await(..) => output.extend_from_slice(&failed),
-            Entry::Answer { reply, .. } => output.extend_from_slice(&reply),
+            Entry::Answer { reply, .. } | Entry::Hello { reply, .. } => {
+                output.extend_from_slice(&reply)
+            }
         }
     }
     if write_client(ctx, client, output).await.is_ok() {

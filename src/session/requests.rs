@@ -41,12 +41,15 @@ pub(super) trait RequestSink {
         requests: usize,
     ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send;
 
-    /// SELECT on a lane: `Ok(Err(text))` is Redis's refusal. Never called
-    /// on a connection of its own, which forwards SELECT.
-    fn select(
+    /// SELECT or HELLO on a lane: moves to the lanes of `database` speaking
+    /// `protocol`; `Ok(Ok(hello))` holds Redis's HELLO reply in it,
+    /// `Ok(Err(text))` Redis's refusal. Never called on a connection of its
+    /// own, which forwards SELECT and HELLO.
+    fn switch(
         &mut self,
         database: u32,
-    ) -> impl std::future::Future<Output = Result<Result<(), String>, SessionError>> + Send;
+        protocol: u8,
+    ) -> impl std::future::Future<Output = Result<Result<Bytes, String>, SessionError>> + Send;
 }
 
 /// A session's own upstream connection.
@@ -61,10 +64,8 @@ impl<W: AsyncWrite + Unpin + Send> RequestSink for Direct<'_, W> {
         self.0.flush().await.map_err(SessionError::Upstream)
     }
 
-    async fn select(&mut self, _database: u32) -> Result<Result<(), String>, SessionError> {
-        Ok(Err(
-            "ERR redcloak: SELECT is forwarded on this connection".into()
-        ))
+    async fn switch(&mut self, _: u32, _: u8) -> Result<Result<Bytes, String>, SessionError> {
+        Ok(Err("ERR redcloak: forwarded on this connection".into()))
     }
 }
 
@@ -78,9 +79,13 @@ impl RequestSink for LaneRequests {
             })
     }
 
-    async fn select(&mut self, database: u32) -> Result<Result<(), String>, SessionError> {
-        match LaneRequests::select(self, database).await {
-            Ok(()) => Ok(Ok(())),
+    async fn switch(
+        &mut self,
+        database: u32,
+        protocol: u8,
+    ) -> Result<Result<Bytes, String>, SessionError> {
+        match LaneRequests::switch(self, database, protocol).await {
+            Ok(hello) => Ok(Ok(hello)),
             Err(LaneOpenError::Refused(text)) => Ok(Err(text)),
             Err(err) => Err(SessionError::UpstreamUnavailable(err.to_string())),
         }
@@ -223,8 +228,9 @@ impl<W: RequestSink> Requests<'_, W> {
                 {
                     // Replies to what came before are awaited on the old lane first.
                     self.flush().await?;
-                    let action = match self.upstream.select(database).await? {
-                        Ok(()) => {
+                    let protocol = state.local.protocol();
+                    let action = match self.upstream.switch(database, protocol).await? {
+                        Ok(_) => {
                             state.local.database = database;
                             Action::AnswerOk
                         }
@@ -234,12 +240,7 @@ impl<W: RequestSink> Requests<'_, W> {
                     continue;
                 }
                 if self.on_lane && ctx.policy.needs_own_connection(row, &request.args) {
-                    // Read again, first, on the connection the client moves to.
-                    let mut again = BytesMut::with_capacity(input.len() + 64);
-                    resp::encode_command(&mut again, &request.args);
-                    again.extend_from_slice(input);
-                    *input = again;
-                    self.flush().await?;
+                    self.pin(&request, input).await?;
                     return Ok(RequestsEnd::Pin);
                 }
                 if let Some(remaining) = self.lockout_refusal(&request) {
@@ -249,6 +250,41 @@ impl<W: RequestSink> Requests<'_, W> {
                     continue;
                 }
                 let action = ctx.policy.classify_as(row, &request, state);
+                // HELLO 2 or 3 on a lane is answered here, from Redis's own
+                // reply on a lane of that protocol; another version pins.
+                if self.on_lane
+                    && let Action::Rewrite(args, ReplyPlan::Hello { protocol }) = &action
+                {
+                    let protocol = protocol.unwrap_or(state.local.protocol());
+                    if !matches!(protocol, 2 | 3) {
+                        self.pin(&request, input).await?;
+                        return Ok(RequestsEnd::Pin);
+                    }
+                    self.flush().await?;
+                    let database = state.local.database;
+                    match self.upstream.switch(database, protocol).await? {
+                        Ok(hello) => {
+                            let local = &mut state.local;
+                            let reply = policy::local::hello_reply(&hello, local.id)
+                                .ok_or_else(|| SessionError::UpstreamFraming("HELLO".into()))?;
+                            local.resp3 = protocol == 3;
+                            if let Some(name) = policy::local::hello_name(args) {
+                                local.name = (!name.is_empty()).then(|| name.clone());
+                            }
+                            let entry = Entry::Hello {
+                                reply,
+                                protocol,
+                                tally,
+                            };
+                            self.enqueue(entry).await?;
+                        }
+                        Err(refused) => {
+                            let outcome = Some((tally, Outcome::RedisError));
+                            self.answer(error_reply(&refused), false, outcome).await?;
+                        }
+                    }
+                    continue;
+                }
                 if action.forwards() {
                     *self.leaves = (*self.leaves).max(table::leaves(row));
                 }
@@ -267,6 +303,17 @@ impl<W: RequestSink> Requests<'_, W> {
             };
             self.flush().await?;
         }
+    }
+
+    /// Puts `request` back in front of the unread input, to be read again
+    /// first on the connection the client moves to, and sends what is
+    /// encoded for the lane.
+    async fn pin(&mut self, request: &Request, input: &mut BytesMut) -> Result<(), SessionError> {
+        let mut again = BytesMut::with_capacity(input.len() + 64);
+        resp::encode_command(&mut again, &request.args);
+        again.extend_from_slice(input);
+        *input = again;
+        self.flush().await
     }
 
     /// Every request read has been answered and written to the client.

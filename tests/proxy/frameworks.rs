@@ -215,3 +215,48 @@ async fn socketio_broadcasts_between_two_servers_with_messages_encrypted() {
     let needles: &[&[u8]] = &[b"socketio-broadcast-secret"];
     assert_no_plaintext(&redis, &published, needles).await;
 }
+
+/// The connect handshakes of real clients keep them on the shared lanes:
+/// redis-py 8 (RESP2: CLIENT SETINFO twice; RESP3: HELLO 3 and SETINFO),
+/// node-redis 5 (SETINFO) and ioredis 6 (HELLO 3, SETINFO, INFO) are never
+/// pinned; Redis sees one connection from redcloak per protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_libraries_handshakes_keep_them_on_the_lane() {
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .upstream("lanes", "1")
+        .tail("[metrics]\naddress = \"127.0.0.1:0\"\n");
+    let proxy = redis.start_proxy(&config).await;
+    let port = proxy.addr().port().to_string();
+    let python = frameworks().join("venv/bin/python");
+    let node = PathBuf::from("node");
+    let runs: [(&PathBuf, [&str; 3], bool); 4] = [
+        (&python, ["handshakes.py", &port, "2"], false),
+        (&node, ["handshakes.js", &port, "node-redis"], false),
+        (&python, ["handshakes.py", &port, "3"], false),
+        (&node, ["handshakes.js", &port, "ioredis"], false),
+    ];
+    let mut pins = 0.0;
+    for (program, args, pinned) in runs {
+        let out = run_example(program.clone(), args.map(String::from).to_vec()).await;
+        assert!(out.contains("ok"), "{args:?}: {out}");
+        pins += if pinned { 1.0 } else { 0.0 };
+        let metrics = proxy.scrape().await;
+        assert_eq!(
+            metric(&metrics, "redcloak_client_pins_total"),
+            Some(pins),
+            "{args:?}"
+        );
+    }
+    // One RESP2 lane, one RESP3 lane.
+    let metrics = proxy.scrape().await;
+    assert_eq!(metric(&metrics, "redcloak_upstream_lanes_open"), Some(2.0));
+    let metrics = proxy.scrape().await;
+    let setinfo = metric(
+        &metrics,
+        "redcloak_commands_total{command=\"client\",outcome=\"redis_error\"}",
+    );
+    // Redis 7.0 refuses SETINFO; the clients carried on regardless.
+    assert!(setinfo >= Some(3.0), "{setinfo:?}");
+}

@@ -118,6 +118,65 @@ async fn connect_handshakes_are_answered_on_the_lane_and_pinning_replays_them() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_is_answered_on_a_lane_of_its_protocol_and_replayed_when_pinned() {
+    let redis = TestRedis::start().await;
+    let config = redis.config().upstream("lanes", "1").tail(METRICS);
+    let proxy = redis.start_proxy(&config).await;
+    let mut admin = redis.admin().await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"HSET", b"lane:h", b"f", b"v"]).await, b":1\r\n");
+    let hello = c.call(&[b"HELLO", b"3", b"SETNAME", b"resp3-app"]).await;
+    assert!(hello.starts_with(b"%7\r\n"), "{hello:?}");
+    let fields = texts(&hello);
+    let field = |name: &str| {
+        let at = fields.iter().position(|f| f == name).expect(name);
+        fields[at + 1].clone()
+    };
+    assert_eq!(field("proto"), "3");
+    assert_eq!(field("server"), "redis");
+    assert_ne!(field("id"), "0");
+    // RESP3 from here on: a map for HGETALL, a null for a missing key.
+    assert_reply(
+        &c.call(&[b"HGETALL", b"lane:h"]).await,
+        b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n",
+    );
+    assert_reply(&c.call(&[b"GET", b"lane:none"]).await, b"_\r\n");
+    assert_reply(
+        &c.call(&[b"CLIENT", b"GETNAME"]).await,
+        b"$9\r\nresp3-app\r\n",
+    );
+    // Back to RESP2, on the RESP2 lane.
+    let hello = c.call(&[b"HELLO", b"2"]).await;
+    assert!(hello.starts_with(b"*14\r\n"), "{hello:?}");
+    assert_reply(&c.call(&[b"GET", b"lane:none"]).await, b"$-1\r\n");
+    assert_eq!(redcloak_connections(&mut admin).await.len(), 2);
+    // HELLO 3, then a subscription: pinned, in RESP3, with its name.
+    c.call(&[b"HELLO", b"3"]).await;
+    let confirmed = c.call(&[b"SUBSCRIBE", b"plain:news"]).await;
+    assert!(confirmed.starts_with(b">3\r\n"), "{confirmed:?}");
+    let list = admin
+        .call(&[&b"CLIENT"[..], b"LIST", b"TYPE", b"pubsub"])
+        .await;
+    let pinned = texts(&list).concat();
+    let pinned: Vec<&str> = pinned.lines().collect();
+    assert!(
+        pinned
+            .iter()
+            .any(|line| line.contains(" name=resp3-app ") && line.ends_with(" resp=3")),
+        "{pinned:?}"
+    );
+    let mut publisher = proxy.raw().await;
+    publisher.call(&[b"PUBLISH", b"plain:news", b"hi"]).await;
+    let message = c.read().await;
+    assert_eq!(texts(&message), ["message", "plain:news", "hi"]);
+    let metrics = proxy.scrape().await;
+    assert_eq!(metric(&metrics, "redcloak_client_pins_total"), Some(1.0));
+    // HELLO 4 is Redis's to refuse, from the client's own connection.
+    let mut other = proxy.raw().await;
+    assert_error(&other.call(&[b"HELLO", b"4"]).await, "-NOPROTO");
+}
+
 /// A small deterministic generator (no shared randomness between clients).
 struct Dice(u64);
 

@@ -31,8 +31,8 @@ pub mod book;
 use crate::metrics::Metrics;
 use crate::resp::{Limits, ReplyScanner};
 use crate::session::memory::BufferBudget;
-use crate::upstream::UpstreamError;
 use crate::upstream::pool::Pool;
+use crate::upstream::{UpstreamError, UpstreamStream};
 use book::{Book, ClientKey, Poison, Route};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
@@ -525,6 +525,13 @@ impl Lane {
     }
 }
 
+/// Redis's error reply as text, without its `-`.
+fn refusal(reply: &[u8]) -> String {
+    String::from_utf8_lossy(reply.trim_ascii_end())
+        .trim_start_matches('-')
+        .to_owned()
+}
+
 /// Sleeps until a wall-clock time (`None`: forever).
 async fn until(when: Option<SystemTime>) {
     match when {
@@ -544,6 +551,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<Arc<Lane>>>>;
 /// when first needed and again after a lane is lost.
 pub struct Lanes {
     pool: Arc<Pool>,
+    /// Redis's HELLO reply per protocol, from the last lane opened in it.
+    hellos: Mutex<HashMap<u8, Bytes>>,
     budget: Arc<BufferBudget>,
     per_key: usize,
     slots: Mutex<HashMap<LaneKey, Vec<Slot>>>,
@@ -570,6 +579,7 @@ impl Lanes {
         };
         Arc::new(Lanes {
             pool,
+            hellos: Mutex::new(HashMap::new()),
             budget,
             per_key: per_key.max(1),
             slots: Mutex::new(HashMap::new()),
@@ -598,24 +608,9 @@ impl Lanes {
             return Ok(lane.clone());
         }
         let mut stream = self.pool.take().await.map_err(LaneOpenError::Upstream)?;
-        if key.database != 0 {
-            let timeout = self.pool.upstream().settings().connect_timeout;
-            let database = key.database.to_string();
-            let reply =
-                crate::upstream::call(&mut stream, &[b"SELECT", database.as_bytes()], timeout)
-                    .await
-                    .map_err(LaneOpenError::Setup);
-            if !matches!(&reply, Ok(reply) if &reply[..] == b"+OK\r\n") {
-                self.pool.give_back(None).await;
-                return Err(match reply {
-                    Ok(refused) => LaneOpenError::Refused(
-                        String::from_utf8_lossy(refused.trim_ascii_end())
-                            .trim_start_matches('-')
-                            .to_owned(),
-                    ),
-                    Err(err) => err,
-                });
-            }
+        if let Err(err) = self.set_up(&mut stream, key).await {
+            self.pool.give_back(None).await;
+            return Err(err);
         }
         let expires = stream
             .get_ref()
@@ -635,6 +630,43 @@ impl Lanes {
         );
         *slot = Some(lane.clone());
         Ok(lane)
+    }
+
+    /// Puts a new lane's connection in its key's protocol (HELLO, whose
+    /// reply is kept for the clients' own HELLO) and database.
+    async fn set_up(&self, stream: &mut UpstreamStream, key: LaneKey) -> Result<(), LaneOpenError> {
+        let timeout = self.pool.upstream().settings().connect_timeout;
+        let protocol = key.protocol.to_string();
+        let hello = crate::upstream::call(stream, &[b"HELLO", protocol.as_bytes()], timeout)
+            .await
+            .map_err(LaneOpenError::Setup)?;
+        let expected = if key.protocol == 3 { b'%' } else { b'*' };
+        if hello.first() != Some(&expected) {
+            return Err(LaneOpenError::Setup(refusal(&hello)));
+        }
+        self.hellos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.protocol, hello);
+        if key.database != 0 {
+            let database = key.database.to_string();
+            let reply = crate::upstream::call(stream, &[b"SELECT", database.as_bytes()], timeout)
+                .await
+                .map_err(LaneOpenError::Setup)?;
+            if &reply[..] != b"+OK\r\n" {
+                return Err(LaneOpenError::Refused(refusal(&reply)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Redis's HELLO reply in `protocol`, as a lane last heard it.
+    pub fn hello(&self, protocol: u8) -> Option<Bytes> {
+        self.hellos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&protocol)
+            .cloned()
     }
 
     /// Attaches a new client to a lane of `key`.
@@ -721,16 +753,16 @@ impl LaneRequests {
         Ok(())
     }
 
-    /// SELECT on a lane: makes sure a lane on `database` can be had (Redis
-    /// refuses an index out of range), then sends what follows there.
-    pub async fn select(&mut self, database: u32) -> Result<(), LaneOpenError> {
-        let key = LaneKey {
-            database,
-            ..self.key
-        };
+    /// SELECT or HELLO on a lane: makes sure a lane on `database` speaking
+    /// `protocol` can be had (Redis refuses an index out of range), then
+    /// sends what follows there. Returns Redis's HELLO reply in `protocol`.
+    pub async fn switch(&mut self, database: u32, protocol: u8) -> Result<Bytes, LaneOpenError> {
+        let key = LaneKey { database, protocol };
         self.lanes.lane(key, self.client.id).await?;
         self.key = key;
-        Ok(())
+        self.lanes
+            .hello(protocol)
+            .ok_or_else(|| LaneOpenError::Setup("no HELLO reply kept".into()))
     }
 
     /// Poisons this client's lane (its session found a reply contradicting
