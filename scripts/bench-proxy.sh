@@ -27,6 +27,8 @@ profile = "development"
 [listen]
 address = "127.0.0.1:$PROXY_PORT"
 max_connections = 20000
+# Every load client connects from 127.0.0.1.
+max_connections_per_peer = 20000
 
 [upstream]
 address = "${REDIS_HOST:-127.0.0.1}:$REDIS_TLS_PORT"
@@ -40,7 +42,7 @@ password_file = "redis-password"
 # design before lanes), BENCH_RELEASE_IDLE_AFTER (upstream.release_idle_after).
 ${BENCH_POOL_IDLE:+pool_idle = $BENCH_POOL_IDLE}
 ${BENCH_LANES:+lanes = $BENCH_LANES}
-${BENCH_RELEASE_IDLE_AFTER:+release_idle_after = "$BENCH_RELEASE_IDLE_AFTER"}
+${BENCH_RELEASE_IDLE_AFTER:+release_idle_after = \"$BENCH_RELEASE_IDLE_AFTER\"}
 
 [encryption]
 primary = 1

@@ -90,6 +90,19 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const READ_CHUNK: usize = 16 * 1024;
+/// What a buffer reserves for a read after one that did not fill it: an
+/// idle client holds little, a busy one grows to [`READ_CHUNK`].
+const SMALL_READ: usize = 2 * 1024;
+
+/// Room to reserve for the next read into `buf`, given how much the last
+/// read brought.
+fn next_read(last_read: usize) -> usize {
+    if last_read >= SMALL_READ {
+        READ_CHUNK
+    } else {
+        SMALL_READ
+    }
+}
 /// Reply buffers larger than this are freed once empty, not kept.
 const KEPT_BUFFER: usize = 1024 * 1024;
 /// What a parked client's first read may bring.
@@ -340,7 +353,7 @@ where
             upstream: upstream_writer,
             on_lane,
             fifo: fifo_in,
-            output: BytesMut::with_capacity(READ_CHUNK),
+            output: BytesMut::new(),
             unsent: Vec::new(),
             shared: &shared,
             leaves: &mut leaves,

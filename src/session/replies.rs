@@ -6,7 +6,7 @@
 
 use super::pipeline::{Entry, Flow, Replies};
 use super::tally::{Answered, FlushLog};
-use super::{KEPT_BUFFER, READ_CHUNK, SessionContext, SessionError, Shared, error_reply, watchdog};
+use super::{KEPT_BUFFER, SessionContext, SessionError, Shared, error_reply, next_read, watchdog};
 use crate::resp::ReplyScanner;
 use crate::session::Peer;
 use bytes::BytesMut;
@@ -66,8 +66,9 @@ where
             client_done,
             client_moving: moving,
         } = shared;
-        let mut input = BytesMut::with_capacity(READ_CHUNK);
-        let mut output = BytesMut::with_capacity(READ_CHUNK);
+        let mut input = BytesMut::new();
+        let mut output = BytesMut::new();
+        let mut last_read = 0;
         let mut held = ctx.buffers.account();
         let mut scanner = ReplyScanner::default();
         let mut replies = Replies::new(
@@ -122,7 +123,7 @@ where
             if output.capacity() > KEPT_BUFFER {
                 output = BytesMut::new();
             }
-            input.reserve(READ_CHUNK);
+            input.reserve(next_read(last_read));
             held.set(input.capacity() + output.capacity());
             let over_budget = ctx.buffers.over();
             quiet.store(replies.needs_entry() && input.is_empty(), Ordering::Relaxed);
@@ -153,6 +154,7 @@ where
                     Ok(0) => Some(SessionError::UpstreamClosed),
                     Ok(read) => {
                         ctx.metrics.upstream_received.increment(read as u64);
+                        last_read = read;
                         None
                     }
                     Err(err) if crate::upstream::lane::is_lost(&err) => {

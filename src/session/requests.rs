@@ -5,7 +5,7 @@
 
 use super::pipeline::{Entry, Flow, Tally};
 use super::quiet::QuietTimer;
-use super::{OK, READ_CHUNK, SessionError, Shared, error_reply, seal, watchdog};
+use super::{OK, SessionError, Shared, error_reply, next_read, seal, watchdog};
 use crate::events;
 use crate::metrics::Outcome;
 use crate::policy::table::{self, Blocks, Leaves};
@@ -126,6 +126,8 @@ impl<W: RequestSink> Requests<'_, W> {
         let mut parser = RequestParser::default();
         // A parked client's first bytes are already in `input`.
         let mut read = input.len();
+        // How much the last read brought (the next one reserves after it).
+        let mut last_size = 0;
         let mut last_read = Instant::now();
         let mut park = QuietTimer::new(ctx.release_idle_after.unwrap_or_default());
         let mut idle = QuietTimer::new(ctx.idle_timeout.unwrap_or_default());
@@ -148,7 +150,7 @@ impl<W: RequestSink> Requests<'_, W> {
                         _ = ctx.buffers.wait_under() => {}
                     }
                 }
-                input.reserve(READ_CHUNK);
+                input.reserve(next_read(last_size));
                 let parkable = ctx.release_idle_after.is_some() && *self.leaves == Leaves::Nothing;
                 // Like Redis's `timeout`: not for subscribers or blocked clients.
                 let idles_out = ctx.idle_timeout.is_some() && !self.subscribed;
@@ -191,6 +193,7 @@ impl<W: RequestSink> Requests<'_, W> {
                 }
             }
             ctx.metrics.client_received.increment(read as u64);
+            last_size = read;
             read = 0;
             let received = Instant::now();
             last_read = received;

@@ -356,3 +356,61 @@ async fn under_chaos_no_client_ever_receives_another_clients_value() {
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
 }
+
+/// Transactions pin their clients to pool connections, which stay theirs:
+/// 2,000 MULTI/EXEC from a handful of clients open no new upstream TLS
+/// connection once those are pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_open_no_new_upstream_connections() {
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .upstream("lanes", "1")
+        .upstream("pool_idle", "16")
+        .tail(METRICS);
+    let proxy = redis.start_proxy(&config).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut c = proxy.raw().await;
+        assert_reply(&c.call(&[b"MULTI"]).await, b"+OK\r\n");
+        assert_reply(&c.call(&[b"DISCARD"]).await, b"+OK\r\n");
+        clients.push(c);
+    }
+    let opened = || async {
+        metric(&proxy.scrape().await, "redcloak_upstream_connections_total").unwrap_or(-1.0)
+    };
+    // The pool refills what the pins took, then holds still.
+    let settled = until("the pool settles", || async {
+        let before = opened().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        (opened().await == before).then_some(before)
+    })
+    .await;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                let key = format!("plain:tx:{i}");
+                for _ in 0..250 {
+                    let mut pipeline = bytes::BytesMut::new();
+                    for args in [&[&b"MULTI"[..]][..], &[b"INCR", key.as_bytes()], &[b"EXEC"]] {
+                        redcloak::resp::encode_command(&mut pipeline, args);
+                    }
+                    c.send_raw(&pipeline).await;
+                    assert_reply(&c.read().await, b"+OK\r\n");
+                    assert_reply(&c.read().await, b"+QUEUED\r\n");
+                    assert!(c.read().await.starts_with(b"*1\r\n:"));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("transactions");
+    }
+    assert_eq!(opened().await, settled, "no upstream connection opened");
+    assert_eq!(
+        metric(&proxy.scrape().await, "redcloak_client_pins_total"),
+        Some(8.0)
+    );
+}
