@@ -220,6 +220,8 @@ pub struct RequestState {
     /// What redcloak answers itself for a client on a lane.
     pub local: local::LocalState,
     in_multi: bool,
+    /// WATCH was sent and no EXEC, DISCARD, UNWATCH or RESET since.
+    watching: bool,
     /// A command inside MULTI was refused: EXEC must fail like Redis's EXECABORT.
     multi_failed: bool,
 }
@@ -230,8 +232,15 @@ impl RequestState {
         self.authenticated
     }
 
+    /// MULTI or WATCH state is open on the connection (or will be, once
+    /// Redis answers what was sent).
+    pub fn holds_transaction(&self) -> bool {
+        self.in_multi || self.watching
+    }
+
     fn end_transaction(&mut self) {
         self.in_multi = false;
+        self.watching = false;
         self.multi_failed = false;
     }
 }
@@ -355,6 +364,7 @@ impl Policy {
             authenticated: !self.client_auth.is_required(),
             local: local::LocalState::new(),
             in_multi: false,
+            watching: false,
             multi_failed: false,
         }
     }
@@ -388,7 +398,17 @@ impl Policy {
         match (connection, state.in_multi) {
             (Some(handling), false) => self.connection(handling, args, state),
             (Some(handling), true) => self.connection_in_transaction(handling, args, state),
-            (None, false) => self.data(row, request),
+            (None, false) => {
+                let action = self.data(row, request);
+                if action.forwards() {
+                    match row.map(|row| row.name) {
+                        Some("watch") => state.watching = true,
+                        Some("unwatch") => state.watching = false,
+                        _ => {}
+                    }
+                }
+                action
+            }
             (None, true) => match self.data(row, request) {
                 Action::Forward(plan) => Action::Forward(ReplyPlan::Queued(Box::new(plan))),
                 Action::Seal(values, plan) => {

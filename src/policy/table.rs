@@ -549,14 +549,14 @@ pub static COMMANDS: &[Row] = &[
     row("decr", Class::ServerReadsValue, K1),
     row("decrby", Class::ServerReadsValue, K1),
     row("del", Class::Forward, ALL),
-    connection("discard", Handling::Discard),
+    connection("discard", Handling::Discard).leaves(Leaves::Transaction),
     row("dump", Class::ServerReadsValue, K1),
     row("echo", Class::Forward, NONE),
     row("eval", Class::Scripting(Scripting::Eval), Keys::NumKeys { at: 2, dest: false }),
     row("eval_ro", Class::Scripting(Scripting::Eval), Keys::NumKeys { at: 2, dest: false }),
     row("evalsha", Class::Scripting(Scripting::EvalSha), Keys::NumKeys { at: 2, dest: false }),
     row("evalsha_ro", Class::Scripting(Scripting::EvalSha), Keys::NumKeys { at: 2, dest: false }),
-    connection("exec", Handling::Exec),
+    connection("exec", Handling::Exec).leaves(Leaves::Transaction),
     row("exists", Class::Forward, ALL),
     row("expire", Class::Forward, K1),
     row("expireat", Class::Forward, K1),
@@ -630,7 +630,7 @@ pub static COMMANDS: &[Row] = &[
     row("move", Class::Forward, K1),
     row("mset", Class::Sealed(MSET), Keys::Range { first: 1, last: -1, step: 2 }),
     row("msetnx", Class::Sealed(MSET), Keys::Range { first: 1, last: -1, step: 2 }),
-    connection("multi", Handling::Multi),
+    connection("multi", Handling::Multi).leaves(Leaves::Transaction),
     row("object", Class::Forward, K2),
     row("persist", Class::Forward, K1),
     row("pexpire", Class::Forward, K1),
@@ -710,9 +710,9 @@ pub static COMMANDS: &[Row] = &[
     row("type", Class::Forward, K1),
     row("unlink", Class::Forward, ALL),
     connection("unsubscribe", Handling::Unsubscribe(PubSubKind::Channel)),
-    row("unwatch", Class::Forward, NONE).leaves(Leaves::Session),
+    row("unwatch", Class::Forward, NONE).leaves(Leaves::Transaction),
     row("wait", Class::Forward, NONE).blocks(Timeout::SecondMillis),
-    row("watch", Class::Forward, ALL).leaves(Leaves::Session),
+    row("watch", Class::Forward, ALL).leaves(Leaves::Transaction),
     row("xack", Class::Forward, K1),
     row("xadd", Class::Sealed(STREAM_ADD), K1),
     row("xautoclaim", Class::Sealed(STREAM_AUTOCLAIM), K1),
@@ -828,6 +828,11 @@ pub enum Leaves {
     Nothing,
     /// Another database is selected: `SELECT 0` undoes it.
     Database,
+    /// MULTI or WATCH state: EXEC, DISCARD, UNWATCH or RESET end it, and
+    /// the session knows when they have (`RequestState::holds_transaction`),
+    /// so it counts only while it lasts (a pinned client that finished its
+    /// transactions can be parked and go back to lanes).
+    Transaction,
     /// Anything else a connection remembers (MULTI, WATCH, subscriptions,
     /// tracking, names, protocol, cluster flags) or may remember (commands
     /// without a row, DEBUG): only RESET and AUTH undo it.
@@ -1141,17 +1146,14 @@ mod tests {
 
     #[test]
     fn only_plain_data_commands_leave_nothing_on_the_connection() {
-        let change_the_connection = [
-            "asking",
-            "debug",
-            "readonly",
-            "readwrite",
-            "unwatch",
-            "watch",
-        ];
+        let change_the_connection = ["asking", "debug", "readonly", "readwrite"];
+        let transaction = ["multi", "exec", "discard", "watch", "unwatch"];
         for row in COMMANDS {
             let leaves = leaves(Some(row));
             match row.class {
+                _ if transaction.contains(&row.name) => {
+                    assert_eq!(leaves, Leaves::Transaction, "{}", row.name)
+                }
                 Class::Connection(_) => assert_eq!(leaves, Leaves::Session, "{}", row.name),
                 _ if change_the_connection.contains(&row.name) => {
                     assert_eq!(leaves, Leaves::Session)
@@ -1162,7 +1164,7 @@ mod tests {
         }
         assert_eq!(leaves(lookup(b"SET")), Leaves::Nothing);
         assert_eq!(leaves(lookup(b"Client")), Leaves::Session);
-        assert_eq!(leaves(lookup(b"WATCH")), Leaves::Session);
+        assert_eq!(leaves(lookup(b"WATCH")), Leaves::Transaction);
         assert_eq!(leaves(None), Leaves::Session);
     }
 

@@ -407,6 +407,9 @@ where
             end = &mut replies => (end.map(|_| ()), false, None),
         }
     };
+    if state.holds_transaction() {
+        leaves = leaves.max(Leaves::Session);
+    }
     let client = next.map(|next| {
         let client = Client {
             stream: client_reader.unsplit(client_writer),

@@ -151,7 +151,9 @@ impl<W: RequestSink> Requests<'_, W> {
                     }
                 }
                 input.reserve(next_read(last_size));
-                let parkable = ctx.release_idle_after.is_some() && *self.leaves == Leaves::Nothing;
+                let parkable = ctx.release_idle_after.is_some()
+                    && *self.leaves == Leaves::Nothing
+                    && !state.holds_transaction();
                 // Like Redis's `timeout`: not for subscribers or blocked clients.
                 let idles_out = ctx.idle_timeout.is_some() && !self.subscribed;
                 read = tokio::select! {
@@ -288,8 +290,10 @@ impl<W: RequestSink> Requests<'_, W> {
                     }
                     continue;
                 }
-                if action.forwards() {
-                    *self.leaves = (*self.leaves).max(table::leaves(row));
+                // MULTI and WATCH count while they last (RequestState knows).
+                let leaves = table::leaves(row);
+                if action.forwards() && leaves != Leaves::Transaction {
+                    *self.leaves = (*self.leaves).max(leaves);
                 }
                 let blocks = table::blocks(row, &request.args);
                 if self.act(action, &request, tally, blocks).await? == Flow::Close {

@@ -152,7 +152,7 @@ impl Pool {
                 let mut replies = ReplyReader::default();
                 last_reply_is_ok(&mut replies, stream, "SELECT 0 refused").await
             }
-            Leaves::Session => self.reset(stream).await,
+            Leaves::Transaction | Leaves::Session => self.reset(stream).await,
         }
     }
 

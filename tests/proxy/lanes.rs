@@ -414,3 +414,45 @@ async fn transactions_open_no_new_upstream_connections() {
         Some(8.0)
     );
 }
+
+/// A client pinned by a transaction goes back to the lanes once it is over
+/// and the client has been quiet for `release_idle_after`; one still
+/// watching keys keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pinned_by_a_transaction_returns_to_the_lane_when_it_is_over() {
+    let redis = TestRedis::start().await;
+    let config = redis
+        .config()
+        .upstream("lanes", "1")
+        .upstream("release_idle_after", "\"300ms\"")
+        .tail(METRICS);
+    let proxy = redis.start_proxy(&config).await;
+    let mut admin = redis.admin().await;
+    let mut done = proxy.raw().await;
+    let mut watching = proxy.raw().await;
+    for c in [&mut done, &mut watching] {
+        assert_reply(&c.call(&[b"SET", b"plain:n", b"1"]).await, b"+OK\r\n");
+    }
+    assert_eq!(redcloak_connections(&mut admin).await.len(), 1);
+    assert_reply(&done.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_reply(&done.call(&[b"INCR", b"plain:n"]).await, b"+QUEUED\r\n");
+    assert_reply(&done.call(&[b"EXEC"]).await, b"*1\r\n:2\r\n");
+    assert_reply(&watching.call(&[b"WATCH", b"plain:n"]).await, b"+OK\r\n");
+    assert_eq!(redcloak_connections(&mut admin).await.len(), 3);
+    // Quiet past release_idle_after: the finished transaction's connection
+    // goes back (and, with no pool here, is closed); the watcher's stays.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while redcloak_connections(&mut admin).await.len() != 2 {
+        assert!(std::time::Instant::now() < deadline, "never parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(redcloak_connections(&mut admin).await.len(), 2);
+    // Both go on: one from the lane, one from its own connection.
+    assert_reply(&done.call(&[b"GET", b"plain:n"]).await, b"$1\r\n2\r\n");
+    assert_reply(&watching.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_reply(&watching.call(&[b"EXEC"]).await, b"*0\r\n");
+    let metrics = proxy.scrape().await;
+    assert_eq!(metric(&metrics, "redcloak_client_pins_total"), Some(2.0));
+    assert_eq!(redcloak_connections(&mut admin).await.len(), 2);
+}
