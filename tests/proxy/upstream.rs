@@ -325,6 +325,8 @@ async fn a_hung_redis_gets_pending_requests_an_error_after_request_timeout() {
     c.send(&[b"GET", b"plain:a"]).await;
     c.send(&[b"GET", b"plain:b"]).await;
     let first = c.read().await;
+    // Silent past 1.5x the timeout with requests in flight: the lane goes.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
     freeze(&redis, false);
     for error in [first, c.read().await] {
         assert_error(
@@ -340,6 +342,15 @@ async fn a_hung_redis_gets_pending_requests_an_error_after_request_timeout() {
         ),
         Some(1.0)
     );
+    // The lane those requests were on is poisoned, not used again.
+    eventually("the silent lane is poisoned", || async {
+        let metrics = proxy.scrape().await;
+        metric(
+            &metrics,
+            "redcloak_upstream_lanes_poisoned_total{reason=\"timeout\"}",
+        ) == Some(1.0)
+    })
+    .await;
     // Blocking commands may wait their own timeout on top, or forever.
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"BLPOP", b"plain:q", b"1.5"]).await, b"*-1\r\n");
