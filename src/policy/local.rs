@@ -1,14 +1,15 @@
 //! What a client on a shared lane is answered by redcloak itself, and the
 //! connection state redcloak keeps for it meanwhile: the handshakes that
-//! clients send on connecting (CLIENT SETNAME, GETNAME, SETINFO, SELECT) must
-//! not cost them a connection of their own (CLIENT MAINT_NOTIFICATIONS is
-//! answered as Redis 7 does: redcloak relays no maintenance pushes). CLIENT SETINFO goes to Redis on
-//! the lane (Redis before 7.2 refuses it; either way it only labels the
-//! connection). CLIENT ID is not answered here: clients pass the id to
-//! CLIENT TRACKING REDIRECT and CLIENT KILL ID, which need Redis's own, so
-//! it moves the client to a connection of its own. The state kept here is replayed
-//! on the connection a client moves to when it is pinned ([`replay`]), so
-//! Redis then knows what the client told redcloak.
+//! clients send on connecting (HELLO, CLIENT SETNAME, GETNAME, SETINFO,
+//! SELECT) must not cost them a connection of their own. CLIENT
+//! MAINT_NOTIFICATIONS is answered as Redis 7 does: redcloak relays no
+//! maintenance pushes. CLIENT SETINFO goes to Redis on the lane (Redis
+//! before 7.2 refuses it; either way it only labels the connection). CLIENT
+//! ID is not answered here: clients pass the id to CLIENT TRACKING REDIRECT
+//! and CLIENT KILL ID, which need Redis's own, so it moves the client to a
+//! connection of its own. The state kept here is replayed on the connection
+//! a client moves to when it is pinned ([`replay`]), so Redis then knows
+//! what the client told redcloak.
 //!
 //! Only the exact grammar is answered here; anything else (a wrong argument
 //! count, another subcommand) goes to Redis on the client's own connection,

@@ -271,10 +271,12 @@ impl Policy {
     /// Whether a request changes, or waits on, its upstream connection, so
     /// that a client on a shared lane must first move to a connection of
     /// its own: transactions, WATCH, blocking commands (a timeout that
-    /// parses; Redis refuses the others at once), subscriptions, CLIENT,
-    /// HELLO, SELECT, RESET, and the commands whose row says they leave
-    /// state behind (or that have no row, when those are forwarded).
-    /// Decided before `classify`, which may change the request state.
+    /// parses; Redis refuses the others at once), subscriptions, CLIENT and
+    /// SELECT (those `policy::local` does not answer), RESET, and the
+    /// commands whose row says they leave state behind (or that have no
+    /// row, when those are forwarded). HELLO is decided after `classify`
+    /// (2 and 3 stay); this is decided before it, which may change the
+    /// request state.
     pub fn needs_own_connection(&self, row: Option<&Row>, args: &[Bytes]) -> bool {
         let Some(row) = row else {
             return self.unknown_commands == UnknownCommands::Pass;

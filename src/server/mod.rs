@@ -614,7 +614,7 @@ async fn replay<C: AsyncRead + AsyncWrite + Unpin>(
         let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
         let reply = crate::upstream::call(upstream, &args, timeout).await?;
         if must_succeed && reply.first() == Some(&b'-') {
-            return Err(String::from_utf8_lossy(reply.trim_ascii_end()).into_owned());
+            return Err(crate::upstream::error_text(&reply));
         }
     }
     Ok(())

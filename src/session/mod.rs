@@ -22,8 +22,8 @@
 //! queue for it), so memory per connection stays bounded whatever the
 //! client does. Writes go out once per batch of frames.
 //!
-//! On a lane ([`run_on_lane`]), redcloak answers SELECT and CLIENT
-//! SETNAME/GETNAME itself (`policy::local`), and a request that needs the
+//! On a lane ([`run_on_lane`]), redcloak answers SELECT, HELLO 2/3 and
+//! CLIENT SETNAME/GETNAME itself (`policy::local`), and a request that needs the
 //! connection itself ends the session with [`Next::Pin`]: the request is put
 //! back in front of the client's unread input, what is pending is
 //! delivered, and the server serves the client again on a connection of its
@@ -104,7 +104,7 @@ fn next_read(last_read: usize) -> usize {
     }
 }
 /// Reply buffers larger than this are freed once empty, not kept.
-const KEPT_BUFFER: usize = 1024 * 1024;
+pub(crate) const KEPT_BUFFER: usize = 1024 * 1024;
 /// What a parked client's first read may bring.
 const PARKED_READ: usize = 512;
 const OK: Bytes = Bytes::from_static(b"+OK\r\n");
@@ -254,16 +254,8 @@ where
 {
     let (mut upstream_reader, mut upstream_writer) = tokio::io::split(upstream);
     let mut sink = Direct(&mut upstream_writer);
-    let (served, client) = serve(
-        ctx,
-        client,
-        &mut upstream_reader,
-        &mut sink,
-        false,
-        peer,
-        shutdown,
-    )
-    .await;
+    let (served, client) =
+        serve(ctx, client, &mut upstream_reader, &mut sink, peer, shutdown).await;
     let upstream = served
         .upstream_idle
         .then(|| (upstream_reader.unsplit(upstream_writer), served.leaves));
@@ -290,16 +282,7 @@ where
         mut requests,
         mut replies,
     } = lane;
-    let (served, client) = serve(
-        ctx,
-        client,
-        &mut replies,
-        &mut requests,
-        true,
-        peer,
-        shutdown,
-    )
-    .await;
+    let (served, client) = serve(ctx, client, &mut replies, &mut requests, peer, shutdown).await;
     // A reply that contradicts its request: the lane is out of step for
     // every client on it. (A lane whose Redis stops answering is poisoned
     // by its own reader.)
@@ -327,7 +310,6 @@ async fn serve<C, R, W>(
     client: Client<C>,
     upstream_reader: &mut R,
     upstream_writer: &mut W,
-    on_lane: bool,
     peer: &Peer,
     shutdown: &CancellationToken,
 ) -> (Served, Option<(Client<C>, Next)>)
@@ -351,7 +333,6 @@ where
             ctx,
             peer,
             upstream: upstream_writer,
-            on_lane,
             fifo: fifo_in,
             output: BytesMut::new(),
             unsent: Vec::new(),
@@ -368,7 +349,7 @@ where
             client: &mut client_writer,
             fifo: fifo_out,
             shared: &shared,
-            on_lane,
+            on_lane: W::SHARED,
             protocol,
         }
         .deliver();
@@ -430,7 +411,7 @@ where
 /// timeout (at most once a second) and the caller checks the deadline when
 /// it does. Nothing is re-armed per request or per read, and it only runs
 /// while its branch is enabled (something pending).
-fn watchdog(timeout: Duration) -> tokio::time::Interval {
+pub(crate) fn watchdog(timeout: Duration) -> tokio::time::Interval {
     let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

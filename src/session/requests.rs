@@ -31,8 +31,22 @@ pub(super) enum RequestsEnd {
     Pin,
 }
 
+/// What became of a request on a lane before (or instead of) the usual path.
+enum OnLane {
+    /// Answered by redcloak.
+    Answered,
+    /// Needs a connection of its own: put back, the session ends.
+    Pin,
+    /// Goes on to `classify` like any request.
+    Classify,
+}
+
 /// Where a session's requests go: its own upstream connection or a lane.
 pub(super) trait RequestSink {
+    /// A lane, shared with other clients: what needs a connection of its
+    /// own ends the session with [`RequestsEnd::Pin`].
+    const SHARED: bool;
+
     /// Sends the `requests` whole requests in `output`. `output` is left
     /// for the caller to clear (and wipe).
     fn send(
@@ -56,6 +70,8 @@ pub(super) trait RequestSink {
 pub(super) struct Direct<'a, W>(pub(super) &'a mut W);
 
 impl<W: AsyncWrite + Unpin + Send> RequestSink for Direct<'_, W> {
+    const SHARED: bool = false;
+
     async fn send(&mut self, output: &mut BytesMut, _requests: usize) -> Result<(), SessionError> {
         self.0
             .write_all(output)
@@ -70,6 +86,8 @@ impl<W: AsyncWrite + Unpin + Send> RequestSink for Direct<'_, W> {
 }
 
 impl RequestSink for LaneRequests {
+    const SHARED: bool = true;
+
     async fn send(&mut self, output: &mut BytesMut, requests: usize) -> Result<(), SessionError> {
         LaneRequests::send(self, output.split().freeze(), requests)
             .await
@@ -98,8 +116,6 @@ pub(super) struct Requests<'a, W> {
     pub(super) ctx: &'a SessionContext,
     pub(super) peer: &'a Peer,
     pub(super) upstream: &'a mut W,
-    /// On a lane: requests that need a connection of their own end the stay.
-    pub(super) on_lane: bool,
     pub(super) fifo: mpsc::Sender<Entry>,
     /// Requests encoded for Redis, not yet written.
     pub(super) output: BytesMut,
@@ -220,33 +236,12 @@ impl<W: RequestSink> Requests<'_, W> {
                 };
                 let (command, row) = table::identify(request.name());
                 let tally = Tally { command, received };
-                if self.on_lane
-                    && state.is_authenticated()
-                    && let Some(action) = policy::local::answer(&request.args, &mut state.local)
-                {
-                    self.act(action, &request, tally, Blocks::No).await?;
-                    continue;
-                }
-                if self.on_lane
-                    && state.is_authenticated()
-                    && let Some(database) = policy::local::select(&request.args)
-                {
-                    // Replies to what came before are awaited on the old lane first.
-                    self.flush().await?;
-                    let protocol = state.local.protocol();
-                    let action = match self.upstream.switch(database, protocol).await? {
-                        Ok(_) => {
-                            state.local.database = database;
-                            Action::AnswerOk
-                        }
-                        Err(refused) => Action::AnswerError(refused),
-                    };
-                    self.act(action, &request, tally, Blocks::No).await?;
-                    continue;
-                }
-                if self.on_lane && ctx.policy.needs_own_connection(row, &request.args) {
-                    self.pin(&request, input).await?;
-                    return Ok(RequestsEnd::Pin);
+                if W::SHARED {
+                    match self.on_lane(&request, row, tally, state, input).await? {
+                        OnLane::Answered => continue,
+                        OnLane::Pin => return Ok(RequestsEnd::Pin),
+                        OnLane::Classify => {}
+                    }
                 }
                 if let Some(remaining) = self.lockout_refusal(&request) {
                     let reply = error_reply(&lockout_error(self.peer, remaining));
@@ -255,40 +250,16 @@ impl<W: RequestSink> Requests<'_, W> {
                     continue;
                 }
                 let action = ctx.policy.classify_as(row, &request, state);
-                // HELLO 2 or 3 on a lane is answered here, from Redis's own
-                // reply on a lane of that protocol; another version pins.
-                if self.on_lane
+                if W::SHARED
                     && let Action::Rewrite(args, ReplyPlan::Hello { protocol }) = &action
                 {
-                    let protocol = protocol.unwrap_or(state.local.protocol());
-                    if !matches!(protocol, 2 | 3) {
-                        self.pin(&request, input).await?;
-                        return Ok(RequestsEnd::Pin);
+                    match self
+                        .hello_on_lane(&request, args, *protocol, tally, state, input)
+                        .await?
+                    {
+                        OnLane::Pin => return Ok(RequestsEnd::Pin),
+                        _ => continue,
                     }
-                    self.flush().await?;
-                    let database = state.local.database;
-                    match self.upstream.switch(database, protocol).await? {
-                        Ok(hello) => {
-                            let local = &mut state.local;
-                            let reply = policy::local::hello_reply(&hello, local.id)
-                                .ok_or_else(|| SessionError::UpstreamFraming("HELLO".into()))?;
-                            local.resp3 = protocol == 3;
-                            if let Some(name) = policy::local::hello_name(args) {
-                                local.name = (!name.is_empty()).then(|| name.clone());
-                            }
-                            let entry = Entry::Hello {
-                                reply,
-                                protocol,
-                                tally,
-                            };
-                            self.enqueue(entry).await?;
-                        }
-                        Err(refused) => {
-                            let outcome = Some((tally, Outcome::RedisError));
-                            self.answer(error_reply(&refused), false, outcome).await?;
-                        }
-                    }
-                    continue;
                 }
                 // MULTI and WATCH count while they last (RequestState knows).
                 let leaves = table::leaves(row);
@@ -310,6 +281,98 @@ impl<W: RequestSink> Requests<'_, W> {
             };
             self.flush().await?;
         }
+    }
+
+    /// On a lane: answers what redcloak keeps for the client (CLIENT
+    /// SETNAME/GETNAME/SETINFO, SELECT), or says the request needs a
+    /// connection of its own, before it is classified.
+    async fn on_lane(
+        &mut self,
+        request: &Request,
+        row: Option<&'static table::Row>,
+        tally: Tally,
+        state: &mut RequestState,
+        input: &mut BytesMut,
+    ) -> Result<OnLane, SessionError> {
+        let local = match row.map(|row| row.name) {
+            _ if !state.is_authenticated() => None,
+            Some("client") => policy::local::answer(&request.args, &mut state.local),
+            Some("select") => match policy::local::select(&request.args) {
+                Some(database) => {
+                    let protocol = state.local.protocol();
+                    Some(match self.switch_lane(database, protocol).await? {
+                        Ok(_) => {
+                            state.local.database = database;
+                            Action::AnswerOk
+                        }
+                        Err(refused) => Action::AnswerError(refused),
+                    })
+                }
+                None => None,
+            },
+            _ => None,
+        };
+        if let Some(action) = local {
+            self.act(action, request, tally, Blocks::No).await?;
+            return Ok(OnLane::Answered);
+        }
+        if self.ctx.policy.needs_own_connection(row, &request.args) {
+            self.pin(request, input).await?;
+            return Ok(OnLane::Pin);
+        }
+        Ok(OnLane::Classify)
+    }
+
+    /// HELLO 2 or 3 on a lane (classified: its AUTH checked) is answered
+    /// here, from Redis's own reply on a lane of that protocol; another
+    /// version pins.
+    async fn hello_on_lane(
+        &mut self,
+        request: &Request,
+        args: &[Bytes],
+        protocol: Option<u8>,
+        tally: Tally,
+        state: &mut RequestState,
+        input: &mut BytesMut,
+    ) -> Result<OnLane, SessionError> {
+        let protocol = protocol.unwrap_or(state.local.protocol());
+        if !matches!(protocol, 2 | 3) {
+            self.pin(request, input).await?;
+            return Ok(OnLane::Pin);
+        }
+        match self.switch_lane(state.local.database, protocol).await? {
+            Ok(hello) => {
+                let local = &mut state.local;
+                let reply = policy::local::hello_reply(&hello, local.id)
+                    .ok_or_else(|| SessionError::UpstreamFraming("HELLO".into()))?;
+                local.resp3 = protocol == 3;
+                if let Some(name) = policy::local::hello_name(args) {
+                    local.name = (!name.is_empty()).then(|| name.clone());
+                }
+                let entry = Entry::Hello {
+                    reply,
+                    protocol,
+                    tally,
+                };
+                self.enqueue(entry).await?;
+            }
+            Err(refused) => {
+                let outcome = Some((tally, Outcome::RedisError));
+                self.answer(error_reply(&refused), false, outcome).await?;
+            }
+        }
+        Ok(OnLane::Answered)
+    }
+
+    /// Sends what is encoded for the current lane (its replies come first),
+    /// then moves to the lanes of `database` speaking `protocol`.
+    async fn switch_lane(
+        &mut self,
+        database: u32,
+        protocol: u8,
+    ) -> Result<Result<Bytes, String>, SessionError> {
+        self.flush().await?;
+        self.upstream.switch(database, protocol).await
     }
 
     /// Puts `request` back in front of the unread input, to be read again

@@ -199,9 +199,10 @@ impl Upstream {
         })
     }
 
-    /// Logs a warning when Redis's certificate expires within 30 days (once
-    /// a day, not once per connection); returns when it expires.
-    fn warn_if_expiring(&self, tls: &UpstreamStream) -> Option<SystemTime> {
+    /// When Redis's certificate on `tls` expires (parsed once per
+    /// certificate); logs a warning when that is within 30 days (once a day,
+    /// not once per connection).
+    pub(crate) fn certificate_expiry(&self, tls: &UpstreamStream) -> Option<SystemTime> {
         let der = tls.get_ref().1.peer_certificates()?.first()?;
         let mut last = self
             .last_certificate
@@ -256,7 +257,7 @@ impl Upstream {
         let started = std::time::Instant::now();
         let connected: Result<UpstreamStream, UpstreamError> = async {
             let mut tls = self.handshake_with(&self.connector).await?;
-            let expiry = self.warn_if_expiring(&tls).and_then(unix_time);
+            let expiry = self.certificate_expiry(&tls).and_then(unix_time);
             if let Some(metrics) = metrics {
                 let handshake = started.elapsed().as_secs_f64();
                 metrics.upstream_handshake.record(handshake);
@@ -390,6 +391,13 @@ pub(crate) async fn call<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(Err(err)) => Err(err.to_string()),
         Err(_) => Err("no answer in time".to_owned()),
     }
+}
+
+/// Redis's reply as text for an error message, without an error's `-`.
+pub(crate) fn error_text(reply: &[u8]) -> String {
+    String::from_utf8_lossy(reply.trim_ascii_end())
+        .trim_start_matches('-')
+        .to_owned()
 }
 
 /// Reads one complete reply within `limits` (login replies, startup probes).

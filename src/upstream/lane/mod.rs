@@ -31,6 +31,7 @@ pub mod book;
 use crate::metrics::Metrics;
 use crate::resp::{Limits, ReplyScanner};
 use crate::session::memory::BufferBudget;
+use crate::session::{KEPT_BUFFER, watchdog};
 use crate::upstream::pool::Pool;
 use crate::upstream::{UpstreamError, UpstreamStream};
 use book::{Book, ClientKey, Poison, Route};
@@ -54,8 +55,6 @@ const DROPPED: &[u8] = b"-ERR redcloak: reply dropped: redcloak's reply buffers 
 (limits.max_buffered_bytes); try again\r\n";
 /// How deep a lane frames replies (the scanner keeps a counter per level).
 const LANE_FRAMING_DEPTH: usize = 1024;
-/// Buffers larger than this are freed once empty, not kept.
-const KEPT_BUFFER: usize = 1024 * 1024;
 
 /// What one lane takes at most.
 #[derive(Debug, Clone, Copy)]
@@ -88,16 +87,6 @@ impl Default for LaneLimits {
 pub struct LaneKey {
     pub database: u32,
     pub protocol: u8,
-}
-
-impl LaneKey {
-    /// RESP2 lanes on `database`.
-    pub fn database(database: u32) -> LaneKey {
-        LaneKey {
-            database,
-            protocol: 2,
-        }
-    }
 }
 
 /// What a lane hands a client's session: a whole reply frame, or word that
@@ -135,8 +124,8 @@ struct LaneState {
     /// Clients with batches queued, in the order the writer serves them.
     ready: VecDeque<ClientKey>,
     queued_bytes: usize,
-    /// Since when Redis owes an answer without having sent anything: set
-    /// when the first request goes in flight and at each read.
+    /// When the first of the requests in flight was written (after none
+    /// were): Redis owes an answer since then, or since its last bytes.
     waiting_since: Option<Instant>,
     /// The poisoning was counted in the metric.
     poison_counted: bool,
@@ -261,7 +250,7 @@ impl Lane {
                     return Err(Lost(poison));
                 }
                 if state.queued_bytes < self.limits.max_queued_bytes {
-                    state.queued_bytes += bytes.len();
+                    let len = bytes.len();
                     let Some(attached) = state.clients.get_mut(&client) else {
                         return Err(Lost(Poison::ConnectionLost));
                     };
@@ -271,6 +260,7 @@ impl Lane {
                     if was_idle {
                         state.ready.push_back(client);
                     }
+                    state.queued_bytes += len;
                     drop(state);
                     self.wake_writer.notify_one();
                     return Ok(());
@@ -289,7 +279,7 @@ impl Lane {
         let mut state = self.lock();
         if let Some(attached) = state.clients.remove(&client) {
             let queued: usize = attached.queued.iter().map(|b| b.bytes.len()).sum();
-            state.queued_bytes -= queued;
+            state.queued_bytes = state.queued_bytes.saturating_sub(queued);
             state.book.client_left(client);
         }
     }
@@ -345,7 +335,7 @@ impl Lane {
             if !attached.queued.is_empty() {
                 state.ready.push_back(client);
             }
-            state.queued_bytes -= batch.bytes.len();
+            state.queued_bytes = state.queued_bytes.saturating_sub(batch.bytes.len());
             out.extend_from_slice(&batch.bytes);
             state.waiting_since.get_or_insert_with(Instant::now);
         }
@@ -406,10 +396,9 @@ impl Lane {
         let mut frames = Vec::new();
         let expiry = until(expires);
         tokio::pin!(expiry);
-        let period = (self.limits.request_timeout / 4)
-            .clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let mut overdue = tokio::time::interval(period);
-        overdue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut overdue = watchdog(self.limits.request_timeout);
+        // When Redis last sent something (kept here: no lock per read).
+        let mut last_read = Instant::now();
         loop {
             loop {
                 match scanner.scan(&input, &limits) {
@@ -443,7 +432,7 @@ impl Lane {
                     return;
                 }
                 _ = overdue.tick() => {
-                    if self.overdue() {
+                    if self.overdue(last_read) {
                         self.poison(Poison::Timeout);
                         return;
                     }
@@ -457,25 +446,23 @@ impl Lane {
                 }
                 Ok(read) => {
                     self.metrics.upstream_received.increment(read as u64);
-                    let mut state = self.lock();
-                    if state.waiting_since.is_some() {
-                        state.waiting_since = Some(Instant::now());
-                    }
+                    last_read = Instant::now();
                 }
             }
         }
     }
 
-    /// Requests are in flight and Redis has sent nothing for longer than
+    /// Requests are in flight and Redis has sent nothing (since the first of
+    /// them was written, or since `last_read`) for longer than
     /// `request_timeout` and half again: the sessions waiting have given up
     /// on it by then (each with its own error), and the lane is dropped.
-    fn overdue(&self) -> bool {
+    fn overdue(&self, last_read: Instant) -> bool {
         let state = self.lock();
         let limit = self.limits.request_timeout + self.limits.request_timeout / 2;
         state.book.in_flight() > 0
             && state
                 .waiting_since
-                .is_some_and(|since| since.elapsed() > limit)
+                .is_some_and(|since| since.max(last_read).elapsed() > limit)
     }
 
     /// Hands each frame to the client that asked for it.
@@ -523,13 +510,6 @@ impl Lane {
         }
         Ok(())
     }
-}
-
-/// Redis's error reply as text, without its `-`.
-fn refusal(reply: &[u8]) -> String {
-    String::from_utf8_lossy(reply.trim_ascii_end())
-        .trim_start_matches('-')
-        .to_owned()
 }
 
 /// Sleeps until a wall-clock time (`None`: forever).
@@ -612,12 +592,7 @@ impl Lanes {
             self.pool.give_back(None).await;
             return Err(err);
         }
-        let expires = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(|cert| crate::tls::inspect::expiry(cert));
+        let expires = self.pool.upstream().certificate_expiry(&stream);
         let pool = self.pool.clone();
         let lane = Lane::start(
             stream,
@@ -642,7 +617,7 @@ impl Lanes {
             .map_err(LaneOpenError::Setup)?;
         let expected = if key.protocol == 3 { b'%' } else { b'*' };
         if hello.first() != Some(&expected) {
-            return Err(LaneOpenError::Setup(refusal(&hello)));
+            return Err(LaneOpenError::Setup(crate::upstream::error_text(&hello)));
         }
         self.hellos
             .lock()
@@ -654,7 +629,7 @@ impl Lanes {
                 .await
                 .map_err(LaneOpenError::Setup)?;
             if &reply[..] != b"+OK\r\n" {
-                return Err(LaneOpenError::Refused(refusal(&reply)));
+                return Err(LaneOpenError::Refused(crate::upstream::error_text(&reply)));
             }
         }
         Ok(())
@@ -766,7 +741,7 @@ impl LaneRequests {
     }
 
     /// Poisons this client's lane (its session found a reply contradicting
-    /// the request, or Redis too slow).
+    /// its request).
     pub fn poison(&self, why: Poison) {
         self.lane.poison(why);
     }
@@ -791,7 +766,7 @@ pub enum LaneError {
 pub enum LaneOpenError {
     #[error("upstream unavailable: {0}")]
     Upstream(UpstreamError),
-    #[error("upstream unavailable: selecting the database failed: {0}")]
+    #[error("upstream unavailable: setting up a shared connection failed: {0}")]
     Setup(String),
     /// Redis refused the SELECT (its error text).
     #[error("{0}")]
@@ -852,7 +827,14 @@ impl AsyncRead for LaneReplies {
         // What is here already goes in this read; an error comes after it.
         loop {
             let n = this.current.len().min(buf.remaining());
-            buf.put_slice(&this.current.split_to(n));
+            buf.put_slice(&this.current[..n]);
+            if n == this.current.len() {
+                // Let go of the frame's buffer now (an advanced, empty
+                // `Bytes` would keep it alive while the client is slow).
+                this.current = Bytes::new();
+            } else {
+                bytes::Buf::advance(&mut this.current, n);
+            }
             if buf.remaining() == 0 || !this.current.is_empty() {
                 break;
             }
@@ -970,6 +952,24 @@ mod tests {
         lane.lost.cancelled().await;
         assert_eq!(lane.lock().book.poisoned(), Some(Poison::ConnectionLost));
         assert!(a_replies.try_recv().is_err() && b_replies.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn the_writer_takes_one_batch_per_client_in_turn_within_its_caps() {
+        let (proxy_side, _redis_side) = tokio::io::duplex(1 << 16);
+        let lane = lane_on(proxy_side, usize::MAX);
+        let (a, _a_replies) = client(&lane, 1);
+        let (b, _b_replies) = client(&lane, 2);
+        // Nothing yields here, so the lane's own writer has not run yet.
+        for (who, key) in [(a, "a0"), (a, "a1"), (a, "a2"), (b, "b0"), (b, "b1")] {
+            lane.submit(who, get(key), 1).await.expect("submit");
+        }
+        let mut out = BytesMut::new();
+        lane.gather(&mut out).expect("open");
+        let order: Vec<Bytes> = ["a0", "b0", "a1", "b1", "a2"].map(get).to_vec();
+        assert_eq!(&out[..], &order.concat()[..]);
+        assert_eq!(lane.lock().book.in_flight(), 5);
+        assert_eq!(lane.lock().queued_bytes, 0);
     }
 
     #[tokio::test]
