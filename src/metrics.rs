@@ -187,14 +187,15 @@ pub const UPSTREAM_LANES_POISONED: MetricDef = def(
     "redcloak_upstream_lanes_poisoned_total",
     C,
     &["reason"],
-    "Lanes closed because they lost sync or their connection, by reason (nothing_in_flight, push, parse_error, contradiction, connection_lost, timeout, certificate_expired); each request in flight on one got an error.",
+    "Lanes closed because they lost sync or their connection, by reason (nothing_in_flight, push, parse_error, contradiction, value_mismatch, connection_lost, timeout, certificate_expired); each request in flight on one got an error.",
 );
 /// Why lanes are poisoned: `upstream::lane::book::Poison`'s labels.
-pub const LANE_POISON_REASONS: [&str; 7] = [
+pub const LANE_POISON_REASONS: [&str; 8] = [
     "nothing_in_flight",
     "push",
     "parse_error",
     "contradiction",
+    "value_mismatch",
     "connection_lost",
     "timeout",
     "certificate_expired",
@@ -380,7 +381,7 @@ pub struct Metrics {
     pub upstream_request_timeouts: Counter,
     pub upstream_up: Gauge,
     pub upstream_lanes_open: Gauge,
-    lanes_poisoned: [Counter; 7],
+    lanes_poisoned: [Counter; 8],
     pub client_pins: Counter,
     log_lines_dropped: Counter,
     /// The keyring whose per-key counts are exported at each scrape.

@@ -78,7 +78,7 @@ use crate::upstream::lane::LaneLink;
 use crate::upstream::lane::book::Poison;
 use bytes::{Bytes, BytesMut};
 pub use peer::{Peer, lockout_error};
-use replies::{ReplyHalf, UpstreamEnd};
+use replies::{ReplyHalf, ReplySource, UpstreamEnd};
 use requests::{Direct, RequestSink, Requests, RequestsEnd};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -315,7 +315,7 @@ async fn serve<C, R, W>(
 ) -> (Served, Option<(Client<C>, Next)>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
-    R: AsyncRead + Unpin,
+    R: ReplySource,
     W: RequestSink,
 {
     let Client {

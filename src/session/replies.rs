@@ -9,6 +9,8 @@ use super::tally::{Answered, FlushLog};
 use super::{KEPT_BUFFER, SessionContext, SessionError, Shared, error_reply, next_read, watchdog};
 use crate::resp::ReplyScanner;
 use crate::session::Peer;
+use crate::upstream::lane::LaneReplies;
+use crate::upstream::lane::book::Poison;
 use bytes::BytesMut;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -21,6 +23,22 @@ pub(super) enum UpstreamEnd {
     /// Every request sent has its whole reply read, and nothing more was read.
     Idle,
     Busy,
+}
+
+/// Where the reply half reads Redis's replies: its own connection or a lane.
+pub(super) trait ReplySource: AsyncRead + Unpin {
+    /// A value read from here failed to open under the key its request
+    /// named. A lane is poisoned for it (see [`LaneReplies::distrust`]); a
+    /// connection of the client's own carries only its own replies.
+    fn value_mismatched(&self) {}
+}
+
+impl<U: AsyncRead + Unpin> ReplySource for tokio::io::ReadHalf<U> {}
+
+impl ReplySource for LaneReplies {
+    fn value_mismatched(&self) {
+        self.distrust(Poison::ValueMismatch);
+    }
 }
 
 /// The reply half of one session: what it reads from, writes to and shares.
@@ -39,7 +57,7 @@ pub(super) struct ReplyHalf<'a, R, W> {
 
 impl<R, W> ReplyHalf<'_, R, W>
 where
-    R: AsyncRead + Unpin,
+    R: ReplySource,
     W: AsyncWrite + Unpin,
 {
     /// Upstream bytes -> replies matched to FIFO entries -> client bytes.
@@ -105,6 +123,11 @@ where
                 }
             };
             answered.take(&mut replies, flushes);
+            if on_lane && answered.value_mismatched() {
+                // Its error reply goes out; the lane's clients with requests
+                // in flight (this one too, if it has more) hear it is lost.
+                upstream.value_mismatched();
+            }
             held.set(input.capacity() + output.capacity());
             write_client(ctx, client, &mut output).await?;
             answered.record(ctx, peer);

@@ -7,6 +7,7 @@ use super::SessionContext;
 use super::peer::Peer;
 use super::pipeline::{Done, Replies};
 use crate::events;
+use crate::metrics::OpenFailure;
 use crate::policy::shown;
 use crate::policy::table::{Blocks, CommandId, Kind};
 use std::collections::VecDeque;
@@ -90,6 +91,17 @@ impl Answered {
             };
             self.done.push((done, waited));
         }
+    }
+
+    /// A value among those answered failed its authentication: sealed under
+    /// a known key but bound to another key (or altered). On a lane that is
+    /// the sign of a reply handed to the wrong request.
+    pub(super) fn value_mismatched(&self) -> bool {
+        self.done.iter().any(|(done, _)| {
+            done.failures
+                .iter()
+                .any(|f| f.reason == OpenFailure::AuthFailed && f.site.kind != Kind::Message)
+        })
     }
 
     /// Their replies are written: count them, and report values that did not open.

@@ -348,6 +348,7 @@ async fn under_chaos_no_client_ever_receives_another_clients_value() {
         "push",
         "parse_error",
         "contradiction",
+        "value_mismatch",
         "timeout",
     ] {
         assert_eq!(poisoned(reason), 0.0, "{reason}");
@@ -455,4 +456,53 @@ async fn a_client_pinned_by_a_transaction_returns_to_the_lane_when_it_is_over() 
     let metrics = proxy.scrape().await;
     assert_eq!(metric(&metrics, "redcloak_client_pins_total"), Some(2.0));
     assert_eq!(redcloak_connections(&mut admin).await.len(), 2);
+}
+
+/// A value sealed for another key (copied there behind redcloak's back, as
+/// a reply handed to the wrong request would look) reaches its client as an
+/// error, and the lane it came from is poisoned: the key binding is the
+/// second detector of a lane out of step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_bound_to_another_key_poisons_its_lane() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(METRICS)).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"SET", b"mine", b"one"]).await, b"+OK\r\n");
+    assert_reply(&c.call(&[b"SET", b"theirs", b"two"]).await, b"+OK\r\n");
+    let mut admin = redis.admin().await;
+    assert_reply(
+        &admin
+            .call(&[&b"COPY"[..], b"theirs", b"mine", b"REPLACE"])
+            .await,
+        b":1\r\n",
+    );
+    let before = redcloak_connections(&mut admin).await;
+    assert_eq!(before.len(), 1, "one lane: {before:?}");
+    assert_error(
+        &c.call(&[b"GET", b"mine"]).await,
+        "-ERR redcloak: value of key 'mine' failed to decrypt (authentication failed",
+    );
+    let poisoned = |metrics: &str| {
+        metric(
+            metrics,
+            "redcloak_upstream_lanes_poisoned_total{reason=\"value_mismatch\"}",
+        )
+    };
+    assert_eq!(poisoned(&proxy.scrape().await), Some(1.0));
+    // The client had nothing more in flight: it moves to a fresh lane.
+    assert_reply(&c.call(&[b"GET", b"theirs"]).await, b"$3\r\ntwo\r\n");
+    let after = redcloak_connections(&mut admin).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(before, after, "the poisoned lane was closed");
+    // A value that is merely not an envelope is an error, and no sign of a
+    // lane out of step.
+    assert_reply(
+        &admin.call(&[&b"SET"[..], b"plain", b"text"]).await,
+        b"+OK\r\n",
+    );
+    assert_error(
+        &c.call(&[b"GET", b"plain"]).await,
+        "-ERR redcloak: value of key 'plain'",
+    );
+    assert_eq!(poisoned(&proxy.scrape().await), Some(1.0));
 }

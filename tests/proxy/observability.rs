@@ -94,9 +94,10 @@ async fn a_known_workload_shows_exact_counts_on_metrics() {
         "-ERR redcloak: unknown command",
     );
 
-    // The upstream check opens its own connection: two in all.
+    // The upstream check opens its own connection, and `bad`'s value
+    // poisoned the first lane, so the INCR went on a fresh one: three in all.
     eventually("the upstream check connected", || async {
-        metric(&proxy.scrape().await, "redcloak_upstream_connections_total") == Some(2.0)
+        metric(&proxy.scrape().await, "redcloak_upstream_connections_total") == Some(3.0)
     })
     .await;
     let text = proxy.scrape().await;
@@ -106,6 +107,10 @@ async fn a_known_workload_shows_exact_counts_on_metrics() {
             "redcloak_commands_total{{command=\"{command}\",outcome=\"{outcome}\"}}"
         ))
     };
+    assert_eq!(
+        value("redcloak_upstream_lanes_poisoned_total{reason=\"value_mismatch\"}"),
+        Some(1.0)
+    );
     assert_eq!(commands("auth", "redis_error"), Some(1.0));
     assert_eq!(commands("auth", "ok"), Some(1.0));
     assert_eq!(commands("set", "ok"), Some(3.0));
@@ -187,7 +192,7 @@ async fn a_known_workload_shows_exact_counts_on_metrics() {
     }
     assert_eq!(
         value("redcloak_upstream_tls_handshake_duration_seconds_count"),
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(value("redcloak_upstream_up"), Some(1.0));
     for certificate in ["redis_server", "upstream_client"] {

@@ -43,9 +43,11 @@ pub enum Poison {
     Push,
     /// Redis's bytes did not parse.
     ParseError,
-    /// The session found the reply contradicting its request (or a value
-    /// bound to another key).
+    /// The session found the reply contradicting its request.
     Contradiction,
+    /// A value failed to open under the key its request named: bound to
+    /// another key (a reply meant for another request) or tampered with.
+    ValueMismatch,
     /// The connection failed or was closed.
     ConnectionLost,
     /// Redis did not answer within `upstream.request_timeout`.
@@ -56,11 +58,12 @@ pub enum Poison {
 }
 
 impl Poison {
-    pub const ALL: [Poison; 7] = [
+    pub const ALL: [Poison; 8] = [
         Poison::NothingInFlight,
         Poison::Push,
         Poison::ParseError,
         Poison::Contradiction,
+        Poison::ValueMismatch,
         Poison::ConnectionLost,
         Poison::Timeout,
         Poison::CertificateExpired,
@@ -72,6 +75,7 @@ impl Poison {
             Poison::Push => "push",
             Poison::ParseError => "parse_error",
             Poison::Contradiction => "contradiction",
+            Poison::ValueMismatch => "value_mismatch",
             Poison::ConnectionLost => "connection_lost",
             Poison::Timeout => "timeout",
             Poison::CertificateExpired => "certificate_expired",

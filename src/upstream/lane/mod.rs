@@ -20,11 +20,14 @@
 //! capped too ([`LaneLimits`]).
 //!
 //! Any sign of lost sync poisons the lane (see [`book`]): every client with a
-//! request queued or in flight on it gets [`Lost`], so its session answers
-//! each of them with an error; the lane is closed and never resynchronised.
-//! A client with nothing on a poisoned lane moves to a fresh one when it next
-//! sends. Lanes are keyed by (database, protocol); each key has a few
-//! ([`Lanes`]), taken from the pool's ready connections.
+//! request in flight on it gets [`Lost`], so its session answers each of its
+//! pending requests with an error; the lane is closed and never
+//! resynchronised. A request is never sent twice: a client whose requests
+//! were all still queued (none of their bytes written) is moved to a fresh
+//! lane with them, and one with nothing on the lane moves when it next sends.
+//! Where a client rides is its [`Seat`], changed only by such a move. Lanes
+//! are keyed by (database, protocol); each key has a few ([`Lanes`]), taken
+//! from the pool's ready connections.
 
 pub mod book;
 
@@ -39,7 +42,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -61,6 +64,9 @@ const LANE_FRAMING_DEPTH: usize = 1024;
 pub struct LaneLimits {
     /// Requests written and not yet answered.
     pub max_in_flight: usize,
+    /// Bytes of requests written and not yet answered (Redis's query
+    /// buffers): past this, nothing more is written until replies come.
+    pub max_in_flight_bytes: usize,
     /// Bytes queued by clients and not yet written: past this, clients wait.
     pub max_queued_bytes: usize,
     /// Bytes gathered for one write.
@@ -74,6 +80,7 @@ impl Default for LaneLimits {
     fn default() -> Self {
         LaneLimits {
             max_in_flight: 4096,
+            max_in_flight_bytes: 8 * 1024 * 1024,
             max_queued_bytes: 8 * 1024 * 1024,
             max_write_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(10),
@@ -89,9 +96,34 @@ pub struct LaneKey {
     pub protocol: u8,
 }
 
-/// What a lane hands a client's session: a whole reply frame, or word that
-/// the lane was lost while the client had requests on it.
-pub type LaneReply = Result<Bytes, Lost>;
+/// What a lane hands a client's session, in order.
+#[derive(Debug)]
+pub enum LaneMessage {
+    /// A whole reply frame.
+    Frame(Bytes),
+    /// The lane was lost with requests of this client in flight on it.
+    Lost(Lost),
+    /// The frames that follow come from this lane (sent on attaching).
+    From(Weak<Lane>),
+}
+
+/// Opens a fresh lane of a lost lane's key, for the client with this id
+/// (its unsent requests move there). `None`: none can be had.
+pub type Reopen =
+    Arc<dyn Fn(u64) -> Pin<Box<dyn Future<Output = Option<Arc<Lane>>> + Send>> + Send + Sync>;
+
+/// Where a client rides: its lane, its key there, and the lane key. Changed
+/// only by [`move_seat`], by the client's own sends or by a lost lane moving
+/// its unsent requests, whichever comes first.
+pub struct Seat {
+    lane: Arc<Lane>,
+    client: ClientKey,
+    key: LaneKey,
+}
+
+fn lock_seat(seat: &Mutex<Seat>) -> MutexGuard<'_, Seat> {
+    seat.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The lane was poisoned with requests of this client on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -105,7 +137,7 @@ struct Batch {
 
 /// A client attached to a lane.
 struct Attached {
-    replies: mpsc::UnboundedSender<LaneReply>,
+    replies: mpsc::UnboundedSender<LaneMessage>,
     /// Bytes handed to the client's channel that its session has not taken.
     unread: Arc<AtomicUsize>,
     /// Written or queued and not yet answered.
@@ -115,6 +147,17 @@ struct Attached {
     /// reply due (a reply for any other is a contradiction).
     next_booked: u64,
     next_due: u64,
+    /// Where the client's requests end knows it rides (moved with it).
+    seat: Weak<Mutex<Seat>>,
+    /// Its requests wait, unwritten, on a lost lane to be moved.
+    stranded: bool,
+}
+
+impl Attached {
+    /// Requests of this client written and not yet answered.
+    fn written(&self) -> u64 {
+        self.next_booked - self.next_due
+    }
 }
 
 #[derive(Default)]
@@ -124,6 +167,13 @@ struct LaneState {
     /// Clients with batches queued, in the order the writer serves them.
     ready: VecDeque<ClientKey>,
     queued_bytes: usize,
+    /// Batches written and not yet answered, in order: (requests not yet
+    /// answered, bytes), and the bytes in all of them.
+    written: VecDeque<(usize, usize)>,
+    in_flight_bytes: usize,
+    /// Clients whose requests were all still queued when the lane was
+    /// poisoned: they move to a fresh lane with them.
+    stranded: Vec<ClientKey>,
     /// When the first of the requests in flight was written (after none
     /// were): Redis owes an answer since then, or since its last bytes.
     waiting_since: Option<Instant>,
@@ -143,18 +193,24 @@ pub struct Lane {
     /// Frames handed to sessions and not yet taken count here.
     budget: Arc<BufferBudget>,
     metrics: Arc<Metrics>,
+    /// Where stranded clients go once this lane is lost.
+    reopen: Option<Reopen>,
+    key: LaneKey,
 }
 
 impl Lane {
     /// Starts a lane on a connection: its writer and reader run as tasks
     /// until the lane is poisoned. `on_end` runs once both have stopped.
+    #[allow(clippy::too_many_arguments)]
     fn start<S>(
+        key: LaneKey,
         stream: S,
         limits: LaneLimits,
         reply_limits: Limits,
         expires: Option<SystemTime>,
         budget: Arc<BufferBudget>,
         metrics: Arc<Metrics>,
+        reopen: Option<Reopen>,
         on_end: impl Future<Output = ()> + Send + 'static,
     ) -> Arc<Lane>
     where
@@ -168,6 +224,8 @@ impl Lane {
             limits,
             budget,
             metrics,
+            reopen,
+            key,
         });
         lane.metrics.upstream_lanes_open.increment(1.0);
         let (reader, writer) = tokio::io::split(stream);
@@ -177,6 +235,7 @@ impl Lane {
             reading.clone().read(reader, reply_limits, expires).await;
             let _ = writing.await;
             reading.metrics.upstream_lanes_open.decrement(1.0);
+            reading.move_stranded().await;
             on_end.await;
         });
         lane
@@ -192,22 +251,100 @@ impl Lane {
     }
 
     fn attach(
-        &self,
+        self: &Arc<Self>,
         client: ClientKey,
-        replies: mpsc::UnboundedSender<LaneReply>,
+        replies: mpsc::UnboundedSender<LaneMessage>,
         unread: Arc<AtomicUsize>,
+        seat: Weak<Mutex<Seat>>,
     ) {
-        self.lock().clients.insert(
-            client,
-            Attached {
-                replies,
-                unread,
-                outstanding: 0,
-                queued: VecDeque::new(),
-                next_booked: 0,
-                next_due: 0,
-            },
-        );
+        let attached = Attached {
+            replies,
+            unread,
+            outstanding: 0,
+            queued: VecDeque::new(),
+            next_booked: 0,
+            next_due: 0,
+            seat,
+            stranded: false,
+        };
+        // A lane lost meanwhile takes it all the same: its next send moves it.
+        let _ = self.adopt(client, attached);
+    }
+
+    /// Takes a client, with what it has queued (from a lost lane: never
+    /// written). `Err` gives it back: this lane was poisoned meanwhile.
+    #[allow(clippy::result_large_err)]
+    fn adopt(self: &Arc<Self>, client: ClientKey, mut attached: Attached) -> Result<(), Attached> {
+        let mut state = self.lock();
+        if state.book.poisoned().is_some() && !attached.queued.is_empty() {
+            return Err(attached);
+        }
+        attached.next_booked = 0;
+        attached.next_due = 0;
+        attached.stranded = false;
+        let _ = attached
+            .replies
+            .send(LaneMessage::From(Arc::downgrade(self)));
+        if !attached.queued.is_empty() {
+            state.queued_bytes += attached.queued.iter().map(|b| b.bytes.len()).sum::<usize>();
+            state.ready.push_back(client);
+        }
+        let queued = !attached.queued.is_empty();
+        state.clients.insert(client, attached);
+        drop(state);
+        if queued {
+            self.wake_writer.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Takes a client off this lane, with what it has queued, to move it.
+    fn detach(&self, client: ClientKey) -> Option<Attached> {
+        let mut state = self.lock();
+        let attached = state.clients.remove(&client)?;
+        let queued: usize = attached.queued.iter().map(|b| b.bytes.len()).sum();
+        state.queued_bytes = state.queued_bytes.saturating_sub(queued);
+        state.book.client_left(client);
+        Some(attached)
+    }
+
+    /// A stranded client that cannot move: it hears the lane is lost.
+    fn fail_stranded(&self, client: ClientKey) {
+        let mut state = self.lock();
+        let why = state.book.poisoned().unwrap_or(Poison::ConnectionLost);
+        if let Some(attached) = state.clients.get_mut(&client)
+            && attached.outstanding > 0
+        {
+            attached.stranded = false;
+            attached.outstanding = 0;
+            attached.queued.clear();
+            let _ = attached.replies.send(LaneMessage::Lost(Lost(why)));
+        }
+    }
+
+    /// Once lost: each stranded client (every request of it still queued)
+    /// moves to a fresh lane with its requests, unless its own next send
+    /// moved it first; one that cannot move hears the lane is lost.
+    async fn move_stranded(self: Arc<Self>) {
+        let stranded = std::mem::take(&mut self.lock().stranded);
+        for client in stranded {
+            let seat = match self.lock().clients.get(&client) {
+                Some(attached) => attached.seat.upgrade(),
+                None => continue,
+            };
+            let fresh = match (&seat, &self.reopen) {
+                (Some(_), Some(reopen)) => reopen(client.id).await,
+                _ => None,
+            };
+            match (seat, fresh) {
+                (Some(seat), Some(fresh)) => {
+                    if move_seat(&seat, client, &self, &fresh) == Moved::Refused {
+                        self.fail_stranded(client);
+                    }
+                }
+                _ => self.fail_stranded(client),
+            }
+        }
     }
 
     /// Whether the client has anything queued or in flight here.
@@ -218,8 +355,9 @@ impl Lane {
             .is_some_and(|a| a.outstanding > 0)
     }
 
-    /// Waits until every reply due to `client` here has been handed over.
-    /// `Err`: the lane was lost first.
+    /// Waits until every reply due to `client` here has been handed over,
+    /// or the lane is lost with the client's requests all unwritten (they
+    /// move). `Err`: the lane was lost with some in flight.
     async fn drained(&self, client: ClientKey) -> Result<(), Lost> {
         loop {
             let answered = self.room.notified();
@@ -228,8 +366,12 @@ impl Lane {
             if !self.has_outstanding(client) {
                 return Ok(());
             }
-            if let Some(poison) = self.lock().book.poisoned() {
-                return Err(Lost(poison));
+            {
+                let state = self.lock();
+                if let Some(poison) = state.book.poisoned() {
+                    let stranded = state.clients.get(&client).is_some_and(|a| a.stranded);
+                    return if stranded { Ok(()) } else { Err(Lost(poison)) };
+                }
             }
             tokio::select! {
                 _ = answered => {}
@@ -291,15 +433,26 @@ impl Lane {
         let first = !std::mem::replace(&mut state.poison_counted, true);
         let why = state.book.poisoned().unwrap_or(why);
         state.book.poison(why);
-        for attached in state.clients.values_mut() {
-            if attached.outstanding > 0 {
-                attached.outstanding = 0;
-                attached.queued.clear();
-                let _ = attached.replies.send(Err(Lost(why)));
+        let inner = &mut *state;
+        let can_move = self.reopen.is_some();
+        for (client, attached) in inner.clients.iter_mut() {
+            if attached.outstanding == 0 || attached.stranded {
+                continue;
             }
+            if can_move && attached.written() == 0 {
+                // Not a byte of its requests was written: they move.
+                attached.stranded = true;
+                inner.stranded.push(*client);
+                continue;
+            }
+            attached.outstanding = 0;
+            attached.queued.clear();
+            let _ = attached.replies.send(LaneMessage::Lost(Lost(why)));
         }
-        state.ready.clear();
-        state.queued_bytes = 0;
+        inner.ready.clear();
+        inner.queued_bytes = 0;
+        inner.written.clear();
+        inner.in_flight_bytes = 0;
         drop(state);
         if first && let Some(counter) = self.metrics.lane_poisoned(why.label()) {
             counter.increment(1);
@@ -318,6 +471,7 @@ impl Lane {
         }
         while out.len() < self.limits.max_write_bytes
             && state.book.in_flight() < self.limits.max_in_flight
+            && state.in_flight_bytes < self.limits.max_in_flight_bytes
         {
             let Some(client) = state.ready.pop_front() else {
                 break;
@@ -336,6 +490,10 @@ impl Lane {
                 state.ready.push_back(client);
             }
             state.queued_bytes = state.queued_bytes.saturating_sub(batch.bytes.len());
+            if batch.requests > 0 {
+                state.written.push_back((batch.requests, batch.bytes.len()));
+                state.in_flight_bytes += batch.bytes.len();
+            }
             out.extend_from_slice(&batch.bytes);
             state.waiting_since.get_or_insert_with(Instant::now);
         }
@@ -471,7 +629,17 @@ impl Lane {
         let state = &mut *state;
         for frame in frames.drain(..) {
             let push = frame.first() == Some(&b'>');
-            match state.book.on_frame(push) {
+            let route = state.book.on_frame(push);
+            if route != Route::Poisoned
+                && let Some((left, bytes)) = state.written.front_mut()
+            {
+                *left -= 1;
+                if *left == 0 {
+                    state.in_flight_bytes = state.in_flight_bytes.saturating_sub(*bytes);
+                    state.written.pop_front();
+                }
+            }
+            match route {
                 Route::Deliver { client, sequence } => {
                     let Some(attached) = state.clients.get_mut(&client) else {
                         // Left without its entries marked: cannot happen,
@@ -497,7 +665,7 @@ impl Lane {
                     let len = frame.len();
                     self.budget.add(len);
                     attached.unread.fetch_add(len, Ordering::Relaxed);
-                    if attached.replies.send(Ok(frame)).is_err() {
+                    if attached.replies.send(LaneMessage::Frame(frame)).is_err() {
                         self.budget.remove(len);
                         attached.unread.fetch_sub(len, Ordering::Relaxed);
                     }
@@ -520,6 +688,45 @@ async fn until(when: Option<SystemTime>) {
             tokio::time::sleep(left).await;
         }
         None => std::future::pending().await,
+    }
+}
+
+/// How a move went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moved {
+    Yes,
+    /// The client was moved (or left) already: nothing done.
+    Already,
+    /// The fresh lane was lost meanwhile: the client stays where it was.
+    Refused,
+}
+
+/// Moves the client seated on `from` as `client` to `to`, with whatever it
+/// has queued on `from` (on a lost lane: requests none of whose bytes were
+/// written), if its seat still says so.
+fn move_seat(seat: &Mutex<Seat>, client: ClientKey, from: &Arc<Lane>, to: &Arc<Lane>) -> Moved {
+    let mut seat = lock_seat(seat);
+    if seat.client != client || !Arc::ptr_eq(&seat.lane, from) {
+        return Moved::Already;
+    }
+    let Some(attached) = from.detach(client) else {
+        return Moved::Already;
+    };
+    let moved = ClientKey {
+        id: client.id,
+        generation: client.generation + 1,
+    };
+    match to.adopt(moved, attached) {
+        Ok(()) => {
+            seat.lane = to.clone();
+            seat.client = moved;
+            seat.key = to.key;
+            Moved::Yes
+        }
+        Err(attached) => {
+            from.lock().clients.insert(client, attached);
+            Moved::Refused
+        }
     }
 }
 
@@ -573,7 +780,7 @@ impl Lanes {
     /// A live lane for `key`, spreading clients over the key's slots. A new
     /// lane on another database first SELECTs it; Redis's refusal (an index
     /// out of range) is [`LaneOpenError::Refused`].
-    async fn lane(&self, key: LaneKey, client: u64) -> Result<Arc<Lane>, LaneOpenError> {
+    async fn lane(self: &Arc<Self>, key: LaneKey, client: u64) -> Result<Arc<Lane>, LaneOpenError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             let slots = slots.entry(key).or_insert_with(|| {
@@ -594,13 +801,17 @@ impl Lanes {
         }
         let expires = self.pool.upstream().certificate_expiry(&stream);
         let pool = self.pool.clone();
+        let lanes = Arc::downgrade(self);
+        let reopen: Reopen = Arc::new(move |client| reopen(lanes.clone(), key, client));
         let lane = Lane::start(
+            key,
             stream,
             self.limits,
             self.reply_limits.clone(),
             expires,
             self.budget.clone(),
             self.metrics.clone(),
+            Some(reopen),
             async move { pool.give_back(None).await },
         );
         *slot = Some(lane.clone());
@@ -651,26 +862,38 @@ impl Lanes {
         let lane = self.lane(key, id).await?;
         let (sender, receiver) = mpsc::unbounded_channel();
         let unread = Arc::new(AtomicUsize::new(0));
-        lane.attach(client, sender.clone(), unread.clone());
+        let seat = Arc::new(Mutex::new(Seat {
+            lane: lane.clone(),
+            client,
+            key,
+        }));
+        lane.attach(client, sender, unread.clone(), Arc::downgrade(&seat));
         Ok(LaneLink {
             requests: LaneRequests {
                 lanes: self.clone(),
                 key,
-                lane_key: key,
-                lane,
-                client,
-                replies: sender,
-                unread: unread.clone(),
+                seat,
             },
             replies: LaneReplies {
                 receiver,
                 current: Bytes::new(),
                 lost: None,
+                source: Weak::new(),
+                next_source: None,
                 budget: self.budget.clone(),
                 unread,
             },
         })
     }
+}
+
+/// A fresh lane of `key` for a client moving off a lost one.
+fn reopen(
+    lanes: Weak<Lanes>,
+    key: LaneKey,
+    client: u64,
+) -> Pin<Box<dyn Future<Output = Option<Arc<Lane>>> + Send>> {
+    Box::pin(async move { lanes.upgrade()?.lane(key, client).await.ok() })
 }
 
 /// A client's two ends of a lane.
@@ -684,48 +907,67 @@ pub struct LaneRequests {
     lanes: Arc<Lanes>,
     /// The lanes the client's next requests go to (SELECT changes it).
     key: LaneKey,
-    /// The key of the lane it is attached to.
-    lane_key: LaneKey,
-    lane: Arc<Lane>,
-    client: ClientKey,
-    replies: mpsc::UnboundedSender<LaneReply>,
-    unread: Arc<AtomicUsize>,
+    seat: Arc<Mutex<Seat>>,
 }
 
+/// How often a send moves to a fresh lane that is lost again before it
+/// gives up.
+const MOVES_PER_SEND: usize = 3;
+
 impl LaneRequests {
-    /// Sends `requests` whole requests. On a lost lane with nothing of this
-    /// client's on it, moves to a fresh lane first; with something on it,
-    /// `Err` (the session answers its pending requests with errors). After
-    /// [`LaneRequests::select`], moves to that database's lane once every
-    /// reply due on the current one has come, so replies stay in order.
-    pub async fn send(&mut self, bytes: Bytes, requests: usize) -> Result<(), LaneError> {
-        if self.key != self.lane_key {
-            self.lane
-                .drained(self.client)
-                .await
-                .map_err(LaneError::Lost)?;
-            self.move_to_fresh_lane().await?;
-        } else if self.lane.is_lost() && !self.lane.has_outstanding(self.client) {
-            self.move_to_fresh_lane().await?;
-        }
-        self.lane
-            .submit(self.client, bytes, requests)
-            .await
-            .map_err(LaneError::Lost)
+    fn seated(&self) -> (Arc<Lane>, ClientKey, LaneKey) {
+        let seat = lock_seat(&self.seat);
+        (seat.lane.clone(), seat.client, seat.key)
     }
 
-    async fn move_to_fresh_lane(&mut self) -> Result<(), LaneError> {
-        let lane = self
-            .lanes
-            .lane(self.key, self.client.id)
-            .await
-            .map_err(LaneError::Unavailable)?;
-        self.lane.leave(self.client);
-        self.client.generation += 1;
-        lane.attach(self.client, self.replies.clone(), self.unread.clone());
-        self.lane = lane;
-        self.lane_key = self.key;
-        Ok(())
+    /// Sends `requests` whole requests. A client on a lost lane moves to a
+    /// fresh one first, with any requests of its own still queued there
+    /// (none of their bytes written: they go to a lane of the key they were
+    /// sent for). After [`LaneRequests::switch`], it moves to that key's
+    /// lane once every reply due on the current one has come, so replies
+    /// stay in order. `Err(Lost)`: its lane was lost with requests of it in
+    /// flight (the session answers its pending requests with errors).
+    pub async fn send(&mut self, bytes: Bytes, requests: usize) -> Result<(), LaneError> {
+        let mut moves = 0;
+        loop {
+            let (lane, client, lane_key) = self.seated();
+            let to = if lane.is_lost() {
+                // What it left queued there must run where it was sent for.
+                if lane.has_outstanding(client) {
+                    lane_key
+                } else {
+                    self.key
+                }
+            } else if lane_key != self.key {
+                lane.drained(client).await.map_err(LaneError::Lost)?;
+                if lane.is_lost() {
+                    // Stranded on it: first to a lane of the key it left.
+                    continue;
+                }
+                self.key
+            } else {
+                match lane.submit(client, bytes.clone(), requests).await {
+                    Ok(()) => return Ok(()),
+                    // Lost before the batch was queued: it moves.
+                    Err(_) => continue,
+                }
+            };
+            moves += 1;
+            if moves > MOVES_PER_SEND {
+                let why = lane
+                    .lock()
+                    .book
+                    .poisoned()
+                    .unwrap_or(Poison::ConnectionLost);
+                return Err(LaneError::Lost(Lost(why)));
+            }
+            let fresh = self
+                .lanes
+                .lane(to, client.id)
+                .await
+                .map_err(LaneError::Unavailable)?;
+            move_seat(&self.seat, client, &lane, &fresh);
+        }
     }
 
     /// SELECT or HELLO on a lane: makes sure a lane on `database` speaking
@@ -733,7 +975,8 @@ impl LaneRequests {
     /// sends what follows there. Returns Redis's HELLO reply in `protocol`.
     pub async fn switch(&mut self, database: u32, protocol: u8) -> Result<Bytes, LaneOpenError> {
         let key = LaneKey { database, protocol };
-        self.lanes.lane(key, self.client.id).await?;
+        let client = lock_seat(&self.seat).client;
+        self.lanes.lane(key, client.id).await?;
         self.key = key;
         self.lanes
             .hello(protocol)
@@ -743,13 +986,14 @@ impl LaneRequests {
     /// Poisons this client's lane (its session found a reply contradicting
     /// its request).
     pub fn poison(&self, why: Poison) {
-        self.lane.poison(why);
+        lock_seat(&self.seat).lane.poison(why);
     }
 }
 
 impl Drop for LaneRequests {
     fn drop(&mut self) {
-        self.lane.leave(self.client);
+        let seat = lock_seat(&self.seat);
+        seat.lane.leave(seat.client);
     }
 }
 
@@ -776,10 +1020,14 @@ pub enum LaneOpenError {
 /// A client's replies from its lane, as a byte stream of whole frames. A
 /// lost lane reads as an error whose inner error is [`Lost`].
 pub struct LaneReplies {
-    receiver: mpsc::UnboundedReceiver<LaneReply>,
+    receiver: mpsc::UnboundedReceiver<LaneMessage>,
     current: Bytes,
     /// Received after bytes still to be read: returned once they are.
     lost: Option<Lost>,
+    /// The lane the frames read come from, and the one those after the
+    /// bytes still to be read come from (applied once they are read).
+    source: Weak<Lane>,
+    next_source: Option<Weak<Lane>>,
     budget: Arc<BufferBudget>,
     unread: Arc<AtomicUsize>,
 }
@@ -792,13 +1040,22 @@ impl LaneReplies {
         self.unread.fetch_sub(frame.len(), Ordering::Relaxed);
         self.current = frame;
     }
+
+    /// A value in the frames read so far failed to open under the key its
+    /// request named: the lane they came from is poisoned (a reply may have
+    /// gone to the wrong request; the key binding is the second detector).
+    pub fn distrust(&self, why: Poison) {
+        if let Some(lane) = self.source.upgrade() {
+            lane.poison(why);
+        }
+    }
 }
 
 impl Drop for LaneReplies {
     fn drop(&mut self) {
         self.receiver.close();
-        while let Ok(reply) = self.receiver.try_recv() {
-            if let Ok(frame) = reply {
+        while let Ok(message) = self.receiver.try_recv() {
+            if let LaneMessage::Frame(frame) = message {
                 self.budget.remove(frame.len());
             }
         }
@@ -812,19 +1069,26 @@ impl AsyncRead for LaneReplies {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if this.current.is_empty() {
+        while this.current.is_empty() {
             if let Some(lost) = this.lost.take() {
                 return Poll::Ready(Err(lost_error(lost)));
             }
+            if let Some(source) = this.next_source.take() {
+                this.source = source;
+            }
             match this.receiver.poll_recv(cx) {
-                Poll::Ready(Some(Ok(frame))) => this.took(frame),
-                Poll::Ready(Some(Err(lost))) => return Poll::Ready(Err(lost_error(lost))),
+                Poll::Ready(Some(LaneMessage::Frame(frame))) => this.took(frame),
+                Poll::Ready(Some(LaneMessage::Lost(lost))) => {
+                    return Poll::Ready(Err(lost_error(lost)));
+                }
+                Poll::Ready(Some(LaneMessage::From(source))) => this.source = source,
                 // Every lane let go of this client: read as a close.
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
             }
         }
-        // What is here already goes in this read; an error comes after it.
+        // What is here already goes in this read; an error, or frames from
+        // another lane, come after it.
         loop {
             let n = this.current.len().min(buf.remaining());
             buf.put_slice(&this.current[..n]);
@@ -839,9 +1103,13 @@ impl AsyncRead for LaneReplies {
                 break;
             }
             match this.receiver.try_recv() {
-                Ok(Ok(frame)) => this.took(frame),
-                Ok(Err(lost)) => {
+                Ok(LaneMessage::Frame(frame)) => this.took(frame),
+                Ok(LaneMessage::Lost(lost)) => {
                     this.lost = Some(lost);
+                    break;
+                }
+                Ok(LaneMessage::From(source)) => {
+                    this.next_source = Some(source);
                     break;
                 }
                 Err(_) => break,
@@ -866,23 +1134,82 @@ mod tests {
     use proptest::prelude::*;
     use tokio::io::{AsyncReadExt, DuplexStream};
 
+    const KEY: LaneKey = LaneKey {
+        database: 0,
+        protocol: 2,
+    };
+
     fn lane_on(stream: DuplexStream, budget: usize) -> Arc<Lane> {
+        lane_with(stream, LaneLimits::default(), budget, None)
+    }
+
+    fn lane_with(
+        stream: DuplexStream,
+        limits: LaneLimits,
+        budget: usize,
+        reopen: Option<Reopen>,
+    ) -> Arc<Lane> {
         Lane::start(
+            KEY,
             stream,
-            LaneLimits::default(),
+            limits,
             Limits::default(),
             None,
             Arc::new(BufferBudget::new(budget)),
             Arc::new(Metrics::new()),
+            reopen,
             async {},
         )
     }
 
-    fn client(lane: &Lane, id: u64) -> (ClientKey, mpsc::UnboundedReceiver<LaneReply>) {
+    fn client(lane: &Arc<Lane>, id: u64) -> (ClientKey, Replies) {
         let key = ClientKey { id, generation: 0 };
         let (sender, receiver) = mpsc::unbounded_channel();
-        lane.attach(key, sender, Arc::new(AtomicUsize::new(0)));
-        (key, receiver)
+        lane.attach(key, sender, Arc::new(AtomicUsize::new(0)), Weak::new());
+        (key, Replies(receiver))
+    }
+
+    /// A client with a seat, as `Lanes::attach` makes them (it can move).
+    fn seated_client(lane: &Arc<Lane>, id: u64) -> (ClientKey, Replies, Arc<Mutex<Seat>>) {
+        let client = ClientKey { id, generation: 0 };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let seat = Arc::new(Mutex::new(Seat {
+            lane: lane.clone(),
+            client,
+            key: KEY,
+        }));
+        lane.attach(
+            client,
+            sender,
+            Arc::new(AtomicUsize::new(0)),
+            Arc::downgrade(&seat),
+        );
+        (client, Replies(receiver), seat)
+    }
+
+    /// A client's channel, read as frames or `Lost` (lane marks skipped).
+    struct Replies(mpsc::UnboundedReceiver<LaneMessage>);
+
+    impl Replies {
+        async fn recv(&mut self) -> Option<Result<Bytes, Lost>> {
+            loop {
+                match self.0.recv().await? {
+                    LaneMessage::Frame(frame) => return Some(Ok(frame)),
+                    LaneMessage::Lost(lost) => return Some(Err(lost)),
+                    LaneMessage::From(_) => {}
+                }
+            }
+        }
+
+        fn try_recv(&mut self) -> Result<Result<Bytes, Lost>, ()> {
+            loop {
+                match self.0.try_recv().map_err(|_| ())? {
+                    LaneMessage::Frame(frame) => return Ok(Ok(frame)),
+                    LaneMessage::Lost(lost) => return Ok(Err(lost)),
+                    LaneMessage::From(_) => {}
+                }
+            }
+        }
     }
 
     fn get(key: &str) -> Bytes {
@@ -997,6 +1324,143 @@ mod tests {
         // next sends (LaneRequests), as this lane takes nothing more.
         assert!(idle_replies.try_recv().is_err());
         assert!(lane.submit(a, get("z"), 1).await.is_err());
+    }
+
+    /// Reads what a Redis stand-in has been sent until `expected` came.
+    async fn read_exactly(redis: &mut DuplexStream, expected: &[u8]) {
+        let mut got = vec![0; expected.len()];
+        redis.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn unwritten_requests_move_to_a_fresh_lane_and_written_ones_fail() {
+        let limits = LaneLimits {
+            max_in_flight: 1,
+            ..LaneLimits::default()
+        };
+        let (fresh_side, fresh_redis) = tokio::io::duplex(4096);
+        let fresh = lane_with(fresh_side, LaneLimits::default(), usize::MAX, None);
+        let reopened = fresh.clone();
+        let reopen: Reopen = Arc::new(move |_| {
+            let lane = reopened.clone();
+            Box::pin(async move { Some(lane) })
+        });
+        let (lost_side, mut lost_redis) = tokio::io::duplex(4096);
+        let lost = lane_with(lost_side, limits, usize::MAX, Some(reopen));
+        let (a, mut a_replies) = client(&lost, 1);
+        let (b, mut b_replies, seat) = seated_client(&lost, 2);
+        lost.submit(a, get("a0"), 1).await.expect("submit");
+        read_exactly(&mut lost_redis, &get("a0")).await;
+        // a0 is in flight, the lane's only slot: b0 waits in its queue.
+        lost.submit(b, get("b0"), 1).await.expect("submit");
+        tokio::task::yield_now().await;
+        assert_eq!(lost.lock().book.in_flight(), 1);
+        drop(lost_redis);
+        assert_eq!(
+            a_replies.recv().await.expect("open"),
+            Err(Lost(Poison::ConnectionLost))
+        );
+        // b0 was never written there: it is sent, once, on the fresh lane.
+        let redis = tokio::spawn(echo_redis(fresh_redis, 1));
+        let reply = b_replies
+            .recv()
+            .await
+            .expect("open")
+            .expect("moved, not lost");
+        assert_eq!(&reply[..], b"$2\r\nb0\r\n");
+        redis.await.expect("redis");
+        let seat = lock_seat(&seat);
+        assert!(Arc::ptr_eq(&seat.lane, &fresh));
+        assert_eq!(seat.client.generation, 1);
+        assert!(!lost.lock().clients.contains_key(&b));
+    }
+
+    #[tokio::test]
+    async fn without_a_fresh_lane_unwritten_requests_hear_the_lane_is_lost() {
+        let limits = LaneLimits {
+            max_in_flight: 1,
+            ..LaneLimits::default()
+        };
+        let reopen: Reopen = Arc::new(|_| Box::pin(async { None }));
+        let (side, mut redis) = tokio::io::duplex(4096);
+        let lane = lane_with(side, limits, usize::MAX, Some(reopen));
+        let (a, _a_replies) = client(&lane, 1);
+        let (b, mut b_replies, _seat) = seated_client(&lane, 2);
+        lane.submit(a, get("a0"), 1).await.expect("submit");
+        read_exactly(&mut redis, &get("a0")).await;
+        lane.submit(b, get("b0"), 1).await.expect("submit");
+        drop(redis);
+        assert_eq!(
+            b_replies.recv().await.expect("open"),
+            Err(Lost(Poison::ConnectionLost))
+        );
+    }
+
+    #[tokio::test]
+    async fn bytes_in_flight_are_capped_until_replies_come() {
+        let (proxy_side, _redis_side) = tokio::io::duplex(1 << 16);
+        let limits = LaneLimits {
+            max_in_flight_bytes: get("a0").len(),
+            ..LaneLimits::default()
+        };
+        let lane = lane_with(proxy_side, limits, usize::MAX, None);
+        let (a, mut a_replies) = client(&lane, 1);
+        let (b, _b_replies) = client(&lane, 2);
+        // Nothing yields here, so the lane's own writer has not run yet.
+        for (who, key) in [(a, "a0"), (b, "b0"), (a, "a1")] {
+            lane.submit(who, get(key), 1).await.expect("submit");
+        }
+        let mut out = BytesMut::new();
+        lane.gather(&mut out).expect("open");
+        // With a0 in flight the lane is at its cap: nothing more is written
+        // until a0 is answered, then b0, then a1.
+        assert_eq!(&out[..], &get("a0")[..]);
+        for (answer, next) in [("+a0\r\n", "b0"), ("+b0\r\n", "a1")] {
+            out.clear();
+            lane.gather(&mut out).expect("open");
+            assert!(out.is_empty(), "over the cap nothing more is written");
+            lane.route(&mut vec![Bytes::from(answer)]).expect("in step");
+            lane.gather(&mut out).expect("open");
+            assert_eq!(&out[..], &get(next)[..]);
+        }
+        assert_eq!(
+            &a_replies.recv().await.expect("open").expect("reply")[..],
+            b"+a0\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_value_that_fails_its_key_poisons_the_lane_it_came_from() {
+        let (proxy_side, redis_side) = tokio::io::duplex(4096);
+        let lane = lane_on(proxy_side, usize::MAX);
+        let key = ClientKey {
+            id: 1,
+            generation: 0,
+        };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let unread = Arc::new(AtomicUsize::new(0));
+        lane.attach(key, sender, unread.clone(), Weak::new());
+        let mut replies = LaneReplies {
+            receiver,
+            current: Bytes::new(),
+            lost: None,
+            source: Weak::new(),
+            next_source: None,
+            budget: Arc::new(BufferBudget::new(usize::MAX)),
+            unread,
+        };
+        let mut redis = redis_side;
+        lane.submit(key, get("k"), 1).await.expect("submit");
+        read_exactly(&mut redis, &get("k")).await;
+        redis.write_all(b"$1\r\nv\r\n").await.expect("write");
+        let mut read = vec![0; 7];
+        replies.read_exact(&mut read).await.expect("reply");
+        assert_eq!(read, b"$1\r\nv\r\n");
+        assert!(!lane.is_lost());
+        replies.distrust(Poison::ValueMismatch);
+        assert!(lane.is_lost());
+        assert_eq!(lane.lock().book.poisoned(), Some(Poison::ValueMismatch));
     }
 
     #[tokio::test]
