@@ -317,6 +317,10 @@ pub struct Row {
     pub moves_values: bool,
     /// What it leaves on the upstream connection once answered.
     pub leaves: Leaves,
+    /// Its reply grows with the data (a whole hash, set, list or range, a
+    /// key listing): on lanes it is sent on the bulk lane, so it cannot
+    /// stall small replies behind it.
+    pub bulky: bool,
 }
 
 /// A row for a command on data or the server.
@@ -328,6 +332,7 @@ const fn row(name: &'static str, class: Class, keys: Keys) -> Row {
         blocks: None,
         moves_values: false,
         leaves: Leaves::Nothing,
+        bulky: false,
     }
 }
 
@@ -356,6 +361,13 @@ impl Row {
 
     const fn leaves(self, leaves: Leaves) -> Row {
         Row { leaves, ..self }
+    }
+
+    const fn bulky(self) -> Row {
+        Row {
+            bulky: true,
+            ..self
+        }
     }
 }
 
@@ -587,10 +599,10 @@ pub static COMMANDS: &[Row] = &[
     connection("hello", Handling::Hello),
     row("hexists", Class::Forward, K1),
     row("hget", Class::Sealed(HGET), K1),
-    row("hgetall", Class::Sealed(HGETALL), K1),
+    row("hgetall", Class::Sealed(HGETALL), K1).bulky(),
     row("hincrby", Class::ServerReadsValue, K1),
     row("hincrbyfloat", Class::ServerReadsValue, K1),
-    row("hkeys", Class::Forward, K1),
+    row("hkeys", Class::Forward, K1).bulky(),
     row("hlen", Class::Forward, K1),
     row("hmget", Class::Sealed(HMGET), K1),
     row("hmset", Class::Sealed(HSET), K1),
@@ -599,12 +611,12 @@ pub static COMMANDS: &[Row] = &[
     row("hset", Class::Sealed(HSET), K1),
     row("hsetnx", Class::Sealed(HSET), K1),
     row("hstrlen", Class::ServerReadsValue, K1),
-    row("hvals", Class::Sealed(HVALS), K1),
+    row("hvals", Class::Sealed(HVALS), K1).bulky(),
     row("incr", Class::ServerReadsValue, K1),
     row("incrby", Class::ServerReadsValue, K1),
     row("incrbyfloat", Class::ServerReadsValue, K1),
     row("info", Class::Forward, NONE),
-    row("keys", Class::Forward, NONE),
+    row("keys", Class::Forward, NONE).bulky(),
     row("lastsave", Class::Forward, NONE),
     row("latency", Class::Forward, NONE),
     row("lcs", Class::ServerReadsValue, K1_2),
@@ -618,7 +630,7 @@ pub static COMMANDS: &[Row] = &[
     row("lpos", Class::Sealed(LIST_POS), K1),
     row("lpush", Class::Sealed(LIST_PUSH), K1),
     row("lpushx", Class::Sealed(LIST_PUSH), K1),
-    row("lrange", Class::Sealed(LIST_POP), K1),
+    row("lrange", Class::Sealed(LIST_POP), K1).bulky(),
     row("lrem", Class::Sealed(LIST_REM), K1),
     row("lset", Class::Sealed(LIST_SET), K1),
     row("ltrim", Class::Forward, K1),
@@ -670,7 +682,7 @@ pub static COMMANDS: &[Row] = &[
     row("scan", Class::Forward, NONE),
     row("scard", Class::Forward, K1),
     row("script", Class::Scripting(Scripting::Script), NONE),
-    row("sdiff", Class::Sealed(SET_READ), ALL).moves_values(),
+    row("sdiff", Class::Sealed(SET_READ), ALL).moves_values().bulky(),
     row("sdiffstore", Class::Sealed(SET_STORE), ALL).moves_values(),
     row("select", Class::Forward, NONE).leaves(Leaves::Database),
     row("set", Class::Sealed(SET), K1),
@@ -679,17 +691,17 @@ pub static COMMANDS: &[Row] = &[
     row("setnx", Class::Sealed(SETNX), K1),
     row("setrange", Class::ServerReadsValue, K1),
     row("shutdown", Class::Forward, NONE),
-    row("sinter", Class::Sealed(SET_READ), ALL).moves_values(),
+    row("sinter", Class::Sealed(SET_READ), ALL).moves_values().bulky(),
     row("sintercard", Class::Sealed(SET_STORE), Keys::NumKeys { at: 1, dest: false }).moves_values(),
     row("sinterstore", Class::Sealed(SET_STORE), ALL).moves_values(),
     row("sismember", Class::Sealed(SET_IS), K1),
     row("slaveof", Class::Forward, NONE),
     row("slowlog", Class::Forward, NONE),
-    row("smembers", Class::Sealed(SET_READ), K1),
+    row("smembers", Class::Sealed(SET_READ), K1).bulky(),
     row("smismember", Class::Sealed(SET_ADD), K1),
     row("smove", Class::Sealed(SET_MOVE), K1_2).moves_values(),
-    row("sort", Class::Sort, Keys::SortStore),
-    row("sort_ro", Class::Sort, Keys::SortStore),
+    row("sort", Class::Sort, Keys::SortStore).bulky(),
+    row("sort_ro", Class::Sort, Keys::SortStore).bulky(),
     row("spop", Class::Sealed(SET_READ), K1),
     row("spublish", Class::Sealed(PUBLISH), K1),
     row("srandmember", Class::Sealed(SET_READ), K1),
@@ -699,7 +711,7 @@ pub static COMMANDS: &[Row] = &[
     row("strlen", Class::ServerReadsValue, K1),
     connection("subscribe", Handling::Subscribe(PubSubKind::Channel)),
     row("substr", Class::ServerReadsValue, K1),
-    row("sunion", Class::Sealed(SET_READ), ALL).moves_values(),
+    row("sunion", Class::Sealed(SET_READ), ALL).moves_values().bulky(),
     row("sunionstore", Class::Sealed(SET_STORE), ALL).moves_values(),
     connection("sunsubscribe", Handling::Unsubscribe(PubSubKind::Shard)),
     row("swapdb", Class::Forward, NONE),
@@ -722,19 +734,19 @@ pub static COMMANDS: &[Row] = &[
     row("xinfo", Class::Sealed(STREAM_INFO), K2),
     row("xlen", Class::Forward, K1),
     row("xpending", Class::Forward, K1),
-    row("xrange", Class::Sealed(STREAM_RANGE), K1),
+    row("xrange", Class::Sealed(STREAM_RANGE), K1).bulky(),
     row("xread", Class::Sealed(STREAM_READ), Keys::Streams).blocks(Timeout::BlockOptionMillis),
     row("xreadgroup", Class::Sealed(STREAM_READ), Keys::Streams).blocks(Timeout::BlockOptionMillis),
-    row("xrevrange", Class::Sealed(STREAM_RANGE), K1),
+    row("xrevrange", Class::Sealed(STREAM_RANGE), K1).bulky(),
     row("xsetid", Class::Forward, K1),
     row("xtrim", Class::Forward, K1),
     row("zadd", Class::Sealed(ZSET_ADD), K1),
     row("zcard", Class::Forward, K1),
     row("zcount", Class::Forward, K1),
-    row("zdiff", Class::Sealed(ZSET_ALGEBRA), Keys::NumKeys { at: 1, dest: false }).moves_values(),
+    row("zdiff", Class::Sealed(ZSET_ALGEBRA), Keys::NumKeys { at: 1, dest: false }).moves_values().bulky(),
     row("zdiffstore", Class::Sealed(ZSET_STORE), Keys::NumKeys { at: 2, dest: true }).moves_values(),
     row("zincrby", Class::Sealed(ZSET_INCR), K1),
-    row("zinter", Class::Sealed(ZSET_ALGEBRA), Keys::NumKeys { at: 1, dest: false }).moves_values(),
+    row("zinter", Class::Sealed(ZSET_ALGEBRA), Keys::NumKeys { at: 1, dest: false }).moves_values().bulky(),
     row("zintercard", Class::Sealed(ZSET_STORE), Keys::NumKeys { at: 1, dest: false }).moves_values(),
     row("zinterstore", Class::Sealed(ZSET_STORE), Keys::NumKeys { at: 2, dest: true }).moves_values(),
     row("zlexcount", Class::OrdersValues, K1),
@@ -743,22 +755,22 @@ pub static COMMANDS: &[Row] = &[
     row("zpopmax", Class::Sealed(ZSET_POP), K1),
     row("zpopmin", Class::Sealed(ZSET_POP), K1),
     row("zrandmember", Class::Sealed(ZSET_RANDOM), K1),
-    row("zrange", Class::Sealed(ZSET_RANGE), K1),
-    row("zrangebylex", Class::OrdersValues, K1),
-    row("zrangebyscore", Class::Sealed(ZSET_RANGE), K1),
+    row("zrange", Class::Sealed(ZSET_RANGE), K1).bulky(),
+    row("zrangebylex", Class::OrdersValues, K1).bulky(),
+    row("zrangebyscore", Class::Sealed(ZSET_RANGE), K1).bulky(),
     row("zrangestore", Class::Sealed(ZSET_STORE), K1_2).moves_values(),
     row("zrank", Class::Sealed(ZSET_MEMBER), K1),
     row("zrem", Class::Sealed(ZSET_MEMBERS), K1),
     row("zremrangebylex", Class::OrdersValues, K1),
     row("zremrangebyrank", Class::Forward, K1),
     row("zremrangebyscore", Class::Forward, K1),
-    row("zrevrange", Class::Sealed(ZSET_RANGE), K1),
-    row("zrevrangebylex", Class::OrdersValues, K1),
-    row("zrevrangebyscore", Class::Sealed(ZSET_RANGE), K1),
+    row("zrevrange", Class::Sealed(ZSET_RANGE), K1).bulky(),
+    row("zrevrangebylex", Class::OrdersValues, K1).bulky(),
+    row("zrevrangebyscore", Class::Sealed(ZSET_RANGE), K1).bulky(),
     row("zrevrank", Class::Sealed(ZSET_MEMBER), K1),
     row("zscan", Class::Sealed(ZSET_SCAN), K1),
     row("zscore", Class::Sealed(ZSET_MEMBER), K1),
-    row("zunion", Class::Sealed(ZSET_ALGEBRA), Keys::NumKeys { at: 1, dest: false }).moves_values(),
+    row("zunion", Class::Sealed(ZSET_ALGEBRA), Keys::NumKeys { at: 1, dest: false }).moves_values().bulky(),
     row("zunionstore", Class::Sealed(ZSET_STORE), Keys::NumKeys { at: 2, dest: true }).moves_values(),
 ];
 
@@ -840,6 +852,11 @@ pub enum Leaves {
 }
 
 /// What forwarding a command with this row (`None`: no row) leaves behind.
+/// Whether a command's reply grows with the data (see [`Row::bulky`]).
+pub fn bulky(row: Option<&Row>) -> bool {
+    row.is_some_and(|row| row.bulky)
+}
+
 pub fn leaves(row: Option<&Row>) -> Leaves {
     row.map_or(Leaves::Session, |row| row.leaves)
 }

@@ -527,6 +527,7 @@ async fn serve<C>(
                 let key = LaneKey {
                     database: local.database,
                     protocol: local.protocol(),
+                    bulk: false,
                 };
                 let lane = match lanes.attach(key).await {
                     Ok(lane) => lane,

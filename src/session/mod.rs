@@ -339,6 +339,7 @@ where
             shared: &shared,
             leaves: &mut leaves,
             output_holds_password: false,
+            output_bulky: false,
             subscribed: false,
         };
         let requests = requests.forward(&mut client_reader, &mut input, &mut state, shutdown);

@@ -108,7 +108,7 @@ where
                 // Closed or parked: the client is not to be written to or shut.
                 return Ok(upstream_end(&input, &replies, flushes));
             }
-            let flow = match deliver_ready(
+            let ready = deliver_ready(
                 ctx,
                 &mut replies,
                 &mut fifo,
@@ -116,8 +116,23 @@ where
                 &mut input,
                 &mut output,
                 &mut requests_done,
-            ) {
-                Ok(flow) => flow,
+            );
+            let flow = match ready {
+                Ok(Ready::Flow(flow)) => flow,
+                Ok(Ready::Heavy(frame)) => {
+                    // Opening it takes long: on the blocking pool, so this
+                    // thread's other sessions and lanes go on meanwhile.
+                    let opened = open_heavy(replies, frame, std::mem::take(&mut output)).await;
+                    let result;
+                    (replies, output, result) = opened;
+                    if let Err(err) = result {
+                        ctx.metrics.upstream_protocol_errors.increment(1);
+                        return fail_pending(ctx, client, &mut fifo, &mut output, &replies, err)
+                            .await;
+                    }
+                    // More may be read already: deliver it (and this) first.
+                    continue;
+                }
                 Err(err) => {
                     return fail_pending(ctx, client, &mut fifo, &mut output, &replies, err).await;
                 }
@@ -216,8 +231,47 @@ fn upstream_end(input: &BytesMut, replies: &Replies, flushes: &FlushLog) -> Upst
     }
 }
 
+/// Reply frames at least this large are opened on the blocking pool: an
+/// HGETALL of 20,000 sealed fields takes ~10 ms of CPU to open, which would
+/// hold up every other session on the thread (and the lanes' tasks) for as
+/// long.
+const HEAVY_FRAME: usize = 256 * 1024;
+
+/// What [`deliver_ready`] stopped at.
+enum Ready {
+    /// Nothing more to deliver until more is read (or `Close`).
+    Flow(Flow),
+    /// A frame at least [`HEAVY_FRAME`] long, matched to its request, to be
+    /// opened by [`open_heavy`].
+    Heavy(bytes::Bytes),
+}
+
+/// Opens one heavy frame on the blocking pool (or right here, where the
+/// runtime has none to spare).
+async fn open_heavy(
+    mut replies: Replies,
+    frame: bytes::Bytes,
+    mut output: BytesMut,
+) -> (Replies, BytesMut, Result<(), SessionError>) {
+    let open = move || {
+        let result = replies
+            .on_reply(frame, &mut output)
+            .map_err(|e| SessionError::UpstreamProtocol(e.to_string()));
+        (replies, output, result)
+    };
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => open(),
+        _ => match tokio::task::spawn_blocking(open).await {
+            Ok(opened) => opened,
+            // The closure does not panic (on_reply returns errors); a
+            // cancelled runtime is shutting down.
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        },
+    }
+}
+
 /// Delivers the answers at the front of the FIFO and every complete reply
-/// already read.
+/// already read, up to a heavy frame.
 fn deliver_ready(
     ctx: &SessionContext,
     replies: &mut Replies,
@@ -226,13 +280,13 @@ fn deliver_ready(
     input: &mut BytesMut,
     output: &mut BytesMut,
     requests_done: &mut bool,
-) -> Result<Flow, SessionError> {
+) -> Result<Ready, SessionError> {
     loop {
         while replies.needs_entry() {
             match fifo.try_recv() {
                 Ok(entry) => {
                     if replies.accept(entry, output) == Flow::Close {
-                        return Ok(Flow::Close);
+                        return Ok(Ready::Flow(Flow::Close));
                     }
                 }
                 Err(mpsc::error::TryRecvError::Empty) => break,
@@ -251,9 +305,12 @@ fn deliver_ready(
             SessionError::UpstreamFraming(e.to_string())
         })?
         else {
-            return Ok(Flow::Continue);
+            return Ok(Ready::Flow(Flow::Continue));
         };
         let frame = input.split_to(len).freeze();
+        if len >= HEAVY_FRAME && !replies.needs_entry() {
+            return Ok(Ready::Heavy(frame));
+        }
         replies
             .on_reply(frame, output)
             .map_err(|e| protocol_error(e.to_string()))?;

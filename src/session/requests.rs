@@ -47,12 +47,14 @@ pub(super) trait RequestSink {
     /// own ends the session with [`RequestsEnd::Pin`].
     const SHARED: bool;
 
-    /// Sends the `requests` whole requests in `output`. `output` is left
-    /// for the caller to clear (and wipe).
+    /// Sends the `requests` whole requests in `output`; `bulky`: one of
+    /// them has a reply that grows with the data. `output` is left for the
+    /// caller to clear (and wipe).
     fn send(
         &mut self,
         output: &mut BytesMut,
         requests: usize,
+        bulky: bool,
     ) -> impl std::future::Future<Output = Result<(), SessionError>> + Send;
 
     /// SELECT or HELLO on a lane: moves to the lanes of `database` speaking
@@ -72,7 +74,12 @@ pub(super) struct Direct<'a, W>(pub(super) &'a mut W);
 impl<W: AsyncWrite + Unpin + Send> RequestSink for Direct<'_, W> {
     const SHARED: bool = false;
 
-    async fn send(&mut self, output: &mut BytesMut, _requests: usize) -> Result<(), SessionError> {
+    async fn send(
+        &mut self,
+        output: &mut BytesMut,
+        _requests: usize,
+        _bulky: bool,
+    ) -> Result<(), SessionError> {
         self.0
             .write_all(output)
             .await
@@ -88,8 +95,13 @@ impl<W: AsyncWrite + Unpin + Send> RequestSink for Direct<'_, W> {
 impl RequestSink for LaneRequests {
     const SHARED: bool = true;
 
-    async fn send(&mut self, output: &mut BytesMut, requests: usize) -> Result<(), SessionError> {
-        LaneRequests::send(self, output.split().freeze(), requests)
+    async fn send(
+        &mut self,
+        output: &mut BytesMut,
+        requests: usize,
+        bulky: bool,
+    ) -> Result<(), SessionError> {
+        LaneRequests::send(self, output.split().freeze(), requests, bulky)
             .await
             .map_err(|err| match err {
                 LaneError::Lost(_) => SessionError::UpstreamLost,
@@ -126,6 +138,8 @@ pub(super) struct Requests<'a, W> {
     pub(super) leaves: &'a mut Leaves,
     /// `output` holds redcloak's AUTH: wipe it once written.
     pub(super) output_holds_password: bool,
+    /// `output` holds a request whose reply grows with the data.
+    pub(super) output_bulky: bool,
     /// The client subscribed to something (idle subscribers are not closed).
     pub(super) subscribed: bool,
 }
@@ -267,6 +281,7 @@ impl<W: RequestSink> Requests<'_, W> {
                     *self.leaves = (*self.leaves).max(leaves);
                 }
                 let blocks = table::blocks(row, &request.args);
+                self.output_bulky |= table::bulky(row);
                 if self.act(action, &request, tally, blocks).await? == Flow::Close {
                     self.flush().await?;
                     return Ok(RequestsEnd::Drain);
@@ -520,8 +535,9 @@ impl<W: RequestSink> Requests<'_, W> {
         let bytes = self.output.len();
         let written = self
             .upstream
-            .send(&mut self.output, self.unsent.len())
+            .send(&mut self.output, self.unsent.len(), self.output_bulky)
             .await;
+        self.output_bulky = false;
         if std::mem::take(&mut self.output_holds_password) {
             zeroize::Zeroize::zeroize(&mut self.output[..]);
         }

@@ -41,7 +41,7 @@ use book::{Book, ClientKey, Poison, Route};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -89,12 +89,29 @@ impl Default for LaneLimits {
 }
 
 /// Which lanes a client may ride: those on the same database, speaking the
-/// same protocol (one upstream today).
+/// same protocol (one upstream today), and of its kind: a client reading
+/// large replies rides the bulk lanes, so small replies never wait behind
+/// its replies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LaneKey {
     pub database: u32,
     pub protocol: u8,
+    pub bulk: bool,
 }
+
+/// What a client's lanes tell its requests end about its replies.
+#[derive(Debug, Default)]
+struct ReplyGauge {
+    /// Bytes handed to the client's channel that its session has not taken.
+    unread: AtomicUsize,
+    /// A reply over [`LARGE_REPLY`] came since its last send.
+    large_reply: AtomicBool,
+}
+
+/// After a bulky request or a large reply, a client's next this many
+/// batches of requests without either still go on the bulk lane (so a
+/// client mixing small and large reads does not drain and move each time).
+const BULK_BATCHES: u8 = 8;
 
 /// What a lane hands a client's session, in order.
 #[derive(Debug)]
@@ -138,8 +155,7 @@ struct Batch {
 /// A client attached to a lane.
 struct Attached {
     replies: mpsc::UnboundedSender<LaneMessage>,
-    /// Bytes handed to the client's channel that its session has not taken.
-    unread: Arc<AtomicUsize>,
+    gauge: Arc<ReplyGauge>,
     /// Written or queued and not yet answered.
     outstanding: usize,
     queued: VecDeque<Batch>,
@@ -254,12 +270,12 @@ impl Lane {
         self: &Arc<Self>,
         client: ClientKey,
         replies: mpsc::UnboundedSender<LaneMessage>,
-        unread: Arc<AtomicUsize>,
+        gauge: Arc<ReplyGauge>,
         seat: Weak<Mutex<Seat>>,
     ) {
         let attached = Attached {
             replies,
-            unread,
+            gauge,
             outstanding: 0,
             queued: VecDeque::new(),
             next_booked: 0,
@@ -656,7 +672,7 @@ impl Lane {
                     // not taken the last one, is answered with an error instead.
                     let frame = if self.budget.over()
                         && (frame.len() > LARGE_REPLY
-                            || attached.unread.load(Ordering::Relaxed) > 0)
+                            || attached.gauge.unread.load(Ordering::Relaxed) > 0)
                     {
                         Bytes::from_static(DROPPED)
                     } else {
@@ -664,10 +680,13 @@ impl Lane {
                     };
                     let len = frame.len();
                     self.budget.add(len);
-                    attached.unread.fetch_add(len, Ordering::Relaxed);
+                    if len > LARGE_REPLY {
+                        attached.gauge.large_reply.store(true, Ordering::Relaxed);
+                    }
+                    attached.gauge.unread.fetch_add(len, Ordering::Relaxed);
                     if attached.replies.send(LaneMessage::Frame(frame)).is_err() {
                         self.budget.remove(len);
-                        attached.unread.fetch_sub(len, Ordering::Relaxed);
+                        attached.gauge.unread.fetch_sub(len, Ordering::Relaxed);
                     }
                 }
                 Route::Discard => {}
@@ -861,18 +880,20 @@ impl Lanes {
         let client = ClientKey { id, generation: 0 };
         let lane = self.lane(key, id).await?;
         let (sender, receiver) = mpsc::unbounded_channel();
-        let unread = Arc::new(AtomicUsize::new(0));
+        let gauge = Arc::new(ReplyGauge::default());
         let seat = Arc::new(Mutex::new(Seat {
             lane: lane.clone(),
             client,
             key,
         }));
-        lane.attach(client, sender, unread.clone(), Arc::downgrade(&seat));
+        lane.attach(client, sender, gauge.clone(), Arc::downgrade(&seat));
         Ok(LaneLink {
             requests: LaneRequests {
                 lanes: self.clone(),
                 key,
                 seat,
+                gauge: gauge.clone(),
+                bulk_batches: 0,
             },
             replies: LaneReplies {
                 receiver,
@@ -881,7 +902,7 @@ impl Lanes {
                 source: Weak::new(),
                 next_source: None,
                 budget: self.budget.clone(),
-                unread,
+                gauge,
             },
         })
     }
@@ -905,9 +926,13 @@ pub struct LaneLink {
 /// Where a client's requests go. Dropping it leaves the lane.
 pub struct LaneRequests {
     lanes: Arc<Lanes>,
-    /// The lanes the client's next requests go to (SELECT changes it).
+    /// The lanes the client's next requests go to (SELECT and HELLO
+    /// change it; `bulk` is decided per batch).
     key: LaneKey,
     seat: Arc<Mutex<Seat>>,
+    gauge: Arc<ReplyGauge>,
+    /// Batches still to go on the bulk lane (see [`BULK_BATCHES`]).
+    bulk_batches: u8,
 }
 
 /// How often a send moves to a fresh lane that is lost again before it
@@ -920,14 +945,27 @@ impl LaneRequests {
         (seat.lane.clone(), seat.client, seat.key)
     }
 
-    /// Sends `requests` whole requests. A client on a lost lane moves to a
-    /// fresh one first, with any requests of its own still queued there
+    /// Sends `requests` whole requests, on the bulk lane if `bulky` (one of
+    /// them has a reply that grows with the data) or if a bulky request or a
+    /// large reply came within the last [`BULK_BATCHES`] batches. A client
+    /// on a lost lane moves to a fresh one first, with any requests of its own still queued there
     /// (none of their bytes written: they go to a lane of the key they were
     /// sent for). After [`LaneRequests::switch`], it moves to that key's
     /// lane once every reply due on the current one has come, so replies
     /// stay in order. `Err(Lost)`: its lane was lost with requests of it in
     /// flight (the session answers its pending requests with errors).
-    pub async fn send(&mut self, bytes: Bytes, requests: usize) -> Result<(), LaneError> {
+    pub async fn send(
+        &mut self,
+        bytes: Bytes,
+        requests: usize,
+        bulky: bool,
+    ) -> Result<(), LaneError> {
+        if bulky || self.gauge.large_reply.swap(false, Ordering::Relaxed) {
+            self.bulk_batches = BULK_BATCHES;
+        } else {
+            self.bulk_batches = self.bulk_batches.saturating_sub(1);
+        }
+        self.key.bulk = self.bulk_batches > 0;
         let mut moves = 0;
         loop {
             let (lane, client, lane_key) = self.seated();
@@ -974,7 +1012,11 @@ impl LaneRequests {
     /// `protocol` can be had (Redis refuses an index out of range), then
     /// sends what follows there. Returns Redis's HELLO reply in `protocol`.
     pub async fn switch(&mut self, database: u32, protocol: u8) -> Result<Bytes, LaneOpenError> {
-        let key = LaneKey { database, protocol };
+        let key = LaneKey {
+            database,
+            protocol,
+            bulk: self.key.bulk,
+        };
         let client = lock_seat(&self.seat).client;
         self.lanes.lane(key, client.id).await?;
         self.key = key;
@@ -1029,7 +1071,7 @@ pub struct LaneReplies {
     source: Weak<Lane>,
     next_source: Option<Weak<Lane>>,
     budget: Arc<BufferBudget>,
-    unread: Arc<AtomicUsize>,
+    gauge: Arc<ReplyGauge>,
 }
 
 impl LaneReplies {
@@ -1037,7 +1079,7 @@ impl LaneReplies {
     /// buffer counts it once copied).
     fn took(&mut self, frame: Bytes) {
         self.budget.remove(frame.len());
-        self.unread.fetch_sub(frame.len(), Ordering::Relaxed);
+        self.gauge.unread.fetch_sub(frame.len(), Ordering::Relaxed);
         self.current = frame;
     }
 
@@ -1137,6 +1179,7 @@ mod tests {
     const KEY: LaneKey = LaneKey {
         database: 0,
         protocol: 2,
+        bulk: false,
     };
 
     fn lane_on(stream: DuplexStream, budget: usize) -> Arc<Lane> {
@@ -1165,7 +1208,7 @@ mod tests {
     fn client(lane: &Arc<Lane>, id: u64) -> (ClientKey, Replies) {
         let key = ClientKey { id, generation: 0 };
         let (sender, receiver) = mpsc::unbounded_channel();
-        lane.attach(key, sender, Arc::new(AtomicUsize::new(0)), Weak::new());
+        lane.attach(key, sender, Arc::default(), Weak::new());
         (key, Replies(receiver))
     }
 
@@ -1178,12 +1221,7 @@ mod tests {
             client,
             key: KEY,
         }));
-        lane.attach(
-            client,
-            sender,
-            Arc::new(AtomicUsize::new(0)),
-            Arc::downgrade(&seat),
-        );
+        lane.attach(client, sender, Arc::default(), Arc::downgrade(&seat));
         (client, Replies(receiver), seat)
     }
 
@@ -1431,6 +1469,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_large_reply_sends_its_client_s_next_batches_to_the_bulk_lane() {
+        let (proxy_side, _redis_side) = tokio::io::duplex(1 << 16);
+        let lane = lane_on(proxy_side, usize::MAX);
+        let client = ClientKey {
+            id: 1,
+            generation: 0,
+        };
+        let (sender, _receiver) = mpsc::unbounded_channel();
+        let gauge = Arc::new(ReplyGauge::default());
+        lane.attach(client, sender, gauge.clone(), Weak::new());
+        for (len, large) in [(LARGE_REPLY, false), (LARGE_REPLY + 1, true)] {
+            lane.submit(client, get("k"), 1).await.expect("submit");
+            let mut out = BytesMut::new();
+            lane.gather(&mut out).expect("open");
+            let mut frame = BytesMut::new();
+            crate::resp::encode_bulk(&mut frame, &vec![b'v'; len - 5 - len.to_string().len()]);
+            assert_eq!(frame.len(), len);
+            lane.route(&mut vec![frame.freeze()]).expect("in step");
+            assert_eq!(gauge.large_reply.swap(false, Ordering::Relaxed), large);
+        }
+    }
+
+    #[tokio::test]
     async fn a_value_that_fails_its_key_poisons_the_lane_it_came_from() {
         let (proxy_side, redis_side) = tokio::io::duplex(4096);
         let lane = lane_on(proxy_side, usize::MAX);
@@ -1439,8 +1500,8 @@ mod tests {
             generation: 0,
         };
         let (sender, receiver) = mpsc::unbounded_channel();
-        let unread = Arc::new(AtomicUsize::new(0));
-        lane.attach(key, sender, unread.clone(), Weak::new());
+        let gauge = Arc::new(ReplyGauge::default());
+        lane.attach(key, sender, gauge.clone(), Weak::new());
         let mut replies = LaneReplies {
             receiver,
             current: Bytes::new(),
@@ -1448,7 +1509,7 @@ mod tests {
             source: Weak::new(),
             next_source: None,
             budget: Arc::new(BufferBudget::new(usize::MAX)),
-            unread,
+            gauge,
         };
         let mut redis = redis_side;
         lane.submit(key, get("k"), 1).await.expect("submit");
