@@ -97,7 +97,7 @@ round() { # $1 background (none|get|hgetall), rest: redis-benchmark connection a
 # How many times Redis has run a command so far.
 calls() {
     redis-cli --no-auth-warning "${direct[@]}" INFO commandstats | tr -d '\r' \
-        | grep -E "^cmdstat_$1:" | sed -E 's/.*calls=([0-9]+).*/\1/' || echo 0
+        | grep -E "^cmdstat_$1:" | sed -E 's/^[^:]*:calls=([0-9]+),.*/\1/' || echo 0
 }
 summary="$out/summary.txt"
 : >"$summary"

@@ -999,9 +999,9 @@ impl LaneRequests {
                     .unwrap_or(Poison::ConnectionLost);
                 return Err(LaneError::Lost(Lost(why)));
             }
-            let fresh = self
-                .lanes
-                .lane(to, client.id)
+            // Boxed: opening a lane (a pool connection, its TLS handshake)
+            // is rare, and its state would otherwise sit in every session.
+            let fresh = Box::pin(self.lanes.lane(to, client.id))
                 .await
                 .map_err(LaneError::Unavailable)?;
             move_seat(&self.seat, client, &lane, &fresh);
@@ -1018,7 +1018,7 @@ impl LaneRequests {
             bulk: self.key.bulk,
         };
         let client = lock_seat(&self.seat).client;
-        self.lanes.lane(key, client.id).await?;
+        Box::pin(self.lanes.lane(key, client.id)).await?;
         self.key = key;
         self.lanes
             .hello(protocol)
