@@ -2,7 +2,8 @@
 //!
 //! * `GET /metrics`: Prometheus text format;
 //! * `GET /healthz`: 200 while the process runs;
-//! * `GET /readyz`: 200 when [`Health`] says ready, else 503 with the reason.
+//! * `GET /readyz`: 200 when [`crate::telemetry::health::Health`] says ready,
+//!   else 503 with the reason.
 //!
 //! A deliberately small HTTP/1.1 server: one request per connection, GET and
 //! HEAD only, the request head bounded in size and time (1 s to arrive),
@@ -12,11 +13,9 @@
 //! peer never keep probes from another (the kubelet, Prometheus) out. It serves nothing secret, and reads no request
 //! body.
 
-use crate::health::Health;
-use crate::metrics::Metrics;
 use crate::server::admission::{Admission, Ticket};
 use crate::session::Peer;
-use std::sync::Arc;
+use crate::telemetry::Telemetry;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,26 +30,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: usize = 256;
 /// Admin connections one peer address may hold at once.
 const MAX_CONNECTIONS_PER_PEER: usize = 8;
-/// How often recorded histogram samples move into their buckets: samples
-/// wait in memory until then (at 300k requests/s, 1 s of them is ~5 MB).
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
-
-/// What the admin listener reports on.
-#[derive(Debug, Clone, Default)]
-pub struct Telemetry {
-    pub metrics: Arc<Metrics>,
-    pub health: Arc<Health>,
-}
-
-impl Telemetry {
-    /// Whether a new upstream connection works (`Err`: why not), for
-    /// readiness and `redcloak_upstream_up`.
-    pub fn set_upstream(&self, outcome: Result<(), String>) {
-        let up = outcome.is_ok();
-        self.health.set_upstream(outcome);
-        self.metrics.upstream_up.set(if up { 1.0 } else { 0.0 });
-    }
-}
 
 /// Serves `listener` for as long as the process lives.
 pub async fn serve(listener: TcpListener, telemetry: Telemetry) {
@@ -74,66 +53,6 @@ pub async fn serve(listener: TcpListener, telemetry: Telemetry) {
             }
         });
     }
-}
-
-/// Moves histogram samples into buckets periodically, so memory stays
-/// bounded whether or not anyone scrapes.
-pub async fn run_upkeep(metrics: Arc<Metrics>) {
-    loop {
-        tokio::time::sleep(UPKEEP_INTERVAL).await;
-        metrics.run_upkeep();
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    #[error("{0} is not an http://HOST:PORT/PATH URL")]
-    Url(String),
-    #[error("cannot reach {url}: {error}")]
-    Connect { url: String, error: std::io::Error },
-    #[error("no answer from {0} in time")]
-    Timeout(String),
-    #[error("{0} did not answer HTTP")]
-    NotHttp(String),
-}
-
-/// `GET url` (plain http), for `redcloak health`: the status code and body.
-pub async fn probe(url: &str, timeout: Duration) -> Result<(u16, String), ProbeError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ProbeError::Url(url.to_owned()))?;
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    if authority.is_empty() {
-        return Err(ProbeError::Url(url.to_owned()));
-    }
-    let path = if path.is_empty() { "/" } else { path };
-    let exchange = async {
-        let mut stream = TcpStream::connect(authority).await?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        (&mut stream)
-            .take(MAX_REQUEST_HEAD as u64 * 8)
-            .read_to_end(&mut response)
-            .await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| ProbeError::Timeout(url.to_owned()))?
-        .map_err(|error| ProbeError::Connect {
-            url: url.to_owned(),
-            error,
-        })?;
-    let text = String::from_utf8_lossy(&response);
-    let status = text
-        .strip_prefix("HTTP/1.")
-        .and_then(|rest| rest.get(2..5))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| ProbeError::NotHttp(url.to_owned()))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    Ok((status, body.to_owned()))
 }
 
 async fn answer(
@@ -291,6 +210,7 @@ mod tests {
         let huge = format!("{start}{}", "a".repeat(MAX_REQUEST_HEAD - start.len()));
         assert!(get(address, &huge).await.starts_with("HTTP/1.1 431 "));
         // The client `redcloak health` uses.
+        use crate::telemetry::probe::{ProbeError, probe};
         let url = format!("http://{address}/readyz");
         let answer = probe(&url, Duration::from_secs(5)).await.expect("probe");
         assert_eq!(answer, (200, "ready\n".to_owned()));

@@ -29,13 +29,14 @@
 //! * [`crypto`]: the envelopes (XAES-256-GCM, random; AES-SIV, deterministic for members),
 //!   HyperLogLog tokens, bound to kind, key or rule, and field; and the keyring (pure).
 //! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
-//! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::pool` keeps warm
+//! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::check` proves it
+//!   works every few seconds (readiness); `upstream::pool` keeps warm
 //!   connections and undoes what a client left on returned ones; `upstream::lane` the lanes,
 //!   connections many clients share: a writer, a reader and the pure routing book
 //!   (`lane::book`) that hands each reply to the client that asked.
-//! * [`metrics`], [`events`], [`health`], [`admin`], [`logs`]: what operators see: every
-//!   metric, the security events, readiness, the admin listener serving /metrics, /healthz,
-//!   /readyz, and logs that never hold up serving.
+//! * [`telemetry`] (metrics, security events, readiness), [`admin`], [`logs`]: what
+//!   operators see, the admin listener serving /metrics, /healthz and /readyz, and logs
+//!   that never hold up serving. Telemetry depends on nothing that reports to it.
 //! * [`dev`], [`playground`]: throwaway certificates and redis-server for `redcloak dev` and the tests.
 
 pub mod admin;
@@ -44,10 +45,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod dev;
-pub mod events;
-pub mod health;
 pub mod logs;
-pub mod metrics;
 pub mod open_files;
 pub mod playground;
 pub mod policy;
@@ -56,5 +54,6 @@ pub mod secret;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -4,10 +4,11 @@
 
 use anyhow::Context;
 use clap::Parser;
-use redcloak::admin::{self, Telemetry};
+use redcloak::admin;
 use redcloak::cli::{CertsCommand, Cli, Command, ReportFormat};
 use redcloak::dev::{self, Existing};
 use redcloak::server::{Drained, Server};
+use redcloak::telemetry::{Telemetry, probe};
 use redcloak::upstream::gate;
 use redcloak::{config, playground, shutdown};
 use std::process::ExitCode;
@@ -238,7 +239,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             Ok(())
         }
         Command::Health { url, timeout } => {
-            match admin::probe(&url, std::time::Duration::from_secs(timeout)).await {
+            match probe::probe(&url, std::time::Duration::from_secs(timeout)).await {
                 Ok((200, _)) => Ok(()),
                 Ok((status, body)) => Err((
                     EXIT_RUNTIME,

@@ -6,11 +6,11 @@
 //! At start it writes one value through itself and prints what Redis
 //! stores for it: the envelope, not the value.
 
-use crate::admin::Telemetry;
 use crate::config;
 use crate::dev::{self, ChildRedis, DevError, RedisOptions};
 use crate::resp;
 use crate::server::{Server, StartError};
+use crate::telemetry::Telemetry;
 use crate::upstream::{Upstream, call};
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;

@@ -20,17 +20,17 @@
 
 pub mod admission;
 
-use crate::admin::Telemetry;
 use crate::auth::lockout::Lockouts;
 use crate::auth::{ClientAuth, Credentials};
 use crate::config::{Config, UnixListenConfig};
 use crate::crypto::envelope;
-use crate::metrics::{Certificate, Listener, Rejection};
 use crate::policy::Policy;
 use crate::policy::rules::Rules;
 use crate::policy::table::Leaves;
 use crate::resp::Limits;
 use crate::session::{self, Next, Peer, SessionContext};
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::{Certificate, Listener, Rejection};
 use crate::tls::{self, TlsError};
 use crate::upstream::lane::{LaneKey, LaneLimits, LaneOpenError, Lanes};
 use crate::upstream::pool::Pool;
@@ -255,14 +255,14 @@ impl Server {
         telemetry.health.serving();
         let background = TaskTracker::new();
         if self.watch_upstream {
-            background.spawn(crate::health::watch_upstream(
+            background.spawn(crate::upstream::check::watch_upstream(
                 self.shared.pool.upstream().clone(),
                 telemetry.clone(),
                 shutdown.clone(),
             ));
         }
         background.spawn(self.shared.pool.clone().keep_warm(shutdown.clone()));
-        let upkeep = tokio::spawn(crate::admin::run_upkeep(telemetry.metrics.clone()));
+        let upkeep = tokio::spawn(crate::telemetry::run_upkeep(telemetry.metrics.clone()));
         let sessions = TaskTracker::new();
         loop {
             let accepted = tokio::select! {

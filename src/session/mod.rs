@@ -69,10 +69,10 @@ pub mod seal;
 mod tally;
 
 use crate::auth::lockout::Lockouts;
-use crate::metrics::Metrics;
 use crate::policy::table::Leaves;
 use crate::policy::{Policy, RequestState};
 use crate::resp::{self, Limits};
+use crate::telemetry::metrics::Metrics;
 use crate::upstream::Login;
 use crate::upstream::lane::LaneLink;
 use crate::upstream::lane::book::Poison;

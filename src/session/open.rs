@@ -16,11 +16,11 @@
 
 use crate::crypto::keyring::Opened;
 use crate::crypto::{Keyring, OpenError, envelope};
-use crate::metrics::OpenFailure;
 use crate::policy::rules::glob_match;
 use crate::policy::table::Kind;
 use crate::policy::{KeySite, OpenPlan, ValueSite, shown};
 use crate::resp::{self, Limits};
+use crate::telemetry::metrics::OpenFailure;
 use bytes::BytesMut;
 
 /// A value that failed to open: where it lives, the key id its header

@@ -4,7 +4,7 @@
 
 use super::SessionContext;
 use crate::auth::lockout::{Lockout, PeerKey};
-use crate::events;
+use crate::telemetry::events;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Instant;

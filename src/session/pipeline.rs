@@ -19,12 +19,12 @@
 
 use super::open;
 use crate::crypto::Keyring;
-use crate::metrics::Outcome;
 use crate::policy::rules::Rules;
 use crate::policy::table::CommandId;
 use crate::policy::table::PubSubKind;
 use crate::policy::{self, ReplyPlan};
 use crate::resp::{self, Limits, ReplyKind};
+use crate::telemetry::metrics::Outcome;
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp3::types::BytesFrame;
 use std::collections::HashSet;

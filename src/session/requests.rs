@@ -6,12 +6,12 @@
 use super::pipeline::{Entry, Flow, Tally};
 use super::quiet::QuietTimer;
 use super::{OK, SessionError, Shared, error_reply, next_read, seal, watchdog};
-use crate::events;
-use crate::metrics::Outcome;
 use crate::policy::table::{self, Blocks, Leaves};
 use crate::policy::{self, Action, ReplyPlan, RequestState};
 use crate::resp::{self, Request, RequestParser};
 use crate::session::{Peer, SessionContext, lockout_error};
+use crate::telemetry::events;
+use crate::telemetry::metrics::Outcome;
 use crate::upstream::lane::{LaneError, LaneOpenError, LaneRequests};
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::Ordering;

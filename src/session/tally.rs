@@ -6,10 +6,10 @@
 use super::SessionContext;
 use super::peer::Peer;
 use super::pipeline::{Done, Replies};
-use crate::events;
-use crate::metrics::OpenFailure;
 use crate::policy::shown;
 use crate::policy::table::{Blocks, CommandId, Kind};
+use crate::telemetry::events;
+use crate::telemetry::metrics::OpenFailure;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -7,15 +7,16 @@
 //! for one. Errors say which step failed and what to check; they never
 //! contain the password.
 
+pub mod check;
 pub mod gate;
 pub mod lane;
 pub mod pool;
 pub mod report;
 
-use crate::events;
-use crate::metrics::{Certificate, Metrics, UpstreamFailure};
 use crate::resp::{self, Limits, ReplyScanner};
 use crate::secret::Secret;
+use crate::telemetry::events;
+use crate::telemetry::metrics::{Certificate, Metrics, UpstreamFailure};
 use bytes::BytesMut;
 use rustls_pki_types::ServerName;
 use std::io;
@@ -278,7 +279,7 @@ impl Upstream {
                 let step = err.failed_step();
                 metrics.upstream_failure(step).increment(1);
                 if err.is_rejection() {
-                    events::upstream_rejected(&self.settings.address, err);
+                    events::upstream_rejected(&self.settings.address, step, err);
                 }
             }
         }

@@ -15,9 +15,9 @@
 //! A background task keeps `idle` connections ready.
 
 use super::{ReplyReader, Upstream, UpstreamError, UpstreamStream};
-use crate::metrics::Metrics;
 use crate::policy::table::Leaves;
 use crate::resp::{Limits, ReplyKind, reply_kind};
+use crate::telemetry::metrics::Metrics;
 use bytes::BytesMut;
 use std::collections::VecDeque;
 use std::pin::Pin;

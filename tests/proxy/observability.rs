@@ -709,7 +709,7 @@ fn assert_only_defined_metrics(text: &str, what: &str) {
 }
 
 fn defined_metrics() -> std::collections::BTreeSet<String> {
-    redcloak::metrics::ALL
+    redcloak::telemetry::metrics::ALL
         .iter()
         .map(|m| m.name.to_owned())
         .collect()
@@ -788,7 +788,7 @@ fn the_readme_lists_every_metric_with_one_line_each() {
         .iter()
         .map(|line| line.split('`').nth(1).expect("name").to_owned())
         .collect();
-    let expected: Vec<String> = redcloak::metrics::ALL
+    let expected: Vec<String> = redcloak::telemetry::metrics::ALL
         .iter()
         .map(|m| m.name.to_owned())
         .collect();

@@ -4,12 +4,12 @@
 //! clients for byte-exact checks.
 
 use bytes::{Bytes, BytesMut};
-use redcloak::admin::Telemetry;
 use redcloak::crypto::keyring::decode_key;
 use redcloak::crypto::{Keyring, LegacyPlaintext};
 use redcloak::dev::{self, ChildRedis, DevCerts, RedisOptions};
 use redcloak::resp::{self, Limits, ReplyScanner};
 use redcloak::server::Server;
+use redcloak::telemetry::Telemetry;
 use redcloak::upstream::{Login, Upstream, UpstreamSettings, UpstreamStream};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -178,7 +178,7 @@ mod tests {
     #[test]
     fn every_reason_has_its_metric_series() {
         let labels = Poison::ALL.map(Poison::label);
-        assert_eq!(labels, crate::metrics::LANE_POISON_REASONS);
+        assert_eq!(labels, crate::telemetry::metrics::LANE_POISON_REASONS);
     }
 
     #[test]

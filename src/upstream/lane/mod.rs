@@ -31,10 +31,10 @@
 
 pub mod book;
 
-use crate::metrics::Metrics;
 use crate::resp::{Limits, ReplyScanner};
 use crate::session::memory::BufferBudget;
 use crate::session::{KEPT_BUFFER, watchdog};
+use crate::telemetry::metrics::Metrics;
 use crate::upstream::pool::Pool;
 use crate::upstream::{UpstreamError, UpstreamStream};
 use book::{Book, ClientKey, Poison, Route};

@@ -275,6 +275,18 @@ pub enum Listener {
     Tls,
 }
 
+impl Listener {
+    const ALL: [Listener; 3] = [Listener::Tcp, Listener::Unix, Listener::Tls];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Listener::Tcp => "tcp",
+            Listener::Unix => "unix",
+            Listener::Tls => "tls",
+        }
+    }
+}
+
 /// Why a client connection was closed at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
@@ -283,6 +295,26 @@ pub enum Rejection {
     Auth,
     PeerLimit,
     Evicted,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 5] = [
+        Rejection::Limit,
+        Rejection::TlsHandshake,
+        Rejection::Auth,
+        Rejection::PeerLimit,
+        Rejection::Evicted,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::Limit => "limit",
+            Rejection::TlsHandshake => "tls_handshake",
+            Rejection::Auth => "auth",
+            Rejection::PeerLimit => "peer_limit",
+            Rejection::Evicted => "evicted",
+        }
+    }
 }
 
 /// How a command ended, as the client saw it.
@@ -326,6 +358,13 @@ pub enum OpenFailure {
 }
 
 impl OpenFailure {
+    const ALL: [OpenFailure; 4] = [
+        OpenFailure::AuthFailed,
+        OpenFailure::UnknownKeyId,
+        OpenFailure::Malformed,
+        OpenFailure::NotEncrypted,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             OpenFailure::AuthFailed => "auth_failed",
@@ -344,12 +383,38 @@ pub enum UpstreamFailure {
     Auth,
 }
 
+impl UpstreamFailure {
+    const ALL: [UpstreamFailure; 3] = [
+        UpstreamFailure::Connect,
+        UpstreamFailure::Tls,
+        UpstreamFailure::Auth,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::Tls => "tls",
+            UpstreamFailure::Auth => "auth",
+        }
+    }
+}
+
 /// Whose certificate an expiry gauge is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Certificate {
     RedisServer,
     UpstreamClient,
     Listener,
+}
+
+impl Certificate {
+    pub fn label(self) -> &'static str {
+        match self {
+            Certificate::RedisServer => "redis_server",
+            Certificate::UpstreamClient => "upstream_client",
+            Certificate::Listener => "listener",
+        }
+    }
 }
 
 /// The counters of one command identity.
@@ -428,9 +493,6 @@ impl Metrics {
         let gauge = |def: &MetricDef, labels: &[(&'static str, &'static str)]| {
             recorder.register_gauge(&key(def, labels), &METADATA)
         };
-        let by = |def: &MetricDef, label: &'static str, values: [&'static str; 3]| {
-            values.map(|value| counter(def, &[(label, value)]))
-        };
         let git_sha = option_env!("BUILD_INFO_GIT_SHA").unwrap_or("unknown");
         gauge(
             &BUILD_INFO,
@@ -439,13 +501,10 @@ impl Metrics {
         .set(1.0);
         let metrics = Metrics {
             connections_active: gauge(&CLIENT_CONNECTIONS_ACTIVE, &[]),
-            accepted: by(
-                &CLIENT_CONNECTIONS_ACCEPTED,
-                "listener",
-                ["tcp", "unix", "tls"],
-            ),
-            rejected: ["limit", "tls_handshake", "auth", "peer_limit", "evicted"]
-                .map(|reason| counter(&CLIENT_CONNECTIONS_REJECTED, &[("reason", reason)])),
+            accepted: Listener::ALL
+                .map(|l| counter(&CLIENT_CONNECTIONS_ACCEPTED, &[("listener", l.label())])),
+            rejected: Rejection::ALL
+                .map(|r| counter(&CLIENT_CONNECTIONS_REJECTED, &[("reason", r.label())])),
             auth_failures: counter(&CLIENT_AUTH_FAILURES, &[]),
             auth_lockouts: counter(&CLIENT_AUTH_LOCKOUTS, &[]),
             log_lines_dropped: counter(&LOG_LINES_DROPPED, &[]),
@@ -454,19 +513,11 @@ impl Metrics {
             client_sent: counter(&CLIENT_BYTES, &[("direction", "sent")]),
             upstream_received: counter(&UPSTREAM_BYTES, &[("direction", "received")]),
             upstream_sent: counter(&UPSTREAM_BYTES, &[("direction", "sent")]),
-            open_failures: [
-                OpenFailure::AuthFailed,
-                OpenFailure::UnknownKeyId,
-                OpenFailure::Malformed,
-                OpenFailure::NotEncrypted,
-            ]
-            .map(|f| counter(&VALUE_OPEN_FAILURES, &[("reason", f.label())])),
+            open_failures: OpenFailure::ALL
+                .map(|f| counter(&VALUE_OPEN_FAILURES, &[("reason", f.label())])),
             upstream_connections: counter(&UPSTREAM_CONNECTIONS, &[]),
-            upstream_failures: by(
-                &UPSTREAM_CONNECT_FAILURES,
-                "reason",
-                ["connect", "tls", "auth"],
-            ),
+            upstream_failures: UpstreamFailure::ALL
+                .map(|f| counter(&UPSTREAM_CONNECT_FAILURES, &[("reason", f.label())])),
             upstream_handshake: recorder
                 .register_histogram(&key(&UPSTREAM_TLS_HANDSHAKE, &[]), &METADATA),
             upstream_pool_idle: gauge(&UPSTREAM_POOL_IDLE, &[]),
@@ -510,14 +561,9 @@ impl Metrics {
     /// Exports when a certificate expires (registered when first known, so
     /// no series reads 0 for a certificate that is not there).
     pub fn set_certificate_expiry(&self, certificate: Certificate, unix_time: u64) {
-        let label = match certificate {
-            Certificate::RedisServer => "redis_server",
-            Certificate::UpstreamClient => "upstream_client",
-            Certificate::Listener => "listener",
-        };
         self.recorder
             .register_gauge(
-                &key(&CERTIFICATE_EXPIRY, &[("certificate", label)]),
+                &key(&CERTIFICATE_EXPIRY, &[("certificate", certificate.label())]),
                 &METADATA,
             )
             .set(unix_time as f64);

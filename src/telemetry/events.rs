@@ -15,8 +15,7 @@
 //! `[logging] log_key_names = true`; command names only from the command
 //! table (an unknown name is `other`).
 
-use crate::metrics::{OpenFailure, UpstreamFailure};
-use crate::upstream::UpstreamError;
+use crate::telemetry::metrics::{OpenFailure, UpstreamFailure};
 use std::fmt::Display;
 use tracing::warn;
 
@@ -88,17 +87,14 @@ pub fn message_dropped(
     );
 }
 
-pub fn upstream_rejected(upstream: &str, error: &UpstreamError) {
-    let step = match error.failed_step() {
-        UpstreamFailure::Connect => "connect",
-        UpstreamFailure::Tls => "tls",
-        UpstreamFailure::Auth => "auth",
-    };
+/// Redis failed verification at `step` (its certificate, or AUTH): `error`
+/// says why, and holds no secret.
+pub fn upstream_rejected(upstream: &str, step: UpstreamFailure, error: &dyn Display) {
     warn!(
         target: TARGET,
         event = "upstream_rejected",
         upstream,
-        step,
+        step = step.label(),
         error = %error,
         "upstream verification failed"
     );
