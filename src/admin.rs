@@ -3,7 +3,13 @@
 //! * `GET /metrics`: Prometheus text format;
 //! * `GET /healthz`: 200 while the process runs;
 //! * `GET /readyz`: 200 when [`crate::telemetry::health::Health`] says ready,
-//!   else 503 with the reason.
+//!   else 503 with the reason;
+//! * `POST /-/reload`: reloads certificates, keys and passwords (see
+//!   [`crate::reload`]) and answers JSON saying what changed, what was
+//!   rejected and why, and which changed settings need a restart: 200 when
+//!   nothing was rejected, 422 otherwise, 503 before the server serves. It
+//!   takes nothing from the request: it only makes redcloak read its own
+//!   files again, one reload at a time.
 //!
 //! A deliberately small HTTP/1.1 server: one request per connection, GET and
 //! HEAD only, the request head bounded in size and time (1 s to arrive),
@@ -13,6 +19,7 @@
 //! peer never keep probes from another (the kubelet, Prometheus) out. It serves nothing secret, and reads no request
 //! body.
 
+use crate::reload::{ReloadRequests, Trigger};
 use crate::server::admission::{Admission, Ticket};
 use crate::session::Peer;
 use crate::telemetry::Telemetry;
@@ -24,29 +31,35 @@ use tokio::net::{TcpListener, TcpStream};
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
-/// Time a client has to send its request and read the answer.
+/// Time a client has to read an answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a reload may take (its probe connection has upstream.connect_timeout).
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Admin connections served at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 256;
 /// Admin connections one peer address may hold at once.
 const MAX_CONNECTIONS_PER_PEER: usize = 8;
 
 /// Serves `listener` for as long as the process lives.
-pub async fn serve(listener: TcpListener, telemetry: Telemetry) {
+/// `reloads`: where `POST /-/reload` asks (`None`: POST answers 405).
+pub async fn serve(listener: TcpListener, telemetry: Telemetry, reloads: Option<ReloadRequests>) {
     let admission = Admission::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
     loop {
         let Ok((stream, address)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (admission, telemetry) = (admission.clone(), telemetry.clone());
+        let (admission, telemetry, reloads) =
+            (admission.clone(), telemetry.clone(), reloads.clone());
         tokio::spawn(async move {
             let Ok(mut ticket) = admission.admit(&Peer::Tcp(address)).await else {
                 return;
             };
             let evicted = ticket.evicted().clone();
-            let answered =
-                tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &telemetry, &mut ticket));
+            let answered = tokio::time::timeout(
+                HEAD_TIMEOUT + RELOAD_TIMEOUT + REQUEST_TIMEOUT,
+                answer(stream, &telemetry, reloads.as_ref(), &mut ticket),
+            );
             tokio::select! {
                 _ = answered => {}
                 _ = evicted.cancelled() => {}
@@ -58,6 +71,7 @@ pub async fn serve(listener: TcpListener, telemetry: Telemetry) {
 async fn answer(
     mut stream: TcpStream,
     telemetry: &Telemetry,
+    reloads: Option<&ReloadRequests>,
     ticket: &mut Ticket,
 ) -> std::io::Result<()> {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
@@ -77,7 +91,7 @@ async fn answer(
         )
         .await;
     };
-    route(&mut stream, &head, telemetry).await
+    route(&mut stream, &head, telemetry, reloads).await
 }
 
 enum Head {
@@ -102,18 +116,26 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Head>> {
     Ok(Some(Head::Complete(head)))
 }
 
-async fn route(stream: &mut TcpStream, head: &[u8], telemetry: &Telemetry) -> std::io::Result<()> {
+async fn route(
+    stream: &mut TcpStream,
+    head: &[u8],
+    telemetry: &Telemetry,
+    reloads: Option<&ReloadRequests>,
+) -> std::io::Result<()> {
     let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|b| *b == b' ');
     let (method, target) = (
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or_default(),
     );
+    let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+    if let (b"POST", b"/-/reload", Some(reloads)) = (method, path, reloads) {
+        return reload(stream, reloads).await;
+    }
     let with_body = method != b"HEAD";
     if method != b"GET" && method != b"HEAD" {
         return respond(stream, 405, "text/plain", "only GET and HEAD\n", with_body).await;
     }
-    let path = target.split(|b| *b == b'?').next().unwrap_or_default();
     match path {
         b"/metrics" => {
             let text = telemetry.metrics.render();
@@ -140,6 +162,17 @@ async fn route(stream: &mut TcpStream, head: &[u8], telemetry: &Telemetry) -> st
     }
 }
 
+async fn reload(stream: &mut TcpStream, reloads: &ReloadRequests) -> std::io::Result<()> {
+    let outcome = tokio::time::timeout(RELOAD_TIMEOUT, reloads.reload(Trigger::Endpoint)).await;
+    let Ok(Some(outcome)) = outcome else {
+        let body = "{\"ok\":false,\"error\":\"not serving yet\"}\n";
+        return respond(stream, 503, "application/json", body, true).await;
+    };
+    let status = if outcome.ok { 200 } else { 422 };
+    let body = serde_json::to_string(&outcome).unwrap_or_default() + "\n";
+    respond(stream, status, "application/json", &body, true).await
+}
+
 async fn respond(
     stream: &mut TcpStream,
     status: u16,
@@ -151,6 +184,7 @@ async fn respond(
         200 => "OK",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        422 => "Unprocessable Content",
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
@@ -162,8 +196,13 @@ async fn respond(
     if with_body {
         response.push_str(body);
     }
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    let write = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, write)
+        .await
+        .unwrap_or(Ok(()))
 }
 
 #[cfg(test)]
@@ -183,7 +222,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let telemetry = Telemetry::default();
-        tokio::spawn(serve(listener, telemetry.clone()));
+        tokio::spawn(serve(listener, telemetry.clone(), None));
         let request = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
         let healthz = get(address, &request("/healthz")).await;
         assert!(healthz.starts_with("HTTP/1.1 200 OK\r\n"), "{healthz}");

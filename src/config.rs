@@ -374,6 +374,84 @@ pub struct LimitsConfig {
 }
 
 /// Loads `path`, overlays the environment, and validates.
+/// The file and the environment, without the secrets the environment holds
+/// (those never enter figment's value tree, which is not zeroized).
+fn figment(path: &Path, secret_keys: &[&str]) -> Figment {
+    let mut figment = Figment::new().merge(Toml::file_exact(path)).merge(
+        Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .ignore(secret_keys)
+            .filter(|key| {
+                !key.as_str()
+                    .to_ascii_lowercase()
+                    .starts_with(KEY_ENV_PREFIX)
+            }),
+    );
+    for (key, variable) in TEXT_ENV {
+        if let Ok(value) = std::env::var(variable) {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+    }
+    figment
+}
+
+/// Every setting as written (file and environment, secrets left out), by
+/// dotted name: a reload compares them to name what needs a restart. Holds
+/// no secret: `load` refuses a secret written in the file, and secrets from
+/// the environment are not read here.
+pub fn settings(path: &Path) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
+    let secret_keys: Vec<&str> = SECRET_ENV.iter().chain(TEXT_ENV).map(|(k, _)| *k).collect();
+    let tree: figment::value::Value = figment(path, &secret_keys).extract().map_err(Box::new)?;
+    let mut settings = std::collections::BTreeMap::new();
+    flatten("", &tree, &mut settings);
+    Ok(settings)
+}
+
+fn flatten(
+    prefix: &str,
+    value: &figment::value::Value,
+    out: &mut std::collections::BTreeMap<String, String>,
+) {
+    match value {
+        figment::value::Value::Dict(_, dict) => {
+            for (key, value) in dict {
+                let name = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten(&name, value, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_owned(), render(other));
+        }
+    }
+}
+
+/// A setting's value without figment's tags (which differ between loads).
+fn render(value: &figment::value::Value) -> String {
+    use figment::value::Value;
+    match value {
+        Value::String(_, text) => format!("{text:?}"),
+        Value::Char(_, c) => format!("{c:?}"),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => format!("{n:?}"),
+        Value::Empty(_, _) => String::new(),
+        Value::Dict(_, dict) => {
+            let fields: Vec<String> = dict
+                .iter()
+                .map(|(k, v)| format!("{k}={}", render(v)))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(_, items) => {
+            let items: Vec<String> = items.iter().map(render).collect();
+            format!("[{}]", items.join(","))
+        }
+    }
+}
+
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let verbatim = || SECRET_ENV.iter().chain(TEXT_ENV);
     let secret_keys: Vec<&str> = verbatim().map(|(key, _)| *key).collect();
@@ -386,22 +464,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             Some((*key, RawSecret(value)))
         })
         .collect();
-    let mut figment = Figment::new().merge(Toml::file_exact(path)).merge(
-        Env::prefixed(ENV_PREFIX)
-            .split("__")
-            .ignore(&secret_keys)
-            .filter(|key| {
-                !key.as_str()
-                    .to_ascii_lowercase()
-                    .starts_with(KEY_ENV_PREFIX)
-            }),
-    );
-    for (key, variable) in TEXT_ENV {
-        if let Ok(value) = std::env::var(variable) {
-            figment = figment.merge(Serialized::default(key, value));
-        }
-    }
-    let mut raw: RawConfig = figment.extract().map_err(Box::new)?;
+    let mut raw: RawConfig = figment(path, &secret_keys).extract().map_err(Box::new)?;
     // figment keeps copies of what it read that cannot be wiped: a secret
     // written in the file itself is refused (files and the environment only).
     let inline = [

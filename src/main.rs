@@ -85,7 +85,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
-    let shutdown = shutdown::on_signal().map_err(|e| (EXIT_RUNTIME, e.into()))?;
+    // SIGHUP and `POST /-/reload` ask here; `serve` answers (other
+    // commands drop the queue, and SIGHUP then says there is nothing to reload).
+    let (reloads, reload_queue) = redcloak::reload::channel();
+    let shutdown = shutdown::on_signal(reloads.clone()).map_err(|e| (EXIT_RUNTIME, e.into()))?;
     match command {
         Command::Serve { config } => {
             let loaded = config::load(&config)
@@ -109,7 +112,11 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 if let Ok(address) = listener.local_addr() {
                     tracing::info!(listener = "admin", %address, "listening");
                 }
-                tokio::spawn(admin::serve(listener, telemetry.clone()));
+                tokio::spawn(admin::serve(
+                    listener,
+                    telemetry.clone(),
+                    Some(reloads.clone()),
+                ));
             }
             // The gate runs before any Redis listener opens: a failing
             // upstream is never put in front of a client.
@@ -136,6 +143,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 };
                 (code, anyhow::Error::new(err))
             })?;
+            let server = server.with_reloads(config.clone(), reload_queue);
             match server.run(shutdown).await {
                 Drained::Clean => Ok(()),
                 Drained::Cut(connections) => Err((

@@ -68,7 +68,7 @@ pub async fn run(
         Ok(listener) => {
             // The address it got (port 0 picks one).
             let bound = listener.local_addr().unwrap_or(metrics);
-            tokio::spawn(crate::admin::serve(listener, telemetry.clone()));
+            tokio::spawn(crate::admin::serve(listener, telemetry.clone(), None));
             config_text.push_str(&format!("\n[metrics]\naddress = \"{bound}\"\n"));
             format!("http://{bound}/metrics (and /healthz, /readyz)")
         }

@@ -1,9 +1,10 @@
 //! Signals -> cancellation. The first SIGTERM or SIGINT cancels the token
 //! the accept loop and every session watch; the server then drains within
 //! its grace period. A second one exits at once (exit code 1), cutting
-//! whatever is still open. SIGHUP is logged and ignored: it must never kill
-//! the process (its default action) while reload is not supported.
+//! whatever is still open. SIGHUP asks for a reload ([`crate::reload`]);
+//! it never kills the process (its default action).
 
+use crate::reload::{ReloadRequests, Trigger};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -11,8 +12,8 @@ use tracing::{error, info, warn};
 /// The exit code when a second signal cuts the drain short.
 pub const EXIT_CUT_SHORT: i32 = 1;
 
-/// A token cancelled by the first SIGTERM or SIGINT.
-pub fn on_signal() -> std::io::Result<CancellationToken> {
+/// A token cancelled by the first SIGTERM or SIGINT; SIGHUP goes to `reloads`.
+pub fn on_signal(reloads: ReloadRequests) -> std::io::Result<CancellationToken> {
     let token = CancellationToken::new();
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -24,7 +25,11 @@ pub fn on_signal() -> std::io::Result<CancellationToken> {
                 _ = terminate.recv() => "SIGTERM",
                 _ = interrupt.recv() => "SIGINT",
                 _ = hangup.recv() => {
-                    warn!("SIGHUP: reload is not supported yet; ignored (restart to apply changes)");
+                    if reloads.request(Trigger::Signal) {
+                        info!("SIGHUP: reloading");
+                    } else {
+                        warn!("SIGHUP: nothing to reload (not serving yet, or reloads already queued)");
+                    }
                     continue;
                 }
             };

@@ -33,7 +33,7 @@ use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::{Certificate, Listener, Rejection};
 use crate::tls::{self, TlsError};
 use crate::upstream::lane::{LaneKey, LaneLimits, LaneOpenError, Lanes};
-use crate::upstream::pool::Pool;
+use crate::upstream::pool::{Lent, Pool};
 use crate::upstream::{Upstream, UpstreamError};
 use admission::{Admission, Refused, Ticket};
 use std::io;
@@ -104,6 +104,10 @@ pub struct Server {
     grace_period: Duration,
     /// Keep readiness current with an upstream check (when an admin listener reports it).
     watch_upstream: bool,
+    /// The upstream material published at start, for reloads.
+    published: crate::reload::Digests,
+    /// Serves reloads while it runs (see [`Server::with_reloads`]).
+    reloads: Option<(crate::reload::Reloader, crate::reload::ReloadQueue)>,
 }
 
 enum Accepted {
@@ -116,7 +120,8 @@ impl Server {
     /// Validates certificates and names, then opens every listener.
     /// `telemetry` counts what the server does and reports its readiness.
     pub async fn bind(config: Config, telemetry: Telemetry) -> Result<Server, StartError> {
-        let upstream = Upstream::from_config(&config.upstream)?;
+        let upstream = Arc::new(Upstream::from_config(&config.upstream)?);
+        let published = crate::reload::digests(&config.upstream);
         let metrics = &telemetry.metrics;
         export_expiry(
             &telemetry,
@@ -170,7 +175,7 @@ impl Server {
                 config.limits.max_buffered_bytes,
             )),
             idle_timeout: config.listen.idle_timeout,
-            upstream_login: upstream.login().clone(),
+            upstream: upstream.clone(),
             metrics: metrics.clone(),
             lockouts,
             log_key_names: config.log_key_names,
@@ -188,7 +193,7 @@ impl Server {
             _ => None,
         };
         let pool = Arc::new(Pool::new(
-            Arc::new(upstream),
+            upstream.clone(),
             config.upstream.pool_idle,
             telemetry.metrics.clone(),
         ));
@@ -221,7 +226,28 @@ impl Server {
             ),
             grace_period: config.shutdown_grace_period,
             watch_upstream: config.metrics_address.is_some(),
+            published,
+            reloads: None,
         })
+    }
+
+    /// Serves the reloads asked of `queue` (SIGHUP, `POST /-/reload`) from
+    /// the configuration at `config_path`, the one this server was bound
+    /// with.
+    pub fn with_reloads(
+        mut self,
+        config_path: std::path::PathBuf,
+        queue: crate::reload::ReloadQueue,
+    ) -> Server {
+        let reloader = crate::reload::Reloader::new(
+            config_path,
+            std::mem::take(&mut self.published),
+            self.shared.pool.upstream().clone(),
+            self.shared.pool.clone(),
+            self.shared.telemetry.metrics.clone(),
+        );
+        self.reloads = Some((reloader, queue));
+        self
     }
 
     /// The plaintext TCP listener's address (its port when configured as 0).
@@ -262,6 +288,9 @@ impl Server {
             ));
         }
         background.spawn(self.shared.pool.clone().keep_warm(shutdown.clone()));
+        if let Some((reloader, queue)) = self.reloads.take() {
+            background.spawn(crate::reload::run(reloader, queue, shutdown.clone()));
+        }
         let upkeep = tokio::spawn(crate::telemetry::run_upkeep(telemetry.metrics.clone()));
         let sessions = TaskTracker::new();
         loop {
@@ -629,8 +658,11 @@ async fn serve_pinned<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut upstream = match Box::pin(shared.pool.take()).await {
-        Ok(upstream) => upstream,
+    let Lent {
+        stream: mut upstream,
+        generation,
+    } = match Box::pin(shared.pool.take()).await {
+        Ok(lent) => lent,
         Err(err) => {
             let err = LaneOpenError::Upstream(err);
             upstream_unavailable(shared, client, peer, &err).await;
@@ -651,9 +683,12 @@ where
     let reusable = end
         .upstream
         .filter(|_| !shutdown.is_cancelled())
-        .map(|(upstream, leaves)| match replayed {
-            true => (upstream, leaves.max(Leaves::Session)),
-            false => (upstream, leaves),
+        .map(|(stream, leaves)| {
+            let lent = Lent { stream, generation };
+            match replayed {
+                true => (lent, leaves.max(Leaves::Session)),
+                false => (lent, leaves),
+            }
         });
     shared.pool.give_back(reusable).await;
     Some((end.result, end.client))

@@ -73,7 +73,6 @@ use crate::policy::table::Leaves;
 use crate::policy::{Policy, RequestState};
 use crate::resp::{self, Limits};
 use crate::telemetry::metrics::Metrics;
-use crate::upstream::Login;
 use crate::upstream::lane::LaneLink;
 use crate::upstream::lane::book::Poison;
 use bytes::{Bytes, BytesMut};
@@ -128,8 +127,9 @@ pub struct SessionContext {
     pub buffers: Arc<memory::BufferBudget>,
     /// Close clients quiet this long with nothing pending (`None`: never).
     pub idle_timeout: Option<Duration>,
-    /// Used to log the upstream connection in again after RESET.
-    pub upstream_login: Arc<Login>,
+    /// Logs the upstream connection in again after RESET, with the login
+    /// as of then (a reload may change it).
+    pub upstream: Arc<crate::upstream::Upstream>,
     pub metrics: Arc<Metrics>,
     /// Failed client logins by peer; `None` when clients need no password.
     pub lockouts: Option<Arc<Mutex<Lockouts>>>,

@@ -451,7 +451,7 @@ impl<W: RequestSink> Requests<'_, W> {
                 self.encode(&[b"RESET"], Blocks::No);
                 self.enqueue(Entry::Await(ReplyPlan::RestoreLogin, None))
                     .await?;
-                self.ctx.upstream_login.encode_auth(&mut self.output);
+                self.ctx.upstream.login().encode_auth(&mut self.output);
                 self.unsent.push(Blocks::No);
                 // Sent at once, so no later request grows (and copies) the buffer.
                 self.output_holds_password = true;

@@ -110,3 +110,32 @@ pub fn cross_protocol(peer: &dyn Display) {
         "possible cross-protocol attack: an HTTP request on the RESP port; connection closed"
     );
 }
+
+/// A reload ran (`trigger`: signal, endpoint or watch): what it published,
+/// what it rejected and why (texts that hold no secret), and the changed
+/// settings that wait for a restart. Every reload is a security event.
+pub fn reload(trigger: &str, changed: &[String], rejected: &[String], restart_required: &[String]) {
+    let changed = changed.join(", ");
+    let restart_required = restart_required.join(", ");
+    if rejected.is_empty() {
+        warn!(
+            target: TARGET,
+            event = "reload",
+            trigger,
+            changed,
+            restart_required,
+            "reloaded"
+        );
+    } else {
+        let rejected = rejected.join("; ");
+        warn!(
+            target: TARGET,
+            event = "reload_rejected",
+            trigger,
+            changed,
+            rejected,
+            restart_required,
+            "reload rejected some material; the old material stays in use"
+        );
+    }
+}

@@ -206,6 +206,18 @@ pub const CLIENT_PINS: MetricDef = def(
     &[],
     "Clients moved from a lane to a connection of their own (MULTI, WATCH, blocking commands, subscriptions and other connection state).",
 );
+pub const RELOAD_LAST_SUCCESS: MetricDef = def(
+    "redcloak_reload_last_success_timestamp_seconds",
+    G,
+    &[],
+    "When the material in use (certificates, keys, passwords) was last read and published whole: at start, then at each reload that rejected nothing (Unix time).",
+);
+pub const RELOAD_FAILURES: MetricDef = def(
+    "redcloak_reload_failures_total",
+    C,
+    &["reason"],
+    "Reloads that kept some or all of the old material, by reason (config: the configuration does not load; files: a certificate, key or CA is unreadable, does not match or has expired; probe: Redis refused the new upstream material).",
+);
 pub const UPSTREAM_UP: MetricDef = def(
     "redcloak_upstream_up",
     G,
@@ -253,6 +265,8 @@ pub const ALL: &[&MetricDef] = &[
     &UPSTREAM_LANES_OPEN,
     &UPSTREAM_LANES_POISONED,
     &CLIENT_PINS,
+    &RELOAD_LAST_SUCCESS,
+    &RELOAD_FAILURES,
     &CERTIFICATE_EXPIRY,
     &LOG_LINES_DROPPED,
 ];
@@ -399,6 +413,30 @@ impl UpstreamFailure {
     }
 }
 
+/// Why a reload kept old material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadFailure {
+    Config,
+    Files,
+    Probe,
+}
+
+impl ReloadFailure {
+    const ALL: [ReloadFailure; 3] = [
+        ReloadFailure::Config,
+        ReloadFailure::Files,
+        ReloadFailure::Probe,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ReloadFailure::Config => "config",
+            ReloadFailure::Files => "files",
+            ReloadFailure::Probe => "probe",
+        }
+    }
+}
+
 /// Whose certificate an expiry gauge is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Certificate {
@@ -448,6 +486,8 @@ pub struct Metrics {
     pub upstream_lanes_open: Gauge,
     lanes_poisoned: [Counter; 8],
     pub client_pins: Counter,
+    pub reload_last_success: Gauge,
+    reload_failures: [Counter; 3],
     log_lines_dropped: Counter,
     /// The keyring whose per-key counts are exported at each scrape.
     keyring: OnceLock<Arc<Keyring>>,
@@ -528,6 +568,9 @@ impl Metrics {
             lanes_poisoned: LANE_POISON_REASONS
                 .map(|reason| counter(&UPSTREAM_LANES_POISONED, &[("reason", reason)])),
             client_pins: counter(&CLIENT_PINS, &[]),
+            reload_last_success: gauge(&RELOAD_LAST_SUCCESS, &[]),
+            reload_failures: ReloadFailure::ALL
+                .map(|r| counter(&RELOAD_FAILURES, &[("reason", r.label())])),
             keyring: OnceLock::new(),
             recorder,
             handle,
@@ -552,6 +595,10 @@ impl Metrics {
     pub fn lane_poisoned(&self, reason: &str) -> Option<&Counter> {
         let at = LANE_POISON_REASONS.iter().position(|r| *r == reason)?;
         self.lanes_poisoned.get(at)
+    }
+
+    pub fn reload_failure(&self, reason: ReloadFailure) -> &Counter {
+        &self.reload_failures[reason as usize]
     }
 
     pub fn upstream_failure(&self, reason: UpstreamFailure) -> &Counter {

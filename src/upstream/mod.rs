@@ -17,6 +17,7 @@ use crate::resp::{self, Limits, ReplyScanner};
 use crate::secret::Secret;
 use crate::telemetry::events;
 use crate::telemetry::metrics::{Certificate, Metrics, UpstreamFailure};
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use rustls_pki_types::ServerName;
 use std::io;
@@ -153,11 +154,36 @@ const STAGE_TLS: &str = "in the TLS handshake";
 pub struct Upstream {
     settings: UpstreamSettings,
     server_name: ServerName<'static>,
-    connector: TlsConnector,
-    login: Arc<Login>,
+    /// The TLS client configuration and credentials new connections use:
+    /// replaced whole by a reload, read whole by each connection.
+    material: ArcSwap<Material>,
     /// The certificate Redis showed last, so each new connection neither
     /// parses it again nor repeats the same warning.
     last_certificate: Mutex<Option<SeenCertificate>>,
+}
+
+/// What a connection to Redis is made with: redcloak's TLS configuration
+/// (Redis's CA, its own certificate and key) and its login. Reloaded as one.
+#[derive(Clone)]
+pub struct Material {
+    connector: TlsConnector,
+    login: Arc<Login>,
+    /// Counts reloads: connections made with an older one are replaced.
+    generation: u64,
+}
+
+impl Material {
+    pub fn new(tls: Arc<rustls::ClientConfig>, login: Arc<Login>) -> Material {
+        Material {
+            connector: TlsConnector::from(tls),
+            login,
+            generation: 0,
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
 }
 
 struct SeenCertificate {
@@ -194,10 +220,38 @@ impl Upstream {
         Ok(Upstream {
             settings,
             server_name,
-            connector: TlsConnector::from(tls),
-            login,
+            material: ArcSwap::from_pointee(Material::new(tls, login)),
             last_certificate: Mutex::new(None),
         })
+    }
+
+    /// A copy of this upstream (the same Redis) that connects with
+    /// `material`: a reload proves new material with it before publishing.
+    pub fn with_material(&self, material: Material) -> Upstream {
+        Upstream {
+            settings: UpstreamSettings {
+                address: self.settings.address.clone(),
+                server_name: self.settings.server_name.clone(),
+                connect_timeout: self.settings.connect_timeout,
+            },
+            server_name: self.server_name.clone(),
+            material: ArcSwap::from_pointee(material),
+            last_certificate: Mutex::new(None),
+        }
+    }
+
+    /// New connections use `material` from now on; established ones keep
+    /// their TLS sessions. Returns its generation.
+    pub fn publish(&self, mut material: Material) -> u64 {
+        let generation = self.material.load().generation + 1;
+        material.generation = generation;
+        self.material.store(Arc::new(material));
+        generation
+    }
+
+    /// The material new connections are made with now.
+    pub fn material(&self) -> Arc<Material> {
+        self.material.load_full()
     }
 
     /// When Redis's certificate on `tls` expires (parsed once per
@@ -227,8 +281,9 @@ impl Upstream {
         seen.expiry
     }
 
-    pub fn login(&self) -> &Arc<Login> {
-        &self.login
+    /// redcloak's login as of now (a reload may change the password).
+    pub fn login(&self) -> Arc<Login> {
+        self.material.load().login.clone()
     }
 
     pub fn address(&self) -> &str {
@@ -256,8 +311,9 @@ impl Upstream {
 
     async fn open(&self, metrics: Option<&Metrics>) -> Result<UpstreamStream, UpstreamError> {
         let started = std::time::Instant::now();
+        let material = self.material.load_full();
         let connected: Result<UpstreamStream, UpstreamError> = async {
-            let mut tls = self.handshake_with(&self.connector).await?;
+            let mut tls = self.handshake_with(&material.connector).await?;
             let expiry = self.certificate_expiry(&tls).and_then(unix_time);
             if let Some(metrics) = metrics {
                 let handshake = started.elapsed().as_secs_f64();
@@ -266,7 +322,7 @@ impl Upstream {
                     metrics.set_certificate_expiry(Certificate::RedisServer, expiry);
                 }
             }
-            self.log_in(&mut tls).await?;
+            self.log_in(&mut tls, &material.login).await?;
             Ok(tls)
         }
         .await;
@@ -317,12 +373,18 @@ impl Upstream {
 
     /// The TLS handshake with redcloak's own configuration.
     pub async fn handshake(&self) -> Result<UpstreamStream, UpstreamError> {
-        self.handshake_with(&self.connector).await
+        let material = self.material.load_full();
+        self.handshake_with(&material.connector).await
     }
 
     /// Logs a TLS connection in with redcloak's credentials.
-    pub async fn log_in(&self, tls: &mut UpstreamStream) -> Result<(), UpstreamError> {
-        self.step("logging in", self.send_auth(tls)).await?
+    /// AUTH with `login` on a new connection.
+    pub async fn log_in(
+        &self,
+        tls: &mut UpstreamStream,
+        login: &Login,
+    ) -> Result<(), UpstreamError> {
+        self.step("logging in", self.send_auth(tls, login)).await?
     }
 
     async fn step<F: Future>(
@@ -339,7 +401,11 @@ impl Upstream {
             })
     }
 
-    async fn send_auth(&self, tls: &mut UpstreamStream) -> Result<(), UpstreamError> {
+    async fn send_auth(
+        &self,
+        tls: &mut UpstreamStream,
+        login: &Login,
+    ) -> Result<(), UpstreamError> {
         // With TLS 1.3, Redis rejects our certificate only after the
         // handshake: the alert arrives here, so it gets the same hints.
         let login_error = |err: io::Error| UpstreamError::Login {
@@ -348,7 +414,7 @@ impl Upstream {
             reason: err.to_string(),
         };
         let mut out = BytesMut::new();
-        self.login.encode_auth(&mut out);
+        login.encode_auth(&mut out);
         write_wiped(tls, out).await.map_err(login_error)?;
         // A login reply is a short line: bound it tightly.
         let limits = Limits {
@@ -363,11 +429,7 @@ impl Upstream {
         let text = String::from_utf8_lossy(reply.strip_suffix(b"\r\n").unwrap_or(&reply));
         Err(UpstreamError::Auth {
             address: self.settings.address.clone(),
-            user: self
-                .login
-                .username
-                .clone()
-                .unwrap_or_else(|| "default".into()),
+            user: login.username.clone().unwrap_or_else(|| "default".into()),
             reply: text.trim_start_matches(['-', '+']).to_owned(),
         })
     }

@@ -47,10 +47,24 @@ pub struct Pool {
 /// A ready connection unused this long is PINGed before a client gets it.
 const CHECK_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// A connection lent out by [`Pool::take`], with the generation of the
+/// material (TLS configuration, login) it was made with.
+pub struct Lent {
+    pub stream: UpstreamStream,
+    pub generation: u64,
+}
+
+/// A ready connection in the pool.
+struct Idle {
+    stream: UpstreamStream,
+    since: std::time::Instant,
+    generation: u64,
+}
+
 #[derive(Default)]
 struct PoolState {
     /// Ready connections, and since when each has been idle.
-    idle: VecDeque<(UpstreamStream, std::time::Instant)>,
+    idle: VecDeque<Idle>,
     /// Connections clients hold now.
     lent: usize,
 }
@@ -78,53 +92,79 @@ impl Pool {
         self.metrics.upstream_pool_idle.set(state.idle.len() as f64);
     }
 
+    /// The generation of the material new connections are made with.
+    fn generation(&self) -> u64 {
+        self.upstream.material().generation()
+    }
+
     /// A ready connection, or a new one when none is. Every connection
-    /// taken must be handed to [`Pool::give_back`] (or `None` for it).
-    pub async fn take(&self) -> Result<UpstreamStream, UpstreamError> {
+    /// taken must be handed to [`Pool::give_back`] (or `None` for it). One
+    /// made with material a reload has since replaced is closed instead.
+    pub async fn take(&self) -> Result<Lent, UpstreamError> {
+        let current = self.generation();
         loop {
-            let stream = {
+            let idle = {
                 let mut state = self.lock();
-                let stream = state.idle.pop_front();
+                let idle = state.idle.pop_front();
                 self.show_idle(&state);
-                stream
+                idle
             };
-            let Some((mut stream, idle_since)) = stream else {
+            let Some(mut idle) = idle else {
                 break;
             };
-            if still_open(&mut stream)
-                && (idle_since.elapsed() < CHECK_AFTER_IDLE || self.answers(&mut stream).await)
+            if idle.generation == current
+                && still_open(&mut idle.stream)
+                && (idle.since.elapsed() < CHECK_AFTER_IDLE || self.answers(&mut idle.stream).await)
             {
                 self.lock().lent += 1;
-                return Ok(stream);
+                return Ok(Lent {
+                    stream: idle.stream,
+                    generation: idle.generation,
+                });
             }
             self.wanted.notify_one();
         }
         let stream = self.upstream.connect_counted(&self.metrics).await?;
         self.lock().lent += 1;
-        Ok(stream)
+        Ok(Lent {
+            stream,
+            generation: current,
+        })
+    }
+
+    /// A reload published new material: ready connections made with the old
+    /// one are replaced, one at a time, by the background task.
+    pub fn material_changed(&self) {
+        self.wanted.notify_one();
     }
 
     /// A connection taken earlier comes back from its client: `Some` when
     /// its session left it idle, with what the client left on it. Once that
     /// is undone it serves the next client; otherwise it is closed.
-    pub async fn give_back(&self, stream: Option<(UpstreamStream, Leaves)>) {
+    pub async fn give_back(&self, stream: Option<(Lent, Leaves)>) {
         // Room counts ready connections only: while more clients than
         // `capacity` come and go, returned connections keep serving them.
         // The connection stays counted as lent while it is undone, so the
         // background task does not open another in its place meanwhile.
         let room = self.lock().idle.len() < self.capacity;
         let mut kept = None;
-        if let (Some((mut stream, leaves)), true) = (stream, room) {
+        if let (Some((mut lent, leaves)), true) = (stream, room)
+            && lent.generation == self.generation()
+        {
             let timeout = self.upstream.settings().connect_timeout;
-            let undone = tokio::time::timeout(timeout, self.undo(&mut stream, leaves)).await;
-            kept = matches!(undone, Ok(Ok(()))).then_some(stream);
+            let undone = tokio::time::timeout(timeout, self.undo(&mut lent.stream, leaves)).await;
+            kept = matches!(undone, Ok(Ok(()))).then_some(lent);
         }
         let mut state = self.lock();
         state.lent = state.lent.saturating_sub(1);
-        if let Some(stream) = kept
+        if let Some(lent) = kept
             && state.idle.len() < self.capacity
         {
-            state.idle.push_back((stream, std::time::Instant::now()));
+            state.idle.push_back(Idle {
+                stream: lent.stream,
+                since: std::time::Instant::now(),
+                generation: lent.generation,
+            });
             self.show_idle(&state);
             return;
         }
@@ -180,18 +220,31 @@ impl Pool {
     }
 
     /// Until `shutdown`, opens connections while ready and lent ones number
-    /// fewer than `capacity`.
+    /// fewer than `capacity`, and replaces ready ones made with replaced
+    /// material, one at a time (the new one first).
     pub async fn keep_warm(self: Arc<Self>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
-            let short = {
+            let generation = self.generation();
+            let (short, stale) = {
                 let state = self.lock();
-                state.idle.len() + state.lent < self.capacity
+                let stale = state.idle.iter().any(|idle| idle.generation != generation);
+                (state.idle.len() + state.lent < self.capacity, stale)
             };
-            if short {
+            if short || stale {
                 match self.upstream.connect_counted(&self.metrics).await {
                     Ok(stream) => {
                         let mut state = self.lock();
-                        state.idle.push_back((stream, std::time::Instant::now()));
+                        if !short
+                            && let Some(at) =
+                                state.idle.iter().position(|i| i.generation != generation)
+                        {
+                            state.idle.remove(at);
+                        }
+                        state.idle.push_back(Idle {
+                            stream,
+                            since: std::time::Instant::now(),
+                            generation,
+                        });
                         self.show_idle(&state);
                         continue;
                     }

@@ -243,6 +243,7 @@ impl TestRedis {
         std::fs::write(&file, config.render()).expect("write config");
         let loaded = redcloak::config::load(&file).expect("valid config");
         let telemetry = Telemetry::default();
+        let (reloads, reload_queue) = redcloak::reload::channel();
         // As `redcloak serve` does: the admin listener opens before the server.
         let admin = match loaded.metrics_address {
             Some(address) => {
@@ -250,12 +251,19 @@ impl TestRedis {
                     .await
                     .expect("admin listener");
                 let bound = listener.local_addr().expect("admin address");
-                tokio::spawn(redcloak::admin::serve(listener, telemetry.clone()));
+                tokio::spawn(redcloak::admin::serve(
+                    listener,
+                    telemetry.clone(),
+                    Some(reloads.clone()),
+                ));
                 Some(bound)
             }
             None => None,
         };
-        let server = Server::bind(loaded, telemetry).await.expect("proxy binds");
+        let server = Server::bind(loaded, telemetry)
+            .await
+            .expect("proxy binds")
+            .with_reloads(file, reload_queue);
         let address = server.tcp_address();
         let tls_address = server.tls_address();
         let shutdown = CancellationToken::new();
@@ -264,6 +272,7 @@ impl TestRedis {
             address,
             tls_address,
             admin,
+            reloads,
             shutdown,
             task,
         }
@@ -362,6 +371,9 @@ pub struct Proxy {
     pub tls_address: Option<SocketAddr>,
     /// The admin listener, when the config has `[metrics]`.
     pub admin: Option<SocketAddr>,
+    /// Asks for a reload as SIGHUP does (the signal itself would reach
+    /// every test in this process).
+    pub reloads: redcloak::reload::ReloadRequests,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<redcloak::server::Drained>,
 }
@@ -575,9 +587,13 @@ fn init_logs() {
 
 /// `GET path` over plain HTTP/1.1: the status and the body.
 pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    http(address, "GET", path).await
+}
+
+pub async fn http(address: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let exchange = async {
         let mut stream = TcpStream::connect(address).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: redcloak\r\n\r\n");
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: redcloak\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;

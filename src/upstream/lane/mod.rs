@@ -813,7 +813,12 @@ impl Lanes {
         if let Some(lane) = slot.as_ref().filter(|lane| !lane.is_lost()) {
             return Ok(lane.clone());
         }
-        let mut stream = self.pool.take().await.map_err(LaneOpenError::Upstream)?;
+        let mut stream = self
+            .pool
+            .take()
+            .await
+            .map_err(LaneOpenError::Upstream)?
+            .stream;
         if let Err(err) = self.set_up(&mut stream, key).await {
             self.pool.give_back(None).await;
             return Err(err);

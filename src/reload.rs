@@ -1,0 +1,367 @@
+//! Reload without a restart: the material that rotates (today: redcloak's
+//! upstream client certificate, key, Redis's CA, and the upstream password)
+//! is read again, all of it validated, the upstream part proved with one
+//! probe connection, and only then published, all at once. Anything that
+//! fails keeps the old material in use, and says why.
+//!
+//! ```text
+//!   SIGHUP ─┐
+//!   POST /-/reload ─┼─▶ ReloadRequests ─▶ run: one reload at a time ─▶ Reloader::reload
+//!                   │                        read config + files ─▶ validate ─▶ probe ─▶ publish
+//! ```
+//!
+//! Publishing swaps the upstream's [`Material`] (`arc-swap`): new connections
+//! use it, established ones keep their TLS sessions, and the pool replaces
+//! its ready connections made with the old material one at a time. Every
+//! other setting that changed needs a restart: the reply and the log name
+//! each one. Every reload is a security event, counted in
+//! `redcloak_reload_failures_total{reason}` when it keeps old material and
+//! dated in `redcloak_reload_last_success_timestamp_seconds` when it does not.
+
+use crate::config::{self, UpstreamConfig};
+use crate::secret::Secret;
+use crate::telemetry::events;
+use crate::telemetry::metrics::{Certificate, Metrics, ReloadFailure};
+use crate::upstream::pool::Pool;
+use crate::upstream::{Login, Material, Upstream};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Settings a reload applies: a change to any other needs a restart.
+const RELOADABLE: &[&str] = &[
+    "upstream.ca",
+    "upstream.cert",
+    "upstream.key",
+    "upstream.password_file",
+];
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    Endpoint,
+}
+
+impl Trigger {
+    pub fn label(self) -> &'static str {
+        match self {
+            Trigger::Signal => "signal",
+            Trigger::Endpoint => "endpoint",
+        }
+    }
+}
+
+/// What a reload did: the `POST /-/reload` answer.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Outcome {
+    /// Nothing was rejected.
+    pub ok: bool,
+    /// What it published (setting names).
+    pub changed: Vec<String>,
+    /// What it kept the old material for, and why.
+    pub rejected: Vec<Rejected>,
+    /// Settings that changed and take effect only after a restart.
+    pub restart_required: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rejected {
+    pub what: String,
+    pub why: String,
+}
+
+/// Where reload requests go; cloned by whatever triggers them.
+#[derive(Clone)]
+pub struct ReloadRequests(mpsc::Sender<(Trigger, Option<oneshot::Sender<Outcome>>)>);
+
+/// The receiving end, served by [`run`].
+pub struct ReloadQueue(mpsc::Receiver<(Trigger, Option<oneshot::Sender<Outcome>>)>);
+
+pub fn channel() -> (ReloadRequests, ReloadQueue) {
+    let (sender, receiver) = mpsc::channel(8);
+    (ReloadRequests(sender), ReloadQueue(receiver))
+}
+
+impl ReloadRequests {
+    /// Asks for a reload and waits for its outcome (`None`: nothing serves
+    /// reloads, as before the server is up).
+    pub async fn reload(&self, trigger: Trigger) -> Option<Outcome> {
+        let (reply, outcome) = oneshot::channel();
+        self.0.send((trigger, Some(reply))).await.ok()?;
+        outcome.await.ok()
+    }
+
+    /// Asks for a reload without waiting (a signal). `false`: nothing serves
+    /// reloads, or a few are queued already (they will read the same files).
+    pub fn request(&self, trigger: Trigger) -> bool {
+        self.0.try_send((trigger, None)).is_ok()
+    }
+}
+
+/// Serves reload requests one at a time until `shutdown`.
+pub async fn run(reloader: Reloader, mut queue: ReloadQueue, shutdown: CancellationToken) {
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            request = queue.0.recv() => request,
+        };
+        let Some((trigger, reply)) = request else {
+            return;
+        };
+        let outcome = reloader.reload(trigger).await;
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// What the running process was started with, and what it has published.
+pub struct Reloader {
+    config_path: PathBuf,
+    /// The settings at start: what differs from them (and is not
+    /// reloadable) needs a restart.
+    started_with: BTreeMap<String, String>,
+    /// A digest of each upstream file and of the password, as published.
+    published: std::sync::Mutex<Digests>,
+    upstream: Arc<Upstream>,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+}
+
+impl Reloader {
+    /// The process started from `config_path` with the upstream material
+    /// whose [`digests`] are `published`.
+    pub fn new(
+        config_path: PathBuf,
+        published: Digests,
+        upstream: Arc<Upstream>,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+    ) -> Reloader {
+        let started_with = config::settings(&config_path).unwrap_or_default();
+        metrics.reload_last_success.set(unix_now());
+        Reloader {
+            config_path,
+            started_with,
+            published: std::sync::Mutex::new(published),
+            upstream,
+            pool,
+            metrics,
+        }
+    }
+
+    /// Reads, validates, proves and publishes; see the module docs.
+    pub async fn reload(&self, trigger: Trigger) -> Outcome {
+        let mut outcome = Outcome::default();
+        let mut failures = Vec::new();
+        match config::load(&self.config_path) {
+            Err(err) => {
+                outcome.rejected.push(Rejected {
+                    what: "configuration".into(),
+                    why: format!("{err:#}"),
+                });
+                failures.push(ReloadFailure::Config);
+            }
+            Ok(config) => {
+                if let Ok(settings) = config::settings(&self.config_path) {
+                    outcome.restart_required = needs_restart(&self.started_with, &settings);
+                }
+                self.reload_upstream(&config.upstream, &mut outcome, &mut failures)
+                    .await;
+            }
+        }
+        for failure in &failures {
+            self.metrics.reload_failure(*failure).increment(1);
+        }
+        outcome.ok = outcome.rejected.is_empty();
+        if outcome.ok {
+            self.metrics.reload_last_success.set(unix_now());
+        }
+        let rejected: Vec<String> = outcome
+            .rejected
+            .iter()
+            .map(|r| format!("{}: {}", r.what, r.why))
+            .collect();
+        events::reload(
+            trigger.label(),
+            &outcome.changed,
+            &rejected,
+            &outcome.restart_required,
+        );
+        outcome
+    }
+
+    /// The upstream material, if any of it changed: built (every file read
+    /// and checked), proved on one connection, then published.
+    async fn reload_upstream(
+        &self,
+        config: &UpstreamConfig,
+        outcome: &mut Outcome,
+        failures: &mut Vec<ReloadFailure>,
+    ) {
+        let digests = digests(config);
+        let changed: Vec<String> = {
+            let published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+            digests
+                .iter()
+                .filter(|(name, digest)| published.get(*name) != Some(*digest))
+                .map(|(name, _)| (*name).to_owned())
+                .collect()
+        };
+        if changed.is_empty() {
+            return;
+        }
+        let what = changed.join(", ");
+        let material = match material(config) {
+            Ok(material) => material,
+            Err(why) => {
+                outcome.rejected.push(Rejected { what, why });
+                failures.push(ReloadFailure::Files);
+                return;
+            }
+        };
+        if let Err(why) = self.prove(&material, config).await {
+            outcome.rejected.push(Rejected { what, why });
+            failures.push(ReloadFailure::Probe);
+            return;
+        }
+        self.upstream.publish(material);
+        self.pool.material_changed();
+        if let Some(expiry) = certificate_expiry(&config.cert) {
+            self.metrics
+                .set_certificate_expiry(Certificate::UpstreamClient, expiry);
+        }
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = digests;
+        outcome.changed.extend(changed);
+    }
+
+    /// One connection with the new material: TLS (Redis verified against
+    /// the new CA, the new certificate presented), AUTH with the new
+    /// password, and `ACL WHOAMI` naming the configured user.
+    async fn prove(&self, material: &Material, config: &UpstreamConfig) -> Result<(), String> {
+        let probe = self.upstream.with_material(material.clone());
+        let mut stream = probe.connect().await.map_err(|err| err.to_string())?;
+        let timeout = config.connect_timeout;
+        let reply = crate::upstream::call(&mut stream, &[b"ACL", b"WHOAMI"], timeout)
+            .await
+            .map_err(|err| format!("Redis did not answer ACL WHOAMI: {err}"))?;
+        let expected = config.username.as_deref().unwrap_or("default");
+        match crate::resp::bulk_body(&reply) {
+            Some(user) if user == expected.as_bytes() => Ok(()),
+            _ => Err(format!(
+                "ACL WHOAMI did not answer '{expected}': {}",
+                crate::upstream::error_text(&reply)
+            )),
+        }
+    }
+}
+
+/// The upstream material `config` names: every file read, the certificate
+/// matched to its key (rustls checks it) and within its validity.
+fn material(config: &UpstreamConfig) -> Result<Material, String> {
+    let tls = crate::tls::client::config(&config.ca, &config.cert, &config.key)
+        .map_err(|err| err.to_string())?;
+    let chain = crate::tls::load::certificates(&config.cert, "client certificate (upstream.cert)")
+        .map_err(|err| err.to_string())?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| "upstream.cert holds no certificate".to_owned())?;
+    match crate::tls::inspect::expiry(leaf) {
+        Some(expiry) if expiry > SystemTime::now() => {}
+        Some(_) => return Err("upstream.cert has expired".into()),
+        None => return Err("upstream.cert: its validity cannot be read".into()),
+    }
+    let login = Login {
+        username: config.username.clone(),
+        password: Secret::new(config.password.expose().to_vec()),
+    };
+    Ok(Material::new(tls, Arc::new(login)))
+}
+
+/// A digest of each upstream file and of the password, by setting name.
+pub type Digests = BTreeMap<&'static str, [u8; 32]>;
+
+/// The [`Digests`] of `config`'s upstream material (kept to see what a
+/// reload changes; a SHA-256 of a password is not the password, and it
+/// stays in this process).
+pub fn digests(config: &UpstreamConfig) -> Digests {
+    let file = |path: &PathBuf| -> [u8; 32] {
+        let bytes = zeroize::Zeroizing::new(std::fs::read(path).unwrap_or_default());
+        Sha256::digest(&bytes[..]).into()
+    };
+    BTreeMap::from([
+        ("upstream.ca", file(&config.ca)),
+        ("upstream.cert", file(&config.cert)),
+        ("upstream.key", file(&config.key)),
+        (
+            "upstream.password",
+            Sha256::digest(config.password.expose()).into(),
+        ),
+    ])
+}
+
+/// The settings that differ from those at start and that a reload does
+/// not apply.
+fn needs_restart(
+    started_with: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut names: Vec<String> = started_with
+        .keys()
+        .chain(now.keys())
+        .filter(|name| started_with.get(*name) != now.get(*name))
+        .filter(|name| !RELOADABLE.contains(&name.as_str()))
+        .cloned()
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn certificate_expiry(path: &std::path::Path) -> Option<u64> {
+    let chain = crate::tls::load::certificates(path, "certificate").ok()?;
+    let expiry = crate::tls::inspect::expiry(chain.first()?)?;
+    crate::upstream::unix_time(expiry)
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_settings_a_reload_cannot_apply_need_a_restart() {
+        let before: BTreeMap<String, String> = [
+            ("upstream.address", "\"a:1\""),
+            ("upstream.cert", "\"c1.pem\""),
+            ("listen.address", "\"127.0.0.1:1\""),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let mut after = before.clone();
+        after.insert("upstream.cert".into(), "\"c2.pem\"".into());
+        after.insert("upstream.address".into(), "\"b:1\"".into());
+        after.insert("limits.max_pending_requests".into(), "10".into());
+        after.remove("listen.address");
+        assert_eq!(
+            needs_restart(&before, &after),
+            [
+                "limits.max_pending_requests",
+                "listen.address",
+                "upstream.address"
+            ]
+        );
+        assert!(needs_restart(&before, &before).is_empty());
+    }
+}

@@ -1,0 +1,370 @@
+//! Reload without a restart, against a real Redis: the upstream password
+//! and client certificate rotate under load with no failed request; bad
+//! material (garbage, a key that does not match, a missing file, a password
+//! Redis does not know yet) keeps the old material and is counted; settings
+//! a reload cannot apply are named.
+
+use crate::support::*;
+use redcloak::upstream::UpstreamStream;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+const METRICS: &str = "[metrics]\naddress = \"127.0.0.1:0\"\n";
+
+/// What the load clients saw.
+#[derive(Default)]
+struct Load {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+/// A client writing values that carry their own SHA-256 and reading them
+/// back, until `stop`: every reply must be exactly what it wrote.
+async fn load_client(
+    proxy_addr: std::net::SocketAddr,
+    id: usize,
+    stop: Arc<AtomicBool>,
+    load: Arc<Load>,
+) {
+    let mut client = RawClient::new(
+        tokio::net::TcpStream::connect(proxy_addr)
+            .await
+            .expect("connect"),
+    );
+    let key = format!("reload:{id}");
+    let mut round = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        round += 1;
+        let body = format!("client {id} round {round}");
+        let digest = hex(&Sha256::digest(body.as_bytes()));
+        let value = format!("{body}|{digest}");
+        let set = client
+            .call(&[b"SET", key.as_bytes(), value.as_bytes()])
+            .await;
+        let got = client.call(&[b"GET", key.as_bytes()]).await;
+        let expected = format!("${}\r\n{value}\r\n", value.len());
+        if &set[..] == b"+OK\r\n" && got[..] == *expected.as_bytes() {
+            load.ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            load.failed.fetch_add(1, Ordering::Relaxed);
+            eprintln!(
+                "client {id}: {:?} / {:?}",
+                String::from_utf8_lossy(&set),
+                String::from_utf8_lossy(&got)
+            );
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 20 load clients; returns what stops them and what they saw.
+fn start_load(proxy: &Proxy) -> (Arc<AtomicBool>, Arc<Load>, Vec<tokio::task::JoinHandle<()>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = Arc::new(Load::default());
+    let tasks = (0..20)
+        .map(|id| tokio::spawn(load_client(proxy.addr(), id, stop.clone(), load.clone())))
+        .collect();
+    (stop, load, tasks)
+}
+
+async fn stop_load(stop: Arc<AtomicBool>, load: &Load, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("load client finishes")
+            .expect("load client");
+    }
+    assert_eq!(load.failed.load(Ordering::Relaxed), 0, "no request failed");
+    assert!(load.ok.load(Ordering::Relaxed) > 100, "the load ran");
+}
+
+/// `POST /-/reload`: the status and the JSON answer.
+async fn post_reload(proxy: &Proxy) -> (u16, serde_json::Value) {
+    let (status, body) = http(proxy.admin.expect("admin"), "POST", "/-/reload").await;
+    let json = serde_json::from_str(&body).unwrap_or_else(|_| panic!("JSON: {body}"));
+    (status, json)
+}
+
+fn names(json: &serde_json::Value, field: &str) -> Vec<String> {
+    json[field]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| match item {
+                    serde_json::Value::String(name) => name.clone(),
+                    other => other["what"].as_str().unwrap_or_default().to_owned(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn reload_failures(metrics: &str, reason: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("redcloak_reload_failures_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(-1.0)
+}
+
+/// Every connection redcloak has to Redis is closed (as a Redis restart or
+/// a failover would), so the next requests need new ones.
+async fn kill_redcloak_connections(admin: &mut RawClient<UpstreamStream>) {
+    admin
+        .call(&[b"CLIENT", b"KILL", b"USER", REDIS_USER.as_bytes()])
+        .await;
+}
+
+/// The zero-downtime password rotation the README documents: Redis learns
+/// the new password, redcloak's password file gets it, redcloak reloads,
+/// Redis forgets the old one. 20 clients run throughout and see no error;
+/// afterwards new connections log in with the new password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_password_rotates_under_load_with_no_failed_request() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(METRICS)).await;
+    let mut admin = redis.admin().await;
+    let (stop, load, tasks) = start_load(&proxy);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let old = std::fs::read_to_string(redis.path("redis-password")).expect("password");
+    let new = redcloak::dev::random_password().expect("password");
+    // Written before Redis knows it: the probe fails, the old one stays.
+    redcloak::dev::write_file(&redis.path("redis-password"), new.as_bytes(), 0o600).expect("write");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 422, "{json}");
+    assert_eq!(names(&json, "rejected"), ["upstream.password"]);
+    let why = json["rejected"][0]["why"].as_str().unwrap_or_default();
+    assert!(why.contains("refused redcloak's AUTH"), "{why}");
+    assert!(
+        !why.contains(&new) && !why.contains(&old),
+        "no password in the answer"
+    );
+    assert_eq!(reload_failures(&proxy.scrape().await, "probe"), 1.0);
+
+    // Step 1: Redis takes both passwords.
+    let add = format!(">{new}");
+    let set = admin
+        .call(&[b"ACL", b"SETUSER", REDIS_USER.as_bytes(), add.as_bytes()])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+    // Step 2: redcloak reloads (the file already holds the new one).
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(names(&json, "changed"), ["upstream.password"]);
+    assert!(
+        json["restart_required"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+    // Step 3: Redis forgets the old one.
+    let remove = format!("<{old}");
+    let set = admin
+        .call(&[b"ACL", b"SETUSER", REDIS_USER.as_bytes(), remove.as_bytes()])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+    stop_load(stop, &load, tasks).await;
+
+    // New connections log in with the new password: the lanes are closed
+    // (between requests), the next requests open new ones, and a
+    // transaction takes a pool connection and gives it back with RESET and
+    // AUTH.
+    kill_redcloak_connections(&mut admin).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"SET", b"after", b"rotation"]).await, b"+OK\r\n");
+    assert_reply(&c.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_reply(&c.call(&[b"GET", b"after"]).await, b"+QUEUED\r\n");
+    assert_reply(&c.call(&[b"EXEC"]).await, b"*1\r\n$8\r\nrotation\r\n");
+    let metrics = proxy.scrape().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "redcloak_upstream_connect_failures_total{reason=\"auth\"}"
+        ),
+        Some(0.0)
+    );
+    assert!(
+        metric(&metrics, "redcloak_reload_last_success_timestamp_seconds").unwrap_or(0.0) > 1.7e9
+    );
+}
+
+/// A certificate that is garbage, a key that is not the certificate's, and
+/// a missing file are each rejected: the old material stays in use (new
+/// connections still work) and each failure is counted. Putting the files
+/// back reloads cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_material_keeps_the_old_material_and_is_counted() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(METRICS)).await;
+    let mut admin = redis.admin().await;
+    let cert = redis.certs.client_cert.clone();
+    let key = redis.certs.client_key.clone();
+    let good_cert = std::fs::read(&cert).expect("cert");
+    let good_key = std::fs::read(&key).expect("key");
+    let other_key = std::fs::read(&redis.certs.proxy_key).expect("another key");
+    type Break<'a> = (&'a str, Box<dyn Fn()>);
+    let (cert2, key2) = (cert.clone(), key.clone());
+    let (cert3, good_key2) = (cert.clone(), good_key.clone());
+    let breaks: [Break; 3] = [
+        (
+            "upstream.cert",
+            Box::new(move || {
+                std::fs::write(&cert2, b"-----BEGIN CERTIFICATE-----\ngarbage\n").expect("write")
+            }),
+        ),
+        (
+            "upstream.key",
+            Box::new(move || std::fs::write(&key2, &other_key).expect("write")),
+        ),
+        (
+            "upstream.cert",
+            Box::new(move || std::fs::remove_file(&cert3).expect("remove")),
+        ),
+    ];
+    for (i, (file, break_it)) in breaks.iter().enumerate() {
+        break_it();
+        let (status, json) = post_reload(&proxy).await;
+        assert_eq!(status, 422, "{json}");
+        assert_eq!(names(&json, "rejected"), [*file], "{json}");
+        assert_eq!(
+            reload_failures(&proxy.scrape().await, "files"),
+            (i + 1) as f64
+        );
+        // The old material is still what new connections use.
+        kill_redcloak_connections(&mut admin).await;
+        let mut c = proxy.raw().await;
+        assert_reply(&c.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+        std::fs::write(&cert, &good_cert).expect("restore");
+        std::fs::write(&key, &good_key2).expect("restore");
+    }
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert!(
+        names(&json, "changed").is_empty(),
+        "the same material: {json}"
+    );
+    assert_eq!(reload_failures(&proxy.scrape().await, "probe"), 0.0);
+}
+
+/// A new client certificate from another CA: after the reload, Redis is
+/// told to trust only that CA, and redcloak's new connections still get
+/// in, so they present the new certificate. The certificate's expiry
+/// metric follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_client_certificate_is_presented_by_new_connections() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(METRICS)).await;
+    let mut admin = redis.admin().await;
+    use redcloak::dev::{Authority, Usage};
+    let new_ca = Authority::new("redcloak rotation CA").expect("CA");
+    // Expiring at another time than the first, so its metric shows the change.
+    let new_client = new_ca
+        .issue_with("redcloak", &[], Usage::Client, |params| {
+            params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(400);
+        })
+        .expect("client certificate");
+    let new_ca_file = redis.path("new-ca.crt");
+    std::fs::write(&new_ca_file, new_ca.cert_pem()).expect("new CA");
+    // Redis trusts both CAs while the certificate changes hands.
+    let both = redis.path("both-cas.crt");
+    let bundle = [
+        std::fs::read(&redis.certs.ca).expect("ca"),
+        new_ca.cert_pem().as_bytes().to_vec(),
+    ]
+    .concat();
+    std::fs::write(&both, bundle).expect("bundle");
+    let trust = |path: &std::path::Path| path.display().to_string();
+    let set = admin
+        .call(&[
+            b"CONFIG",
+            b"SET",
+            b"tls-ca-cert-file",
+            trust(&both).as_bytes(),
+        ])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+    let (stop, load, tasks) = start_load(&proxy);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let expiry = |metrics: &str| {
+        metric(
+            metrics,
+            "redcloak_certificate_expiry_timestamp_seconds{certificate=\"upstream_client\"}",
+        )
+    };
+    let before = expiry(&proxy.scrape().await);
+    std::fs::write(&redis.certs.client_cert, &new_client.cert_pem).expect("cert");
+    std::fs::write(&redis.certs.client_key, &new_client.key_pem).expect("key");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(names(&json, "changed"), ["upstream.cert", "upstream.key"]);
+    stop_load(stop, &load, tasks).await;
+    assert_ne!(expiry(&proxy.scrape().await), before);
+    // Only the new CA from here on: a connection with the old certificate
+    // would be refused.
+    let set = admin
+        .call(&[
+            b"CONFIG",
+            b"SET",
+            b"tls-ca-cert-file",
+            trust(&new_ca_file).as_bytes(),
+        ])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+    kill_redcloak_connections(&mut admin).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"SET", b"k", b"new-cert"]).await, b"+OK\r\n");
+    assert_reply(&c.call(&[b"GET", b"k"]).await, b"$8\r\nnew-cert\r\n");
+    assert_eq!(
+        metric(
+            &proxy.scrape().await,
+            "redcloak_upstream_connect_failures_total{reason=\"tls\"}"
+        ),
+        Some(0.0)
+    );
+}
+
+/// A setting a reload cannot apply is named in the answer and waits for a
+/// restart; the reload itself succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_a_reload_cannot_apply_are_named() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(METRICS)).await;
+    let file = redis.path("redcloak.toml");
+    let text = std::fs::read_to_string(&file).expect("config");
+    std::fs::write(
+        &file,
+        format!("{text}\n[limits]\nmax_pending_requests = 77\n"),
+    )
+    .expect("config");
+    // As SIGHUP asks (the signal itself would reach every test here;
+    // tests/proxy/process.rs sends it to a `redcloak serve` child).
+    let outcome = proxy
+        .reloads
+        .reload(redcloak::reload::Trigger::Signal)
+        .await
+        .expect("reloads are served");
+    assert!(outcome.ok, "{outcome:?}");
+    assert_eq!(outcome.restart_required, ["limits.max_pending_requests"]);
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(
+        names(&json, "restart_required"),
+        ["limits.max_pending_requests"]
+    );
+    // A configuration that does not load is rejected whole.
+    std::fs::write(&file, "this is not toml [").expect("config");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 422, "{json}");
+    assert_eq!(names(&json, "rejected"), ["configuration"]);
+    assert_eq!(reload_failures(&proxy.scrape().await, "config"), 1.0);
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
+}
