@@ -14,7 +14,6 @@ use redcloak::resp::{self, Limits, ReplyScanner, RequestParser};
 use redcloak::session::pipeline::{Entry, Replies};
 use redcloak::session::seal;
 use std::hint::black_box;
-use std::sync::Arc;
 use zeroize::Zeroizing;
 
 const SIZES: [(&str, usize); 3] = [("64B", 64), ("4KiB", 4096), ("1MiB", 1024 * 1024)];
@@ -50,7 +49,7 @@ fn policy() -> Policy {
     Policy::new(
         ClientAuth::new(None),
         Rules::default(),
-        Arc::new(keyring()),
+        redcloak::crypto::CurrentKeyring::new(keyring()),
         UnknownCommands::Refuse,
     )
 }
@@ -71,7 +70,7 @@ fn forward_all(policy: &Policy, mut input: BytesMut, out: &mut BytesMut) -> Vec<
                 plans.push(plan);
             }
             Action::Seal(values, plan) => {
-                let args = seal::arguments(policy.keyring(), &request.args, &values);
+                let args = seal::arguments(&policy.keyring().load(), &request.args, &values);
                 resp::encode_command(out, &args);
                 plans.push(plan);
             }
@@ -106,6 +105,7 @@ fn gets(policy: &Policy, count: usize, size: usize) -> (Vec<ReplyPlan>, Vec<u8>)
         resp::encode_command(&mut requests, &[b"GET", key.as_bytes()]);
         let sealed = policy
             .keyring()
+            .load()
             .seal(&vec![0x5A; size], Binding::string(key.as_bytes()));
         resp::encode_bulk(&mut stored, &sealed);
     }

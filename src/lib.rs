@@ -37,8 +37,8 @@
 //! * [`telemetry`] (metrics, security events, readiness), [`admin`], [`logs`]: what
 //!   operators see, the admin listener serving /metrics, /healthz and /readyz, and logs
 //!   that never hold up serving. Telemetry depends on nothing that reports to it.
-//! * [`reload`]: SIGHUP and `POST /-/reload` read the upstream certificates, key, CA and
-//!   password again, prove them on one connection and publish them whole (or keep the old).
+//! * [`reload`]: SIGHUP and `POST /-/reload` read the upstream certificates, key, CA,
+//!   password and the keyring again, prove them and publish them whole (or keep the old).
 //! * [`dev`], [`playground`]: throwaway certificates and redis-server for `redcloak dev` and the tests.
 
 pub mod admin;

@@ -1,8 +1,8 @@
-//! Reload without a restart: the material that rotates (today: redcloak's
-//! upstream client certificate, key, Redis's CA, and the upstream password)
-//! is read again, all of it validated, the upstream part proved with one
-//! probe connection, and only then published, all at once. Anything that
-//! fails keeps the old material in use, and says why.
+//! Reload without a restart: the material that rotates (redcloak's upstream
+//! client certificate, key, Redis's CA, the upstream password, and the
+//! keyring) is read again, all of it validated, the upstream part proved
+//! with one probe connection, and only then published, all at once.
+//! Anything that fails keeps all the old material in use, and says why.
 //!
 //! ```text
 //!   SIGHUP ─┐
@@ -12,13 +12,17 @@
 //!
 //! Publishing swaps the upstream's [`Material`] (`arc-swap`): new connections
 //! use it, established ones keep their TLS sessions, and the pool replaces
-//! its ready connections made with the old material one at a time. Every
+//! its ready connections made with the old material one at a time. The
+//! keyring is swapped the same way: the next value sealed uses the new
+//! primary, and every value is opened with the keys listed now. Every
 //! other setting that changed needs a restart: the reply and the log name
 //! each one. Every reload is a security event, counted in
 //! `redcloak_reload_failures_total{reason}` when it keeps old material and
 //! dated in `redcloak_reload_last_success_timestamp_seconds` when it does not.
 
-use crate::config::{self, UpstreamConfig};
+use crate::config::{self, Config, UpstreamConfig};
+use crate::crypto::keyring::KeyringShape;
+use crate::crypto::{CurrentKeyring, Keyring};
 use crate::secret::Secret;
 use crate::telemetry::events;
 use crate::telemetry::metrics::{Certificate, Metrics, ReloadFailure};
@@ -38,6 +42,9 @@ const RELOADABLE: &[&str] = &[
     "upstream.cert",
     "upstream.key",
     "upstream.password_file",
+    "encryption.primary",
+    "encryption.keys",
+    "encryption.legacy_plaintext",
 ];
 
 /// What asked for a reload.
@@ -128,7 +135,10 @@ pub struct Reloader {
     started_with: BTreeMap<String, String>,
     /// A digest of each upstream file and of the password, as published.
     published: std::sync::Mutex<Digests>,
+    /// The keyring's primary, ids and check values, as published.
+    published_keyring: std::sync::Mutex<KeyringShape>,
     upstream: Arc<Upstream>,
+    keyring: Arc<CurrentKeyring>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
 }
@@ -140,6 +150,7 @@ impl Reloader {
         config_path: PathBuf,
         published: Digests,
         upstream: Arc<Upstream>,
+        keyring: Arc<CurrentKeyring>,
         pool: Arc<Pool>,
         metrics: Arc<Metrics>,
     ) -> Reloader {
@@ -149,7 +160,9 @@ impl Reloader {
             config_path,
             started_with,
             published: std::sync::Mutex::new(published),
+            published_keyring: std::sync::Mutex::new(keyring.load().shape()),
             upstream,
+            keyring,
             pool,
             metrics,
         }
@@ -171,8 +184,23 @@ impl Reloader {
                 if let Ok(settings) = config::settings(&self.config_path) {
                     outcome.restart_required = needs_restart(&self.started_with, &settings);
                 }
-                self.reload_upstream(&config.upstream, &mut outcome, &mut failures)
-                    .await;
+                // Everything is validated (and the upstream part proved)
+                // before anything is published.
+                let upstream = self.prepare_upstream(&config.upstream).await;
+                let keyring = self.prepare_keyring(config);
+                match (upstream, keyring) {
+                    (Ok(upstream), Ok(keyring)) => {
+                        self.publish(upstream, keyring, &mut outcome);
+                    }
+                    (upstream, keyring) => {
+                        for (rejected, failure) in
+                            [upstream.err(), keyring.err()].into_iter().flatten()
+                        {
+                            outcome.rejected.push(rejected);
+                            failures.push(failure);
+                        }
+                    }
+                }
             }
         }
         for failure in &failures {
@@ -197,13 +225,11 @@ impl Reloader {
     }
 
     /// The upstream material, if any of it changed: built (every file read
-    /// and checked), proved on one connection, then published.
-    async fn reload_upstream(
+    /// and checked) and proved on one connection.
+    async fn prepare_upstream(
         &self,
         config: &UpstreamConfig,
-        outcome: &mut Outcome,
-        failures: &mut Vec<ReloadFailure>,
-    ) {
+    ) -> Prepared<UpstreamChange> {
         let digests = digests(config);
         let changed: Vec<String> = {
             let published = self.published.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,30 +240,88 @@ impl Reloader {
                 .collect()
         };
         if changed.is_empty() {
-            return;
+            return Ok(None);
         }
         let what = changed.join(", ");
         let material = match material(config) {
             Ok(material) => material,
-            Err(why) => {
-                outcome.rejected.push(Rejected { what, why });
-                failures.push(ReloadFailure::Files);
-                return;
-            }
+            Err(why) => return Err((Rejected { what, why }, ReloadFailure::Files)),
         };
         if let Err(why) = self.prove(&material, config).await {
-            outcome.rejected.push(Rejected { what, why });
-            failures.push(ReloadFailure::Probe);
-            return;
+            return Err((Rejected { what, why }, ReloadFailure::Probe));
         }
-        self.upstream.publish(material);
-        self.pool.material_changed();
-        if let Some(expiry) = certificate_expiry(&config.cert) {
-            self.metrics
-                .set_certificate_expiry(Certificate::UpstreamClient, expiry);
+        Ok(Some(UpstreamChange {
+            material,
+            digests,
+            changed,
+            expiry: certificate_expiry(&config.cert),
+        }))
+    }
+
+    /// The keyring, if it changed: its primary, a key (by its check value),
+    /// or the legacy policy. Keys the startup checks would refuse (one
+    /// repeated byte) are refused here too.
+    fn prepare_keyring(
+        &self,
+        config: Config,
+    ) -> Prepared<(Keyring, Vec<String>)> {
+        let encryption = config.encryption;
+        let shape = encryption.keyring.shape();
+        let published = self
+            .published_keyring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut changed = Vec::new();
+        if shape.primary != published.primary {
+            changed.push("encryption.primary".to_owned());
         }
-        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = digests;
-        outcome.changed.extend(changed);
+        if shape.checks != published.checks {
+            changed.push("encryption.keys".to_owned());
+        }
+        if shape.legacy != published.legacy {
+            changed.push("encryption.legacy_plaintext".to_owned());
+        }
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        if !encryption.weak_key_ids.is_empty() {
+            let why = format!(
+                "key ids {:?} are all one repeated byte (all-zero or an example key): make keys with `redcloak keygen`",
+                encryption.weak_key_ids
+            );
+            let what = changed.join(", ");
+            return Err((Rejected { what, why }, ReloadFailure::Files));
+        }
+        Ok(Some((encryption.keyring, changed)))
+    }
+
+    /// Publishes what changed, all at once.
+    fn publish(
+        &self,
+        upstream: Option<UpstreamChange>,
+        keyring: Option<(Keyring, Vec<String>)>,
+        outcome: &mut Outcome,
+    ) {
+        if let Some(change) = upstream {
+            self.upstream.publish(change.material);
+            self.pool.material_changed();
+            if let Some(expiry) = change.expiry {
+                self.metrics
+                    .set_certificate_expiry(Certificate::UpstreamClient, expiry);
+            }
+            *self.published.lock().unwrap_or_else(|e| e.into_inner()) = change.digests;
+            outcome.changed.extend(change.changed);
+        }
+        if let Some((keyring, changed)) = keyring {
+            let shape = keyring.shape();
+            self.keyring.publish(keyring);
+            *self
+                .published_keyring
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = shape;
+            outcome.changed.extend(changed);
+        }
     }
 
     /// One connection with the new material: TLS (Redis verified against
@@ -259,6 +343,18 @@ impl Reloader {
             )),
         }
     }
+}
+
+/// A part of a reload, validated: `Ok(None)` when it did not change,
+/// `Err` with why it is rejected (and how that is counted).
+type Prepared<T> = Result<Option<T>, (Rejected, ReloadFailure)>;
+
+/// New upstream material, proved, waiting to be published.
+struct UpstreamChange {
+    material: Material,
+    digests: Digests,
+    changed: Vec<String>,
+    expiry: Option<u64>,
 }
 
 /// The upstream material `config` names: every file read, the certificate

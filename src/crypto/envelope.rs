@@ -84,6 +84,7 @@ pub const MEMBER_OVERHEAD: usize = 3 + 1 + SIV_LEN;
 const SIV_LEN: usize = 16;
 const SIV_KEY_LABEL: &[u8] = b"redcloak member siv v1";
 const TOKEN_KEY_LABEL: &[u8] = b"redcloak hll token v1";
+const CHECK_LABEL: &[u8] = b"redcloak key check v1";
 /// Bytes of a HyperLogLog token.
 pub const TOKEN_LEN: usize = 16;
 pub const VERSION: u8 = 1;
@@ -182,6 +183,9 @@ pub struct DataKey {
     siv_key: Zeroizing<[u8; 64]>,
     /// HMAC-SHA256's key for HyperLogLog tokens, derived from the data key.
     token_key: Zeroizing<[u8; 32]>,
+    /// A value derived from the key (HKDF, its own label) that tells keys
+    /// apart without revealing them: a reload sees a key change under its id.
+    check: [u8; 16],
 }
 
 impl std::fmt::Debug for DataKey {
@@ -194,11 +198,13 @@ impl DataKey {
     pub fn new(id: u32, key: &[u8; 32]) -> Self {
         let mut siv_key = Zeroizing::new([0u8; 64]);
         let mut token_key = Zeroizing::new([0u8; 32]);
+        let mut check = [0u8; 16];
         // The data key is 32 uniformly random bytes: a valid HKDF PRK.
         // Expanding 32 or 64 bytes from SHA-256 never fails.
         if let Ok(hkdf) = Hkdf::<Sha256>::from_prk(key) {
             let _ = hkdf.expand(SIV_KEY_LABEL, siv_key.as_mut_slice());
             let _ = hkdf.expand(TOKEN_KEY_LABEL, token_key.as_mut_slice());
+            let _ = hkdf.expand(CHECK_LABEL, &mut check);
         }
         let xaes = Aes256::new(key.into());
         // L = AES-256(K, 0^128); K1 = L << 1, xor 0x87 into its last byte
@@ -218,6 +224,7 @@ impl DataKey {
             k1,
             sealers: ThreadLocal::new(),
             openers: ThreadLocal::new(),
+            check,
             siv_key,
             token_key,
         }
@@ -225,6 +232,11 @@ impl DataKey {
 
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// The key's check value (see the field).
+    pub fn check(&self) -> [u8; 16] {
+        self.check
     }
 
     /// Seals `value` into a new envelope. The nonce is this thread's

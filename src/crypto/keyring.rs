@@ -6,8 +6,10 @@
 //! old key stay readable while the old key is in the ring.
 
 use super::envelope::{self, Binding, DataKey, OpenError};
+use arc_swap::{ArcSwap, Guard};
 use base64::Engine;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use zeroize::Zeroizing;
 
@@ -196,6 +198,75 @@ impl Keyring {
     /// Legacy plaintext values passed through since start.
     pub fn legacy_values_read(&self) -> u64 {
         self.legacy_values_read.load(Ordering::Relaxed)
+    }
+
+    /// What a reload compares: the primary, each key's id and check value
+    /// (never the key), and the legacy-plaintext policy.
+    pub fn shape(&self) -> KeyringShape {
+        KeyringShape {
+            primary: self.primary,
+            checks: self
+                .keys
+                .iter()
+                .map(|(id, slot)| (*id, slot.key.check()))
+                .collect(),
+            legacy: self.legacy,
+        }
+    }
+
+    /// Takes over `earlier`'s counts for the keys both hold, so the per-key
+    /// counters carry on across a reload.
+    fn carry_counts(&self, earlier: &Keyring) {
+        for (id, slot) in &self.keys {
+            if let Some(before) = earlier.keys.get(id) {
+                let sealed = before.sealed.load(Ordering::Relaxed);
+                let opened = before.opened.load(Ordering::Relaxed);
+                slot.sealed.fetch_add(sealed, Ordering::Relaxed);
+                slot.opened.fetch_add(opened, Ordering::Relaxed);
+            }
+        }
+        let legacy = earlier.legacy_values_read.load(Ordering::Relaxed);
+        self.legacy_values_read.fetch_add(legacy, Ordering::Relaxed);
+    }
+}
+
+/// A keyring's primary, key ids with their check values, and legacy policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyringShape {
+    pub primary: u32,
+    pub checks: BTreeMap<u32, [u8; 16]>,
+    pub legacy: LegacyPlaintext,
+}
+
+/// The keyring in use: sealing and opening load it per request, a reload
+/// replaces it whole.
+pub struct CurrentKeyring(ArcSwap<Keyring>);
+
+impl std::fmt::Debug for CurrentKeyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CurrentKeyring {{ primary: {} }}", self.0.load().primary)
+    }
+}
+
+impl CurrentKeyring {
+    pub fn new(keyring: Keyring) -> Arc<CurrentKeyring> {
+        Arc::new(CurrentKeyring(ArcSwap::from_pointee(keyring)))
+    }
+
+    /// The keyring as of now.
+    pub fn load(&self) -> Guard<Arc<Keyring>> {
+        self.0.load()
+    }
+
+    /// The keyring as of now, to hold on to.
+    pub fn load_full(&self) -> Arc<Keyring> {
+        self.0.load_full()
+    }
+
+    /// Replaces the keyring; its per-key counts carry on.
+    pub fn publish(&self, keyring: Keyring) {
+        keyring.carry_counts(&self.0.load());
+        self.0.store(Arc::new(keyring));
     }
 }
 

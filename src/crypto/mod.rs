@@ -11,4 +11,4 @@ pub mod envelope;
 pub mod keyring;
 
 pub use envelope::{Binding, OpenError};
-pub use keyring::{KeyError, Keyring, LegacyPlaintext};
+pub use keyring::{CurrentKeyring, KeyError, Keyring, LegacyPlaintext};

@@ -25,7 +25,7 @@ mod values;
 pub use values::message_site;
 
 use crate::auth::{AuthOutcome, ClientAuth};
-use crate::crypto::Keyring;
+use crate::crypto::CurrentKeyring;
 use crate::crypto::envelope::{Binding, Kind, Scope};
 use crate::resp::Request;
 use bytes::Bytes;
@@ -322,7 +322,7 @@ pub fn shown(name: &[u8]) -> String {
 pub struct Policy {
     client_auth: ClientAuth,
     rules: Arc<Rules>,
-    keyring: Arc<Keyring>,
+    keyring: Arc<CurrentKeyring>,
     unknown_commands: UnknownCommands,
     /// Scripts and libraries proved so far, by every connection.
     scripts: script::Book,
@@ -334,7 +334,7 @@ impl Policy {
     pub fn new(
         client_auth: ClientAuth,
         rules: Rules,
-        keyring: Arc<Keyring>,
+        keyring: Arc<CurrentKeyring>,
         unknown_commands: UnknownCommands,
     ) -> Self {
         Policy {
@@ -352,7 +352,8 @@ impl Policy {
         Policy { known, ..self }
     }
 
-    pub fn keyring(&self) -> &Arc<Keyring> {
+    /// The keyring in use (a reload may replace it: load it per request).
+    pub fn keyring(&self) -> &Arc<CurrentKeyring> {
         &self.keyring
     }
 
@@ -762,7 +763,7 @@ fn client(args: &[Bytes]) -> Action {
 mod tests {
     use super::*;
     use crate::auth::Credentials;
-    use crate::crypto::LegacyPlaintext;
+    use crate::crypto::{Keyring, LegacyPlaintext};
     use crate::secret::Secret;
     use rules::{Bind, Rule};
     use values::xadd_id_position;
@@ -804,7 +805,12 @@ mod tests {
                 members: rules::Members::Random,
             },
         ]);
-        Policy::new(ClientAuth::new(auth), rules, Arc::new(ring), unknown)
+        Policy::new(
+            ClientAuth::new(auth),
+            rules,
+            CurrentKeyring::new(ring),
+            unknown,
+        )
     }
 
     fn policy() -> Policy {
@@ -930,14 +936,14 @@ mod tests {
     fn sent(policy: &Policy, action: &Action, args: &[&str]) -> Vec<Bytes> {
         match action {
             Action::Seal(values, _) => {
-                crate::session::seal::arguments(&policy.keyring, &request(args).args, values)
+                crate::session::seal::arguments(&policy.keyring.load(), &request(args).args, values)
             }
             other => panic!("not sealed: {other:?}"),
         }
     }
 
     fn opens(policy: &Policy, stored: &[u8], site: &ValueSite) -> Vec<u8> {
-        match policy.keyring.open(stored, site.binding()) {
+        match policy.keyring.load().open(stored, site.binding()) {
             Ok(crate::crypto::keyring::Opened::Plaintext(plaintext)) => plaintext,
             other => panic!("does not open: {other:?}"),
         }
@@ -1089,6 +1095,7 @@ mod tests {
         assert!(
             policy
                 .keyring
+                .load()
                 .open(&args[2], site("q", None).binding())
                 .is_err()
         );
@@ -1326,7 +1333,7 @@ mod tests {
         let policy = Policy::new(
             ClientAuth::new(None),
             rules,
-            Arc::new(ring),
+            CurrentKeyring::new(ring),
             UnknownCommands::Refuse,
         );
         let push = ["RPUSH", "q", "job"];

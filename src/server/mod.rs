@@ -149,7 +149,7 @@ impl Server {
             password: a.password,
         }));
         let encryption = config.encryption;
-        let keyring = Arc::new(encryption.keyring);
+        let keyring = crate::crypto::CurrentKeyring::new(encryption.keyring);
         metrics.watch_keyring(keyring.clone());
         let policy = Policy::new(
             client_auth,
@@ -243,6 +243,7 @@ impl Server {
             config_path,
             std::mem::take(&mut self.published),
             self.shared.pool.upstream().clone(),
+            self.shared.session.policy.keyring().clone(),
             self.shared.pool.clone(),
             self.shared.telemetry.metrics.clone(),
         );

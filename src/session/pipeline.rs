@@ -18,7 +18,7 @@
 //! reported like any value that failed to open.
 
 use super::open;
-use crate::crypto::Keyring;
+use crate::crypto::CurrentKeyring;
 use crate::policy::rules::Rules;
 use crate::policy::table::CommandId;
 use crate::policy::table::PubSubKind;
@@ -114,7 +114,7 @@ pub struct Replies {
     in_multi: bool,
     /// Plans of the commands Redis queued since MULTI, for EXEC.
     transaction: Vec<ReplyPlan>,
-    keyring: Arc<Keyring>,
+    keyring: Arc<CurrentKeyring>,
     /// Which channels' messages are sealed.
     rules: Arc<Rules>,
     /// Limits for walking inside a reply that is already framed.
@@ -124,7 +124,7 @@ pub struct Replies {
 }
 
 impl Replies {
-    pub fn new(keyring: Arc<Keyring>, rules: Arc<Rules>, limits: Limits) -> Self {
+    pub fn new(keyring: Arc<CurrentKeyring>, rules: Arc<Rules>, limits: Limits) -> Self {
         Replies {
             head: None,
             protocol: 2,
@@ -349,9 +349,13 @@ impl Replies {
             return out.extend_from_slice(frame);
         };
         let mut opened = BytesMut::new();
-        if let Err(failure) =
-            open::payload(&site, payload, &self.keyring, &self.limits, &mut opened)
-        {
+        if let Err(failure) = open::payload(
+            &site,
+            payload,
+            &self.keyring.load(),
+            &self.limits,
+            &mut opened,
+        ) {
             self.done.push(Done {
                 tally: None,
                 outcome: Outcome::DecryptError,
@@ -428,8 +432,15 @@ impl Replies {
             }
             ReplyPlan::Queued(_) => {}
             ReplyPlan::Open(plan) => {
-                return open::reply(&plan, &frame, &self.keyring, &self.limits, out, failures)
-                    .map_err(|c| UnexpectedReply::Contradicts(c.0));
+                return open::reply(
+                    &plan,
+                    &frame,
+                    &self.keyring.load(),
+                    &self.limits,
+                    out,
+                    failures,
+                )
+                .map_err(|c| UnexpectedReply::Contradicts(c.0));
             }
             ReplyPlan::Exec => {
                 let plans = std::mem::take(&mut self.transaction);
@@ -483,8 +494,15 @@ impl Replies {
         for (plan, element) in plans.iter().zip(elements) {
             match plan {
                 ReplyPlan::Open(plan) => {
-                    open::reply(plan, element, &self.keyring, &self.limits, out, failures)
-                        .map_err(|c| UnexpectedReply::Contradicts(c.0))?;
+                    open::reply(
+                        plan,
+                        element,
+                        &self.keyring.load(),
+                        &self.limits,
+                        out,
+                        failures,
+                    )
+                    .map_err(|c| UnexpectedReply::Contradicts(c.0))?;
                 }
                 _ => out.extend_from_slice(element),
             }
@@ -596,6 +614,7 @@ fn pubsub_event(frame: &Bytes) -> Option<PubSubEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::Keyring;
 
     fn ring() -> Keyring {
         let keys = vec![(1, zeroize::Zeroizing::new([1u8; 32]))];
@@ -611,13 +630,14 @@ mod tests {
             members: crate::policy::rules::Members::Random,
         };
         let rules = Arc::new(Rules::new(vec![plaintext]));
-        Replies::new(Arc::new(ring()), rules, Limits::default())
+        Replies::new(CurrentKeyring::new(ring()), rules, Limits::default())
     }
 
     #[test]
     fn messages_on_encrypted_channels_are_opened_and_ones_that_fail_are_dropped() {
-        let ring = Arc::new(ring());
-        let mut replies = Replies::new(ring.clone(), Arc::default(), Limits::default());
+        let current = CurrentKeyring::new(ring());
+        let ring = current.load_full();
+        let mut replies = Replies::new(current, Arc::default(), Limits::default());
         await_plan(
             &mut replies,
             ReplyPlan::Subscribe {
@@ -930,7 +950,8 @@ mod tests {
         let open = || ReplyPlan::Open(crate::policy::OpenPlan::One(site.clone()));
         // MULTI refused by Redis: a plan queued by the request side is
         // answered with the value itself, and opened.
-        let mut replies = Replies::new(Arc::new(ring), Arc::default(), Limits::default());
+        let mut replies =
+            Replies::new(CurrentKeyring::new(ring), Arc::default(), Limits::default());
         await_plan(&mut replies, ReplyPlan::Multi);
         feed(
             &mut replies,

@@ -437,8 +437,8 @@ impl<W: RequestSink> Requests<'_, W> {
             }
             Action::Seal(values, plan) => {
                 self.enqueue(Entry::Await(plan, Some(tally))).await?;
-                let keyring = self.ctx.policy.keyring();
-                let args = seal::arguments(keyring, &request.args, &values);
+                let keyring = self.ctx.policy.keyring().load();
+                let args = seal::arguments(&keyring, &request.args, &values);
                 self.encode(&args, blocks);
             }
             Action::Rewrite(args, plan) => {

@@ -10,7 +10,7 @@
 //! Each [`Metrics`] has its own recorder (not the process-global one), so
 //! servers in one process, such as the tests, do not mix their counts.
 
-use crate::crypto::Keyring;
+use crate::crypto::CurrentKeyring;
 use crate::policy::table::CommandId;
 use ::metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{
@@ -490,7 +490,7 @@ pub struct Metrics {
     reload_failures: [Counter; 3],
     log_lines_dropped: Counter,
     /// The keyring whose per-key counts are exported at each scrape.
-    keyring: OnceLock<Arc<Keyring>>,
+    keyring: OnceLock<Arc<CurrentKeyring>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -659,13 +659,14 @@ impl Metrics {
     }
 
     /// Exports the keyring's per-key counts (read at each scrape).
-    pub fn watch_keyring(&self, keyring: Arc<Keyring>) {
+    pub fn watch_keyring(&self, keyring: Arc<CurrentKeyring>) {
         let _ = self.keyring.set(keyring);
     }
 
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> String {
         if let Some(keyring) = self.keyring.get() {
+            let keyring = keyring.load();
             for key_use in keyring.key_use() {
                 let id = SharedString::from(key_use.id.to_string());
                 let labels = || vec![Label::new("key_id", id.clone())];
@@ -714,6 +715,7 @@ fn key(def: &MetricDef, labels: &[(&'static str, &'static str)]) -> Key {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::Keyring;
 
     /// The value of one series in a rendering (`name{labels}` exactly).
     fn value(text: &str, series: &str) -> Option<f64> {
@@ -792,7 +794,7 @@ mod tests {
         ring.open(&sealed, binding).expect("opens");
         ring.open(b"plain", binding).expect("legacy passes");
         let metrics = Metrics::new();
-        metrics.watch_keyring(Arc::new(ring));
+        metrics.watch_keyring(CurrentKeyring::new(ring));
         let text = metrics.render();
         assert_eq!(
             value(&text, r#"redcloak_values_sealed_total{key_id="2"}"#),

@@ -368,3 +368,92 @@ async fn settings_a_reload_cannot_apply_are_named() {
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"PING"]).await, b"+PONG\r\n");
 }
+
+/// The key id an envelope Redis holds names.
+async fn sealed_under(redis: &TestRedis, key: &[u8]) -> u32 {
+    redcloak::crypto::envelope::key_id(&redis.stored(key, None).await).expect("an envelope")
+}
+
+/// Data keys rotate without a restart, under load: a new key is added and
+/// made primary (new values are sealed with it, old ones still open), then
+/// the old key is removed; a weak key is refused and the keyring in use
+/// stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keyring_rotates_under_load() {
+    let redis = TestRedis::start().await;
+    let mut config = redis.config().tail(METRICS);
+    let proxy = redis.start_proxy(&config).await;
+    let file = redis.path("redcloak.toml");
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"SET", b"old", b"one"]).await, b"+OK\r\n");
+    assert_eq!(sealed_under(&redis, b"old").await, 1);
+    let (stop, load, tasks) = start_load(&proxy);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let key2 = redcloak::crypto::keyring::generate_key();
+    redcloak::dev::write_file(&redis.path("key-2"), key2.as_bytes(), 0o600).expect("key 2");
+    let rules = "[[encryption.rules]]\npattern = \"plain:*\"\nmode = \"plaintext\"\n";
+    let keys = |primary: u32, ids: &[u32]| {
+        let mut text = format!("[encryption]\nprimary = {primary}\n");
+        for id in ids {
+            text.push_str(&format!(
+                "[[encryption.keys]]\nid = {id}\nfile = \"key-{id}\"\n"
+            ));
+        }
+        text + rules
+    };
+    config.encryption = keys(2, &[1, 2]);
+    std::fs::write(&file, config.render()).expect("config");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(
+        names(&json, "changed"),
+        ["encryption.primary", "encryption.keys"]
+    );
+    stop_load(stop, &load, tasks).await;
+    assert_reply(&c.call(&[b"SET", b"new", b"two"]).await, b"+OK\r\n");
+    assert_eq!(
+        sealed_under(&redis, b"new").await,
+        2,
+        "sealed with the new primary"
+    );
+    assert_reply(&c.call(&[b"GET", b"old"]).await, b"$3\r\none\r\n");
+    let metrics = proxy.scrape().await;
+    assert!(
+        metric(&metrics, "redcloak_values_sealed_total{key_id=\"1\"}").unwrap_or(0.0) > 100.0,
+        "counts carried over"
+    );
+
+    // A weak key is refused: the keyring in use stays.
+    redcloak::dev::write_file(
+        &redis.path("key-3"),
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".as_bytes(),
+        0o600,
+    )
+    .expect("key 3");
+    config.encryption = keys(3, &[1, 2, 3]);
+    std::fs::write(&file, config.render()).expect("config");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 422, "{json}");
+    assert!(
+        json["rejected"][0]["why"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("repeated byte"),
+        "{json}"
+    );
+    assert_reply(&c.call(&[b"SET", b"newer", b"three"]).await, b"+OK\r\n");
+    assert_eq!(sealed_under(&redis, b"newer").await, 2);
+
+    // The old key removed: what it sealed no longer opens (rekey first).
+    config.encryption = keys(2, &[2]);
+    std::fs::write(&file, config.render()).expect("config");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(names(&json, "changed"), ["encryption.keys"]);
+    assert_error(
+        &c.call(&[b"GET", b"old"]).await,
+        "-ERR redcloak: value of key 'old' failed to decrypt",
+    );
+    assert_reply(&c.call(&[b"GET", b"new"]).await, b"$3\r\ntwo\r\n");
+}
