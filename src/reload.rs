@@ -1,6 +1,6 @@
 //! Reload without a restart: the material that rotates (redcloak's upstream
-//! client certificate, key, Redis's CA, the upstream password, and the
-//! keyring) is read again, all of it validated, the upstream part proved
+//! client certificate, key, Redis's CA, the upstream password, the TLS
+//! listener's certificate, key and client CA, and the keyring) is read again, all of it validated, the upstream part proved
 //! with one probe connection, and only then published, all at once.
 //! Anything that fails keeps all the old material in use, and says why.
 //!
@@ -28,6 +28,7 @@ use crate::telemetry::events;
 use crate::telemetry::metrics::{Certificate, Metrics, ReloadFailure};
 use crate::upstream::pool::Pool;
 use crate::upstream::{Login, Material, Upstream};
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ const RELOADABLE: &[&str] = &[
     "encryption.primary",
     "encryption.keys",
     "encryption.legacy_plaintext",
+    "listen.tls.cert",
+    "listen.tls.key",
+    "listen.tls.client_ca",
 ];
 
 /// What asked for a reload.
@@ -139,6 +143,8 @@ pub struct Reloader {
     published_keyring: std::sync::Mutex<KeyringShape>,
     upstream: Arc<Upstream>,
     keyring: Arc<CurrentKeyring>,
+    /// The TLS listener's configuration, when there is one.
+    listener: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
 }
@@ -151,6 +157,7 @@ impl Reloader {
         published: Digests,
         upstream: Arc<Upstream>,
         keyring: Arc<CurrentKeyring>,
+        listener: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
         pool: Arc<Pool>,
         metrics: Arc<Metrics>,
     ) -> Reloader {
@@ -163,6 +170,7 @@ impl Reloader {
             published_keyring: std::sync::Mutex::new(keyring.load().shape()),
             upstream,
             keyring,
+            listener,
             pool,
             metrics,
         }
@@ -186,16 +194,17 @@ impl Reloader {
                 }
                 // Everything is validated (and the upstream part proved)
                 // before anything is published.
-                let upstream = self.prepare_upstream(&config.upstream).await;
+                let digests = digests(&config);
+                let upstream = self.prepare_upstream(&config.upstream, &digests).await;
+                let listener = self.prepare_listener(&config, &digests);
                 let keyring = self.prepare_keyring(config);
-                match (upstream, keyring) {
-                    (Ok(upstream), Ok(keyring)) => {
-                        self.publish(upstream, keyring, &mut outcome);
+                match (upstream, listener, keyring) {
+                    (Ok(upstream), Ok(listener), Ok(keyring)) => {
+                        self.publish(upstream, listener, keyring, digests, &mut outcome);
                     }
-                    (upstream, keyring) => {
-                        for (rejected, failure) in
-                            [upstream.err(), keyring.err()].into_iter().flatten()
-                        {
+                    (upstream, listener, keyring) => {
+                        let rejected = [upstream.err(), listener.err(), keyring.err()];
+                        for (rejected, failure) in rejected.into_iter().flatten() {
                             outcome.rejected.push(rejected);
                             failures.push(failure);
                         }
@@ -229,16 +238,9 @@ impl Reloader {
     async fn prepare_upstream(
         &self,
         config: &UpstreamConfig,
+        digests: &Digests,
     ) -> Prepared<UpstreamChange> {
-        let digests = digests(config);
-        let changed: Vec<String> = {
-            let published = self.published.lock().unwrap_or_else(|e| e.into_inner());
-            digests
-                .iter()
-                .filter(|(name, digest)| published.get(*name) != Some(*digest))
-                .map(|(name, _)| (*name).to_owned())
-                .collect()
-        };
+        let changed = self.changed(digests, "upstream.");
         if changed.is_empty() {
             return Ok(None);
         }
@@ -252,19 +254,70 @@ impl Reloader {
         }
         Ok(Some(UpstreamChange {
             material,
-            digests,
             changed,
             expiry: certificate_expiry(&config.cert),
+        }))
+    }
+
+    /// The names under `prefix` whose digests differ from those published.
+    fn changed(&self, digests: &Digests, prefix: &str) -> Vec<String> {
+        let published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        digests
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .filter(|(name, digest)| published.get(*name) != Some(*digest))
+            .map(|(name, _)| (*name).to_owned())
+            .collect()
+    }
+
+    /// The TLS listener's configuration, if its certificate, key or client
+    /// CA changed: built (the certificate matched to its key, within its
+    /// validity). Sessions to resume carry over when the client CA did not
+    /// change: a session made under a CA no longer trusted must not skip
+    /// the client certificate check of a full handshake. A listener added
+    /// or removed needs a restart (its address is named then).
+    fn prepare_listener(&self, config: &Config, digests: &Digests) -> Prepared<ListenerChange> {
+        let (Some(running), Some(tls)) = (&self.listener, &config.listen.tls) else {
+            return Ok(None);
+        };
+        let changed = self.changed(digests, "listen.tls.");
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        let what = changed.join(", ");
+        let rejected = |why: String| {
+            Err((
+                Rejected {
+                    what: what.clone(),
+                    why,
+                },
+                ReloadFailure::Files,
+            ))
+        };
+        let built = crate::tls::server::config(&tls.cert, &tls.key, tls.client_ca.as_deref());
+        let mut server = match built {
+            Ok(server) => Arc::unwrap_or_clone(server),
+            Err(err) => return rejected(err.to_string()),
+        };
+        if let Err(why) = still_valid(&tls.cert, "listen.tls.cert") {
+            return rejected(why);
+        }
+        if !changed.iter().any(|name| name == "listen.tls.client_ca") {
+            let current = running.load();
+            server.session_storage = current.session_storage.clone();
+            server.ticketer = current.ticketer.clone();
+        }
+        Ok(Some(ListenerChange {
+            server: Arc::new(server),
+            changed,
+            expiry: certificate_expiry(&tls.cert),
         }))
     }
 
     /// The keyring, if it changed: its primary, a key (by its check value),
     /// or the legacy policy. Keys the startup checks would refuse (one
     /// repeated byte) are refused here too.
-    fn prepare_keyring(
-        &self,
-        config: Config,
-    ) -> Prepared<(Keyring, Vec<String>)> {
+    fn prepare_keyring(&self, config: Config) -> Prepared<(Keyring, Vec<String>)> {
         let encryption = config.encryption;
         let shape = encryption.keyring.shape();
         let published = self
@@ -300,7 +353,9 @@ impl Reloader {
     fn publish(
         &self,
         upstream: Option<UpstreamChange>,
+        listener: Option<ListenerChange>,
         keyring: Option<(Keyring, Vec<String>)>,
+        digests: Digests,
         outcome: &mut Outcome,
     ) {
         if let Some(change) = upstream {
@@ -310,9 +365,17 @@ impl Reloader {
                 self.metrics
                     .set_certificate_expiry(Certificate::UpstreamClient, expiry);
             }
-            *self.published.lock().unwrap_or_else(|e| e.into_inner()) = change.digests;
             outcome.changed.extend(change.changed);
         }
+        if let (Some(change), Some(running)) = (listener, &self.listener) {
+            running.store(change.server);
+            if let Some(expiry) = change.expiry {
+                self.metrics
+                    .set_certificate_expiry(Certificate::Listener, expiry);
+            }
+            outcome.changed.extend(change.changed);
+        }
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = digests;
         if let Some((keyring, changed)) = keyring {
             let shape = keyring.shape();
             self.keyring.publish(keyring);
@@ -352,7 +415,13 @@ type Prepared<T> = Result<Option<T>, (Rejected, ReloadFailure)>;
 /// New upstream material, proved, waiting to be published.
 struct UpstreamChange {
     material: Material,
-    digests: Digests,
+    changed: Vec<String>,
+    expiry: Option<u64>,
+}
+
+/// A new TLS listener configuration, waiting to be published.
+struct ListenerChange {
+    server: Arc<rustls::ServerConfig>,
     changed: Vec<String>,
     expiry: Option<u64>,
 }
@@ -362,16 +431,7 @@ struct UpstreamChange {
 fn material(config: &UpstreamConfig) -> Result<Material, String> {
     let tls = crate::tls::client::config(&config.ca, &config.cert, &config.key)
         .map_err(|err| err.to_string())?;
-    let chain = crate::tls::load::certificates(&config.cert, "client certificate (upstream.cert)")
-        .map_err(|err| err.to_string())?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| "upstream.cert holds no certificate".to_owned())?;
-    match crate::tls::inspect::expiry(leaf) {
-        Some(expiry) if expiry > SystemTime::now() => {}
-        Some(_) => return Err("upstream.cert has expired".into()),
-        None => return Err("upstream.cert: its validity cannot be read".into()),
-    }
+    still_valid(&config.cert, "upstream.cert")?;
     let login = Login {
         username: config.username.clone(),
         password: Secret::new(config.password.expose().to_vec()),
@@ -379,26 +439,48 @@ fn material(config: &UpstreamConfig) -> Result<Material, String> {
     Ok(Material::new(tls, Arc::new(login)))
 }
 
-/// A digest of each upstream file and of the password, by setting name.
+/// The certificate in `path` has not expired.
+fn still_valid(path: &std::path::Path, setting: &str) -> Result<(), String> {
+    let chain = crate::tls::load::certificates(path, "certificate").map_err(|e| e.to_string())?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| format!("{setting} holds no certificate"))?;
+    match crate::tls::inspect::expiry(leaf) {
+        Some(expiry) if expiry > SystemTime::now() => Ok(()),
+        Some(_) => Err(format!("{setting} has expired")),
+        None => Err(format!("{setting}: its validity cannot be read")),
+    }
+}
+
+/// A digest of each reloadable file and of the upstream password, by
+/// setting name.
 pub type Digests = BTreeMap<&'static str, [u8; 32]>;
 
-/// The [`Digests`] of `config`'s upstream material (kept to see what a
-/// reload changes; a SHA-256 of a password is not the password, and it
-/// stays in this process).
-pub fn digests(config: &UpstreamConfig) -> Digests {
-    let file = |path: &PathBuf| -> [u8; 32] {
+/// The [`Digests`] of `config`'s material (kept to see what a reload
+/// changes; a SHA-256 of a password is not the password, and it stays in
+/// this process).
+pub fn digests(config: &Config) -> Digests {
+    let file = |path: &std::path::Path| -> [u8; 32] {
         let bytes = zeroize::Zeroizing::new(std::fs::read(path).unwrap_or_default());
         Sha256::digest(&bytes[..]).into()
     };
-    BTreeMap::from([
-        ("upstream.ca", file(&config.ca)),
-        ("upstream.cert", file(&config.cert)),
-        ("upstream.key", file(&config.key)),
+    let upstream = &config.upstream;
+    let mut digests = BTreeMap::from([
+        ("upstream.ca", file(&upstream.ca)),
+        ("upstream.cert", file(&upstream.cert)),
+        ("upstream.key", file(&upstream.key)),
         (
             "upstream.password",
-            Sha256::digest(config.password.expose()).into(),
+            Sha256::digest(upstream.password.expose()).into(),
         ),
-    ])
+    ]);
+    if let Some(tls) = &config.listen.tls {
+        digests.insert("listen.tls.cert", file(&tls.cert));
+        digests.insert("listen.tls.key", file(&tls.key));
+        let client_ca = tls.client_ca.as_deref().map_or([0; 32], file);
+        digests.insert("listen.tls.client_ca", client_ca);
+    }
+    digests
 }
 
 /// The settings that differ from those at start and that a reload does

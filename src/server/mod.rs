@@ -36,6 +36,7 @@ use crate::upstream::lane::{LaneKey, LaneLimits, LaneOpenError, Lanes};
 use crate::upstream::pool::{Lent, Pool};
 use crate::upstream::{Upstream, UpstreamError};
 use admission::{Admission, Refused, Ticket};
+use arc_swap::ArcSwap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -98,7 +99,8 @@ pub enum Drained {
 pub struct Server {
     tcp: Option<TcpListener>,
     unix: Option<(UnixListener, PathBuf)>,
-    tls: Option<(TcpListener, TlsAcceptor)>,
+    /// The TLS listener and its configuration (a reload may replace it).
+    tls: Option<(TcpListener, Arc<ArcSwap<rustls::ServerConfig>>)>,
     shared: Arc<Shared>,
     admission: Arc<Admission>,
     grace_period: Duration,
@@ -121,7 +123,7 @@ impl Server {
     /// `telemetry` counts what the server does and reports its readiness.
     pub async fn bind(config: Config, telemetry: Telemetry) -> Result<Server, StartError> {
         let upstream = Arc::new(Upstream::from_config(&config.upstream)?);
-        let published = crate::reload::digests(&config.upstream);
+        let published = crate::reload::digests(&config);
         let metrics = &telemetry.metrics;
         export_expiry(
             &telemetry,
@@ -187,9 +189,10 @@ impl Server {
         };
         let unix = config.listen.unix.as_ref().map(bind_unix).transpose()?;
         let tls = match (config.listen.tls, listener_tls) {
-            (Some(t), Some(server_config)) => {
-                Some((bind_tcp(t.address).await?, TlsAcceptor::from(server_config)))
-            }
+            (Some(t), Some(server_config)) => Some((
+                bind_tcp(t.address).await?,
+                Arc::new(ArcSwap::new(server_config)),
+            )),
             _ => None,
         };
         let pool = Arc::new(Pool::new(
@@ -244,6 +247,7 @@ impl Server {
             std::mem::take(&mut self.published),
             self.shared.pool.upstream().clone(),
             self.shared.session.policy.keyring().clone(),
+            self.tls.as_ref().map(|(_, config)| config.clone()),
             self.shared.pool.clone(),
             self.shared.telemetry.metrics.clone(),
         );
@@ -399,11 +403,16 @@ async fn accept_tcp(listener: Option<&TcpListener>) -> io::Result<(TcpStream, So
     }
 }
 
-async fn accept_tls(listener: Option<&(TcpListener, TlsAcceptor)>) -> io::Result<Accepted> {
+async fn accept_tls(
+    listener: Option<&(TcpListener, Arc<ArcSwap<rustls::ServerConfig>>)>,
+) -> io::Result<Accepted> {
     match listener {
-        Some((listener, acceptor)) => {
+        Some((listener, config)) => {
             let (stream, peer) = listener.accept().await?;
-            Ok(Accepted::Tls(stream, peer, acceptor.clone()))
+            // The configuration as of this connection: a reload changes the
+            // next handshake, not this one.
+            let acceptor = TlsAcceptor::from(config.load_full());
+            Ok(Accepted::Tls(stream, peer, acceptor))
         }
         None => std::future::pending().await,
     }

@@ -457,3 +457,75 @@ async fn the_keyring_rotates_under_load() {
     );
     assert_reply(&c.call(&[b"GET", b"new"]).await, b"$3\r\ntwo\r\n");
 }
+
+/// `redis-cli --tls` against the TLS listener trusting `ca`: what it printed.
+async fn ping_over_tls(port: u16, ca: &std::path::Path) -> String {
+    let ca = ca.display().to_string();
+    let port = port.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args([
+                "--tls",
+                "--cacert",
+                &ca,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "PING",
+            ])
+            .output()
+            .expect("redis-cli runs")
+    })
+    .await
+    .expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr)
+}
+
+/// The TLS listener's certificate rotates: after the reload a client that
+/// trusts only the new certificate's CA is served, one that trusts only
+/// the old one is not; a key that does not match keeps the old pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_certificate_rotates() {
+    use redcloak::dev::{Authority, Usage};
+    let redis = TestRedis::start().await;
+    let issue = |name: &str| {
+        let ca = Authority::new(name).expect("CA");
+        let server = ca
+            .issue("redcloak", &["localhost", "127.0.0.1"], Usage::Server)
+            .expect("server certificate");
+        let ca_file = redis.path(&format!("{name}.crt"));
+        std::fs::write(&ca_file, ca.cert_pem()).expect("CA file");
+        (ca_file, server)
+    };
+    let (old_ca, old) = issue("old-ca");
+    let (new_ca, new) = issue("new-ca");
+    let write_pair = |cert: &str, key: &str| {
+        std::fs::write(redis.path("listener.crt"), cert).expect("cert");
+        redcloak::dev::write_file(&redis.path("listener.key"), key.as_bytes(), 0o600).expect("key");
+    };
+    write_pair(&old.cert_pem, &old.key_pem);
+    let config = redis.config().tail(&format!(
+        "[listen.tls]\naddress = \"127.0.0.1:0\"\ncert = \"listener.crt\"\nkey = \"listener.key\"\n{METRICS}"
+    ));
+    let proxy = redis.start_proxy(&config).await;
+    let port = proxy.tls_address.expect("tls listener").port();
+    assert_eq!(ping_over_tls(port, &old_ca).await, "PONG\n");
+
+    write_pair(&new.cert_pem, &new.key_pem);
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(
+        names(&json, "changed"),
+        ["listen.tls.cert", "listen.tls.key"]
+    );
+    assert_eq!(ping_over_tls(port, &new_ca).await, "PONG\n");
+    assert_ne!(ping_over_tls(port, &old_ca).await, "PONG\n");
+
+    // The old key with the new certificate: rejected, the new pair stays.
+    write_pair(&new.cert_pem, &old.key_pem);
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 422, "{json}");
+    assert_eq!(names(&json, "rejected"), ["listen.tls.key"]);
+    assert_eq!(ping_over_tls(port, &new_ca).await, "PONG\n");
+}
