@@ -85,7 +85,15 @@ struct RawConfig {
     #[serde(default)]
     logging: RawLogging,
     #[serde(default)]
+    reload: RawReload,
+    #[serde(default)]
     scripts: Vec<RawScript>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    watch_interval: Option<String>,
 }
 
 /// A `[[scripts]]` entry: a Lua script whose effect on values is known.
@@ -293,6 +301,9 @@ pub struct Config {
     pub log_key_names: bool,
     /// Known Lua scripts: the shipped ones and `[[scripts]]`.
     pub scripts: known::Registry,
+    /// How often the files a reload reads are looked at for changes
+    /// (`reload.watch_interval`, `None`: "off").
+    pub reload_watch_interval: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -452,6 +463,22 @@ fn render(value: &figment::value::Value) -> String {
     }
 }
 
+impl Config {
+    /// The files a reload reads: certificates, CAs, and every secret file
+    /// (keys, passwords, data keys).
+    pub fn reloaded_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.secret_files.iter().map(|(_, p)| p.clone()).collect();
+        files.extend([self.upstream.ca.clone(), self.upstream.cert.clone()]);
+        if let Some(tls) = &self.listen.tls {
+            files.push(tls.cert.clone());
+            files.extend(tls.client_ca.clone());
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+}
+
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let verbatim = || SECRET_ENV.iter().chain(TEXT_ENV);
     let secret_keys: Vec<&str> = verbatim().map(|(key, _)| *key).collect();
@@ -524,6 +551,18 @@ impl Config {
                 raw.shutdown.grace_period.as_deref(),
                 "10s",
             )?,
+            reload_watch_interval: match raw.reload.watch_interval.as_deref().map(str::trim) {
+                Some("off") => None,
+                text => match parse_duration("reload.watch_interval", text, "10s")? {
+                    zero if zero.is_zero() => {
+                        return Err(invalid(
+                            "reload.watch_interval",
+                            "0 is not an interval: set \"off\" to turn polling off",
+                        ));
+                    }
+                    interval => Some(interval),
+                },
+            },
             encryption: validate_encryption(raw.encryption, base)?,
             metrics_address: raw
                 .metrics
@@ -1189,6 +1228,26 @@ mod tests {
                 let text = error_text(load_in_jail(jail, &MINIMAL.replace(line, "")));
                 assert!(text.starts_with(key), "{text}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_reload_watch_polls_every_10s_unless_set_or_off() {
+        Jail::expect_with(|jail| {
+            let config = load_in_jail(jail, MINIMAL).expect("valid");
+            assert_eq!(config.reload_watch_interval, Some(Duration::from_secs(10)));
+            let every =
+                |value: &str| format!("{MINIMAL}\n[reload]\nwatch_interval = \"{value}\"\n");
+            let config = load_in_jail(jail, &every("250ms")).expect("valid");
+            assert_eq!(
+                config.reload_watch_interval,
+                Some(Duration::from_millis(250))
+            );
+            let config = load_in_jail(jail, &every("off")).expect("valid");
+            assert_eq!(config.reload_watch_interval, None);
+            let zero = error_text(load_in_jail(jail, &every("0s")));
+            assert!(zero.starts_with("reload.watch_interval"), "{zero}");
             Ok(())
         });
     }

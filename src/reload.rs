@@ -5,10 +5,16 @@
 //! Anything that fails keeps all the old material in use, and says why.
 //!
 //! ```text
-//!   SIGHUP ─┐
+//!   SIGHUP ─────────┐
 //!   POST /-/reload ─┼─▶ ReloadRequests ─▶ run: one reload at a time ─▶ Reloader::reload
-//!                   │                        read config + files ─▶ validate ─▶ probe ─▶ publish
+//!   watch tick ─────┘  (a file changed)     read config + files ─▶ validate ─▶ probe ─▶ publish
 //! ```
+//!
+//! The watch (`reload.watch_interval`, default 10 s) looks at the
+//! configuration file and every file a reload reads: where each path
+//! resolves to (symlinks followed) and a hash of its content. So a
+//! Kubernetes Secret's `..data` symlink swap and a rename into place are
+//! both seen, with no inotify.
 //!
 //! Publishing swaps the upstream's [`Material`] (`arc-swap`): new connections
 //! use it, established ones keep their TLS sessions, and the pool replaces
@@ -56,6 +62,8 @@ const RELOADABLE: &[&str] = &[
 pub enum Trigger {
     Signal,
     Endpoint,
+    /// The watch saw a file change.
+    Watch,
 }
 
 impl Trigger {
@@ -63,6 +71,7 @@ impl Trigger {
         match self {
             Trigger::Signal => "signal",
             Trigger::Endpoint => "endpoint",
+            Trigger::Watch => "watch",
         }
     }
 }
@@ -114,17 +123,38 @@ impl ReloadRequests {
     }
 }
 
-/// Serves reload requests one at a time until `shutdown`.
-pub async fn run(reloader: Reloader, mut queue: ReloadQueue, shutdown: CancellationToken) {
+/// Serves reload requests one at a time until `shutdown`, and every
+/// `watch` looks at the files for a change (which asks for one too).
+pub async fn run(
+    reloader: Reloader,
+    mut queue: ReloadQueue,
+    watch: Option<std::time::Duration>,
+    shutdown: CancellationToken,
+) {
+    let mut seen = reloader.files_now();
+    // (With the watch off the tick is never awaited after the first.)
+    let mut tick = tokio::time::interval(watch.unwrap_or(std::time::Duration::from_secs(3600)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
     loop {
-        let request = tokio::select! {
+        let (trigger, reply) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            request = queue.0.recv() => request,
-        };
-        let Some((trigger, reply)) = request else {
-            return;
+            request = queue.0.recv() => match request {
+                Some(request) => request,
+                None => return,
+            },
+            _ = tick.tick(), if watch.is_some() => {
+                let now = reloader.files_now();
+                if now == seen {
+                    continue;
+                }
+                (Trigger::Watch, None)
+            }
         };
         let outcome = reloader.reload(trigger).await;
+        // What was read is the baseline, whatever asked: a change the
+        // reload rejected is not retried until the files change again.
+        seen = reloader.files_now();
         if let Some(reply) = reply {
             let _ = reply.send(outcome);
         }
@@ -137,6 +167,9 @@ pub struct Reloader {
     /// The settings at start: what differs from them (and is not
     /// reloadable) needs a restart.
     started_with: BTreeMap<String, String>,
+    /// The files the last configuration read names (the watch looks at
+    /// them and at the configuration file).
+    files: std::sync::Mutex<Vec<PathBuf>>,
     /// A digest of each upstream file and of the password, as published.
     published: std::sync::Mutex<Digests>,
     /// The keyring's primary, ids and check values, as published.
@@ -154,7 +187,7 @@ impl Reloader {
     /// whose [`digests`] are `published`.
     pub fn new(
         config_path: PathBuf,
-        published: Digests,
+        at_start: AtStart,
         upstream: Arc<Upstream>,
         keyring: Arc<CurrentKeyring>,
         listener: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
@@ -166,7 +199,8 @@ impl Reloader {
         Reloader {
             config_path,
             started_with,
-            published: std::sync::Mutex::new(published),
+            files: std::sync::Mutex::new(at_start.files),
+            published: std::sync::Mutex::new(at_start.digests),
             published_keyring: std::sync::Mutex::new(keyring.load().shape()),
             upstream,
             keyring,
@@ -174,6 +208,20 @@ impl Reloader {
             pool,
             metrics,
         }
+    }
+
+    /// Where the configuration file and each file it names resolve to, and
+    /// a hash of each one's content (an unreadable file hashes as empty).
+    fn files_now(&self) -> Vec<(PathBuf, [u8; 32])> {
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        std::iter::once(self.config_path.clone())
+            .chain(files)
+            .map(|path| {
+                let target = std::fs::canonicalize(&path).unwrap_or(path);
+                let bytes = zeroize::Zeroizing::new(std::fs::read(&target).unwrap_or_default());
+                (target, Sha256::digest(&bytes[..]).into())
+            })
+            .collect()
     }
 
     /// Reads, validates, proves and publishes; see the module docs.
@@ -189,6 +237,7 @@ impl Reloader {
                 failures.push(ReloadFailure::Config);
             }
             Ok(config) => {
+                *self.files.lock().unwrap_or_else(|e| e.into_inner()) = config.reloaded_files();
                 if let Ok(settings) = config::settings(&self.config_path) {
                     outcome.restart_required = needs_restart(&self.started_with, &settings);
                 }
@@ -455,6 +504,23 @@ fn still_valid(path: &std::path::Path, setting: &str) -> Result<(), String> {
 /// A digest of each reloadable file and of the upstream password, by
 /// setting name.
 pub type Digests = BTreeMap<&'static str, [u8; 32]>;
+
+/// What the server started with, as a reload compares it: the digests of
+/// its material and the files it came from.
+#[derive(Default)]
+pub struct AtStart {
+    digests: Digests,
+    files: Vec<PathBuf>,
+}
+
+impl AtStart {
+    pub fn of(config: &Config) -> AtStart {
+        AtStart {
+            digests: digests(config),
+            files: config.reloaded_files(),
+        }
+    }
+}
 
 /// The [`Digests`] of `config`'s material (kept to see what a reload
 /// changes; a SHA-256 of a password is not the password, and it stays in

@@ -106,8 +106,10 @@ pub struct Server {
     grace_period: Duration,
     /// Keep readiness current with an upstream check (when an admin listener reports it).
     watch_upstream: bool,
-    /// The upstream material published at start, for reloads.
-    published: crate::reload::Digests,
+    /// The material published at start, for reloads, the files it came
+    /// from, and how often they are looked at for changes.
+    at_start: crate::reload::AtStart,
+    watch_interval: Option<Duration>,
     /// Serves reloads while it runs (see [`Server::with_reloads`]).
     reloads: Option<(crate::reload::Reloader, crate::reload::ReloadQueue)>,
 }
@@ -123,7 +125,8 @@ impl Server {
     /// `telemetry` counts what the server does and reports its readiness.
     pub async fn bind(config: Config, telemetry: Telemetry) -> Result<Server, StartError> {
         let upstream = Arc::new(Upstream::from_config(&config.upstream)?);
-        let published = crate::reload::digests(&config);
+        let at_start = crate::reload::AtStart::of(&config);
+        let watch_interval = config.reload_watch_interval;
         let metrics = &telemetry.metrics;
         export_expiry(
             &telemetry,
@@ -229,7 +232,8 @@ impl Server {
             ),
             grace_period: config.shutdown_grace_period,
             watch_upstream: config.metrics_address.is_some(),
-            published,
+            at_start,
+            watch_interval,
             reloads: None,
         })
     }
@@ -244,7 +248,7 @@ impl Server {
     ) -> Server {
         let reloader = crate::reload::Reloader::new(
             config_path,
-            std::mem::take(&mut self.published),
+            std::mem::take(&mut self.at_start),
             self.shared.pool.upstream().clone(),
             self.shared.session.policy.keyring().clone(),
             self.tls.as_ref().map(|(_, config)| config.clone()),
@@ -294,7 +298,12 @@ impl Server {
         }
         background.spawn(self.shared.pool.clone().keep_warm(shutdown.clone()));
         if let Some((reloader, queue)) = self.reloads.take() {
-            background.spawn(crate::reload::run(reloader, queue, shutdown.clone()));
+            background.spawn(crate::reload::run(
+                reloader,
+                queue,
+                self.watch_interval,
+                shutdown.clone(),
+            ));
         }
         let upkeep = tokio::spawn(crate::telemetry::run_upkeep(telemetry.metrics.clone()));
         let sessions = TaskTracker::new();

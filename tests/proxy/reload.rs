@@ -529,3 +529,64 @@ async fn the_listener_certificate_rotates() {
     assert_eq!(names(&json, "rejected"), ["listen.tls.key"]);
     assert_eq!(ping_over_tls(port, &new_ca).await, "PONG\n");
 }
+
+/// Polling sees a Kubernetes Secret update: the kubelet writes a new
+/// timestamped directory and swaps the `..data` symlink to it, so the
+/// password file's path stays and what it resolves to changes. No signal,
+/// no endpoint: the watch notices and reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_sees_a_kubernetes_symlink_swap() {
+    use std::os::unix::fs::symlink;
+    let redis = TestRedis::start().await;
+    let secret = redis.path("secret");
+    let old = std::fs::read_to_string(redis.path("redis-password")).expect("password");
+    let version = |name: &str, password: &str| {
+        let dir = secret.join(name);
+        std::fs::create_dir_all(&dir).expect("dir");
+        redcloak::dev::write_file(&dir.join("redis-password"), password.as_bytes(), 0o600)
+            .expect("password");
+    };
+    version("..2026_11_30_a", &old);
+    symlink("..2026_11_30_a", secret.join("..data")).expect("..data");
+    symlink("..data/redis-password", secret.join("redis-password")).expect("link");
+    let config = redis
+        .config()
+        .upstream("password_file", "\"secret/redis-password\"")
+        .tail(&format!("{METRICS}[reload]\nwatch_interval = \"100ms\"\n"));
+    let proxy = redis.start_proxy(&config).await;
+    let last_success = |metrics: &str| {
+        metric(metrics, "redcloak_reload_last_success_timestamp_seconds").unwrap_or(0.0)
+    };
+    let started = last_success(&proxy.scrape().await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        last_success(&proxy.scrape().await),
+        started,
+        "nothing changed yet"
+    );
+
+    let new = redcloak::dev::random_password().expect("password");
+    let mut admin = redis.admin().await;
+    let add = format!(">{new}");
+    let set = admin
+        .call(&[b"ACL", b"SETUSER", REDIS_USER.as_bytes(), add.as_bytes()])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+    // As the kubelet does: a new directory, then an atomic swap of ..data.
+    version("..2026_11_30_b", &new);
+    symlink("..2026_11_30_b", secret.join("..data_tmp")).expect("tmp link");
+    std::fs::rename(secret.join("..data_tmp"), secret.join("..data")).expect("swap");
+    eventually("the watch reloads", || async {
+        last_success(&proxy.scrape().await) > started
+    })
+    .await;
+    let remove = format!("<{old}");
+    let set = admin
+        .call(&[b"ACL", b"SETUSER", REDIS_USER.as_bytes(), remove.as_bytes()])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+    kill_redcloak_connections(&mut admin).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    assert_eq!(reload_failures(&proxy.scrape().await, "probe"), 0.0);
+}
