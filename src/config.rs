@@ -345,7 +345,9 @@ pub struct TlsListenConfig {
 #[derive(Debug)]
 pub struct ClientAuthConfig {
     pub username: Option<String>,
-    pub password: Secret,
+    /// Any of these is accepted: `password_file` holds one per line, so
+    /// clients can move to a new one while the old still works.
+    pub passwords: Vec<Secret>,
     pub lockout: LockoutPolicy,
 }
 
@@ -635,12 +637,12 @@ fn validate_listen(raw: RawListen, base: &Path) -> Result<ListenConfig, ConfigEr
         None => None,
         Some(auth) => Some(ClientAuthConfig {
             lockout: validate_lockout(&auth)?,
-            password: read_secret(
+            passwords: one_per_line(read_secret(
                 "listen.auth.password",
                 auth.password,
                 auth.password_file,
                 base,
-            )?,
+            )?),
             username: auth.username,
         }),
     };
@@ -922,6 +924,17 @@ fn secret_files(raw: &RawConfig, base: &Path) -> Vec<(&'static str, PathBuf)> {
         add("encryption.keys.file", key.file.as_ref());
     }
     files
+}
+
+/// The non-empty lines of a secret, each a secret of its own.
+fn one_per_line(secret: Secret) -> Vec<Secret> {
+    secret
+        .expose()
+        .split(|b| *b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .filter(|line| !line.is_empty())
+        .map(|line| Secret::new(line.to_vec()))
+        .collect()
 }
 
 /// A secret from exactly one of `<key>` (or its environment variable) and `<key>_file`.

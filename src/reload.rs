@@ -26,6 +26,7 @@
 //! `redcloak_reload_failures_total{reason}` when it keeps old material and
 //! dated in `redcloak_reload_last_success_timestamp_seconds` when it does not.
 
+use crate::auth::Passwords;
 use crate::config::{self, Config, UpstreamConfig};
 use crate::crypto::keyring::KeyringShape;
 use crate::crypto::{CurrentKeyring, Keyring};
@@ -55,6 +56,7 @@ const RELOADABLE: &[&str] = &[
     "listen.tls.cert",
     "listen.tls.key",
     "listen.tls.client_ca",
+    "listen.auth.password_file",
 ];
 
 /// What asked for a reload.
@@ -174,39 +176,34 @@ pub struct Reloader {
     published: std::sync::Mutex<Digests>,
     /// The keyring's primary, ids and check values, as published.
     published_keyring: std::sync::Mutex<KeyringShape>,
-    upstream: Arc<Upstream>,
-    keyring: Arc<CurrentKeyring>,
+    targets: Targets,
+}
+
+/// What a reload replaces, in the running server.
+pub struct Targets {
+    pub upstream: Arc<Upstream>,
+    pub pool: Arc<Pool>,
+    pub keyring: Arc<CurrentKeyring>,
     /// The TLS listener's configuration, when there is one.
-    listener: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
-    pool: Arc<Pool>,
-    metrics: Arc<Metrics>,
+    pub listener: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    /// The passwords clients log in with, when `[listen.auth]` is set.
+    pub client_passwords: Option<Passwords>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Reloader {
     /// The process started from `config_path` with the upstream material
     /// whose [`digests`] are `published`.
-    pub fn new(
-        config_path: PathBuf,
-        at_start: AtStart,
-        upstream: Arc<Upstream>,
-        keyring: Arc<CurrentKeyring>,
-        listener: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
-        pool: Arc<Pool>,
-        metrics: Arc<Metrics>,
-    ) -> Reloader {
+    pub fn new(config_path: PathBuf, at_start: AtStart, targets: Targets) -> Reloader {
         let started_with = config::settings(&config_path).unwrap_or_default();
-        metrics.reload_last_success.set(unix_now());
+        targets.metrics.reload_last_success.set(unix_now());
         Reloader {
             config_path,
             started_with,
             files: std::sync::Mutex::new(at_start.files),
             published: std::sync::Mutex::new(at_start.digests),
-            published_keyring: std::sync::Mutex::new(keyring.load().shape()),
-            upstream,
-            keyring,
-            listener,
-            pool,
-            metrics,
+            published_keyring: std::sync::Mutex::new(targets.keyring.load().shape()),
+            targets,
         }
     }
 
@@ -246,13 +243,21 @@ impl Reloader {
                 let digests = digests(&config);
                 let upstream = self.prepare_upstream(&config.upstream, &digests).await;
                 let listener = self.prepare_listener(&config, &digests);
+                let clients = self.prepare_client_passwords(&config, &digests);
                 let keyring = self.prepare_keyring(config);
-                match (upstream, listener, keyring) {
-                    (Ok(upstream), Ok(listener), Ok(keyring)) => {
-                        self.publish(upstream, listener, keyring, digests, &mut outcome);
+                match (upstream, listener, clients, keyring) {
+                    (Ok(upstream), Ok(listener), Ok(clients), Ok(keyring)) => {
+                        let changes = Changes {
+                            upstream,
+                            listener,
+                            clients,
+                            keyring,
+                        };
+                        self.publish(changes, digests, &mut outcome);
                     }
-                    (upstream, listener, keyring) => {
-                        let rejected = [upstream.err(), listener.err(), keyring.err()];
+                    (upstream, listener, clients, keyring) => {
+                        let rejected =
+                            [upstream.err(), listener.err(), clients.err(), keyring.err()];
                         for (rejected, failure) in rejected.into_iter().flatten() {
                             outcome.rejected.push(rejected);
                             failures.push(failure);
@@ -262,11 +267,11 @@ impl Reloader {
             }
         }
         for failure in &failures {
-            self.metrics.reload_failure(*failure).increment(1);
+            self.targets.metrics.reload_failure(*failure).increment(1);
         }
         outcome.ok = outcome.rejected.is_empty();
         if outcome.ok {
-            self.metrics.reload_last_success.set(unix_now());
+            self.targets.metrics.reload_last_success.set(unix_now());
         }
         let rejected: Vec<String> = outcome
             .rejected
@@ -326,7 +331,7 @@ impl Reloader {
     /// the client certificate check of a full handshake. A listener added
     /// or removed needs a restart (its address is named then).
     fn prepare_listener(&self, config: &Config, digests: &Digests) -> Prepared<ListenerChange> {
-        let (Some(running), Some(tls)) = (&self.listener, &config.listen.tls) else {
+        let (Some(running), Some(tls)) = (&self.targets.listener, &config.listen.tls) else {
             return Ok(None);
         };
         let changed = self.changed(digests, "listen.tls.");
@@ -398,28 +403,62 @@ impl Reloader {
         Ok(Some((encryption.keyring, changed)))
     }
 
-    /// Publishes what changed, all at once.
-    fn publish(
+    /// The passwords clients log in with, if `password_file` changed:
+    /// each held to the startup checks' rules. `[listen.auth]` added or
+    /// removed needs a restart.
+    fn prepare_client_passwords(
         &self,
-        upstream: Option<UpstreamChange>,
-        listener: Option<ListenerChange>,
-        keyring: Option<(Keyring, Vec<String>)>,
-        digests: Digests,
-        outcome: &mut Outcome,
-    ) {
+        config: &Config,
+        digests: &Digests,
+    ) -> Prepared<(Vec<Secret>, Vec<String>)> {
+        let (Some(_), Some(auth)) = (&self.targets.client_passwords, &config.listen.auth) else {
+            return Ok(None);
+        };
+        let changed = self.changed(digests, "listen.auth.");
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        if let Err(why) = crate::upstream::gate::password_rules(config) {
+            let what = changed.join(", ");
+            return Err((Rejected { what, why }, ReloadFailure::Files));
+        }
+        let passwords = auth
+            .passwords
+            .iter()
+            .map(|p| Secret::new(p.expose().to_vec()))
+            .collect();
+        Ok(Some((passwords, changed)))
+    }
+
+    /// Publishes what changed, all at once.
+    fn publish(&self, changes: Changes, digests: Digests, outcome: &mut Outcome) {
+        let Changes {
+            upstream,
+            listener,
+            clients,
+            keyring,
+        } = changes;
+        if let (Some((passwords, changed)), Some(running)) =
+            (clients, &self.targets.client_passwords)
+        {
+            running.store(Arc::new(passwords));
+            outcome.changed.extend(changed);
+        }
         if let Some(change) = upstream {
-            self.upstream.publish(change.material);
-            self.pool.material_changed();
+            self.targets.upstream.publish(change.material);
+            self.targets.pool.material_changed();
             if let Some(expiry) = change.expiry {
-                self.metrics
+                self.targets
+                    .metrics
                     .set_certificate_expiry(Certificate::UpstreamClient, expiry);
             }
             outcome.changed.extend(change.changed);
         }
-        if let (Some(change), Some(running)) = (listener, &self.listener) {
+        if let (Some(change), Some(running)) = (listener, &self.targets.listener) {
             running.store(change.server);
             if let Some(expiry) = change.expiry {
-                self.metrics
+                self.targets
+                    .metrics
                     .set_certificate_expiry(Certificate::Listener, expiry);
             }
             outcome.changed.extend(change.changed);
@@ -427,7 +466,7 @@ impl Reloader {
         *self.published.lock().unwrap_or_else(|e| e.into_inner()) = digests;
         if let Some((keyring, changed)) = keyring {
             let shape = keyring.shape();
-            self.keyring.publish(keyring);
+            self.targets.keyring.publish(keyring);
             *self
                 .published_keyring
                 .lock()
@@ -440,7 +479,7 @@ impl Reloader {
     /// the new CA, the new certificate presented), AUTH with the new
     /// password, and `ACL WHOAMI` naming the configured user.
     async fn prove(&self, material: &Material, config: &UpstreamConfig) -> Result<(), String> {
-        let probe = self.upstream.with_material(material.clone());
+        let probe = self.targets.upstream.with_material(material.clone());
         let mut stream = probe.connect().await.map_err(|err| err.to_string())?;
         let timeout = config.connect_timeout;
         let reply = crate::upstream::call(&mut stream, &[b"ACL", b"WHOAMI"], timeout)
@@ -460,6 +499,14 @@ impl Reloader {
 /// A part of a reload, validated: `Ok(None)` when it did not change,
 /// `Err` with why it is rejected (and how that is counted).
 type Prepared<T> = Result<Option<T>, (Rejected, ReloadFailure)>;
+
+/// Everything a reload validated, waiting to be published together.
+struct Changes {
+    upstream: Option<UpstreamChange>,
+    listener: Option<ListenerChange>,
+    clients: Option<(Vec<Secret>, Vec<String>)>,
+    keyring: Option<(Keyring, Vec<String>)>,
+}
 
 /// New upstream material, proved, waiting to be published.
 struct UpstreamChange {
@@ -540,6 +587,13 @@ pub fn digests(config: &Config) -> Digests {
             Sha256::digest(upstream.password.expose()).into(),
         ),
     ]);
+    if let Some(auth) = &config.listen.auth {
+        let mut all = Sha256::new();
+        for password in &auth.passwords {
+            all.update(Sha256::digest(password.expose()));
+        }
+        digests.insert("listen.auth.password", all.finalize().into());
+    }
     if let Some(tls) = &config.listen.tls {
         digests.insert("listen.tls.cert", file(&tls.cert));
         digests.insert("listen.tls.key", file(&tls.key));

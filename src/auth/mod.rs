@@ -8,18 +8,31 @@
 pub mod lockout;
 
 use crate::secret::Secret;
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+
+/// The passwords clients may log in with: any of them, so clients can move
+/// to a new one while the old still works. A reload replaces them whole.
+pub type Passwords = Arc<ArcSwap<Vec<Secret>>>;
 
 /// What a client must present, if anything.
 #[derive(Debug)]
 pub struct ClientAuth {
-    required: Option<Credentials>,
+    required: Option<Required>,
+}
+
+#[derive(Debug)]
+struct Required {
+    username: Option<String>,
+    passwords: Passwords,
 }
 
 #[derive(Debug)]
 pub struct Credentials {
     /// `None`: the password alone (Redis's `default` user) is enough.
     pub username: Option<String>,
-    pub password: Secret,
+    /// Any of these is accepted (one per line of `password_file`).
+    pub passwords: Vec<Secret>,
 }
 
 /// The outcome of one AUTH attempt, with the reply Redis would give.
@@ -51,7 +64,18 @@ const DEFAULT_USER: &[u8] = b"default";
 
 impl ClientAuth {
     pub fn new(required: Option<Credentials>) -> Self {
-        ClientAuth { required }
+        ClientAuth {
+            required: required.map(|c| Required {
+                username: c.username,
+                passwords: Arc::new(ArcSwap::from_pointee(c.passwords)),
+            }),
+        }
+    }
+
+    /// The accepted passwords, for a reload to replace (`None`: clients
+    /// need none, which only a restart changes).
+    pub fn passwords(&self) -> Option<Passwords> {
+        self.required.as_ref().map(|r| r.passwords.clone())
     }
 
     /// Whether clients start unauthenticated.
@@ -73,8 +97,13 @@ impl ClientAuth {
             .as_deref()
             .map_or(DEFAULT_USER, str::as_bytes);
         let user_ok = username.unwrap_or(DEFAULT_USER) == expected_user;
-        // Always compare the password, so a wrong username costs the same time.
-        let password_ok = required.password.matches(password);
+        // Always compare every password, so neither a wrong username nor
+        // which password matched shows in the time taken.
+        let password_ok = required
+            .passwords
+            .load()
+            .iter()
+            .fold(false, |ok, accepted| accepted.matches(password) | ok);
         if user_ok && password_ok {
             AuthOutcome::Accepted
         } else {
@@ -90,7 +119,7 @@ mod tests {
     fn with(username: Option<&str>) -> ClientAuth {
         ClientAuth::new(Some(Credentials {
             username: username.map(str::to_owned),
-            password: Secret::new(b"s3cret-s3cret".to_vec()),
+            passwords: vec![Secret::new(b"s3cret-s3cret".to_vec())],
         }))
     }
 
@@ -126,5 +155,23 @@ mod tests {
         );
         assert_eq!(auth.check(None, b"s3cret-s3cret"), AuthOutcome::WrongPass);
         assert_eq!(auth.check(Some(b"app"), b"s3cret"), AuthOutcome::WrongPass);
+    }
+
+    #[test]
+    fn any_listed_password_is_accepted_and_a_replaced_list_takes_effect() {
+        let auth = ClientAuth::new(Some(Credentials {
+            username: None,
+            passwords: vec![
+                Secret::new(b"old-password".to_vec()),
+                Secret::new(b"new-password".to_vec()),
+            ],
+        }));
+        assert_eq!(auth.check(None, b"old-password"), AuthOutcome::Accepted);
+        assert_eq!(auth.check(None, b"new-password"), AuthOutcome::Accepted);
+        let passwords = auth.passwords().expect("required");
+        passwords.store(Arc::new(vec![Secret::new(b"new-password".to_vec())]));
+        assert_eq!(auth.check(None, b"old-password"), AuthOutcome::WrongPass);
+        assert_eq!(auth.check(None, b"new-password"), AuthOutcome::Accepted);
+        assert!(ClientAuth::new(None).passwords().is_none());
     }
 }

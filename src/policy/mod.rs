@@ -352,6 +352,11 @@ impl Policy {
         Policy { known, ..self }
     }
 
+    /// The passwords clients log in with, for a reload to replace.
+    pub fn client_passwords(&self) -> Option<crate::auth::Passwords> {
+        self.client_auth.passwords()
+    }
+
     /// The keyring in use (a reload may replace it: load it per request).
     pub fn keyring(&self) -> &Arc<CurrentKeyring> {
         &self.keyring
@@ -820,7 +825,7 @@ mod tests {
     fn with_password() -> Policy {
         let auth = Credentials {
             username: None,
-            password: Secret::new(b"pw-pw-pw-pw".to_vec()),
+            passwords: vec![Secret::new(b"pw-pw-pw-pw".to_vec())],
         };
         policy_with(Some(auth), UnknownCommands::Refuse)
     }

@@ -151,7 +151,7 @@ impl Server {
             .map(|a| Arc::new(Mutex::new(Lockouts::new(a.lockout))));
         let client_auth = ClientAuth::new(config.listen.auth.map(|a| Credentials {
             username: a.username,
-            password: a.password,
+            passwords: a.passwords,
         }));
         let encryption = config.encryption;
         let keyring = crate::crypto::CurrentKeyring::new(encryption.keyring);
@@ -246,15 +246,17 @@ impl Server {
         config_path: std::path::PathBuf,
         queue: crate::reload::ReloadQueue,
     ) -> Server {
-        let reloader = crate::reload::Reloader::new(
-            config_path,
-            std::mem::take(&mut self.at_start),
-            self.shared.pool.upstream().clone(),
-            self.shared.session.policy.keyring().clone(),
-            self.tls.as_ref().map(|(_, config)| config.clone()),
-            self.shared.pool.clone(),
-            self.shared.telemetry.metrics.clone(),
-        );
+        let policy = &self.shared.session.policy;
+        let targets = crate::reload::Targets {
+            upstream: self.shared.pool.upstream().clone(),
+            pool: self.shared.pool.clone(),
+            keyring: policy.keyring().clone(),
+            listener: self.tls.as_ref().map(|(_, config)| config.clone()),
+            client_passwords: policy.client_passwords(),
+            metrics: self.shared.telemetry.metrics.clone(),
+        };
+        let reloader =
+            crate::reload::Reloader::new(config_path, std::mem::take(&mut self.at_start), targets);
         self.reloads = Some((reloader, queue));
         self
     }

@@ -540,12 +540,22 @@ fn effective_gid() -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
+/// The passwords meet the startup checks' rules (a reload holds new ones
+/// to them too); `Err` says which does not, never what it is.
+pub(crate) fn password_rules(config: &Config) -> Result<(), String> {
+    let check = passwords(config);
+    match check.status {
+        Status::Fail => Err(check.detail),
+        _ => Ok(()),
+    }
+}
+
 fn passwords(config: &Config) -> Check {
     const NAME: &str = "password";
     let min = min_password_len(config.profile);
     let mut secrets = vec![("upstream password", &config.upstream.password)];
     if let Some(auth) = &config.listen.auth {
-        secrets.push(("listen.auth password", &auth.password));
+        secrets.extend(auth.passwords.iter().map(|p| ("listen.auth password", p)));
     }
     for (what, secret) in secrets {
         let known = KNOWN_PASSWORDS

@@ -590,3 +590,50 @@ async fn the_watch_sees_a_kubernetes_symlink_swap() {
     assert_reply(&c.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
     assert_eq!(reload_failures(&proxy.scrape().await, "probe"), 0.0);
 }
+
+/// Clients move to a new `[listen.auth]` password with no error: the
+/// password file lists both (one per line), then only the new one. A
+/// client logged in with the old password stays logged in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_passwords_rotate_through_a_list() {
+    let redis = TestRedis::start().await;
+    let old = "old-client-password-0123456789-abcdefghij";
+    let new = "new-client-password-9876543210-jihgfedcba";
+    let auth = redis.listen_auth(old, "");
+    let proxy = redis
+        .start_proxy(&redis.config().tail(&auth).tail(METRICS))
+        .await;
+    let login = |password: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let mut c = proxy.raw().await;
+            let reply = c.call(&[b"AUTH", password.as_bytes()]).await;
+            (c, reply)
+        }
+    };
+    let (mut logged_in, reply) = login(old).await;
+    assert_reply(&reply, b"+OK\r\n");
+    assert_error(&login(new).await.1, "-WRONGPASS");
+
+    let file = redis.path("client-password");
+    redcloak::dev::write_file(&file, format!("{old}\n{new}\n").as_bytes(), 0o600).expect("write");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(names(&json, "changed"), ["listen.auth.password"]);
+    assert_reply(&login(old).await.1, b"+OK\r\n");
+    assert_reply(&login(new).await.1, b"+OK\r\n");
+
+    redcloak::dev::write_file(&file, new.as_bytes(), 0o600).expect("write");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_error(&login(old).await.1, "-WRONGPASS");
+    assert_reply(&login(new).await.1, b"+OK\r\n");
+    assert_reply(&logged_in.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+
+    // A password too short for the profile is refused; the list stays.
+    redcloak::dev::write_file(&file, b"short", 0o600).expect("write");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 422, "{json}");
+    assert!(!json.to_string().contains("short\""), "{json}");
+    assert_reply(&login(new).await.1, b"+OK\r\n");
+}
