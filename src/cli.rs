@@ -144,4 +144,37 @@ pub enum Command {
     /// Print a new random 256-bit encryption key (base64) on stdout, and on
     /// stderr how to add it to [[encryption.keys]].
     Keygen,
+    /// Re-encrypt what Redis holds under one key (the primary unless
+    /// --to-key), so an old key can be retired. Uses the config's rules,
+    /// keyring and upstream TLS and login, and connects to Redis directly.
+    /// Each value is rewritten with a compare-and-swap that keeps its TTL; a
+    /// value the app changes meanwhile is read again (3 times at most). A
+    /// value that does not open is counted and never rewritten. Strings and
+    /// hashes today. Prints a JSON census (values per key id) and the
+    /// command that reverses the run.
+    Rekey {
+        /// Path of the config file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Seal under this key id instead of the primary (a rollback); it
+        /// must be in the keyring.
+        #[arg(long, value_name = "ID")]
+        to_key: Option<u32>,
+        /// Also seal plaintext values left from before encryption.
+        #[arg(long)]
+        seal_legacy: bool,
+        /// Only keys matching this glob (Redis's SCAN MATCH).
+        #[arg(long = "match", value_name = "GLOB")]
+        pattern: Option<String>,
+        /// Count only: print the census, rewrite nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Count only, and exit 0 only when nothing remains under another
+        /// key (1 otherwise): run it before removing a key.
+        #[arg(long, conflicts_with = "dry_run")]
+        verify: bool,
+        /// Values larger than this many bytes are reported, not rewritten.
+        #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
+        max_value_bytes: usize,
+    },
 }

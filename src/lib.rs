@@ -39,6 +39,8 @@
 //!   that never hold up serving. Telemetry depends on nothing that reports to it.
 //! * [`reload`]: SIGHUP and `POST /-/reload` read the upstream certificates, key, CA,
 //!   password and the keyring again, prove them and publish them whole (or keep the old).
+//! * [`rekey`]: `redcloak rekey` re-encrypts what Redis holds under one key (compare-and-swap
+//!   per value), so an old key can be retired.
 //! * [`dev`], [`playground`]: throwaway certificates and redis-server for `redcloak dev` and the tests.
 
 pub mod admin;
@@ -51,6 +53,7 @@ pub mod logs;
 pub mod open_files;
 pub mod playground;
 pub mod policy;
+pub mod rekey;
 pub mod reload;
 pub mod resp;
 pub mod secret;

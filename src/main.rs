@@ -174,6 +174,61 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 ))
             }
         }
+        Command::Rekey {
+            config,
+            to_key,
+            seal_legacy,
+            pattern,
+            dry_run,
+            verify,
+            max_value_bytes,
+        } => {
+            let loaded = config::load(&config)
+                .with_context(|| format!("configuration error in {}", config.display()))
+                .map_err(|e| (EXIT_CONFIG, e))?;
+            let target = to_key.unwrap_or(loaded.encryption.keyring.primary_id());
+            let options = redcloak::rekey::Options {
+                to_key,
+                seal_legacy,
+                pattern,
+                mode: if dry_run || verify {
+                    redcloak::rekey::Mode::Census
+                } else {
+                    redcloak::rekey::Mode::Rewrite
+                },
+                max_value_bytes,
+            };
+            let census = redcloak::rekey::run(loaded, &options)
+                .await
+                .map_err(|e| (EXIT_RUNTIME, e.into()))?;
+            outln!("{}", serde_json::to_string(&census).unwrap_or_default());
+            let remaining = census.remaining(target, seal_legacy);
+            if verify {
+                return if remaining == 0 {
+                    Ok(())
+                } else {
+                    Err((
+                        1,
+                        anyhow::anyhow!("{remaining} values are not sealed under key {target}"),
+                    ))
+                };
+            }
+            if !dry_run {
+                let previous = census
+                    .by_key_id
+                    .iter()
+                    .filter(|(id, _)| **id != target)
+                    .max_by_key(|(_, n)| **n)
+                    .map(|(id, _)| *id);
+                if let Some(previous) = previous {
+                    errln!(
+                        "to reverse: {}",
+                        redcloak::rekey::reverse_command(&config, previous, &options)
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Keygen => {
             let key = redcloak::crypto::keyring::generate_key();
             outln!("{}", key.as_str());

@@ -139,6 +139,19 @@ impl Keyring {
         }
     }
 
+    /// Seals with the key `id` (`None`: no such key): `redcloak rekey
+    /// --to-key` rolls values back to a key that is not the primary.
+    pub fn seal_with(&self, id: u32, value: &[u8], binding: Binding<'_>) -> Option<Vec<u8>> {
+        let slot = self.keys.get(&id)?;
+        slot.sealed.fetch_add(1, Ordering::Relaxed);
+        Some(slot.key.seal(value, binding))
+    }
+
+    /// Whether the keyring holds a key `id`.
+    pub fn has(&self, id: u32) -> bool {
+        self.keys.contains_key(&id)
+    }
+
     /// Seals a member deterministically with the primary key: equal
     /// members under one binding give equal envelopes (see `envelope`).
     pub fn seal_member(&self, member: &[u8], binding: Binding<'_>) -> Vec<u8> {

@@ -139,7 +139,7 @@ impl Policy {
 
     /// The site of values of `kind` under `key` (a channel, for messages),
     /// or `None` when its rule is plaintext.
-    fn site(&self, kind: Kind, key: &Bytes, field: Option<&Bytes>) -> Option<ValueSite> {
+    pub fn site(&self, kind: Kind, key: &Bytes, field: Option<&Bytes>) -> Option<ValueSite> {
         let decision = match kind {
             Kind::Message => return message_site(&self.rules, key),
             _ => self.rules.decide(key),

@@ -474,13 +474,13 @@ pub(crate) async fn read_reply<S: AsyncRead + Unpin>(
 
 /// Reads replies one at a time, keeping bytes that arrived early.
 #[derive(Default)]
-pub(crate) struct ReplyReader {
+pub struct ReplyReader {
     scanner: ReplyScanner,
     buf: BytesMut,
 }
 
 impl ReplyReader {
-    pub(crate) async fn next<S: AsyncRead + Unpin>(
+    pub async fn next<S: AsyncRead + Unpin>(
         &mut self,
         stream: &mut S,
         limits: &Limits,

@@ -19,6 +19,7 @@ mod packaging;
 mod pool;
 mod process;
 mod pubsub;
+mod rekey;
 mod reload;
 mod scripts;
 mod sets;

@@ -116,11 +116,17 @@ fn reload_failures(metrics: &str, reason: &str) -> f64 {
 }
 
 /// Every connection redcloak has to Redis is closed (as a Redis restart or
-/// a failover would), so the next requests need new ones.
-async fn kill_redcloak_connections(admin: &mut RawClient<UpstreamStream>) {
+/// a failover would), so the next requests need new ones; returns once
+/// redcloak has seen its lanes go (a request sent before would be lost with
+/// them).
+async fn kill_redcloak_connections(proxy: &Proxy, admin: &mut RawClient<UpstreamStream>) {
     admin
         .call(&[b"CLIENT", b"KILL", b"USER", REDIS_USER.as_bytes()])
         .await;
+    eventually("redcloak saw its lanes closed", || async {
+        metric(&proxy.scrape().await, "redcloak_upstream_lanes_open") == Some(0.0)
+    })
+    .await;
 }
 
 /// The zero-downtime password rotation the README documents: Redis learns
@@ -177,7 +183,7 @@ async fn the_upstream_password_rotates_under_load_with_no_failed_request() {
     // (between requests), the next requests open new ones, and a
     // transaction takes a pool connection and gives it back with RESET and
     // AUTH.
-    kill_redcloak_connections(&mut admin).await;
+    kill_redcloak_connections(&proxy, &mut admin).await;
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"SET", b"after", b"rotation"]).await, b"+OK\r\n");
     assert_reply(&c.call(&[b"MULTI"]).await, b"+OK\r\n");
@@ -239,7 +245,7 @@ async fn bad_material_keeps_the_old_material_and_is_counted() {
             (i + 1) as f64
         );
         // The old material is still what new connections use.
-        kill_redcloak_connections(&mut admin).await;
+        kill_redcloak_connections(&proxy, &mut admin).await;
         let mut c = proxy.raw().await;
         assert_reply(&c.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
         std::fs::write(&cert, &good_cert).expect("restore");
@@ -318,7 +324,7 @@ async fn a_new_client_certificate_is_presented_by_new_connections() {
         ])
         .await;
     assert_reply(&set, b"+OK\r\n");
-    kill_redcloak_connections(&mut admin).await;
+    kill_redcloak_connections(&proxy, &mut admin).await;
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"SET", b"k", b"new-cert"]).await, b"+OK\r\n");
     assert_reply(&c.call(&[b"GET", b"k"]).await, b"$8\r\nnew-cert\r\n");
@@ -585,7 +591,7 @@ async fn the_watch_sees_a_kubernetes_symlink_swap() {
         .call(&[b"ACL", b"SETUSER", REDIS_USER.as_bytes(), remove.as_bytes()])
         .await;
     assert_reply(&set, b"+OK\r\n");
-    kill_redcloak_connections(&mut admin).await;
+    kill_redcloak_connections(&proxy, &mut admin).await;
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
     assert_eq!(reload_failures(&proxy.scrape().await, "probe"), 0.0);

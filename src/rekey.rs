@@ -1,0 +1,467 @@
+//! `redcloak rekey`: re-encrypts what Redis holds under one key, so an old
+//! key can be retired. It reuses redcloak's configuration (the rules, the
+//! keyring, the upstream TLS and login) and talks to Redis directly, as
+//! redcloak's own ACL user.
+//!
+//! ```text
+//!   SCAN (MATCH) ─▶ TYPE ─▶ string: GET      ─▶ open (old key) ─▶ seal (target) ─▶ compare-and-swap
+//!                           hash:   HSCAN    ─▶   per field, the same
+//! ```
+//!
+//! Every rewrite is a compare-and-swap: a script replaces the value only if
+//! it still holds the exact bytes that were read (`SET ... KEEPTTL`, so the
+//! TTL stays; `HSET` keeps the key's TTL). A value the app changed meanwhile
+//! is read again, at most 3 times, then counted as skipped. A value that
+//! does not open is counted, named only where `logging.log_key_names`
+//! allows, and never rewritten. No value, plaintext or sealed, is logged.
+//! The target key must be in the keyring (the primary by default), so
+//! nothing is sealed under a key that is not stored.
+//!
+//! Today strings and hashes are rewritten; the other types' values are
+//! counted as not handled (see the README's Rotation section).
+
+use crate::config::Config;
+use crate::crypto::envelope;
+use crate::crypto::keyring::{Keyring, Opened};
+use crate::crypto::{CurrentKeyring, OpenError};
+use crate::policy::{Policy, ValueSite};
+use crate::resp::{self, Limits};
+use crate::upstream::{ReplyReader, Upstream, UpstreamStream};
+use bytes::{Bytes, BytesMut};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use zeroize::Zeroizing;
+
+/// Rewrites one string if it still holds what was read; keeps its TTL.
+const STRING_CAS: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL') return 1 end return 0";
+/// Rewrites one hash field if it still holds what was read.
+const HASH_CAS: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end return 0";
+/// Reads again after a lost compare-and-swap at most this often.
+const ATTEMPTS: usize = 3;
+/// Keys asked of each SCAN.
+const SCAN_COUNT: &[u8] = b"200";
+
+/// What the run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Rewrite what is under another key.
+    Rewrite,
+    /// Count only.
+    Census,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Seal under this key id (`None`: the keyring's primary).
+    pub to_key: Option<u32>,
+    /// Also seal plaintext values left from before encryption.
+    pub seal_legacy: bool,
+    /// Only keys matching this glob (SCAN MATCH).
+    pub pattern: Option<String>,
+    pub mode: Mode,
+    /// Values larger than this are reported and left alone.
+    pub max_value_bytes: usize,
+}
+
+/// What a run found and did. Values are counted once each: a hash field
+/// is a value.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Census {
+    /// Values sealed under each key id, as found (before rewriting).
+    pub by_key_id: BTreeMap<u32, u64>,
+    /// Plaintext values where the rules encrypt.
+    pub legacy_plaintext: u64,
+    /// Values rewritten under the target key.
+    pub rewritten: u64,
+    /// Values the app changed under the run more often than it retried.
+    pub skipped: u64,
+    /// Values that did not open (tampered, or under a key not in the keyring).
+    pub failed: u64,
+    /// Values over `--max-value-bytes`.
+    pub too_large: u64,
+    /// Keys of a type rekey does not rewrite yet (lists, sets, sorted sets, streams).
+    pub not_handled: u64,
+    /// Key names of failed values, where `logging.log_key_names` allows.
+    pub failed_keys: Vec<String>,
+}
+
+impl Census {
+    /// Values still under a key other than `target` (or in plaintext where
+    /// the rules encrypt, when `seal_legacy`): `--verify` exits 0 only at 0.
+    pub fn remaining(&self, target: u32, seal_legacy: bool) -> u64 {
+        let others: u64 = self
+            .by_key_id
+            .iter()
+            .filter(|(id, _)| **id != target)
+            .map(|(_, n)| n)
+            .sum();
+        let others = others.saturating_sub(self.rewritten);
+        others
+            + if seal_legacy {
+                self.legacy_plaintext
+            } else {
+                0
+            }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RekeyError {
+    #[error(
+        "key {0} is not in the keyring: add it first, so nothing is sealed under a key that is not stored"
+    )]
+    UnknownTarget(u32),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
+    #[error("Redis: {0}")]
+    Redis(String),
+}
+
+/// One connection to Redis, requests sent in batches.
+struct Conn {
+    stream: UpstreamStream,
+    replies: ReplyReader,
+    timeout: Duration,
+}
+
+impl Conn {
+    /// Sends every command, then reads one reply for each.
+    async fn batch(&mut self, commands: &[Vec<Bytes>]) -> Result<Vec<BytesMut>, RekeyError> {
+        let mut out = BytesMut::new();
+        for command in commands {
+            resp::encode_command(&mut out, command);
+        }
+        let limits = Limits {
+            max_bulk_bytes: 512 * 1024 * 1024,
+            max_reply_bytes: 1024 * 1024 * 1024,
+            ..Limits::default()
+        };
+        let exchange = async {
+            self.stream.write_all(&out).await?;
+            self.stream.flush().await?;
+            let mut replies = Vec::with_capacity(commands.len());
+            for _ in commands {
+                replies.push(self.replies.next(&mut self.stream, &limits).await?);
+            }
+            Ok::<_, std::io::Error>(replies)
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(replies)) => Ok(replies),
+            Ok(Err(err)) => Err(RekeyError::Redis(err.to_string())),
+            Err(_) => Err(RekeyError::Redis("no answer in time".into())),
+        }
+    }
+}
+
+fn command(args: &[&[u8]]) -> Vec<Bytes> {
+    args.iter().map(|a| Bytes::copy_from_slice(a)).collect()
+}
+
+/// A value read from Redis, where it sits, and what to write instead.
+struct Rewrite {
+    key: Bytes,
+    field: Option<Bytes>,
+    stored: Bytes,
+    sealed: Vec<u8>,
+    attempts: usize,
+}
+
+/// The run: over every key (or those matching), census, and unless
+/// counting only, rewrite.
+pub async fn run(config: Config, options: &Options) -> Result<Census, RekeyError> {
+    let log_key_names = config.log_key_names;
+    let upstream = Upstream::from_config(&config.upstream)?;
+    let keyring = CurrentKeyring::new(config.encryption.keyring);
+    let policy = Policy::new(
+        crate::auth::ClientAuth::new(None),
+        crate::policy::rules::Rules::new(config.encryption.rules),
+        keyring.clone(),
+        config.encryption.unknown_commands,
+    );
+    let keyring = keyring.load_full();
+    let target = options.to_key.unwrap_or(keyring.primary_id());
+    if !keyring.has(target) {
+        return Err(RekeyError::UnknownTarget(target));
+    }
+    let stream = upstream.connect().await?;
+    let mut conn = Conn {
+        stream,
+        replies: ReplyReader::default(),
+        timeout: config.upstream.request_timeout.max(Duration::from_secs(10)),
+    };
+    let run = Run {
+        policy: &policy,
+        keyring: &keyring,
+        target,
+        options,
+        log_key_names,
+    };
+    let mut census = Census::default();
+    let mut cursor = Bytes::from_static(b"0");
+    loop {
+        let mut scan = vec![b"SCAN".as_slice(), &cursor];
+        if let Some(pattern) = &options.pattern {
+            scan.extend([b"MATCH".as_slice(), pattern.as_bytes()]);
+        }
+        scan.extend([b"COUNT".as_slice(), SCAN_COUNT]);
+        let reply = conn.batch(&[command(&scan)]).await?.remove(0);
+        let (next, keys) = scan_reply(&reply)?;
+        run.page(&mut conn, &keys, &mut census).await?;
+        if &next[..] == b"0" {
+            return Ok(census);
+        }
+        cursor = next;
+    }
+}
+
+struct Run<'a> {
+    policy: &'a Policy,
+    keyring: &'a Keyring,
+    target: u32,
+    options: &'a Options,
+    log_key_names: bool,
+}
+
+impl Run<'_> {
+    /// One SCAN page: each key's type, its values, the census, the rewrites.
+    async fn page(
+        &self,
+        conn: &mut Conn,
+        keys: &[Bytes],
+        census: &mut Census,
+    ) -> Result<(), RekeyError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let types: Vec<Vec<Bytes>> = keys.iter().map(|k| command(&[b"TYPE", k])).collect();
+        let types = conn.batch(&types).await?;
+        let mut strings = Vec::new();
+        let mut hashes = Vec::new();
+        for (key, kind) in keys.iter().zip(&types) {
+            match &kind[..] {
+                b"+string\r\n" => strings.push(key.clone()),
+                b"+hash\r\n" => hashes.push(key.clone()),
+                b"+none\r\n" => {}
+                _ => census.not_handled += 1,
+            }
+        }
+        let mut rewrites = Vec::new();
+        let gets: Vec<Vec<Bytes>> = strings.iter().map(|k| command(&[b"GET", k])).collect();
+        for (key, reply) in strings.iter().zip(conn.batch(&gets).await?) {
+            if let Some(stored) = resp::bulk_body(&reply) {
+                let stored = Bytes::copy_from_slice(stored);
+                if let Some(rewrite) = self.look_at(key, None, stored, census) {
+                    rewrites.push(rewrite);
+                }
+            }
+        }
+        for key in &hashes {
+            let mut cursor = Bytes::from_static(b"0");
+            loop {
+                let hscan = command(&[b"HSCAN", key, &cursor, b"COUNT", SCAN_COUNT]);
+                let reply = conn.batch(&[hscan]).await?.remove(0);
+                let (next, pairs) = scan_reply(&reply)?;
+                for pair in pairs.chunks_exact(2) {
+                    let (field, stored) = (pair[0].clone(), pair[1].clone());
+                    if let Some(rewrite) = self.look_at(key, Some(field), stored, census) {
+                        rewrites.push(rewrite);
+                    }
+                }
+                if &next[..] == b"0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        if self.options.mode == Mode::Rewrite {
+            self.rewrite(conn, rewrites, census).await?;
+        }
+        Ok(())
+    }
+
+    /// Counts one value, and says how to rewrite it when it is under
+    /// another key (or plaintext to seal).
+    fn look_at(
+        &self,
+        key: &Bytes,
+        field: Option<Bytes>,
+        stored: Bytes,
+        census: &mut Census,
+    ) -> Option<Rewrite> {
+        let kind = match field {
+            Some(_) => envelope::Kind::HashField,
+            None => envelope::Kind::String,
+        };
+        // A plaintext rule: nothing to do.
+        let site = self.policy.site(kind, key, field.as_ref())?;
+        if stored.len() > self.options.max_value_bytes {
+            census.too_large += 1;
+            return None;
+        }
+        let plaintext = match envelope::key_id(&stored) {
+            Ok(id) => {
+                *census.by_key_id.entry(id).or_default() += 1;
+                if id == self.target {
+                    return None;
+                }
+                match self.keyring.open(&stored, site.binding()) {
+                    Ok(Opened::Plaintext(plaintext)) => Zeroizing::new(plaintext),
+                    Ok(Opened::Legacy(_)) | Err(_) => {
+                        self.failed(&site, census);
+                        return None;
+                    }
+                }
+            }
+            Err(OpenError::NotAnEnvelope) => {
+                census.legacy_plaintext += 1;
+                if !self.options.seal_legacy {
+                    return None;
+                }
+                Zeroizing::new(stored.to_vec())
+            }
+            Err(_) => {
+                self.failed(&site, census);
+                return None;
+            }
+        };
+        let sealed = self
+            .keyring
+            .seal_with(self.target, &plaintext, site.binding())?;
+        Some(Rewrite {
+            key: key.clone(),
+            field,
+            stored,
+            sealed,
+            attempts: 0,
+        })
+    }
+
+    fn failed(&self, site: &ValueSite, census: &mut Census) {
+        census.failed += 1;
+        if self.log_key_names {
+            census
+                .failed_keys
+                .push(crate::policy::shown(&site.key).to_string());
+        }
+    }
+
+    /// Compare-and-swap each rewrite; one the app changed meanwhile is read
+    /// and sealed again, at most [`ATTEMPTS`] times.
+    async fn rewrite(
+        &self,
+        conn: &mut Conn,
+        mut rewrites: Vec<Rewrite>,
+        census: &mut Census,
+    ) -> Result<(), RekeyError> {
+        while !rewrites.is_empty() {
+            let swaps: Vec<Vec<Bytes>> = rewrites.iter().map(swap).collect();
+            let replies = conn.batch(&swaps).await?;
+            let mut lost = Vec::new();
+            for (rewrite, reply) in rewrites.into_iter().zip(replies) {
+                match &reply[..] {
+                    b":1\r\n" => census.rewritten += 1,
+                    b":0\r\n" => lost.push(rewrite),
+                    other => {
+                        return Err(RekeyError::Redis(crate::upstream::error_text(other)));
+                    }
+                }
+            }
+            rewrites = Vec::new();
+            for mut rewrite in lost {
+                rewrite.attempts += 1;
+                if rewrite.attempts >= ATTEMPTS {
+                    census.skipped += 1;
+                    continue;
+                }
+                // Read again: the app's value is what gets resealed.
+                let read = match &rewrite.field {
+                    Some(field) => command(&[b"HGET", &rewrite.key, field]),
+                    None => command(&[b"GET", &rewrite.key]),
+                };
+                let reply = conn.batch(&[read]).await?.remove(0);
+                let Some(stored) = resp::bulk_body(&reply) else {
+                    // Deleted meanwhile: nothing to rewrite.
+                    continue;
+                };
+                let stored = Bytes::copy_from_slice(stored);
+                let mut scratch = Census::default();
+                let attempts = rewrite.attempts;
+                if let Some(mut again) =
+                    self.look_at(&rewrite.key, rewrite.field.clone(), stored, &mut scratch)
+                {
+                    again.attempts = attempts;
+                    rewrites.push(again);
+                }
+                census.failed += scratch.failed;
+                census.failed_keys.extend(scratch.failed_keys);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The compare-and-swap script call for one rewrite.
+fn swap(rewrite: &Rewrite) -> Vec<Bytes> {
+    match &rewrite.field {
+        None => vec![
+            Bytes::from_static(b"EVAL"),
+            Bytes::from_static(STRING_CAS.as_bytes()),
+            Bytes::from_static(b"1"),
+            rewrite.key.clone(),
+            rewrite.stored.clone(),
+            Bytes::from(rewrite.sealed.clone()),
+        ],
+        Some(field) => vec![
+            Bytes::from_static(b"EVAL"),
+            Bytes::from_static(HASH_CAS.as_bytes()),
+            Bytes::from_static(b"1"),
+            rewrite.key.clone(),
+            field.clone(),
+            rewrite.stored.clone(),
+            Bytes::from(rewrite.sealed.clone()),
+        ],
+    }
+}
+
+/// A SCAN or HSCAN reply: the next cursor and the elements.
+fn scan_reply(reply: &[u8]) -> Result<(Bytes, Vec<Bytes>), RekeyError> {
+    let invalid = || {
+        RekeyError::Redis(format!(
+            "not a SCAN reply: {}",
+            crate::upstream::error_text(reply)
+        ))
+    };
+    let limits = Limits {
+        max_bulk_bytes: usize::MAX / 4,
+        max_reply_bytes: usize::MAX / 4,
+        ..Limits::default()
+    };
+    let (_, parts) = resp::aggregate_elements(reply, &limits).ok_or_else(invalid)?;
+    let [cursor, elements] = parts[..] else {
+        return Err(invalid());
+    };
+    let cursor = Bytes::copy_from_slice(resp::bulk_body(cursor).ok_or_else(invalid)?);
+    let (_, items) = resp::aggregate_elements(elements, &limits).ok_or_else(invalid)?;
+    let items = items
+        .iter()
+        .map(|item| resp::bulk_body(item).map(Bytes::copy_from_slice))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(invalid)?;
+    Ok((cursor, items))
+}
+
+/// The command that reverses a run: sealing back under `from`, the key
+/// most values were under before it.
+pub fn reverse_command(config_path: &std::path::Path, from: u32, options: &Options) -> String {
+    let mut text = format!(
+        "redcloak rekey --config {} --to-key {from}",
+        config_path.display()
+    );
+    if let Some(pattern) = &options.pattern {
+        text.push_str(&format!(" --match '{pattern}'"));
+    }
+    text
+}
