@@ -202,5 +202,33 @@ async fn values_move_to_the_new_key_with_no_lost_update() {
         redcloak::crypto::envelope::key_id(&redis.stored(b"s:2", None).await),
         Ok(1)
     );
+    // The command line: --verify exits 0 only when nothing is left under
+    // another key than the target.
+    let verify = |extra: &'static [&'static str]| {
+        let config = redis.path("redcloak.toml");
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(redcloak_bin())
+                    .arg("rekey")
+                    .arg("--config")
+                    .arg(&config)
+                    .arg("--verify")
+                    .args(extra)
+                    .output()
+                    .expect("redcloak runs")
+            })
+            .await
+            .expect("join")
+        }
+    };
+    let under_1 = verify(&["--to-key", "1"]).await;
+    assert!(under_1.status.success(), "{under_1:?}");
+    let census: serde_json::Value = serde_json::from_slice(&under_1.stdout).expect("a JSON census");
+    assert!(
+        census["by_key_id"]["1"].as_u64().unwrap_or(0) > 10_000,
+        "{census}"
+    );
+    let under_2 = verify(&[]).await;
+    assert_eq!(under_2.status.code(), Some(1), "values remain under key 1");
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
