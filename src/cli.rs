@@ -176,5 +176,16 @@ pub enum Command {
         /// Values larger than this many bytes are reported, not rewritten.
         #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
         max_value_bytes: usize,
+        /// Record progress in this file (written atomically every 2 s); an
+        /// unfinished run recorded there is resumed, and one recorded with
+        /// another keyring or other options is refused.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
+        /// At most this many values rewritten per second.
+        #[arg(long, value_name = "VALUES")]
+        rate: Option<u32>,
+        /// Stop after this many keys (resume with the same --checkpoint).
+        #[arg(long, value_name = "KEYS")]
+        stop_after: Option<u64>,
     },
 }

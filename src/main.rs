@@ -182,6 +182,9 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             dry_run,
             verify,
             max_value_bytes,
+            checkpoint,
+            rate,
+            stop_after,
         } => {
             let loaded = config::load(&config)
                 .with_context(|| format!("configuration error in {}", config.display()))
@@ -197,11 +200,20 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                     redcloak::rekey::Mode::Rewrite
                 },
                 max_value_bytes,
+                checkpoint,
+                rate,
+                stop_after_keys: stop_after,
             };
             let census = redcloak::rekey::run(loaded, &options)
                 .await
                 .map_err(|e| (EXIT_RUNTIME, e.into()))?;
             outln!("{}", serde_json::to_string(&census).unwrap_or_default());
+            if !census.complete {
+                errln!(
+                    "stopped part way (--stop-after): run again with the same --checkpoint to go on"
+                );
+                return Ok(());
+            }
             let remaining = census.remaining(target, seal_legacy);
             if verify {
                 return if remaining == 0 {

@@ -29,6 +29,7 @@ use crate::resp::{self, Limits};
 use crate::upstream::{ReplyReader, Upstream, UpstreamStream};
 use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use zeroize::Zeroizing;
@@ -64,11 +65,19 @@ pub struct Options {
     pub mode: Mode,
     /// Values larger than this are reported and left alone.
     pub max_value_bytes: usize,
+    /// Where the run records its progress (written atomically every few
+    /// seconds); an unfinished run there is resumed.
+    pub checkpoint: Option<PathBuf>,
+    /// At most this many values per second (`None`: as fast as Redis goes).
+    pub rate: Option<u32>,
+    /// Stop after this many keys (a run in parts, resumed from the
+    /// checkpoint).
+    pub stop_after_keys: Option<u64>,
 }
 
 /// What a run found and did. Values are counted once each: a hash field
 /// is a value.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Census {
     /// Values sealed under each key id, as found (before rewriting).
     pub by_key_id: BTreeMap<u32, u64>,
@@ -86,6 +95,10 @@ pub struct Census {
     pub not_handled: u64,
     /// Key names of failed values, where `logging.log_key_names` allows.
     pub failed_keys: Vec<String>,
+    /// Keys looked at.
+    pub keys: u64,
+    /// The run went over every key (not stopped part way).
+    pub complete: bool,
 }
 
 impl Census {
@@ -118,6 +131,57 @@ pub enum RekeyError {
     Upstream(#[from] crate::upstream::UpstreamError),
     #[error("Redis: {0}")]
     Redis(String),
+    #[error(
+        "the checkpoint {path} was written with another keyring or other options ({what}): \
+         finish that run with them, or remove the file to start over"
+    )]
+    CheckpointMismatch { path: String, what: &'static str },
+    #[error("checkpoint {path}: {error}")]
+    Checkpoint { path: String, error: String },
+}
+
+/// What a checkpoint file holds: where the SCAN is, what was counted, and
+/// what the run was (a resumed run must be the same run).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    cursor: String,
+    census: Census,
+    /// SHA-256 over the keyring's primary, key ids and check values.
+    keyring: String,
+    target: u32,
+    pattern: Option<String>,
+    seal_legacy: bool,
+    mode: String,
+}
+
+/// How often a checkpoint is written.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+
+fn keyring_fingerprint(keyring: &Keyring) -> String {
+    use sha2::{Digest, Sha256};
+    let shape = keyring.shape();
+    let mut hash = Sha256::new();
+    hash.update(shape.primary.to_be_bytes());
+    for (id, check) in &shape.checks {
+        hash.update(id.to_be_bytes());
+        hash.update(check);
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn checkpoint_error(path: &std::path::Path, error: impl std::fmt::Display) -> RekeyError {
+    RekeyError::Checkpoint {
+        path: path.display().to_string(),
+        error: error.to_string(),
+    }
+}
+
+/// Writes `checkpoint` to `path` atomically (a temporary file renamed).
+fn save(path: &std::path::Path, checkpoint: &Checkpoint) -> Result<(), RekeyError> {
+    let text = serde_json::to_vec_pretty(checkpoint).map_err(|e| checkpoint_error(path, e))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| checkpoint_error(path, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| checkpoint_error(path, e))
 }
 
 /// One connection to Redis, requests sent in batches.
@@ -199,21 +263,83 @@ pub async fn run(config: Config, options: &Options) -> Result<Census, RekeyError
         options,
         log_key_names,
     };
-    let mut census = Census::default();
-    let mut cursor = Bytes::from_static(b"0");
+    let mut checkpoint = Checkpoint {
+        cursor: "0".into(),
+        census: Census::default(),
+        keyring: keyring_fingerprint(&keyring),
+        target,
+        pattern: options.pattern.clone(),
+        seal_legacy: options.seal_legacy,
+        mode: format!("{:?}", options.mode),
+    };
+    if let Some(path) = &options.checkpoint
+        && let Ok(text) = std::fs::read(path)
+    {
+        let earlier: Checkpoint =
+            serde_json::from_slice(&text).map_err(|e| checkpoint_error(path, e))?;
+        let mismatch = |what| RekeyError::CheckpointMismatch {
+            path: path.display().to_string(),
+            what,
+        };
+        if earlier.keyring != checkpoint.keyring {
+            return Err(mismatch("keyring"));
+        }
+        if (
+            earlier.target,
+            &earlier.pattern,
+            earlier.seal_legacy,
+            &earlier.mode,
+        ) != (
+            target,
+            &options.pattern,
+            options.seal_legacy,
+            &checkpoint.mode,
+        ) {
+            return Err(mismatch("target, --match, --seal-legacy or mode"));
+        }
+        // A finished run's file starts a new run; an unfinished one resumes.
+        if !earlier.census.complete {
+            checkpoint = earlier;
+        }
+    }
+    let mut last_saved = std::time::Instant::now();
+    let started = std::time::Instant::now();
+    let values_at_start = checkpoint.census.rewritten;
     loop {
-        let mut scan = vec![b"SCAN".as_slice(), &cursor];
+        let cursor = checkpoint.cursor.clone();
+        let mut scan = vec![b"SCAN".as_slice(), cursor.as_bytes()];
         if let Some(pattern) = &options.pattern {
             scan.extend([b"MATCH".as_slice(), pattern.as_bytes()]);
         }
         scan.extend([b"COUNT".as_slice(), SCAN_COUNT]);
         let reply = conn.batch(&[command(&scan)]).await?.remove(0);
         let (next, keys) = scan_reply(&reply)?;
-        run.page(&mut conn, &keys, &mut census).await?;
-        if &next[..] == b"0" {
-            return Ok(census);
+        let census = &mut checkpoint.census;
+        run.page(&mut conn, &keys, census).await?;
+        census.keys += keys.len() as u64;
+        checkpoint.cursor = String::from_utf8_lossy(&next).into_owned();
+        let finished = &next[..] == b"0";
+        checkpoint.census.complete = finished;
+        let stopping = options
+            .stop_after_keys
+            .is_some_and(|limit| checkpoint.census.keys >= limit);
+        if let Some(path) = &options.checkpoint
+            && (finished || stopping || last_saved.elapsed() >= CHECKPOINT_EVERY)
+        {
+            save(path, &checkpoint)?;
+            last_saved = std::time::Instant::now();
         }
-        cursor = next;
+        if finished || stopping {
+            return Ok(checkpoint.census);
+        }
+        // Paced: at most `rate` values rewritten per second on average.
+        if let Some(rate) = options.rate.filter(|r| *r > 0) {
+            let done = checkpoint.census.rewritten - values_at_start;
+            let due = Duration::from_secs_f64(done as f64 / f64::from(rate));
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
     }
 }
 

@@ -97,7 +97,12 @@ async fn the_socket_never_appears_with_a_looser_mode_whatever_the_umask() {
         let (socket, watching) = (socket.clone(), watching.clone());
         std::thread::spawn(move || {
             let mut modes = std::collections::BTreeSet::new();
-            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+            // Until told to stop, and (on a busy machine this thread may
+            // first run late) until it has seen the socket at least once.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while (watching.load(std::sync::atomic::Ordering::Relaxed) || modes.is_empty())
+                && std::time::Instant::now() < deadline
+            {
                 if let Ok(meta) = std::fs::symlink_metadata(&socket) {
                     modes.insert(meta.permissions().mode() & 0o777);
                 }

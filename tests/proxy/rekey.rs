@@ -20,6 +20,9 @@ fn options(mode: Mode, to_key: Option<u32>) -> Options {
         pattern: None,
         mode,
         max_value_bytes: 1 << 20,
+        checkpoint: None,
+        rate: None,
+        stop_after_keys: None,
     }
 }
 
@@ -231,4 +234,78 @@ async fn values_move_to_the_new_key_with_no_lost_update() {
     let under_2 = verify(&[]).await;
     assert_eq!(under_2.status.code(), Some(1), "values remain under key 1");
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// A run stopped part way resumes from its checkpoint and finishes the
+/// job; a checkpoint written with another keyring is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_stopped_part_way_resumes_from_its_checkpoint() {
+    let redis = TestRedis::start().await;
+    let mut config = redis.config();
+    let proxy = redis.start_proxy(&config).await;
+    let mut c = proxy.raw().await;
+    for chunk in (0..3000).collect::<Vec<_>>().chunks(500) {
+        for i in chunk {
+            let key = format!("k:{i}");
+            c.send(&[b"SET", key.as_bytes(), b"value"]).await;
+        }
+        for _ in chunk {
+            assert_reply(&c.read().await, b"+OK\r\n");
+        }
+    }
+    let key2 = redcloak::crypto::keyring::generate_key();
+    redcloak::dev::write_file(&redis.path("key-2"), key2.as_bytes(), 0o600).expect("key 2");
+    let keys = |ids: &[u32]| {
+        let mut text = "[encryption]\nprimary = 2\n".to_owned();
+        for id in ids {
+            text.push_str(&format!(
+                "[[encryption.keys]]\nid = {id}\nfile = \"key-{id}\"\n"
+            ));
+        }
+        text
+    };
+    config.encryption = keys(&[1, 2]);
+    let file = redis.path("redcloak.toml");
+    std::fs::write(&file, config.render()).expect("config");
+    let checkpoint = redis.path("rekey.checkpoint");
+    let mut part = options(Mode::Rewrite, None);
+    part.checkpoint = Some(checkpoint.clone());
+    part.stop_after_keys = Some(1000);
+
+    let first = rekey(&redis, &part).await;
+    assert!(!first.complete, "{first:?}");
+    assert!(first.keys >= 1000 && first.rewritten < 3000, "{first:?}");
+    assert!(checkpoint.exists());
+
+    // Another keyring: the unfinished run is not resumed with it.
+    redcloak::dev::write_file(
+        &redis.path("key-3"),
+        redcloak::crypto::keyring::generate_key().as_bytes(),
+        0o600,
+    )
+    .expect("key 3");
+    config.encryption = keys(&[1, 2, 3]);
+    std::fs::write(&file, config.render()).expect("config");
+    let loaded = redcloak::config::load(&file).expect("config");
+    let refused = redcloak::rekey::run(loaded, &part).await;
+    assert!(
+        matches!(
+            refused,
+            Err(redcloak::rekey::RekeyError::CheckpointMismatch {
+                what: "keyring",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+
+    config.encryption = keys(&[1, 2]);
+    std::fs::write(&file, config.render()).expect("config");
+    part.stop_after_keys = None;
+    let rest = rekey(&redis, &part).await;
+    assert!(rest.complete, "{rest:?}");
+    assert_eq!(rest.rewritten, 3000, "the two parts together: {rest:?}");
+    let verify = rekey(&redis, &options(Mode::Census, None)).await;
+    assert_eq!(verify.remaining(2, false), 0, "{verify:?}");
+    assert_eq!(verify.by_key_id.get(&2), Some(&3000));
 }
