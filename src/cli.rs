@@ -163,6 +163,13 @@ pub enum Command {
         /// Also seal plaintext values left from before encryption.
         #[arg(long)]
         seal_legacy: bool,
+        /// Write every value back in plaintext: the way off redcloak (Redis
+        /// then holds readable values). Needs --i-understand.
+        #[arg(long, conflicts_with_all = ["to_key", "seal_legacy"], requires = "i_understand")]
+        to_plaintext: bool,
+        /// Confirms --to-plaintext.
+        #[arg(long)]
+        i_understand: bool,
         /// Only keys matching this glob (Redis's SCAN MATCH).
         #[arg(long = "match", value_name = "GLOB")]
         pattern: Option<String>,

@@ -178,6 +178,8 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             config,
             to_key,
             seal_legacy,
+            to_plaintext,
+            i_understand: _,
             pattern,
             dry_run,
             verify,
@@ -192,6 +194,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let target = to_key.unwrap_or(loaded.encryption.keyring.primary_id());
             let options = redcloak::rekey::Options {
                 to_key,
+                to_plaintext,
                 seal_legacy,
                 pattern,
                 mode: if dry_run || verify {
@@ -214,18 +217,27 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 );
                 return Ok(());
             }
-            let remaining = census.remaining(target, seal_legacy);
+            let remaining = if to_plaintext {
+                census.remaining_sealed()
+            } else {
+                census.remaining(target, seal_legacy)
+            };
             if verify {
                 return if remaining == 0 {
                     Ok(())
                 } else {
                     Err((
                         1,
-                        anyhow::anyhow!("{remaining} values are not sealed under key {target}"),
+                        anyhow::anyhow!("{remaining} values are not where this run puts them"),
                     ))
                 };
             }
-            if !dry_run {
+            if !dry_run && to_plaintext {
+                errln!(
+                    "to reverse: redcloak rekey --config {} --seal-legacy",
+                    config.display()
+                );
+            } else if !dry_run {
                 let previous = census
                     .by_key_id
                     .iter()

@@ -15,7 +15,9 @@
 //! does not open is counted, named only where `logging.log_key_names`
 //! allows, and never rewritten. No value, plaintext or sealed, is logged.
 //! The target key must be in the keyring (the primary by default), so
-//! nothing is sealed under a key that is not stored.
+//! nothing is sealed under a key that is not stored. `--to-plaintext`
+//! (with `--i-understand`) writes every value back in plaintext: the way
+//! off redcloak.
 //!
 //! Today strings and hashes are rewritten; the other types' values are
 //! counted as not handled (see the README's Rotation section).
@@ -58,6 +60,8 @@ pub enum Mode {
 pub struct Options {
     /// Seal under this key id (`None`: the keyring's primary).
     pub to_key: Option<u32>,
+    /// Write values back in plaintext instead of sealing them.
+    pub to_plaintext: bool,
     /// Also seal plaintext values left from before encryption.
     pub seal_legacy: bool,
     /// Only keys matching this glob (SCAN MATCH).
@@ -102,6 +106,12 @@ pub struct Census {
 }
 
 impl Census {
+    /// Values still sealed under any key (after `--to-plaintext`).
+    pub fn remaining_sealed(&self) -> u64 {
+        let sealed: u64 = self.by_key_id.values().sum();
+        sealed.saturating_sub(self.rewritten)
+    }
+
     /// Values still under a key other than `target` (or in plaintext where
     /// the rules encrypt, when `seal_legacy`): `--verify` exits 0 only at 0.
     pub fn remaining(&self, target: u32, seal_legacy: bool) -> u64 {
@@ -149,6 +159,8 @@ struct Checkpoint {
     /// SHA-256 over the keyring's primary, key ids and check values.
     keyring: String,
     target: u32,
+    #[serde(default)]
+    to_plaintext: bool,
     pattern: Option<String>,
     seal_legacy: bool,
     mode: String,
@@ -247,7 +259,7 @@ pub async fn run(config: Config, options: &Options) -> Result<Census, RekeyError
     );
     let keyring = keyring.load_full();
     let target = options.to_key.unwrap_or(keyring.primary_id());
-    if !keyring.has(target) {
+    if !options.to_plaintext && !keyring.has(target) {
         return Err(RekeyError::UnknownTarget(target));
     }
     let stream = upstream.connect().await?;
@@ -268,6 +280,7 @@ pub async fn run(config: Config, options: &Options) -> Result<Census, RekeyError
         census: Census::default(),
         keyring: keyring_fingerprint(&keyring),
         target,
+        to_plaintext: options.to_plaintext,
         pattern: options.pattern.clone(),
         seal_legacy: options.seal_legacy,
         mode: format!("{:?}", options.mode),
@@ -284,17 +297,11 @@ pub async fn run(config: Config, options: &Options) -> Result<Census, RekeyError
         if earlier.keyring != checkpoint.keyring {
             return Err(mismatch("keyring"));
         }
-        if (
-            earlier.target,
-            &earlier.pattern,
-            earlier.seal_legacy,
-            &earlier.mode,
-        ) != (
-            target,
-            &options.pattern,
-            options.seal_legacy,
-            &checkpoint.mode,
-        ) {
+        let run = (earlier.target, earlier.to_plaintext, &earlier.pattern);
+        let now = (target, options.to_plaintext, &options.pattern);
+        if run != now
+            || (earlier.seal_legacy, &earlier.mode) != (options.seal_legacy, &checkpoint.mode)
+        {
             return Err(mismatch("target, --match, --seal-legacy or mode"));
         }
         // A finished run's file starts a new run; an unfinished one resumes.
@@ -430,7 +437,7 @@ impl Run<'_> {
         let plaintext = match envelope::key_id(&stored) {
             Ok(id) => {
                 *census.by_key_id.entry(id).or_default() += 1;
-                if id == self.target {
+                if id == self.target && !self.options.to_plaintext {
                     return None;
                 }
                 match self.keyring.open(&stored, site.binding()) {
@@ -443,7 +450,7 @@ impl Run<'_> {
             }
             Err(OpenError::NotAnEnvelope) => {
                 census.legacy_plaintext += 1;
-                if !self.options.seal_legacy {
+                if !self.options.seal_legacy || self.options.to_plaintext {
                     return None;
                 }
                 Zeroizing::new(stored.to_vec())
@@ -453,9 +460,12 @@ impl Run<'_> {
                 return None;
             }
         };
-        let sealed = self
-            .keyring
-            .seal_with(self.target, &plaintext, site.binding())?;
+        let sealed = if self.options.to_plaintext {
+            plaintext.to_vec()
+        } else {
+            self.keyring
+                .seal_with(self.target, &plaintext, site.binding())?
+        };
         Some(Rewrite {
             key: key.clone(),
             field,

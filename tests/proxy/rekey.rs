@@ -16,6 +16,7 @@ const FIELDS: usize = 3;
 fn options(mode: Mode, to_key: Option<u32>) -> Options {
     Options {
         to_key,
+        to_plaintext: false,
         seal_legacy: false,
         pattern: None,
         mode,
@@ -308,4 +309,54 @@ async fn a_run_stopped_part_way_resumes_from_its_checkpoint() {
     let verify = rekey(&redis, &options(Mode::Census, None)).await;
     assert_eq!(verify.remaining(2, false), 0, "{verify:?}");
     assert_eq!(verify.by_key_id.get(&2), Some(&3000));
+}
+
+/// The way off redcloak: `--to-plaintext --i-understand` writes every value
+/// back readable (refused without `--i-understand`), and `--seal-legacy`
+/// reverses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn to_plaintext_writes_values_back_readable_and_seal_legacy_reverses_it() {
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut c = proxy.raw().await;
+    for i in 0..50 {
+        let key = format!("p:{i}");
+        let value = format!("secret {i}");
+        assert_reply(
+            &c.call(&[b"SET", key.as_bytes(), value.as_bytes()]).await,
+            b"+OK\r\n",
+        );
+    }
+    assert_reply(
+        &c.call(&[b"HSET", b"ph", b"f", b"field value"]).await,
+        b":1\r\n",
+    );
+    let file = redis.path("redcloak.toml");
+    let refused = std::process::Command::new(redcloak_bin())
+        .args(["rekey", "--config"])
+        .arg(&file)
+        .arg("--to-plaintext")
+        .output()
+        .expect("redcloak runs");
+    // A usage error (exit 64), naming the missing confirmation.
+    assert_eq!(refused.status.code(), Some(64), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--i-understand"));
+
+    let mut plain = options(Mode::Rewrite, None);
+    plain.to_plaintext = true;
+    let census = rekey(&redis, &plain).await;
+    assert_eq!(census.rewritten, 51, "{census:?}");
+    assert_eq!(census.remaining_sealed(), 0);
+    assert_eq!(redis.stored(b"p:7", None).await, b"secret 7");
+    assert_eq!(redis.stored(b"ph", Some(b"f")).await, b"field value");
+
+    let mut seal = options(Mode::Rewrite, None);
+    seal.seal_legacy = true;
+    let census = rekey(&redis, &seal).await;
+    assert_eq!(census.rewritten, 51, "{census:?}");
+    assert_eq!(
+        redcloak::crypto::envelope::key_id(&redis.stored(b"p:7", None).await),
+        Ok(1)
+    );
+    assert_reply(&c.call(&[b"GET", b"p:7"]).await, b"$8\r\nsecret 7\r\n");
 }
