@@ -191,6 +191,11 @@ pub enum Command {
         /// At most this many values rewritten per second.
         #[arg(long, value_name = "VALUES")]
         rate: Option<u32>,
+        /// Halve the rate while a page's compare-and-swap round trip takes
+        /// longer than this many milliseconds (raised again by a tenth
+        /// after pages under half of it, up to --rate).
+        #[arg(long, value_name = "MS")]
+        max_latency: Option<u64>,
         /// Stop after this many keys (resume with the same --checkpoint).
         #[arg(long, value_name = "KEYS")]
         stop_after: Option<u64>,

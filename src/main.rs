@@ -186,6 +186,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             max_value_bytes,
             checkpoint,
             rate,
+            max_latency,
             stop_after,
         } => {
             let loaded = config::load(&config)
@@ -205,6 +206,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 max_value_bytes,
                 checkpoint,
                 rate,
+                max_latency: max_latency.map(std::time::Duration::from_millis),
                 stop_after_keys: stop_after,
             };
             let census = redcloak::rekey::run(loaded, &options)

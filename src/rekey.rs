@@ -44,8 +44,63 @@ const HASH_CAS: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then 
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end return 0";
 /// Reads again after a lost compare-and-swap at most this often.
 const ATTEMPTS: usize = 3;
-/// Keys asked of each SCAN.
-const SCAN_COUNT: &[u8] = b"200";
+/// Keys asked of each SCAN (and fields of each HSCAN) at full speed; a
+/// paced run asks fewer, so each page is a smaller burst.
+const SCAN_COUNT: u32 = 200;
+
+/// How fast the run goes: at most `--rate` values per second, halved while
+/// a page's compare-and-swap round trip exceeds `--max-latency`, and raised
+/// again by a tenth after each page under half of it (up to `--rate`).
+struct Pace {
+    limit: Option<f64>,
+    ceiling: Option<f64>,
+    max_latency: Option<Duration>,
+}
+
+impl Pace {
+    fn new(options: &Options) -> Pace {
+        let ceiling = options.rate.filter(|r| *r > 0).map(f64::from);
+        Pace {
+            limit: ceiling,
+            ceiling,
+            max_latency: options.max_latency,
+        }
+    }
+
+    /// Keys (or fields) to ask for per page: about 20 pages a second.
+    fn page_size(&self) -> String {
+        let size = self.limit.map_or(SCAN_COUNT, |limit| {
+            ((limit / 20.0) as u32).clamp(10, SCAN_COUNT)
+        });
+        size.to_string()
+    }
+
+    /// After a page that rewrote `values` in `took`, its slowest
+    /// compare-and-swap round trip `latency`: how long to wait.
+    fn after_page(&mut self, values: u64, took: Duration, latency: Duration) -> Duration {
+        if let Some(bound) = self.max_latency {
+            if latency > bound {
+                let speed = values as f64 / took.as_secs_f64().max(1e-3);
+                let current = self.limit.unwrap_or(speed).min(speed.max(1.0));
+                self.limit = Some((current / 2.0).max(100.0));
+            } else if latency < bound / 2
+                && let Some(limit) = self.limit
+            {
+                let raised = limit * 1.1;
+                self.limit = match self.ceiling {
+                    Some(ceiling) => Some(raised.min(ceiling)),
+                    // Back to full speed once well above what a page does.
+                    None if raised > 1e6 => None,
+                    None => Some(raised),
+                };
+            }
+        }
+        match self.limit {
+            Some(limit) => Duration::from_secs_f64(values as f64 / limit).saturating_sub(took),
+            None => Duration::ZERO,
+        }
+    }
+}
 
 /// What the run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +129,8 @@ pub struct Options {
     pub checkpoint: Option<PathBuf>,
     /// At most this many values per second (`None`: as fast as Redis goes).
     pub rate: Option<u32>,
+    /// Halve the rate while a compare-and-swap round trip takes longer.
+    pub max_latency: Option<Duration>,
     /// Stop after this many keys (a run in parts, resumed from the
     /// checkpoint).
     pub stop_after_keys: Option<u64>,
@@ -310,19 +367,21 @@ pub async fn run(config: Config, options: &Options) -> Result<Census, RekeyError
         }
     }
     let mut last_saved = std::time::Instant::now();
-    let started = std::time::Instant::now();
-    let values_at_start = checkpoint.census.rewritten;
+    let mut pace = Pace::new(options);
     loop {
+        let page_started = std::time::Instant::now();
+        let rewritten_before = checkpoint.census.rewritten;
         let cursor = checkpoint.cursor.clone();
+        let count = pace.page_size();
         let mut scan = vec![b"SCAN".as_slice(), cursor.as_bytes()];
         if let Some(pattern) = &options.pattern {
             scan.extend([b"MATCH".as_slice(), pattern.as_bytes()]);
         }
-        scan.extend([b"COUNT".as_slice(), SCAN_COUNT]);
+        scan.extend([b"COUNT".as_slice(), count.as_bytes()]);
         let reply = conn.batch(&[command(&scan)]).await?.remove(0);
         let (next, keys) = scan_reply(&reply)?;
         let census = &mut checkpoint.census;
-        run.page(&mut conn, &keys, census).await?;
+        let latency = run.page(&mut conn, &keys, count.as_bytes(), census).await?;
         census.keys += keys.len() as u64;
         checkpoint.cursor = String::from_utf8_lossy(&next).into_owned();
         let finished = &next[..] == b"0";
@@ -330,22 +389,29 @@ pub async fn run(config: Config, options: &Options) -> Result<Census, RekeyError
         let stopping = options
             .stop_after_keys
             .is_some_and(|limit| checkpoint.census.keys >= limit);
-        if let Some(path) = &options.checkpoint
-            && (finished || stopping || last_saved.elapsed() >= CHECKPOINT_EVERY)
-        {
-            save(path, &checkpoint)?;
+        if finished || stopping || last_saved.elapsed() >= CHECKPOINT_EVERY {
+            if let Some(path) = &options.checkpoint {
+                save(path, &checkpoint)?;
+            }
+            let census = &checkpoint.census;
+            // Progress as a log line (JSON with --log-format json): counts only.
+            tracing::info!(
+                keys = census.keys,
+                rewritten = census.rewritten,
+                skipped = census.skipped,
+                failed = census.failed,
+                rate = pace.limit.map(|l| l as u64),
+                "rekey progress"
+            );
             last_saved = std::time::Instant::now();
         }
         if finished || stopping {
             return Ok(checkpoint.census);
         }
-        // Paced: at most `rate` values rewritten per second on average.
-        if let Some(rate) = options.rate.filter(|r| *r > 0) {
-            let done = checkpoint.census.rewritten - values_at_start;
-            let due = Duration::from_secs_f64(done as f64 / f64::from(rate));
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
+        let values = checkpoint.census.rewritten - rewritten_before;
+        let wait = pace.after_page(values, page_started.elapsed(), latency);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -359,15 +425,17 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// One SCAN page: each key's type, its values, the census, the rewrites.
+    /// One SCAN page: each key's type, its values, the census, the
+    /// rewrites. Returns the slowest compare-and-swap round trip.
     async fn page(
         &self,
         conn: &mut Conn,
         keys: &[Bytes],
+        count: &[u8],
         census: &mut Census,
-    ) -> Result<(), RekeyError> {
+    ) -> Result<Duration, RekeyError> {
         if keys.is_empty() {
-            return Ok(());
+            return Ok(Duration::ZERO);
         }
         let types: Vec<Vec<Bytes>> = keys.iter().map(|k| command(&[b"TYPE", k])).collect();
         let types = conn.batch(&types).await?;
@@ -394,7 +462,7 @@ impl Run<'_> {
         for key in &hashes {
             let mut cursor = Bytes::from_static(b"0");
             loop {
-                let hscan = command(&[b"HSCAN", key, &cursor, b"COUNT", SCAN_COUNT]);
+                let hscan = command(&[b"HSCAN", key, &cursor, b"COUNT", count]);
                 let reply = conn.batch(&[hscan]).await?.remove(0);
                 let (next, pairs) = scan_reply(&reply)?;
                 for pair in pairs.chunks_exact(2) {
@@ -410,9 +478,9 @@ impl Run<'_> {
             }
         }
         if self.options.mode == Mode::Rewrite {
-            self.rewrite(conn, rewrites, census).await?;
+            return self.rewrite(conn, rewrites, census).await;
         }
-        Ok(())
+        Ok(Duration::ZERO)
     }
 
     /// Counts one value, and says how to rewrite it when it is under
@@ -491,10 +559,13 @@ impl Run<'_> {
         conn: &mut Conn,
         mut rewrites: Vec<Rewrite>,
         census: &mut Census,
-    ) -> Result<(), RekeyError> {
+    ) -> Result<Duration, RekeyError> {
+        let mut slowest = Duration::ZERO;
         while !rewrites.is_empty() {
             let swaps: Vec<Vec<Bytes>> = rewrites.iter().map(swap).collect();
+            let sent = std::time::Instant::now();
             let replies = conn.batch(&swaps).await?;
+            slowest = slowest.max(sent.elapsed());
             let mut lost = Vec::new();
             for (rewrite, reply) in rewrites.into_iter().zip(replies) {
                 match &reply[..] {
@@ -535,7 +606,7 @@ impl Run<'_> {
                 census.failed_keys.extend(scratch.failed_keys);
             }
         }
-        Ok(())
+        Ok(slowest)
     }
 }
 
@@ -600,4 +671,59 @@ pub fn reverse_command(config_path: &std::path::Path, from: u32, options: &Optio
         text.push_str(&format!(" --match '{pattern}'"));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(rate: Option<u32>, max_latency_ms: Option<u64>) -> Options {
+        Options {
+            to_key: None,
+            to_plaintext: false,
+            seal_legacy: false,
+            pattern: None,
+            mode: Mode::Rewrite,
+            max_value_bytes: 1 << 20,
+            checkpoint: None,
+            rate,
+            max_latency: max_latency_ms.map(Duration::from_millis),
+            stop_after_keys: None,
+        }
+    }
+
+    #[test]
+    fn an_unpaced_run_never_waits_and_asks_full_pages() {
+        let mut pace = Pace::new(&options(None, None));
+        assert_eq!(pace.page_size(), "200");
+        let wait = pace.after_page(200, Duration::from_millis(1), Duration::from_millis(50));
+        assert_eq!(wait, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_rate_spreads_small_pages_over_time() {
+        let mut pace = Pace::new(&options(Some(1000), None));
+        assert_eq!(pace.page_size(), "50", "about 20 pages a second");
+        let wait = pace.after_page(50, Duration::from_millis(10), Duration::ZERO);
+        assert_eq!(wait, Duration::from_millis(40));
+    }
+
+    #[test]
+    fn slow_swaps_halve_the_rate_and_fast_ones_raise_it_back_to_the_ceiling() {
+        let mut pace = Pace::new(&options(Some(10_000), Some(5)));
+        let slow = Duration::from_millis(10);
+        pace.after_page(200, Duration::from_millis(20), slow);
+        assert_eq!(pace.limit, Some(5_000.0));
+        pace.after_page(100, Duration::from_millis(20), slow);
+        assert_eq!(pace.limit, Some(2_500.0));
+        for _ in 0..20 {
+            pace.after_page(100, Duration::from_millis(1), Duration::from_millis(1));
+        }
+        assert_eq!(pace.limit, Some(10_000.0), "never above --rate");
+        // Without --rate, the first slow page sets one from the speed seen.
+        let mut pace = Pace::new(&options(None, Some(5)));
+        pace.after_page(1_000, Duration::from_millis(100), slow);
+        assert_eq!(pace.limit, Some(5_000.0));
+        assert_eq!(pace.page_size(), "200");
+    }
 }

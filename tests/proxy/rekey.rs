@@ -23,6 +23,7 @@ fn options(mode: Mode, to_key: Option<u32>) -> Options {
         max_value_bytes: 1 << 20,
         checkpoint: None,
         rate: None,
+        max_latency: None,
         stop_after_keys: None,
     }
 }
