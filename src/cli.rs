@@ -32,6 +32,23 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Say whether a data key can be retired: counts what Redis holds
+    /// (as `rekey --dry-run`) and exits 0 only when no value is sealed
+    /// under it, it is not the primary, and every key's type could be read
+    /// (a list or set may hold values under it: then it refuses). It
+    /// changes nothing: remove the key's [[encryption.keys]] entry yourself.
+    Retire {
+        /// Path of the config file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The key id to retire.
+        #[arg(long, value_name = "ID")]
+        id: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum CertsCommand {
     /// Write a development CA, a certificate for Redis (with --hosts as its
     /// names), a client certificate for redcloak's upstream side and a
@@ -111,6 +128,11 @@ pub enum Command {
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
+    },
+    /// Data keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Print a new random password (32 random bytes, hex: 64 characters),
     /// for Redis's ACL user or [listen.auth].

@@ -5,7 +5,7 @@
 use anyhow::Context;
 use clap::Parser;
 use redcloak::admin;
-use redcloak::cli::{CertsCommand, Cli, Command, ReportFormat};
+use redcloak::cli::{CertsCommand, Cli, Command, KeysCommand, ReportFormat};
 use redcloak::dev::{self, Existing};
 use redcloak::server::{Drained, Server};
 use redcloak::telemetry::{Telemetry, probe};
@@ -253,6 +253,58 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                     );
                 }
             }
+            Ok(())
+        }
+        Command::Keys {
+            command: KeysCommand::Retire { config, id },
+        } => {
+            let loaded = config::load(&config)
+                .with_context(|| format!("configuration error in {}", config.display()))
+                .map_err(|e| (EXIT_CONFIG, e))?;
+            if loaded.encryption.keyring.primary_id() == id {
+                return Err((
+                    1,
+                    anyhow::anyhow!("key {id} is the primary: make another key primary first"),
+                ));
+            }
+            let options = redcloak::rekey::Options {
+                to_key: None,
+                to_plaintext: false,
+                seal_legacy: false,
+                pattern: None,
+                mode: redcloak::rekey::Mode::Census,
+                max_value_bytes: usize::MAX,
+                checkpoint: None,
+                rate: None,
+                max_latency: None,
+                stop_after_keys: None,
+            };
+            let census = redcloak::rekey::run(loaded, &options)
+                .await
+                .map_err(|e| (EXIT_RUNTIME, e.into()))?;
+            outln!("{}", serde_json::to_string(&census).unwrap_or_default());
+            let under = census.by_key_id.get(&id).copied().unwrap_or(0);
+            if under > 0 {
+                return Err((
+                    1,
+                    anyhow::anyhow!(
+                        "{under} values are sealed under key {id}: run `redcloak rekey` first"
+                    ),
+                ));
+            }
+            if census.not_handled > 0 {
+                return Err((
+                    1,
+                    anyhow::anyhow!(
+                        "{} keys are lists, sets, sorted sets or streams, which rekey cannot read yet: \
+                         they may hold values under key {id}, so it is not retired",
+                        census.not_handled
+                    ),
+                ));
+            }
+            errln!(
+                "no value is sealed under key {id}: remove its [[encryption.keys]] entry and its file, then reload"
+            );
             Ok(())
         }
         Command::Keygen => {

@@ -264,7 +264,7 @@ async fn a_run_stopped_part_way_resumes_from_its_checkpoint() {
                 "[[encryption.keys]]\nid = {id}\nfile = \"key-{id}\"\n"
             ));
         }
-        text
+        text + "[[encryption.rules]]\npattern = \"plain:*\"\nmode = \"plaintext\"\n"
     };
     config.encryption = keys(&[1, 2]);
     let file = redis.path("redcloak.toml");
@@ -310,6 +310,39 @@ async fn a_run_stopped_part_way_resumes_from_its_checkpoint() {
     let verify = rekey(&redis, &options(Mode::Census, None)).await;
     assert_eq!(verify.remaining(2, false), 0, "{verify:?}");
     assert_eq!(verify.by_key_id.get(&2), Some(&3000));
+
+    // `keys retire`: key 1 holds nothing now, so it may go; key 2 is the
+    // primary; an encrypted list (which rekey cannot read yet) may hold
+    // values under key 1, so then it refuses.
+    let retire = |id: &str| {
+        std::process::Command::new(redcloak_bin())
+            .args(["keys", "retire", "--config"])
+            .arg(&file)
+            .args(["--id", id])
+            .output()
+            .expect("redcloak runs")
+    };
+    let one = retire("1");
+    assert!(one.status.success(), "{one:?}");
+    assert_eq!(retire("2").status.code(), Some(1), "the primary");
+    assert_reply(&c.call(&[b"SET", b"k:0", b"under key 1"]).await, b"+OK\r\n");
+    let refused = retire("1");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("1 values are sealed under key 1"));
+    assert_reply(&c.call(&[b"DEL", b"k:0"]).await, b":1\r\n");
+    assert_reply(&c.call(&[b"RPUSH", b"queue", b"job"]).await, b":1\r\n");
+    let refused = retire("1");
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("lists, sets"));
+    assert_reply(
+        &c.call(&[b"RPUSH", b"plain:queue", b"job"]).await,
+        b":1\r\n",
+    );
+    assert_reply(&c.call(&[b"DEL", b"queue"]).await, b":1\r\n");
+    assert!(
+        retire("1").status.success(),
+        "a plaintext list cannot hold sealed values"
+    );
 }
 
 /// The way off redcloak: `--to-plaintext --i-understand` writes every value
