@@ -35,9 +35,10 @@ pub enum LogFormat {
 pub enum KeysCommand {
     /// Say whether a data key can be retired: counts what Redis holds
     /// (as `rekey --dry-run`) and exits 0 only when no value is sealed
-    /// under it, it is not the primary, and every key's type could be read
-    /// (a list or set may hold values under it: then it refuses). It
-    /// changes nothing: remove the key's [[encryption.keys]] entry yourself.
+    /// under it, it is not the primary, and no stream under an encrypting
+    /// rule could hold one (rekey cannot rewrite stream entries: then it
+    /// refuses). It changes nothing: remove the key's [[encryption.keys]]
+    /// entry yourself.
     Retire {
         /// Path of the config file.
         #[arg(long, short, value_name = "FILE")]
@@ -171,8 +172,9 @@ pub enum Command {
     /// keyring and upstream TLS and login, and connects to Redis directly.
     /// Each value is rewritten with a compare-and-swap that keeps its TTL; a
     /// value the app changes meanwhile is read again (3 times at most). A
-    /// value that does not open is counted and never rewritten. Strings and
-    /// hashes today. Prints a JSON census (values per key id) and the
+    /// value that does not open is counted and never rewritten. Strings,
+    /// hashes, lists, sets and sorted sets (streams are counted, not
+    /// rewritten). Prints a JSON census (values per key id) and the
     /// command that reverses the run.
     Rekey {
         /// Path of the config file.

@@ -296,7 +296,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 return Err((
                     1,
                     anyhow::anyhow!(
-                        "{} keys are lists, sets, sorted sets or streams, which rekey cannot read yet: \
+                        "{} keys are streams, whose entries rekey cannot rewrite: \
                          they may hold values under key {id}, so it is not retired",
                         census.not_handled
                     ),

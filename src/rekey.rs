@@ -6,6 +6,9 @@
 //! ```text
 //!   SCAN (MATCH) ─▶ TYPE ─▶ string: GET      ─▶ open (old key) ─▶ seal (target) ─▶ compare-and-swap
 //!                           hash:   HSCAN    ─▶   per field, the same
+//!                           list:   LRANGE   ─▶   per element (LINDEX, LSET)
+//!                           set:    SSCAN    ─▶   per member (SADD new, SREM old)
+//!                           zset:   ZSCAN    ─▶   per member (ZADD new with its score, ZREM old)
 //! ```
 //!
 //! Every rewrite is a compare-and-swap: a script replaces the value only if
@@ -19,8 +22,10 @@
 //! (with `--i-understand`) writes every value back in plaintext: the way
 //! off redcloak.
 //!
-//! Today strings and hashes are rewritten; the other types' values are
-//! counted as not handled (see the README's Rotation section).
+//! Strings, hashes, lists, sets and sorted sets are rewritten (members as
+//! their rule seals them, deterministically where it says so); streams,
+//! whose entries Redis never changes, are counted as not handled.
+//! HyperLogLogs hold keyed tokens, not envelopes, and are left alone.
 
 use crate::config::Config;
 use crate::crypto::envelope;
@@ -42,6 +47,18 @@ redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL') return 1 end return 0";
 /// Rewrites one hash field if it still holds what was read.
 const HASH_CAS: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end return 0";
+/// Rewrites one list element if the index still holds what was read.
+const LIST_CAS: &str = "if redis.call('LINDEX', KEYS[1], ARGV[1]) == ARGV[2] then \
+redis.call('LSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end return 0";
+/// Replaces one set member if it is still there (the new one first, so the
+/// set is never empty in between and keeps its TTL).
+const SET_CAS: &str = "if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then \
+redis.call('SADD', KEYS[1], ARGV[2]) redis.call('SREM', KEYS[1], ARGV[1]) return 1 end return 0";
+/// Replaces one sorted-set member, with its score, if it is still there.
+const ZSET_CAS: &str = "local score = redis.call('ZSCORE', KEYS[1], ARGV[1]) if score then \
+redis.call('ZADD', KEYS[1], score, ARGV[2]) redis.call('ZREM', KEYS[1], ARGV[1]) return 1 end return 0";
+/// A HyperLogLog's representation starts with this (a string to Redis).
+const HYPERLOGLOG: &[u8] = b"HYLL";
 /// Reads again after a lost compare-and-swap at most this often.
 const ATTEMPTS: usize = 3;
 /// Keys asked of each SCAN (and fields of each HSCAN) at full speed; a
@@ -152,8 +169,8 @@ pub struct Census {
     pub failed: u64,
     /// Values over `--max-value-bytes`.
     pub too_large: u64,
-    /// Keys of a type rekey does not rewrite yet (lists, sets, sorted sets,
-    /// streams) under a rule that encrypts.
+    /// Streams under a rule that encrypts: their entries cannot be
+    /// rewritten in place.
     pub not_handled: u64,
     /// Key names of failed values, where `logging.log_key_names` allows.
     pub failed_keys: Vec<String>,
@@ -297,10 +314,32 @@ fn command(args: &[&[u8]]) -> Vec<Bytes> {
 /// A value read from Redis, where it sits, and what to write instead.
 struct Rewrite {
     key: Bytes,
-    field: Option<Bytes>,
+    place: Place,
     stored: Bytes,
     sealed: Vec<u8>,
     attempts: usize,
+}
+
+/// Where in its key a value sits.
+#[derive(Debug, Clone)]
+enum Place {
+    String,
+    HashField(Bytes),
+    ListIndex(i64),
+    SetMember,
+    SortedSetMember,
+}
+
+impl Place {
+    fn kind(&self) -> envelope::Kind {
+        match self {
+            Place::String => envelope::Kind::String,
+            Place::HashField(_) => envelope::Kind::HashField,
+            Place::ListIndex(_) => envelope::Kind::ListElement,
+            Place::SetMember => envelope::Kind::SetMember,
+            Place::SortedSetMember => envelope::Kind::SortedSetMember,
+        }
+    }
 }
 
 /// The run: over every key (or those matching), census, and unless
@@ -442,10 +481,16 @@ impl Run<'_> {
         let types = conn.batch(&types).await?;
         let mut strings = Vec::new();
         let mut hashes = Vec::new();
+        let mut lists = Vec::new();
+        let mut sets = Vec::new();
+        let mut zsets = Vec::new();
         for (key, kind) in keys.iter().zip(&types) {
             match &kind[..] {
                 b"+string\r\n" => strings.push(key.clone()),
                 b"+hash\r\n" => hashes.push(key.clone()),
+                b"+list\r\n" => lists.push(key.clone()),
+                b"+set\r\n" => sets.push(key.clone()),
+                b"+zset\r\n" => zsets.push(key.clone()),
                 b"+none\r\n" => {}
                 // Another type under a rule that encrypts: it may hold
                 // sealed values rekey cannot read yet.
@@ -462,9 +507,11 @@ impl Run<'_> {
         let mut rewrites = Vec::new();
         let gets: Vec<Vec<Bytes>> = strings.iter().map(|k| command(&[b"GET", k])).collect();
         for (key, reply) in strings.iter().zip(conn.batch(&gets).await?) {
-            if let Some(stored) = resp::bulk_body(&reply) {
+            if let Some(stored) = resp::bulk_body(&reply)
+                && !stored.starts_with(HYPERLOGLOG)
+            {
                 let stored = Bytes::copy_from_slice(stored);
-                if let Some(rewrite) = self.look_at(key, None, stored, census) {
+                if let Some(rewrite) = self.look_at(key, Place::String, stored, census) {
                     rewrites.push(rewrite);
                 }
             }
@@ -477,7 +524,8 @@ impl Run<'_> {
                 let (next, pairs) = scan_reply(&reply)?;
                 for pair in pairs.chunks_exact(2) {
                     let (field, stored) = (pair[0].clone(), pair[1].clone());
-                    if let Some(rewrite) = self.look_at(key, Some(field), stored, census) {
+                    let place = Place::HashField(field);
+                    if let Some(rewrite) = self.look_at(key, place, stored, census) {
                         rewrites.push(rewrite);
                     }
                 }
@@ -485,6 +533,51 @@ impl Run<'_> {
                     break;
                 }
                 cursor = next;
+            }
+        }
+        let step = std::str::from_utf8(count)
+            .ok()
+            .and_then(|c| c.parse::<i64>().ok())
+            .unwrap_or(200);
+        for key in &lists {
+            let mut start = 0i64;
+            loop {
+                let (first, last) = (start.to_string(), (start + step - 1).to_string());
+                let range = command(&[b"LRANGE", key, first.as_bytes(), last.as_bytes()]);
+                let reply = conn.batch(&[range]).await?.remove(0);
+                let elements = array_items(&reply)?;
+                for (i, stored) in elements.iter().enumerate() {
+                    let place = Place::ListIndex(start + i as i64);
+                    if let Some(rewrite) = self.look_at(key, place, stored.clone(), census) {
+                        rewrites.push(rewrite);
+                    }
+                }
+                if (elements.len() as i64) < step {
+                    break;
+                }
+                start += step;
+            }
+        }
+        for (keys, scan, place, pairs) in [
+            (&sets, &b"SSCAN"[..], Place::SetMember, false),
+            (&zsets, &b"ZSCAN"[..], Place::SortedSetMember, true),
+        ] {
+            for key in keys {
+                let mut cursor = Bytes::from_static(b"0");
+                loop {
+                    let request = command(&[scan, key, &cursor, b"COUNT", count]);
+                    let reply = conn.batch(&[request]).await?.remove(0);
+                    let (next, items) = scan_reply(&reply)?;
+                    let members = items.iter().step_by(if pairs { 2 } else { 1 });
+                    for member in members {
+                        let rewrite = self.look_at(key, place.clone(), member.clone(), census);
+                        rewrites.extend(rewrite);
+                    }
+                    if &next[..] == b"0" {
+                        break;
+                    }
+                    cursor = next;
+                }
             }
         }
         if self.options.mode == Mode::Rewrite {
@@ -498,16 +591,16 @@ impl Run<'_> {
     fn look_at(
         &self,
         key: &Bytes,
-        field: Option<Bytes>,
+        place: Place,
         stored: Bytes,
         census: &mut Census,
     ) -> Option<Rewrite> {
-        let kind = match field {
-            Some(_) => envelope::Kind::HashField,
-            None => envelope::Kind::String,
+        let field = match &place {
+            Place::HashField(field) => Some(field),
+            _ => None,
         };
         // A plaintext rule: nothing to do.
-        let site = self.policy.site(kind, key, field.as_ref())?;
+        let site = self.policy.site(place.kind(), key, field)?;
         if stored.len() > self.options.max_value_bytes {
             census.too_large += 1;
             return None;
@@ -540,13 +633,16 @@ impl Run<'_> {
         };
         let sealed = if self.options.to_plaintext {
             plaintext.to_vec()
+        } else if site.deterministic {
+            self.keyring
+                .seal_member_with(self.target, &plaintext, site.binding())?
         } else {
             self.keyring
                 .seal_with(self.target, &plaintext, site.binding())?
         };
         Some(Rewrite {
             key: key.clone(),
-            field,
+            place,
             stored,
             sealed,
             attempts: 0,
@@ -593,10 +689,15 @@ impl Run<'_> {
                     census.skipped += 1;
                     continue;
                 }
-                // Read again: the app's value is what gets resealed.
-                let read = match &rewrite.field {
-                    Some(field) => command(&[b"HGET", &rewrite.key, field]),
-                    None => command(&[b"GET", &rewrite.key]),
+                // Read again: the app's value is what gets resealed. A
+                // member no longer there was removed or replaced by the app.
+                let read = match &rewrite.place {
+                    Place::HashField(field) => command(&[b"HGET", &rewrite.key, field]),
+                    Place::String => command(&[b"GET", &rewrite.key]),
+                    Place::ListIndex(i) => {
+                        command(&[b"LINDEX", &rewrite.key, i.to_string().as_bytes()])
+                    }
+                    Place::SetMember | Place::SortedSetMember => continue,
                 };
                 let reply = conn.batch(&[read]).await?.remove(0);
                 let Some(stored) = resp::bulk_body(&reply) else {
@@ -607,7 +708,7 @@ impl Run<'_> {
                 let mut scratch = Census::default();
                 let attempts = rewrite.attempts;
                 if let Some(mut again) =
-                    self.look_at(&rewrite.key, rewrite.field.clone(), stored, &mut scratch)
+                    self.look_at(&rewrite.key, rewrite.place.clone(), stored, &mut scratch)
                 {
                     again.attempts = attempts;
                     rewrites.push(again);
@@ -622,25 +723,44 @@ impl Run<'_> {
 
 /// The compare-and-swap script call for one rewrite.
 fn swap(rewrite: &Rewrite) -> Vec<Bytes> {
-    match &rewrite.field {
-        None => vec![
-            Bytes::from_static(b"EVAL"),
-            Bytes::from_static(STRING_CAS.as_bytes()),
-            Bytes::from_static(b"1"),
-            rewrite.key.clone(),
-            rewrite.stored.clone(),
-            Bytes::from(rewrite.sealed.clone()),
-        ],
-        Some(field) => vec![
-            Bytes::from_static(b"EVAL"),
-            Bytes::from_static(HASH_CAS.as_bytes()),
-            Bytes::from_static(b"1"),
-            rewrite.key.clone(),
-            field.clone(),
-            rewrite.stored.clone(),
-            Bytes::from(rewrite.sealed.clone()),
-        ],
-    }
+    let (script, at) = match &rewrite.place {
+        Place::String => (STRING_CAS, None),
+        Place::HashField(field) => (HASH_CAS, Some(field.clone())),
+        Place::ListIndex(i) => (LIST_CAS, Some(Bytes::from(i.to_string()))),
+        Place::SetMember => (SET_CAS, None),
+        Place::SortedSetMember => (ZSET_CAS, None),
+    };
+    let mut call = vec![
+        Bytes::from_static(b"EVAL"),
+        Bytes::from_static(script.as_bytes()),
+        Bytes::from_static(b"1"),
+        rewrite.key.clone(),
+    ];
+    call.extend(at);
+    call.push(rewrite.stored.clone());
+    call.push(Bytes::from(rewrite.sealed.clone()));
+    call
+}
+
+/// The bulk strings of an array reply (LRANGE).
+fn array_items(reply: &[u8]) -> Result<Vec<Bytes>, RekeyError> {
+    let invalid = || {
+        RekeyError::Redis(format!(
+            "not an array: {}",
+            crate::upstream::error_text(reply)
+        ))
+    };
+    let limits = Limits {
+        max_bulk_bytes: usize::MAX / 4,
+        max_reply_bytes: usize::MAX / 4,
+        ..Limits::default()
+    };
+    let (_, items) = resp::aggregate_elements(reply, &limits).ok_or_else(invalid)?;
+    items
+        .iter()
+        .map(|item| resp::bulk_body(item).map(Bytes::copy_from_slice))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(invalid)
 }
 
 /// A SCAN or HSCAN reply: the next cursor and the elements.

@@ -147,6 +147,18 @@ impl Keyring {
         Some(slot.key.seal(value, binding))
     }
 
+    /// Seals a member deterministically with the key `id` (`None`: no such key).
+    pub fn seal_member_with(
+        &self,
+        id: u32,
+        member: &[u8],
+        binding: Binding<'_>,
+    ) -> Option<Vec<u8>> {
+        let slot = self.keys.get(&id)?;
+        slot.sealed.fetch_add(1, Ordering::Relaxed);
+        Some(slot.key.seal_member(member, binding))
+    }
+
     /// Whether the keyring holds a key `id`.
     pub fn has(&self, id: u32) -> bool {
         self.keys.contains_key(&id)

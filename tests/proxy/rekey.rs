@@ -312,8 +312,8 @@ async fn a_run_stopped_part_way_resumes_from_its_checkpoint() {
     assert_eq!(verify.by_key_id.get(&2), Some(&3000));
 
     // `keys retire`: key 1 holds nothing now, so it may go; key 2 is the
-    // primary; an encrypted list (which rekey cannot read yet) may hold
-    // values under key 1, so then it refuses.
+    // primary; an encrypted stream (whose entries rekey cannot rewrite)
+    // may hold values under key 1, so then it refuses.
     let retire = |id: &str| {
         std::process::Command::new(redcloak_bin())
             .args(["keys", "retire", "--config"])
@@ -330,18 +330,19 @@ async fn a_run_stopped_part_way_resumes_from_its_checkpoint() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("1 values are sealed under key 1"));
     assert_reply(&c.call(&[b"DEL", b"k:0"]).await, b":1\r\n");
-    assert_reply(&c.call(&[b"RPUSH", b"queue", b"job"]).await, b":1\r\n");
+    let added = c
+        .call(&[b"XADD", b"events", b"*", b"field", b"value"])
+        .await;
+    assert!(added.starts_with(b"$"), "{added:?}");
     let refused = retire("1");
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("lists, sets"));
-    assert_reply(
-        &c.call(&[b"RPUSH", b"plain:queue", b"job"]).await,
-        b":1\r\n",
-    );
-    assert_reply(&c.call(&[b"DEL", b"queue"]).await, b":1\r\n");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("streams"));
+    let added = c.call(&[b"XADD", b"plain:events", b"*", b"f", b"v"]).await;
+    assert!(added.starts_with(b"$"), "{added:?}");
+    assert_reply(&c.call(&[b"DEL", b"events"]).await, b":1\r\n");
     assert!(
         retire("1").status.success(),
-        "a plaintext list cannot hold sealed values"
+        "a plaintext stream cannot hold sealed values"
     );
 }
 
@@ -393,4 +394,76 @@ async fn to_plaintext_writes_values_back_readable_and_seal_legacy_reverses_it() 
         Ok(1)
     );
     assert_reply(&c.call(&[b"GET", b"p:7"]).await, b"$8\r\nsecret 7\r\n");
+}
+
+/// Lists, sets and sorted sets move too: list elements in place, members
+/// replaced (deterministically sealed under the new key, so SISMEMBER
+/// still finds them; a sorted set's scores kept), TTLs kept; a HyperLogLog
+/// (keyed tokens, not envelopes) is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_sets_and_sorted_sets_move_to_the_new_key() {
+    let redis = TestRedis::start().await;
+    let mut config = redis.config();
+    let proxy = redis.start_proxy(&config).await;
+    let mut c = proxy.raw().await;
+    assert_reply(
+        &c.call(&[b"RPUSH", b"jobs", b"a", b"b", b"c"]).await,
+        b":3\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"SADD", b"tags", b"red", b"green", b"blue"]).await,
+        b":3\r\n",
+    );
+    assert_reply(&c.call(&[b"EXPIRE", b"tags", b"3600"]).await, b":1\r\n");
+    assert_reply(
+        &c.call(&[b"ZADD", b"board", b"1", b"ann", b"2", b"bob"])
+            .await,
+        b":2\r\n",
+    );
+    assert_reply(
+        &c.call(&[b"PFADD", b"visitors", b"x", b"y"]).await,
+        b":1\r\n",
+    );
+    let hll = redis.stored(b"visitors", None).await;
+    let key2 = redcloak::crypto::keyring::generate_key();
+    redcloak::dev::write_file(&redis.path("key-2"), key2.as_bytes(), 0o600).expect("key 2");
+    config.encryption = "[encryption]\nprimary = 2\n\
+        [[encryption.keys]]\nid = 1\nfile = \"key-1\"\n[[encryption.keys]]\nid = 2\nfile = \"key-2\"\n\
+        [[encryption.rules]]\npattern = \"plain:*\"\nmode = \"plaintext\"\n"
+        .into();
+    std::fs::write(redis.path("redcloak.toml"), config.render()).expect("config");
+    let done = rekey(&redis, &options(Mode::Rewrite, None)).await;
+    assert_eq!(done.rewritten, 3 + 3 + 2, "{done:?}");
+    assert_eq!(done.not_handled, 0);
+    let after = rekey(&redis, &options(Mode::Census, None)).await;
+    assert_eq!(after.by_key_id.get(&2), Some(&8), "{after:?}");
+    assert_eq!(after.by_key_id.get(&1), None, "{after:?}");
+    assert_eq!(
+        redis.stored(b"visitors", None).await,
+        hll,
+        "HyperLogLog untouched"
+    );
+    let mut admin = redis.admin().await;
+    let ttl = admin.call(&[b"TTL", b"tags"]).await;
+    assert!(ttl.starts_with(b":3") && ttl.len() > 4, "TTL kept: {ttl:?}");
+
+    // A proxy with key 2 as primary reads them all.
+    drop(proxy);
+    let proxy = redis.start_proxy(&config).await;
+    let mut c = proxy.raw().await;
+    assert_reply(
+        &c.call(&[b"LRANGE", b"jobs", b"0", b"-1"]).await,
+        b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n",
+    );
+    assert_reply(&c.call(&[b"SISMEMBER", b"tags", b"green"]).await, b":1\r\n");
+    assert_reply(&c.call(&[b"SCARD", b"tags"]).await, b":3\r\n");
+    let mut members = texts(&c.call(&[b"SMEMBERS", b"tags"]).await);
+    members.sort();
+    assert_eq!(members, ["blue", "green", "red"]);
+    assert_reply(
+        &c.call(&[b"ZRANGE", b"board", b"0", b"-1", b"WITHSCORES"])
+            .await,
+        b"*4\r\n$3\r\nann\r\n$1\r\n1\r\n$3\r\nbob\r\n$1\r\n2\r\n",
+    );
+    assert_reply(&c.call(&[b"PFCOUNT", b"visitors"]).await, b":2\r\n");
 }
