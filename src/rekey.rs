@@ -742,52 +742,42 @@ fn swap(rewrite: &Rewrite) -> Vec<Bytes> {
     call
 }
 
-/// The bulk strings of an array reply (LRANGE).
-fn array_items(reply: &[u8]) -> Result<Vec<Bytes>, RekeyError> {
-    let invalid = || {
-        RekeyError::Redis(format!(
-            "not an array: {}",
-            crate::upstream::error_text(reply)
-        ))
-    };
-    let limits = Limits {
+/// Reading a reply already read whole: Redis bounded it, not this.
+fn unbounded() -> Limits {
+    Limits {
         max_bulk_bytes: usize::MAX / 4,
         max_reply_bytes: usize::MAX / 4,
         ..Limits::default()
-    };
-    let (_, items) = resp::aggregate_elements(reply, &limits).ok_or_else(invalid)?;
+    }
+}
+
+fn not_a(what: &str, reply: &[u8]) -> RekeyError {
+    RekeyError::Redis(format!(
+        "not {what}: {}",
+        crate::upstream::error_text(reply)
+    ))
+}
+
+/// The bulk strings of an array reply (LRANGE, a SCAN's elements).
+fn array_items(reply: &[u8]) -> Result<Vec<Bytes>, RekeyError> {
+    let (_, items) =
+        resp::aggregate_elements(reply, &unbounded()).ok_or_else(|| not_a("an array", reply))?;
     items
         .iter()
         .map(|item| resp::bulk_body(item).map(Bytes::copy_from_slice))
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(invalid)
+        .ok_or_else(|| not_a("an array of strings", reply))
 }
 
-/// A SCAN or HSCAN reply: the next cursor and the elements.
+/// A SCAN (HSCAN, SSCAN, ZSCAN) reply: the next cursor and the elements.
 fn scan_reply(reply: &[u8]) -> Result<(Bytes, Vec<Bytes>), RekeyError> {
-    let invalid = || {
-        RekeyError::Redis(format!(
-            "not a SCAN reply: {}",
-            crate::upstream::error_text(reply)
-        ))
-    };
-    let limits = Limits {
-        max_bulk_bytes: usize::MAX / 4,
-        max_reply_bytes: usize::MAX / 4,
-        ..Limits::default()
-    };
-    let (_, parts) = resp::aggregate_elements(reply, &limits).ok_or_else(invalid)?;
+    let invalid = || not_a("a SCAN reply", reply);
+    let (_, parts) = resp::aggregate_elements(reply, &unbounded()).ok_or_else(invalid)?;
     let [cursor, elements] = parts[..] else {
         return Err(invalid());
     };
     let cursor = Bytes::copy_from_slice(resp::bulk_body(cursor).ok_or_else(invalid)?);
-    let (_, items) = resp::aggregate_elements(elements, &limits).ok_or_else(invalid)?;
-    let items = items
-        .iter()
-        .map(|item| resp::bulk_body(item).map(Bytes::copy_from_slice))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(invalid)?;
-    Ok((cursor, items))
+    Ok((cursor, array_items(elements)?))
 }
 
 /// The command that reverses a run: sealing back under `from`, the key

@@ -28,6 +28,18 @@ fn options(mode: Mode, to_key: Option<u32>) -> Options {
     }
 }
 
+/// Key 2 written, and the config file rekey reads lists it as the primary
+/// beside key 1 (a running proxy keeps what it was started with).
+fn add_key_2(redis: &TestRedis, config: &mut ProxyConfig) {
+    let key2 = redcloak::crypto::keyring::generate_key();
+    redcloak::dev::write_file(&redis.path("key-2"), key2.as_bytes(), 0o600).expect("key 2");
+    config.encryption = "[encryption]\nprimary = 2\n\
+        [[encryption.keys]]\nid = 1\nfile = \"key-1\"\n[[encryption.keys]]\nid = 2\nfile = \"key-2\"\n\
+        [[encryption.rules]]\npattern = \"plain:*\"\nmode = \"plaintext\"\n"
+        .into();
+    std::fs::write(redis.path("redcloak.toml"), config.render()).expect("config");
+}
+
 async fn rekey(redis: &TestRedis, options: &Options) -> Census {
     let config = redcloak::config::load(&redis.path("redcloak.toml")).expect("config");
     redcloak::rekey::run(config, options).await.expect("rekey")
@@ -91,13 +103,7 @@ async fn values_move_to_the_new_key_with_no_lost_update() {
 
     // Key 2 added and made primary (written to the config file rekey reads;
     // the running proxy keeps key 1, as before a reload).
-    let key2 = redcloak::crypto::keyring::generate_key();
-    redcloak::dev::write_file(&redis.path("key-2"), key2.as_bytes(), 0o600).expect("key 2");
-    config.encryption = "[encryption]\nprimary = 2\n\
-        [[encryption.keys]]\nid = 1\nfile = \"key-1\"\n[[encryption.keys]]\nid = 2\nfile = \"key-2\"\n\
-        [[encryption.rules]]\npattern = \"plain:*\"\nmode = \"plaintext\"\n"
-        .into();
-    std::fs::write(redis.path("redcloak.toml"), config.render()).expect("config");
+    add_key_2(&redis, &mut config);
 
     let before = rekey(&redis, &options(Mode::Census, None)).await;
     let values = (STRINGS + HASHES * FIELDS) as u64;
@@ -425,13 +431,7 @@ async fn lists_sets_and_sorted_sets_move_to_the_new_key() {
         b":1\r\n",
     );
     let hll = redis.stored(b"visitors", None).await;
-    let key2 = redcloak::crypto::keyring::generate_key();
-    redcloak::dev::write_file(&redis.path("key-2"), key2.as_bytes(), 0o600).expect("key 2");
-    config.encryption = "[encryption]\nprimary = 2\n\
-        [[encryption.keys]]\nid = 1\nfile = \"key-1\"\n[[encryption.keys]]\nid = 2\nfile = \"key-2\"\n\
-        [[encryption.rules]]\npattern = \"plain:*\"\nmode = \"plaintext\"\n"
-        .into();
-    std::fs::write(redis.path("redcloak.toml"), config.render()).expect("config");
+    add_key_2(&redis, &mut config);
     let done = rekey(&redis, &options(Mode::Rewrite, None)).await;
     assert_eq!(done.rewritten, 3 + 3 + 2, "{done:?}");
     assert_eq!(done.not_handled, 0);

@@ -260,6 +260,16 @@ async fn bad_material_keeps_the_old_material_and_is_counted() {
     assert_eq!(reload_failures(&proxy.scrape().await, "probe"), 0.0);
 }
 
+/// Redis verifies client certificates against the CAs in `path` from now
+/// on (new connections).
+async fn redis_trusts(admin: &mut RawClient<UpstreamStream>, path: &std::path::Path) {
+    let path = path.display().to_string();
+    let set = admin
+        .call(&[b"CONFIG", b"SET", b"tls-ca-cert-file", path.as_bytes()])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+}
+
 /// A new client certificate from another CA: after the reload, Redis is
 /// told to trust only that CA, and redcloak's new connections still get
 /// in, so they present the new certificate. The certificate's expiry
@@ -287,16 +297,7 @@ async fn a_new_client_certificate_is_presented_by_new_connections() {
     ]
     .concat();
     std::fs::write(&both, bundle).expect("bundle");
-    let trust = |path: &std::path::Path| path.display().to_string();
-    let set = admin
-        .call(&[
-            b"CONFIG",
-            b"SET",
-            b"tls-ca-cert-file",
-            trust(&both).as_bytes(),
-        ])
-        .await;
-    assert_reply(&set, b"+OK\r\n");
+    redis_trusts(&mut admin, &both).await;
     let (stop, load, tasks) = start_load(&proxy);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let expiry = |metrics: &str| {
@@ -315,15 +316,7 @@ async fn a_new_client_certificate_is_presented_by_new_connections() {
     assert_ne!(expiry(&proxy.scrape().await), before);
     // Only the new CA from here on: a connection with the old certificate
     // would be refused.
-    let set = admin
-        .call(&[
-            b"CONFIG",
-            b"SET",
-            b"tls-ca-cert-file",
-            trust(&new_ca_file).as_bytes(),
-        ])
-        .await;
-    assert_reply(&set, b"+OK\r\n");
+    redis_trusts(&mut admin, &new_ca_file).await;
     kill_redcloak_connections(&proxy, &mut admin).await;
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"SET", b"k", b"new-cert"]).await, b"+OK\r\n");
