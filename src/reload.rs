@@ -572,7 +572,7 @@ impl AtStart {
 /// The [`Digests`] of `config`'s material (kept to see what a reload
 /// changes; a SHA-256 of a password is not the password, and it stays in
 /// this process).
-pub fn digests(config: &Config) -> Digests {
+fn digests(config: &Config) -> Digests {
     let file = |path: &std::path::Path| -> [u8; 32] {
         let bytes = zeroize::Zeroizing::new(std::fs::read(path).unwrap_or_default());
         Sha256::digest(&bytes[..]).into()
