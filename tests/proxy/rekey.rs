@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-const STRINGS: usize = 8_000;
-const HASHES: usize = 2_000;
+const STRINGS: usize = 80_000;
+const HASHES: usize = 20_000;
 const FIELDS: usize = 3;
 
 fn options(mode: Mode, to_key: Option<u32>) -> Options {
@@ -81,8 +81,9 @@ async fn write_keys(proxy: &Proxy) {
     }
 }
 
-/// Every value has moved from key 1 to key 2 while a writer changed 1% of
-/// them; none of its writes is lost, TTLs stay, a tampered value and a
+/// 100,000 keys (80,000 strings, every tenth with a TTL, and 20,000 hashes
+/// of 3 fields): every value has moved from key 1 to key 2 while a writer
+/// changed 1% of the strings; none of its writes is lost, TTLs stay, a tampered value and a
 /// legacy plaintext one are counted and left as they were; `--to-key 1`
 /// rolls it all back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
