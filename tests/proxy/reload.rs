@@ -532,7 +532,8 @@ async fn the_listener_certificate_rotates() {
 /// Polling sees a Kubernetes Secret update: the kubelet writes a new
 /// timestamped directory and swaps the `..data` symlink to it, so the
 /// password file's path stays and what it resolves to changes. No signal,
-/// no endpoint: the watch notices and reloads.
+/// no endpoint: the watch notices and reloads, under 20 clients that see
+/// no failed request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watch_sees_a_kubernetes_symlink_swap() {
     use std::os::unix::fs::symlink;
@@ -557,6 +558,7 @@ async fn the_watch_sees_a_kubernetes_symlink_swap() {
         metric(metrics, "redcloak_reload_last_success_timestamp_seconds").unwrap_or(0.0)
     };
     let started = last_success(&proxy.scrape().await);
+    let (stop, load, tasks) = start_load(&proxy);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         last_success(&proxy.scrape().await),
@@ -579,6 +581,7 @@ async fn the_watch_sees_a_kubernetes_symlink_swap() {
         last_success(&proxy.scrape().await) > started
     })
     .await;
+    stop_load(stop, &load, tasks).await;
     let remove = format!("<{old}");
     let set = admin
         .call(&[b"ACL", b"SETUSER", REDIS_USER.as_bytes(), remove.as_bytes()])
