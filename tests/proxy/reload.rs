@@ -15,7 +15,7 @@ const METRICS: &str = "[metrics]\naddress = \"127.0.0.1:0\"\n";
 
 /// What the load clients saw.
 #[derive(Default)]
-struct Load {
+pub(crate) struct Load {
     ok: AtomicUsize,
     failed: AtomicUsize,
 }
@@ -62,17 +62,24 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// 20 load clients; returns what stops them and what they saw.
-fn start_load(proxy: &Proxy) -> (Arc<AtomicBool>, Arc<Load>, Vec<tokio::task::JoinHandle<()>>) {
+/// 20 load clients of redcloak at `address`; returns what stops them and
+/// what they saw.
+pub(crate) fn start_load(
+    address: std::net::SocketAddr,
+) -> (Arc<AtomicBool>, Arc<Load>, Vec<tokio::task::JoinHandle<()>>) {
     let stop = Arc::new(AtomicBool::new(false));
     let load = Arc::new(Load::default());
     let tasks = (0..20)
-        .map(|id| tokio::spawn(load_client(proxy.addr(), id, stop.clone(), load.clone())))
+        .map(|id| tokio::spawn(load_client(address, id, stop.clone(), load.clone())))
         .collect();
     (stop, load, tasks)
 }
 
-async fn stop_load(stop: Arc<AtomicBool>, load: &Load, tasks: Vec<tokio::task::JoinHandle<()>>) {
+pub(crate) async fn stop_load(
+    stop: Arc<AtomicBool>,
+    load: &Load,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
@@ -138,7 +145,7 @@ async fn the_upstream_password_rotates_under_load_with_no_failed_request() {
     let redis = TestRedis::start().await;
     let proxy = redis.start_proxy(&redis.config().tail(METRICS)).await;
     let mut admin = redis.admin().await;
-    let (stop, load, tasks) = start_load(&proxy);
+    let (stop, load, tasks) = start_load(proxy.addr());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let old = std::fs::read_to_string(redis.path("redis-password")).expect("password");
@@ -298,7 +305,7 @@ async fn a_new_client_certificate_is_presented_by_new_connections() {
     .concat();
     std::fs::write(&both, bundle).expect("bundle");
     redis_trusts(&mut admin, &both).await;
-    let (stop, load, tasks) = start_load(&proxy);
+    let (stop, load, tasks) = start_load(proxy.addr());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let expiry = |metrics: &str| {
         metric(
@@ -386,7 +393,7 @@ async fn the_keyring_rotates_under_load() {
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"SET", b"old", b"one"]).await, b"+OK\r\n");
     assert_eq!(sealed_under(&redis, b"old").await, 1);
-    let (stop, load, tasks) = start_load(&proxy);
+    let (stop, load, tasks) = start_load(proxy.addr());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let key2 = redcloak::crypto::keyring::generate_key();
@@ -558,7 +565,7 @@ async fn the_watch_sees_a_kubernetes_symlink_swap() {
         metric(metrics, "redcloak_reload_last_success_timestamp_seconds").unwrap_or(0.0)
     };
     let started = last_success(&proxy.scrape().await);
-    let (stop, load, tasks) = start_load(&proxy);
+    let (stop, load, tasks) = start_load(proxy.addr());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         last_success(&proxy.scrape().await),
