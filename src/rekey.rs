@@ -316,7 +316,8 @@ struct Rewrite {
     key: Bytes,
     place: Place,
     stored: Bytes,
-    sealed: Vec<u8>,
+    /// What replaces it: sealed under the target (plaintext for `--to-plaintext`).
+    replacement: Bytes,
     attempts: usize,
 }
 
@@ -492,8 +493,8 @@ impl Run<'_> {
                 b"+set\r\n" => sets.push(key.clone()),
                 b"+zset\r\n" => zsets.push(key.clone()),
                 b"+none\r\n" => {}
-                // Another type under a rule that encrypts: it may hold
-                // sealed values rekey cannot read yet.
+                // A stream under a rule that encrypts: it may hold sealed
+                // values, which rekey cannot rewrite in place.
                 _ if self
                     .policy
                     .site(envelope::Kind::String, key, None)
@@ -631,7 +632,7 @@ impl Run<'_> {
                 return None;
             }
         };
-        let sealed = if self.options.to_plaintext {
+        let replacement = if self.options.to_plaintext {
             plaintext.to_vec()
         } else if site.deterministic {
             self.keyring
@@ -644,7 +645,7 @@ impl Run<'_> {
             key: key.clone(),
             place,
             stored,
-            sealed,
+            replacement: Bytes::from(replacement),
             attempts: 0,
         })
     }
@@ -738,7 +739,7 @@ fn swap(rewrite: &Rewrite) -> Vec<Bytes> {
     ];
     call.extend(at);
     call.push(rewrite.stored.clone());
-    call.push(Bytes::from(rewrite.sealed.clone()));
+    call.push(rewrite.replacement.clone());
     call
 }
 

@@ -369,9 +369,10 @@ impl Reloader {
     }
 
     /// The keyring, if it changed: its primary, a key (by its check value),
-    /// or the legacy policy. Keys the startup checks would refuse (one
-    /// repeated byte) are refused here too.
+    /// or the legacy policy. Keys the startup checks would refuse are
+    /// refused here too.
     fn prepare_keyring(&self, config: Config) -> Prepared<(Keyring, Vec<String>)> {
+        let rules = crate::upstream::gate::keyring_rules(&config);
         let encryption = config.encryption;
         let shape = encryption.keyring.shape();
         let published = self
@@ -392,11 +393,7 @@ impl Reloader {
         if changed.is_empty() {
             return Ok(None);
         }
-        if !encryption.weak_key_ids.is_empty() {
-            let why = format!(
-                "key ids {:?} are all one repeated byte (all-zero or an example key): make keys with `redcloak keygen`",
-                encryption.weak_key_ids
-            );
+        if let Err(why) = rules {
             let what = changed.join(", ");
             return Err((Rejected { what, why }, ReloadFailure::Files));
         }
@@ -537,11 +534,7 @@ fn material(config: &UpstreamConfig) -> Result<Material, String> {
 
 /// The certificate in `path` has not expired.
 fn still_valid(path: &std::path::Path, setting: &str) -> Result<(), String> {
-    let chain = crate::tls::load::certificates(path, "certificate").map_err(|e| e.to_string())?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| format!("{setting} holds no certificate"))?;
-    match crate::tls::inspect::expiry(leaf) {
+    match crate::tls::inspect::file_expiry(path).map_err(|why| format!("{setting}: {why}"))? {
         Some(expiry) if expiry > SystemTime::now() => Ok(()),
         Some(_) => Err(format!("{setting} has expired")),
         None => Err(format!("{setting}: its validity cannot be read")),
@@ -622,9 +615,10 @@ fn needs_restart(
 }
 
 fn certificate_expiry(path: &std::path::Path) -> Option<u64> {
-    let chain = crate::tls::load::certificates(path, "certificate").ok()?;
-    let expiry = crate::tls::inspect::expiry(chain.first()?)?;
-    crate::upstream::unix_time(expiry)
+    crate::tls::inspect::file_expiry(path)
+        .ok()
+        .flatten()
+        .and_then(crate::upstream::unix_time)
 }
 
 fn unix_now() -> f64 {

@@ -432,9 +432,9 @@ async fn accept_tls(
 /// Exports when the certificate in `path` expires (the startup checks
 /// already read it; an unreadable one is not exported).
 fn export_expiry(telemetry: &Telemetry, which: Certificate, path: &std::path::Path) {
-    let expiry = tls::load::certificates(path, "certificate")
+    let expiry = tls::inspect::file_expiry(path)
         .ok()
-        .and_then(|certs| certs.first().and_then(|c| tls::inspect::expiry(c)))
+        .flatten()
         .and_then(crate::upstream::unix_time);
     if let Some(expiry) = expiry {
         telemetry.metrics.set_certificate_expiry(which, expiry);

@@ -10,6 +10,17 @@ pub fn expiry(der: &[u8]) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(seconds))
 }
 
+/// When the first (leaf) certificate in the PEM file at `path` stops being
+/// valid. `Err`: the file holds no readable certificate (why, without its
+/// content); `Ok(None)`: its validity cannot be read.
+pub fn file_expiry(path: &std::path::Path) -> Result<Option<SystemTime>, String> {
+    let chain = super::load::certificates(path, "certificate").map_err(|e| e.to_string())?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| format!("{} holds no certificate", path.display()))?;
+    Ok(expiry(leaf))
+}
+
 /// Whole days from now until `expiry`; negative once expired.
 pub fn days_left(expiry: SystemTime) -> Option<i64> {
     let now = SystemTime::now();

@@ -543,7 +543,17 @@ fn effective_gid() -> Option<u32> {
 /// The passwords meet the startup checks' rules (a reload holds new ones
 /// to them too); `Err` says which does not, never what it is.
 pub(crate) fn password_rules(config: &Config) -> Result<(), String> {
-    let check = passwords(config);
+    passed(passwords(config))
+}
+
+/// The data keys meet the startup checks' rules (a reload holds a new
+/// keyring to them too).
+pub(crate) fn keyring_rules(config: &Config) -> Result<(), String> {
+    passed(keyring(config))
+}
+
+/// `Err` with the check's detail when it failed.
+fn passed(check: Check) -> Result<(), String> {
     match check.status {
         Status::Fail => Err(check.detail),
         _ => Ok(()),
