@@ -35,10 +35,9 @@ pub enum LogFormat {
 pub enum KeysCommand {
     /// Say whether a data key can be retired: counts what Redis holds
     /// (as `rekey --dry-run`) and exits 0 only when no value is sealed
-    /// under it, it is not the primary, and no stream under an encrypting
-    /// rule could hold one (rekey cannot rewrite stream entries: then it
-    /// refuses). It changes nothing: remove the key's [[encryption.keys]]
-    /// entry yourself.
+    /// under it, stream entries included (rekey never rewrites those: trim
+    /// them), and it is not the primary. It changes nothing: remove the
+    /// key's [[encryption.keys]] entry yourself.
     Retire {
         /// Path of the config file.
         #[arg(long, short, value_name = "FILE")]
@@ -173,9 +172,10 @@ pub enum Command {
     /// Each value is rewritten with a compare-and-swap that keeps its TTL; a
     /// value the app changes meanwhile is read again (3 times at most). A
     /// value that does not open is counted and never rewritten. Strings,
-    /// hashes, lists, sets and sorted sets (streams are counted, not
-    /// rewritten). Prints a JSON census (values per key id) and the
-    /// command that reverses the run.
+    /// hashes, lists, sets and sorted sets; stream entries are counted, never
+    /// rewritten (Redis never changes an entry: trim them). Shows a progress
+    /// bar on a terminal, JSON lines on stderr otherwise. Prints a JSON
+    /// census (values per key id) and the command that reverses the run.
     Rekey {
         /// Path of the config file.
         #[arg(long, short, value_name = "FILE")]
@@ -215,6 +215,9 @@ pub enum Command {
         /// At most this many values rewritten per second.
         #[arg(long, value_name = "VALUES")]
         rate: Option<u32>,
+        /// At most this many bytes written per second.
+        #[arg(long, value_name = "BYTES")]
+        rate_bytes: Option<u64>,
         /// Halve the rate while a page's compare-and-swap round trip takes
         /// longer than this many milliseconds (raised again by a tenth
         /// after pages under half of it, up to --rate).

@@ -186,6 +186,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             max_value_bytes,
             checkpoint,
             rate,
+            rate_bytes,
             max_latency,
             stop_after,
         } => {
@@ -206,10 +207,12 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 max_value_bytes,
                 checkpoint,
                 rate,
+                rate_bytes,
                 max_latency: max_latency.map(std::time::Duration::from_millis),
                 stop_after_keys: stop_after,
             };
-            let census = redcloak::rekey::run(loaded, &options)
+            let mut progress = redcloak::rekey::Progress::for_stderr();
+            let census = redcloak::rekey::run(loaded, &options, &mut progress)
                 .await
                 .map_err(|e| (EXIT_RUNTIME, e.into()))?;
             outln!("{}", serde_json::to_string(&census).unwrap_or_default());
@@ -276,29 +279,36 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 max_value_bytes: usize::MAX,
                 checkpoint: None,
                 rate: None,
+                rate_bytes: None,
                 max_latency: None,
                 stop_after_keys: None,
             };
-            let census = redcloak::rekey::run(loaded, &options)
+            let mut progress = redcloak::rekey::Progress::for_stderr();
+            let census = redcloak::rekey::run(loaded, &options, &mut progress)
                 .await
                 .map_err(|e| (EXIT_RUNTIME, e.into()))?;
             outln!("{}", serde_json::to_string(&census).unwrap_or_default());
-            let under = census.by_key_id.get(&id).copied().unwrap_or(0);
+            let in_streams = census
+                .stream_values_by_key_id
+                .get(&id)
+                .copied()
+                .unwrap_or(0);
+            if in_streams > 0 {
+                return Err((
+                    1,
+                    anyhow::anyhow!(
+                        "{in_streams} stream entry values are sealed under key {id}: Redis never \
+                         changes a stream entry, so rekey leaves them; trim them \
+                         (XTRIM key MINID id) once consumers are done with them"
+                    ),
+                ));
+            }
+            let under = census.under(id);
             if under > 0 {
                 return Err((
                     1,
                     anyhow::anyhow!(
                         "{under} values are sealed under key {id}: run `redcloak rekey` first"
-                    ),
-                ));
-            }
-            if census.not_handled > 0 {
-                return Err((
-                    1,
-                    anyhow::anyhow!(
-                        "{} keys are streams, whose entries rekey cannot rewrite: \
-                         they may hold values under key {id}, so it is not retired",
-                        census.not_handled
                     ),
                 ));
             }

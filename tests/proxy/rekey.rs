@@ -4,7 +4,7 @@
 //! only when asked, and a rollback (`--to-key 1`) brings everything back.
 
 use crate::support::*;
-use redcloak::rekey::{Census, Mode, Options};
+use redcloak::rekey::{Census, Mode, Options, Progress};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -23,6 +23,7 @@ fn options(mode: Mode, to_key: Option<u32>) -> Options {
         max_value_bytes: 1 << 20,
         checkpoint: None,
         rate: None,
+        rate_bytes: None,
         max_latency: None,
         stop_after_keys: None,
     }
@@ -42,7 +43,9 @@ fn add_key_2(redis: &TestRedis, config: &mut ProxyConfig) {
 
 async fn rekey(redis: &TestRedis, options: &Options) -> Census {
     let config = redcloak::config::load(&redis.path("redcloak.toml")).expect("config");
-    redcloak::rekey::run(config, options).await.expect("rekey")
+    redcloak::rekey::run(config, options, &mut Progress::silent())
+        .await
+        .expect("rekey")
 }
 
 /// Writes the keys through redcloak, pipelined: strings (every tenth with a
@@ -240,6 +243,15 @@ async fn values_move_to_the_new_key_with_no_lost_update() {
         census["by_key_id"]["1"].as_u64().unwrap_or(0) > 10_000,
         "{census}"
     );
+    // Not on a terminal: progress as JSON lines on stderr, counts only.
+    let stderr = String::from_utf8_lossy(&under_1.stderr);
+    let done: serde_json::Value = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .find(|line: &serde_json::Value| line["rekey"] == "done")
+        .unwrap_or_else(|| panic!("a JSON progress line: {stderr}"));
+    assert_eq!(done["keys"], census["keys"], "{done}");
+    assert!(done["of"].as_u64().unwrap_or(0) >= 100_000, "{done}");
     let under_2 = verify(&[]).await;
     assert_eq!(under_2.status.code(), Some(1), "values remain under key 1");
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -296,7 +308,7 @@ async fn a_run_stopped_part_way_resumes_from_its_checkpoint() {
     config.encryption = keys(&[1, 2, 3]);
     std::fs::write(&file, config.render()).expect("config");
     let loaded = redcloak::config::load(&file).expect("config");
-    let refused = redcloak::rekey::run(loaded, &part).await;
+    let refused = redcloak::rekey::run(loaded, &part, &mut Progress::silent()).await;
     assert!(
         matches!(
             refused,
@@ -318,9 +330,27 @@ async fn a_run_stopped_part_way_resumes_from_its_checkpoint() {
     assert_eq!(verify.remaining(2, false), 0, "{verify:?}");
     assert_eq!(verify.by_key_id.get(&2), Some(&3000));
 
+    // On a terminal (`script` gives it one), a progress bar.
+    let command = format!(
+        "{} rekey --config {} --dry-run",
+        redcloak_bin(),
+        file.display()
+    );
+    let on_a_terminal = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("script (bsdutils) runs");
+    assert!(on_a_terminal.status.success(), "{on_a_terminal:?}");
+    let shown = String::from_utf8_lossy(&on_a_terminal.stdout);
+    assert!(
+        shown.contains("3,000/3,000 keys") && shown.contains("[====="),
+        "a bar: {shown}"
+    );
+    assert!(!shown.contains("\"rekey\""), "no JSON lines: {shown}");
+
     // `keys retire`: key 1 holds nothing now, so it may go; key 2 is the
-    // primary; an encrypted stream (whose entries rekey cannot rewrite)
-    // may hold values under key 1, so then it refuses.
+    // primary; a stream entry sealed under key 1 (rekey never rewrites
+    // one) keeps it until the stream is trimmed.
     let retire = |id: &str| {
         std::process::Command::new(redcloak_bin())
             .args(["keys", "retire", "--config"])
@@ -343,13 +373,21 @@ async fn a_run_stopped_part_way_resumes_from_its_checkpoint() {
     assert!(added.starts_with(b"$"), "{added:?}");
     let refused = retire("1");
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("streams"));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("1 stream entry values are sealed under key 1"),
+        "{refused:?}"
+    );
     let added = c.call(&[b"XADD", b"plain:events", b"*", b"f", b"v"]).await;
     assert!(added.starts_with(b"$"), "{added:?}");
-    assert_reply(&c.call(&[b"DEL", b"events"]).await, b":1\r\n");
+    // The documented step: trim the entries once consumers are done.
+    assert_reply(
+        &c.call(&[b"XTRIM", b"events", b"MAXLEN", b"0"]).await,
+        b":1\r\n",
+    );
     assert!(
         retire("1").status.success(),
-        "a plaintext stream cannot hold sealed values"
+        "a trimmed stream and a plaintext one hold nothing under key 1"
     );
 }
 
@@ -432,13 +470,30 @@ async fn lists_sets_and_sorted_sets_move_to_the_new_key() {
         b":1\r\n",
     );
     let hll = redis.stored(b"visitors", None).await;
+    // A stream of 250 entries (more than a page) of two fields each.
+    for i in 0..250 {
+        let id = format!("1-{}", i + 1);
+        let added = c
+            .call(&[b"XADD", b"events", id.as_bytes(), b"a", b"x", b"b", b"y"])
+            .await;
+        assert!(added.starts_with(b"$"), "{added:?}");
+    }
     add_key_2(&redis, &mut config);
     let done = rekey(&redis, &options(Mode::Rewrite, None)).await;
     assert_eq!(done.rewritten, 3 + 3 + 2, "{done:?}");
-    assert_eq!(done.not_handled, 0);
+    assert_eq!(done.streams, 1);
     let after = rekey(&redis, &options(Mode::Census, None)).await;
     assert_eq!(after.by_key_id.get(&2), Some(&8), "{after:?}");
     assert_eq!(after.by_key_id.get(&1), None, "{after:?}");
+    // Stream entries are counted where they are, never rewritten: they
+    // keep key 1 (and --verify says so) until the stream is trimmed.
+    assert_eq!(
+        after.stream_values_by_key_id.get(&1),
+        Some(&500),
+        "{after:?}"
+    );
+    assert_eq!(after.remaining(2, false), 500);
+    assert_eq!(after.under(1), 500);
     assert_eq!(
         redis.stored(b"visitors", None).await,
         hll,

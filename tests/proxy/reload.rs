@@ -20,23 +20,63 @@ pub(crate) struct Load {
     failed: AtomicUsize,
 }
 
+/// A byte stream to redcloak, plain or TLS.
+trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// Where load clients connect, and how.
+#[derive(Clone)]
+pub(crate) enum Target {
+    Plain(std::net::SocketAddr),
+    /// redcloak's TLS listener; the clients trust these roots. Odd-numbered
+    /// clients reconnect every 20 rounds (new handshakes during a reload),
+    /// even-numbered ones keep one connection throughout.
+    Tls(std::net::SocketAddr, Arc<rustls::ClientConfig>),
+}
+
+impl From<std::net::SocketAddr> for Target {
+    fn from(address: std::net::SocketAddr) -> Target {
+        Target::Plain(address)
+    }
+}
+
+impl Target {
+    async fn connect(&self) -> RawClient<Box<dyn Duplex>> {
+        let (Target::Plain(address) | Target::Tls(address, _)) = self;
+        let tcp = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let stream: Box<dyn Duplex> = match self {
+            Target::Plain(_) => Box::new(tcp),
+            Target::Tls(_, tls) => {
+                let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                Box::new(connector.connect(name, tcp).await.expect("TLS handshake"))
+            }
+        };
+        RawClient::new(stream)
+    }
+
+    /// Connections this client opens again every so many rounds.
+    fn reconnect_every(&self, id: usize) -> Option<u64> {
+        matches!(self, Target::Tls(..) if id % 2 == 1).then_some(20)
+    }
+}
+
 /// A client writing values that carry their own SHA-256 and reading them
 /// back, until `stop`: every reply must be exactly what it wrote.
-async fn load_client(
-    proxy_addr: std::net::SocketAddr,
-    id: usize,
-    stop: Arc<AtomicBool>,
-    load: Arc<Load>,
-) {
-    let mut client = RawClient::new(
-        tokio::net::TcpStream::connect(proxy_addr)
-            .await
-            .expect("connect"),
-    );
+async fn load_client(target: Target, id: usize, stop: Arc<AtomicBool>, load: Arc<Load>) {
+    let mut client = target.connect().await;
     let key = format!("reload:{id}");
     let mut round = 0u64;
     while !stop.load(Ordering::Relaxed) {
         round += 1;
+        if target
+            .reconnect_every(id)
+            .is_some_and(|every| round.is_multiple_of(every))
+        {
+            client = target.connect().await;
+        }
         let body = format!("client {id} round {round}");
         let digest = hex(&Sha256::digest(body.as_bytes()));
         let value = format!("{body}|{digest}");
@@ -62,15 +102,19 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// 20 load clients of redcloak at `address`; returns what stops them and
+/// 20 load clients of redcloak at `target`; returns what stops them and
 /// what they saw.
 pub(crate) fn start_load(
-    address: std::net::SocketAddr,
+    target: impl Into<Target>,
 ) -> (Arc<AtomicBool>, Arc<Load>, Vec<tokio::task::JoinHandle<()>>) {
+    let target = target.into();
     let stop = Arc::new(AtomicBool::new(false));
     let load = Arc::new(Load::default());
     let tasks = (0..20)
-        .map(|id| tokio::spawn(load_client(address, id, stop.clone(), load.clone())))
+        .map(|id| {
+            let client = load_client(target.clone(), id, stop.clone(), load.clone());
+            tokio::spawn(client)
+        })
         .collect();
     (stop, load, tasks)
 }
@@ -488,9 +532,28 @@ async fn ping_over_tls(port: u16, ca: &std::path::Path) -> String {
     String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr)
 }
 
-/// The TLS listener's certificate rotates: after the reload a client that
-/// trusts only the new certificate's CA is served, one that trusts only
-/// the old one is not; a key that does not match keeps the old pair.
+/// A TLS client configuration trusting these CA files.
+fn trusting(cas: &[&std::path::Path]) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        let cert = CertificateDer::from_pem_file(ca).expect("CA file");
+        roots.add(cert).expect("a CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// The TLS listener's certificate rotates under 20 TLS clients (trusting
+/// both CAs; half of them reconnect all along, half keep their connection)
+/// that see no failed request; after the reload a client that trusts only
+/// the new certificate's CA is served, one that trusts only the old one is
+/// not; a key that does not match keeps the old pair.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listener_certificate_rotates() {
     use redcloak::dev::{Authority, Usage};
@@ -518,6 +581,9 @@ async fn the_listener_certificate_rotates() {
     let port = proxy.tls_address.expect("tls listener").port();
     assert_eq!(ping_over_tls(port, &old_ca).await, "PONG\n");
 
+    let address = proxy.tls_address.expect("tls listener");
+    let (stop, load, tasks) = start_load(Target::Tls(address, trusting(&[&old_ca, &new_ca])));
+    tokio::time::sleep(Duration::from_millis(500)).await;
     write_pair(&new.cert_pem, &new.key_pem);
     let (status, json) = post_reload(&proxy).await;
     assert_eq!(status, 200, "{json}");
@@ -525,6 +591,11 @@ async fn the_listener_certificate_rotates() {
         names(&json, "changed"),
         ["listen.tls.cert", "listen.tls.key"]
     );
+    stop_load(stop, &load, tasks).await;
+    // New handshakes after the reload: with a client trusting only the new
+    // CA, through rustls and redis-cli.
+    let (stop, load, tasks) = start_load(Target::Tls(address, trusting(&[&new_ca])));
+    stop_load(stop, &load, tasks).await;
     assert_eq!(ping_over_tls(port, &new_ca).await, "PONG\n");
     assert_ne!(ping_over_tls(port, &old_ca).await, "PONG\n");
 
@@ -645,4 +716,108 @@ async fn client_passwords_rotate_through_a_list() {
     assert_eq!(status, 422, "{json}");
     assert!(!json.to_string().contains("short\""), "{json}");
     assert_reply(&login(new).await.1, b"+OK\r\n");
+}
+
+/// One TLS connection to redcloak's listener with `tls` (one PING, so the
+/// client takes in the session ticket): whether it resumed a session.
+async fn handshake(address: std::net::SocketAddr, tls: &Arc<rustls::ClientConfig>) -> bool {
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let mut raw = RawClient::new(&mut stream);
+    assert_reply(&raw.call(&[b"PING"]).await, b"+PONG\r\n");
+    resumed
+}
+
+/// TLS sessions carry across a reload of the listener's certificate (a
+/// client that was served resumes), but not across a change of the client
+/// CA: a session made under the old CA must not skip the client
+/// certificate check of a full handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_sessions_resume_across_a_reload_unless_the_client_ca_changed() {
+    use redcloak::dev::{Authority, Usage};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let redis = TestRedis::start().await;
+    let server_ca = Authority::new("listener CA").expect("CA");
+    let app_ca = Authority::new("app CA").expect("CA");
+    let other_app_ca = Authority::new("other app CA").expect("CA");
+    let server_ca_file = redis.path("listener-ca.crt");
+    std::fs::write(&server_ca_file, server_ca.cert_pem()).expect("CA file");
+    let write_server = || {
+        let server = server_ca
+            .issue("redcloak", &["localhost", "127.0.0.1"], Usage::Server)
+            .expect("server certificate");
+        std::fs::write(redis.path("listener.crt"), &server.cert_pem).expect("cert");
+        redcloak::dev::write_file(
+            &redis.path("listener.key"),
+            server.key_pem.as_bytes(),
+            0o600,
+        )
+        .expect("key");
+    };
+    write_server();
+    std::fs::write(redis.path("app-ca.crt"), app_ca.cert_pem()).expect("app CA");
+    let config = redis.config().tail(&format!(
+        "[listen.tls]\naddress = \"127.0.0.1:0\"\ncert = \"listener.crt\"\nkey = \"listener.key\"\n\
+         client_ca = \"app-ca.crt\"\n{METRICS}"
+    ));
+    let proxy = redis.start_proxy(&config).await;
+    let address = proxy.tls_address.expect("tls listener");
+
+    // A client with a certificate from the app CA, keeping its sessions.
+    let app = app_ca
+        .issue("app", &[], Usage::Client)
+        .expect("app certificate");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&server_ca_file).expect("CA"))
+        .expect("root");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(app.cert_pem.as_bytes()).expect("cert")],
+            PrivateKeyDer::from_pem_slice(app.key_pem.as_bytes()).expect("key"),
+        )
+        .expect("client auth");
+    let tls = Arc::new(tls);
+    handshake(address, &tls).await;
+    assert!(handshake(address, &tls).await, "resumes before any reload");
+
+    write_server();
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(
+        names(&json, "changed"),
+        ["listen.tls.cert", "listen.tls.key"]
+    );
+    assert!(
+        handshake(address, &tls).await,
+        "a new listener certificate keeps the sessions"
+    );
+
+    // The client CA changes (another CA added): no session resumes, every
+    // client certificate is checked again in a full handshake.
+    let bundle = format!("{}{}", app_ca.cert_pem(), other_app_ca.cert_pem());
+    std::fs::write(redis.path("app-ca.crt"), bundle).expect("app CAs");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(names(&json, "changed"), ["listen.tls.client_ca"]);
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        kinds.push(handshake(address, &tls).await);
+    }
+    assert_eq!(
+        kinds,
+        [false, true, true],
+        "the first handshake after the client CA changed is a full one"
+    );
 }

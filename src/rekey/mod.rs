@@ -23,9 +23,17 @@
 //! off redcloak.
 //!
 //! Strings, hashes, lists, sets and sorted sets are rewritten (members as
-//! their rule seals them, deterministically where it says so); streams,
-//! whose entries Redis never changes, are counted as not handled.
-//! HyperLogLogs hold keyed tokens, not envelopes, and are left alone.
+//! their rule seals them, deterministically where it says so). Stream
+//! entries are counted per key id but never rewritten: Redis never changes
+//! an entry (its ID is its identity, and consumer groups point at it), and
+//! a copy would need new IDs. They leave the old key when the stream is
+//! trimmed (`XTRIM ... MINID`), and until then `--verify` and
+//! `keys retire` count them as remaining. HyperLogLogs hold keyed tokens,
+//! not envelopes, and are left alone.
+
+mod progress;
+
+pub use progress::Progress;
 
 use crate::config::Config;
 use crate::crypto::envelope;
@@ -65,57 +73,101 @@ const ATTEMPTS: usize = 3;
 /// paced run asks fewer, so each page is a smaller burst.
 const SCAN_COUNT: u32 = 200;
 
-/// How fast the run goes: at most `--rate` values per second, halved while
-/// a page's compare-and-swap round trip exceeds `--max-latency`, and raised
-/// again by a tenth after each page under half of it (up to `--rate`).
+/// How fast the run goes: at most `--rate` values and `--rate-bytes` bytes
+/// per second, both halved while a page's compare-and-swap round trip
+/// exceeds `--max-latency`, and raised again by a tenth after each page
+/// under half of it (up to what was asked).
 struct Pace {
-    limit: Option<f64>,
-    ceiling: Option<f64>,
+    values: Throttle,
+    bytes: Throttle,
     max_latency: Option<Duration>,
+}
+
+/// One per-second limit of a [`Pace`].
+struct Throttle {
+    limit: Option<f64>,
+    /// What was asked (`None`: as fast as Redis goes).
+    ceiling: Option<f64>,
+    /// Never halved below this.
+    floor: f64,
+    /// Without a ceiling, raised past this the limit is lifted.
+    lifted_above: f64,
+}
+
+impl Throttle {
+    fn new(asked: Option<u64>, floor: f64, lifted_above: f64) -> Throttle {
+        let ceiling = asked.filter(|r| *r > 0).map(|r| r as f64);
+        Throttle {
+            limit: ceiling,
+            ceiling,
+            floor,
+            lifted_above,
+        }
+    }
+
+    /// Half of what the last page did (or of the limit, if lower).
+    fn halve(&mut self, done: u64, took: Duration) {
+        let speed = done as f64 / took.as_secs_f64().max(1e-3);
+        let current = self.limit.unwrap_or(speed).min(speed.max(1.0));
+        self.limit = Some((current / 2.0).max(self.floor));
+    }
+
+    fn raise(&mut self) {
+        if let Some(limit) = self.limit {
+            let raised = limit * 1.1;
+            self.limit = match self.ceiling {
+                Some(ceiling) => Some(raised.min(ceiling)),
+                None if raised > self.lifted_above => None,
+                None => Some(raised),
+            };
+        }
+    }
+
+    /// How long `done` takes at this limit.
+    fn time_for(&self, done: u64) -> Duration {
+        self.limit.map_or(Duration::ZERO, |limit| {
+            Duration::from_secs_f64(done as f64 / limit)
+        })
+    }
 }
 
 impl Pace {
     fn new(options: &Options) -> Pace {
-        let ceiling = options.rate.filter(|r| *r > 0).map(f64::from);
         Pace {
-            limit: ceiling,
-            ceiling,
+            values: Throttle::new(options.rate.map(u64::from), 100.0, 1e6),
+            bytes: Throttle::new(options.rate_bytes, 64.0 * 1024.0, 1e10),
             max_latency: options.max_latency,
         }
     }
 
     /// Keys (or fields) to ask for per page: about 20 pages a second.
     fn page_size(&self) -> String {
-        let size = self.limit.map_or(SCAN_COUNT, |limit| {
+        let size = self.values.limit.map_or(SCAN_COUNT, |limit| {
             ((limit / 20.0) as u32).clamp(10, SCAN_COUNT)
         });
         size.to_string()
     }
 
-    /// After a page that rewrote `values` in `took`, its slowest
+    /// After a page that rewrote `values` of `bytes` in `took`, its slowest
     /// compare-and-swap round trip `latency`: how long to wait.
-    fn after_page(&mut self, values: u64, took: Duration, latency: Duration) -> Duration {
+    fn after_page(
+        &mut self,
+        values: u64,
+        bytes: u64,
+        took: Duration,
+        latency: Duration,
+    ) -> Duration {
         if let Some(bound) = self.max_latency {
             if latency > bound {
-                let speed = values as f64 / took.as_secs_f64().max(1e-3);
-                let current = self.limit.unwrap_or(speed).min(speed.max(1.0));
-                self.limit = Some((current / 2.0).max(100.0));
-            } else if latency < bound / 2
-                && let Some(limit) = self.limit
-            {
-                let raised = limit * 1.1;
-                self.limit = match self.ceiling {
-                    Some(ceiling) => Some(raised.min(ceiling)),
-                    // Back to full speed once well above what a page does.
-                    None if raised > 1e6 => None,
-                    None => Some(raised),
-                };
+                self.values.halve(values, took);
+                self.bytes.halve(bytes, took);
+            } else if latency < bound / 2 {
+                self.values.raise();
+                self.bytes.raise();
             }
         }
-        match self.limit {
-            Some(limit) => Duration::from_secs_f64(values as f64 / limit).saturating_sub(took),
-            None => Duration::ZERO,
-        }
+        let needed = self.values.time_for(values).max(self.bytes.time_for(bytes));
+        needed.saturating_sub(took)
     }
 }
 
@@ -146,6 +198,8 @@ pub struct Options {
     pub checkpoint: Option<PathBuf>,
     /// At most this many values per second (`None`: as fast as Redis goes).
     pub rate: Option<u32>,
+    /// At most this many bytes written per second.
+    pub rate_bytes: Option<u64>,
     /// Halve the rate while a compare-and-swap round trip takes longer.
     pub max_latency: Option<Duration>,
     /// Stop after this many keys (a run in parts, resumed from the
@@ -169,9 +223,20 @@ pub struct Census {
     pub failed: u64,
     /// Values over `--max-value-bytes`.
     pub too_large: u64,
-    /// Streams under a rule that encrypts: their entries cannot be
-    /// rewritten in place.
-    pub not_handled: u64,
+    /// Streams under a rule that encrypts (their entries are counted
+    /// below, never rewritten).
+    #[serde(default)]
+    pub streams: u64,
+    /// Stream entries' values sealed under each key id: they stay where
+    /// they are until the stream is trimmed.
+    #[serde(default)]
+    pub stream_values_by_key_id: BTreeMap<u32, u64>,
+    /// Stream entries' values in plaintext where the rules encrypt.
+    #[serde(default)]
+    pub stream_plaintext: u64,
+    /// Bytes written by the rewrites.
+    #[serde(default)]
+    pub rewritten_bytes: u64,
     /// Key names of failed values, where `logging.log_key_names` allows.
     pub failed_keys: Vec<String>,
     /// Keys looked at.
@@ -184,7 +249,14 @@ impl Census {
     /// Values still sealed under any key (after `--to-plaintext`).
     pub fn remaining_sealed(&self) -> u64 {
         let sealed: u64 = self.by_key_id.values().sum();
-        sealed.saturating_sub(self.rewritten)
+        let in_streams: u64 = self.stream_values_by_key_id.values().sum();
+        sealed.saturating_sub(self.rewritten) + in_streams
+    }
+
+    /// Values under `id`, stream entries included.
+    pub fn under(&self, id: u32) -> u64 {
+        let count = |by: &BTreeMap<u32, u64>| by.get(&id).copied().unwrap_or(0);
+        count(&self.by_key_id) + count(&self.stream_values_by_key_id)
     }
 
     /// Values still under a key other than `target` (or in plaintext where
@@ -197,9 +269,16 @@ impl Census {
             .map(|(_, n)| n)
             .sum();
         let others = others.saturating_sub(self.rewritten);
+        let in_streams: u64 = self
+            .stream_values_by_key_id
+            .iter()
+            .filter(|(id, _)| **id != target)
+            .map(|(_, n)| n)
+            .sum();
         others
+            + in_streams
             + if seal_legacy {
-                self.legacy_plaintext
+                self.legacy_plaintext + self.stream_plaintext
             } else {
                 0
             }
@@ -345,7 +424,11 @@ impl Place {
 
 /// The run: over every key (or those matching), census, and unless
 /// counting only, rewrite.
-pub async fn run(config: Config, options: &Options) -> Result<Census, RekeyError> {
+pub async fn run(
+    config: Config,
+    options: &Options,
+    progress: &mut Progress,
+) -> Result<Census, RekeyError> {
     let log_key_names = config.log_key_names;
     let upstream = Upstream::from_config(&config.upstream)?;
     let keyring = CurrentKeyring::new(config.encryption.keyring);
@@ -407,11 +490,19 @@ pub async fn run(config: Config, options: &Options) -> Result<Census, RekeyError
             checkpoint = earlier;
         }
     }
+    let dbsize = conn.batch(&[command(&[b"DBSIZE"])]).await?.remove(0);
+    let keys_in_database = dbsize
+        .strip_prefix(b":")
+        .and_then(|n| n.strip_suffix(b"\r\n"))
+        .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+        .unwrap_or(0);
+    progress.start(keys_in_database, &checkpoint.census);
     let mut last_saved = std::time::Instant::now();
     let mut pace = Pace::new(options);
     loop {
         let page_started = std::time::Instant::now();
         let rewritten_before = checkpoint.census.rewritten;
+        let bytes_before = checkpoint.census.rewritten_bytes;
         let cursor = checkpoint.cursor.clone();
         let count = pace.page_size();
         let mut scan = vec![b"SCAN".as_slice(), cursor.as_bytes()];
@@ -434,23 +525,16 @@ pub async fn run(config: Config, options: &Options) -> Result<Census, RekeyError
             if let Some(path) = &options.checkpoint {
                 save(path, &checkpoint)?;
             }
-            let census = &checkpoint.census;
-            // Progress as a log line (JSON with --log-format json): counts only.
-            tracing::info!(
-                keys = census.keys,
-                rewritten = census.rewritten,
-                skipped = census.skipped,
-                failed = census.failed,
-                rate = pace.limit.map(|l| l as u64),
-                "rekey progress"
-            );
             last_saved = std::time::Instant::now();
         }
+        let rate = pace.values.limit.map(|l| l as u64);
+        progress.page(&checkpoint.census, rate, finished || stopping);
         if finished || stopping {
             return Ok(checkpoint.census);
         }
         let values = checkpoint.census.rewritten - rewritten_before;
-        let wait = pace.after_page(values, page_started.elapsed(), latency);
+        let bytes = checkpoint.census.rewritten_bytes - bytes_before;
+        let wait = pace.after_page(values, bytes, page_started.elapsed(), latency);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -485,6 +569,7 @@ impl Run<'_> {
         let mut lists = Vec::new();
         let mut sets = Vec::new();
         let mut zsets = Vec::new();
+        let mut streams = Vec::new();
         for (key, kind) in keys.iter().zip(&types) {
             match &kind[..] {
                 b"+string\r\n" => strings.push(key.clone()),
@@ -492,15 +577,14 @@ impl Run<'_> {
                 b"+list\r\n" => lists.push(key.clone()),
                 b"+set\r\n" => sets.push(key.clone()),
                 b"+zset\r\n" => zsets.push(key.clone()),
-                b"+none\r\n" => {}
-                // A stream under a rule that encrypts: it may hold sealed
-                // values, which rekey cannot rewrite in place.
-                _ if self
-                    .policy
-                    .site(envelope::Kind::String, key, None)
-                    .is_some() =>
+                // Under a rule that encrypts: its entries are counted.
+                b"+stream\r\n"
+                    if self
+                        .policy
+                        .site(envelope::Kind::StreamValue, key, None)
+                        .is_some() =>
                 {
-                    census.not_handled += 1;
+                    streams.push(key.clone());
                 }
                 _ => {}
             }
@@ -580,6 +664,10 @@ impl Run<'_> {
                     cursor = next;
                 }
             }
+        }
+        for key in &streams {
+            census.streams += 1;
+            count_stream(conn, key, count, census).await?;
         }
         if self.options.mode == Mode::Rewrite {
             return self.rewrite(conn, rewrites, census).await;
@@ -676,7 +764,10 @@ impl Run<'_> {
             let mut lost = Vec::new();
             for (rewrite, reply) in rewrites.into_iter().zip(replies) {
                 match &reply[..] {
-                    b":1\r\n" => census.rewritten += 1,
+                    b":1\r\n" => {
+                        census.rewritten += 1;
+                        census.rewritten_bytes += rewrite.replacement.len() as u64;
+                    }
                     b":0\r\n" => lost.push(rewrite),
                     other => {
                         return Err(RekeyError::Redis(crate::upstream::error_text(other)));
@@ -719,6 +810,44 @@ impl Run<'_> {
             }
         }
         Ok(slowest)
+    }
+}
+
+/// Counts a stream's entries' values per key id, a page of entries at a
+/// time (`XRANGE key (last + COUNT n`).
+async fn count_stream(
+    conn: &mut Conn,
+    key: &Bytes,
+    count: &[u8],
+    census: &mut Census,
+) -> Result<(), RekeyError> {
+    let mut start = Bytes::from_static(b"-");
+    loop {
+        let range = command(&[b"XRANGE", key, &start, b"+", b"COUNT", count]);
+        let reply = conn.batch(&[range]).await?.remove(0);
+        let invalid = || not_a("an XRANGE reply", &reply);
+        let (_, entries) = resp::aggregate_elements(&reply, &unbounded()).ok_or_else(invalid)?;
+        let mut last = None;
+        for entry in &entries {
+            let (_, parts) = resp::aggregate_elements(entry, &unbounded()).ok_or_else(invalid)?;
+            let [id, fields] = parts[..] else {
+                return Err(invalid());
+            };
+            last = Some(resp::bulk_body(id).ok_or_else(invalid)?.to_vec());
+            for value in array_items(fields)?.iter().skip(1).step_by(2) {
+                match envelope::key_id(value) {
+                    Ok(id) => *census.stream_values_by_key_id.entry(id).or_default() += 1,
+                    Err(OpenError::NotAnEnvelope) => census.stream_plaintext += 1,
+                    Err(_) => census.failed += 1,
+                }
+            }
+        }
+        let Some(last) = last else {
+            return Ok(());
+        };
+        let mut next = b"(".to_vec();
+        next.extend_from_slice(&last);
+        start = Bytes::from(next);
     }
 }
 
@@ -808,6 +937,7 @@ mod tests {
             max_value_bytes: 1 << 20,
             checkpoint: None,
             rate,
+            rate_bytes: None,
             max_latency: max_latency_ms.map(Duration::from_millis),
             stop_after_keys: None,
         }
@@ -817,7 +947,12 @@ mod tests {
     fn an_unpaced_run_never_waits_and_asks_full_pages() {
         let mut pace = Pace::new(&options(None, None));
         assert_eq!(pace.page_size(), "200");
-        let wait = pace.after_page(200, Duration::from_millis(1), Duration::from_millis(50));
+        let wait = pace.after_page(
+            200,
+            1 << 20,
+            Duration::from_millis(1),
+            Duration::from_millis(50),
+        );
         assert_eq!(wait, Duration::ZERO);
     }
 
@@ -825,7 +960,21 @@ mod tests {
     fn a_rate_spreads_small_pages_over_time() {
         let mut pace = Pace::new(&options(Some(1000), None));
         assert_eq!(pace.page_size(), "50", "about 20 pages a second");
-        let wait = pace.after_page(50, Duration::from_millis(10), Duration::ZERO);
+        let wait = pace.after_page(50, 5_000, Duration::from_millis(10), Duration::ZERO);
+        assert_eq!(wait, Duration::from_millis(40));
+    }
+
+    #[test]
+    fn a_byte_rate_spreads_large_values_over_time() {
+        let mut paced = options(Some(1000), None);
+        paced.rate_bytes = Some(1 << 20);
+        let mut pace = Pace::new(&paced);
+        // 50 values of 64 KiB: 3.125 MiB at 1 MiB/s is 3.125 s, longer than
+        // the 50 ms that 50 values take at 1000/s.
+        let wait = pace.after_page(50, 50 << 16, Duration::from_millis(125), Duration::ZERO);
+        assert_eq!(wait, Duration::from_secs(3));
+        // Small values: the value rate is what holds them back.
+        let wait = pace.after_page(50, 50 * 64, Duration::from_millis(10), Duration::ZERO);
         assert_eq!(wait, Duration::from_millis(40));
     }
 
@@ -833,18 +982,20 @@ mod tests {
     fn slow_swaps_halve_the_rate_and_fast_ones_raise_it_back_to_the_ceiling() {
         let mut pace = Pace::new(&options(Some(10_000), Some(5)));
         let slow = Duration::from_millis(10);
-        pace.after_page(200, Duration::from_millis(20), slow);
-        assert_eq!(pace.limit, Some(5_000.0));
-        pace.after_page(100, Duration::from_millis(20), slow);
-        assert_eq!(pace.limit, Some(2_500.0));
+        pace.after_page(200, 0, Duration::from_millis(20), slow);
+        assert_eq!(pace.values.limit, Some(5_000.0));
+        pace.after_page(100, 0, Duration::from_millis(20), slow);
+        assert_eq!(pace.values.limit, Some(2_500.0));
         for _ in 0..20 {
-            pace.after_page(100, Duration::from_millis(1), Duration::from_millis(1));
+            pace.after_page(100, 0, Duration::from_millis(1), Duration::from_millis(1));
         }
-        assert_eq!(pace.limit, Some(10_000.0), "never above --rate");
-        // Without --rate, the first slow page sets one from the speed seen.
+        assert_eq!(pace.values.limit, Some(10_000.0), "never above --rate");
+        // Without --rate, the first slow page sets one from the speed seen,
+        // for bytes too.
         let mut pace = Pace::new(&options(None, Some(5)));
-        pace.after_page(1_000, Duration::from_millis(100), slow);
-        assert_eq!(pace.limit, Some(5_000.0));
+        pace.after_page(1_000, 10 << 20, Duration::from_millis(100), slow);
+        assert_eq!(pace.values.limit, Some(5_000.0));
+        assert_eq!(pace.bytes.limit, Some(50.0 * 1024.0 * 1024.0));
         assert_eq!(pace.page_size(), "200");
     }
 }
