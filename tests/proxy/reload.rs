@@ -821,3 +821,76 @@ async fn listener_sessions_resume_across_a_reload_unless_the_client_ca_changed()
         "the first handshake after the client CA changed is a full one"
     );
 }
+
+/// Redis's certificate moves to a new CA. redcloak is given a bundle of
+/// the old and the new CA under 20 clients that see no failed request;
+/// Redis switches its certificate, and redcloak's new connections verify
+/// it; then the old CA is removed from redcloak's file. A reload back to
+/// only the old CA is rejected by the probe (Redis no longer presents a
+/// certificate it signed), and the material stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_ca_rotates_new_added_then_old_removed() {
+    use redcloak::dev::{Authority, Usage};
+    let redis = TestRedis::start().await;
+    let proxy = redis.start_proxy(&redis.config().tail(METRICS)).await;
+    let old_ca = std::fs::read(&redis.certs.ca).expect("old CA");
+    let new_ca = Authority::new("redis rotation CA").expect("CA");
+    let new_server = new_ca
+        .issue("redis", &["localhost", "127.0.0.1"], Usage::Server)
+        .expect("Redis certificate");
+    let (new_cert, new_key) = (redis.path("redis-new.crt"), redis.path("redis-new.key"));
+    std::fs::write(&new_cert, &new_server.cert_pem).expect("cert");
+    redcloak::dev::write_file(&new_key, new_server.key_pem.as_bytes(), 0o600).expect("key");
+
+    // 1. The new CA is added beside the old one, under load.
+    let (stop, load, tasks) = start_load(proxy.addr());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bundle = [old_ca.clone(), new_ca.cert_pem().as_bytes().to_vec()].concat();
+    std::fs::write(&redis.certs.ca, &bundle).expect("CA bundle");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(names(&json, "changed"), ["upstream.ca"]);
+    stop_load(stop, &load, tasks).await;
+
+    // 2. Redis presents a certificate from the new CA; redcloak's new
+    // connections verify it.
+    let mut admin = redis.admin().await;
+    let (cert, key) = (
+        new_cert.display().to_string(),
+        new_key.display().to_string(),
+    );
+    let set = admin
+        .call(&[
+            b"CONFIG",
+            b"SET",
+            b"tls-cert-file",
+            cert.as_bytes(),
+            b"tls-key-file",
+            key.as_bytes(),
+        ])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+    kill_redcloak_connections(&proxy, &mut admin).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"SET", b"k", b"new-ca"]).await, b"+OK\r\n");
+
+    // 3. The old CA goes, under load.
+    let (stop, load, tasks) = start_load(proxy.addr());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&redis.certs.ca, new_ca.cert_pem()).expect("new CA only");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(names(&json, "changed"), ["upstream.ca"]);
+    stop_load(stop, &load, tasks).await;
+
+    // Only the old CA again: the probe cannot verify Redis, so the reload
+    // is rejected and counted, and the new CA stays in use.
+    std::fs::write(&redis.certs.ca, &old_ca).expect("old CA only");
+    let (status, json) = post_reload(&proxy).await;
+    assert_eq!(status, 422, "{json}");
+    assert_eq!(names(&json, "rejected"), ["upstream.ca"], "{json}");
+    assert_eq!(reload_failures(&proxy.scrape().await, "probe"), 1.0);
+    kill_redcloak_connections(&proxy, &mut admin).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"GET", b"k"]).await, b"$6\r\nnew-ca\r\n");
+}
