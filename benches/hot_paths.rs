@@ -33,10 +33,10 @@ fn seal_and_open(c: &mut Criterion) {
     let mut group = c.benchmark_group("envelope");
     for (name, size) in SIZES {
         let value = vec![0x5Au8; size];
-        let sealed = ring.seal(&value, binding);
+        let sealed = ring.seal(&value, binding).expect("primary");
         group.throughput(Throughput::Bytes(size as u64));
         group.bench_with_input(BenchmarkId::new("seal", name), &value, |b, v| {
-            b.iter(|| ring.seal(black_box(v), binding))
+            b.iter(|| ring.seal(black_box(v), binding).expect("primary"))
         });
         group.bench_with_input(BenchmarkId::new("open", name), &sealed, |b, s| {
             b.iter(|| ring.open(black_box(s), binding).expect("opens"))
@@ -70,7 +70,8 @@ fn forward_all(policy: &Policy, mut input: BytesMut, out: &mut BytesMut) -> Vec<
                 plans.push(plan);
             }
             Action::Seal(values, plan) => {
-                let args = seal::arguments(&policy.keyring().load(), &request.args, &values);
+                let args = seal::arguments(&policy.keyring().load(), &request.args, &values)
+                    .expect("primary");
                 resp::encode_command(out, &args);
                 plans.push(plan);
             }
@@ -106,7 +107,8 @@ fn gets(policy: &Policy, count: usize, size: usize) -> (Vec<ReplyPlan>, Vec<u8>)
         let sealed = policy
             .keyring()
             .load()
-            .seal(&vec![0x5A; size], Binding::string(key.as_bytes()));
+            .seal(&vec![0x5A; size], Binding::string(key.as_bytes()))
+            .expect("primary");
         resp::encode_bulk(&mut stored, &sealed);
     }
     let plans = forward_all(policy, requests, &mut BytesMut::new());

@@ -10,7 +10,11 @@
 //! password are all required.
 
 use crate::auth::lockout::LockoutPolicy;
-use crate::crypto::keyring::{self, Keyring, LegacyPlaintext};
+use crate::crypto::KeyError;
+use crate::crypto::keyring::{self, LegacyPlaintext};
+use crate::kms::file::KeyringFile;
+use crate::kms::vault::TransitSettings;
+use crate::kms::{KeySources, Kms, KmsPolicy, Provider, ProviderSettings};
 use crate::policy::UnknownCommands;
 use crate::policy::known;
 use crate::policy::rules::{Bind, Members, Mode, Rule};
@@ -19,8 +23,10 @@ use crate::secret::{RawSecret, Secret};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
@@ -125,7 +131,11 @@ struct RawLogging {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEncryption {
-    primary: u32,
+    primary: Option<u32>,
+    keyring_file: Option<PathBuf>,
+    #[serde(default)]
+    kms: BTreeMap<String, RawKms>,
+    kms_policy: Option<RawKmsPolicy>,
     #[serde(default)]
     legacy_plaintext: RawLegacy,
     #[serde(default)]
@@ -150,6 +160,32 @@ enum RawUnknown {
     #[default]
     Refuse,
     Pass,
+}
+
+/// `[encryption.kms.NAME]`: one KMS provider.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+enum RawKms {
+    VaultTransit {
+        address: String,
+        ca: Option<PathBuf>,
+        token_file: PathBuf,
+        #[serde(default = "transit_mount")]
+        mount: String,
+        key: String,
+    },
+}
+
+fn transit_mount() -> String {
+    "transit".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKmsPolicy {
+    startup_timeout: Option<String>,
+    revalidate_every: Option<String>,
+    max_unreachable: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -308,7 +344,9 @@ pub struct Config {
 
 #[derive(Debug)]
 pub struct EncryptionConfig {
-    pub keyring: Keyring,
+    /// The data keys: raw, and wrapped by a KMS (unwrapped by
+    /// [`KeySources::keyring`]).
+    pub keys: KeySources,
     pub rules: Vec<Rule>,
     pub unknown_commands: UnknownCommands,
     /// Keys whose bytes are all the same (all-zero, or an example like `AQEB...`).
@@ -838,6 +876,7 @@ fn validate_encryption(
              [encryption] primary = 1 and [[encryption.keys]] id = 1, file = \"...\"",
         )
     })?;
+    let kms = validate_kms(&raw, base)?;
     let mut keys = Vec::with_capacity(raw.keys.len());
     let mut weak_key_ids = Vec::new();
     for key in raw.keys {
@@ -880,8 +919,60 @@ fn validate_encryption(
         RawLegacy::Reject => LegacyPlaintext::Reject,
         RawLegacy::Pass => LegacyPlaintext::Pass,
     };
-    let keyring = Keyring::new(raw.primary, keys, legacy)
-        .map_err(|e| invalid("encryption", e.to_string()))?;
+    let active = kms.as_ref().and_then(|kms| kms.file.active());
+    let primary = match (raw.primary, active) {
+        (Some(primary), Some(active)) if primary != active => {
+            return Err(invalid(
+                "encryption.primary",
+                format!(
+                    "is {primary}, but key {active} is active in encryption.keyring_file: \
+                     leave primary out (the keyring file's active key seals)"
+                ),
+            ));
+        }
+        (Some(primary), _) | (None, Some(primary)) => primary,
+        (None, None) => {
+            return Err(invalid(
+                "encryption.primary",
+                "required: no key is active in encryption.keyring_file (`redcloak keys promote ID`)",
+            ));
+        }
+    };
+    let wrapped_ids = kms
+        .iter()
+        .flat_map(|kms| kms.file.keys.iter().map(|d| d.id));
+    let mut ids: Vec<u32> = keys.iter().map(|(id, _)| *id).chain(wrapped_ids).collect();
+    ids.sort_unstable();
+    if let Some(pair) = ids.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(invalid(
+            "encryption",
+            KeyError::DuplicateId(pair[0]).to_string(),
+        ));
+    }
+    let loaded = kms.iter().flat_map(|kms| {
+        kms.file
+            .keys
+            .iter()
+            .filter(|d| d.state.loaded())
+            .map(|d| d.id)
+    });
+    if !keys
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(loaded)
+        .any(|id| id == primary)
+    {
+        return Err(invalid(
+            "encryption",
+            KeyError::NoPrimary(primary).to_string(),
+        ));
+    }
+    let keys = KeySources {
+        primary,
+        raw: keys,
+        legacy,
+        kms: kms.map(Arc::new),
+    };
     let rules = raw
         .rules
         .into_iter()
@@ -892,7 +983,7 @@ fn validate_encryption(
         RawUnknown::Pass => UnknownCommands::Pass,
     };
     Ok(EncryptionConfig {
-        keyring,
+        keys,
         rules,
         unknown_commands,
         weak_key_ids,
@@ -923,7 +1014,94 @@ fn secret_files(raw: &RawConfig, base: &Path) -> Vec<(&'static str, PathBuf)> {
     for key in raw.encryption.iter().flat_map(|e| &e.keys) {
         add("encryption.keys.file", key.file.as_ref());
     }
+    for provider in raw.encryption.iter().flat_map(|e| e.kms.values()) {
+        match provider {
+            RawKms::VaultTransit { token_file, .. } => {
+                add("encryption.kms.token_file", Some(token_file))
+            }
+        }
+    }
     files
+}
+
+/// The keyring file and its providers (`None` without a keyring file).
+fn validate_kms(raw: &RawEncryption, base: &Path) -> Result<Option<Kms>, ConfigError> {
+    let Some(path) = &raw.keyring_file else {
+        if !raw.kms.is_empty() {
+            return Err(invalid(
+                "encryption.kms",
+                "providers are configured but encryption.keyring_file is not set",
+            ));
+        }
+        return Ok(None);
+    };
+    let path = resolve(base, path.clone());
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        invalid(
+            "encryption.keyring_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let names: Vec<&str> = raw.kms.keys().map(String::as_str).collect();
+    let file = KeyringFile::parse(&path, &text, &names)
+        .map_err(|e| invalid("encryption.keyring_file", e.to_string()))?;
+    let mut providers = BTreeMap::new();
+    for (name, provider) in &raw.kms {
+        let settings = match provider {
+            RawKms::VaultTransit {
+                address,
+                ca,
+                token_file,
+                mount,
+                key,
+            } => ProviderSettings::VaultTransit(TransitSettings {
+                address: address.clone(),
+                ca: ca.clone().map(|ca| resolve(base, ca)),
+                token_file: resolve(base, token_file.clone()),
+                mount: mount.clone(),
+                key: key.clone(),
+            }),
+        };
+        let provider = Provider::new(settings)
+            .map_err(|why| invalid("encryption.kms", format!("{name}: {why}")))?;
+        providers.insert(name.clone(), provider);
+    }
+    let policy = raw.kms_policy.as_ref();
+    let text = |get: fn(&RawKmsPolicy) -> &Option<String>| policy.and_then(|p| get(p).as_deref());
+    let policy = KmsPolicy {
+        startup_timeout: parse_duration(
+            "encryption.kms_policy.startup_timeout",
+            text(|p| &p.startup_timeout),
+            "30s",
+        )?,
+        revalidate_every: match parse_duration(
+            "encryption.kms_policy.revalidate_every",
+            text(|p| &p.revalidate_every),
+            "15m",
+        )? {
+            zero if zero.is_zero() => {
+                return Err(invalid(
+                    "encryption.kms_policy.revalidate_every",
+                    "must be greater than 0",
+                ));
+            }
+            every => every,
+        },
+        max_unreachable: match text(|p| &p.max_unreachable).map(str::trim) {
+            None | Some("off") => None,
+            Some(bound) => Some(parse_duration(
+                "encryption.kms_policy.max_unreachable",
+                Some(bound),
+                "off",
+            )?),
+        },
+    };
+    Ok(Some(Kms {
+        file_path: path,
+        file,
+        providers,
+        policy,
+    }))
 }
 
 /// The non-empty lines of a secret, each a secret of its own.
@@ -1313,7 +1491,7 @@ mod tests {
                 "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
             );
             let config = load_in_jail(jail, &short).expect("key from the environment");
-            assert_eq!(config.encryption.keyring.primary_id(), 1);
+            assert_eq!(config.encryption.keys.primary, 1);
             let rules = format!(
                 "{MINIMAL}\n[[encryption.rules]]\npattern = \"rl:*\"\nmode = \"plaintext\"\n\
                 [[encryption.rules]]\npattern = \"s:*\"\nmode = \"encrypt\"\nbind_key = false\n"

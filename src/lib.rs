@@ -28,6 +28,8 @@
 //!   is known (pure).
 //! * [`crypto`]: the envelopes (XAES-256-GCM, random; AES-SIV, deterministic for members),
 //!   HyperLogLog tokens, bound to kind, key or rule, and field; and the keyring (pure).
+//! * [`kms`]: data keys wrapped by a KMS (Vault/OpenBao Transit): the keyring file, unwrapping
+//!   at start and on reload, revalidation that drops a key a KMS denies; no KMS call per value.
 //! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
 //! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::check` proves it
 //!   works every few seconds (readiness); `upstream::pool` keeps warm
@@ -49,6 +51,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod kms;
 pub mod logs;
 pub mod open_files;
 pub mod playground;

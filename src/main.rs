@@ -193,7 +193,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let loaded = config::load(&config)
                 .with_context(|| format!("configuration error in {}", config.display()))
                 .map_err(|e| (EXIT_CONFIG, e))?;
-            let target = to_key.unwrap_or(loaded.encryption.keyring.primary_id());
+            let target = to_key.unwrap_or(loaded.encryption.keys.primary);
             let options = redcloak::rekey::Options {
                 to_key,
                 to_plaintext,
@@ -264,7 +264,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let loaded = config::load(&config)
                 .with_context(|| format!("configuration error in {}", config.display()))
                 .map_err(|e| (EXIT_CONFIG, e))?;
-            if loaded.encryption.keyring.primary_id() == id {
+            if loaded.encryption.keys.primary == id {
                 return Err((
                     1,
                     anyhow::anyhow!("key {id} is the primary: make another key primary first"),

@@ -184,6 +184,8 @@ pub struct Targets {
     pub upstream: Arc<Upstream>,
     pub pool: Arc<Pool>,
     pub keyring: Arc<CurrentKeyring>,
+    /// The KMS-wrapped keys that revalidation unwraps again.
+    pub kms: crate::kms::CurrentKms,
     /// The TLS listener's configuration, when there is one.
     pub listener: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// The passwords clients log in with, when `[listen.auth]` is set.
@@ -244,7 +246,7 @@ impl Reloader {
                 let upstream = self.prepare_upstream(&config.upstream, &digests).await;
                 let listener = self.prepare_listener(&config, &digests);
                 let clients = self.prepare_client_passwords(&config, &digests);
-                let keyring = self.prepare_keyring(config);
+                let keyring = self.prepare_keyring(config, &digests).await;
                 match (upstream, listener, clients, keyring) {
                     (Ok(upstream), Ok(listener), Ok(clients), Ok(keyring)) => {
                         let changes = Changes {
@@ -369,12 +371,24 @@ impl Reloader {
     }
 
     /// The keyring, if it changed: its primary, a key (by its check value),
-    /// or the legacy policy. Keys the startup checks would refuse are
-    /// refused here too.
-    fn prepare_keyring(&self, config: Config) -> Prepared<(Keyring, Vec<String>)> {
+    /// the legacy policy, or the keyring file. Keys the startup checks
+    /// would refuse are refused here too; KMS-wrapped keys are unwrapped
+    /// (once: an unreachable KMS rejects the reload, the keys in use stay).
+    async fn prepare_keyring(&self, config: Config, digests: &Digests) -> Prepared<KeyringChange> {
+        if self.changed(digests, "encryption.keys").is_empty() {
+            return Ok(None);
+        }
         let rules = crate::upstream::gate::keyring_rules(&config);
-        let encryption = config.encryption;
-        let shape = encryption.keyring.shape();
+        let keys = config.encryption.keys;
+        let keyring = match keys.keyring(std::time::Duration::ZERO, None).await {
+            Ok(keyring) => keyring,
+            Err(err) => {
+                let what = "encryption.keyring_file".to_owned();
+                let why = err.to_string();
+                return Err((Rejected { what, why }, ReloadFailure::Kms));
+            }
+        };
+        let shape = keyring.shape();
         let published = self
             .published_keyring
             .lock()
@@ -390,14 +404,19 @@ impl Reloader {
         if shape.legacy != published.legacy {
             changed.push("encryption.legacy_plaintext".to_owned());
         }
-        if changed.is_empty() {
-            return Ok(None);
+        let file_text = |kms: Option<&crate::kms::Kms>| kms.map(|kms| kms.file.to_text());
+        if file_text(keys.kms.as_deref()) != file_text(self.targets.kms.load().as_deref()) {
+            changed.push("encryption.keyring_file".to_owned());
         }
         if let Err(why) = rules {
             let what = changed.join(", ");
             return Err((Rejected { what, why }, ReloadFailure::Files));
         }
-        Ok(Some((encryption.keyring, changed)))
+        Ok(Some(KeyringChange {
+            keyring,
+            kms: keys.kms,
+            changed,
+        }))
     }
 
     /// The passwords clients log in with, if `password_file` changed:
@@ -461,9 +480,15 @@ impl Reloader {
             outcome.changed.extend(change.changed);
         }
         *self.published.lock().unwrap_or_else(|e| e.into_inner()) = digests;
-        if let Some((keyring, changed)) = keyring {
+        if let Some(KeyringChange {
+            keyring,
+            kms,
+            changed,
+        }) = keyring
+        {
             let shape = keyring.shape();
             self.targets.keyring.publish(keyring);
+            self.targets.kms.store(kms);
             *self
                 .published_keyring
                 .lock()
@@ -502,7 +527,15 @@ struct Changes {
     upstream: Option<UpstreamChange>,
     listener: Option<ListenerChange>,
     clients: Option<(Vec<Secret>, Vec<String>)>,
-    keyring: Option<(Keyring, Vec<String>)>,
+    keyring: Option<KeyringChange>,
+}
+
+/// A new keyring (KMS-wrapped keys unwrapped and checked), waiting to be
+/// published.
+struct KeyringChange {
+    keyring: Keyring,
+    kms: Option<Arc<crate::kms::Kms>>,
+    changed: Vec<String>,
 }
 
 /// New upstream material, proved, waiting to be published.
@@ -587,6 +620,7 @@ fn digests(config: &Config) -> Digests {
         }
         digests.insert("listen.auth.password", all.finalize().into());
     }
+    digests.insert("encryption.keys", config.encryption.keys.fingerprint());
     if let Some(tls) = &config.listen.tls {
         digests.insert("listen.tls.cert", file(&tls.cert));
         digests.insert("listen.tls.key", file(&tls.key));

@@ -159,6 +159,9 @@ pub enum OpenError {
     Malformed,
     #[error("unknown key id {0}")]
     UnknownKeyId(u32),
+    /// Its key's KMS refused to unwrap it while running (see `kms`).
+    #[error("key {0} revoked by the KMS")]
+    Revoked(u32),
     #[error(
         "authentication failed: tampered, truncated, moved from another key or field, or sealed with another key"
     )]

@@ -8,7 +8,7 @@
 use super::envelope::{self, Binding, DataKey, OpenError};
 use arc_swap::{ArcSwap, Guard};
 use base64::Engine;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use zeroize::Zeroizing;
@@ -32,6 +32,12 @@ pub enum KeyError {
     NoPrimary(u32),
 }
 
+/// The primary key was revoked by its KMS: nothing is sealed (never under
+/// another key, never stored in plaintext).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("key {0} revoked by the KMS: writes to encrypted keys are refused")]
+pub struct PrimaryRevoked(pub u32);
+
 /// A value read back from Redis.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Opened<'a> {
@@ -42,7 +48,12 @@ pub enum Opened<'a> {
 
 pub struct Keyring {
     primary: u32,
-    keys: BTreeMap<u32, Slot>,
+    /// Shared with the keyrings derived from this one (a key revoked or
+    /// restored): a key's bytes are zeroized when its last keyring goes.
+    keys: BTreeMap<u32, Arc<Slot>>,
+    /// Keys a KMS refused to unwrap while running: dropped from `keys`;
+    /// their values fail to open as revoked.
+    revoked: BTreeSet<u32>,
     legacy: LegacyPlaintext,
     legacy_values_read: AtomicU64,
 }
@@ -52,6 +63,16 @@ struct Slot {
     key: DataKey,
     sealed: AtomicU64,
     opened: AtomicU64,
+}
+
+impl Slot {
+    fn new(id: u32, key: &[u8; 32]) -> Arc<Slot> {
+        Arc::new(Slot {
+            key: DataKey::new(id, key),
+            sealed: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+        })
+    }
 }
 
 /// Values sealed and opened with one key since start.
@@ -67,6 +88,7 @@ impl std::fmt::Debug for Keyring {
         f.debug_struct("Keyring")
             .field("primary", &self.primary)
             .field("ids", &self.keys.keys().collect::<Vec<_>>())
+            .field("revoked", &self.revoked)
             .field("legacy", &self.legacy)
             .finish()
     }
@@ -103,12 +125,7 @@ impl Keyring {
     ) -> Result<Keyring, KeyError> {
         let mut ring = BTreeMap::new();
         for (id, key) in keys {
-            let slot = Slot {
-                key: DataKey::new(id, &key),
-                sealed: AtomicU64::new(0),
-                opened: AtomicU64::new(0),
-            };
-            if ring.insert(id, slot).is_some() {
+            if ring.insert(id, Slot::new(id, &key)).is_some() {
                 return Err(KeyError::DuplicateId(id));
             }
         }
@@ -118,9 +135,57 @@ impl Keyring {
         Ok(Keyring {
             primary,
             keys: ring,
+            revoked: BTreeSet::new(),
             legacy,
             legacy_values_read: AtomicU64::new(0),
         })
+    }
+
+    /// This keyring with key `id` dropped because its KMS refused it: its
+    /// values fail to open as revoked, and if it is the primary nothing is
+    /// sealed. The other keys are shared, not copied.
+    pub fn revoking(&self, id: u32) -> Keyring {
+        let mut keys = self.keys.clone();
+        keys.remove(&id);
+        let mut revoked = self.revoked.clone();
+        revoked.insert(id);
+        self.derived(keys, revoked)
+    }
+
+    /// This keyring with a revoked key `id` back (its KMS allows it again).
+    pub fn restoring(&self, id: u32, key: &[u8; 32]) -> Keyring {
+        let mut keys = self.keys.clone();
+        keys.insert(id, Slot::new(id, key));
+        let mut revoked = self.revoked.clone();
+        revoked.remove(&id);
+        self.derived(keys, revoked)
+    }
+
+    fn derived(&self, keys: BTreeMap<u32, Arc<Slot>>, revoked: BTreeSet<u32>) -> Keyring {
+        Keyring {
+            primary: self.primary,
+            keys,
+            revoked,
+            legacy: self.legacy,
+            legacy_values_read: AtomicU64::new(0),
+        }
+    }
+
+    /// Keys revoked by their KMS while running.
+    pub fn revoked(&self) -> &BTreeSet<u32> {
+        &self.revoked
+    }
+
+    fn primary_slot(&self) -> Result<&Slot, PrimaryRevoked> {
+        self.keys
+            .get(&self.primary)
+            .map(|slot| &**slot)
+            .ok_or(PrimaryRevoked(self.primary))
+    }
+
+    /// Whether values can be sealed (the primary is not revoked).
+    pub fn can_seal(&self) -> Result<(), PrimaryRevoked> {
+        self.primary_slot().map(|_| ())
     }
 
     pub fn primary_id(&self) -> u32 {
@@ -128,15 +193,10 @@ impl Keyring {
     }
 
     /// Seals with the primary key.
-    pub fn seal(&self, value: &[u8], binding: Binding<'_>) -> Vec<u8> {
-        match self.keys.get(&self.primary) {
-            Some(slot) => {
-                slot.sealed.fetch_add(1, Ordering::Relaxed);
-                slot.key.seal(value, binding)
-            }
-            // `new` guarantees the primary is present.
-            None => unreachable!("primary key missing from the keyring"),
-        }
+    pub fn seal(&self, value: &[u8], binding: Binding<'_>) -> Result<Vec<u8>, PrimaryRevoked> {
+        let slot = self.primary_slot()?;
+        slot.sealed.fetch_add(1, Ordering::Relaxed);
+        Ok(slot.key.seal(value, binding))
     }
 
     /// Seals with the key `id` (`None`: no such key): `redcloak rekey
@@ -166,25 +226,24 @@ impl Keyring {
 
     /// Seals a member deterministically with the primary key: equal
     /// members under one binding give equal envelopes (see `envelope`).
-    pub fn seal_member(&self, member: &[u8], binding: Binding<'_>) -> Vec<u8> {
-        match self.keys.get(&self.primary) {
-            Some(slot) => {
-                slot.sealed.fetch_add(1, Ordering::Relaxed);
-                slot.key.seal_member(member, binding)
-            }
-            // `new` guarantees the primary is present.
-            None => unreachable!("primary key missing from the keyring"),
-        }
+    pub fn seal_member(
+        &self,
+        member: &[u8],
+        binding: Binding<'_>,
+    ) -> Result<Vec<u8>, PrimaryRevoked> {
+        let slot = self.primary_slot()?;
+        slot.sealed.fetch_add(1, Ordering::Relaxed);
+        Ok(slot.key.seal_member(member, binding))
     }
 
     /// The HyperLogLog token of `element` under the primary key (see
     /// `DataKey::token`).
-    pub fn token(&self, element: &[u8], binding: Binding<'_>) -> [u8; envelope::TOKEN_LEN] {
-        match self.keys.get(&self.primary) {
-            Some(slot) => slot.key.token(element, binding),
-            // `new` guarantees the primary is present.
-            None => unreachable!("primary key missing from the keyring"),
-        }
+    pub fn token(
+        &self,
+        element: &[u8],
+        binding: Binding<'_>,
+    ) -> Result<[u8; envelope::TOKEN_LEN], PrimaryRevoked> {
+        Ok(self.primary_slot()?.key.token(element, binding))
     }
 
     /// Opens a stored value (either envelope), applying the legacy-plaintext policy.
@@ -201,6 +260,9 @@ impl Keyring {
             }
             Err(err) => return Err(err),
         };
+        if self.revoked.contains(&id) {
+            return Err(OpenError::Revoked(id));
+        }
         let plaintext = envelope::open(stored, binding, |id| self.keys.get(&id).map(|s| &s.key))?;
         if let Some(slot) = self.keys.get(&id) {
             slot.opened.fetch_add(1, Ordering::Relaxed);
@@ -243,7 +305,10 @@ impl Keyring {
     /// counters carry on across a reload.
     fn carry_counts(&self, earlier: &Keyring) {
         for (id, slot) in &self.keys {
-            if let Some(before) = earlier.keys.get(id) {
+            // A shared slot (a key revoked or restored) has its counts.
+            if let Some(before) = earlier.keys.get(id)
+                && !Arc::ptr_eq(before, slot)
+            {
                 let sealed = before.sealed.load(Ordering::Relaxed);
                 let opened = before.opened.load(Ordering::Relaxed);
                 slot.sealed.fetch_add(sealed, Ordering::Relaxed);
@@ -264,8 +329,9 @@ pub struct KeyringShape {
 }
 
 /// The keyring in use: sealing and opening load it per request, a reload
-/// replaces it whole.
-pub struct CurrentKeyring(ArcSwap<Keyring>);
+/// replaces it whole, a KMS revalidation derives it (a key revoked or
+/// restored). Changes are made one at a time.
+pub struct CurrentKeyring(ArcSwap<Keyring>, std::sync::Mutex<()>);
 
 impl std::fmt::Debug for CurrentKeyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -275,7 +341,10 @@ impl std::fmt::Debug for CurrentKeyring {
 
 impl CurrentKeyring {
     pub fn new(keyring: Keyring) -> Arc<CurrentKeyring> {
-        Arc::new(CurrentKeyring(ArcSwap::from_pointee(keyring)))
+        Arc::new(CurrentKeyring(
+            ArcSwap::from_pointee(keyring),
+            std::sync::Mutex::new(()),
+        ))
     }
 
     /// The keyring as of now.
@@ -290,8 +359,21 @@ impl CurrentKeyring {
 
     /// Replaces the keyring; its per-key counts carry on.
     pub fn publish(&self, keyring: Keyring) {
+        let _one_at_a_time = self.1.lock().unwrap_or_else(|e| e.into_inner());
         keyring.carry_counts(&self.0.load());
         self.0.store(Arc::new(keyring));
+    }
+
+    /// Replaces the keyring with one derived from it (a key revoked or
+    /// restored), unless a reload published another meanwhile: `derive`
+    /// sees the one it replaces.
+    pub fn update(&self, derive: impl FnOnce(&Keyring) -> Option<Keyring>) {
+        let _one_at_a_time = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.0.load_full();
+        if let Some(keyring) = derive(&current) {
+            keyring.carry_counts(&current);
+            self.0.store(Arc::new(keyring));
+        }
     }
 }
 
@@ -308,14 +390,14 @@ mod tests {
     #[test]
     fn rotation_keeps_old_values_readable_and_seals_with_the_new_primary() {
         let before = Keyring::new(1, vec![(1, raw(1))], LegacyPlaintext::Reject).expect("ring");
-        let old = before.seal(b"old", NAME);
+        let old = before.seal(b"old", NAME).expect("primary");
         let after =
             Keyring::new(2, vec![(1, raw(1)), (2, raw(2))], LegacyPlaintext::Reject).expect("ring");
         assert_eq!(
             after.open(&old, NAME),
             Ok(Opened::Plaintext(b"old".to_vec()))
         );
-        let new = after.seal(b"new", NAME);
+        let new = after.seal(b"new", NAME).expect("primary");
         assert_eq!(envelope::key_id(&new), Ok(2));
         assert_eq!(before.open(&new, NAME), Err(OpenError::UnknownKeyId(2)));
         // Rotation progress: what each key sealed and opened.
@@ -344,7 +426,7 @@ mod tests {
         assert_eq!(pass.open(b"plain", NAME), Ok(Opened::Legacy(b"plain")));
         assert_eq!(pass.legacy_values_read(), 1);
         // A tampered envelope is never mistaken for legacy plaintext.
-        let mut sealed = pass.seal(b"v", NAME);
+        let mut sealed = pass.seal(b"v", NAME).expect("primary");
         sealed[40] ^= 1;
         assert_eq!(
             pass.open(&sealed, NAME),

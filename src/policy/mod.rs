@@ -530,7 +530,17 @@ impl Policy {
         match row.class {
             Class::Connection(_) | Class::Forward => Action::Forward(ReplyPlan::Passthrough),
             Class::Refuse(reason) => refuse("not_proxied", reason),
-            Class::Sealed(sealed) => self.sealed(&name, row, sealed, args),
+            Class::Sealed(sealed) => {
+                let action = self.sealed(&name, row, sealed, args);
+                // The primary key was revoked by its KMS: nothing is sealed,
+                // never under another key, never stored in plaintext.
+                match (&action, self.keyring.load().can_seal()) {
+                    (Action::Seal(..), Err(revoked)) => {
+                        refuse("primary_key_revoked", &revoked.to_string())
+                    }
+                    _ => action,
+                }
+            }
             Class::ServerReadsValue | Class::OrdersValues => self.only_plaintext(row, args),
             Class::Scripting(scripting) => self.scripting(scripting, row, args),
             Class::Sort => {
@@ -942,6 +952,7 @@ mod tests {
         match action {
             Action::Seal(values, _) => {
                 crate::session::seal::arguments(&policy.keyring.load(), &request(args).args, values)
+                    .expect("primary")
             }
             other => panic!("not sealed: {other:?}"),
         }

@@ -293,6 +293,8 @@ pub enum RekeyError {
     UnknownTarget(u32),
     #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamError),
+    #[error(transparent)]
+    Keys(#[from] crate::kms::KeysError),
     #[error("Redis: {0}")]
     Redis(String),
     #[error(
@@ -431,7 +433,9 @@ pub async fn run(
 ) -> Result<Census, RekeyError> {
     let log_key_names = config.log_key_names;
     let upstream = Upstream::from_config(&config.upstream)?;
-    let keyring = CurrentKeyring::new(config.encryption.keyring);
+    let keys = &config.encryption.keys;
+    let keyring = keys.keyring(keys.startup_timeout(), None).await?;
+    let keyring = CurrentKeyring::new(keyring);
     let policy = Policy::new(
         crate::auth::ClientAuth::new(None),
         crate::policy::rules::Rules::new(config.encryption.rules),

@@ -70,6 +70,8 @@ pub enum StartError {
         .0.display()
     )]
     SocketInUse(PathBuf),
+    #[error(transparent)]
+    Keys(#[from] crate::kms::KeysError),
 }
 
 impl StartError {
@@ -112,6 +114,9 @@ pub struct Server {
     watch_interval: Option<Duration>,
     /// Serves reloads while it runs (see [`Server::with_reloads`]).
     reloads: Option<(crate::reload::Reloader, crate::reload::ReloadQueue)>,
+    /// The KMS-wrapped keys to revalidate while running (a reload may
+    /// replace them).
+    kms: crate::kms::CurrentKms,
 }
 
 enum Accepted {
@@ -154,7 +159,13 @@ impl Server {
             passwords: a.passwords,
         }));
         let encryption = config.encryption;
-        let keyring = crate::crypto::CurrentKeyring::new(encryption.keyring);
+        // Data keys wrapped by a KMS are unwrapped here, once: no KMS call per value.
+        let keys = &encryption.keys;
+        let keyring = keys
+            .keyring(keys.startup_timeout(), Some(&telemetry))
+            .await?;
+        let kms = Arc::new(arc_swap::ArcSwapOption::new(keys.kms.clone()));
+        let keyring = crate::crypto::CurrentKeyring::new(keyring);
         metrics.watch_keyring(keyring.clone());
         let policy = Policy::new(
             client_auth,
@@ -235,6 +246,7 @@ impl Server {
             at_start,
             watch_interval,
             reloads: None,
+            kms,
         })
     }
 
@@ -251,6 +263,7 @@ impl Server {
             upstream: self.shared.pool.upstream().clone(),
             pool: self.shared.pool.clone(),
             keyring: policy.keyring().clone(),
+            kms: self.kms.clone(),
             listener: self.tls.as_ref().map(|(_, config)| config.clone()),
             client_passwords: policy.client_passwords(),
             metrics: self.shared.telemetry.metrics.clone(),
@@ -299,6 +312,14 @@ impl Server {
             ));
         }
         background.spawn(self.shared.pool.clone().keep_warm(shutdown.clone()));
+        if self.kms.load().is_some() {
+            background.spawn(crate::kms::revalidate(
+                self.kms.clone(),
+                self.shared.session.policy.keyring().clone(),
+                telemetry.clone(),
+                shutdown.clone(),
+            ));
+        }
         if let Some((reloader, queue)) = self.reloads.take() {
             background.spawn(crate::reload::run(
                 reloader,

@@ -219,6 +219,11 @@ pub enum SessionError {
     UpstreamLost,
     #[error("upstream unavailable: {0}")]
     UpstreamUnavailable(String),
+    /// The primary key was revoked between planning a write and sealing
+    /// it (the plan refuses writes once it is): the connection closes
+    /// rather than leave a transaction short of a command.
+    #[error("the connection closed: {0}")]
+    CannotSeal(#[from] crate::crypto::keyring::PrimaryRevoked),
 }
 
 /// What the two halves of a session share besides the FIFO.

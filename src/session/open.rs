@@ -171,6 +171,7 @@ impl Opener<'_> {
                         OpenError::UnknownKeyId(_) => OpenFailure::UnknownKeyId,
                         OpenError::Malformed => OpenFailure::Malformed,
                         OpenError::NotAnEnvelope => OpenFailure::NotEncrypted,
+                        OpenError::Revoked(_) => OpenFailure::Revoked,
                     },
                 });
             }
@@ -592,7 +593,7 @@ mod tests {
     }
 
     fn sealed(ring: &Keyring, value: &str, at: &ValueSite) -> Vec<u8> {
-        bulk(&ring.seal(value.as_bytes(), at.binding()))
+        bulk(&ring.seal(value.as_bytes(), at.binding()).expect("primary"))
     }
 
     fn run(plan: &OpenPlan, frame: &[u8], ring: &Keyring) -> String {
@@ -653,7 +654,7 @@ mod tests {
         frame.extend(sealed(&ring, "vb", &a)); // sealed for `a`, read as `b`
         frame.extend(bulk(b"plain"));
         frame.extend(bulk(&[0xC7, 0x0A, 0x4B, 1, 0]));
-        let mut unknown = ring.seal(b"v", a.binding());
+        let mut unknown = ring.seal(b"v", a.binding()).expect("primary");
         unknown[7] = 9;
         frame.extend(bulk(&unknown));
         let plan = OpenPlan::Each(vec![
@@ -867,7 +868,11 @@ mod tests {
     }
 
     fn member(ring: &Keyring, value: &str, at: &ValueSite) -> Vec<u8> {
-        bulk(&ring.seal_member(value.as_bytes(), at.binding()))
+        bulk(
+            &ring
+                .seal_member(value.as_bytes(), at.binding())
+                .expect("primary"),
+        )
     }
 
     #[test]
@@ -975,8 +980,10 @@ mod tests {
     fn any_reply() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
         let ring = keyring();
-        let sealed_value = ring.seal(b"v", site("k", None).binding());
-        let sealed_member = ring.seal_member(b"m", zset("k").binding());
+        let sealed_value = ring.seal(b"v", site("k", None).binding()).expect("primary");
+        let sealed_member = ring
+            .seal_member(b"m", zset("k").binding())
+            .expect("primary");
         let scalar = prop_oneof![
             Just(b"$-1\r\n".to_vec()),
             Just(b"*-1\r\n".to_vec()),

@@ -653,7 +653,7 @@ mod tests {
         outcomes(&mut replies);
         let sealed = |channel: &[u8], payload: &[u8]| {
             let site = policy::message_site(&Rules::default(), channel).expect("encrypted");
-            ring.seal(payload, site.binding())
+            ring.seal(payload, site.binding()).expect("primary")
         };
         let message = |name: &str, channel: &[u8], payload: &[u8]| {
             let mut frame = BytesMut::new();
@@ -944,7 +944,7 @@ mod tests {
             field: None,
             deterministic: false,
         };
-        let sealed = ring.seal(b"secret", site.binding());
+        let sealed = ring.seal(b"secret", site.binding()).expect("primary");
         let mut reply = BytesMut::new();
         resp::encode_bulk(&mut reply, &sealed);
         let open = || ReplyPlan::Open(crate::policy::OpenPlan::One(site.clone()));

@@ -436,9 +436,9 @@ impl<W: RequestSink> Requests<'_, W> {
                 self.encode(&request.args, blocks);
             }
             Action::Seal(values, plan) => {
-                self.enqueue(Entry::Await(plan, Some(tally))).await?;
                 let keyring = self.ctx.policy.keyring().load();
-                let args = seal::arguments(&keyring, &request.args, &values);
+                let args = seal::arguments(&keyring, &request.args, &values)?;
+                self.enqueue(Entry::Await(plan, Some(tally))).await?;
                 self.encode(&args, blocks);
             }
             Action::Rewrite(args, plan) => {

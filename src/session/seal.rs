@@ -5,25 +5,31 @@
 //! applies that decision. Pure.
 
 use crate::crypto::Keyring;
+use crate::crypto::keyring::PrimaryRevoked;
 use crate::policy::SealAt;
 use crate::policy::table::Kind;
 use bytes::Bytes;
 
 /// The request's arguments with each one `values` names replaced by its
-/// envelope. Arguments not named are shared, not copied.
-pub fn arguments(keyring: &Keyring, args: &[Bytes], values: &[SealAt]) -> Vec<Bytes> {
+/// envelope. Arguments not named are shared, not copied. Nothing when the
+/// primary key was revoked by its KMS.
+pub fn arguments(
+    keyring: &Keyring,
+    args: &[Bytes],
+    values: &[SealAt],
+) -> Result<Vec<Bytes>, PrimaryRevoked> {
     let mut sealed = args.to_vec();
     for SealAt { index, site } in values {
         if let Some(value) = args.get(*index) {
             let envelope = match (site.kind, site.deterministic) {
-                (Kind::HyperLogLogElement, _) => keyring.token(value, site.binding()).to_vec(),
-                (_, true) => keyring.seal_member(value, site.binding()),
-                (_, false) => keyring.seal(value, site.binding()),
+                (Kind::HyperLogLogElement, _) => keyring.token(value, site.binding())?.to_vec(),
+                (_, true) => keyring.seal_member(value, site.binding())?,
+                (_, false) => keyring.seal(value, site.binding())?,
             };
             sealed[*index] = Bytes::from(envelope);
         }
     }
-    sealed
+    Ok(sealed)
 }
 
 #[cfg(test)]
@@ -57,7 +63,7 @@ mod tests {
             index,
             site: site.clone(),
         });
-        let sealed = arguments(&ring, &args, &plan);
+        let sealed = arguments(&ring, &args, &plan).expect("primary");
         assert_eq!(sealed.len(), 4);
         assert_eq!(&sealed[..2], &args[..2]);
         for (at, plaintext) in [(2, b"a"), (3, b"b")] {

@@ -10,6 +10,9 @@
 //! | `decrypt_failure`          | peer, command, key_id, reason, key (opt-in)   |
 //! | `upstream_rejected`        | upstream, step, error                         |
 //! | `cross_protocol`           | peer                                          |
+//! | `kms_unreachable`          | provider, key_id, error                       |
+//! | `key_revoked`              | provider, key_id, error                       |
+//! | `key_restored`             | provider, key_id                              |
 //!
 //! Never a value, a password or key material. Key names only when
 //! `[logging] log_key_names = true`; command names only from the command
@@ -102,6 +105,41 @@ pub fn upstream_rejected(upstream: &str, step: UpstreamFailure, error: &dyn Disp
 
 /// A client sent `POST` or `Host:` as a command: an HTTP request aimed at the
 /// RESP port (a browser tricked into it, or a scan). Closed, as Redis does.
+/// A KMS did not answer a revalidation (serving goes on from memory).
+pub fn kms_unreachable(provider: &str, key_id: u32, error: &dyn Display) {
+    warn!(
+        target: TARGET,
+        event = "kms_unreachable",
+        provider,
+        key_id,
+        error = %error,
+        "KMS unreachable: serving goes on with the keys in memory"
+    );
+}
+
+/// A KMS denied a data key while running: it is dropped.
+pub fn key_revoked(provider: &str, key_id: u32, error: &dyn Display) {
+    tracing::error!(
+        target: TARGET,
+        event = "key_revoked",
+        provider,
+        key_id,
+        error = %error,
+        "the KMS denied a data key: it is dropped, its values fail to open"
+    );
+}
+
+/// A KMS allows a revoked data key again: it is back.
+pub fn key_restored(provider: &str, key_id: u32) {
+    warn!(
+        target: TARGET,
+        event = "key_restored",
+        provider,
+        key_id,
+        "the KMS allows a revoked data key again: it is restored"
+    );
+}
+
 pub fn cross_protocol(peer: &dyn Display) {
     warn!(
         target: TARGET,

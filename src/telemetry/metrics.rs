@@ -133,7 +133,7 @@ pub const VALUE_OPEN_FAILURES: MetricDef = def(
     "redcloak_value_open_failures_total",
     C,
     &["reason"],
-    "Values that failed to decrypt, by reason (auth_failed, unknown_key_id, malformed, not_encrypted).",
+    "Values that failed to decrypt, by reason (auth_failed, unknown_key_id, malformed, not_encrypted, revoked).",
 );
 pub const LEGACY_PLAINTEXT_READ: MetricDef = def(
     "redcloak_legacy_plaintext_values_read_total",
@@ -216,7 +216,7 @@ pub const RELOAD_FAILURES: MetricDef = def(
     "redcloak_reload_failures_total",
     C,
     &["reason"],
-    "Reloads that kept some or all of the old material, by reason (config: the configuration does not load; files: a certificate, key or CA is unreadable, does not match or has expired; probe: Redis refused the new upstream material).",
+    "Reloads that kept some or all of the old material, by reason (config: the configuration does not load; files: a certificate, key or CA is unreadable, does not match or has expired; probe: Redis refused the new upstream material; kms: a KMS did not unwrap a data key of the new keyring).",
 );
 pub const UPSTREAM_UP: MetricDef = def(
     "redcloak_upstream_up",
@@ -229,6 +229,25 @@ pub const CERTIFICATE_EXPIRY: MetricDef = def(
     G,
     &["certificate"],
     "When a certificate expires, as a unix time (redis_server: Redis's, last seen; upstream_client: upstream.cert; listener: listen.tls.cert).",
+);
+
+pub const KMS_UP: MetricDef = def(
+    "redcloak_kms_up",
+    G,
+    &["provider"],
+    "1 while the last request to a KMS provider (under [encryption.kms]) was answered (allowed or denied), 0 while it is unreachable.",
+);
+pub const KMS_REQUESTS: MetricDef = def(
+    "redcloak_kms_requests_total",
+    C,
+    &["provider", "result"],
+    "Requests to a KMS provider (unwraps at start, on reload and on revalidation; wraps by `keys` commands), by result (ok, denied, unreachable). None per value.",
+);
+pub const KEYS_REVOKED: MetricDef = def(
+    "redcloak_keys_revoked",
+    G,
+    &[],
+    "Data keys dropped because their KMS denied an unwrap while running: their values fail to open, and writes are refused if one is the primary.",
 );
 
 /// Every metric, in the order the README lists them.
@@ -268,6 +287,9 @@ pub const ALL: &[&MetricDef] = &[
     &RELOAD_LAST_SUCCESS,
     &RELOAD_FAILURES,
     &CERTIFICATE_EXPIRY,
+    &KMS_UP,
+    &KMS_REQUESTS,
+    &KEYS_REVOKED,
     &LOG_LINES_DROPPED,
 ];
 
@@ -369,14 +391,17 @@ pub enum OpenFailure {
     UnknownKeyId,
     Malformed,
     NotEncrypted,
+    /// Under a key its KMS revoked while running.
+    Revoked,
 }
 
 impl OpenFailure {
-    const ALL: [OpenFailure; 4] = [
+    const ALL: [OpenFailure; 5] = [
         OpenFailure::AuthFailed,
         OpenFailure::UnknownKeyId,
         OpenFailure::Malformed,
         OpenFailure::NotEncrypted,
+        OpenFailure::Revoked,
     ];
 
     pub fn label(self) -> &'static str {
@@ -385,6 +410,7 @@ impl OpenFailure {
             OpenFailure::UnknownKeyId => "unknown_key_id",
             OpenFailure::Malformed => "malformed",
             OpenFailure::NotEncrypted => "not_encrypted",
+            OpenFailure::Revoked => "revoked",
         }
     }
 }
@@ -419,13 +445,16 @@ pub enum ReloadFailure {
     Config,
     Files,
     Probe,
+    /// A KMS did not unwrap a data key of the new keyring.
+    Kms,
 }
 
 impl ReloadFailure {
-    const ALL: [ReloadFailure; 3] = [
+    const ALL: [ReloadFailure; 4] = [
         ReloadFailure::Config,
         ReloadFailure::Files,
         ReloadFailure::Probe,
+        ReloadFailure::Kms,
     ];
 
     pub fn label(self) -> &'static str {
@@ -433,6 +462,7 @@ impl ReloadFailure {
             ReloadFailure::Config => "config",
             ReloadFailure::Files => "files",
             ReloadFailure::Probe => "probe",
+            ReloadFailure::Kms => "kms",
         }
     }
 }
@@ -475,7 +505,7 @@ pub struct Metrics {
     pub client_sent: Counter,
     pub upstream_received: Counter,
     pub upstream_sent: Counter,
-    open_failures: [Counter; 4],
+    open_failures: [Counter; 5],
     pub upstream_connections: Counter,
     upstream_failures: [Counter; 3],
     pub upstream_handshake: Histogram,
@@ -487,7 +517,7 @@ pub struct Metrics {
     lanes_poisoned: [Counter; 8],
     pub client_pins: Counter,
     pub reload_last_success: Gauge,
-    reload_failures: [Counter; 3],
+    reload_failures: [Counter; 4],
     log_lines_dropped: Counter,
     /// The keyring whose per-key counts are exported at each scrape.
     keyring: OnceLock<Arc<CurrentKeyring>>,
@@ -616,6 +646,26 @@ impl Metrics {
             .set(unix_time as f64);
     }
 
+    /// Whether a KMS provider answered its last request.
+    pub fn set_kms_up(&self, provider: &str, up: bool) {
+        let labels = vec![Label::new("provider", provider.to_owned())];
+        self.recorder
+            .register_gauge(&Key::from_parts(KMS_UP.name, labels), &METADATA)
+            .set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Counts one request to a KMS provider; `result` is ok, denied or
+    /// unreachable.
+    pub fn kms_request(&self, provider: &str, result: &'static str) {
+        let labels = vec![
+            Label::new("provider", provider.to_owned()),
+            Label::new("result", result),
+        ];
+        self.recorder
+            .register_counter(&Key::from_parts(KMS_REQUESTS.name, labels), &METADATA)
+            .increment(1);
+    }
+
     /// Counts one answered command, with how long it took end to end and,
     /// when it went to Redis, how long Redis took.
     pub fn command(
@@ -682,6 +732,9 @@ impl Metrics {
             self.recorder
                 .register_counter(&key(&LEGACY_PLAINTEXT_READ, &[]), &METADATA)
                 .absolute(keyring.legacy_values_read());
+            self.recorder
+                .register_gauge(&key(&KEYS_REVOKED, &[]), &METADATA)
+                .set(keyring.revoked().len() as f64);
         }
         self.handle.render()
     }
@@ -790,7 +843,7 @@ mod tests {
         )
         .expect("ring");
         let binding = crate::crypto::Binding::string(b"k");
-        let sealed = ring.seal(b"v", binding);
+        let sealed = ring.seal(b"v", binding).expect("primary");
         ring.open(&sealed, binding).expect("opens");
         ring.open(b"plain", binding).expect("legacy passes");
         let metrics = Metrics::new();

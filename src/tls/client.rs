@@ -32,6 +32,29 @@ pub fn config_without_client_cert(ca: &Path) -> Result<Arc<ClientConfig>, TlsErr
     Ok(without_resumption(verifying(ca)?.with_no_client_auth()))
 }
 
+/// A TLS client for a KMS: its certificate verified against `ca` (or the
+/// system's roots when there is none), no client certificate, no
+/// resumption.
+pub fn kms(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = match ca {
+        Some(ca) => load::roots(ca, "KMS CA certificate (encryption.kms.*.ca)")?,
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            roots
+        }
+    };
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|source| TlsError::Rejected {
+            what: "TLS versions",
+            source,
+        })?;
+    Ok(without_resumption(
+        builder.with_root_certificates(roots).with_no_client_auth(),
+    ))
+}
+
 fn without_resumption(mut config: ClientConfig) -> Arc<ClientConfig> {
     config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)

@@ -12,8 +12,8 @@
 use super::report::{Check, Report, Status, ok, problem};
 use super::{Upstream, UpstreamStream, call};
 use crate::config::{Config, Profile};
-use crate::crypto::Binding;
 use crate::crypto::keyring::Opened;
+use crate::crypto::{Binding, Keyring};
 use crate::resp::{self, Limits};
 use crate::tls::{self, inspect};
 use bytes::Bytes;
@@ -58,8 +58,14 @@ fn strict(profile: Profile) -> Status {
 pub async fn run(config: &Config) -> Report {
     let mut checks = Vec::new();
     let address = config.upstream.address.clone();
+    let keys = &config.encryption.keys;
+    let keyring = keys.keyring(keys.startup_timeout(), None).await;
+    if let Some(kms) = &keys.kms {
+        checks.push(kms_row(kms, keyring.as_ref().err()));
+    }
+    let keyring = keyring.ok();
     match Upstream::from_config(&config.upstream) {
-        Ok(upstream) => upstream_checks(config, &upstream, &mut checks).await,
+        Ok(upstream) => upstream_checks(config, keyring.as_ref(), &upstream, &mut checks).await,
         Err(err) => checks.push(problem(
             "tls",
             Status::Fail,
@@ -70,14 +76,48 @@ pub async fn run(config: &Config) -> Report {
     checks.push(certificate_files(config));
     checks.push(key_files(config));
     checks.push(passwords(config));
-    checks.push(keyring(config));
+    checks.push(keyring_row(config));
     checks.push(downstream(config));
     checks.push(admin_listener(config));
     checks.push(open_files(config));
     Report::new(config.profile, address, checks)
 }
 
-async fn upstream_checks(config: &Config, upstream: &Upstream, checks: &mut Vec<Check>) {
+/// The `kms` row: every loaded key unwrapped and checked, or what failed.
+fn kms_row(kms: &crate::kms::Kms, failed: Option<&crate::kms::KeysError>) -> Check {
+    const NAME: &str = "kms";
+    if let Some(err) = failed {
+        return problem(
+            NAME,
+            Status::Fail,
+            err.to_string(),
+            "a denial or a bad check value: check the KMS token's policy and that the keyring file's \
+             blobs belong to this keyring and KEK (`redcloak keys verify`); unreachable: check the \
+             provider's address, CA and that it is unsealed",
+        );
+    }
+    let loaded = kms.file.keys.iter().filter(|d| d.state.loaded()).count();
+    let providers: Vec<String> = kms
+        .providers
+        .iter()
+        .map(|(name, p)| format!("{name} ({})", p.kind()))
+        .collect();
+    ok(
+        NAME,
+        format!(
+            "{loaded} data keys of keyring '{}' unwrapped by {} and their check values match",
+            kms.file.name,
+            providers.join(", ")
+        ),
+    )
+}
+
+async fn upstream_checks(
+    config: &Config,
+    keyring: Option<&Keyring>,
+    upstream: &Upstream,
+    checks: &mut Vec<Check>,
+) {
     let profile = config.profile;
     match upstream.handshake().await {
         Ok(tls) => {
@@ -112,7 +152,15 @@ async fn upstream_checks(config: &Config, upstream: &Upstream, checks: &mut Vec<
     checks.push(whoami(config, &mut session, timeout).await);
     checks.push(least_privilege(config, &mut session, timeout).await);
     checks.push(redis_version(&mut session, timeout).await);
-    checks.push(round_trip(config, &mut session, timeout).await);
+    match keyring {
+        Some(keyring) => checks.push(round_trip(keyring, &mut session, timeout).await),
+        None => checks.push(problem(
+            "round-trip",
+            Status::Fail,
+            "not tried: the data keys are not available (see kms)",
+            "fix the kms row first",
+        )),
+    }
     checks.push(plaintext_port(config).await);
 }
 
@@ -345,16 +393,17 @@ async fn redis_version(session: &mut UpstreamStream, timeout: Duration) -> Check
     }
 }
 
-async fn round_trip(config: &Config, session: &mut UpstreamStream, timeout: Duration) -> Check {
+async fn round_trip(keyring: &Keyring, session: &mut UpstreamStream, timeout: Duration) -> Check {
     const NAME: &str = "round-trip";
     let mut nonce = [0u8; 12];
     crate::crypto::envelope::fill_random(&mut nonce);
     let token: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
     let key = format!("redcloak:probe:{token}");
     let binding = Binding::string(key.as_bytes());
-    let keyring = &config.encryption.keyring;
-    let sealed = keyring.seal(token.as_bytes(), binding);
     let steps = async {
+        let sealed = keyring
+            .seal(token.as_bytes(), binding)
+            .map_err(|e| e.to_string())?;
         expect(
             call(
                 session,
@@ -549,7 +598,7 @@ pub(crate) fn password_rules(config: &Config) -> Result<(), String> {
 /// The data keys meet the startup checks' rules (a reload holds a new
 /// keyring to them too).
 pub(crate) fn keyring_rules(config: &Config) -> Result<(), String> {
-    passed(keyring(config))
+    passed(keyring_row(config))
 }
 
 /// `Err` with the check's detail when it failed.
@@ -599,7 +648,7 @@ fn passwords(config: &Config) -> Check {
     )
 }
 
-fn keyring(config: &Config) -> Check {
+fn keyring_row(config: &Config) -> Check {
     const NAME: &str = "keyring";
     let encryption = &config.encryption;
     if !encryption.weak_key_ids.is_empty() {
@@ -617,7 +666,7 @@ fn keyring(config: &Config) -> Check {
         NAME,
         format!(
             "primary key {} present; keys are 32 random-looking bytes with unique ids",
-            encryption.keyring.primary_id()
+            encryption.keys.primary
         ),
     )
 }

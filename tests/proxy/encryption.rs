@@ -287,13 +287,17 @@ async fn tampered_moved_and_foreign_values_become_errors_in_their_place() {
     fixture(&mut c).await;
     assert_reply(&c.call(&[b"SET", b"z", b"zeta"]).await, b"+OK\r\n");
     let original = redis.stored(b"a", None).await;
-    let foreign_id = redis.keyring(&[(9, "key-1")], 9).seal(b"alpha", key(b"a"));
+    let foreign_id = redis
+        .keyring(&[(9, "key-1")], 9)
+        .seal(b"alpha", key(b"a"))
+        .expect("primary");
     let other_key = {
         let other = redcloak::crypto::keyring::generate_key();
         std::fs::write(redis.path("key-other"), other.as_bytes()).expect("write");
         redis
             .keyring(&[(1, "key-other")], 1)
             .seal(b"alpha", key(b"a"))
+            .expect("primary")
     };
     let mut flipped = original.clone();
     flipped[40] ^= 0x01;
@@ -426,7 +430,10 @@ async fn legacy_plaintext_is_an_error_unless_passed_for_a_migration() {
         b"$22\r\nstored-before-redcloak\r\n",
     );
     // Tampered envelopes are never mistaken for legacy values.
-    let mut sealed = redis.keyring(&[(1, "key-1")], 1).seal(b"v", key(b"t"));
+    let mut sealed = redis
+        .keyring(&[(1, "key-1")], 1)
+        .seal(b"v", key(b"t"))
+        .expect("primary");
     sealed[45] ^= 1;
     overwrite(&redis, b"t", None, &sealed).await;
     assert_error(

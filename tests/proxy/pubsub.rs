@@ -117,7 +117,8 @@ async fn messages_on_encrypted_channels_are_sealed_in_redis_and_opened_for_subsc
     );
     let sealed_elsewhere = redis
         .keyring(&[(1, "key-1")], 1)
-        .seal(b"replayed", redcloak::crypto::Binding::string(b"news"));
+        .seal(b"replayed", redcloak::crypto::Binding::string(b"news"))
+        .expect("primary");
     assert_reply(
         &forger.call(&[b"PUBLISH", b"news", &sealed_elsewhere]).await,
         b":3\r\n",
