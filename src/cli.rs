@@ -46,6 +46,65 @@ pub enum KeysCommand {
         #[arg(long, value_name = "ID")]
         id: u32,
     },
+    /// Make a data key from the OS's random generator, wrap it with the KMS
+    /// provider NAME and add it to encryption.keyring_file as `pending`
+    /// (it opens values, never seals). Reload every proxy, then promote it.
+    New {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The provider under [encryption.kms.NAME].
+        #[arg(long, value_name = "NAME")]
+        kms: String,
+        /// The id (the next free one by default).
+        #[arg(long, value_name = "ID")]
+        id: Option<u32>,
+    },
+    /// Make key ID the active one (the primary) once it unwraps and
+    /// checks; the active one becomes decrypt-only. Then reload.
+    Promote {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, value_name = "ID")]
+        id: u32,
+    },
+    /// Every key: id, state, provider (or raw), whether it unwrapped and
+    /// matched its check value, and (from a running proxy's admin listener,
+    /// when metrics.address is set) how many values it sealed and opened.
+    List {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
+    },
+    /// Unwrap every key of the keyring file and check it; exit 0 only when
+    /// all pass.
+    Verify {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Move a raw key (base64, as `redcloak keygen` prints it) under the
+    /// KMS provider NAME as key ID, decrypt-only. Then remove its
+    /// [[encryption.keys]] entry (and, if it was the primary, `primary`,
+    /// and run `keys promote --id ID`) and reload.
+    Import {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, value_name = "ID")]
+        id: u32,
+        /// The file holding the raw key.
+        #[arg(long, value_name = "FILE")]
+        from_file: PathBuf,
+        #[arg(long, value_name = "NAME")]
+        kms: String,
+    },
+    /// KEK rotation: unwrap every key and wrap it again with the provider
+    /// NAME (each checked), then write the keyring file atomically.
+    Rewrap {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, value_name = "NAME")]
+        to_kms: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -186,6 +186,7 @@ struct RawKmsPolicy {
     startup_timeout: Option<String>,
     revalidate_every: Option<String>,
     max_unreachable: Option<String>,
+    request_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -509,6 +510,9 @@ impl Config {
     pub fn reloaded_files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.secret_files.iter().map(|(_, p)| p.clone()).collect();
         files.extend([self.upstream.ca.clone(), self.upstream.cert.clone()]);
+        if let Some(kms) = &self.encryption.keys.kms {
+            files.push(kms.file_path.clone());
+        }
         if let Some(tls) = &self.listen.tls {
             files.push(tls.cert.clone());
             files.extend(tls.client_ca.clone());
@@ -930,11 +934,14 @@ fn validate_encryption(
                 ),
             ));
         }
-        (Some(primary), _) | (None, Some(primary)) => primary,
+        (Some(primary), _) | (None, Some(primary)) => Some(primary),
+        // Serving needs one (`KeySources::keyring` says so); `keys new`
+        // and `keys promote` make it.
+        (None, None) if kms.is_some() => None,
         (None, None) => {
             return Err(invalid(
                 "encryption.primary",
-                "required: no key is active in encryption.keyring_file (`redcloak keys promote ID`)",
+                "required: the id of the key that seals (or an active key in encryption.keyring_file)",
             ));
         }
     };
@@ -956,11 +963,12 @@ fn validate_encryption(
             .filter(|d| d.state.loaded())
             .map(|d| d.id)
     });
-    if !keys
-        .iter()
-        .map(|(id, _)| *id)
-        .chain(loaded)
-        .any(|id| id == primary)
+    if let Some(primary) = primary
+        && !keys
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(loaded)
+            .any(|id| id == primary)
     {
         return Err(invalid(
             "encryption",
@@ -1045,6 +1053,13 @@ fn validate_kms(raw: &RawEncryption, base: &Path) -> Result<Option<Kms>, ConfigE
     let names: Vec<&str> = raw.kms.keys().map(String::as_str).collect();
     let file = KeyringFile::parse(&path, &text, &names)
         .map_err(|e| invalid("encryption.keyring_file", e.to_string()))?;
+    let policy = raw.kms_policy.as_ref();
+    let text = |get: fn(&RawKmsPolicy) -> &Option<String>| policy.and_then(|p| get(p).as_deref());
+    let request_timeout = parse_duration(
+        "encryption.kms_policy.request_timeout",
+        text(|p| &p.request_timeout),
+        "10s",
+    )?;
     let mut providers = BTreeMap::new();
     for (name, provider) in &raw.kms {
         let settings = match provider {
@@ -1060,15 +1075,15 @@ fn validate_kms(raw: &RawEncryption, base: &Path) -> Result<Option<Kms>, ConfigE
                 token_file: resolve(base, token_file.clone()),
                 mount: mount.clone(),
                 key: key.clone(),
+                request_timeout,
             }),
         };
         let provider = Provider::new(settings)
             .map_err(|why| invalid("encryption.kms", format!("{name}: {why}")))?;
         providers.insert(name.clone(), provider);
     }
-    let policy = raw.kms_policy.as_ref();
-    let text = |get: fn(&RawKmsPolicy) -> &Option<String>| policy.and_then(|p| get(p).as_deref());
     let policy = KmsPolicy {
+        request_timeout,
         startup_timeout: parse_duration(
             "encryption.kms_policy.startup_timeout",
             text(|p| &p.startup_timeout),
@@ -1491,7 +1506,7 @@ mod tests {
                 "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
             );
             let config = load_in_jail(jail, &short).expect("key from the environment");
-            assert_eq!(config.encryption.keys.primary, 1);
+            assert_eq!(config.encryption.keys.primary, Some(1));
             let rules = format!(
                 "{MINIMAL}\n[[encryption.rules]]\npattern = \"rl:*\"\nmode = \"plaintext\"\n\
                 [[encryption.rules]]\npattern = \"s:*\"\nmode = \"encrypt\"\nbind_key = false\n"

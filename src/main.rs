@@ -193,7 +193,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let loaded = config::load(&config)
                 .with_context(|| format!("configuration error in {}", config.display()))
                 .map_err(|e| (EXIT_CONFIG, e))?;
-            let target = to_key.unwrap_or(loaded.encryption.keys.primary);
+            let target = to_key.or(loaded.encryption.keys.primary).unwrap_or(0);
             let options = redcloak::rekey::Options {
                 to_key,
                 to_plaintext,
@@ -264,12 +264,13 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let loaded = config::load(&config)
                 .with_context(|| format!("configuration error in {}", config.display()))
                 .map_err(|e| (EXIT_CONFIG, e))?;
-            if loaded.encryption.keys.primary == id {
+            if loaded.encryption.keys.primary == Some(id) {
                 return Err((
                     1,
                     anyhow::anyhow!("key {id} is the primary: make another key primary first"),
                 ));
             }
+            let keys = load_keys(&config)?;
             let options = redcloak::rekey::Options {
                 to_key: None,
                 to_plaintext: false,
@@ -312,11 +313,23 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                     ),
                 ));
             }
-            errln!(
-                "no value is sealed under key {id}: remove its [[encryption.keys]] entry and its file, then reload"
-            );
+            if keys
+                .kms
+                .as_ref()
+                .is_some_and(|kms| kms.file.get(id).is_some())
+            {
+                redcloak::kms::manage::retire(&keys, id).map_err(|e| (1, e.into()))?;
+                errln!(
+                    "no value is sealed under key {id}: it is retired in the keyring file; reload every proxy"
+                );
+            } else {
+                errln!(
+                    "no value is sealed under key {id}: remove its [[encryption.keys]] entry and its file, then reload"
+                );
+            }
             Ok(())
         }
+        Command::Keys { command } => keys_command(command).await,
         Command::Keygen => {
             let key = redcloak::crypto::keyring::generate_key();
             outln!("{}", key.as_str());
@@ -398,6 +411,164 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 )),
                 Err(err) => Err((EXIT_RUNTIME, err.into())),
             }
+        }
+    }
+}
+
+/// The key sources of the configuration at `path` (exit 78 when it does
+/// not load).
+fn load_keys(path: &std::path::Path) -> Result<redcloak::kms::KeySources, (u8, anyhow::Error)> {
+    config::load(path)
+        .with_context(|| format!("configuration error in {}", path.display()))
+        .map(|config| config.encryption.keys)
+        .map_err(|e| (EXIT_CONFIG, e))
+}
+
+/// `redcloak keys new|promote|list|verify|import|rewrap`.
+async fn keys_command(command: KeysCommand) -> Result<(), (u8, anyhow::Error)> {
+    use redcloak::kms::manage;
+    let failed = |e: manage::ManageError| (1u8, anyhow::Error::from(e));
+    match command {
+        KeysCommand::Retire { .. } => unreachable!("handled with the census"),
+        KeysCommand::New { config, kms, id } => {
+            let keys = load_keys(&config)?;
+            let id = manage::new_key(&keys, &kms, id).await.map_err(failed)?;
+            outln!("{id}");
+            errln!(
+                "key {id} added as pending (it opens values, never seals): reload every proxy, \
+                 then `redcloak keys promote --config {} --id {id}` and reload again",
+                config.display()
+            );
+            Ok(())
+        }
+        KeysCommand::Promote { config, id } => {
+            let keys = load_keys(&config)?;
+            manage::promote(&keys, id).await.map_err(failed)?;
+            errln!(
+                "key {id} is active: reload every proxy; then `redcloak rekey --config {}` reseals what Redis holds",
+                config.display()
+            );
+            Ok(())
+        }
+        KeysCommand::List { config, format } => {
+            let loaded = config::load(&config)
+                .with_context(|| format!("configuration error in {}", config.display()))
+                .map_err(|e| (EXIT_CONFIG, e))?;
+            let statuses = manage::statuses(&loaded.encryption.keys).await;
+            // Use counts from the running proxy, when it exports them.
+            let scraped = match loaded.metrics_address {
+                Some(address) => {
+                    let url = format!("http://{address}/metrics");
+                    probe::probe(&url, std::time::Duration::from_secs(2))
+                        .await
+                        .ok()
+                        .map(|(_, body)| body)
+                }
+                None => None,
+            };
+            let count = |metric: &str, id: u32| -> Option<u64> {
+                let wanted = format!("{metric}{{key_id=\"{id}\"}} ");
+                scraped
+                    .as_deref()?
+                    .lines()
+                    .find_map(|line| line.strip_prefix(&wanted)?.trim().parse::<f64>().ok())
+                    .map(|v| v as u64)
+            };
+            match format {
+                ReportFormat::Json => {
+                    let rows: Vec<serde_json::Value> = statuses
+                        .iter()
+                        .map(|s| {
+                            let mut row = serde_json::to_value(s).unwrap_or_default();
+                            row["sealed"] = count("redcloak_values_sealed_total", s.id).into();
+                            row["opened"] = count("redcloak_values_opened_total", s.id).into();
+                            row
+                        })
+                        .collect();
+                    outln!("{}", serde_json::Value::from(rows));
+                }
+                ReportFormat::Text => {
+                    outln!(
+                        "{:<6} {:<13} {:<12} {:<6} {:>10} {:>10}",
+                        "id",
+                        "state",
+                        "kms",
+                        "check",
+                        "sealed",
+                        "opened"
+                    );
+                    for s in &statuses {
+                        let shown = |n: Option<u64>| n.map_or("-".to_owned(), |n| n.to_string());
+                        outln!(
+                            "{:<6} {:<13} {:<12} {:<6} {:>10} {:>10}",
+                            s.id,
+                            s.state,
+                            s.kms,
+                            if s.check_passed { "ok" } else { "FAILED" },
+                            shown(count("redcloak_values_sealed_total", s.id)),
+                            shown(count("redcloak_values_opened_total", s.id))
+                        );
+                        if let Some(error) = &s.error {
+                            outln!("       {error}");
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        KeysCommand::Verify { config } => {
+            let keys = load_keys(&config)?;
+            manage::kms(&keys).map_err(failed)?;
+            let statuses = manage::statuses(&keys).await;
+            let mut bad = 0;
+            for s in statuses.iter().filter(|s| s.kms != "raw") {
+                match &s.error {
+                    None => outln!(
+                        "key {} ({}, {}): unwrapped, check value matches",
+                        s.id,
+                        s.state,
+                        s.kms
+                    ),
+                    Some(error) if s.state == "destroyed" => outln!("key {}: {error}", s.id),
+                    Some(error) => {
+                        bad += 1;
+                        outln!("key {} ({}, {}): FAILED: {error}", s.id, s.state, s.kms);
+                    }
+                }
+            }
+            if bad > 0 {
+                return Err((1, anyhow::anyhow!("{bad} keys failed to unwrap or check")));
+            }
+            Ok(())
+        }
+        KeysCommand::Import {
+            config,
+            id,
+            from_file,
+            kms,
+        } => {
+            let keys = load_keys(&config)?;
+            let text = zeroize::Zeroizing::new(
+                std::fs::read(&from_file)
+                    .with_context(|| format!("cannot read {}", from_file.display()))
+                    .map_err(|e| (1, e))?,
+            );
+            manage::import(&keys, id, &text, &kms)
+                .await
+                .map_err(failed)?;
+            errln!(
+                "key {id} is in the keyring file, wrapped by '{kms}' (decrypt-only): remove its \
+                 [[encryption.keys]] entry from the configuration (and, if it was the primary, \
+                 `primary`, then run `redcloak keys promote --id {id}`), reload, and delete {}",
+                from_file.display()
+            );
+            Ok(())
+        }
+        KeysCommand::Rewrap { config, to_kms } => {
+            let keys = load_keys(&config)?;
+            let count = manage::rewrap(&keys, &to_kms).await.map_err(failed)?;
+            errln!("{count} keys wrapped again by '{to_kms}' (each checked); reload every proxy");
+            Ok(())
         }
     }
 }

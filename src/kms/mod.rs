@@ -17,6 +17,7 @@
 //! - a KMS that allows the DEK again restores it.
 
 pub mod file;
+pub mod manage;
 pub mod vault;
 
 use crate::crypto::keyring::{Keyring, LegacyPlaintext};
@@ -97,6 +98,8 @@ pub struct KmsPolicy {
     /// After this long unreachable, a provider's DEKs are dropped (`None`:
     /// serve from memory however long it lasts).
     pub max_unreachable: Option<Duration>,
+    /// How long one KMS request may take, connection included.
+    pub request_timeout: Duration,
 }
 
 impl Default for KmsPolicy {
@@ -105,6 +108,7 @@ impl Default for KmsPolicy {
             startup_timeout: Duration::from_secs(30),
             revalidate_every: Duration::from_secs(15 * 60),
             max_unreachable: None,
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -166,6 +170,11 @@ pub enum KeysError {
     Refused(DekError),
     #[error("encryption: {0}")]
     Keyring(#[from] KeyError),
+    #[error(
+        "no key seals: the keyring file has no active key and encryption.primary is not set \
+         (`redcloak keys new --kms NAME`, reload, then `redcloak keys promote --id ID`)"
+    )]
+    NoActiveKey,
 }
 
 impl Kms {
@@ -262,7 +271,9 @@ impl Kms {
 /// file's active key, or `encryption.primary`.
 #[derive(Debug)]
 pub struct KeySources {
-    pub primary: u32,
+    /// `None` only with a keyring file that has no active key yet: serving
+    /// refuses to start until one is promoted.
+    pub primary: Option<u32>,
     pub raw: Vec<(u32, Zeroizing<[u8; 32]>)>,
     pub legacy: LegacyPlaintext,
     pub kms: Option<Arc<Kms>>,
@@ -280,7 +291,8 @@ impl KeySources {
         if let Some(kms) = &self.kms {
             keys.extend(kms.unwrap_loaded(patience, telemetry).await?);
         }
-        Ok(Keyring::new(self.primary, keys, self.legacy)?)
+        let primary = self.primary.ok_or(KeysError::NoActiveKey)?;
+        Ok(Keyring::new(primary, keys, self.legacy)?)
     }
 
     /// A digest of where the keys come from (the primary, the legacy
@@ -289,7 +301,7 @@ impl KeySources {
     pub fn fingerprint(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
-        hash.update(self.primary.to_be_bytes());
+        hash.update(self.primary.unwrap_or(0).to_be_bytes());
         hash.update(format!("{:?}", self.legacy));
         for (id, key) in &self.raw {
             hash.update(id.to_be_bytes());

@@ -20,8 +20,6 @@ use zeroize::Zeroizing;
 
 /// A Transit reply larger than this is not one.
 const MAX_REPLY_BYTES: usize = 64 * 1024;
-/// Each request gets this long, connection included.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the Transit engine is, as `[encryption.kms.NAME]` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +30,9 @@ pub struct TransitSettings {
     pub token_file: PathBuf,
     pub mount: String,
     pub key: String,
+    /// Each request gets this long, connection included
+    /// (`encryption.kms_policy.request_timeout`).
+    pub request_timeout: Duration,
 }
 
 pub struct Transit {
@@ -196,11 +197,10 @@ impl Transit {
             driver.abort();
             Ok::<_, KmsError>((status, body))
         };
-        let (status, body) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        let timeout = self.settings.request_timeout;
+        let (status, body) = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| {
-                KmsError::Unreachable(format!("no answer within {REQUEST_TIMEOUT:?}"))
-            })??;
+            .map_err(|_| KmsError::Unreachable(format!("no answer within {timeout:?}")))??;
         if status.is_success() {
             return Ok(body);
         }

@@ -666,7 +666,7 @@ fn keyring_row(config: &Config) -> Check {
         NAME,
         format!(
             "primary key {} present; keys are 32 random-looking bytes with unique ids",
-            encryption.keys.primary
+            encryption.keys.primary.unwrap_or(0)
         ),
     )
 }

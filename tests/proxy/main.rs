@@ -11,6 +11,7 @@ mod encryption;
 mod frameworks;
 mod gate;
 mod grammar;
+mod kms;
 mod lanes;
 mod listeners;
 mod lists;
