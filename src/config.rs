@@ -13,6 +13,7 @@ use crate::auth::lockout::LockoutPolicy;
 use crate::crypto::KeyError;
 use crate::crypto::keyring::{self, LegacyPlaintext};
 use crate::kms::file::KeyringFile;
+use crate::kms::pkcs11::Pkcs11Settings;
 use crate::kms::vault::TransitSettings;
 use crate::kms::{KeySources, Kms, KmsPolicy, Provider, ProviderSettings};
 use crate::policy::UnknownCommands;
@@ -173,6 +174,12 @@ enum RawKms {
         #[serde(default = "transit_mount")]
         mount: String,
         key: String,
+    },
+    Pkcs11 {
+        module: PathBuf,
+        token_label: String,
+        pin_file: PathBuf,
+        key_label: String,
     },
 }
 
@@ -1027,6 +1034,7 @@ fn secret_files(raw: &RawConfig, base: &Path) -> Vec<(&'static str, PathBuf)> {
             RawKms::VaultTransit { token_file, .. } => {
                 add("encryption.kms.token_file", Some(token_file))
             }
+            RawKms::Pkcs11 { pin_file, .. } => add("encryption.kms.pin_file", Some(pin_file)),
         }
     }
     files
@@ -1076,6 +1084,17 @@ fn validate_kms(raw: &RawEncryption, base: &Path) -> Result<Option<Kms>, ConfigE
                 mount: mount.clone(),
                 key: key.clone(),
                 request_timeout,
+            }),
+            RawKms::Pkcs11 {
+                module,
+                token_label,
+                pin_file,
+                key_label,
+            } => ProviderSettings::Pkcs11(Pkcs11Settings {
+                module: module.clone(),
+                token_label: token_label.clone(),
+                pin_file: resolve(base, pin_file.clone()),
+                key_label: key_label.clone(),
             }),
         };
         let provider = Provider::new(settings)

@@ -1,6 +1,6 @@
 //! Data keys wrapped by a KMS. The keyring file (`file`) lists each data
 //! key (DEK) wrapped by a key-encryption key that never leaves a KMS
-//! (`vault`: Vault or OpenBao Transit); redcloak unwraps them at start and
+//! (`vault`: Vault or OpenBao Transit; `pkcs11`: an HSM); redcloak unwraps them at start and
 //! on reload, checks each against its check value, and holds them in
 //! memory (zeroized on drop). No KMS request is made per value.
 //!
@@ -18,6 +18,7 @@
 
 pub mod file;
 pub mod manage;
+pub mod pkcs11;
 pub mod vault;
 
 use crate::crypto::keyring::{Keyring, LegacyPlaintext};
@@ -51,12 +52,14 @@ pub enum KmsError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderSettings {
     VaultTransit(vault::TransitSettings),
+    Pkcs11(pkcs11::Pkcs11Settings),
 }
 
 /// One KMS provider, ready to use.
 #[derive(Debug)]
 pub enum Provider {
     VaultTransit(vault::Transit),
+    Pkcs11(pkcs11::Token),
 }
 
 impl Provider {
@@ -65,6 +68,9 @@ impl Provider {
             ProviderSettings::VaultTransit(settings) => {
                 vault::Transit::new(settings).map(Provider::VaultTransit)
             }
+            ProviderSettings::Pkcs11(settings) => {
+                pkcs11::Token::new(settings).map(Provider::Pkcs11)
+            }
         }
     }
 
@@ -72,18 +78,21 @@ impl Provider {
     pub fn kind(&self) -> &'static str {
         match self {
             Provider::VaultTransit(_) => "vault-transit",
+            Provider::Pkcs11(_) => "pkcs11",
         }
     }
 
     pub async fn wrap(&self, dek: &[u8; 32], aad: &[u8]) -> Result<Vec<u8>, KmsError> {
         match self {
             Provider::VaultTransit(transit) => transit.wrap(dek, aad).await,
+            Provider::Pkcs11(token) => token.wrap(dek, aad).await,
         }
     }
 
     pub async fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, KmsError> {
         match self {
             Provider::VaultTransit(transit) => transit.unwrap(wrapped, aad).await,
+            Provider::Pkcs11(token) => token.unwrap(wrapped, aad).await,
         }
     }
 }

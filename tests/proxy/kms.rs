@@ -125,6 +125,11 @@ impl Bao {
     }
 }
 
+/// A secret file as redcloak's startup checks want it: mode 0600.
+fn secret_file(path: &Path, text: &str) {
+    redcloak::dev::write_file(path, text.as_bytes(), 0o600).expect("secret file");
+}
+
 /// A `[encryption]` section with a keyring file and the provider `vault`
 /// (and `vault2` on another Transit key when `second` is given), raw key 1
 /// when `raw_primary`.
@@ -175,7 +180,7 @@ async fn kms_only() -> (TestRedis, Bao, ProxyConfig, u32) {
     let redis = TestRedis::start().await;
     let bao = Bao::start().await;
     let token = bao.key_and_token("kek").await;
-    std::fs::write(redis.path("vault-token"), token).expect("token");
+    secret_file(&redis.path("vault-token"), &token);
     std::fs::write(redis.path("keyring.toml"), "name = \"orders\"\n").expect("keyring file");
     let mut config = redis
         .config()
@@ -287,7 +292,7 @@ async fn a_revoked_token_drops_the_key_and_a_new_one_restores_it() {
     let new_token = bao
         .cli(&["token", "create", "-policy", "kek", "-field", "token"])
         .await;
-    std::fs::write(redis.path("vault-token"), new_token).expect("token");
+    secret_file(&redis.path("vault-token"), &new_token);
     eventually("the key is restored", || async {
         metric(&proxy.scrape().await, "redcloak_keys_revoked") == Some(0.0)
     })
@@ -418,7 +423,7 @@ async fn a_raw_key_moves_under_the_kms_and_to_another_kek() {
 
     for (key, token_file) in [("kek", "vault-token"), ("kek2", "vault2-token")] {
         let token = bao.key_and_token(key).await;
-        std::fs::write(redis.path(token_file), token).expect("token");
+        secret_file(&redis.path(token_file), &token);
     }
     std::fs::write(redis.path("keyring.toml"), "name = \"orders\"\n").expect("keyring file");
     let mut config = redis.config();
@@ -525,4 +530,148 @@ async fn a_new_kms_key_is_promoted_by_reload() {
     ] {
         assert_reply(&c.call(&[b"GET", key]).await, value);
     }
+}
+
+/// A SoftHSM2 token of this test's own (Debian `softhsm2`), with an AES
+/// key made by `pkcs11-tool` (Debian `opensc`); the child processes that
+/// use it get `SOFTHSM2_CONF`.
+struct SoftHsm {
+    dir: tempfile::TempDir,
+}
+
+const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+impl SoftHsm {
+    fn new(key_label: &str) -> SoftHsm {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("tokens")).expect("token dir");
+        std::fs::write(
+            dir.path().join("softhsm2.conf"),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.path().join("tokens").display()
+            ),
+        )
+        .expect("softhsm2.conf");
+        let hsm = SoftHsm { dir };
+        hsm.run(
+            "softhsm2-util",
+            &[
+                "--init-token",
+                "--free",
+                "--label",
+                "redcloak",
+                "--pin",
+                "1234",
+                "--so-pin",
+                "5678",
+            ],
+        );
+        hsm.run(
+            "pkcs11-tool",
+            &[
+                "--module",
+                SOFTHSM_MODULE,
+                "--token-label",
+                "redcloak",
+                "--login",
+                "--pin",
+                "1234",
+                "--keygen",
+                "--key-type",
+                "AES:32",
+                "--label",
+                key_label,
+            ],
+        );
+        hsm
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.path().join("softhsm2.conf")
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        let output = Command::new(program)
+            .args(args)
+            .env("SOFTHSM2_CONF", self.conf())
+            .output()
+            .unwrap_or_else(|e| panic!("{program} (Debian softhsm2 / opensc) runs: {e}"));
+        assert!(output.status.success(), "{program} {args:?}: {output:?}");
+        output
+    }
+
+    /// `redcloak ARGS` with this token.
+    fn redcloak(&self, args: &[&str], config: &Path) -> Output {
+        Command::new(redcloak_bin())
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .env("SOFTHSM2_CONF", self.conf())
+            .output()
+            .expect("redcloak runs")
+    }
+}
+
+/// KEK rotation from Vault to an HSM: `keys rewrap --to-kms hsm` moves the
+/// DEK under a SoftHSM2 key (AES-GCM with the associated data); with the
+/// Vault token revoked, `redcloak serve` still starts and reads the values
+/// written before; a wrong PIN is a denial that stops a start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_moves_from_vault_to_an_hsm() {
+    let (redis, bao, mut config, id) = kms_only().await;
+    let proxy = redis.start_proxy(&config).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"SET", b"k", b"kept"]).await, b"+OK\r\n");
+    drop(proxy);
+
+    let hsm = SoftHsm::new("kek");
+    secret_file(&redis.path("hsm-pin"), "1234\n");
+    config.encryption = config.encryption.replace(
+        "[encryption.kms_policy]",
+        &format!(
+            "[encryption.kms.hsm]\ntype = \"pkcs11\"\nmodule = \"{SOFTHSM_MODULE}\"\n\
+             token_label = \"redcloak\"\npin_file = \"hsm-pin\"\nkey_label = \"kek\"\n\
+             [encryption.kms_policy]"
+        ),
+    );
+    let file = redis.path("redcloak.toml");
+    std::fs::write(&file, config.render()).expect("config");
+    let rewrapped = hsm.redcloak(&["keys", "rewrap", "--to-kms", "hsm"], &file);
+    assert!(rewrapped.status.success(), "{rewrapped:?}");
+    let keyring = std::fs::read_to_string(redis.path("keyring.toml")).expect("keyring");
+    assert!(keyring.contains("kms = \"hsm\""), "{keyring}");
+    let verified = hsm.redcloak(&["keys", "verify"], &file);
+    assert!(verified.status.success(), "{verified:?}");
+
+    // Vault can no longer unwrap anything; the HSM does.
+    let token = std::fs::read_to_string(redis.path("vault-token")).expect("token");
+    bao.cli(&["token", "revoke", token.trim()]).await;
+    let mut command = Command::new(redcloak_bin());
+    command
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(&file)
+        .env("SOFTHSM2_CONF", hsm.conf());
+    let serving = ServeChild::spawn(command).await;
+    let mut c = RawClient::new(
+        tokio::net::TcpStream::connect(serving.address)
+            .await
+            .expect("connect"),
+    );
+    assert_reply(&c.call(&[b"GET", b"k"]).await, b"$4\r\nkept\r\n");
+    assert_reply(&c.call(&[b"SET", b"k2", b"new"]).await, b"+OK\r\n");
+    let stored = redis.stored(b"k2", None).await;
+    assert_eq!(redcloak::crypto::envelope::key_id(&stored), Ok(id));
+    drop(serving);
+
+    // A wrong PIN: the token refuses, a denial.
+    secret_file(&redis.path("hsm-pin"), "9999\n");
+    let denied = hsm.redcloak(&["keys", "verify"], &file);
+    assert_eq!(denied.status.code(), Some(1), "{denied:?}");
+    assert!(
+        stdout(&denied).contains(&format!(
+            "key {id} (active, hsm): FAILED: key {id}: KMS 'hsm' denied"
+        )),
+        "{denied:?}"
+    );
 }
