@@ -12,6 +12,7 @@
 use crate::auth::lockout::LockoutPolicy;
 use crate::crypto::KeyError;
 use crate::crypto::keyring::{self, LegacyPlaintext};
+use crate::kms::aws::AwsSettings;
 use crate::kms::file::KeyringFile;
 use crate::kms::pkcs11::Pkcs11Settings;
 use crate::kms::vault::TransitSettings;
@@ -174,6 +175,11 @@ enum RawKms {
         #[serde(default = "transit_mount")]
         mount: String,
         key: String,
+    },
+    AwsKms {
+        key_id: String,
+        region: Option<String>,
+        endpoint: Option<String>,
     },
     Pkcs11 {
         module: PathBuf,
@@ -1035,6 +1041,7 @@ fn secret_files(raw: &RawConfig, base: &Path) -> Vec<(&'static str, PathBuf)> {
                 add("encryption.kms.token_file", Some(token_file))
             }
             RawKms::Pkcs11 { pin_file, .. } => add("encryption.kms.pin_file", Some(pin_file)),
+            RawKms::AwsKms { .. } => {}
         }
     }
     files
@@ -1083,6 +1090,16 @@ fn validate_kms(raw: &RawEncryption, base: &Path) -> Result<Option<Kms>, ConfigE
                 token_file: resolve(base, token_file.clone()),
                 mount: mount.clone(),
                 key: key.clone(),
+                request_timeout,
+            }),
+            RawKms::AwsKms {
+                key_id,
+                region,
+                endpoint,
+            } => ProviderSettings::Aws(AwsSettings {
+                key_id: key_id.clone(),
+                region: region.clone(),
+                endpoint: endpoint.clone(),
                 request_timeout,
             }),
             RawKms::Pkcs11 {

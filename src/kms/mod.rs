@@ -1,6 +1,6 @@
 //! Data keys wrapped by a KMS. The keyring file (`file`) lists each data
 //! key (DEK) wrapped by a key-encryption key that never leaves a KMS
-//! (`vault`: Vault or OpenBao Transit; `pkcs11`: an HSM); redcloak unwraps them at start and
+//! (`vault`: Vault or OpenBao Transit; `aws`: AWS KMS; `pkcs11`: an HSM); redcloak unwraps them at start and
 //! on reload, checks each against its check value, and holds them in
 //! memory (zeroized on drop). No KMS request is made per value.
 //!
@@ -16,6 +16,7 @@
 //!   dropped as if denied;
 //! - a KMS that allows the DEK again restores it.
 
+pub mod aws;
 pub mod file;
 pub mod manage;
 pub mod pkcs11;
@@ -52,6 +53,7 @@ pub enum KmsError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderSettings {
     VaultTransit(vault::TransitSettings),
+    Aws(aws::AwsSettings),
     Pkcs11(pkcs11::Pkcs11Settings),
 }
 
@@ -59,6 +61,8 @@ pub enum ProviderSettings {
 #[derive(Debug)]
 pub enum Provider {
     VaultTransit(vault::Transit),
+    #[cfg(feature = "aws-kms")]
+    Aws(aws::Aws),
     Pkcs11(pkcs11::Token),
 }
 
@@ -71,6 +75,13 @@ impl Provider {
             ProviderSettings::Pkcs11(settings) => {
                 pkcs11::Token::new(settings).map(Provider::Pkcs11)
             }
+            #[cfg(feature = "aws-kms")]
+            ProviderSettings::Aws(settings) => aws::Aws::new(settings).map(Provider::Aws),
+            #[cfg(not(feature = "aws-kms"))]
+            ProviderSettings::Aws(_) => Err(
+                "this redcloak is built without the aws-kms feature (cargo build --features aws-kms)"
+                    .into(),
+            ),
         }
     }
 
@@ -79,6 +90,8 @@ impl Provider {
         match self {
             Provider::VaultTransit(_) => "vault-transit",
             Provider::Pkcs11(_) => "pkcs11",
+            #[cfg(feature = "aws-kms")]
+            Provider::Aws(_) => "aws-kms",
         }
     }
 
@@ -86,6 +99,8 @@ impl Provider {
         match self {
             Provider::VaultTransit(transit) => transit.wrap(dek, aad).await,
             Provider::Pkcs11(token) => token.wrap(dek, aad).await,
+            #[cfg(feature = "aws-kms")]
+            Provider::Aws(aws) => aws.wrap(dek, aad).await,
         }
     }
 
@@ -93,6 +108,8 @@ impl Provider {
         match self {
             Provider::VaultTransit(transit) => transit.unwrap(wrapped, aad).await,
             Provider::Pkcs11(token) => token.unwrap(wrapped, aad).await,
+            #[cfg(feature = "aws-kms")]
+            Provider::Aws(aws) => aws.unwrap(wrapped, aad).await,
         }
     }
 }

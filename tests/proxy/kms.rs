@@ -34,6 +34,14 @@ fn bao_binary() -> PathBuf {
     bao
 }
 
+/// The folder of the KMS servers' venv (`bao`, `moto_server`, `python`).
+fn kms_bin() -> PathBuf {
+    bao_binary()
+        .parent()
+        .expect("the venv's bin folder")
+        .to_owned()
+}
+
 /// An OpenBao dev server over TLS on loopback, with Transit enabled.
 pub struct Bao {
     child: Child,
@@ -674,4 +682,146 @@ async fn a_key_moves_from_vault_to_an_hsm() {
         )),
         "{denied:?}"
     );
+}
+
+/// moto's AWS emulator (`moto_server`) on loopback, its request log in a
+/// file, with one symmetric key; AWS credentials for the emulator.
+struct Moto {
+    child: Child,
+    dir: tempfile::TempDir,
+    endpoint: String,
+    key_id: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The emulator's credentials (any will do) and region.
+const AWS_ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_DEFAULT_REGION", "us-east-1"),
+];
+
+impl Moto {
+    async fn start() -> Moto {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let log = std::fs::File::create(dir.path().join("moto.log")).expect("log");
+        let child = Command::new(kms_bin().join("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("moto_server starts");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        eventually("moto answers", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        let script = format!(
+            "import boto3; kms = boto3.client('kms', endpoint_url='{endpoint}'); \
+             print(kms.create_key()['KeyMetadata']['KeyId'])"
+        );
+        let made = Command::new(kms_bin().join("python"))
+            .args(["-c", &script])
+            .envs(AWS_ENV)
+            .output()
+            .expect("python runs");
+        assert!(made.status.success(), "{made:?}");
+        Moto {
+            child,
+            key_id: stdout(&made).trim().to_owned(),
+            dir,
+            endpoint,
+        }
+    }
+
+    /// Requests the emulator has served so far (one log line each).
+    fn requests(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("moto.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("\"POST /"))
+            .count()
+    }
+}
+
+/// AWS KMS through moto: a DEK made, promoted and verified with the
+/// provider `aws` (the encryption context binds the keyring name and id);
+/// `redcloak serve` reads and writes under it; a redis-benchmark run
+/// through the proxy makes zero KMS requests (counted in moto's log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_kms_through_moto_makes_no_request_during_load() {
+    let redis = TestRedis::start().await;
+    let moto = Moto::start().await;
+    std::fs::write(redis.path("keyring.toml"), "name = \"orders\"\n").expect("keyring file");
+    let mut config = redis.config();
+    config.encryption = format!(
+        "[encryption]\nkeyring_file = \"keyring.toml\"\n\
+         [encryption.kms.aws]\ntype = \"aws-kms\"\nkey_id = \"{}\"\nregion = \"us-east-1\"\n\
+         endpoint = \"{}\"\n[encryption.kms_policy]\nrevalidate_every = \"1h\"\n",
+        moto.key_id, moto.endpoint
+    );
+    let file = redis.path("redcloak.toml");
+    std::fs::write(&file, config.render()).expect("config");
+    let redcloak = |args: &[&str]| {
+        Command::new(redcloak_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&file)
+            .envs(AWS_ENV)
+            .output()
+            .expect("redcloak runs")
+    };
+    let made = redcloak(&["keys", "new", "--kms", "aws"]);
+    assert!(made.status.success(), "{made:?}");
+    let id = stdout(&made).trim().to_owned();
+    let promoted = redcloak(&["keys", "promote", "--id", &id]);
+    assert!(promoted.status.success(), "{promoted:?}");
+    let verified = redcloak(&["keys", "verify"]);
+    assert!(
+        stdout(&verified).contains("check value matches"),
+        "{verified:?}"
+    );
+
+    let mut command = Command::new(redcloak_bin());
+    command
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(&file)
+        .envs(AWS_ENV);
+    let serving = ServeChild::spawn(command).await;
+    let mut c = RawClient::new(
+        tokio::net::TcpStream::connect(serving.address)
+            .await
+            .expect("connect"),
+    );
+    assert_reply(&c.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    assert_reply(&c.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
+    let stored = redis.stored(b"k", None).await;
+    assert_eq!(
+        redcloak::crypto::envelope::key_id(&stored).map(|id| id.to_string()),
+        Ok(id)
+    );
+    let before = moto.requests();
+    assert!(before >= 4, "the emulator logs its requests: {before}");
+    let port = serving.address.port().to_string();
+    let benchmark = Command::new("redis-benchmark")
+        .args([
+            "-p", &port, "-n", "20000", "-c", "20", "-t", "set,get", "-q",
+        ])
+        .output()
+        .expect("redis-benchmark runs");
+    assert!(benchmark.status.success(), "{benchmark:?}");
+    assert_eq!(moto.requests(), before, "no KMS request during the load");
 }
