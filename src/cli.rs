@@ -108,6 +108,27 @@ pub enum KeysCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check an audit log's chain (every MAC, every entry in order, each
+    /// segment linked to the one before): exit 0 when whole, 1 naming the
+    /// first bad entry.
+    Verify {
+        /// The audit key ([audit] key_file).
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        /// A checkpoint from the normal log (`SEGMENT:SEQ:MAC`, from an
+        /// "audit checkpoint" line) the log must still hold: a log cut
+        /// short after it fails.
+        #[arg(long, value_name = "SEGMENT:SEQ:MAC")]
+        checkpoint: Vec<String>,
+        /// The audit files, oldest first (rotated ones `FILE.<time>`, then
+        /// FILE).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum CertsCommand {
     /// Write a development CA, a certificate for Redis (with --hosts as its
     /// names), a client certificate for redcloak's upstream side and a
@@ -192,6 +213,11 @@ pub enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// The tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Print a new random password (32 random bytes, hex: 64 characters),
     /// for Redis's ACL user or [listen.auth].

@@ -96,6 +96,17 @@ struct RawConfig {
     reload: RawReload,
     #[serde(default)]
     scripts: Vec<RawScript>,
+    audit: Option<RawAudit>,
+}
+
+/// `[audit]`: the tamper-evident audit log.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    file: PathBuf,
+    key_file: PathBuf,
+    rotate_bytes: Option<u64>,
+    checkpoint_every: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -351,6 +362,8 @@ pub struct Config {
     pub log_key_names: bool,
     /// Known Lua scripts: the shipped ones and `[[scripts]]`.
     pub scripts: known::Registry,
+    /// `[audit]`: where the audit log goes (`None`: nowhere).
+    pub audit: Option<crate::telemetry::audit::AuditConfig>,
     /// How often the files a reload reads are looked at for changes
     /// (`reload.watch_interval`, `None`: "off").
     pub reload_watch_interval: Option<Duration>,
@@ -627,6 +640,20 @@ impl Config {
                 .transpose()?,
             log_key_names: raw.logging.log_key_names,
             scripts: validate_scripts(raw.scripts)?,
+            audit: match raw.audit {
+                None => None,
+                Some(audit) => Some(crate::telemetry::audit::AuditConfig {
+                    file: resolve(base, audit.file),
+                    key_file: resolve(base, audit.key_file),
+                    rotate_bytes: audit.rotate_bytes.unwrap_or(64 * 1024 * 1024).max(4096),
+                    checkpoint_every: parse_duration(
+                        "audit.checkpoint_every",
+                        audit.checkpoint_every.as_deref(),
+                        "60s",
+                    )?
+                    .max(Duration::from_millis(100)),
+                }),
+            },
         })
     }
 }
@@ -1035,6 +1062,7 @@ fn secret_files(raw: &RawConfig, base: &Path) -> Vec<(&'static str, PathBuf)> {
     for key in raw.encryption.iter().flat_map(|e| &e.keys) {
         add("encryption.keys.file", key.file.as_ref());
     }
+    add("audit.key_file", raw.audit.as_ref().map(|a| &a.key_file));
     for provider in raw.encryption.iter().flat_map(|e| e.kms.values()) {
         match provider {
             RawKms::VaultTransit { token_file, .. } => {

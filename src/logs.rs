@@ -32,14 +32,22 @@ pub fn init(format: LogFormat) {
         .thread_name("redcloak-logs")
         .finish(Stderr);
     let _ = QUEUE_DROPS.set(writer.error_counter());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(colours);
-    let installed = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let lines = match format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines.json().boxed(),
     };
+    // Security events also go to the audit log (when `[audit]` is set),
+    // whatever RUST_LOG lets through to stderr.
+    let installed = tracing_subscriber::registry()
+        .with(lines.with_filter(filter))
+        .with(crate::telemetry::audit::layer())
+        .try_init();
     if installed.is_ok() {
         *WRITER.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
     }

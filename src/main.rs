@@ -5,7 +5,7 @@
 use anyhow::Context;
 use clap::Parser;
 use redcloak::admin;
-use redcloak::cli::{CertsCommand, Cli, Command, KeysCommand, ReportFormat};
+use redcloak::cli::{AuditCommand, CertsCommand, Cli, Command, KeysCommand, ReportFormat};
 use redcloak::dev::{self, Existing};
 use redcloak::server::{Drained, Server};
 use redcloak::telemetry::{Telemetry, probe};
@@ -74,6 +74,7 @@ fn main() -> ExitCode {
         }
     };
     let outcome = runtime.block_on(run(cli.command));
+    redcloak::telemetry::audit::finish();
     redcloak::logs::flush();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,6 +95,10 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             let loaded = config::load(&config)
                 .with_context(|| format!("configuration error in {}", config.display()))
                 .map_err(|e| (EXIT_CONFIG, e))?;
+            // The audit log first: every security event from here on is in it.
+            if let Some(audit) = &loaded.audit {
+                redcloak::telemetry::audit::start(audit).map_err(|e| (EXIT_CONFIG, e.into()))?;
+            }
             if let Some((before, after)) = redcloak::open_files::raise_to_hard_limit() {
                 tracing::info!(
                     before,
@@ -330,6 +335,46 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             Ok(())
         }
         Command::Keys { command } => keys_command(command).await,
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    key_file,
+                    checkpoint,
+                    files,
+                },
+        } => {
+            use redcloak::telemetry::audit;
+            let key = audit::read_key(&key_file).map_err(|e| (EXIT_CONFIG, e.into()))?;
+            let checkpoints = checkpoint
+                .iter()
+                .map(|text| {
+                    audit::parse_checkpoint(text).ok_or_else(|| {
+                        (
+                            EXIT_USAGE,
+                            anyhow::anyhow!("--checkpoint {text}: expected SEGMENT:SEQ:MAC"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut texts = Vec::new();
+            for file in &files {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read {}", file.display()))
+                    .map_err(|e| (1, e))?;
+                texts.push((file.display().to_string(), text));
+            }
+            match audit::verify(&key[..], &texts, &checkpoints) {
+                Ok(verified) => {
+                    outln!(
+                        "ok: {} entries in {} segments, every MAC and link checked",
+                        verified.lines,
+                        verified.segments
+                    );
+                    Ok(())
+                }
+                Err(first_bad) => Err((1, anyhow::anyhow!("{first_bad}"))),
+            }
+        }
         Command::Keygen => {
             let key = redcloak::crypto::keyring::generate_key();
             outln!("{}", key.as_str());

@@ -412,10 +412,12 @@ impl Reloader {
             let what = changed.join(", ");
             return Err((Rejected { what, why }, ReloadFailure::Files));
         }
+        let transitions = transitions(self.targets.kms.load().as_deref(), keys.kms.as_deref());
         Ok(Some(KeyringChange {
             keyring,
             kms: keys.kms,
             changed,
+            transitions,
         }))
     }
 
@@ -484,8 +486,12 @@ impl Reloader {
             keyring,
             kms,
             changed,
+            transitions,
         }) = keyring
         {
+            if !transitions.is_empty() {
+                events::keyring_changed(&transitions);
+            }
             let shape = keyring.shape();
             self.targets.keyring.publish(keyring);
             self.targets.kms.store(kms);
@@ -536,6 +542,31 @@ struct KeyringChange {
     keyring: Keyring,
     kms: Option<Arc<crate::kms::Kms>>,
     changed: Vec<String>,
+    /// Each keyring-file key whose state changed: `3: pending -> active`.
+    transitions: Vec<String>,
+}
+
+/// The keyring-file keys whose state differs between `before` and `after`.
+fn transitions(before: Option<&crate::kms::Kms>, after: Option<&crate::kms::Kms>) -> Vec<String> {
+    let states = |kms: Option<&crate::kms::Kms>| -> BTreeMap<u32, &'static str> {
+        kms.iter()
+            .flat_map(|kms| kms.file.keys.iter().map(|d| (d.id, d.state.label())))
+            .collect()
+    };
+    let (before, after) = (states(before), states(after));
+    let ids: std::collections::BTreeSet<u32> = before.keys().chain(after.keys()).copied().collect();
+    ids.into_iter()
+        .filter_map(|id| {
+            let (old, new) = (before.get(&id), after.get(&id));
+            (old != new).then(|| {
+                format!(
+                    "{id}: {} -> {}",
+                    old.copied().unwrap_or("absent"),
+                    new.copied().unwrap_or("removed")
+                )
+            })
+        })
+        .collect()
 }
 
 /// New upstream material, proved, waiting to be published.

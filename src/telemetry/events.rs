@@ -13,6 +13,7 @@
 //! | `kms_unreachable`          | provider, key_id, error                       |
 //! | `key_revoked`              | provider, key_id, error                       |
 //! | `key_restored`             | provider, key_id                              |
+//! | `keyring_changed`          | keys (each id: old state -> new state)        |
 //!
 //! Never a value, a password or key material. Key names only when
 //! `[logging] log_key_names = true`; command names only from the command
@@ -126,6 +127,17 @@ pub fn key_revoked(provider: &str, key_id: u32, error: &dyn Display) {
         key_id,
         error = %error,
         "the KMS denied a data key: it is dropped, its values fail to open"
+    );
+}
+
+/// A reload applied key operations (`redcloak keys new`, `promote`,
+/// `retire`, ...): each key's state before and after.
+pub fn keyring_changed(keys: &[String]) {
+    warn!(
+        target: TARGET,
+        event = "keyring_changed",
+        keys = %keys.join("; "),
+        "the keyring changed"
     );
 }
 

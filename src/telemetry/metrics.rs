@@ -231,6 +231,12 @@ pub const CERTIFICATE_EXPIRY: MetricDef = def(
     "When a certificate expires, as a unix time (redis_server: Redis's, last seen; upstream_client: upstream.cert; listener: listen.tls.cert).",
 );
 
+pub const AUDIT_DROPPED: MetricDef = def(
+    "redcloak_audit_entries_dropped_total",
+    C,
+    &[],
+    "Audit log entries lost because the writer's queue was full or the disk refused them (serving goes on; the chain stays whole).",
+);
 pub const KMS_UP: MetricDef = def(
     "redcloak_kms_up",
     G,
@@ -290,6 +296,7 @@ pub const ALL: &[&MetricDef] = &[
     &KMS_UP,
     &KMS_REQUESTS,
     &KEYS_REVOKED,
+    &AUDIT_DROPPED,
     &LOG_LINES_DROPPED,
 ];
 
@@ -519,6 +526,7 @@ pub struct Metrics {
     pub reload_last_success: Gauge,
     reload_failures: [Counter; 4],
     log_lines_dropped: Counter,
+    audit_dropped: Counter,
     /// The keyring whose per-key counts are exported at each scrape.
     keyring: OnceLock<Arc<CurrentKeyring>>,
 }
@@ -578,6 +586,7 @@ impl Metrics {
             auth_failures: counter(&CLIENT_AUTH_FAILURES, &[]),
             auth_lockouts: counter(&CLIENT_AUTH_LOCKOUTS, &[]),
             log_lines_dropped: counter(&LOG_LINES_DROPPED, &[]),
+            audit_dropped: counter(&AUDIT_DROPPED, &[]),
             commands: (0..CommandId::COUNT).map(|_| OnceLock::new()).collect(),
             client_received: counter(&CLIENT_BYTES, &[("direction", "received")]),
             client_sent: counter(&CLIENT_BYTES, &[("direction", "sent")]),
@@ -744,6 +753,8 @@ impl Metrics {
     pub fn run_upkeep(&self) {
         self.log_lines_dropped
             .absolute(crate::logs::dropped_lines());
+        self.audit_dropped
+            .absolute(crate::telemetry::audit::dropped());
         self.handle.run_upkeep();
     }
 }

@@ -7,9 +7,11 @@
 //!
 //! * [`metrics`]: every metric redcloak exports, each label set a type;
 //! * [`events`]: the security events;
+//! * [`audit`]: the tamper-evident audit log they also go to;
 //! * [`health`]: the readiness state machine;
 //! * [`probe`]: the HTTP client `redcloak health` asks `/readyz` with.
 
+pub mod audit;
 pub mod events;
 pub mod health;
 pub mod metrics;

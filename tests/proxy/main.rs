@@ -2,6 +2,7 @@
 //! client certificates, ACL user), driven by real clients: the `redis`
 //! crate, raw RESP over sockets, redis-cli and redis-benchmark.
 
+mod audit;
 mod auth;
 mod bad_input;
 mod binary;
