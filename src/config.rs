@@ -985,17 +985,9 @@ fn validate_encryption(
             ));
         }
     };
-    let wrapped_ids = kms
-        .iter()
-        .flat_map(|kms| kms.file.keys.iter().map(|d| d.id));
-    let mut ids: Vec<u32> = keys.iter().map(|(id, _)| *id).chain(wrapped_ids).collect();
-    ids.sort_unstable();
-    if let Some(pair) = ids.windows(2).find(|pair| pair[0] == pair[1]) {
-        return Err(invalid(
-            "encryption",
-            KeyError::DuplicateId(pair[0]).to_string(),
-        ));
-    }
+    // An id may be both raw and in the keyring file while a raw key moves
+    // under a KMS (`keys import`, `keys rewrap`): the two must then be the
+    // same key, which `KeySources::keyring` checks once it is unwrapped.
     let loaded = kms.iter().flat_map(|kms| {
         kms.file
             .keys

@@ -612,7 +612,11 @@ async fn keys_command(command: KeysCommand) -> Result<(), (u8, anyhow::Error)> {
         KeysCommand::Rewrap { config, to_kms } => {
             let keys = load_keys(&config)?;
             let count = manage::rewrap(&keys, &to_kms).await.map_err(failed)?;
-            errln!("{count} keys wrapped again by '{to_kms}' (each checked); reload every proxy");
+            errln!(
+                "{count} keys wrapped by '{to_kms}' (each checked); reload every proxy. Raw keys now in \
+                 the keyring file: remove their [[encryption.keys]] entries and files once every proxy \
+                 has reloaded"
+            );
             Ok(())
         }
     }

@@ -205,6 +205,14 @@ pub async fn import(
     }
     let key = crate::crypto::keyring::decode_key(id, key_text)
         .map_err(|e| ManageError::Key(e.to_string()))?;
+    let configured = sources.raw.iter().find(|(raw, _)| *raw == id);
+    if configured
+        .is_some_and(|(_, raw)| !bool::from(subtle::ConstantTimeEq::ct_eq(&raw[..], &key[..])))
+    {
+        return Err(ManageError::Key(format!(
+            "the key in this file is not [[encryption.keys]] id {id}"
+        )));
+    }
     let entry = wrapped(kms, provider, id, &key, DekState::DecryptOnly).await?;
     kms.unwrap(&entry, None).await?;
     let mut file = kms.file.clone();
@@ -215,8 +223,10 @@ pub async fn import(
 
 /// `keys rewrap`: every DEK that is not destroyed unwrapped by its provider
 /// and wrapped again by `to` (KEK rotation, or a move between providers),
-/// each checked before the file is written, atomically, all at once. Never
-/// the KMS's own rewrap (Vault's drops associated data). Returns how many.
+/// and every raw key (`[[encryption.keys]]`) not yet in the file wrapped by
+/// `to` (active if it is the primary, else decrypt-only), each checked
+/// before the file is written, atomically, all at once. Never the KMS's own
+/// rewrap (Vault's drops associated data). Returns how many.
 pub async fn rewrap(sources: &super::KeySources, to: &str) -> Result<usize, ManageError> {
     let kms = kms(sources)?;
     if !kms.providers.contains_key(to) {
@@ -235,6 +245,21 @@ pub async fn rewrap(sources: &super::KeySources, to: &str) -> Result<usize, Mana
         *entry = again;
         count += 1;
     }
+    for (id, key) in &sources.raw {
+        if file.get(*id).is_some() {
+            continue;
+        }
+        let state = if sources.primary == Some(*id) && file.active().is_none() {
+            DekState::Active
+        } else {
+            DekState::DecryptOnly
+        };
+        let entry = wrapped(kms, to, *id, key, state).await?;
+        kms.unwrap(&entry, None).await?;
+        file.keys.push(entry);
+        count += 1;
+    }
+    file.keys.sort_by_key(|d| d.id);
     save(kms, &file)?;
     Ok(count)
 }

@@ -197,6 +197,10 @@ pub enum KeysError {
     #[error("encryption: {0}")]
     Keyring(#[from] KeyError),
     #[error(
+        "key {0} is both in [[encryption.keys]] and in the keyring file, and they are not the same key: remove one"
+    )]
+    Conflict(u32),
+    #[error(
         "no key seals: the keyring file has no active key and encryption.primary is not set \
          (`redcloak keys new --kms NAME`, reload, then `redcloak keys promote --id ID`)"
     )]
@@ -315,7 +319,15 @@ impl KeySources {
     ) -> Result<Keyring, KeysError> {
         let mut keys = self.raw.clone();
         if let Some(kms) = &self.kms {
-            keys.extend(kms.unwrap_loaded(patience, telemetry).await?);
+            for (id, key) in kms.unwrap_loaded(patience, telemetry).await? {
+                match self.raw.iter().find(|(raw, _)| *raw == id) {
+                    // A raw key on its way under the KMS: the same key, once.
+                    Some((_, raw))
+                        if bool::from(subtle::ConstantTimeEq::ct_eq(&raw[..], &key[..])) => {}
+                    Some(_) => return Err(KeysError::Conflict(id)),
+                    None => keys.push((id, key)),
+                }
+            }
         }
         let primary = self.primary.ok_or(KeysError::NoActiveKey)?;
         Ok(Keyring::new(primary, keys, self.legacy)?)

@@ -417,9 +417,10 @@ async fn a_start_without_a_working_kms_is_refused() {
     );
 }
 
-/// A raw key with values moves under the KMS (`keys import`), keeps
-/// serving them, and moves to another KEK (`keys rewrap`), each step
-/// checked; the values stay readable throughout.
+/// A raw key with values moves under the KMS with `keys rewrap` (raw to
+/// Vault: the config may keep the raw entry meanwhile, the same key), keeps
+/// serving them once the raw entry and file are gone, and moves to another
+/// KEK (`keys rewrap` again), each step checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raw_key_moves_under_the_kms_and_to_another_kek() {
     let redis = TestRedis::start().await;
@@ -438,27 +439,21 @@ async fn a_raw_key_moves_under_the_kms_and_to_another_kek() {
     config.encryption = encryption(&bao, true, true);
     let file = redis.path("redcloak.toml");
     std::fs::write(&file, config.render()).expect("config");
-    let imported = Command::new(redcloak_bin())
-        .args([
-            "keys",
-            "import",
-            "--id",
-            "1",
-            "--kms",
-            "vault",
-            "--from-file",
-        ])
-        .arg(redis.path("key-1"))
-        .arg("--config")
-        .arg(&file)
-        .output()
-        .expect("redcloak runs");
-    assert!(imported.status.success(), "{imported:?}");
-    // The raw entry goes; the imported key becomes the active one.
+    let rewrapped = keys(&file, &["rewrap", "--to-kms", "vault"]);
+    assert!(rewrapped.status.success(), "{rewrapped:?}");
+    let keyring = std::fs::read_to_string(redis.path("keyring.toml")).expect("keyring");
+    assert!(
+        keyring.contains("id = 1\nstate = \"active\"\nkms = \"vault\""),
+        "{keyring}"
+    );
+    // Raw and wrapped side by side (the same key): still one key 1.
+    let proxy = redis.start_proxy(&config).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"GET", b"k"]).await, b"$9\r\nold value\r\n");
+    drop(proxy);
+    // The raw entry and its file go.
     config.encryption = encryption(&bao, false, true);
     std::fs::write(&file, config.render()).expect("config");
-    let promoted = keys(&file, &["promote", "--id", "1"]);
-    assert!(promoted.status.success(), "{promoted:?}");
     std::fs::remove_file(redis.path("key-1")).expect("the raw key is gone");
     let proxy = redis.start_proxy(&config).await;
     let mut c = proxy.raw().await;
@@ -475,6 +470,59 @@ async fn a_raw_key_moves_under_the_kms_and_to_another_kek() {
     // Only kek2 can unwrap it now: the first provider's token is revoked.
     let token = std::fs::read_to_string(redis.path("vault-token")).expect("token");
     bao.cli(&["token", "revoke", token.trim()]).await;
+    let proxy = redis.start_proxy(&config).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"GET", b"k"]).await, b"$9\r\nold value\r\n");
+}
+
+/// `keys import` moves one raw key under the KMS (decrypt-only, then
+/// promoted); a file holding another key than the configured id is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_key_is_imported_and_a_wrong_one_refused() {
+    let redis = TestRedis::start().await;
+    let bao = Bao::start().await;
+    let proxy = redis.start_proxy(&redis.config()).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"SET", b"k", b"old value"]).await, b"+OK\r\n");
+    drop(proxy);
+    let token = bao.key_and_token("kek").await;
+    secret_file(&redis.path("vault-token"), &token);
+    std::fs::write(redis.path("keyring.toml"), "name = \"orders\"\n").expect("keyring file");
+    let mut config = redis.config();
+    config.encryption = encryption(&bao, true, false);
+    let file = redis.path("redcloak.toml");
+    std::fs::write(&file, config.render()).expect("config");
+    let import = |from: &str| {
+        Command::new(redcloak_bin())
+            .args([
+                "keys",
+                "import",
+                "--id",
+                "1",
+                "--kms",
+                "vault",
+                "--from-file",
+            ])
+            .arg(redis.path(from))
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .expect("redcloak runs")
+    };
+    let other = redcloak::crypto::keyring::generate_key();
+    secret_file(&redis.path("other-key"), &other);
+    let refused = import("other-key");
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not [[encryption.keys]] id 1"),
+        "{refused:?}"
+    );
+    let imported = import("key-1");
+    assert!(imported.status.success(), "{imported:?}");
+    config.encryption = encryption(&bao, false, false);
+    std::fs::write(&file, config.render()).expect("config");
+    let promoted = keys(&file, &["promote", "--id", "1"]);
+    assert!(promoted.status.success(), "{promoted:?}");
     let proxy = redis.start_proxy(&config).await;
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"GET", b"k"]).await, b"$9\r\nold value\r\n");
@@ -824,4 +872,34 @@ async fn aws_kms_through_moto_makes_no_request_during_load() {
         .expect("redis-benchmark runs");
     assert!(benchmark.status.success(), "{benchmark:?}");
     assert_eq!(moto.requests(), before, "no KMS request during the load");
+}
+
+/// `max_unreachable` bounds how long keys are served from memory: past it,
+/// an unreachable provider's keys are dropped as if denied, and come back
+/// when it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_unreachable_drops_the_keys_of_a_provider_gone_too_long() {
+    let (redis, bao, mut config, id) = kms_only().await;
+    config.encryption = config.encryption.replace(
+        "[encryption.kms_policy]\n",
+        "[encryption.kms_policy]\nmax_unreachable = \"1s\"\n",
+    );
+    let proxy = redis.start_proxy(&config).await;
+    let mut c = proxy.raw().await;
+    assert_reply(&c.call(&[b"SET", b"k", b"secret"]).await, b"+OK\r\n");
+    bao.answer(false);
+    eventually("the key is dropped", || async {
+        metric(&proxy.scrape().await, "redcloak_keys_revoked") == Some(1.0)
+    })
+    .await;
+    assert_error(
+        &c.call(&[b"GET", b"k"]).await,
+        &format!("-ERR redcloak: value of key 'k' failed to decrypt (key {id} revoked by the KMS)"),
+    );
+    bao.answer(true);
+    eventually("the key is back", || async {
+        metric(&proxy.scrape().await, "redcloak_keys_revoked") == Some(0.0)
+    })
+    .await;
+    assert_reply(&c.call(&[b"GET", b"k"]).await, b"$6\r\nsecret\r\n");
 }
