@@ -299,7 +299,6 @@ impl Kms {
 /// files or variables) and a keyring file of KMS-wrapped keys. Both may be
 /// used together (ids are unique across them); the primary is the keyring
 /// file's active key, or `encryption.primary`.
-#[derive(Debug)]
 pub struct KeySources {
     /// `None` only with a keyring file that has no active key yet: serving
     /// refuses to start until one is promoted.
@@ -307,6 +306,21 @@ pub struct KeySources {
     pub raw: Vec<(u32, Zeroizing<[u8; 32]>)>,
     pub legacy: LegacyPlaintext,
     pub kms: Option<Arc<Kms>>,
+}
+
+/// Ids only: never a key.
+impl std::fmt::Debug for KeySources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySources")
+            .field("primary", &self.primary)
+            .field(
+                "raw_ids",
+                &self.raw.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .field("legacy", &self.legacy)
+            .field("kms", &self.kms)
+            .finish()
+    }
 }
 
 impl KeySources {
@@ -445,6 +459,21 @@ fn revoke(keyring: &CurrentKeyring, dek: &WrappedDek, error: &DekError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_key_ids_never_keys() {
+        let sources = KeySources {
+            primary: Some(1),
+            raw: vec![(1, Zeroizing::new([0xAB; 32]))],
+            legacy: LegacyPlaintext::Reject,
+            kms: None,
+        };
+        let text = format!("{sources:?}");
+        assert!(
+            text.contains("raw_ids: [1]") && !text.contains("171"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn jitter_stays_within_a_tenth() {
