@@ -209,6 +209,20 @@ async fn kms_only() -> (TestRedis, Bao, ProxyConfig, u32) {
         stdout(&verified).contains("check value matches"),
         "{verified:?}"
     );
+    // The startup checks' kms row.
+    let checked = Command::new(redcloak_bin())
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .expect("redcloak runs");
+    let report = stdout(&checked);
+    assert!(checked.status.success(), "{checked:?}");
+    assert!(
+        report.contains("ok    kms")
+            && report
+                .contains("1 data keys of keyring 'orders' unwrapped by vault (vault-transit)"),
+        "{report}"
+    );
     (redis, bao, config, id)
 }
 
