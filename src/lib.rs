@@ -28,7 +28,9 @@
 //!   is known (pure).
 //! * [`crypto`]: the envelopes (XAES-256-GCM, random; AES-SIV, deterministic for members),
 //!   HyperLogLog tokens, bound to kind, key or rule, and field; and the keyring (pure).
-//! * [`kms`]: data keys wrapped by a KMS (Vault/OpenBao Transit): the keyring file, unwrapping
+//! * [`checks`]: the startup security checks (`redcloak check`, and before `serve` listens):
+//!   the upstream's TLS, AUTH and ACL proved, files, keys, passwords and listeners inspected.
+//! * [`kms`]: data keys wrapped by a KMS (Vault/OpenBao Transit, AWS KMS, PKCS#11): the keyring file, unwrapping
 //!   at start and on reload, revalidation that drops a key a KMS denies; no KMS call per value.
 //! * [`auth`], [`secret`]: client AUTH checks and brute-force lockout; secrets that never print.
 //! * [`upstream`]: the only way to reach Redis: TCP, TLS, AUTH; `upstream::check` proves it
@@ -47,6 +49,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -5,11 +5,11 @@
 use anyhow::Context;
 use clap::Parser;
 use redcloak::admin;
+use redcloak::checks;
 use redcloak::cli::{AuditCommand, CertsCommand, Cli, Command, KeysCommand, ReportFormat};
 use redcloak::dev::{self, Existing};
 use redcloak::server::{Drained, Server};
 use redcloak::telemetry::{Telemetry, probe};
-use redcloak::upstream::gate;
 use redcloak::{config, playground, shutdown};
 use std::process::ExitCode;
 
@@ -125,7 +125,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             }
             // The gate runs before any Redis listener opens: a failing
             // upstream is never put in front of a client.
-            let report = gate::run(&loaded).await;
+            let report = checks::run(&loaded).await;
             if !report.passed {
                 err!("{}", report.text());
                 return Err((
@@ -136,7 +136,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
             for check in report
                 .checks
                 .iter()
-                .filter(|c| c.status != redcloak::upstream::report::Status::Ok)
+                .filter(|c| c.status != redcloak::checks::report::Status::Ok)
             {
                 tracing::warn!(check = check.name, detail = %check.detail, fix = ?check.fix, "startup check warning");
             }
@@ -165,7 +165,7 @@ async fn run(command: Command) -> Result<(), (u8, anyhow::Error)> {
                 .map_err(|e| (EXIT_CONFIG, e))?;
             // As `serve` would: the report shows the limit it would run with.
             redcloak::open_files::raise_to_hard_limit();
-            let report = gate::run(&loaded).await;
+            let report = checks::run(&loaded).await;
             match format {
                 ReportFormat::Text => out!("{}", report.text()),
                 ReportFormat::Json => outln!("{}", report.json()),

@@ -378,7 +378,7 @@ impl Reloader {
         if self.changed(digests, "encryption.keys").is_empty() {
             return Ok(None);
         }
-        let rules = crate::upstream::gate::keyring_rules(&config);
+        let rules = crate::checks::keyring_rules(&config);
         let keys = config.encryption.keys;
         let keyring = match keys.keyring(std::time::Duration::ZERO, None).await {
             Ok(keyring) => keyring,
@@ -436,7 +436,7 @@ impl Reloader {
         if changed.is_empty() {
             return Ok(None);
         }
-        if let Err(why) = crate::upstream::gate::password_rules(config) {
+        if let Err(why) = crate::checks::password_rules(config) {
             let what = changed.join(", ");
             return Err((Rejected { what, why }, ReloadFailure::Files));
         }

@@ -8,10 +8,8 @@
 //! contain the password.
 
 pub mod check;
-pub mod gate;
 pub mod lane;
 pub mod pool;
-pub mod report;
 
 use crate::resp::{self, Limits, ReplyScanner};
 use crate::secret::Secret;

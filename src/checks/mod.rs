@@ -1,5 +1,6 @@
-//! The startup security gate: before `serve` accepts a client (and in
-//! `redcloak check`), prove that the path to Redis is what security needs.
+//! The startup security checks: before `serve` accepts a client (and in
+//! `redcloak check`), prove that the path to Redis, and the files and keys
+//! redcloak was given, are what security needs.
 //!
 //! Checks observe behaviour rather than read Redis's configuration (a
 //! least-privilege user cannot run CONFIG GET): a handshake without a client
@@ -9,14 +10,16 @@
 //! decides between warn and FAIL for checks where that is a judgement;
 //! nothing relaxes upstream TLS, certificate verification or AUTH.
 
-use super::report::{Check, Report, Status, ok, problem};
-use super::{Upstream, UpstreamStream, call};
+pub mod report;
+
 use crate::config::{Config, Profile};
 use crate::crypto::keyring::Opened;
 use crate::crypto::{Binding, Keyring};
 use crate::resp::{self, Limits};
 use crate::tls::{self, inspect};
+use crate::upstream::{Upstream, UpstreamStream, call};
 use bytes::Bytes;
+use report::{Check, Report, Status, ok, problem};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 use tokio_rustls::TlsConnector;
