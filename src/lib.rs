@@ -51,6 +51,7 @@ pub mod admin;
 pub mod auth;
 pub mod checks;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod crypto;
 pub mod dev;

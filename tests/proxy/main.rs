@@ -7,6 +7,7 @@ mod auth;
 mod bad_input;
 mod binary;
 mod clients;
+mod cluster;
 mod commands;
 mod encryption;
 mod frameworks;

@@ -1,0 +1,243 @@
+//! Redis Cluster: a real 6-node TLS cluster (3 primaries, 3 replicas,
+//! `tls-cluster yes`, `tls-replication yes`, an ACL user on every node,
+//! default user off) from the Debian redis-server package, made with
+//! `redis-cli --tls --cluster create`. What is checked against it so far:
+//! redcloak's slot of a key is Redis's (`CLUSTER KEYSLOT`), and its slot
+//! map from `CLUSTER SHARDS` (RESP2 and RESP3) sends each key to the
+//! primary that holds it, whose `CLUSTER MYID` is the id the map names.
+
+use crate::support::*;
+use redcloak::cluster::{map, slot};
+use redcloak::dev::{ChildRedis, DevCerts, RedisOptions};
+use redcloak::upstream::{Login, Upstream, UpstreamSettings, UpstreamStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A TLS Redis Cluster of 3 primaries with one replica each.
+pub struct TestCluster {
+    /// Killed before their folder goes.
+    pub nodes: Vec<ChildRedis>,
+    pub certs: DevCerts,
+    pub password: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    pub async fn start() -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs =
+            redcloak::dev::write_dev_certs_with(dir.path(), &["localhost", "127.0.0.1"], |_| {})
+                .expect("certs");
+        let password = redcloak::dev::random_password().expect("password");
+        let mut nodes = Vec::new();
+        for n in 0..6 {
+            let node_dir = dir.path().join(format!("node-{n}"));
+            std::fs::create_dir(&node_dir).expect("node dir");
+            let options = RedisOptions {
+                username: REDIS_USER.into(),
+                password: password.clone(),
+                acl: LEAST_PRIVILEGE.into(),
+                default_user_off: true,
+                tls_auth_clients: "yes",
+                extra: vec![
+                    format!("user {ADMIN_USER} on >{password} ~* &* +@all"),
+                    "cluster-enabled yes".into(),
+                    "cluster-config-file nodes.conf".into(),
+                    "cluster-node-timeout 2000".into(),
+                    format!("cluster-port {}", free_port()),
+                    "tls-cluster yes".into(),
+                    "tls-replication yes".into(),
+                    format!("tls-client-cert-file {}", certs.client_cert.display()),
+                    format!("tls-client-key-file {}", certs.client_key.display()),
+                    format!("masteruser {ADMIN_USER}"),
+                    format!("masterauth {password}"),
+                ],
+            };
+            let node = ChildRedis::start(&node_dir, &certs, &options)
+                .await
+                .expect("a cluster node starts");
+            nodes.push(node);
+        }
+        let cluster = TestCluster {
+            nodes,
+            certs,
+            password,
+            _dir: dir,
+        };
+        let mut args = cluster.cli_args();
+        args.extend(["--cluster".into(), "create".into()]);
+        args.extend(
+            cluster
+                .nodes
+                .iter()
+                .map(|n| format!("127.0.0.1:{}", n.port())),
+        );
+        args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+        let created = tokio::process::Command::new("redis-cli")
+            .args(&args)
+            .output()
+            .await
+            .expect("redis-cli runs");
+        assert!(created.status.success(), "cluster create: {created:?}");
+        // Every node sees the cluster ok, with 3 primaries and 3 replicas
+        // (replicas are told whom to follow after the slots are assigned).
+        for index in 0..cluster.nodes.len() {
+            eventually("the cluster is ok on every node", || async {
+                let mut node = cluster.admin(index).await;
+                let info = node.call(&[b"CLUSTER", b"INFO"]).await;
+                let nodes = node.call(&[b"CLUSTER", b"NODES"]).await;
+                let nodes = String::from_utf8_lossy(&nodes);
+                let count = |flag: &str| {
+                    nodes
+                        .lines()
+                        .filter(|line| line.split(' ').nth(2).is_some_and(|f| f.contains(flag)))
+                        .count()
+                };
+                String::from_utf8_lossy(&info).contains("cluster_state:ok")
+                    && count("master") == 3
+                    && count("slave") == 3
+            })
+            .await;
+        }
+        cluster
+    }
+
+    /// redis-cli's TLS and login arguments.
+    fn cli_args(&self) -> Vec<String> {
+        vec![
+            "--tls".into(),
+            "--cacert".into(),
+            self.certs.ca.display().to_string(),
+            "--cert".into(),
+            self.certs.client_cert.display().to_string(),
+            "--key".into(),
+            self.certs.client_key.display().to_string(),
+            "--user".into(),
+            ADMIN_USER.into(),
+            "--pass".into(),
+            self.password.clone(),
+            "--no-auth-warning".into(),
+        ]
+    }
+
+    /// A connection to node `index` as `user`.
+    async fn connect(&self, port: u16, user: &str) -> RawClient<UpstreamStream> {
+        let tls = redcloak::tls::client::config(
+            &self.certs.ca,
+            &self.certs.client_cert,
+            &self.certs.client_key,
+        )
+        .expect("client tls");
+        let login = Login {
+            username: Some(user.into()),
+            password: redcloak::secret::Secret::new(self.password.clone().into_bytes()),
+        };
+        let settings = UpstreamSettings {
+            address: format!("127.0.0.1:{port}"),
+            server_name: "localhost".into(),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let upstream = Upstream::new(settings, tls, Arc::new(login)).expect("upstream");
+        RawClient::new(upstream.connect().await.expect("node connection"))
+    }
+
+    pub async fn admin(&self, index: usize) -> RawClient<UpstreamStream> {
+        self.connect(self.nodes[index].port(), ADMIN_USER).await
+    }
+
+    /// A connection as redcloak's own least-privilege user.
+    pub async fn as_redcloak(&self, port: u16) -> RawClient<UpstreamStream> {
+        self.connect(port, REDIS_USER).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_and_the_slot_map_agree_with_a_real_cluster() {
+    let cluster = TestCluster::start().await;
+    let mut node = cluster.as_redcloak(cluster.nodes[0].port()).await;
+
+    // The slot of a key, hashtags and binary keys included.
+    let mut keys: Vec<Vec<u8>> = (0..300).map(|i| format!("key:{i}").into_bytes()).collect();
+    keys.extend(
+        [
+            &b"{user1000}.following"[..],
+            b"foo{}{bar}",
+            b"foo{{bar}}zap",
+            b"foo{bar}{zap}",
+            b"{",
+            b"}{",
+            b"",
+            b"\x00\xff{\x01}",
+        ]
+        .map(|k| k.to_vec()),
+    );
+    for key in &keys {
+        let reply = node.call(&[b"CLUSTER", b"KEYSLOT", key]).await;
+        let expected = format!(":{}\r\n", slot::slot(key));
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            expected,
+            "{:?}",
+            String::from_utf8_lossy(key)
+        );
+    }
+
+    // The slot map, read as redcloak's user, over RESP2 and RESP3.
+    let shards = node.call(&[b"CLUSTER", b"SHARDS"]).await;
+    let map = map::parse_shards(&bytes::Bytes::from(shards.to_vec())).expect("a slot map");
+    assert_eq!(map.shards.len(), 3, "{map:?}");
+    assert_eq!(map.uncovered(), 0, "every slot has a primary");
+    assert_eq!(map.nodes().count(), 6);
+    let hello = node.call(&[b"HELLO", b"3"]).await;
+    assert!(hello.starts_with(b"%"), "{hello:?}");
+    let shards3 = node.call(&[b"CLUSTER", b"SHARDS"]).await;
+    let map3 = map::parse_shards(&bytes::Bytes::from(shards3.to_vec())).expect("RESP3");
+    for slot in [0, 5000, 16383] {
+        assert_eq!(map.primary(slot), map3.primary(slot));
+    }
+
+    // Each key goes to the primary that holds it (no MOVED), and each
+    // node answers CLUSTER MYID with the id the map names.
+    let mut admin_by_port = std::collections::BTreeMap::new();
+    for primary in map.nodes() {
+        let mut conn = cluster.as_redcloak(primary.port).await;
+        let myid = conn.call(&[b"CLUSTER", b"MYID"]).await;
+        assert_eq!(
+            redcloak::resp::bulk_body(&myid),
+            Some(primary.id.as_bytes()),
+            "node {}",
+            primary.port
+        );
+        admin_by_port.insert(primary.port, conn);
+    }
+    for key in keys.iter().take(300) {
+        let primary = map.primary(slot::slot(key)).expect("served");
+        let conn = admin_by_port.get_mut(&primary.port).expect("a connection");
+        let reply = conn.call(&[b"SET", key, b"v"]).await;
+        assert_eq!(
+            reply,
+            b"+OK\r\n"[..],
+            "{:?}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+    // A key sent to the wrong primary is redirected, and the redirect
+    // parses to the primary the map names.
+    let key = b"key:1";
+    let owner = map.primary(slot::slot(key)).expect("served").port;
+    let other = map
+        .nodes()
+        .find(|n| n.primary && n.port != owner)
+        .expect("another primary")
+        .port;
+    let reply = admin_by_port
+        .get_mut(&other)
+        .expect("a connection")
+        .call(&[b"GET", key])
+        .await;
+    let (kind, moved_slot, _, port) = map::redirect(&reply).expect("a MOVED");
+    assert_eq!(
+        (kind, moved_slot, port),
+        (map::Redirect::Moved, slot::slot(key), owner)
+    );
+}
