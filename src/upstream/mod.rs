@@ -153,8 +153,9 @@ pub struct Upstream {
     settings: UpstreamSettings,
     server_name: ServerName<'static>,
     /// The TLS client configuration and credentials new connections use:
-    /// replaced whole by a reload, read whole by each connection.
-    material: ArcSwap<Material>,
+    /// replaced whole by a reload, read whole by each connection. Shared
+    /// with the upstreams of other nodes of the same cluster ([`Upstream::node`]).
+    material: Arc<ArcSwap<Material>>,
     /// The certificate Redis showed last, so each new connection neither
     /// parses it again nor repeats the same warning.
     last_certificate: Mutex<Option<SeenCertificate>>,
@@ -218,7 +219,7 @@ impl Upstream {
         Ok(Upstream {
             settings,
             server_name,
-            material: ArcSwap::from_pointee(Material::new(tls, login)),
+            material: Arc::new(ArcSwap::from_pointee(Material::new(tls, login))),
             last_certificate: Mutex::new(None),
         })
     }
@@ -233,9 +234,27 @@ impl Upstream {
                 connect_timeout: self.settings.connect_timeout,
             },
             server_name: self.server_name.clone(),
-            material: ArcSwap::from_pointee(material),
+            material: Arc::new(ArcSwap::from_pointee(material)),
             last_certificate: Mutex::new(None),
         }
+    }
+
+    /// Another node of the same Redis Cluster: its address (as the
+    /// cluster announces it), the name its certificate must show, and this
+    /// upstream's material (shared: a reload reaches every node).
+    pub fn node(&self, address: String, server_name: &str) -> Result<Upstream, UpstreamError> {
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| UpstreamError::ServerName(server_name.to_owned()))?;
+        Ok(Upstream {
+            settings: UpstreamSettings {
+                address,
+                server_name: server_name.to_owned(),
+                connect_timeout: self.settings.connect_timeout,
+            },
+            server_name: name,
+            material: self.material.clone(),
+            last_certificate: Mutex::new(None),
+        })
     }
 
     /// New connections use `material` from now on; established ones keep

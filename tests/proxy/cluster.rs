@@ -8,7 +8,7 @@
 
 use crate::support::*;
 use redcloak::cluster::{map, slot};
-use redcloak::dev::{ChildRedis, DevCerts, RedisOptions};
+use redcloak::dev::{Authority, ChildRedis, DevCerts, RedisOptions, Usage};
 use redcloak::upstream::{Login, Upstream, UpstreamSettings, UpstreamStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,16 +18,36 @@ pub struct TestCluster {
     /// Killed before their folder goes.
     pub nodes: Vec<ChildRedis>,
     pub certs: DevCerts,
+    /// The CA every node's and redcloak's certificate comes from.
+    pub ca: Authority,
     pub password: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl TestCluster {
     pub async fn start() -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let certs =
-            redcloak::dev::write_dev_certs_with(dir.path(), &["localhost", "127.0.0.1"], |_| {})
-                .expect("certs");
+        let ca = Authority::new("cluster test CA").expect("CA");
+        let certs = DevCerts::in_dir(dir.path());
+        std::fs::write(&certs.ca, ca.cert_pem()).expect("CA file");
+        for (usage, hosts, cert, key) in [
+            (
+                Usage::Server,
+                &["localhost", "127.0.0.1"][..],
+                &certs.redis_cert,
+                &certs.redis_key,
+            ),
+            (
+                Usage::Client,
+                &[][..],
+                &certs.client_cert,
+                &certs.client_key,
+            ),
+        ] {
+            let issued = ca.issue("redis", hosts, usage).expect("certificate");
+            std::fs::write(cert, &issued.cert_pem).expect("cert");
+            redcloak::dev::write_file(key, issued.key_pem.as_bytes(), 0o600).expect("key");
+        }
         let password = redcloak::dev::random_password().expect("password");
         let mut nodes = Vec::new();
         for n in 0..6 {
@@ -61,8 +81,9 @@ impl TestCluster {
         let cluster = TestCluster {
             nodes,
             certs,
+            ca,
             password,
-            _dir: dir,
+            dir,
         };
         let mut args = cluster.cli_args();
         args.extend(["--cluster".into(), "create".into()]);
@@ -100,6 +121,10 @@ impl TestCluster {
             .await;
         }
         cluster
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
     }
 
     /// redis-cli's TLS and login arguments.
@@ -240,4 +265,96 @@ async fn slots_and_the_slot_map_agree_with_a_real_cluster() {
         (kind, moved_slot, port),
         (map::Redirect::Moved, slot::slot(key), owner)
     );
+}
+
+/// Discovery skips a seed that does not answer; every node is proved (TLS
+/// name, AUTH as redcloak's user, CLUSTER MYID). A node whose certificate
+/// shows another name, and a map naming another id for a known address,
+/// are each refused, naming the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_is_proved_and_impostors_are_refused() {
+    use redcloak::cluster::topology::{self, Naming};
+    let cluster = TestCluster::start().await;
+    let tls = redcloak::tls::client::config(
+        &cluster.certs.ca,
+        &cluster.certs.client_cert,
+        &cluster.certs.client_key,
+    )
+    .expect("client tls");
+    let login = Login {
+        username: Some(REDIS_USER.into()),
+        password: redcloak::secret::Secret::new(cluster.password.clone().into_bytes()),
+    };
+    let settings = UpstreamSettings {
+        address: String::new(),
+        server_name: "localhost".into(),
+        connect_timeout: Duration::from_secs(5),
+    };
+    let upstream = Upstream::new(settings, tls, Arc::new(login)).expect("upstream");
+    let naming = Naming::Configured("localhost".into());
+    let timeout = Duration::from_secs(5);
+    let seeds = vec![
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", cluster.nodes[1].port()),
+    ];
+    let map = topology::discover(&upstream, &seeds, &naming, timeout)
+        .await
+        .expect("the second seed answers");
+    assert_eq!(map.uncovered(), 0);
+    let checks = topology::verify_nodes(&upstream, &map, &naming, timeout).await;
+    assert_eq!(checks.len(), 6);
+    for check in &checks {
+        assert!(check.outcome.is_ok(), "{check:?}");
+    }
+
+    // A node with a certificate for another name.
+    let imposter = cluster
+        .ca
+        .issue("redis", &["imposter.example"], Usage::Server)
+        .expect("certificate");
+    let cert = cluster.path("imposter.crt");
+    let key = cluster.path("imposter.key");
+    std::fs::write(&cert, &imposter.cert_pem).expect("cert");
+    redcloak::dev::write_file(&key, imposter.key_pem.as_bytes(), 0o600).expect("key");
+    let victim = cluster.nodes[2].port();
+    let mut admin = cluster.admin(2).await;
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let set = admin
+        .call(&[
+            b"CONFIG",
+            b"SET",
+            b"tls-cert-file",
+            cert.as_bytes(),
+            b"tls-key-file",
+            key.as_bytes(),
+        ])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+    let checks = topology::verify_nodes(&upstream, &map, &naming, timeout).await;
+    for check in &checks {
+        if check.node.port == victim {
+            let why = check.outcome.as_ref().expect_err("refused");
+            assert!(why.contains("TLS") || why.contains("certificate"), "{why}");
+        } else {
+            assert!(check.outcome.is_ok(), "{check:?}");
+        }
+    }
+
+    // A map naming another node id for a known address.
+    let mut shards = map.shards.clone();
+    let target = shards
+        .iter_mut()
+        .filter_map(|shard| shard.primary.as_mut())
+        .find(|primary| primary.port != victim)
+        .expect("a primary with its own certificate");
+    let moved_port = target.port;
+    target.id = "f".repeat(40);
+    let forged = redcloak::cluster::map::SlotMap::new(shards);
+    let checks = topology::verify_nodes(&upstream, &forged, &naming, timeout).await;
+    let refused = checks
+        .iter()
+        .find(|c| c.node.port == moved_port)
+        .expect("the node");
+    let why = refused.outcome.as_ref().expect_err("refused");
+    assert!(why.contains("another node behind a known address"), "{why}");
 }
