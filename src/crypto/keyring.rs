@@ -331,7 +331,13 @@ pub struct KeyringShape {
 /// The keyring in use: sealing and opening load it per request, a reload
 /// replaces it whole, a KMS revalidation derives it (a key revoked or
 /// restored). Changes are made one at a time.
-pub struct CurrentKeyring(ArcSwap<Keyring>, std::sync::Mutex<()>);
+pub struct CurrentKeyring(
+    ArcSwap<Keyring>,
+    std::sync::Mutex<()>,
+    /// Whether the keyring in use cannot seal (its primary revoked): read
+    /// per write without loading the keyring.
+    std::sync::atomic::AtomicBool,
+);
 
 impl std::fmt::Debug for CurrentKeyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -341,9 +347,11 @@ impl std::fmt::Debug for CurrentKeyring {
 
 impl CurrentKeyring {
     pub fn new(keyring: Keyring) -> Arc<CurrentKeyring> {
+        let refused = keyring.can_seal().is_err();
         Arc::new(CurrentKeyring(
             ArcSwap::from_pointee(keyring),
             std::sync::Mutex::new(()),
+            std::sync::atomic::AtomicBool::new(refused),
         ))
     }
 
@@ -361,7 +369,17 @@ impl CurrentKeyring {
     pub fn publish(&self, keyring: Keyring) {
         let _one_at_a_time = self.1.lock().unwrap_or_else(|e| e.into_inner());
         keyring.carry_counts(&self.0.load());
+        self.2.store(keyring.can_seal().is_err(), Ordering::Release);
         self.0.store(Arc::new(keyring));
+    }
+
+    /// Why nothing can be sealed now (the primary revoked by its KMS), if so.
+    pub fn can_seal(&self) -> Result<(), PrimaryRevoked> {
+        if self.2.load(Ordering::Acquire) {
+            self.0.load().can_seal()
+        } else {
+            Ok(())
+        }
     }
 
     /// Replaces the keyring with one derived from it (a key revoked or
@@ -372,6 +390,7 @@ impl CurrentKeyring {
         let current = self.0.load_full();
         if let Some(keyring) = derive(&current) {
             keyring.carry_counts(&current);
+            self.2.store(keyring.can_seal().is_err(), Ordering::Release);
             self.0.store(Arc::new(keyring));
         }
     }

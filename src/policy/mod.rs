@@ -534,7 +534,7 @@ impl Policy {
                 let action = self.sealed(&name, row, sealed, args);
                 // The primary key was revoked by its KMS: nothing is sealed,
                 // never under another key, never stored in plaintext.
-                match (&action, self.keyring.load().can_seal()) {
+                match (&action, self.keyring.can_seal()) {
                     (Action::Seal(..), Err(revoked)) => {
                         refuse("primary_key_revoked", &revoked.to_string())
                     }
