@@ -8,5 +8,6 @@
 //! yet".
 
 pub mod map;
+pub mod router;
 pub mod slot;
 pub mod topology;

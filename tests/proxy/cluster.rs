@@ -358,3 +358,182 @@ async fn every_node_is_proved_and_impostors_are_refused() {
     let why = refused.outcome.as_ref().expect_err("refused");
     assert!(why.contains("another node behind a known address"), "{why}");
 }
+
+/// redcloak's user's upstream for the cluster (the address comes from the
+/// slot map).
+fn cluster_upstream(cluster: &TestCluster) -> Upstream {
+    let tls = redcloak::tls::client::config(
+        &cluster.certs.ca,
+        &cluster.certs.client_cert,
+        &cluster.certs.client_key,
+    )
+    .expect("client tls");
+    let login = Login {
+        username: Some(REDIS_USER.into()),
+        password: redcloak::secret::Secret::new(cluster.password.clone().into_bytes()),
+    };
+    let settings = UpstreamSettings {
+        address: String::new(),
+        server_name: "localhost".into(),
+        connect_timeout: Duration::from_secs(5),
+    };
+    Upstream::new(settings, tls, Arc::new(login)).expect("upstream")
+}
+
+fn words(parts: &[&[u8]]) -> Vec<bytes::Bytes> {
+    parts
+        .iter()
+        .map(|p| bytes::Bytes::copy_from_slice(p))
+        .collect()
+}
+
+/// The router sends each request to its slot's primary, pipelined across
+/// nodes, and hands replies back in request order; keys in two slots are
+/// answered CROSSSLOT; a stale slot map is corrected by MOVED and a slot in
+/// migration by ASK, neither reaching the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
+    use redcloak::cluster::router::{Router, Topology};
+    use redcloak::cluster::topology::Naming;
+    let cluster = TestCluster::start().await;
+    let seeds = vec![format!("127.0.0.1:{}", cluster.nodes[0].port())];
+    let topology = Topology::start(
+        cluster_upstream(&cluster),
+        seeds,
+        Naming::Configured("localhost".into()),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("topology");
+    let mut router = Router::new(topology.clone(), redcloak::resp::Limits::default());
+
+    // 2,000 keys over every node, pipelined 200 at a time, in order.
+    for chunk in (0..2000).collect::<Vec<_>>().chunks(200) {
+        for i in chunk {
+            let key = format!("key:{i}");
+            let value = format!("value {i}");
+            router
+                .send(words(&[b"SET", key.as_bytes(), value.as_bytes()]))
+                .await
+                .expect("sent");
+        }
+        for _ in chunk {
+            let reply = router
+                .next_reply()
+                .await
+                .expect("a reply")
+                .expect("pending");
+            assert_eq!(&reply[..], b"+OK\r\n");
+        }
+    }
+    for i in (0..2000).step_by(7) {
+        router
+            .send(words(&[b"GET", format!("key:{i}").as_bytes()]))
+            .await
+            .expect("sent");
+    }
+    for i in (0..2000).step_by(7) {
+        let reply = router
+            .next_reply()
+            .await
+            .expect("a reply")
+            .expect("pending");
+        let value = format!("value {i}");
+        assert_eq!(
+            reply[..],
+            *format!("${}\r\n{value}\r\n", value.len()).as_bytes()
+        );
+    }
+    assert!(router.next_reply().await.expect("nothing").is_none());
+    router
+        .send(words(&[b"MGET", b"key:1", b"key:2"]))
+        .await
+        .expect("sent");
+    router
+        .send(words(&[b"MGET", b"{t}1", b"{t}2"]))
+        .await
+        .expect("sent");
+    let cross = router.next_reply().await.expect("reply").expect("pending");
+    assert!(cross.starts_with(b"-CROSSSLOT"), "{cross:?}");
+    let same = router.next_reply().await.expect("reply").expect("pending");
+    assert_eq!(&same[..], b"*2\r\n$-1\r\n$-1\r\n");
+
+    // A stale map: key:5's slot said to be on another primary.
+    let key = b"key:5";
+    let slot = redcloak::cluster::slot::slot(key);
+    let map = topology.map();
+    let owner = map.primary(slot).expect("served").clone();
+    let other = map
+        .nodes()
+        .find(|n| n.primary && n.port != owner.port)
+        .expect("another primary")
+        .clone();
+    topology.moved(slot, &other.host, other.port);
+    let mut router = Router::new(topology.clone(), redcloak::resp::Limits::default());
+    router.send(words(&[b"GET", key])).await.expect("sent");
+    let reply = router.next_reply().await.expect("reply").expect("pending");
+    assert_eq!(&reply[..], b"$7\r\nvalue 5\r\n");
+    assert_eq!(
+        topology.map().primary(slot).map(|p| p.port),
+        Some(owner.port),
+        "patched"
+    );
+
+    // A slot in migration from its owner to another primary: ASK.
+    let key = b"migrating:1";
+    let slot = redcloak::cluster::slot::slot(key);
+    let map = topology.map();
+    let source = map.primary(slot).expect("served").clone();
+    let target = map
+        .nodes()
+        .find(|n| n.primary && n.port != source.port)
+        .expect("another primary")
+        .clone();
+    let index_of = |port: u16| {
+        cluster
+            .nodes
+            .iter()
+            .position(|n| n.port() == port)
+            .expect("a node")
+    };
+    let slot_text = slot.to_string();
+    let mut at_target = cluster.admin(index_of(target.port)).await;
+    let importing = at_target
+        .call(&[
+            b"CLUSTER",
+            b"SETSLOT",
+            slot_text.as_bytes(),
+            b"IMPORTING",
+            source.id.as_bytes(),
+        ])
+        .await;
+    assert_reply(&importing, b"+OK\r\n");
+    let mut at_source = cluster.admin(index_of(source.port)).await;
+    let migrating = at_source
+        .call(&[
+            b"CLUSTER",
+            b"SETSLOT",
+            slot_text.as_bytes(),
+            b"MIGRATING",
+            target.id.as_bytes(),
+        ])
+        .await;
+    assert_reply(&migrating, b"+OK\r\n");
+    router
+        .send(words(&[b"SET", key, b"moved along"]))
+        .await
+        .expect("sent");
+    router.send(words(&[b"GET", key])).await.expect("sent");
+    let set = router.next_reply().await.expect("reply").expect("pending");
+    assert_eq!(&set[..], b"+OK\r\n");
+    let got = router.next_reply().await.expect("reply").expect("pending");
+    assert_eq!(&got[..], b"$11\r\nmoved along\r\n");
+    let on_target = at_target.call(&[b"ASKING"]).await;
+    assert_reply(&on_target, b"+OK\r\n");
+    let stored = at_target.call(&[b"GET", key]).await;
+    assert_eq!(
+        &stored[..],
+        b"$11\r\nmoved along\r\n",
+        "written on the target"
+    );
+}

@@ -1,0 +1,438 @@
+//! Routing one client's requests across a cluster: each request goes to
+//! the primary that owns its keys' slot (one connection per node, opened
+//! when first needed), and replies come back in the order the requests
+//! were sent, whichever node answers first. Redirects never reach the
+//! client: MOVED patches the slot map, starts one shared refresh and sends
+//! the request again (at most [`MAX_REDIRECTS`] times); ASK sends `ASKING`
+//! and the request together to the node named; TRYAGAIN waits and sends
+//! again within a budget. Keys in more than one slot are answered
+//! `CROSSSLOT` here, as Redis would.
+//!
+//! [`Topology`] holds the slot map all routers share: read from the seeds
+//! (then from every known node), swapped whole, patched by MOVED, and
+//! refreshed one at a time, at most every [`MIN_REFRESH_GAP`].
+
+use super::map::{Redirect, SlotMap, redirect};
+use super::slot::common_slot;
+use super::topology::{self, Naming, TopologyError};
+use crate::resp::{self, Limits};
+use crate::upstream::{ReplyReader, Upstream, UpstreamStream};
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+
+/// Redirects one request may follow.
+pub const MAX_REDIRECTS: u8 = 5;
+/// Refreshes of the slot map are at least this far apart.
+pub const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
+/// How long TRYAGAIN is retried for one request.
+const TRYAGAIN_BUDGET: Duration = Duration::from_secs(1);
+
+/// The slot map every router of a proxy shares, and how to renew it.
+pub struct Topology {
+    upstream: Upstream,
+    naming: Naming,
+    seeds: Vec<String>,
+    timeout: Duration,
+    map: ArcSwap<SlotMap>,
+    last_refresh: tokio::sync::Mutex<Instant>,
+}
+
+impl Topology {
+    /// Reads the slot map from the first seed that answers.
+    pub async fn start(
+        upstream: Upstream,
+        seeds: Vec<String>,
+        naming: Naming,
+        timeout: Duration,
+    ) -> Result<Arc<Topology>, TopologyError> {
+        let map = topology::discover(&upstream, &seeds, &naming, timeout).await?;
+        Ok(Arc::new(Topology {
+            upstream,
+            naming,
+            seeds,
+            timeout,
+            map: ArcSwap::from_pointee(map),
+            last_refresh: tokio::sync::Mutex::new(Instant::now()),
+        }))
+    }
+
+    pub fn map(&self) -> Arc<SlotMap> {
+        self.map.load_full()
+    }
+
+    /// `slot` moved to `host:port` (a MOVED said so), until the next refresh.
+    pub fn moved(&self, slot: u16, host: &str, port: u16) {
+        self.map.rcu(|map| {
+            let mut map = SlotMap::clone(map);
+            map.moved(slot, host, port);
+            map
+        });
+    }
+
+    /// Reads the slot map again, from every known node and then the seeds;
+    /// one refresh at a time, and none within [`MIN_REFRESH_GAP`] of the
+    /// last (a caller arriving meanwhile waits for the one in progress).
+    pub async fn refresh(&self) {
+        let mut last = self.last_refresh.lock().await;
+        if last.elapsed() < MIN_REFRESH_GAP {
+            return;
+        }
+        let known = self.map();
+        let mut seeds: Vec<String> = known
+            .nodes()
+            .map(|n| topology::address(&n.host, n.port))
+            .collect();
+        seeds.extend(self.seeds.iter().cloned());
+        if let Ok(map) =
+            topology::discover(&self.upstream, &seeds, &self.naming, self.timeout).await
+        {
+            self.map.store(Arc::new(map));
+        }
+        *last = Instant::now();
+    }
+
+    /// An upstream for the node at `host:port`, its certificate verified
+    /// against the name `naming` gives it.
+    fn node(&self, host: &str, port: u16) -> Result<Upstream, String> {
+        let map = self.map();
+        let known = map.nodes().find(|n| n.host == host && n.port == port);
+        let name = match (&self.naming, known) {
+            (Naming::Configured(name), _) => name.clone(),
+            (Naming::Announced, Some(node)) => self.naming.name_of(node)?,
+            (Naming::Announced, None) => {
+                return Err(format!("{host}:{port} is not in the slot map"));
+            }
+        };
+        self.upstream
+            .node(topology::address(host, port), &name)
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("cluster node {node}: {why}")]
+    Node { node: String, why: String },
+}
+
+/// A request's keys hash to more than one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrossSlot;
+
+/// One node's connection and the replies it owes, in order.
+struct NodeConn {
+    stream: UpstreamStream,
+    replies: ReplyReader,
+    /// The request each coming reply answers (`None`: an `ASKING`'s `+OK`).
+    owed: VecDeque<Option<u64>>,
+}
+
+/// A request not yet answered to the client.
+struct Pending {
+    index: u64,
+    args: Vec<Bytes>,
+    slot: Option<u16>,
+    redirects: u8,
+    tryagain_since: Option<Instant>,
+}
+
+/// One client's requests across the cluster.
+pub struct Router {
+    topology: Arc<Topology>,
+    nodes: HashMap<(String, u16), NodeConn>,
+    pending: VecDeque<Pending>,
+    /// Replies that arrived before their turn.
+    done: BTreeMap<u64, BytesMut>,
+    next_index: u64,
+    limits: Limits,
+}
+
+fn local_error(text: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    resp::encode_error(&mut out, text);
+    out
+}
+
+impl Router {
+    pub fn new(topology: Arc<Topology>, limits: Limits) -> Router {
+        Router {
+            topology,
+            nodes: HashMap::new(),
+            pending: VecDeque::new(),
+            done: BTreeMap::new(),
+            next_index: 0,
+            limits,
+        }
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The slot a request's keys share (`None`: it has none), from the
+    /// command table's key positions; `Err` when they span slots.
+    pub fn slot_of(args: &[Bytes]) -> Result<Option<u16>, CrossSlot> {
+        let Some(row) = args
+            .first()
+            .and_then(|name| crate::policy::table::lookup(name))
+        else {
+            return Ok(None);
+        };
+        let positions = row.keys.positions(args);
+        common_slot(
+            positions
+                .iter()
+                .filter_map(|at| args.get(*at))
+                .map(|k| &k[..]),
+        )
+        .map_err(|_| CrossSlot)
+    }
+
+    /// Sends a request to the primary of its slot (a keyless one to the
+    /// primary of slot 0).
+    pub async fn send(&mut self, args: Vec<Bytes>) -> Result<(), RouteError> {
+        let index = self.next_index;
+        self.next_index += 1;
+        let slot = match Self::slot_of(&args) {
+            Ok(slot) => slot,
+            Err(CrossSlot) => {
+                self.done.insert(
+                    index,
+                    local_error("CROSSSLOT Keys in request don't hash to the same slot"),
+                );
+                self.pending.push_back(Pending {
+                    index,
+                    args,
+                    slot: None,
+                    redirects: 0,
+                    tryagain_since: None,
+                });
+                return Ok(());
+            }
+        };
+        let pending = Pending {
+            index,
+            args,
+            slot,
+            redirects: 0,
+            tryagain_since: None,
+        };
+        self.dispatch(&pending, None, false).await?;
+        self.pending.push_back(pending);
+        Ok(())
+    }
+
+    /// Writes `pending` to `to` (or its slot's primary), after `ASKING`
+    /// when `asking`.
+    async fn dispatch(
+        &mut self,
+        pending: &Pending,
+        to: Option<(String, u16)>,
+        asking: bool,
+    ) -> Result<(), RouteError> {
+        let target = match to {
+            Some(target) => target,
+            None => match self.primary_of(pending.slot).await {
+                Some(target) => target,
+                None => {
+                    self.done.insert(
+                        pending.index,
+                        local_error("CLUSTERDOWN Hash slot not served"),
+                    );
+                    return Ok(());
+                }
+            },
+        };
+        let conn = self.connection(&target).await?;
+        let mut out = BytesMut::new();
+        if asking {
+            resp::encode_command(&mut out, &[b"ASKING"]);
+            conn.owed.push_back(None);
+        }
+        resp::encode_command(&mut out, &pending.args);
+        conn.owed.push_back(Some(pending.index));
+        let node = format!("{}:{}", target.0, target.1);
+        let failed = |e: std::io::Error| RouteError::Node {
+            node: node.clone(),
+            why: e.to_string(),
+        };
+        conn.stream.write_all(&out).await.map_err(failed)?;
+        conn.stream.flush().await.map_err(failed)
+    }
+
+    async fn primary_of(&self, slot: Option<u16>) -> Option<(String, u16)> {
+        let slot = slot.unwrap_or(0);
+        for attempt in 0..2 {
+            if let Some(primary) = self.topology.map().primary(slot) {
+                return Some((primary.host.clone(), primary.port));
+            }
+            if attempt == 0 {
+                self.topology.refresh().await;
+            }
+        }
+        None
+    }
+
+    async fn connection(&mut self, target: &(String, u16)) -> Result<&mut NodeConn, RouteError> {
+        if !self.nodes.contains_key(target) {
+            let node = format!("{}:{}", target.0, target.1);
+            let upstream =
+                self.topology
+                    .node(&target.0, target.1)
+                    .map_err(|why| RouteError::Node {
+                        node: node.clone(),
+                        why,
+                    })?;
+            let stream = upstream.connect().await.map_err(|e| RouteError::Node {
+                node,
+                why: e.to_string(),
+            })?;
+            self.nodes.insert(
+                target.clone(),
+                NodeConn {
+                    stream,
+                    replies: ReplyReader::default(),
+                    owed: VecDeque::new(),
+                },
+            );
+        }
+        Ok(self.nodes.get_mut(target).expect("just inserted"))
+    }
+
+    /// The reply to the oldest request not yet answered, redirects
+    /// followed; `None` when nothing is pending.
+    pub async fn next_reply(&mut self) -> Result<Option<BytesMut>, RouteError> {
+        loop {
+            let Some(front) = self.pending.front() else {
+                return Ok(None);
+            };
+            if let Some(reply) = self.done.remove(&front.index) {
+                self.pending.pop_front();
+                return Ok(Some(reply));
+            }
+            // Read from the node that owes the oldest request its reply.
+            let index = front.index;
+            let target = self
+                .nodes
+                .iter()
+                .find(|(_, conn)| conn.owed.contains(&Some(index)))
+                .map(|(target, _)| target.clone());
+            let Some(target) = target else {
+                return Err(RouteError::Node {
+                    node: String::new(),
+                    why: "a request no node owes a reply".into(),
+                });
+            };
+            let limits = self.limits.clone();
+            let conn = self.nodes.get_mut(&target).expect("found");
+            let reply = conn
+                .replies
+                .next(&mut conn.stream, &limits)
+                .await
+                .map_err(|e| RouteError::Node {
+                    node: format!("{}:{}", target.0, target.1),
+                    why: e.to_string(),
+                })?;
+            let Some(owner) = conn.owed.pop_front().flatten() else {
+                continue; // ASKING's +OK
+            };
+            self.answered(owner, target, reply).await?;
+        }
+    }
+
+    /// A reply for request `index` from `from`: kept, or the request sent
+    /// again where a redirect says.
+    async fn answered(
+        &mut self,
+        index: u64,
+        from: (String, u16),
+        reply: BytesMut,
+    ) -> Result<(), RouteError> {
+        let position = self.pending.iter().position(|p| p.index == index);
+        let Some(position) = position else {
+            return Ok(());
+        };
+        if reply.starts_with(b"-TRYAGAIN") {
+            let since = *self.pending[position]
+                .tryagain_since
+                .get_or_insert_with(Instant::now);
+            if since.elapsed() < TRYAGAIN_BUDGET {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                let again = self.pending.remove(position).expect("found");
+                self.dispatch(&again, Some(from), false).await?;
+                self.pending.insert(position, again);
+                return Ok(());
+            }
+        }
+        let redirected = redirect(&reply);
+        let pending = &mut self.pending[position];
+        match redirected {
+            Some((kind, slot, host, port)) if pending.redirects < MAX_REDIRECTS => {
+                pending.redirects += 1;
+                if kind == Redirect::Moved {
+                    self.topology.moved(slot, &host, port);
+                    let topology = self.topology.clone();
+                    tokio::spawn(async move { topology.refresh().await });
+                }
+                let again = self.pending.remove(position).expect("found");
+                let asking = kind == Redirect::Ask;
+                self.dispatch(&again, Some((host, port)), asking).await?;
+                self.pending.insert(position, again);
+            }
+            Some(_) => {
+                self.done.insert(
+                    index,
+                    local_error("ERR redcloak: the cluster redirected this request too many times"),
+                );
+            }
+            None => {
+                if reply.starts_with(b"-CLUSTERDOWN") {
+                    let topology = self.topology.clone();
+                    tokio::spawn(async move { topology.refresh().await });
+                }
+                self.done.insert(index, reply);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<Bytes> {
+        words
+            .iter()
+            .map(|w| Bytes::copy_from_slice(w.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn a_requests_slot_comes_from_the_command_tables_key_positions() {
+        let slot = crate::cluster::slot::slot;
+        assert_eq!(
+            Router::slot_of(&args(&["GET", "foo"])),
+            Ok(Some(slot(b"foo")))
+        );
+        assert_eq!(
+            Router::slot_of(&args(&["MSET", "{a}1", "x", "{a}2", "y"])),
+            Ok(Some(slot(b"a")))
+        );
+        assert_eq!(
+            Router::slot_of(&args(&["MGET", "foo", "bar"])),
+            Err(CrossSlot)
+        );
+        assert_eq!(Router::slot_of(&args(&["PING"])), Ok(None));
+        // The value is not a key.
+        assert_eq!(
+            Router::slot_of(&args(&["SET", "foo", "bar"])),
+            Ok(Some(slot(b"foo")))
+        );
+    }
+}
