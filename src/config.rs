@@ -294,7 +294,8 @@ struct RawAuth {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
-    address: String,
+    address: Option<String>,
+    cluster: Option<RawCluster>,
     server_name: Option<String>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -310,6 +311,17 @@ struct RawUpstream {
     pool_idle: Option<usize>,
     release_idle_after: Option<String>,
     lanes: Option<usize>,
+}
+
+/// `upstream.cluster`: a Redis Cluster instead of one `address`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    seeds: Vec<String>,
+    /// Verify each node against the hostname it announces
+    /// (`cluster-announce-hostname`) instead of `upstream.server_name`.
+    #[serde(default)]
+    verify_announced_hostname: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -418,7 +430,11 @@ pub struct ClientAuthConfig {
 
 #[derive(Debug)]
 pub struct UpstreamConfig {
+    /// Redis's address; with `cluster`, its first seed (where the startup
+    /// checks that concern one node look).
     pub address: String,
+    /// `upstream.cluster`: a Redis Cluster, routed per slot.
+    pub cluster: Option<ClusterConfig>,
     pub server_name: String,
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -438,6 +454,13 @@ pub struct UpstreamConfig {
     /// Shared upstream connections per (database, protocol); 0: none, every
     /// client gets a connection of its own.
     pub lanes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub seeds: Vec<String>,
+    /// The name every node's certificate must show.
+    pub naming: crate::cluster::topology::Naming,
 }
 
 #[derive(Debug)]
@@ -783,11 +806,57 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
             .map(|p| resolve(base, p))
             .ok_or_else(|| invalid(key, format!("required: {why}")))
     };
+    let (address, cluster_seeds) = match (raw.address, &raw.cluster) {
+        (Some(address), None) => (address, None),
+        (None, Some(cluster)) => match cluster.seeds.first() {
+            Some(first) => (first.clone(), Some(cluster.seeds.clone())),
+            None => {
+                return Err(invalid(
+                    "upstream.cluster.seeds",
+                    "at least one host:port of a cluster node",
+                ));
+            }
+        },
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "upstream",
+                "set exactly one of address (one Redis) and cluster (a Redis Cluster)",
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "upstream.address",
+                "required: Redis's host:port (or upstream.cluster.seeds for a Redis Cluster)",
+            ));
+        }
+    };
     let server_name = match raw.server_name {
         Some(name) => name,
-        None => host_part(&raw.address)
+        None => host_part(&address)
             .ok_or_else(|| invalid("upstream.address", "expected host:port"))?
             .to_owned(),
+    };
+    let cluster = cluster_seeds.map(|seeds| ClusterConfig {
+        seeds,
+        naming: if raw
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.verify_announced_hostname)
+        {
+            crate::cluster::topology::Naming::Announced
+        } else {
+            crate::cluster::topology::Naming::Configured(server_name.clone())
+        },
+    });
+    let lanes = match raw.lanes {
+        None => default_lanes(),
+        Some(lanes) if lanes <= MAX_LANES => lanes,
+        Some(lanes) => {
+            return Err(invalid(
+                "upstream.lanes",
+                format!("{lanes} lanes: at most {MAX_LANES} (0 turns lanes off)"),
+            ));
+        }
     };
     Ok(UpstreamConfig {
         ca: required(
@@ -820,18 +889,11 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
             Some("off") => None,
             text => Some(parse_duration("upstream.release_idle_after", text, "5s")?),
         },
-        lanes: match raw.lanes {
-            None => default_lanes(),
-            Some(lanes) if lanes <= MAX_LANES => lanes,
-            Some(lanes) => {
-                return Err(invalid(
-                    "upstream.lanes",
-                    format!("{lanes} lanes: at most {MAX_LANES} (0 turns lanes off)"),
-                ));
-            }
-        },
+        // A cluster is routed per slot by redcloak: no shared lanes yet.
+        lanes: if cluster.is_some() { 0 } else { lanes },
         server_name,
-        address: raw.address,
+        address,
+        cluster,
     })
 }
 

@@ -76,6 +76,9 @@ pub async fn run(config: &Config) -> Report {
             "fix upstream.ca, upstream.cert and upstream.key",
         )),
     }
+    if let Some(cluster) = &config.upstream.cluster {
+        checks.extend(cluster_rows(config, cluster).await);
+    }
     checks.push(certificate_files(config));
     checks.push(key_files(config));
     checks.push(passwords(config));
@@ -84,6 +87,76 @@ pub async fn run(config: &Config) -> Report {
     checks.push(admin_listener(config));
     checks.push(open_files(config));
     Report::new(config.profile, address, checks)
+}
+
+/// The `cluster-nodes` row (every node reachable at its announced address,
+/// its certificate verified against its name, redcloak's AUTH accepted,
+/// `CLUSTER MYID` as the slot map says) and the `cluster-coverage` row
+/// (all 16384 slots served by an online primary).
+async fn cluster_rows(config: &Config, cluster: &crate::config::ClusterConfig) -> Vec<Check> {
+    use crate::cluster::topology;
+    let timeout = config.upstream.connect_timeout;
+    let upstream = match Upstream::from_config(&config.upstream) {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            return vec![problem(
+                "cluster-nodes",
+                Status::Fail,
+                err.to_string(),
+                "fix upstream.ca, upstream.cert and upstream.key",
+            )];
+        }
+    };
+    let map = match topology::discover(&upstream, &cluster.seeds, &cluster.naming, timeout).await {
+        Ok(map) => map,
+        Err(err) => {
+            return vec![problem(
+                "cluster-nodes",
+                Status::Fail,
+                err.to_string(),
+                "list reachable cluster nodes in upstream.cluster.seeds; redcloak's user needs +cluster|shards",
+            )];
+        }
+    };
+    let checks = topology::verify_nodes(&upstream, &map, &cluster.naming, timeout).await;
+    let failed: Vec<String> = checks
+        .iter()
+        .filter_map(|c| {
+            let why = c.outcome.as_ref().err()?;
+            Some(format!("{}:{}: {why}", c.node.host, c.node.port))
+        })
+        .collect();
+    let nodes = if failed.is_empty() {
+        ok(
+            "cluster-nodes",
+            format!(
+                "{} nodes reached, each certificate verified, AUTH accepted, CLUSTER MYID as mapped",
+                checks.len()
+            ),
+        )
+    } else {
+        problem(
+            "cluster-nodes",
+            Status::Fail,
+            failed.join("; "),
+            "every node needs a certificate for the verified name from upstream.ca, redcloak's ACL user, and the id the cluster announces",
+        )
+    };
+    let uncovered = map.uncovered();
+    let coverage = if uncovered == 0 {
+        ok(
+            "cluster-coverage",
+            "all 16384 slots served by an online primary",
+        )
+    } else {
+        problem(
+            "cluster-coverage",
+            Status::Fail,
+            format!("{uncovered} slots have no online primary"),
+            "assign every slot (redis-cli --cluster fix) and wait for failovers to finish",
+        )
+    };
+    vec![nodes, coverage]
 }
 
 /// The `kms` row: every loaded key unwrapped and checked, or what failed.
@@ -156,7 +229,7 @@ async fn upstream_checks(
     checks.push(least_privilege(config, &mut session, timeout).await);
     checks.push(redis_version(&mut session, timeout).await);
     match keyring {
-        Some(keyring) => checks.push(round_trip(keyring, &mut session, timeout).await),
+        Some(keyring) => checks.push(round_trip(config, keyring, &mut session, timeout).await),
         None => checks.push(problem(
             "round-trip",
             Status::Fail,
@@ -396,27 +469,95 @@ async fn redis_version(session: &mut UpstreamStream, timeout: Duration) -> Check
     }
 }
 
-async fn round_trip(keyring: &Keyring, session: &mut UpstreamStream, timeout: Duration) -> Check {
+async fn round_trip(
+    config: &Config,
+    keyring: &Keyring,
+    session: &mut UpstreamStream,
+    timeout: Duration,
+) -> Check {
     const NAME: &str = "round-trip";
     let mut nonce = [0u8; 12];
     crate::crypto::envelope::fill_random(&mut nonce);
     let token: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
     let key = format!("redcloak:probe:{token}");
+    let mut outcome = sealed_round_trip(keyring, session, &key, &token, timeout).await;
+    // In front of a cluster the probe key may live on another primary: the
+    // round trip goes where the seed's MOVED says.
+    if let (Err(Ok((host, port))), Some(cluster)) = (&outcome, &config.upstream.cluster) {
+        let elsewhere = async {
+            let upstream = Upstream::from_config(&config.upstream).map_err(|e| e.to_string())?;
+            let node = crate::cluster::map::Node {
+                id: String::new(),
+                host: host.clone(),
+                port: *port,
+                hostname: Some(host.clone()),
+                primary: true,
+                online: true,
+            };
+            let name = cluster.naming.name_of(&node)?;
+            let node = upstream
+                .node(crate::cluster::topology::address(host, *port), &name)
+                .map_err(|e| e.to_string())?;
+            let mut conn = node.connect().await.map_err(|e| e.to_string())?;
+            sealed_round_trip(keyring, &mut conn, &key, &token, timeout)
+                .await
+                .map_err(|e| match e {
+                    Ok(_) => "redirected again".to_owned(),
+                    Err(why) => why,
+                })
+        };
+        outcome = match elsewhere.await {
+            Ok(()) => Ok(()),
+            Err(why) => Err(Err(why)),
+        };
+    }
+    match outcome {
+        Ok(()) => ok(
+            NAME,
+            format!(
+                "sealed SET, GET, open and DEL of {key} with key {}",
+                keyring.primary_id()
+            ),
+        ),
+        Err(err) => problem(
+            NAME,
+            Status::Fail,
+            match err {
+                Ok(_) => "the probe key was redirected (MOVED) in front of one Redis".to_owned(),
+                Err(why) => why,
+            },
+            "redcloak's Redis user needs SET, GET and DEL",
+        ),
+    }
+}
+
+/// SET (sealed), GET, open, DEL of `key` on `session`. `Err(Ok(node))`:
+/// the SET was redirected there (MOVED); `Err(Err(why))`: it failed.
+async fn sealed_round_trip(
+    keyring: &Keyring,
+    session: &mut UpstreamStream,
+    key: &str,
+    token: &str,
+    timeout: Duration,
+) -> Result<(), Result<(String, u16), String>> {
     let binding = Binding::string(key.as_bytes());
+    let sealed = keyring
+        .seal(token.as_bytes(), binding)
+        .map_err(|e| Err(e.to_string()))?;
+    let set = call(
+        session,
+        &[b"SET", key.as_bytes(), &sealed, b"PX", b"10000"],
+        timeout,
+    )
+    .await
+    .map_err(Err)?;
+    if let Some((crate::cluster::map::Redirect::Moved, _, host, port)) =
+        crate::cluster::map::redirect(&set)
+    {
+        return Err(Ok((host, port)));
+    }
+    expect(set, b"+OK\r\n", "SET").map_err(Err)?;
     let steps = async {
-        let sealed = keyring
-            .seal(token.as_bytes(), binding)
-            .map_err(|e| e.to_string())?;
-        expect(
-            call(
-                session,
-                &[b"SET", key.as_bytes(), &sealed, b"PX", b"10000"],
-                timeout,
-            )
-            .await?,
-            b"+OK\r\n",
-            "SET",
-        )?;
         let reply = call(session, &[b"GET", key.as_bytes()], timeout).await?;
         let stored =
             resp::bulk_body(&reply).ok_or_else(|| format!("GET answered {}", line(&reply)))?;
@@ -429,21 +570,7 @@ async fn round_trip(keyring: &Keyring, session: &mut UpstreamStream, timeout: Du
         call(session, &[b"DEL", key.as_bytes()], timeout).await?;
         Ok::<_, String>(())
     };
-    match steps.await {
-        Ok(()) => ok(
-            NAME,
-            format!(
-                "sealed SET, GET, open and DEL of {key} with key {}",
-                keyring.primary_id()
-            ),
-        ),
-        Err(err) => problem(
-            NAME,
-            Status::Fail,
-            err,
-            "redcloak's Redis user needs SET, GET and DEL",
-        ),
-    }
+    steps.await.map_err(Err)
 }
 
 fn expect(reply: Bytes, expected: &[u8], command: &str) -> Result<(), String> {

@@ -143,6 +143,9 @@ struct Pending {
 /// One client's requests across the cluster.
 pub struct Router {
     topology: Arc<Topology>,
+    /// Commands that set up a connection (HELLO, CLIENT SETNAME): sent to
+    /// every node connection, now and when one opens.
+    setup: Vec<Vec<Bytes>>,
     nodes: HashMap<(String, u16), NodeConn>,
     pending: VecDeque<Pending>,
     /// Replies that arrived before their turn.
@@ -161,6 +164,7 @@ impl Router {
     pub fn new(topology: Arc<Topology>, limits: Limits) -> Router {
         Router {
             topology,
+            setup: Vec::new(),
             nodes: HashMap::new(),
             pending: VecDeque::new(),
             done: BTreeMap::new(),
@@ -172,6 +176,47 @@ impl Router {
     /// Requests sent and not yet answered.
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Answers the next request here, with this error, in its turn.
+    pub fn refuse(&mut self, text: &str) {
+        let index = self.next_index;
+        self.next_index += 1;
+        self.done.insert(index, local_error(text));
+        self.pending.push_back(Pending {
+            index,
+            args: Vec::new(),
+            slot: None,
+            redirects: 0,
+            tryagain_since: None,
+        });
+    }
+
+    /// A command that sets up the connection (HELLO, CLIENT SETNAME): its
+    /// reply comes from the primary of slot 0; every other open node
+    /// connection gets it too, and every one opened later.
+    pub async fn send_setup(&mut self, args: Vec<Bytes>) -> Result<(), RouteError> {
+        let answering = self.primary_of(Some(0)).await;
+        let others: Vec<(String, u16)> = self
+            .nodes
+            .keys()
+            .filter(|target| Some(*target) != answering.as_ref())
+            .cloned()
+            .collect();
+        let mut out = BytesMut::new();
+        resp::encode_command(&mut out, &args);
+        for target in others {
+            let conn = self.nodes.get_mut(&target).expect("listed");
+            conn.owed.push_back(None);
+            let node = format!("{}:{}", target.0, target.1);
+            let failed = |e: std::io::Error| RouteError::Node {
+                node: node.clone(),
+                why: e.to_string(),
+            };
+            conn.stream.write_all(&out).await.map_err(failed)?;
+        }
+        self.setup.push(args.clone());
+        self.send(args).await
     }
 
     /// The slot a request's keys share (`None`: it has none), from the
@@ -288,16 +333,29 @@ impl Router {
                         node: node.clone(),
                         why,
                     })?;
-            let stream = upstream.connect().await.map_err(|e| RouteError::Node {
-                node,
+            let mut stream = upstream.connect().await.map_err(|e| RouteError::Node {
+                node: node.clone(),
                 why: e.to_string(),
             })?;
+            // The client's connection setup, its replies owed to nobody.
+            let mut owed = VecDeque::new();
+            if !self.setup.is_empty() {
+                let mut out = BytesMut::new();
+                for args in &self.setup {
+                    resp::encode_command(&mut out, args);
+                    owed.push_back(None);
+                }
+                stream.write_all(&out).await.map_err(|e| RouteError::Node {
+                    node: node.clone(),
+                    why: e.to_string(),
+                })?;
+            }
             self.nodes.insert(
                 target.clone(),
                 NodeConn {
                     stream,
                     replies: ReplyReader::default(),
-                    owed: VecDeque::new(),
+                    owed,
                 },
             );
         }
@@ -399,6 +457,105 @@ impl Router {
             }
         }
         Ok(())
+    }
+}
+
+/// Why a command is not sent to a cluster: it needs every node, or a
+/// connection's state that one node cannot hold for the others.
+pub fn refused(name: &[u8]) -> Option<&'static str> {
+    let name = name.to_ascii_uppercase();
+    Some(match &name[..] {
+        b"MULTI" | b"EXEC" | b"DISCARD" | b"WATCH" | b"UNWATCH" => {
+            "transactions in front of a Redis Cluster are not supported yet"
+        }
+        b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
+        | b"SUNSUBSCRIBE" => "pub/sub in front of a Redis Cluster is not supported yet",
+        b"KEYS" | b"SCAN" | b"RANDOMKEY" | b"DBSIZE" | b"FLUSHALL" | b"FLUSHDB" | b"WAIT"
+        | b"WAITAOF" | b"SCRIPT" | b"FUNCTION" => {
+            "this command needs every primary of the cluster and is not supported in front of a Redis Cluster yet"
+        }
+        _ => return None,
+    })
+}
+
+/// Whether a command sets up the connection (every node must hear it).
+fn is_setup(args: &[Bytes]) -> bool {
+    let name = args
+        .first()
+        .map(|n| n.to_ascii_uppercase())
+        .unwrap_or_default();
+    let sub = args
+        .get(1)
+        .map(|n| n.to_ascii_uppercase())
+        .unwrap_or_default();
+    name == b"HELLO" || (name == b"CLIENT" && (sub == b"SETNAME" || sub == b"SETINFO"))
+}
+
+/// Serves one client's upstream side: `stream` carries the requests the
+/// session sends (as to one Redis) and gets the replies back in order, the
+/// router sending each where its slot lives. A batch of requests is sent
+/// across the nodes, then its replies are returned. Ends when the session
+/// closes its side; a lost node answers what is pending with an error and
+/// ends it.
+pub async fn serve<S>(mut stream: S, mut router: Router, limits: Limits)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut requests = ReplyReader::default();
+    loop {
+        let Ok(first) = requests.next(&mut stream, &limits).await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while !requests.is_drained() {
+            match requests.next(&mut stream, &limits).await {
+                Ok(frame) => batch.push(frame),
+                Err(_) => return,
+            }
+        }
+        for frame in batch {
+            let Some((_, items)) = resp::aggregate_elements(&frame, &limits) else {
+                router.refuse("ERR redcloak: not a command");
+                continue;
+            };
+            let args: Option<Vec<Bytes>> = items
+                .iter()
+                .map(|item| resp::bulk_body(item).map(Bytes::copy_from_slice))
+                .collect();
+            let Some(args) = args.filter(|a| !a.is_empty()) else {
+                router.refuse("ERR redcloak: not a command");
+                continue;
+            };
+            let sent = if let Some(why) = refused(&args[0]) {
+                router.refuse(&format!("ERR redcloak: {why}"));
+                Ok(())
+            } else if is_setup(&args) {
+                router.send_setup(args).await
+            } else {
+                router.send(args).await
+            };
+            if let Err(err) = sent {
+                tracing::warn!(error = %err, "cluster node lost");
+                return;
+            }
+        }
+        while router.pending() > 0 {
+            match router.next_reply().await {
+                Ok(Some(reply)) => {
+                    if stream.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cluster node lost");
+                    return;
+                }
+            }
+        }
+        if stream.flush().await.is_err() {
+            return;
+        }
     }
 }
 

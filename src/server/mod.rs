@@ -72,6 +72,8 @@ pub enum StartError {
     SocketInUse(PathBuf),
     #[error(transparent)]
     Keys(#[from] crate::kms::KeysError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::topology::TopologyError),
 }
 
 impl StartError {
@@ -83,6 +85,9 @@ impl StartError {
 
 struct Shared {
     session: SessionContext,
+    /// A Redis Cluster's slot map, when `upstream.cluster` is set: clients
+    /// are then routed per slot.
+    cluster: Option<Arc<crate::cluster::router::Topology>>,
     pool: Arc<Pool>,
     /// `None`: lanes are off (`upstream.lanes = 0`).
     lanes: Option<Arc<Lanes>>,
@@ -130,6 +135,23 @@ impl Server {
     /// `telemetry` counts what the server does and reports its readiness.
     pub async fn bind(config: Config, telemetry: Telemetry) -> Result<Server, StartError> {
         let upstream = Arc::new(Upstream::from_config(&config.upstream)?);
+        let cluster = match &config.upstream.cluster {
+            Some(cluster) => {
+                let template = upstream.node(
+                    config.upstream.address.clone(),
+                    &config.upstream.server_name,
+                )?;
+                let topology = crate::cluster::router::Topology::start(
+                    template,
+                    cluster.seeds.clone(),
+                    cluster.naming.clone(),
+                    config.upstream.connect_timeout,
+                )
+                .await?;
+                Some(topology)
+            }
+            None => None,
+        };
         let at_start = crate::reload::AtStart::of(&config);
         let watch_interval = config.reload_watch_interval;
         let metrics = &telemetry.metrics;
@@ -233,6 +255,7 @@ impl Server {
             tls,
             shared: Arc::new(Shared {
                 session,
+                cluster,
                 pool,
                 lanes,
                 telemetry,
@@ -700,6 +723,9 @@ async fn serve_pinned<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    if let Some(topology) = &shared.cluster {
+        return Some(serve_routed(shared, client, peer, shutdown, topology.clone()).await);
+    }
     let Lent {
         stream: mut upstream,
         generation,
@@ -734,6 +760,29 @@ where
         });
     shared.pool.give_back(reusable).await;
     Some((end.result, end.client))
+}
+
+/// Serves a client in front of a Redis Cluster: the session talks to a
+/// router (through an in-memory pipe, as to one Redis) that sends each
+/// request to its slot's primary and hands the replies back in order.
+async fn serve_routed<C>(
+    shared: &Shared,
+    client: session::Client<C>,
+    peer: &Peer,
+    shutdown: &CancellationToken,
+    topology: Arc<crate::cluster::router::Topology>,
+) -> Served<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = shared.session.reply_limits.clone();
+    let (session_side, router_side) = tokio::io::duplex(64 * 1024);
+    let router = crate::cluster::router::Router::new(topology, limits.clone());
+    tokio::spawn(crate::cluster::router::serve(router_side, router, limits));
+    let end = session::run(&shared.session, client, session_side, peer, shutdown).await;
+    // Dropping the session's side ends the router and its node connections.
+    drop(end.upstream);
+    (end.result, end.client)
 }
 
 /// Redis cannot be reached: the client is told so and closed.

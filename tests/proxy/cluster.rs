@@ -537,3 +537,119 @@ async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
         "written on the target"
     );
 }
+
+impl TestCluster {
+    /// A config for redcloak in front of this cluster (`upstream.cluster`
+    /// with one seed), with a data key and the tests' plaintext rule.
+    fn proxy_config(&self) -> ProxyConfig {
+        redcloak::dev::write_file(
+            &self.path("redis-password"),
+            self.password.as_bytes(),
+            0o600,
+        )
+        .expect("password file");
+        let key = redcloak::crypto::keyring::generate_key();
+        redcloak::dev::write_file(&self.path("key-1"), key.as_bytes(), 0o600).expect("key file");
+        ProxyConfig {
+            top: Vec::new(),
+            listen: vec![
+                r#"address = "127.0.0.1:0""#.into(),
+                "max_connections = 1000".into(),
+            ],
+            upstream: vec![
+                r#"server_name = "localhost""#.into(),
+                r#"ca = "ca.crt""#.into(),
+                r#"cert = "redcloak-client.crt""#.into(),
+                r#"key = "redcloak-client.key""#.into(),
+                format!(r#"username = "{REDIS_USER}""#),
+                r#"password_file = "redis-password""#.into(),
+                "pool_idle = 0".into(),
+                r#"release_idle_after = "off""#.into(),
+                format!(
+                    "cluster = {{ seeds = [\"127.0.0.1:{}\"] }}",
+                    self.nodes[0].port()
+                ),
+            ],
+            tail: String::new(),
+            encryption: DEFAULT_ENCRYPTION.into(),
+        }
+    }
+}
+
+/// redcloak in front of the cluster: a real client's SETs and GETs of keys
+/// across every slot come back as written, each node holds only envelopes
+/// of its own keys, MGET across slots is refused with CROSSSLOT (and works
+/// within one slot), and a transaction is refused, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
+    let cluster = TestCluster::start().await;
+    let config = cluster.proxy_config();
+    assert!(
+        std::fs::read_to_string(cluster.path("redcloak-client.crt")).is_ok(),
+        "the client certificate is where the config says"
+    );
+    let proxy = start_proxy_in(&cluster.path(""), &config).await;
+    let mut client = proxy.client().await;
+    use redis::AsyncCommands;
+    for i in 0..500 {
+        let _: () = client
+            .set(format!("user:{i}"), format!("secret {i}"))
+            .await
+            .expect("SET through redcloak");
+    }
+    for i in (0..500).step_by(3) {
+        let got: String = client.get(format!("user:{i}")).await.expect("GET");
+        assert_eq!(got, format!("secret {i}"));
+    }
+    // Every node holds envelopes of its own keys only.
+    let shards = cluster
+        .as_redcloak(cluster.nodes[0].port())
+        .await
+        .call(&[b"CLUSTER", b"SHARDS"])
+        .await;
+    let map = map::parse_shards(&bytes::Bytes::from(shards.to_vec())).expect("map");
+    for i in (0..500).step_by(50) {
+        let key = format!("user:{i}");
+        let owner = map.primary(slot::slot(key.as_bytes())).expect("served");
+        let mut node = cluster.as_redcloak(owner.port).await;
+        let stored = node.call(&[b"GET", key.as_bytes()]).await;
+        let body = redcloak::resp::bulk_body(&stored).expect("stored on its primary");
+        assert!(
+            redcloak::crypto::envelope::key_id(body).is_ok(),
+            "an envelope, not the value"
+        );
+        assert!(!String::from_utf8_lossy(body).contains("secret"));
+    }
+    let mut raw = proxy.raw().await;
+    let cross = raw.call(&[b"MGET", b"user:1", b"user:2"]).await;
+    assert!(
+        cross.starts_with(b"-CROSSSLOT"),
+        "{:?}",
+        String::from_utf8_lossy(&cross)
+    );
+    assert_reply(&raw.call(&[b"SET", b"{t}a", b"1"]).await, b"+OK\r\n");
+    assert_reply(&raw.call(&[b"SET", b"{t}b", b"2"]).await, b"+OK\r\n");
+    assert_reply(
+        &raw.call(&[b"MGET", b"{t}a", b"{t}b"]).await,
+        b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n",
+    );
+    // The startup checks prove every node and the slot coverage.
+    let checked = std::process::Command::new(redcloak_bin())
+        .args(["check", "--config"])
+        .arg(cluster.path("redcloak.toml"))
+        .output()
+        .expect("redcloak runs");
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{report}");
+    assert!(
+        report.contains("ok    cluster-nodes        6 nodes reached")
+            && report.contains("ok    cluster-coverage     all 16384 slots"),
+        "{report}"
+    );
+    let multi = raw.call(&[b"MULTI"]).await;
+    assert!(
+        String::from_utf8_lossy(&multi).contains("transactions in front of a Redis Cluster"),
+        "{:?}",
+        String::from_utf8_lossy(&multi)
+    );
+}

@@ -239,43 +239,48 @@ impl TestRedis {
     }
 
     pub async fn start_proxy(&self, config: &ProxyConfig) -> Proxy {
-        let file = self.path("redcloak.toml");
-        std::fs::write(&file, config.render()).expect("write config");
-        let loaded = redcloak::config::load(&file).expect("valid config");
-        let telemetry = Telemetry::default();
-        let (reloads, reload_queue) = redcloak::reload::channel();
-        // As `redcloak serve` does: the admin listener opens before the server.
-        let admin = match loaded.metrics_address {
-            Some(address) => {
-                let listener = tokio::net::TcpListener::bind(address)
-                    .await
-                    .expect("admin listener");
-                let bound = listener.local_addr().expect("admin address");
-                tokio::spawn(redcloak::admin::serve(
-                    listener,
-                    telemetry.clone(),
-                    Some(reloads.clone()),
-                ));
-                Some(bound)
-            }
-            None => None,
-        };
-        let server = Server::bind(loaded, telemetry)
-            .await
-            .expect("proxy binds")
-            .with_reloads(file, reload_queue);
-        let address = server.tcp_address();
-        let tls_address = server.tls_address();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server.run(shutdown.clone()));
-        Proxy {
-            address,
-            tls_address,
-            admin,
-            reloads,
-            shutdown,
-            task,
+        start_proxy_in(self.dir.path(), config).await
+    }
+}
+
+/// redcloak in-process with `config` written to `dir`/redcloak.toml.
+pub async fn start_proxy_in(dir: &std::path::Path, config: &ProxyConfig) -> Proxy {
+    let file = dir.join("redcloak.toml");
+    std::fs::write(&file, config.render()).expect("write config");
+    let loaded = redcloak::config::load(&file).expect("valid config");
+    let telemetry = Telemetry::default();
+    let (reloads, reload_queue) = redcloak::reload::channel();
+    // As `redcloak serve` does: the admin listener opens before the server.
+    let admin = match loaded.metrics_address {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .expect("admin listener");
+            let bound = listener.local_addr().expect("admin address");
+            tokio::spawn(redcloak::admin::serve(
+                listener,
+                telemetry.clone(),
+                Some(reloads.clone()),
+            ));
+            Some(bound)
         }
+        None => None,
+    };
+    let server = Server::bind(loaded, telemetry)
+        .await
+        .expect("proxy binds")
+        .with_reloads(file, reload_queue);
+    let address = server.tcp_address();
+    let tls_address = server.tls_address();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+    Proxy {
+        address,
+        tls_address,
+        admin,
+        reloads,
+        shutdown,
+        task,
     }
 }
 
