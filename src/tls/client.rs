@@ -44,15 +44,21 @@ pub fn kms(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
             roots
         }
     };
-    let builder = ClientConfig::builder_with_provider(provider())
+    Ok(without_resumption(
+        versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+/// TLS 1.2 and 1.3 with the ring provider.
+fn versions() -> Result<ConfigBuilder<ClientConfig, rustls::WantsVerifier>, TlsError> {
+    ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|source| TlsError::Rejected {
             what: "TLS versions",
             source,
-        })?;
-    Ok(without_resumption(
-        builder.with_root_certificates(roots).with_no_client_auth(),
-    ))
+        })
 }
 
 fn without_resumption(mut config: ClientConfig) -> Arc<ClientConfig> {
@@ -63,11 +69,5 @@ fn without_resumption(mut config: ClientConfig) -> Arc<ClientConfig> {
 /// TLS 1.2+ with Redis's certificate verified against `upstream.ca`.
 fn verifying(ca: &Path) -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, TlsError> {
     let roots = load::roots(ca, "upstream CA certificate (upstream.ca)")?;
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(VERSIONS)
-        .map_err(|source| TlsError::Rejected {
-            what: "TLS versions",
-            source,
-        })?;
-    Ok(builder.with_root_certificates(roots))
+    Ok(versions()?.with_root_certificates(roots))
 }

@@ -275,22 +275,7 @@ async fn slots_and_the_slot_map_agree_with_a_real_cluster() {
 async fn every_node_is_proved_and_impostors_are_refused() {
     use redcloak::cluster::topology::{self, Naming};
     let cluster = TestCluster::start().await;
-    let tls = redcloak::tls::client::config(
-        &cluster.certs.ca,
-        &cluster.certs.client_cert,
-        &cluster.certs.client_key,
-    )
-    .expect("client tls");
-    let login = Login {
-        username: Some(REDIS_USER.into()),
-        password: redcloak::secret::Secret::new(cluster.password.clone().into_bytes()),
-    };
-    let settings = UpstreamSettings {
-        address: String::new(),
-        server_name: "localhost".into(),
-        connect_timeout: Duration::from_secs(5),
-    };
-    let upstream = Upstream::new(settings, tls, Arc::new(login)).expect("upstream");
+    let upstream = cluster_upstream(&cluster);
     let naming = Naming::Configured("localhost".into());
     let timeout = Duration::from_secs(5);
     let seeds = vec![
