@@ -97,6 +97,14 @@ struct RawConfig {
     #[serde(default)]
     scripts: Vec<RawScript>,
     audit: Option<RawAudit>,
+    cluster: Option<RawClusterPolicy>,
+}
+
+/// `[cluster]`: how redcloak behaves in front of a Redis Cluster.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClusterPolicy {
+    failover_wait: Option<String>,
 }
 
 /// `[audit]`: the tamper-evident audit log.
@@ -461,6 +469,9 @@ pub struct ClusterConfig {
     pub seeds: Vec<String>,
     /// The name every node's certificate must show.
     pub naming: crate::cluster::topology::Naming,
+    /// How long a request for a slot whose primary is gone waits for a
+    /// replica's promotion (`cluster.failover_wait`, default 5 s).
+    pub failover_wait: Duration,
 }
 
 #[derive(Debug)]
@@ -637,7 +648,22 @@ impl Config {
             profile: raw.profile,
             secret_files,
             listen: validate_listen(raw.listen, base)?,
-            upstream: validate_upstream(raw.upstream, base)?,
+            upstream: {
+                let mut upstream = validate_upstream(raw.upstream, base)?;
+                let wait = raw
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.failover_wait.as_deref());
+                if let Some(cluster) = &mut upstream.cluster {
+                    cluster.failover_wait = parse_duration("cluster.failover_wait", wait, "5s")?;
+                } else if raw.cluster.is_some() {
+                    return Err(invalid(
+                        "cluster",
+                        "is for a Redis Cluster: set upstream.cluster.seeds (or remove [cluster])",
+                    ));
+                }
+                upstream
+            },
             limits: validate_limits(raw.limits)?,
             shutdown_grace_period: parse_duration(
                 "shutdown.grace_period",
@@ -838,6 +864,7 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
     };
     let cluster = cluster_seeds.map(|seeds| ClusterConfig {
         seeds,
+        failover_wait: Duration::from_secs(5),
         naming: if raw
             .cluster
             .as_ref()

@@ -213,11 +213,22 @@ pub fn parse_shards(reply: &Bytes) -> Result<SlotMap, String> {
             .map(node)
             .collect::<Option<_>>()
             .ok_or_else(|| invalid("a node without id, address or port"))?;
-        let (primaries, replicas): (Vec<Node>, Vec<Node>) =
+        let (primaries, mut replicas): (Vec<Node>, Vec<Node>) =
             nodes.into_iter().partition(|n| n.primary);
+        // After a failover the old primary may still be listed as one,
+        // failed: the online one serves.
+        let (mut online, failed): (Vec<Node>, Vec<Node>) =
+            primaries.into_iter().partition(|n| n.online);
+        let mut failed = failed.into_iter();
+        let primary = match online.is_empty() {
+            false => Some(online.remove(0)),
+            true => failed.next(),
+        };
+        replicas.extend(online);
+        replicas.extend(failed);
         shards.push(Shard {
             ranges,
-            primary: primaries.into_iter().next(),
+            primary,
             replicas,
         });
     }

@@ -37,6 +37,9 @@ pub struct Topology {
     naming: Naming,
     seeds: Vec<String>,
     timeout: Duration,
+    /// How long a request for a slot whose primary is gone waits for a
+    /// replica's promotion (`cluster.failover_wait`).
+    failover_wait: Duration,
     map: ArcSwap<SlotMap>,
     last_refresh: tokio::sync::Mutex<Instant>,
 }
@@ -48,6 +51,7 @@ impl Topology {
         seeds: Vec<String>,
         naming: Naming,
         timeout: Duration,
+        failover_wait: Duration,
     ) -> Result<Arc<Topology>, TopologyError> {
         let map = topology::discover(&upstream, &seeds, &naming, timeout).await?;
         Ok(Arc::new(Topology {
@@ -55,6 +59,7 @@ impl Topology {
             naming,
             seeds,
             timeout,
+            failover_wait,
             map: ArcSwap::from_pointee(map),
             last_refresh: tokio::sync::Mutex::new(Instant::now()),
         }))
@@ -280,7 +285,7 @@ impl Router {
         to: Option<(String, u16)>,
         asking: bool,
     ) -> Result<(), RouteError> {
-        let target = match to {
+        let mut target = match to {
             Some(target) => target,
             None => match self.primary_of(pending.slot).await {
                 Some(target) => target,
@@ -293,7 +298,26 @@ impl Router {
                 }
             },
         };
-        let conn = self.connection(&target).await?;
+        // A primary that cannot be reached may be failing over: the map is
+        // read again until another node serves the slot, for failover_wait.
+        let deadline = Instant::now() + self.topology.failover_wait;
+        while let Err(err) = self.connection(&target).await {
+            if Instant::now() >= deadline {
+                self.done.insert(
+                    pending.index,
+                    local_error(&format!(
+                        "CLUSTERDOWN redcloak: no primary reachable for this slot: {err}"
+                    )),
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(MIN_REFRESH_GAP).await;
+            self.topology.refresh().await;
+            if let Some(primary) = self.topology.map().primary(pending.slot.unwrap_or(0)) {
+                target = (primary.host.clone(), primary.port);
+            }
+        }
+        let conn = self.nodes.get_mut(&target).expect("connected");
         let mut out = BytesMut::new();
         if asking {
             resp::encode_command(&mut out, &[b"ASKING"]);
@@ -306,8 +330,36 @@ impl Router {
             node: node.clone(),
             why: e.to_string(),
         };
-        conn.stream.write_all(&out).await.map_err(failed)?;
-        conn.stream.flush().await.map_err(failed)
+        let written = async {
+            conn.stream.write_all(&out).await?;
+            conn.stream.flush().await
+        };
+        if let Err(err) = written.await {
+            // The node is gone: what it owed (this request included) is
+            // answered with an error, never sent twice.
+            tracing::warn!(error = %failed(err), "cluster node lost");
+            self.lose(&target);
+        }
+        Ok(())
+    }
+
+    /// The connection to `target` is lost: every request it owed a reply
+    /// is answered with an error (it may or may not have run), and the map
+    /// is read again.
+    fn lose(&mut self, target: &(String, u16)) {
+        if let Some(conn) = self.nodes.remove(target) {
+            for index in conn.owed.into_iter().flatten() {
+                self.done.insert(
+                    index,
+                    local_error(&format!(
+                        "ERR redcloak: cluster node {}:{} was lost before it answered (the command may or may not have run)",
+                        target.0, target.1
+                    )),
+                );
+            }
+        }
+        let topology = self.topology.clone();
+        tokio::spawn(async move { topology.refresh().await });
     }
 
     async fn primary_of(&self, slot: Option<u16>) -> Option<(String, u16)> {
@@ -324,6 +376,20 @@ impl Router {
     }
 
     async fn connection(&mut self, target: &(String, u16)) -> Result<&mut NodeConn, RouteError> {
+        // A connection that owes nothing and that the node closed (it died,
+        // or restarted) is dropped before anything is sent on it, so the
+        // request goes, once, to whichever node serves the slot now.
+        if self
+            .nodes
+            .get(target)
+            .is_some_and(|conn| conn.owed.is_empty() && closed(&conn.stream))
+        {
+            self.nodes.remove(target);
+            return Err(RouteError::Node {
+                node: format!("{}:{}", target.0, target.1),
+                why: "the node closed the connection".into(),
+            });
+        }
         if !self.nodes.contains_key(target) {
             let node = format!("{}:{}", target.0, target.1);
             let upstream =
@@ -388,14 +454,14 @@ impl Router {
             };
             let limits = self.limits.clone();
             let conn = self.nodes.get_mut(&target).expect("found");
-            let reply = conn
-                .replies
-                .next(&mut conn.stream, &limits)
-                .await
-                .map_err(|e| RouteError::Node {
-                    node: format!("{}:{}", target.0, target.1),
-                    why: e.to_string(),
-                })?;
+            let reply = match conn.replies.next(&mut conn.stream, &limits).await {
+                Ok(reply) => reply,
+                Err(err) => {
+                    tracing::warn!(node = %format!("{}:{}", target.0, target.1), error = %err, "cluster node lost");
+                    self.lose(&target);
+                    continue;
+                }
+            };
             let Some(owner) = conn.owed.pop_front().flatten() else {
                 continue; // ASKING's +OK
             };
@@ -458,6 +524,18 @@ impl Router {
         }
         Ok(())
     }
+}
+
+/// Whether the node has closed `stream` (end of stream or an error
+/// waiting), without waiting and without taking any byte.
+fn closed(stream: &UpstreamStream) -> bool {
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(
+        stream.get_ref().0.poll_peek(&mut cx, &mut buf),
+        std::task::Poll::Ready(Ok(0) | Err(_))
+    )
 }
 
 /// Why a command is not sent to a cluster: it needs every node, or a

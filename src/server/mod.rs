@@ -146,6 +146,7 @@ impl Server {
                     cluster.seeds.clone(),
                     cluster.naming.clone(),
                     config.upstream.connect_timeout,
+                    cluster.failover_wait,
                 )
                 .await?;
                 Some(topology)

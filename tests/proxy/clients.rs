@@ -166,6 +166,7 @@ fn rss(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_together_hold_no_more_than_max_buffered_bytes() {
+    let _heavy = heavy().await;
     const MIB: u64 = 1024 * 1024;
     let redis = TestRedis::start().await;
     let config = redis

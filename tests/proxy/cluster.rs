@@ -71,6 +71,9 @@ impl TestCluster {
                     format!("tls-client-key-file {}", certs.client_key.display()),
                     format!("masteruser {ADMIN_USER}"),
                     format!("masterauth {password}"),
+                    // Replicas sync at once (not 5 s later), so one is ready
+                    // to take over as soon as the cluster is.
+                    "repl-diskless-sync-delay 0".into(),
                 ],
             };
             let node = ChildRedis::start(&node_dir, &certs, &options)
@@ -101,7 +104,8 @@ impl TestCluster {
             .expect("redis-cli runs");
         assert!(created.status.success(), "cluster create: {created:?}");
         // Every node sees the cluster ok, with 3 primaries and 3 replicas
-        // (replicas are told whom to follow after the slots are assigned).
+        // (replicas are told whom to follow after the slots are assigned),
+        // each replica in sync with its primary.
         for index in 0..cluster.nodes.len() {
             eventually("the cluster is ok on every node", || async {
                 let mut node = cluster.admin(index).await;
@@ -114,9 +118,15 @@ impl TestCluster {
                         .filter(|line| line.split(' ').nth(2).is_some_and(|f| f.contains(flag)))
                         .count()
                 };
+                let replication = node.call(&[b"INFO", b"replication"]).await;
+                let replication = String::from_utf8_lossy(&replication);
+                // A replica that never synced would not be promoted.
+                let synced = replication.contains("role:master")
+                    || replication.contains("master_link_status:up");
                 String::from_utf8_lossy(&info).contains("cluster_state:ok")
                     && count("master") == 3
                     && count("slave") == 3
+                    && synced
             })
             .await;
         }
@@ -387,6 +397,7 @@ async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
         seeds,
         Naming::Configured("localhost".into()),
         Duration::from_secs(5),
+        Duration::from_secs(5),
     )
     .await
     .expect("topology");
@@ -637,4 +648,143 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         "{:?}",
         String::from_utf8_lossy(&multi)
     );
+}
+
+/// `kill -9` of a primary under load through redcloak: its slots are
+/// served again within a second of its replica's promotion (requests for
+/// them wait, `cluster.failover_wait`); no MOVED or ASK ever reaches a
+/// client, and only requests that were in flight to the dead primary get
+/// an error, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_under_load_is_replaced_without_redirects_reaching_clients() {
+    let _heavy = heavy().await;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut cluster = TestCluster::start().await;
+    let config = cluster.proxy_config();
+    let proxy = start_proxy_in(&cluster.path(""), &config).await;
+    let shards = cluster
+        .as_redcloak(cluster.nodes[0].port())
+        .await
+        .call(&[b"CLUSTER", b"SHARDS"])
+        .await;
+    let map = map::parse_shards(&bytes::Bytes::from(shards.to_vec())).expect("map");
+    let victim = map
+        .nodes()
+        .find(|n| n.primary && n.port != cluster.nodes[0].port())
+        .expect("a primary that is not the seed")
+        .clone();
+    let victim_slot = map
+        .shards
+        .iter()
+        .find(|s| s.primary.as_ref().map(|p| &p.id) == Some(&victim.id))
+        .and_then(|s| s.ranges.first())
+        .expect("its slots")
+        .0;
+    let on_victim =
+        |key: &str| map.primary(slot::slot(key.as_bytes())).map(|p| &p.id) == Some(&victim.id);
+    let dead_key = (0..)
+        .map(|i| format!("probe:{i}"))
+        .find(|k| on_victim(k))
+        .expect("a key on the victim");
+    assert_eq!(map.primary(victim_slot).map(|p| p.port), Some(victim.port));
+
+    // 20 clients writing and reading their own keys until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for id in 0..20 {
+        let stop = stop.clone();
+        let address = proxy.addr();
+        clients.push(tokio::spawn(async move {
+            let mut c = RawClient::new(
+                tokio::net::TcpStream::connect(address)
+                    .await
+                    .expect("connect"),
+            );
+            let mut errors: Vec<(String, String)> = Vec::new();
+            let mut ok = 0u64;
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                let key = format!("load:{id}:{}", round % 50);
+                let value = format!("{id}-{round}");
+                let set = c.call(&[b"SET", key.as_bytes(), value.as_bytes()]).await;
+                let got = c.call(&[b"GET", key.as_bytes()]).await;
+                let expected = format!("${}\r\n{value}\r\n", value.len());
+                if &set[..] == b"+OK\r\n" && got[..] == *expected.as_bytes() {
+                    ok += 1;
+                } else {
+                    let text = |r: &[u8]| String::from_utf8_lossy(r).into_owned();
+                    errors.push((key, format!("{} / {}", text(&set), text(&got))));
+                }
+            }
+            (ok, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim_index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.port() == victim.port)
+        .expect("the victim's process");
+    cluster.nodes[victim_index].kill().await;
+    let killed_at = std::time::Instant::now();
+
+    // The replica's promotion, as the surviving nodes see it.
+    let promoted_at = until("a replica takes over the slots", || async {
+        let mut survivor = cluster.as_redcloak(cluster.nodes[0].port()).await;
+        let shards = survivor.call(&[b"CLUSTER", b"SHARDS"]).await;
+        let map = map::parse_shards(&bytes::Bytes::from(shards.to_vec())).ok()?;
+        map.primary(victim_slot)
+            .filter(|p| p.port != victim.port)
+            .map(|_| std::time::Instant::now())
+    })
+    .await;
+    // Served through redcloak again.
+    let mut probe = proxy.raw().await;
+    let served_at = loop {
+        let reply = probe.call(&[b"SET", dead_key.as_bytes(), b"back"]).await;
+        if &reply[..] == b"+OK\r\n" {
+            break std::time::Instant::now();
+        }
+        assert!(killed_at.elapsed() < READ_TIMEOUT, "never served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total_ok = 0;
+    let mut all_errors = Vec::new();
+    for client in clients {
+        let (ok, errors) = tokio::time::timeout(Duration::from_secs(30), client)
+            .await
+            .expect("client finishes")
+            .expect("client task");
+        total_ok += ok;
+        all_errors.extend(errors);
+    }
+    let recovery = served_at.saturating_duration_since(promoted_at);
+    eprintln!(
+        "failover: promoted {:?} after the kill, served {:?} after the promotion; {total_ok} ok, {} errors",
+        promoted_at - killed_at,
+        recovery,
+        all_errors.len()
+    );
+    assert!(
+        recovery < Duration::from_secs(1),
+        "recovered {recovery:?} after the promotion"
+    );
+    assert!(total_ok > 100, "the load ran");
+    for (key, error) in &all_errors {
+        assert!(
+            !error.contains("MOVED") && !error.contains("ASK"),
+            "{key}: {error}"
+        );
+        assert!(
+            on_victim(key),
+            "an error for a slot that never failed: {key}: {error}"
+        );
+        assert!(
+            error.contains("was lost before it answered") || error.contains("CLUSTERDOWN"),
+            "{key}: {error}"
+        );
+    }
 }

@@ -287,6 +287,7 @@ async fn chaos_client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_chaos_no_client_ever_receives_another_clients_value() {
+    let _heavy = heavy().await;
     let redis = TestRedis::start().await;
     let config = redis.config().upstream("lanes", "1").tail(&format!(
         "{METRICS}[limits]\nclient_write_timeout = \"2s\"\n"

@@ -1004,3 +1004,11 @@ where
         _ = replies => {}
     }
 }
+
+/// Tests that load the machine hard, or that measure timing or memory
+/// under load, take this first, so they do not run beside each other (the
+/// suite runs tests in parallel on two cores).
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
