@@ -15,6 +15,7 @@
 use super::map::{Redirect, SlotMap, redirect};
 use super::slot::common_slot;
 use super::topology::{self, Naming, TopologyError};
+use crate::policy::table::InCluster;
 use crate::resp::{self, Limits};
 use crate::upstream::{ReplyReader, Upstream, UpstreamStream};
 use arc_swap::ArcSwap;
@@ -538,35 +539,29 @@ fn closed(stream: &UpstreamStream) -> bool {
     )
 }
 
-/// Why a command is not sent to a cluster: it needs every node, or a
-/// connection's state that one node cannot hold for the others.
-pub fn refused(name: &[u8]) -> Option<&'static str> {
-    let name = name.to_ascii_uppercase();
-    Some(match &name[..] {
-        b"MULTI" | b"EXEC" | b"DISCARD" | b"WATCH" | b"UNWATCH" => {
-            "transactions in front of a Redis Cluster are not supported yet"
-        }
-        b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
-        | b"SUNSUBSCRIBE" => "pub/sub in front of a Redis Cluster is not supported yet",
-        b"KEYS" | b"SCAN" | b"RANDOMKEY" | b"DBSIZE" | b"FLUSHALL" | b"FLUSHDB" | b"WAIT"
-        | b"WAITAOF" | b"SCRIPT" | b"FUNCTION" => {
-            "this command needs every primary of the cluster and is not supported in front of a Redis Cluster yet"
-        }
-        _ => return None,
-    })
-}
-
-/// Whether a command sets up the connection (every node must hear it).
-fn is_setup(args: &[Bytes]) -> bool {
-    let name = args
+/// How `args` goes in front of a cluster, as the command table says.
+fn in_cluster(args: &[Bytes]) -> InCluster {
+    let Some(row) = args
         .first()
-        .map(|n| n.to_ascii_uppercase())
-        .unwrap_or_default();
-    let sub = args
-        .get(1)
-        .map(|n| n.to_ascii_uppercase())
-        .unwrap_or_default();
-    name == b"HELLO" || (name == b"CLIENT" && (sub == b"SETNAME" || sub == b"SETINFO"))
+        .and_then(|name| crate::policy::table::lookup(name))
+    else {
+        return InCluster::BySlot;
+    };
+    match row.cluster {
+        // CLIENT sets up the connection only with SETNAME and SETINFO.
+        InCluster::Setup if row.name == "client" => {
+            let sub = args
+                .get(1)
+                .map(|s| s.to_ascii_uppercase())
+                .unwrap_or_default();
+            if sub == b"SETNAME" || sub == b"SETINFO" {
+                InCluster::Setup
+            } else {
+                InCluster::BySlot
+            }
+        }
+        other => other,
+    }
 }
 
 /// Serves one client's upstream side: `stream` carries the requests the
@@ -604,13 +599,13 @@ where
                 router.refuse("ERR redcloak: not a command");
                 continue;
             };
-            let sent = if let Some(why) = refused(&args[0]) {
-                router.refuse(&format!("ERR redcloak: {why}"));
-                Ok(())
-            } else if is_setup(&args) {
-                router.send_setup(args).await
-            } else {
-                router.send(args).await
+            let sent = match in_cluster(&args) {
+                InCluster::Refused(why) => {
+                    router.refuse(&format!("ERR redcloak: {why}"));
+                    Ok(())
+                }
+                InCluster::Setup => router.send_setup(args).await,
+                InCluster::BySlot => router.send(args).await,
             };
             if let Err(err) = sent {
                 tracing::warn!(error = %err, "cluster node lost");
@@ -646,6 +641,26 @@ mod tests {
             .iter()
             .map(|w| Bytes::copy_from_slice(w.as_bytes()))
             .collect()
+    }
+
+    #[test]
+    fn the_command_table_says_how_each_command_goes_in_front_of_a_cluster() {
+        assert!(
+            matches!(in_cluster(&args(&["MULTI"])), InCluster::Refused(why) if why.contains("transactions"))
+        );
+        assert!(
+            matches!(in_cluster(&args(&["ssubscribe", "c"])), InCluster::Refused(why) if why.contains("pub/sub"))
+        );
+        assert!(
+            matches!(in_cluster(&args(&["SCAN", "0"])), InCluster::Refused(why) if why.contains("every primary"))
+        );
+        assert_eq!(in_cluster(&args(&["HELLO", "3"])), InCluster::Setup);
+        assert_eq!(
+            in_cluster(&args(&["CLIENT", "setname", "x"])),
+            InCluster::Setup
+        );
+        assert_eq!(in_cluster(&args(&["CLIENT", "LIST"])), InCluster::BySlot);
+        assert_eq!(in_cluster(&args(&["GET", "k"])), InCluster::BySlot);
     }
 
     #[test]

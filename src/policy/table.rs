@@ -324,7 +324,33 @@ pub struct Row {
     /// key listing): on lanes it is sent on the bulk lane, so it cannot
     /// stall small replies behind it.
     pub bulky: bool,
+    /// How it goes in front of a Redis Cluster.
+    pub cluster: InCluster,
 }
+
+/// How a command goes in front of a Redis Cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InCluster {
+    /// To the primary of its keys' slot (a keyless one to any primary).
+    BySlot,
+    /// It sets up the connection: every node connection hears it (HELLO;
+    /// CLIENT's SETNAME and SETINFO).
+    Setup,
+    /// Refused, for this reason: it needs every primary, or connection
+    /// state one node cannot hold for the others.
+    Refused(&'static str),
+}
+
+/// Transactions are not routed yet.
+const CLUSTER_TRANSACTIONS: InCluster =
+    InCluster::Refused("transactions in front of a Redis Cluster are not supported yet");
+/// Pub/sub is not routed yet.
+const CLUSTER_PUBSUB: InCluster =
+    InCluster::Refused("pub/sub in front of a Redis Cluster is not supported yet");
+/// Commands about the whole keyspace or every node.
+const CLUSTER_EVERY_PRIMARY: InCluster = InCluster::Refused(
+    "this command needs every primary of the cluster and is not supported in front of a Redis Cluster yet",
+);
 
 /// A row for a command on data or the server.
 const fn row(name: &'static str, class: Class, keys: Keys) -> Row {
@@ -336,6 +362,7 @@ const fn row(name: &'static str, class: Class, keys: Keys) -> Row {
         moves_values: false,
         leaves: Leaves::Nothing,
         bulky: false,
+        cluster: InCluster::BySlot,
     }
 }
 
@@ -371,6 +398,10 @@ impl Row {
             bulky: true,
             ..self
         }
+    }
+
+    const fn in_cluster(self, cluster: InCluster) -> Row {
+        Row { cluster, ..self }
     }
 }
 
@@ -554,24 +585,28 @@ pub static COMMANDS: &[Row] = &[
     row("bzmpop", Class::Sealed(ZSET_MPOP), Keys::NumKeys { at: 2, dest: false }).blocks(Timeout::FirstSeconds),
     row("bzpopmax", Class::Sealed(ZSET_BLOCKING_POP), ALL_BUT_LAST).blocks(Timeout::LastSeconds),
     row("bzpopmin", Class::Sealed(ZSET_BLOCKING_POP), ALL_BUT_LAST).blocks(Timeout::LastSeconds),
-    connection("client", Handling::Client),
+    connection("client", Handling::Client).in_cluster(InCluster::Setup),
     row("cluster", Class::Forward, NONE),
     row("command", Class::Forward, NONE),
     row("config", Class::Forward, NONE),
     row("copy", Class::Forward, K1_2).moves_values(),
-    row("dbsize", Class::Forward, NONE),
+    row("dbsize", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
     row("debug", Class::Forward, NONE).leaves(Leaves::Session),
     row("decr", Class::ServerReadsValue, K1),
     row("decrby", Class::ServerReadsValue, K1),
     row("del", Class::Forward, ALL),
-    connection("discard", Handling::Discard).leaves(Leaves::Transaction),
+    connection("discard", Handling::Discard)
+        .leaves(Leaves::Transaction)
+        .in_cluster(CLUSTER_TRANSACTIONS),
     row("dump", Class::ServerReadsValue, K1),
     row("echo", Class::Forward, NONE),
     row("eval", Class::Scripting(Scripting::Eval), Keys::NumKeys { at: 2, dest: false }),
     row("eval_ro", Class::Scripting(Scripting::Eval), Keys::NumKeys { at: 2, dest: false }),
     row("evalsha", Class::Scripting(Scripting::EvalSha), Keys::NumKeys { at: 2, dest: false }),
     row("evalsha_ro", Class::Scripting(Scripting::EvalSha), Keys::NumKeys { at: 2, dest: false }),
-    connection("exec", Handling::Exec).leaves(Leaves::Transaction),
+    connection("exec", Handling::Exec)
+        .leaves(Leaves::Transaction)
+        .in_cluster(CLUSTER_TRANSACTIONS),
     row("exists", Class::Forward, ALL),
     row("expire", Class::Forward, K1),
     row("expireat", Class::Forward, K1),
@@ -579,9 +614,9 @@ pub static COMMANDS: &[Row] = &[
     row("failover", Class::Forward, NONE),
     row("fcall", Class::Scripting(Scripting::FCall), Keys::NumKeys { at: 2, dest: false }),
     row("fcall_ro", Class::Scripting(Scripting::FCall), Keys::NumKeys { at: 2, dest: false }),
-    row("flushall", Class::Forward, NONE),
-    row("flushdb", Class::Forward, NONE),
-    row("function", Class::Scripting(Scripting::Function), NONE),
+    row("flushall", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
+    row("flushdb", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
+    row("function", Class::Scripting(Scripting::Function), NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
     row("geoadd", Class::Sealed(GEO_ADD), K1),
     row("geodist", Class::Sealed(GEO_DIST), K1),
     row("geohash", Class::Sealed(GEO_MEMBERS), K1),
@@ -599,7 +634,7 @@ pub static COMMANDS: &[Row] = &[
     row("getrange", Class::ServerReadsValue, K1),
     row("getset", Class::Sealed(GETSET), K1),
     row("hdel", Class::Forward, K1),
-    connection("hello", Handling::Hello),
+    connection("hello", Handling::Hello).in_cluster(InCluster::Setup),
     row("hexists", Class::Forward, K1),
     row("hget", Class::Sealed(HGET), K1),
     row("hgetall", Class::Sealed(HGETALL), K1).bulky(),
@@ -619,7 +654,9 @@ pub static COMMANDS: &[Row] = &[
     row("incrby", Class::ServerReadsValue, K1),
     row("incrbyfloat", Class::ServerReadsValue, K1),
     row("info", Class::Forward, NONE),
-    row("keys", Class::Forward, NONE).bulky(),
+    row("keys", Class::Forward, NONE)
+        .bulky()
+        .in_cluster(CLUSTER_EVERY_PRIMARY),
     row("lastsave", Class::Forward, NONE),
     row("latency", Class::Forward, NONE),
     row("lcs", Class::ServerReadsValue, K1_2),
@@ -645,7 +682,9 @@ pub static COMMANDS: &[Row] = &[
     row("move", Class::Forward, K1),
     row("mset", Class::Sealed(MSET), Keys::Range { first: 1, last: -1, step: 2 }),
     row("msetnx", Class::Sealed(MSET), Keys::Range { first: 1, last: -1, step: 2 }),
-    connection("multi", Handling::Multi).leaves(Leaves::Transaction),
+    connection("multi", Handling::Multi)
+        .leaves(Leaves::Transaction)
+        .in_cluster(CLUSTER_TRANSACTIONS),
     row("object", Class::Forward, K2),
     row("persist", Class::Forward, K1),
     row("pexpire", Class::Forward, K1),
@@ -658,14 +697,15 @@ pub static COMMANDS: &[Row] = &[
     row("pfselftest", Class::Forward, NONE),
     row("ping", Class::Forward, NONE),
     row("psetex", Class::Sealed(SETEX), K1),
-    connection("psubscribe", Handling::Subscribe(PubSubKind::Pattern)),
+    connection("psubscribe", Handling::Subscribe(PubSubKind::Pattern)).in_cluster(CLUSTER_PUBSUB),
     row("psync", Class::Refuse(REPLICATION), NONE),
     row("pttl", Class::Forward, K1),
     row("publish", Class::Sealed(PUBLISH), K1),
     row("pubsub", Class::Forward, NONE),
-    connection("punsubscribe", Handling::Unsubscribe(PubSubKind::Pattern)),
+    connection("punsubscribe", Handling::Unsubscribe(PubSubKind::Pattern))
+        .in_cluster(CLUSTER_PUBSUB),
     connection("quit", Handling::Quit),
-    row("randomkey", Class::Forward, NONE),
+    row("randomkey", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
     row("readonly", Class::Forward, NONE).leaves(Leaves::Session),
     row("readwrite", Class::Forward, NONE).leaves(Leaves::Session),
     row("rename", Class::Forward, K1_2).moves_values(),
@@ -682,9 +722,9 @@ pub static COMMANDS: &[Row] = &[
     row("rpushx", Class::Sealed(LIST_PUSH), K1),
     row("sadd", Class::Sealed(SET_ADD), K1),
     row("save", Class::Forward, NONE),
-    row("scan", Class::Forward, NONE),
+    row("scan", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
     row("scard", Class::Forward, K1),
-    row("script", Class::Scripting(Scripting::Script), NONE),
+    row("script", Class::Scripting(Scripting::Script), NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
     row("sdiff", Class::Sealed(SET_READ), ALL).moves_values().bulky(),
     row("sdiffstore", Class::Sealed(SET_STORE), ALL).moves_values(),
     row("select", Class::Forward, NONE).leaves(Leaves::Database),
@@ -710,13 +750,14 @@ pub static COMMANDS: &[Row] = &[
     row("srandmember", Class::Sealed(SET_READ), K1),
     row("srem", Class::Sealed(SET_ADD), K1),
     row("sscan", Class::Sealed(SET_SCAN), K1),
-    connection("ssubscribe", Handling::Subscribe(PubSubKind::Shard)),
+    connection("ssubscribe", Handling::Subscribe(PubSubKind::Shard)).in_cluster(CLUSTER_PUBSUB),
     row("strlen", Class::ServerReadsValue, K1),
-    connection("subscribe", Handling::Subscribe(PubSubKind::Channel)),
+    connection("subscribe", Handling::Subscribe(PubSubKind::Channel)).in_cluster(CLUSTER_PUBSUB),
     row("substr", Class::ServerReadsValue, K1),
     row("sunion", Class::Sealed(SET_READ), ALL).moves_values().bulky(),
     row("sunionstore", Class::Sealed(SET_STORE), ALL).moves_values(),
-    connection("sunsubscribe", Handling::Unsubscribe(PubSubKind::Shard)),
+    connection("sunsubscribe", Handling::Unsubscribe(PubSubKind::Shard))
+        .in_cluster(CLUSTER_PUBSUB),
     row("swapdb", Class::Forward, NONE),
     row("sync", Class::Refuse(REPLICATION), NONE),
     row("time", Class::Forward, NONE),
@@ -724,10 +765,17 @@ pub static COMMANDS: &[Row] = &[
     row("ttl", Class::Forward, K1),
     row("type", Class::Forward, K1),
     row("unlink", Class::Forward, ALL),
-    connection("unsubscribe", Handling::Unsubscribe(PubSubKind::Channel)),
-    row("unwatch", Class::Forward, NONE).leaves(Leaves::Transaction),
-    row("wait", Class::Forward, NONE).blocks(Timeout::SecondMillis),
-    row("watch", Class::Forward, ALL).leaves(Leaves::Transaction),
+    connection("unsubscribe", Handling::Unsubscribe(PubSubKind::Channel))
+        .in_cluster(CLUSTER_PUBSUB),
+    row("unwatch", Class::Forward, NONE)
+        .leaves(Leaves::Transaction)
+        .in_cluster(CLUSTER_TRANSACTIONS),
+    row("wait", Class::Forward, NONE)
+        .blocks(Timeout::SecondMillis)
+        .in_cluster(CLUSTER_EVERY_PRIMARY),
+    row("watch", Class::Forward, ALL)
+        .leaves(Leaves::Transaction)
+        .in_cluster(CLUSTER_TRANSACTIONS),
     row("xack", Class::Forward, K1),
     row("xadd", Class::Sealed(STREAM_ADD), K1),
     row("xautoclaim", Class::Sealed(STREAM_AUTOCLAIM), K1),
