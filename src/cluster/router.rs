@@ -43,6 +43,7 @@ pub struct Topology {
     failover_wait: Duration,
     map: ArcSwap<SlotMap>,
     last_refresh: tokio::sync::Mutex<Instant>,
+    metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
 }
 
 impl Topology {
@@ -53,9 +54,14 @@ impl Topology {
         naming: Naming,
         timeout: Duration,
         failover_wait: Duration,
+        metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
     ) -> Result<Arc<Topology>, TopologyError> {
         let map = topology::discover(&upstream, &seeds, &naming, timeout).await?;
+        if let Some(metrics) = &metrics {
+            metrics.set_cluster_map(map.nodes().count(), map.uncovered());
+        }
         Ok(Arc::new(Topology {
+            metrics,
             upstream,
             naming,
             seeds,
@@ -96,9 +102,33 @@ impl Topology {
         if let Ok(map) =
             topology::discover(&self.upstream, &seeds, &self.naming, self.timeout).await
         {
+            if let Some(metrics) = &self.metrics {
+                metrics.set_cluster_map(map.nodes().count(), map.uncovered());
+            }
             self.map.store(Arc::new(map));
         }
         *last = Instant::now();
+    }
+
+    fn redirected(&self, kind: &'static str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.cluster_redirect(kind);
+        }
+    }
+
+    /// Reads the slot map again every `every` until `shutdown` (besides the
+    /// refreshes redirects and lost nodes start).
+    pub async fn refresh_every(
+        self: Arc<Self>,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => self.refresh().await,
+                _ = shutdown.cancelled() => return,
+            }
+        }
     }
 
     /// An upstream for the node at `host:port`, its certificate verified
@@ -487,6 +517,7 @@ impl Router {
                 .tryagain_since
                 .get_or_insert_with(Instant::now);
             if since.elapsed() < TRYAGAIN_BUDGET {
+                self.topology.redirected("tryagain");
                 tokio::time::sleep(Duration::from_millis(25)).await;
                 let again = self.pending.remove(position).expect("found");
                 self.dispatch(&again, Some(from), false).await?;
@@ -499,6 +530,10 @@ impl Router {
         match redirected {
             Some((kind, slot, host, port)) if pending.redirects < MAX_REDIRECTS => {
                 pending.redirects += 1;
+                self.topology.redirected(match kind {
+                    Redirect::Moved => "moved",
+                    Redirect::Ask => "ask",
+                });
                 if kind == Redirect::Moved {
                     self.topology.moved(slot, &host, port);
                     let topology = self.topology.clone();

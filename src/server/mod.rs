@@ -147,6 +147,7 @@ impl Server {
                     cluster.naming.clone(),
                     config.upstream.connect_timeout,
                     cluster.failover_wait,
+                    Some(telemetry.metrics.clone()),
                 )
                 .await?;
                 Some(topology)
@@ -336,6 +337,13 @@ impl Server {
             ));
         }
         background.spawn(self.shared.pool.clone().keep_warm(shutdown.clone()));
+        if let Some(topology) = &self.shared.cluster {
+            background.spawn(
+                topology
+                    .clone()
+                    .refresh_every(std::time::Duration::from_secs(30), shutdown.clone()),
+            );
+        }
         if self.kms.load().is_some() {
             background.spawn(crate::kms::revalidate(
                 self.kms.clone(),

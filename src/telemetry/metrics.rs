@@ -231,6 +231,30 @@ pub const CERTIFICATE_EXPIRY: MetricDef = def(
     "When a certificate expires, as a unix time (redis_server: Redis's, last seen; upstream_client: upstream.cert; listener: listen.tls.cert).",
 );
 
+pub const CLUSTER_NODES: MetricDef = def(
+    "redcloak_cluster_nodes",
+    G,
+    &[],
+    "Nodes in the Redis Cluster's slot map as last read (primaries and replicas).",
+);
+pub const CLUSTER_SLOTS_UNCOVERED: MetricDef = def(
+    "redcloak_cluster_slots_uncovered",
+    G,
+    &[],
+    "Slots without an online primary in the slot map as last read (0 when the cluster serves every slot).",
+);
+pub const CLUSTER_REFRESHES: MetricDef = def(
+    "redcloak_cluster_map_refreshes_total",
+    C,
+    &[],
+    "Times the slot map was read again (after MOVED, a lost node, a slot without a primary, and every 30 s).",
+);
+pub const CLUSTER_REDIRECTS: MetricDef = def(
+    "redcloak_cluster_redirects_total",
+    C,
+    &["kind"],
+    "Redirects redcloak followed for clients, by kind (moved, ask, tryagain); none reaches a client.",
+);
 pub const AUDIT_DROPPED: MetricDef = def(
     "redcloak_audit_entries_dropped_total",
     C,
@@ -296,6 +320,10 @@ pub const ALL: &[&MetricDef] = &[
     &KMS_UP,
     &KMS_REQUESTS,
     &KEYS_REVOKED,
+    &CLUSTER_NODES,
+    &CLUSTER_SLOTS_UNCOVERED,
+    &CLUSTER_REFRESHES,
+    &CLUSTER_REDIRECTS,
     &AUDIT_DROPPED,
     &LOG_LINES_DROPPED,
 ];
@@ -653,6 +681,26 @@ impl Metrics {
                 &METADATA,
             )
             .set(unix_time as f64);
+    }
+
+    /// The slot map as last read: nodes known, slots without a primary.
+    pub fn set_cluster_map(&self, nodes: usize, uncovered: usize) {
+        self.recorder
+            .register_gauge(&key(&CLUSTER_NODES, &[]), &METADATA)
+            .set(nodes as f64);
+        self.recorder
+            .register_gauge(&key(&CLUSTER_SLOTS_UNCOVERED, &[]), &METADATA)
+            .set(uncovered as f64);
+        self.recorder
+            .register_counter(&key(&CLUSTER_REFRESHES, &[]), &METADATA)
+            .increment(1);
+    }
+
+    /// Counts a redirect followed: `kind` is moved, ask or tryagain.
+    pub fn cluster_redirect(&self, kind: &'static str) {
+        self.recorder
+            .register_counter(&key(&CLUSTER_REDIRECTS, &[("kind", kind)]), &METADATA)
+            .increment(1);
     }
 
     /// Whether a KMS provider answered its last request.

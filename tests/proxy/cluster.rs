@@ -398,6 +398,7 @@ async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
         Naming::Configured("localhost".into()),
         Duration::from_secs(5),
         Duration::from_secs(5),
+        None,
     )
     .await
     .expect("topology");
@@ -566,7 +567,7 @@ impl TestCluster {
                     self.nodes[0].port()
                 ),
             ],
-            tail: String::new(),
+            tail: "[metrics]\naddress = \"127.0.0.1:0\"\n".into(),
             encryption: DEFAULT_ENCRYPTION.into(),
         }
     }
@@ -641,6 +642,12 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         report.contains("ok    cluster-nodes        6 nodes reached")
             && report.contains("ok    cluster-coverage     all 16384 slots"),
         "{report}"
+    );
+    let scraped = proxy.scrape().await;
+    assert_eq!(metric(&scraped, "redcloak_cluster_nodes"), Some(6.0));
+    assert_eq!(
+        metric(&scraped, "redcloak_cluster_slots_uncovered"),
+        Some(0.0)
     );
     let multi = raw.call(&[b"MULTI"]).await;
     assert!(
