@@ -174,11 +174,33 @@ struct Pending {
     slot: Option<u16>,
     redirects: u8,
     tryagain_since: Option<Instant>,
+    /// Queued in a transaction: a redirect aborts it instead of being
+    /// followed.
+    in_transaction: bool,
+}
+
+/// A transaction, or a WATCH, pinned to one slot's primary: every key in
+/// that slot, the whole of it sent to that node.
+#[derive(Default)]
+struct Transaction {
+    /// MULTI seen, EXEC or DISCARD not yet.
+    open: bool,
+    /// MULTI was answered here and is sent with the first command (no
+    /// node was known yet).
+    multi_deferred: bool,
+    /// The slot its keys are in, once a key named it.
+    slot: Option<u16>,
+    /// The node it runs on.
+    node: Option<(String, u16)>,
+    /// A command failed to queue (a key in another slot, a redirect): EXEC
+    /// answers EXECABORT.
+    aborted: bool,
 }
 
 /// One client's requests across the cluster.
 pub struct Router {
     topology: Arc<Topology>,
+    transaction: Transaction,
     /// Commands that set up a connection (HELLO, CLIENT SETNAME): sent to
     /// every node connection, now and when one opens.
     setup: Vec<Vec<Bytes>>,
@@ -200,6 +222,7 @@ impl Router {
     pub fn new(topology: Arc<Topology>, limits: Limits) -> Router {
         Router {
             topology,
+            transaction: Transaction::default(),
             setup: Vec::new(),
             nodes: HashMap::new(),
             pending: VecDeque::new(),
@@ -209,6 +232,11 @@ impl Router {
         }
     }
 
+    /// A transaction (or a WATCH) holds the client to one node.
+    pub fn in_transaction(&self) -> bool {
+        self.transaction.open || self.transaction.node.is_some()
+    }
+
     /// Requests sent and not yet answered.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -216,16 +244,206 @@ impl Router {
 
     /// Answers the next request here, with this error, in its turn.
     pub fn refuse(&mut self, text: &str) {
+        self.answer(local_error(text));
+    }
+
+    /// Answers the next request here, with `reply`, in its turn.
+    fn answer(&mut self, reply: BytesMut) {
         let index = self.next_index;
         self.next_index += 1;
-        self.done.insert(index, local_error(text));
+        self.done.insert(index, reply);
         self.pending.push_back(Pending {
             index,
             args: Vec::new(),
             slot: None,
             redirects: 0,
             tryagain_since: None,
+            in_transaction: false,
         });
+    }
+
+    /// MULTI, EXEC, DISCARD, WATCH and UNWATCH, and every command between
+    /// MULTI and EXEC: the transaction runs on the primary of its keys'
+    /// slot (see [`Transaction`]).
+    pub async fn send_transactional(&mut self, args: Vec<Bytes>) -> Result<(), RouteError> {
+        let name = args
+            .first()
+            .map(|n| n.to_ascii_uppercase())
+            .unwrap_or_default();
+        let simple = |text: &str| {
+            let mut out = BytesMut::new();
+            resp::encode_simple(&mut out, text);
+            out
+        };
+        match &name[..] {
+            b"MULTI" if self.transaction.open => {
+                self.refuse("ERR MULTI calls can not be nested");
+                Ok(())
+            }
+            b"MULTI" => {
+                self.transaction.open = true;
+                if self.transaction.node.is_some() {
+                    // After WATCH: MULTI goes where the watch is.
+                    return self.send_pinned(args, false).await;
+                }
+                self.transaction.multi_deferred = true;
+                self.answer(simple("OK"));
+                Ok(())
+            }
+            b"EXEC" | b"DISCARD" if !self.transaction.open => {
+                self.refuse(&format!(
+                    "ERR {} without MULTI",
+                    String::from_utf8_lossy(&name)
+                ));
+                Ok(())
+            }
+            b"EXEC" | b"DISCARD" => {
+                let transaction = std::mem::take(&mut self.transaction);
+                let exec = &name[..] == b"EXEC";
+                match transaction.node {
+                    // Nothing was queued: nothing to send.
+                    None if exec => self.answer(BytesMut::from(&b"*0\r\n"[..])),
+                    None => self.answer(simple("OK")),
+                    Some(node) if transaction.aborted => {
+                        self.send_to(vec![Bytes::from_static(b"DISCARD")], node, None)
+                            .await?;
+                        match exec {
+                            true => self.refuse(
+                                "EXECABORT Transaction discarded because of previous errors.",
+                            ),
+                            false => self.answer(simple("OK")),
+                        }
+                    }
+                    Some(node) => {
+                        let index = self.next_pending(args, transaction.slot, false);
+                        self.send_to_index(index, node).await?;
+                    }
+                }
+                Ok(())
+            }
+            b"WATCH" if self.transaction.open => {
+                self.refuse("ERR WATCH inside MULTI is not allowed");
+                Ok(())
+            }
+            b"UNWATCH" if !self.transaction.open => {
+                match self.transaction.node.take() {
+                    Some(node) => {
+                        self.transaction = Transaction::default();
+                        let index = self.next_pending(args, None, false);
+                        self.send_to_index(index, node).await?;
+                    }
+                    None => self.answer(simple("OK")),
+                }
+                Ok(())
+            }
+            _ => self.send_pinned(args, self.transaction.open).await,
+        }
+    }
+
+    /// A command of a transaction (or WATCH): pins it to its slot's primary
+    /// the first time a key names one, and aborts it for a key elsewhere.
+    async fn send_pinned(&mut self, args: Vec<Bytes>, queued: bool) -> Result<(), RouteError> {
+        let slot = match Self::slot_of(&args) {
+            Ok(slot) => slot,
+            Err(CrossSlot) => {
+                return self.abort("CROSSSLOT Keys in request don't hash to the same slot");
+            }
+        };
+        match (slot, self.transaction.slot) {
+            (Some(slot), Some(pinned)) if slot != pinned => {
+                return self.abort(
+                    "CROSSSLOT redcloak: every key of a transaction in front of a Redis Cluster must be in one slot",
+                );
+            }
+            (Some(slot), None) => {
+                let primary = self.primary_of(Some(slot)).await;
+                match (&self.transaction.node, primary) {
+                    (Some(node), Some(primary)) if *node != primary => {
+                        return self.abort(
+                            "CROSSSLOT redcloak: every key of a transaction in front of a Redis Cluster must be in one slot",
+                        );
+                    }
+                    (_, Some(primary)) => self.transaction.node = Some(primary),
+                    (_, None) => return self.abort("CLUSTERDOWN Hash slot not served"),
+                }
+                self.transaction.slot = Some(slot);
+            }
+            _ => {}
+        }
+        if self.transaction.node.is_none() {
+            // Keyless before any key: the primary of slot 0 holds it.
+            match self.primary_of(Some(0)).await {
+                Some(primary) => self.transaction.node = Some(primary),
+                None => return self.abort("CLUSTERDOWN Hash slot not served"),
+            }
+        }
+        let node = self.transaction.node.clone().expect("pinned");
+        if self.transaction.multi_deferred {
+            self.transaction.multi_deferred = false;
+            self.send_to(vec![Bytes::from_static(b"MULTI")], node.clone(), None)
+                .await?;
+        }
+        let index = self.next_pending(args, slot, queued);
+        self.send_to_index(index, node).await
+    }
+
+    /// A command of an open transaction that cannot be queued: answered
+    /// here, and EXEC will answer EXECABORT.
+    fn abort(&mut self, text: &str) -> Result<(), RouteError> {
+        if self.transaction.open {
+            self.transaction.aborted = true;
+        }
+        self.refuse(text);
+        Ok(())
+    }
+
+    fn next_pending(&mut self, args: Vec<Bytes>, slot: Option<u16>, in_transaction: bool) -> u64 {
+        let index = self.next_index;
+        self.next_index += 1;
+        self.pending.push_back(Pending {
+            index,
+            args,
+            slot,
+            redirects: 0,
+            tryagain_since: None,
+            in_transaction,
+        });
+        index
+    }
+
+    /// Sends the pending request `index` to `node`.
+    async fn send_to_index(&mut self, index: u64, node: (String, u16)) -> Result<(), RouteError> {
+        let position = self
+            .pending
+            .iter()
+            .position(|p| p.index == index)
+            .expect("just queued");
+        let pending = self.pending.remove(position).expect("found");
+        let sent = self.dispatch(&pending, Some(node), false).await;
+        self.pending.insert(position, pending);
+        sent
+    }
+
+    /// Sends `args` to `node`, its reply owed to `index` (`None`: nobody).
+    async fn send_to(
+        &mut self,
+        args: Vec<Bytes>,
+        node: (String, u16),
+        index: Option<u64>,
+    ) -> Result<(), RouteError> {
+        let node_name = format!("{}:{}", node.0, node.1);
+        let conn = self.connection(&node).await?;
+        let mut out = BytesMut::new();
+        resp::encode_command(&mut out, &args);
+        conn.owed.push_back(index);
+        let written = async {
+            conn.stream.write_all(&out).await?;
+            conn.stream.flush().await
+        };
+        written.await.map_err(|e| RouteError::Node {
+            node: node_name,
+            why: e.to_string(),
+        })
     }
 
     /// A command that sets up the connection (HELLO, CLIENT SETNAME): its
@@ -292,6 +510,7 @@ impl Router {
                     slot: None,
                     redirects: 0,
                     tryagain_since: None,
+                    in_transaction: false,
                 });
                 return Ok(());
             }
@@ -302,6 +521,7 @@ impl Router {
             slot,
             redirects: 0,
             tryagain_since: None,
+            in_transaction: false,
         };
         self.dispatch(&pending, None, false).await?;
         self.pending.push_back(pending);
@@ -526,6 +746,15 @@ impl Router {
             }
         }
         let redirected = redirect(&reply);
+        if self.pending[position].in_transaction && redirected.is_some() {
+            // The slot moved while the transaction was queued: it aborts.
+            self.transaction.aborted = true;
+            self.done.insert(
+                index,
+                local_error("ERR redcloak: the slot moved during the transaction"),
+            );
+            return Ok(());
+        }
         let pending = &mut self.pending[position];
         match redirected {
             Some((kind, slot, host, port)) if pending.redirects < MAX_REDIRECTS => {
@@ -639,7 +868,11 @@ where
                     router.refuse(&format!("ERR redcloak: {why}"));
                     Ok(())
                 }
+                InCluster::Transaction => router.send_transactional(args).await,
                 InCluster::Setup => router.send_setup(args).await,
+                InCluster::BySlot if router.in_transaction() => {
+                    router.send_transactional(args).await
+                }
                 InCluster::BySlot => router.send(args).await,
             };
             if let Err(err) = sent {
@@ -680,9 +913,8 @@ mod tests {
 
     #[test]
     fn the_command_table_says_how_each_command_goes_in_front_of_a_cluster() {
-        assert!(
-            matches!(in_cluster(&args(&["MULTI"])), InCluster::Refused(why) if why.contains("transactions"))
-        );
+        assert_eq!(in_cluster(&args(&["MULTI"])), InCluster::Transaction);
+        assert_eq!(in_cluster(&args(&["watch", "k"])), InCluster::Transaction);
         assert!(
             matches!(in_cluster(&args(&["ssubscribe", "c"])), InCluster::Refused(why) if why.contains("pub/sub"))
         );

@@ -336,14 +336,16 @@ pub enum InCluster {
     /// It sets up the connection: every node connection hears it (HELLO;
     /// CLIENT's SETNAME and SETINFO).
     Setup,
+    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH: the transaction is pinned to
+    /// the primary of its keys' slot.
+    Transaction,
     /// Refused, for this reason: it needs every primary, or connection
     /// state one node cannot hold for the others.
     Refused(&'static str),
 }
 
-/// Transactions are not routed yet.
-const CLUSTER_TRANSACTIONS: InCluster =
-    InCluster::Refused("transactions in front of a Redis Cluster are not supported yet");
+/// Transactions run on the primary of their keys' slot.
+const CLUSTER_TRANSACTIONS: InCluster = InCluster::Transaction;
 /// Pub/sub is not routed yet.
 const CLUSTER_PUBSUB: InCluster =
     InCluster::Refused("pub/sub in front of a Redis Cluster is not supported yet");

@@ -649,11 +649,50 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         metric(&scraped, "redcloak_cluster_slots_uncovered"),
         Some(0.0)
     );
-    let multi = raw.call(&[b"MULTI"]).await;
+    // A transaction runs on its slot's primary, values sealed and opened.
+    assert_reply(&raw.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_reply(&raw.call(&[b"SET", b"{u}a", b"one"]).await, b"+QUEUED\r\n");
+    assert_reply(&raw.call(&[b"GET", b"{u}a"]).await, b"+QUEUED\r\n");
+    assert_reply(&raw.call(&[b"EXEC"]).await, b"*2\r\n+OK\r\n$3\r\none\r\n");
+    // A key in another slot aborts it, as Redis would.
+    assert_reply(&raw.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_reply(&raw.call(&[b"SET", b"{u}a", b"two"]).await, b"+QUEUED\r\n");
+    let elsewhere = raw.call(&[b"SET", b"{v}b", b"x"]).await;
     assert!(
-        String::from_utf8_lossy(&multi).contains("transactions in front of a Redis Cluster"),
+        elsewhere.starts_with(b"-CROSSSLOT"),
         "{:?}",
-        String::from_utf8_lossy(&multi)
+        String::from_utf8_lossy(&elsewhere)
+    );
+    let exec = raw.call(&[b"EXEC"]).await;
+    assert!(
+        exec.starts_with(b"-EXECABORT"),
+        "{:?}",
+        String::from_utf8_lossy(&exec)
+    );
+    assert_reply(&raw.call(&[b"GET", b"{u}a"]).await, b"$3\r\none\r\n");
+    // WATCH pins the slot; a write from elsewhere fails the EXEC.
+    assert_reply(&raw.call(&[b"WATCH", b"{u}a"]).await, b"+OK\r\n");
+    let mut other = proxy.raw().await;
+    assert_reply(&other.call(&[b"SET", b"{u}a", b"theirs"]).await, b"+OK\r\n");
+    assert_reply(&raw.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_reply(&raw.call(&[b"SET", b"{u}a", b"mine"]).await, b"+QUEUED\r\n");
+    let watched = raw.call(&[b"EXEC"]).await;
+    assert!(
+        &watched[..] == b"*-1\r\n" || &watched[..] == b"_\r\n",
+        "{:?}",
+        String::from_utf8_lossy(&watched)
+    );
+    assert_reply(&raw.call(&[b"GET", b"{u}a"]).await, b"$6\r\ntheirs\r\n");
+    // DISCARD, and an empty transaction.
+    assert_reply(&raw.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_reply(&raw.call(&[b"DISCARD"]).await, b"+OK\r\n");
+    assert_reply(&raw.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_reply(&raw.call(&[b"EXEC"]).await, b"*0\r\n");
+    let subscribe = raw.call(&[b"SUBSCRIBE", b"news"]).await;
+    assert!(
+        String::from_utf8_lossy(&subscribe).contains("pub/sub in front of a Redis Cluster"),
+        "{:?}",
+        String::from_utf8_lossy(&subscribe)
     );
 }
 
