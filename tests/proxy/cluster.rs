@@ -188,6 +188,7 @@ impl TestCluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_and_the_slot_map_agree_with_a_real_cluster() {
+    let _heavy = heavy().await;
     let cluster = TestCluster::start().await;
     let mut node = cluster.as_redcloak(cluster.nodes[0].port()).await;
 
@@ -283,6 +284,7 @@ async fn slots_and_the_slot_map_agree_with_a_real_cluster() {
 /// are each refused, naming the node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_is_proved_and_impostors_are_refused() {
+    let _heavy = heavy().await;
     use redcloak::cluster::topology::{self, Naming};
     let cluster = TestCluster::start().await;
     let upstream = cluster_upstream(&cluster);
@@ -388,6 +390,7 @@ fn words(parts: &[&[u8]]) -> Vec<bytes::Bytes> {
 /// migration by ASK, neither reaching the caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
+    let _heavy = heavy().await;
     use redcloak::cluster::router::{Router, Topology};
     use redcloak::cluster::topology::Naming;
     let cluster = TestCluster::start().await;
@@ -579,6 +582,7 @@ impl TestCluster {
 /// within one slot), and a transaction is refused, saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
+    let _heavy = heavy().await;
     let cluster = TestCluster::start().await;
     let config = cluster.proxy_config();
     assert!(

@@ -91,6 +91,7 @@ async fn write_keys(proxy: &Proxy) {
 /// rolls it all back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_move_to_the_new_key_with_no_lost_update() {
+    let _heavy = heavy().await;
     let redis = TestRedis::start().await;
     let mut config = redis.config();
     let proxy = redis.start_proxy(&config).await;
