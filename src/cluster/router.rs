@@ -15,7 +15,7 @@
 use super::map::{Redirect, SlotMap, redirect};
 use super::slot::common_slot;
 use super::topology::{self, Naming, TopologyError};
-use crate::policy::table::InCluster;
+use crate::policy::table::{Combine, InCluster};
 use crate::resp::{self, Limits};
 use crate::upstream::{ReplyReader, Upstream, UpstreamStream};
 use arc_swap::ArcSwap;
@@ -230,6 +230,44 @@ impl Router {
             next_index: 0,
             limits,
         }
+    }
+
+    /// Sends `args` to every primary, once every earlier request is
+    /// answered, and answers with their replies combined.
+    pub async fn send_to_every_primary(
+        &mut self,
+        args: Vec<Bytes>,
+        combine: Combine,
+    ) -> Result<Vec<BytesMut>, RouteError> {
+        let mut earlier = Vec::new();
+        while let Some(reply) = self.next_reply().await? {
+            earlier.push(reply);
+        }
+        let primaries: Vec<(String, u16)> = {
+            let map = self.topology.map();
+            let mut seen: Vec<(String, u16)> = Vec::new();
+            for shard in &map.shards {
+                if let Some(p) = shard.primary.as_ref().filter(|p| p.online) {
+                    let at = (p.host.clone(), p.port);
+                    if !seen.contains(&at) {
+                        seen.push(at);
+                    }
+                }
+            }
+            seen
+        };
+        for primary in &primaries {
+            let index = self.next_pending(args.clone(), None, false);
+            self.send_to(args.clone(), primary.clone(), Some(index))
+                .await?;
+        }
+        let mut replies = Vec::new();
+        while let Some(reply) = self.next_reply().await? {
+            replies.push(reply);
+        }
+        let combined = combined(&replies, combine);
+        self.answer(combined);
+        Ok(earlier)
     }
 
     /// A transaction (or a WATCH) holds the client to one node.
@@ -803,6 +841,34 @@ fn closed(stream: &UpstreamStream) -> bool {
     )
 }
 
+/// Every primary's reply to one command, as one: integers added, or the
+/// one reply they all gave; the first error otherwise.
+fn combined(replies: &[BytesMut], combine: Combine) -> BytesMut {
+    if let Some(error) = replies.iter().find(|r| r.starts_with(b"-")) {
+        return error.clone();
+    }
+    match combine {
+        Combine::Sum => {
+            let mut total: i64 = 0;
+            for reply in replies {
+                let number = std::str::from_utf8(&reply[..])
+                    .ok()
+                    .and_then(|t| t.strip_prefix(':')?.trim_end().parse::<i64>().ok());
+                match number {
+                    Some(n) => total += n,
+                    None => return local_error("ERR redcloak: a primary answered with no number"),
+                }
+            }
+            BytesMut::from(format!(":{total}\r\n").as_bytes())
+        }
+        Combine::Same => match replies.first() {
+            Some(first) if replies.iter().all(|r| r == first) => first.clone(),
+            Some(_) => local_error("ERR redcloak: the primaries answered differently"),
+            None => local_error("CLUSTERDOWN no primary to send it to"),
+        },
+    }
+}
+
 /// How `args` goes in front of a cluster, as the command table says.
 fn in_cluster(args: &[Bytes]) -> InCluster {
     let Some(row) = args
@@ -811,7 +877,15 @@ fn in_cluster(args: &[Bytes]) -> InCluster {
     else {
         return InCluster::BySlot;
     };
+    let sub = args
+        .get(1)
+        .map(|s| s.to_ascii_uppercase())
+        .unwrap_or_default();
     match row.cluster {
+        // Of SCRIPT and FUNCTION, only LOAD goes to every primary.
+        InCluster::EveryPrimary(Combine::Same) if sub != b"LOAD" => InCluster::Refused(
+            "this subcommand needs every primary of the cluster and is not supported in front of a Redis Cluster yet",
+        ),
         // CLIENT sets up the connection only with SETNAME and SETINFO.
         InCluster::Setup if row.name == "client" => {
             let sub = args
@@ -869,6 +943,22 @@ where
                     Ok(())
                 }
                 InCluster::Transaction => router.send_transactional(args).await,
+                InCluster::EveryPrimary(_) if router.in_transaction() => {
+                    router.send_transactional(args).await
+                }
+                InCluster::EveryPrimary(combine) => {
+                    match router.send_to_every_primary(args, combine).await {
+                        Ok(earlier) => {
+                            for reply in earlier {
+                                if stream.write_all(&reply).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(())
+                        }
+                        Err(err) => Err(err),
+                    }
+                }
                 InCluster::Setup => router.send_setup(args).await,
                 InCluster::BySlot if router.in_transaction() => {
                     router.send_transactional(args).await
@@ -928,6 +1018,24 @@ mod tests {
         );
         assert_eq!(in_cluster(&args(&["CLIENT", "LIST"])), InCluster::BySlot);
         assert_eq!(in_cluster(&args(&["GET", "k"])), InCluster::BySlot);
+        assert_eq!(
+            in_cluster(&args(&["DBSIZE"])),
+            InCluster::EveryPrimary(Combine::Sum)
+        );
+        assert_eq!(
+            in_cluster(&args(&["script", "load", "return 1"])),
+            InCluster::EveryPrimary(Combine::Same)
+        );
+        assert!(matches!(
+            in_cluster(&args(&["SCRIPT", "FLUSH"])),
+            InCluster::Refused(_)
+        ));
+        let replies = [
+            BytesMut::from(&b":2\r\n"[..]),
+            BytesMut::from(&b":3\r\n"[..]),
+        ];
+        assert_eq!(&combined(&replies, Combine::Sum)[..], b":5\r\n");
+        assert!(combined(&replies, Combine::Same).starts_with(b"-ERR"));
     }
 
     #[test]

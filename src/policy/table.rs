@@ -339,9 +339,20 @@ pub enum InCluster {
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH: the transaction is pinned to
     /// the primary of its keys' slot.
     Transaction,
+    /// Sent to every primary, the replies combined into one.
+    EveryPrimary(Combine),
     /// Refused, for this reason: it needs every primary, or connection
     /// state one node cannot hold for the others.
     Refused(&'static str),
+}
+
+/// How the replies of every primary become one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// Integers added (DBSIZE).
+    Sum,
+    /// All the same, or an error (SCRIPT LOAD, FUNCTION LOAD).
+    Same,
 }
 
 /// Transactions run on the primary of their keys' slot.
@@ -592,7 +603,7 @@ pub static COMMANDS: &[Row] = &[
     row("command", Class::Forward, NONE),
     row("config", Class::Forward, NONE),
     row("copy", Class::Forward, K1_2).moves_values(),
-    row("dbsize", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
+    row("dbsize", Class::Forward, NONE).in_cluster(InCluster::EveryPrimary(Combine::Sum)),
     row("debug", Class::Forward, NONE).leaves(Leaves::Session),
     row("decr", Class::ServerReadsValue, K1),
     row("decrby", Class::ServerReadsValue, K1),
@@ -618,7 +629,8 @@ pub static COMMANDS: &[Row] = &[
     row("fcall_ro", Class::Scripting(Scripting::FCall), Keys::NumKeys { at: 2, dest: false }),
     row("flushall", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
     row("flushdb", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
-    row("function", Class::Scripting(Scripting::Function), NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
+    row("function", Class::Scripting(Scripting::Function), NONE)
+        .in_cluster(InCluster::EveryPrimary(Combine::Same)),
     row("geoadd", Class::Sealed(GEO_ADD), K1),
     row("geodist", Class::Sealed(GEO_DIST), K1),
     row("geohash", Class::Sealed(GEO_MEMBERS), K1),
@@ -726,7 +738,8 @@ pub static COMMANDS: &[Row] = &[
     row("save", Class::Forward, NONE),
     row("scan", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
     row("scard", Class::Forward, K1),
-    row("script", Class::Scripting(Scripting::Script), NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
+    row("script", Class::Scripting(Scripting::Script), NONE)
+        .in_cluster(InCluster::EveryPrimary(Combine::Same)),
     row("sdiff", Class::Sealed(SET_READ), ALL).moves_values().bulky(),
     row("sdiffstore", Class::Sealed(SET_STORE), ALL).moves_values(),
     row("select", Class::Forward, NONE).leaves(Leaves::Database),

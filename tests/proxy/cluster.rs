@@ -692,6 +692,50 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
     assert_reply(&raw.call(&[b"DISCARD"]).await, b"+OK\r\n");
     assert_reply(&raw.call(&[b"MULTI"]).await, b"+OK\r\n");
     assert_reply(&raw.call(&[b"EXEC"]).await, b"*0\r\n");
+    // DBSIZE is the sum over the primaries.
+    let mut total = 0u64;
+    for primary in map.nodes().filter(|n| n.primary) {
+        let reply = cluster
+            .as_redcloak(primary.port)
+            .await
+            .call(&[b"DBSIZE"])
+            .await;
+        total += String::from_utf8_lossy(&reply[1..reply.len() - 2])
+            .parse::<u64>()
+            .expect("a number");
+    }
+    assert!(total > 500, "{total}");
+    assert_reply(
+        &raw.call(&[b"DBSIZE"]).await,
+        format!(":{total}\r\n").as_bytes(),
+    );
+    // SCRIPT LOAD reaches every primary: EVALSHA works whichever owns the key.
+    let script = b"return redis.call('GET', KEYS[1])";
+    let loaded = raw.call(&[b"SCRIPT", b"LOAD", script]).await;
+    let sha = redcloak::resp::bulk_body(&loaded)
+        .unwrap_or_else(|| panic!("a sha: {:?}", String::from_utf8_lossy(&loaded)))
+        .to_vec();
+    let mut owners = std::collections::BTreeSet::new();
+    for i in 0..30 {
+        let key = format!("plain:s{i}");
+        owners.insert(
+            map.primary(slot::slot(key.as_bytes()))
+                .expect("served")
+                .port,
+        );
+        assert_reply(&raw.call(&[b"SET", key.as_bytes(), b"v"]).await, b"+OK\r\n");
+        assert_reply(
+            &raw.call(&[b"EVALSHA", &sha, b"1", key.as_bytes()]).await,
+            b"$1\r\nv\r\n",
+        );
+    }
+    assert_eq!(owners.len(), 3, "keys on every primary");
+    let exists = raw.call(&[b"SCRIPT", b"EXISTS", &sha]).await;
+    assert!(
+        String::from_utf8_lossy(&exists).contains("needs every primary"),
+        "{:?}",
+        String::from_utf8_lossy(&exists)
+    );
     let subscribe = raw.call(&[b"SUBSCRIBE", b"news"]).await;
     assert!(
         String::from_utf8_lossy(&subscribe).contains("pub/sub in front of a Redis Cluster"),
