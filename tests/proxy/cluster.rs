@@ -155,8 +155,9 @@ impl TestCluster {
         ]
     }
 
-    /// A connection to node `index` as `user`.
-    async fn connect(&self, port: u16, user: &str) -> RawClient<UpstreamStream> {
+    /// An upstream to the node at `address` as `user` (empty: the
+    /// address comes later, from the slot map).
+    fn upstream(&self, address: String, user: &str) -> Upstream {
         let tls = redcloak::tls::client::config(
             &self.certs.ca,
             &self.certs.client_cert,
@@ -168,11 +169,16 @@ impl TestCluster {
             password: redcloak::secret::Secret::new(self.password.clone().into_bytes()),
         };
         let settings = UpstreamSettings {
-            address: format!("127.0.0.1:{port}"),
+            address,
             server_name: "localhost".into(),
             connect_timeout: Duration::from_secs(5),
         };
-        let upstream = Upstream::new(settings, tls, Arc::new(login)).expect("upstream");
+        Upstream::new(settings, tls, Arc::new(login)).expect("upstream")
+    }
+
+    /// A connection to the node on `port` as `user`.
+    async fn connect(&self, port: u16, user: &str) -> RawClient<UpstreamStream> {
+        let upstream = self.upstream(format!("127.0.0.1:{port}"), user);
         RawClient::new(upstream.connect().await.expect("node connection"))
     }
 
@@ -359,22 +365,7 @@ async fn every_node_is_proved_and_impostors_are_refused() {
 /// redcloak's user's upstream for the cluster (the address comes from the
 /// slot map).
 fn cluster_upstream(cluster: &TestCluster) -> Upstream {
-    let tls = redcloak::tls::client::config(
-        &cluster.certs.ca,
-        &cluster.certs.client_cert,
-        &cluster.certs.client_key,
-    )
-    .expect("client tls");
-    let login = Login {
-        username: Some(REDIS_USER.into()),
-        password: redcloak::secret::Secret::new(cluster.password.clone().into_bytes()),
-    };
-    let settings = UpstreamSettings {
-        address: String::new(),
-        server_name: "localhost".into(),
-        connect_timeout: Duration::from_secs(5),
-    };
-    Upstream::new(settings, tls, Arc::new(login)).expect("upstream")
+    cluster.upstream(String::new(), REDIS_USER)
 }
 
 fn words(parts: &[&[u8]]) -> Vec<bytes::Bytes> {
