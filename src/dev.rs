@@ -304,7 +304,7 @@ pub fn random_password() -> Result<String, DevError> {
         .secure_random
         .fill(&mut bytes)
         .map_err(|e| DevError::Random(format!("{e:?}")))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::crypto::hex(&bytes))
 }
 
 /// How the child redis-server is set up.

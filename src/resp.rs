@@ -565,6 +565,12 @@ pub fn aggregate_elements<'a>(
     Some((&frame[..header_end], elements))
 }
 
+/// The number of an integer reply (`:n\r\n`), `None` for anything else.
+pub fn integer(reply: &[u8]) -> Option<i64> {
+    let digits = reply.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 /// The bytes of a bulk string reply (`$n\r\n...\r\n`), `None` for anything else.
 pub fn bulk_body(element: &[u8]) -> Option<&[u8]> {
     if element.first() != Some(&b'$') {

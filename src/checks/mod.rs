@@ -478,7 +478,7 @@ async fn round_trip(
     const NAME: &str = "round-trip";
     let mut nonce = [0u8; 12];
     crate::crypto::envelope::fill_random(&mut nonce);
-    let token: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let token = crate::crypto::hex(&nonce);
     let key = format!("redcloak:probe:{token}");
     let mut outcome = sealed_round_trip(keyring, session, &key, &token, timeout).await;
     // In front of a cluster the probe key may live on another primary: the

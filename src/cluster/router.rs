@@ -851,10 +851,7 @@ fn combined(replies: &[BytesMut], combine: Combine) -> BytesMut {
         Combine::Sum => {
             let mut total: i64 = 0;
             for reply in replies {
-                let number = std::str::from_utf8(&reply[..])
-                    .ok()
-                    .and_then(|t| t.strip_prefix(':')?.trim_end().parse::<i64>().ok());
-                match number {
+                match resp::integer(reply) {
                     Some(n) => total += n,
                     None => return local_error("ERR redcloak: a primary answered with no number"),
                 }

@@ -11,4 +11,9 @@ pub mod envelope;
 pub mod keyring;
 
 pub use envelope::{Binding, OpenError};
+
+/// Lower-case hex of `bytes` (digests, check values, MACs, nonces).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 pub use keyring::{CurrentKeyring, KeyError, Keyring, LegacyPlaintext};

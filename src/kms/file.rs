@@ -145,7 +145,7 @@ impl WrappedDek {
 
 /// Hex of a check value, as the file holds it.
 pub fn check_text(check: &[u8; 16]) -> String {
-    check.iter().map(|b| format!("{b:02x}")).collect()
+    crate::crypto::hex(check)
 }
 
 /// Base64 of a wrapped blob, as the file holds it.

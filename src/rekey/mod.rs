@@ -334,7 +334,7 @@ fn keyring_fingerprint(keyring: &Keyring) -> String {
         hash.update(id.to_be_bytes());
         hash.update(check);
     }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::crypto::hex(&hash.finalize())
 }
 
 fn checkpoint_error(path: &std::path::Path, error: impl std::fmt::Display) -> RekeyError {
@@ -495,11 +495,7 @@ pub async fn run(
         }
     }
     let dbsize = conn.batch(&[command(&[b"DBSIZE"])]).await?.remove(0);
-    let keys_in_database = dbsize
-        .strip_prefix(b":")
-        .and_then(|n| n.strip_suffix(b"\r\n"))
-        .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
-        .unwrap_or(0);
+    let keys_in_database = resp::integer(&dbsize).map_or(0, |n| n.max(0) as u64);
     progress.start(keys_in_database, &checkpoint.census);
     let mut last_saved = std::time::Instant::now();
     let mut pace = Pace::new(options);

@@ -22,6 +22,7 @@
 //! its MAC is HMAC-SHA256(K_N, previous MAC | the line up to `,"mac":`),
 //! and K_{N+1} = HMAC-SHA256(K_N, "ratchet").
 
+use crate::crypto::hex;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::io::{BufRead, Write};
@@ -100,10 +101,6 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
         mac.update(part);
     }
     mac.finalize().into_bytes().into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(text: &str) -> Option<[u8; 32]> {

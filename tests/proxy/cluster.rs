@@ -321,18 +321,7 @@ async fn every_node_is_proved_and_impostors_are_refused() {
     redcloak::dev::write_file(&key, imposter.key_pem.as_bytes(), 0o600).expect("key");
     let victim = cluster.nodes[2].port();
     let mut admin = cluster.admin(2).await;
-    let (cert, key) = (cert.display().to_string(), key.display().to_string());
-    let set = admin
-        .call(&[
-            b"CONFIG",
-            b"SET",
-            b"tls-cert-file",
-            cert.as_bytes(),
-            b"tls-key-file",
-            key.as_bytes(),
-        ])
-        .await;
-    assert_reply(&set, b"+OK\r\n");
+    redis_presents(&mut admin, &cert, &key).await;
     let checks = topology::verify_nodes(&upstream, &map, &naming, timeout).await;
     for check in &checks {
         if check.node.port == victim {

@@ -855,21 +855,7 @@ async fn the_upstream_ca_rotates_new_added_then_old_removed() {
     // 2. Redis presents a certificate from the new CA; redcloak's new
     // connections verify it.
     let mut admin = redis.admin().await;
-    let (cert, key) = (
-        new_cert.display().to_string(),
-        new_key.display().to_string(),
-    );
-    let set = admin
-        .call(&[
-            b"CONFIG",
-            b"SET",
-            b"tls-cert-file",
-            cert.as_bytes(),
-            b"tls-key-file",
-            key.as_bytes(),
-        ])
-        .await;
-    assert_reply(&set, b"+OK\r\n");
+    redis_presents(&mut admin, &new_cert, &new_key).await;
     kill_redcloak_connections(&proxy, &mut admin).await;
     let mut c = proxy.raw().await;
     assert_reply(&c.call(&[b"SET", b"k", b"new-ca"]).await, b"+OK\r\n");

@@ -1012,3 +1012,24 @@ pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
     static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     HEAVY.lock().await
 }
+
+/// Redis (reached through `admin`) presents this certificate and key from
+/// now on (`CONFIG SET` of both at once; Redis reloads its TLS context).
+pub async fn redis_presents(
+    admin: &mut RawClient<UpstreamStream>,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) {
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let set = admin
+        .call(&[
+            b"CONFIG",
+            b"SET",
+            b"tls-cert-file",
+            cert.as_bytes(),
+            b"tls-key-file",
+            key.as_bytes(),
+        ])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+}
