@@ -584,10 +584,14 @@ pub fn bulk_body(element: &[u8]) -> Option<&[u8]> {
 /// Decodes a complete, already scanned reply into frames, for the few
 /// replies the proxy must look inside (pub/sub confirmations, messages).
 pub fn decode_reply(frame: &Bytes) -> Option<redis_protocol::resp3::types::BytesFrame> {
-    redis_protocol::resp3::decode::complete::decode_bytes(frame)
-        .ok()
-        .flatten()
-        .map(|(decoded, _)| decoded)
+    match redis_protocol::resp3::decode::complete::decode_bytes(frame) {
+        Ok(decoded) => decoded.map(|(decoded, _)| decoded),
+        // RESP2's null (`$-1`, `*-1`) is not RESP3: read as RESP2.
+        Err(_) => redis_protocol::resp2::decode::decode_bytes(frame)
+            .ok()
+            .flatten()
+            .map(|(decoded, _)| decoded.into_resp3()),
+    }
 }
 
 /// Appends a command (array of bulk strings) to `out`.

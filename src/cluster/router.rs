@@ -12,6 +12,8 @@
 //! (then from every known node), swapped whole, patched by MOVED, and
 //! refreshed one at a time, at most every [`MIN_REFRESH_GAP`].
 
+mod pubsub;
+
 use super::map::{Redirect, SlotMap, redirect};
 use super::slot::common_slot;
 use super::topology::{self, Naming, TopologyError};
@@ -210,6 +212,20 @@ pub struct Router {
     done: BTreeMap<u64, BytesMut>,
     next_index: u64,
     limits: Limits,
+    /// Connections holding the client's subscriptions.
+    subscribers: pubsub::Subscribers,
+    /// Messages from subscriber connections, each with the request whose
+    /// reply it must follow.
+    messages: VecDeque<(Option<u64>, BytesMut)>,
+    /// Replies answered in parts (confirmations, from one or more
+    /// subscriber connections), with the parts still to complete.
+    partial: HashMap<u64, (BytesMut, usize)>,
+    /// The last request answered to the client.
+    delivered: Option<u64>,
+    /// 2 or 3, as HELLO set it.
+    protocol: u8,
+    /// A HELLO waiting for its reply, and the protocol it asked for.
+    hello: Option<(u64, u8)>,
 }
 
 fn local_error(text: &str) -> BytesMut {
@@ -229,6 +245,12 @@ impl Router {
             done: BTreeMap::new(),
             next_index: 0,
             limits,
+            subscribers: pubsub::Subscribers::default(),
+            messages: VecDeque::new(),
+            partial: HashMap::new(),
+            delivered: None,
+            protocol: 2,
+            hello: None,
         }
     }
 
@@ -508,7 +530,35 @@ impl Router {
             conn.stream.write_all(&out).await.map_err(failed)?;
         }
         self.setup.push(args.clone());
+        let asked = args
+            .first()
+            .filter(|name| name.eq_ignore_ascii_case(b"HELLO"))
+            .and_then(|_| args.get(1))
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u8>().ok());
+        if let Some(protocol) = asked {
+            self.hello = Some((self.next_index, protocol));
+        }
         self.send(args).await
+    }
+
+    /// RESET: the transaction, connection setup and subscriptions end, and
+    /// every node connection but the one answering is closed (they open
+    /// again as new ones).
+    pub async fn reset(&mut self, args: Vec<Bytes>) -> Result<(), RouteError> {
+        let answering = self.primary_of(Some(0)).await;
+        self.nodes
+            .retain(|target, conn| Some(target) == answering.as_ref() || !conn.owed.is_empty());
+        self.subscribers.clear();
+        self.setup.clear();
+        self.transaction = Transaction::default();
+        self.protocol = 2;
+        self.send(args).await
+    }
+
+    /// Whether RESP2 pub/sub rules hold: Redis then answers every command
+    /// on the subscribed connection.
+    pub fn subscribed_resp2(&mut self) -> bool {
+        self.protocol == 2 && self.subscribers.subscribed()
     }
 
     /// The slot a request's keys share (`None`: it has none), from the
@@ -724,37 +774,74 @@ impl Router {
             let Some(front) = self.pending.front() else {
                 return Ok(None);
             };
-            if let Some(reply) = self.done.remove(&front.index) {
+            let index = front.index;
+            if let Some(reply) = self.done.remove(&index) {
                 self.pending.pop_front();
+                self.delivered = Some(index);
+                if let Some((asked, protocol)) = self.hello
+                    && asked == index
+                {
+                    self.hello = None;
+                    if !reply.starts_with(b"-") {
+                        self.protocol = protocol;
+                    }
+                }
                 return Ok(Some(reply));
             }
-            // Read from the node that owes the oldest request its reply.
-            let index = front.index;
+            // Read from the node that owes the oldest request its reply,
+            // and from every subscriber connection.
             let target = self
                 .nodes
                 .iter()
                 .find(|(_, conn)| conn.owed.contains(&Some(index)))
                 .map(|(target, _)| target.clone());
-            let Some(target) = target else {
+            if target.is_none() && !self.subscribers.owe(index) {
                 return Err(RouteError::Node {
                     node: String::new(),
                     why: "a request no node owes a reply".into(),
                 });
-            };
-            let limits = self.limits.clone();
-            let conn = self.nodes.get_mut(&target).expect("found");
-            let reply = match conn.replies.next(&mut conn.stream, &limits).await {
-                Ok(reply) => reply,
-                Err(err) => {
-                    tracing::warn!(node = %format!("{}:{}", target.0, target.1), error = %err, "cluster node lost");
-                    self.lose(&target);
-                    continue;
+            }
+            let event = match (target, self.subscribers.open()) {
+                (Some(target), false) => {
+                    let limits = self.limits.clone();
+                    let conn = self.nodes.get_mut(&target).expect("found");
+                    let read = conn.replies.next(&mut conn.stream, &limits).await;
+                    pubsub::Event::Node(target, read)
                 }
+                (target, _) => self.read_event(target).await,
             };
-            let Some(owner) = conn.owed.pop_front().flatten() else {
-                continue; // ASKING's +OK
-            };
-            self.answered(owner, target, reply).await?;
+            self.handle(event).await?;
+        }
+    }
+
+    /// While no request waits for a reply: the next frame from a
+    /// subscriber connection (a message, or news of a lost node), handled.
+    /// Never ends when there are no subscriber connections.
+    pub async fn idle(&mut self) -> Result<(), RouteError> {
+        let event = self.read_event(None).await;
+        self.handle(event).await
+    }
+
+    async fn handle(&mut self, event: pubsub::Event) -> Result<(), RouteError> {
+        match event {
+            pubsub::Event::Node(target, Ok(reply)) => {
+                let Some(conn) = self.nodes.get_mut(&target) else {
+                    return Ok(());
+                };
+                let Some(owner) = conn.owed.pop_front().flatten() else {
+                    return Ok(()); // ASKING's +OK
+                };
+                self.answered(owner, target, reply).await
+            }
+            pubsub::Event::Node(target, Err(err)) => {
+                tracing::warn!(node = %format!("{}:{}", target.0, target.1), error = %err, "cluster node lost");
+                self.lose(&target);
+                Ok(())
+            }
+            pubsub::Event::Subscriber(holder, Ok(frame)) => {
+                self.subscriber_frame(holder, frame).await
+            }
+            pubsub::Event::Subscriber(holder, Err(err)) => self.subscriber_lost(&holder, err).await,
         }
     }
 
@@ -911,8 +998,24 @@ where
 {
     let mut requests = ReplyReader::default();
     loop {
-        let Ok(first) = requests.next(&mut stream, &limits).await else {
+        if !deliver(&mut stream, router.deliverable_messages()).await
+            || stream.flush().await.is_err()
+        {
             return;
+        }
+        let subscribed = router.subscribers.open();
+        let first = tokio::select! {
+            read = requests.next(&mut stream, &limits) => match read {
+                Ok(first) => first,
+                Err(_) => return,
+            },
+            handled = router.idle(), if subscribed => {
+                if let Err(err) = handled {
+                    tracing::warn!(error = %err, "cluster node lost");
+                    return;
+                }
+                continue;
+            }
         };
         let mut batch = vec![first];
         while !requests.is_drained() {
@@ -935,6 +1038,19 @@ where
                 continue;
             };
             let sent = match in_cluster(&args) {
+                InCluster::Reset => router.reset(args).await,
+                InCluster::PubSub if router.in_transaction() => {
+                    router.refuse("ERR redcloak: subscribing inside a transaction is not supported in front of a Redis Cluster");
+                    Ok(())
+                }
+                InCluster::PubSub => match pubsub::pubsub_command(&args[0]) {
+                    Some((kind, subscribe)) => router.send_pubsub(args, kind, subscribe).await,
+                    None => {
+                        router.refuse("ERR redcloak: not a pub/sub command");
+                        Ok(())
+                    }
+                },
+                _ if router.subscribed_resp2() => router.send_while_subscribed(args).await,
                 InCluster::Refused(why) => {
                     router.refuse(&format!("ERR redcloak: {why}"));
                     Ok(())
@@ -946,10 +1062,8 @@ where
                 InCluster::EveryPrimary(combine) => {
                     match router.send_to_every_primary(args, combine).await {
                         Ok(earlier) => {
-                            for reply in earlier {
-                                if stream.write_all(&reply).await.is_err() {
-                                    return;
-                                }
+                            if !deliver(&mut stream, earlier).await {
+                                return;
                             }
                             Ok(())
                         }
@@ -970,7 +1084,10 @@ where
         while router.pending() > 0 {
             match router.next_reply().await {
                 Ok(Some(reply)) => {
-                    if stream.write_all(&reply).await.is_err() {
+                    let messages = router.deliverable_messages();
+                    if stream.write_all(&reply).await.is_err()
+                        || !deliver(&mut stream, messages).await
+                    {
                         return;
                     }
                 }
@@ -981,10 +1098,20 @@ where
                 }
             }
         }
-        if stream.flush().await.is_err() {
-            return;
+    }
+}
+
+/// Writes `frames` to the session; false when it is gone.
+async fn deliver<S>(stream: &mut S, frames: Vec<BytesMut>) -> bool
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    for frame in frames {
+        if stream.write_all(&frame).await.is_err() {
+            return false;
         }
     }
+    true
 }
 
 #[cfg(test)]
@@ -1002,9 +1129,8 @@ mod tests {
     fn the_command_table_says_how_each_command_goes_in_front_of_a_cluster() {
         assert_eq!(in_cluster(&args(&["MULTI"])), InCluster::Transaction);
         assert_eq!(in_cluster(&args(&["watch", "k"])), InCluster::Transaction);
-        assert!(
-            matches!(in_cluster(&args(&["ssubscribe", "c"])), InCluster::Refused(why) if why.contains("pub/sub"))
-        );
+        assert_eq!(in_cluster(&args(&["ssubscribe", "c"])), InCluster::PubSub);
+        assert_eq!(in_cluster(&args(&["RESET"])), InCluster::Reset);
         assert!(
             matches!(in_cluster(&args(&["SCAN", "0"])), InCluster::Refused(why) if why.contains("every primary"))
         );

@@ -341,6 +341,12 @@ pub enum InCluster {
     Transaction,
     /// Sent to every primary, the replies combined into one.
     EveryPrimary(Combine),
+    /// (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE: held on a subscriber
+    /// connection (channels and patterns on any node, shard channels on
+    /// their slot's primary).
+    PubSub,
+    /// RESET: every node connection of the client starts over.
+    Reset,
     /// Refused, for this reason: it needs every primary, or connection
     /// state one node cannot hold for the others.
     Refused(&'static str),
@@ -357,9 +363,8 @@ pub enum Combine {
 
 /// Transactions run on the primary of their keys' slot.
 const CLUSTER_TRANSACTIONS: InCluster = InCluster::Transaction;
-/// Pub/sub is not routed yet.
-const CLUSTER_PUBSUB: InCluster =
-    InCluster::Refused("pub/sub in front of a Redis Cluster is not supported yet");
+/// Subscriptions live on connections of their own.
+const CLUSTER_PUBSUB: InCluster = InCluster::PubSub;
 /// Commands about the whole keyspace or every node.
 const CLUSTER_EVERY_PRIMARY: InCluster = InCluster::Refused(
     "this command needs every primary of the cluster and is not supported in front of a Redis Cluster yet",
@@ -726,7 +731,7 @@ pub static COMMANDS: &[Row] = &[
     row("renamenx", Class::Forward, K1_2).moves_values(),
     row("replconf", Class::Refuse(REPLICATION), NONE),
     row("replicaof", Class::Forward, NONE),
-    connection("reset", Handling::Reset),
+    connection("reset", Handling::Reset).in_cluster(InCluster::Reset),
     row("restore", Class::ServerReadsValue, K1),
     row("restore-asking", Class::ServerReadsValue, K1),
     row("role", Class::Forward, NONE),

@@ -62,6 +62,7 @@ pub mod memory;
 pub mod open;
 mod peer;
 pub mod pipeline;
+pub mod pubsub;
 mod quiet;
 mod replies;
 mod requests;

@@ -18,6 +18,7 @@
 //! reported like any value that failed to open.
 
 use super::open;
+use super::pubsub::{PubSubEvent, Subscriptions, pubsub_event};
 use crate::crypto::CurrentKeyring;
 use crate::policy::rules::Rules;
 use crate::policy::table::CommandId;
@@ -26,8 +27,6 @@ use crate::policy::{self, ReplyPlan};
 use crate::resp::{self, Limits, ReplyKind};
 use crate::telemetry::metrics::Outcome;
 use bytes::{Bytes, BytesMut};
-use redis_protocol::resp3::types::BytesFrame;
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -530,85 +529,6 @@ impl Replies {
     fn queued_plans(&self) -> &[ReplyPlan] {
         &self.transaction
     }
-}
-
-/// Channels, patterns and shard channels this connection is subscribed to.
-#[derive(Debug, Default)]
-struct Subscriptions {
-    channels: HashSet<Bytes>,
-    patterns: HashSet<Bytes>,
-    shard_channels: HashSet<Bytes>,
-}
-
-impl Subscriptions {
-    fn of(&mut self, kind: PubSubKind) -> &mut HashSet<Bytes> {
-        match kind {
-            PubSubKind::Channel => &mut self.channels,
-            PubSubKind::Pattern => &mut self.patterns,
-            PubSubKind::Shard => &mut self.shard_channels,
-        }
-    }
-
-    fn any(&self) -> bool {
-        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard_channels.is_empty())
-    }
-
-    fn apply(&mut self, kind: PubSubKind, subscribe: bool, channel: Option<Bytes>) {
-        let Some(channel) = channel else { return };
-        let set = self.of(kind);
-        if subscribe {
-            // A copy, so the name does not pin the whole read buffer it came in.
-            set.insert(Bytes::copy_from_slice(&channel));
-        } else {
-            set.remove(&channel);
-        }
-    }
-}
-
-#[derive(Debug)]
-enum PubSubEvent {
-    Confirmation {
-        kind: PubSubKind,
-        subscribe: bool,
-        channel: Option<Bytes>,
-    },
-    Message,
-}
-
-/// Reads a pub/sub array or push: `[kind, channel, ...]`.
-fn pubsub_event(frame: &Bytes) -> Option<PubSubEvent> {
-    let (BytesFrame::Push { data, .. } | BytesFrame::Array { data, .. }) =
-        resp::decode_reply(frame)?
-    else {
-        return None;
-    };
-    let name = match data.first()? {
-        BytesFrame::BlobString { data, .. } | BytesFrame::SimpleString { data, .. } => {
-            data.to_ascii_lowercase()
-        }
-        _ => return None,
-    };
-    let channel = match data.get(1) {
-        Some(BytesFrame::BlobString { data, .. } | BytesFrame::SimpleString { data, .. }) => {
-            Some(data.clone())
-        }
-        _ => None,
-    };
-    let (kind, subscribe) = match name.as_slice() {
-        b"message" | b"pmessage" | b"smessage" => return Some(PubSubEvent::Message),
-        b"subscribe" => (PubSubKind::Channel, true),
-        b"unsubscribe" => (PubSubKind::Channel, false),
-        b"psubscribe" => (PubSubKind::Pattern, true),
-        b"punsubscribe" => (PubSubKind::Pattern, false),
-        b"ssubscribe" => (PubSubKind::Shard, true),
-        b"sunsubscribe" => (PubSubKind::Shard, false),
-        _ => return None,
-    };
-    Some(PubSubEvent::Confirmation {
-        kind,
-        subscribe,
-        channel,
-    })
 }
 
 #[cfg(test)]

@@ -716,12 +716,226 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         "{:?}",
         String::from_utf8_lossy(&exists)
     );
-    let subscribe = raw.call(&[b"SUBSCRIBE", b"news"]).await;
-    assert!(
-        String::from_utf8_lossy(&subscribe).contains("pub/sub in front of a Redis Cluster"),
-        "{:?}",
-        String::from_utf8_lossy(&subscribe)
+}
+
+/// The slot map as node `index` sees it.
+async fn map_of(cluster: &TestCluster, index: usize) -> map::SlotMap {
+    let shards = cluster
+        .as_redcloak(cluster.nodes[index].port())
+        .await
+        .call(&[b"CLUSTER", b"SHARDS"])
+        .await;
+    map::parse_shards(&bytes::Bytes::from(shards.to_vec())).expect("map")
+}
+
+/// A name whose slot's primary is (or is not) the node on `port`.
+fn named_on(map: &map::SlotMap, prefix: &str, port: u16, on: bool) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|name| {
+            let owner = map.primary(slot::slot(name.as_bytes())).expect("served");
+            (owner.port == port) == on
+        })
+        .expect("a name")
+}
+
+/// Pub/sub in front of a cluster: channels and patterns on a connection of
+/// their own, shard channels at their slot's primary, messages sealed in
+/// Redis and opened for the subscriber; RESP2 subscribed-mode rules are
+/// Redis's; shard confirmations count across nodes; after `kill -9` of the
+/// nodes holding them, subscriptions are taken again elsewhere and
+/// messages arrive again without the client doing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_and_sharded_pubsub_follow_the_cluster() {
+    let _heavy = heavy().await;
+    let mut cluster = TestCluster::start().await;
+    let config = cluster
+        .proxy_config()
+        .tail("[cluster]\nfailover_wait = \"15s\"\n");
+    let proxy = start_proxy_in(&cluster.path(""), &config).await;
+    let map = map_of(&cluster, 0).await;
+    let seed = cluster.nodes[0].port();
+    let victim = map
+        .nodes()
+        .find(|n| n.primary && n.port != seed)
+        .expect("a primary that is not the seed")
+        .clone();
+    // Channels held on the victim, and one published elsewhere.
+    let news = named_on(&map, "news:", victim.port, true);
+    let elsewhere = named_on(&map, "other:", victim.port, false);
+    let shard_a = named_on(&map, "orders:", victim.port, true);
+    let shard_b = named_on(&map, "orders:", victim.port, false);
+
+    let mut subscriber = proxy.raw().await;
+    assert_reply(
+        &subscriber.call(&[b"SUBSCRIBE", news.as_bytes()]).await,
+        format!(
+            "*3\r\n$9\r\nsubscribe\r\n${}\r\n{news}\r\n:1\r\n",
+            news.len()
+        )
+        .as_bytes(),
     );
+    assert_reply(
+        &subscriber.call(&[b"PSUBSCRIBE", b"other:*"]).await,
+        b"*3\r\n$10\r\npsubscribe\r\n$7\r\nother:*\r\n:2\r\n",
+    );
+    // RESP2 subscribed mode: PING in its pub/sub form, GET refused by Redis.
+    assert_reply(
+        &subscriber.call(&[b"PING"]).await,
+        b"*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+    );
+    let get = subscriber.call(&[b"GET", b"k"]).await;
+    assert!(
+        String::from_utf8_lossy(&get).contains("only (P|S)SUBSCRIBE"),
+        "{:?}",
+        String::from_utf8_lossy(&get)
+    );
+    // Shard channels on two nodes: counts are across both.
+    for (channel, count) in [(&shard_a, 1), (&shard_b, 2)] {
+        assert_reply(
+            &subscriber.call(&[b"SSUBSCRIBE", channel.as_bytes()]).await,
+            format!(
+                "*3\r\n$10\r\nssubscribe\r\n${}\r\n{channel}\r\n:{count}\r\n",
+                channel.len()
+            )
+            .as_bytes(),
+        );
+    }
+    // Messages, sealed on the way (a node's own subscriber sees envelopes).
+    let mut direct = cluster.as_redcloak(seed).await;
+    direct.send(&[b"SUBSCRIBE", news.as_bytes()]).await;
+    direct.read().await;
+    let mut publisher = proxy.raw().await;
+    let publish = |channel: &str, message: &str| {
+        let words: Vec<Vec<u8>> = vec![b"PUBLISH".to_vec(), channel.into(), message.into()];
+        words
+    };
+    let sent = publish(&news, "hello");
+    let sent: Vec<&[u8]> = sent.iter().map(|w| &w[..]).collect();
+    assert!(publisher.call(&sent).await.starts_with(b":"));
+    assert_reply(
+        &subscriber.read().await,
+        format!(
+            "*3\r\n$7\r\nmessage\r\n${}\r\n{news}\r\n$5\r\nhello\r\n",
+            news.len()
+        )
+        .as_bytes(),
+    );
+    let seen = direct.read().await;
+    assert!(
+        !String::from_utf8_lossy(&seen).contains("hello"),
+        "Redis carries the message sealed"
+    );
+    let check_message = |reply: &[u8], kind: &str, channel: &str, message: &str| {
+        let text = String::from_utf8_lossy(reply).into_owned();
+        assert!(
+            text.contains(kind)
+                && text.contains(channel)
+                && text.ends_with(&format!("{message}\r\n")),
+            "{text}"
+        );
+    };
+    let sent = publish(&elsewhere, "patterned");
+    let sent: Vec<&[u8]> = sent.iter().map(|w| &w[..]).collect();
+    publisher.call(&sent).await;
+    check_message(
+        &subscriber.read().await,
+        "pmessage",
+        &elsewhere,
+        "patterned",
+    );
+    for channel in [&shard_a, &shard_b] {
+        assert_reply(
+            &publisher
+                .call(&[b"SPUBLISH", channel.as_bytes(), b"sharded"])
+                .await,
+            b":1\r\n",
+        );
+        check_message(&subscriber.read().await, "smessage", channel, "sharded");
+    }
+
+    // RESP3: any command between messages.
+    let mut resp3 = proxy.raw_speaking(3).await;
+    let confirmed = resp3.call(&[b"SSUBSCRIBE", shard_b.as_bytes()]).await;
+    assert!(
+        confirmed.starts_with(b">3\r\n$10\r\nssubscribe"),
+        "{confirmed:?}"
+    );
+    assert_reply(&resp3.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    publisher
+        .call(&[b"SPUBLISH", shard_b.as_bytes(), b"pushed"])
+        .await;
+    check_message(&resp3.read().await, "smessage", &shard_b, "pushed");
+    check_message(&subscriber.read().await, "smessage", &shard_b, "pushed");
+    assert_reply(&resp3.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
+
+    // kill -9 of the node holding `news` and `shard_a`.
+    let victim_index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.port() == victim.port)
+        .expect("the victim's process");
+    cluster.nodes[victim_index].kill().await;
+    // Channels and patterns are held elsewhere at once; a PUBLISH on a
+    // live node reaches the subscriber again.
+    let sent = publish(&elsewhere, "after the kill");
+    let sent: Vec<&[u8]> = sent.iter().map(|w| &w[..]).collect();
+    let killed_at = std::time::Instant::now();
+    let again = loop {
+        publisher.call(&sent).await;
+        if let Ok(read) =
+            tokio::time::timeout(Duration::from_millis(300), subscriber.read_or_eof()).await
+        {
+            break read.expect("the subscriber stays connected");
+        }
+        assert!(
+            killed_at.elapsed() < READ_TIMEOUT,
+            "the pattern is never held again"
+        );
+    };
+    check_message(&again, "pmessage", &elsewhere, "after the kill");
+    // Shard channels wait for the promotion; SPUBLISH through redcloak
+    // waits for it too.
+    assert_reply(
+        &publisher
+            .call(&[b"SPUBLISH", shard_a.as_bytes(), b"promoted"])
+            .await,
+        b":1\r\n",
+    );
+    let promoted = loop {
+        // Past any message a second PUBLISH above left.
+        let frame = subscriber.read().await;
+        if !String::from_utf8_lossy(&frame).contains("pmessage") {
+            break frame;
+        }
+    };
+    check_message(&promoted, "smessage", &shard_a, "promoted");
+    // Unsubscribing from every shard channel: one confirmation each, the
+    // last counting none.
+    subscriber.send(&[b"SUNSUBSCRIBE"]).await;
+    let mut counts = Vec::new();
+    for _ in 0..2 {
+        let frame = subscriber.read().await;
+        let text = String::from_utf8_lossy(&frame).into_owned();
+        assert!(text.contains("sunsubscribe"), "{text}");
+        counts.push(
+            text.trim_end()
+                .rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    counts.sort();
+    assert_eq!(counts, ["0", "1"]);
+    assert_reply(
+        &subscriber.call(&[b"SUNSUBSCRIBE"]).await,
+        b"*3\r\n$12\r\nsunsubscribe\r\n$-1\r\n:0\r\n",
+    );
+    // RESET ends the rest: the connection is an ordinary one again.
+    assert_reply(&subscriber.call(&[b"RESET"]).await, b"+RESET\r\n");
+    assert_reply(&subscriber.call(&[b"SET", b"k", b"w"]).await, b"+OK\r\n");
+    assert_reply(&subscriber.call(&[b"PING"]).await, b"+PONG\r\n");
 }
 
 /// `kill -9` of a primary under load through redcloak: its slots are

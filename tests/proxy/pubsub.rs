@@ -64,6 +64,12 @@ async fn resp2_subscribe_receives_messages_published_by_another_client() {
         &sub.call(&[b"PUNSUBSCRIBE"]).await,
         b"*3\r\n$12\r\npunsubscribe\r\n$8\r\nplain:s*\r\n:0\r\n",
     );
+    // Nothing left to unsubscribe: Redis's confirmation names no channel
+    // (a RESP2 null, which RESP3 does not have).
+    assert_reply(
+        &sub.call(&[b"UNSUBSCRIBE"]).await,
+        b"*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n",
+    );
     assert_reply(&sub.call(&[b"SET", b"after", b"pubsub"]).await, b"+OK\r\n");
 }
 
