@@ -13,6 +13,7 @@
 //! refreshed one at a time, at most every [`MIN_REFRESH_GAP`].
 
 mod pubsub;
+mod scan;
 
 use super::map::{Redirect, SlotMap, redirect};
 use super::slot::common_slot;
@@ -179,6 +180,9 @@ struct Pending {
     /// Queued in a transaction: a redirect aborts it instead of being
     /// followed.
     in_transaction: bool,
+    /// A SCAN of the shard named by this slot: its reply's cursor is
+    /// rewritten (see [`scan`]).
+    scan: Option<u16>,
 }
 
 /// A transaction, or a WATCH, pinned to one slot's primary: every key in
@@ -319,6 +323,7 @@ impl Router {
             redirects: 0,
             tryagain_since: None,
             in_transaction: false,
+            scan: None,
         });
     }
 
@@ -467,6 +472,7 @@ impl Router {
             redirects: 0,
             tryagain_since: None,
             in_transaction,
+            scan: None,
         });
         index
     }
@@ -599,6 +605,7 @@ impl Router {
                     redirects: 0,
                     tryagain_since: None,
                     in_transaction: false,
+                    scan: None,
                 });
                 return Ok(());
             }
@@ -610,6 +617,7 @@ impl Router {
             redirects: 0,
             tryagain_since: None,
             in_transaction: false,
+            scan: None,
         };
         self.dispatch(&pending, None, false).await?;
         self.pending.push_back(pending);
@@ -905,6 +913,10 @@ impl Router {
                 );
             }
             None => {
+                let reply = match pending.scan {
+                    Some(slot) => self.scanned(slot, &from, reply),
+                    None => reply,
+                };
                 if reply.starts_with(b"-CLUSTERDOWN") {
                     let topology = self.topology.clone();
                     tokio::spawn(async move { topology.refresh().await });
@@ -1039,6 +1051,11 @@ where
             };
             let sent = match in_cluster(&args) {
                 InCluster::Reset => router.reset(args).await,
+                InCluster::Scan if router.in_transaction() => {
+                    router.refuse("ERR redcloak: SCAN inside a transaction is not supported in front of a Redis Cluster");
+                    Ok(())
+                }
+                InCluster::Scan => router.send_scan(args).await,
                 InCluster::PubSub if router.in_transaction() => {
                     router.refuse("ERR redcloak: subscribing inside a transaction is not supported in front of a Redis Cluster");
                     Ok(())
@@ -1131,8 +1148,9 @@ mod tests {
         assert_eq!(in_cluster(&args(&["watch", "k"])), InCluster::Transaction);
         assert_eq!(in_cluster(&args(&["ssubscribe", "c"])), InCluster::PubSub);
         assert_eq!(in_cluster(&args(&["RESET"])), InCluster::Reset);
+        assert_eq!(in_cluster(&args(&["SCAN", "0"])), InCluster::Scan);
         assert!(
-            matches!(in_cluster(&args(&["SCAN", "0"])), InCluster::Refused(why) if why.contains("every primary"))
+            matches!(in_cluster(&args(&["KEYS", "*"])), InCluster::Refused(why) if why.contains("every primary"))
         );
         assert_eq!(in_cluster(&args(&["HELLO", "3"])), InCluster::Setup);
         assert_eq!(

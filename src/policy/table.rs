@@ -347,6 +347,8 @@ pub enum InCluster {
     PubSub,
     /// RESET: every node connection of the client starts over.
     Reset,
+    /// SCAN: every primary in turn, the cursor naming the shard.
+    Scan,
     /// Refused, for this reason: it needs every primary, or connection
     /// state one node cannot hold for the others.
     Refused(&'static str),
@@ -741,7 +743,7 @@ pub static COMMANDS: &[Row] = &[
     row("rpushx", Class::Sealed(LIST_PUSH), K1),
     row("sadd", Class::Sealed(SET_ADD), K1),
     row("save", Class::Forward, NONE),
-    row("scan", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
+    row("scan", Class::Forward, NONE).in_cluster(InCluster::Scan),
     row("scard", Class::Forward, K1),
     row("script", Class::Scripting(Scripting::Script), NONE)
         .in_cluster(InCluster::EveryPrimary(Combine::Same)),

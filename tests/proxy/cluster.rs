@@ -602,6 +602,11 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         assert!(!String::from_utf8_lossy(body).contains("secret"));
     }
     let mut raw = proxy.raw().await;
+    // SCAN walks every primary: each key once, the cursor ending at 0.
+    let scanned = scan_all(&mut raw, b"user:*").await;
+    let written: std::collections::BTreeSet<String> =
+        (0..500).map(|i| format!("user:{i}")).collect();
+    assert_eq!(scanned, written);
     let cross = raw.call(&[b"MGET", b"user:1", b"user:2"]).await;
     assert!(
         cross.starts_with(b"-CROSSSLOT"),
@@ -716,6 +721,54 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         "{:?}",
         String::from_utf8_lossy(&exists)
     );
+}
+
+/// One SCAN call: the next cursor and the keys.
+async fn scan_step(
+    client: &mut RawClient<tokio::net::TcpStream>,
+    cursor: &str,
+    pattern: &[u8],
+) -> (String, Vec<String>) {
+    let reply = client
+        .call(&[
+            b"SCAN",
+            cursor.as_bytes(),
+            b"MATCH",
+            pattern,
+            b"COUNT",
+            b"50",
+        ])
+        .await;
+    let (_, parts) =
+        redcloak::resp::aggregate_elements(&reply, &Default::default()).expect("a SCAN reply");
+    let next = redcloak::resp::bulk_body(parts[0]).expect("a cursor");
+    let (_, keys) =
+        redcloak::resp::aggregate_elements(parts[1], &Default::default()).expect("keys");
+    (
+        String::from_utf8_lossy(next).into_owned(),
+        keys.iter()
+            .map(|k| {
+                String::from_utf8_lossy(redcloak::resp::bulk_body(k).expect("a key")).into_owned()
+            })
+            .collect(),
+    )
+}
+
+/// Every key SCAN finds for `pattern`, from cursor 0 until 0 again.
+async fn scan_all(
+    client: &mut RawClient<tokio::net::TcpStream>,
+    pattern: &[u8],
+) -> std::collections::BTreeSet<String> {
+    let mut found = std::collections::BTreeSet::new();
+    let mut cursor = "0".to_string();
+    loop {
+        let (next, keys) = scan_step(client, &cursor, pattern).await;
+        found.extend(keys);
+        if next == "0" {
+            return found;
+        }
+        cursor = next;
+    }
 }
 
 /// The slot map as node `index` sees it.
@@ -975,6 +1028,33 @@ async fn a_primary_killed_under_load_is_replaced_without_redirects_reaching_clie
         .find(|k| on_victim(k))
         .expect("a key on the victim");
     assert_eq!(map.primary(victim_slot).map(|p| p.port), Some(victim.port));
+    // A SCAN paused inside the victim's shard, to go on after the failover.
+    let victim_start = map
+        .shards
+        .iter()
+        .find(|s| s.primary.as_ref().map(|p| &p.id) == Some(&victim.id))
+        .and_then(|s| s.ranges.iter().map(|r| r.0).min())
+        .expect("its lowest slot");
+    let mut scanner = proxy.raw().await;
+    let mut scanned = std::collections::BTreeSet::new();
+    for i in 0..600 {
+        let key = format!("scan:{i}");
+        assert_reply(
+            &scanner.call(&[b"SET", key.as_bytes(), b"x"]).await,
+            b"+OK\r\n",
+        );
+    }
+    let mut cursor = "0".to_string();
+    loop {
+        let (next, keys) = scan_step(&mut scanner, &cursor, b"scan:*").await;
+        scanned.extend(keys);
+        assert_ne!(next, "0", "the scan never reached the victim's shard");
+        cursor = next;
+        let at: u64 = cursor.parse().expect("a number");
+        if at & 16383 == u64::from(victim_start) && at >> 30 != 0 {
+            break;
+        }
+    }
 
     // 20 clients writing and reading their own keys until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -1037,6 +1117,17 @@ async fn a_primary_killed_under_load_is_replaced_without_redirects_reaching_clie
         assert!(killed_at.elapsed() < READ_TIMEOUT, "never served again");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // The paused SCAN goes on at the promoted replica (that shard again from
+    // its start) and finds every key.
+    loop {
+        let (next, keys) = scan_step(&mut scanner, &cursor, b"scan:*").await;
+        scanned.extend(keys);
+        if next == "0" {
+            break;
+        }
+        cursor = next;
+    }
+    assert_eq!(scanned.len(), 600, "every key once the scan ends");
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let mut total_ok = 0;
