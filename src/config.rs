@@ -105,6 +105,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawClusterPolicy {
     failover_wait: Option<String>,
+    split_multikey: Option<bool>,
 }
 
 /// `[audit]`: the tamper-evident audit log.
@@ -472,6 +473,10 @@ pub struct ClusterConfig {
     /// How long a request for a slot whose primary is gone waits for a
     /// replica's promotion (`cluster.failover_wait`, default 5 s).
     pub failover_wait: Duration,
+    /// MGET, DEL, UNLINK, EXISTS and TOUCH across slots are split per slot
+    /// and their replies merged (`cluster.split_multikey`, default off:
+    /// CROSSSLOT, as from Redis).
+    pub split_multikey: bool,
 }
 
 #[derive(Debug)]
@@ -656,6 +661,11 @@ impl Config {
                     .and_then(|c| c.failover_wait.as_deref());
                 if let Some(cluster) = &mut upstream.cluster {
                     cluster.failover_wait = parse_duration("cluster.failover_wait", wait, "5s")?;
+                    cluster.split_multikey = raw
+                        .cluster
+                        .as_ref()
+                        .and_then(|c| c.split_multikey)
+                        .unwrap_or(false);
                 } else if raw.cluster.is_some() {
                     return Err(invalid(
                         "cluster",
@@ -865,6 +875,7 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
     let cluster = cluster_seeds.map(|seeds| ClusterConfig {
         seeds,
         failover_wait: Duration::from_secs(5),
+        split_multikey: false,
         naming: if raw
             .cluster
             .as_ref()

@@ -45,6 +45,9 @@ pub struct Topology {
     /// replica's promotion (`cluster.failover_wait`).
     failover_wait: Duration,
     map: ArcSwap<SlotMap>,
+    /// `cluster.split_multikey`: MGET, DEL, UNLINK, EXISTS and TOUCH
+    /// across slots are split per slot instead of refused.
+    split_multikey: std::sync::atomic::AtomicBool,
     last_refresh: tokio::sync::Mutex<Instant>,
     metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
 }
@@ -71,8 +74,20 @@ impl Topology {
             timeout,
             failover_wait,
             map: ArcSwap::from_pointee(map),
+            split_multikey: std::sync::atomic::AtomicBool::new(false),
             last_refresh: tokio::sync::Mutex::new(Instant::now()),
         }))
+    }
+
+    /// Sets `cluster.split_multikey`.
+    pub fn set_split_multikey(&self, split: bool) {
+        self.split_multikey
+            .store(split, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn splits_multikey(&self) -> bool {
+        self.split_multikey
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn map(&self) -> Arc<SlotMap> {
@@ -294,6 +309,84 @@ impl Router {
         let combined = combined(&replies, combine);
         self.answer(combined);
         Ok(earlier)
+    }
+
+    /// A command whose keys may span slots (MGET, DEL, UNLINK, EXISTS,
+    /// TOUCH): with `cluster.split_multikey` on, once every earlier request
+    /// is answered, one request per slot (keys in the order given) and the
+    /// replies merged: counts added, MGET's values put back in key order
+    /// (each still opened with its own key by the session). Otherwise, or
+    /// in one slot, as any command.
+    pub async fn send_split(
+        &mut self,
+        args: Vec<Bytes>,
+        combine: Combine,
+    ) -> Result<Vec<BytesMut>, RouteError> {
+        if !self.topology.splits_multikey() || Self::slot_of(&args).is_ok() {
+            self.send(args).await?;
+            return Ok(Vec::new());
+        }
+        let mut earlier = Vec::new();
+        while let Some(reply) = self.next_reply().await? {
+            earlier.push(reply);
+        }
+        // Keys by slot, in the order first seen, with their positions.
+        let mut parts: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (position, key) in args.iter().enumerate().skip(1) {
+            let slot = super::slot::slot(key);
+            match parts.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, positions)) => positions.push(position),
+                None => parts.push((slot, vec![position])),
+            }
+        }
+        for (_, positions) in &parts {
+            let mut part = vec![args[0].clone()];
+            part.extend(positions.iter().map(|at| args[*at].clone()));
+            self.send(part).await?;
+        }
+        let mut replies = Vec::new();
+        while let Some(reply) = self.next_reply().await? {
+            replies.push(reply);
+        }
+        let merged = match combine {
+            Combine::KeyOrder => self.in_key_order(&parts, &replies, args.len() - 1),
+            other => combined(&replies, other),
+        };
+        self.answer(merged);
+        Ok(earlier)
+    }
+
+    /// MGET's parts put back together: element `i` of part `p` is the value
+    /// of the key at `parts[p].1[i]`.
+    fn in_key_order(
+        &self,
+        parts: &[(u16, Vec<usize>)],
+        replies: &[BytesMut],
+        keys: usize,
+    ) -> BytesMut {
+        if let Some(error) = replies.iter().find(|r| r.starts_with(b"-")) {
+            return error.clone();
+        }
+        let mut values: Vec<Option<&[u8]>> = vec![None; keys];
+        for ((_, positions), reply) in parts.iter().zip(replies) {
+            let Some((_, elements)) = resp::aggregate_elements(reply, &self.limits) else {
+                return local_error("ERR redcloak: a cluster node answered MGET with no array");
+            };
+            if elements.len() != positions.len() {
+                return local_error(
+                    "ERR redcloak: a cluster node answered MGET with the wrong count",
+                );
+            }
+            for (at, element) in positions.iter().zip(elements) {
+                values[at - 1] = Some(element);
+            }
+        }
+        let mut out = BytesMut::new();
+        resp::encode_header(&mut out, b'*', keys);
+        for value in values {
+            out.extend_from_slice(value.unwrap_or(b"$-1\r\n"));
+        }
+        out
     }
 
     /// A transaction (or a WATCH) holds the client to one node.
@@ -957,6 +1050,7 @@ fn combined(replies: &[BytesMut], combine: Combine) -> BytesMut {
             }
             BytesMut::from(format!(":{total}\r\n").as_bytes())
         }
+        Combine::KeyOrder => local_error("ERR redcloak: no key order to merge in"),
         Combine::Same => match replies.first() {
             Some(first) if replies.iter().all(|r| r == first) => first.clone(),
             Some(_) => local_error("ERR redcloak: the primaries answered differently"),
@@ -1088,6 +1182,18 @@ where
                     }
                 }
                 InCluster::Setup => router.send_setup(args).await,
+                InCluster::Split(_) if router.in_transaction() => {
+                    router.send_transactional(args).await
+                }
+                InCluster::Split(combine) => match router.send_split(args, combine).await {
+                    Ok(earlier) => {
+                        if !deliver(&mut stream, earlier).await {
+                            return;
+                        }
+                        Ok(())
+                    }
+                    Err(err) => Err(err),
+                },
                 InCluster::BySlot if router.in_transaction() => {
                     router.send_transactional(args).await
                 }

@@ -349,6 +349,9 @@ pub enum InCluster {
     Reset,
     /// SCAN: every primary in turn, the cursor naming the shard.
     Scan,
+    /// By slot; keys across slots split per slot when
+    /// `cluster.split_multikey` is on, the replies combined.
+    Split(Combine),
     /// Refused, for this reason: it needs every primary, or connection
     /// state one node cannot hold for the others.
     Refused(&'static str),
@@ -361,10 +364,15 @@ pub enum Combine {
     Sum,
     /// All the same, or an error (SCRIPT LOAD, FUNCTION LOAD).
     Same,
+    /// Each part's array elements put back in the request's key order
+    /// (MGET).
+    KeyOrder,
 }
 
 /// Transactions run on the primary of their keys' slot.
 const CLUSTER_TRANSACTIONS: InCluster = InCluster::Transaction;
+/// Keys counted per slot and the counts added (DEL, UNLINK, EXISTS, TOUCH).
+const CLUSTER_SPLIT_COUNT: InCluster = InCluster::Split(Combine::Sum);
 /// Subscriptions live on connections of their own.
 const CLUSTER_PUBSUB: InCluster = InCluster::PubSub;
 /// Commands about the whole keyspace or every node.
@@ -614,7 +622,7 @@ pub static COMMANDS: &[Row] = &[
     row("debug", Class::Forward, NONE).leaves(Leaves::Session),
     row("decr", Class::ServerReadsValue, K1),
     row("decrby", Class::ServerReadsValue, K1),
-    row("del", Class::Forward, ALL),
+    row("del", Class::Forward, ALL).in_cluster(CLUSTER_SPLIT_COUNT),
     connection("discard", Handling::Discard)
         .leaves(Leaves::Transaction)
         .in_cluster(CLUSTER_TRANSACTIONS),
@@ -627,7 +635,7 @@ pub static COMMANDS: &[Row] = &[
     connection("exec", Handling::Exec)
         .leaves(Leaves::Transaction)
         .in_cluster(CLUSTER_TRANSACTIONS),
-    row("exists", Class::Forward, ALL),
+    row("exists", Class::Forward, ALL).in_cluster(CLUSTER_SPLIT_COUNT),
     row("expire", Class::Forward, K1),
     row("expireat", Class::Forward, K1),
     row("expiretime", Class::Forward, K1),
@@ -696,7 +704,7 @@ pub static COMMANDS: &[Row] = &[
     row("lset", Class::Sealed(LIST_SET), K1),
     row("ltrim", Class::Forward, K1),
     row("memory", Class::Forward, K2),
-    row("mget", Class::Sealed(MGET), ALL),
+    row("mget", Class::Sealed(MGET), ALL).in_cluster(InCluster::Split(Combine::KeyOrder)),
     row("migrate", Class::Refuse(MIGRATE), NONE),
     row("module", Class::Forward, NONE),
     row("monitor", Class::Refuse(MONITOR), NONE),
@@ -783,10 +791,10 @@ pub static COMMANDS: &[Row] = &[
     row("swapdb", Class::Forward, NONE),
     row("sync", Class::Refuse(REPLICATION), NONE),
     row("time", Class::Forward, NONE),
-    row("touch", Class::Forward, ALL),
+    row("touch", Class::Forward, ALL).in_cluster(CLUSTER_SPLIT_COUNT),
     row("ttl", Class::Forward, K1),
     row("type", Class::Forward, K1),
-    row("unlink", Class::Forward, ALL),
+    row("unlink", Class::Forward, ALL).in_cluster(CLUSTER_SPLIT_COUNT),
     connection("unsubscribe", Handling::Unsubscribe(PubSubKind::Channel))
         .in_cluster(CLUSTER_PUBSUB),
     row("unwatch", Class::Forward, NONE)

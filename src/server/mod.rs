@@ -150,6 +150,7 @@ impl Server {
                     Some(telemetry.metrics.clone()),
                 )
                 .await?;
+                topology.set_split_multikey(cluster.split_multikey);
                 Some(topology)
             }
             None => None,

@@ -619,6 +619,71 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         &raw.call(&[b"MGET", b"{t}a", b"{t}b"]).await,
         b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n",
     );
+    // With cluster.split_multikey: MGET, EXISTS, TOUCH, DEL and UNLINK
+    // across slots are split per slot and merged; MSET stays CROSSSLOT.
+    let split = start_proxy_in(
+        &cluster.path(""),
+        &config.clone().tail("[cluster]\nsplit_multikey = true"),
+    )
+    .await;
+    let mut spread = split.raw().await;
+    let owners: std::collections::BTreeSet<u16> = ["user:1", "user:2", "user:3", "{t}a"]
+        .iter()
+        .map(|k| slot::slot(k.as_bytes()))
+        .collect();
+    assert!(owners.len() >= 3, "keys in several slots");
+    assert_reply(
+        &spread
+            .call(&[b"MGET", b"user:1", b"{t}a", b"nothing", b"user:2", b"{t}b", b"user:1"])
+            .await,
+        b"*6\r\n$8\r\nsecret 1\r\n$1\r\n1\r\n$-1\r\n$8\r\nsecret 2\r\n$1\r\n2\r\n$8\r\nsecret 1\r\n",
+    );
+    assert_reply(
+        &spread
+            .call(&[b"EXISTS", b"user:1", b"user:2", b"nothing", b"user:1"])
+            .await,
+        b":3\r\n",
+    );
+    assert_reply(
+        &spread
+            .call(&[b"TOUCH", b"user:3", b"user:4", b"nothing"])
+            .await,
+        b":2\r\n",
+    );
+    assert_reply(
+        &spread
+            .call(&[b"DEL", b"user:3", b"user:4", b"nothing"])
+            .await,
+        b":2\r\n",
+    );
+    assert_reply(
+        &spread
+            .call(&[b"UNLINK", b"user:5", b"user:6", b"user:3"])
+            .await,
+        b":2\r\n",
+    );
+    let mset = spread
+        .call(&[b"MSET", b"user:5", b"a", b"user:6", b"b"])
+        .await;
+    assert!(mset.starts_with(b"-CROSSSLOT"), "{mset:?}");
+    // Pipelined among other commands, replies stay in order.
+    spread.send(&[b"GET", b"user:7"]).await;
+    spread.send(&[b"MGET", b"user:7", b"user:8"]).await;
+    spread.send(&[b"GET", b"user:8"]).await;
+    assert_reply(&spread.read().await, b"$8\r\nsecret 7\r\n");
+    assert_reply(
+        &spread.read().await,
+        b"*2\r\n$8\r\nsecret 7\r\n$8\r\nsecret 8\r\n",
+    );
+    assert_reply(&spread.read().await, b"$8\r\nsecret 8\r\n");
+    drop(spread);
+    drop(split);
+    for i in 3..7 {
+        let _: () = client
+            .set(format!("user:{i}"), format!("secret {i}"))
+            .await
+            .expect("SET again");
+    }
     // The startup checks prove every node and the slot coverage.
     let checked = std::process::Command::new(redcloak_bin())
         .args(["check", "--config"])
