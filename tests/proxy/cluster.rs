@@ -619,6 +619,15 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         &raw.call(&[b"MGET", b"{t}a", b"{t}b"]).await,
         b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n",
     );
+    // A blocking command waits at its slot's primary and is woken there.
+    let mut blocked = proxy.raw().await;
+    blocked.send(&[b"BLPOP", b"jobs", b"10"]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_reply(&raw.call(&[b"RPUSH", b"jobs", b"job-1"]).await, b":1\r\n");
+    assert_reply(
+        &blocked.read().await,
+        b"*2\r\n$4\r\njobs\r\n$5\r\njob-1\r\n",
+    );
     // With cluster.split_multikey: MGET, EXISTS, TOUCH, DEL and UNLINK
     // across slots are split per slot and merged; MSET stays CROSSSLOT.
     let split = start_proxy_in(
@@ -1231,4 +1240,168 @@ async fn a_primary_killed_under_load_is_replaced_without_redirects_reaching_clie
             "{key}: {error}"
         );
     }
+}
+
+/// `redis-cli --cluster reshard` of 1,000 slots under load through
+/// redcloak: every request succeeds (MOVED, ASK and TRYAGAIN are followed,
+/// never seen), every value reads back, and a shard channel whose slot
+/// moved is subscribed again at its new primary (Redis unsubscribed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reshard_under_load_shows_clients_no_redirect() {
+    let _heavy = heavy().await;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cluster = TestCluster::start().await;
+    let config = cluster.proxy_config();
+    let proxy = start_proxy_in(&cluster.path(""), &config).await;
+    let map = map_of(&cluster, 0).await;
+    let primaries: Vec<&map::Node> = map.nodes().filter(|n| n.primary).collect();
+    let (from, to) = (primaries[0].clone(), primaries[1].clone());
+    let from_slots: Vec<u16> = (0..slot::SLOTS)
+        .filter(|s| map.primary(*s).map(|p| &p.id) == Some(&from.id))
+        .collect();
+    // Shard channels in the first slots of the source (the ones a reshard
+    // of 1,000 takes first) and near its end.
+    let channel_in = |wanted: u16| {
+        (0..)
+            .map(|i| format!("jobs:{i}"))
+            .find(|c| slot::slot(c.as_bytes()) == wanted)
+            .expect("a channel in that slot")
+    };
+    let channels: Vec<String> = [
+        from_slots[3],
+        from_slots[500],
+        from_slots[from_slots.len() - 3],
+    ]
+    .into_iter()
+    .map(channel_in)
+    .collect();
+    let mut subscriber = proxy.raw().await;
+    for channel in &channels {
+        subscriber.send(&[b"SSUBSCRIBE", channel.as_bytes()]).await;
+        assert!(
+            subscriber
+                .read()
+                .await
+                .starts_with(b"*3\r\n$10\r\nssubscribe")
+        );
+    }
+
+    // 10 clients writing and reading keys all over the slots.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for id in 0..10 {
+        let stop = stop.clone();
+        let address = proxy.addr();
+        clients.push(tokio::spawn(async move {
+            let mut c = RawClient::new(
+                tokio::net::TcpStream::connect(address)
+                    .await
+                    .expect("connect"),
+            );
+            let mut errors = Vec::new();
+            let mut ok = 0u64;
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                let key = format!("reshard:{id}:{}", round % 2000);
+                let value = format!("{id}-{round}");
+                let set = c.call(&[b"SET", key.as_bytes(), value.as_bytes()]).await;
+                let got = c.call(&[b"GET", key.as_bytes()]).await;
+                let expected = format!("${}\r\n{value}\r\n", value.len());
+                if &set[..] == b"+OK\r\n" && got[..] == *expected.as_bytes() {
+                    ok += 1;
+                } else {
+                    let text = |r: &[u8]| String::from_utf8_lossy(r).into_owned();
+                    errors.push(format!("{key}: {} / {}", text(&set), text(&got)));
+                }
+            }
+            (ok, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut args = cluster.cli_args();
+    args.extend([
+        "--cluster".into(),
+        "reshard".into(),
+        format!("127.0.0.1:{}", cluster.nodes[0].port()),
+        "--cluster-from".into(),
+        from.id.clone(),
+        "--cluster-to".into(),
+        to.id.clone(),
+        "--cluster-slots".into(),
+        "1000".into(),
+        "--cluster-yes".into(),
+        "--cluster-pipeline".into(),
+        "100".into(),
+    ]);
+    let started = std::time::Instant::now();
+    let resharded = tokio::process::Command::new("redis-cli")
+        .args(&args)
+        .output()
+        .await
+        .expect("redis-cli runs");
+    assert!(
+        resharded.status.success(),
+        "reshard: {}",
+        String::from_utf8_lossy(&resharded.stdout)
+    );
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total_ok = 0;
+    let mut all_errors = Vec::new();
+    for client in clients {
+        let (ok, errors) = tokio::time::timeout(Duration::from_secs(30), client)
+            .await
+            .expect("client finishes")
+            .expect("client task");
+        total_ok += ok;
+        all_errors.extend(errors);
+    }
+    let after = map_of(&cluster, 0).await;
+    let moved = from_slots
+        .iter()
+        .filter(|s| after.primary(**s).map(|p| &p.id) == Some(&to.id))
+        .count();
+    eprintln!(
+        "reshard: {moved} slots moved in {took:?}; {total_ok} ok, {} errors",
+        all_errors.len()
+    );
+    assert_eq!(moved, 1000);
+    assert!(total_ok > 100, "the load ran");
+    assert!(
+        all_errors.is_empty(),
+        "{:?}",
+        &all_errors[..all_errors.len().min(5)]
+    );
+    // Each shard channel gets its messages, wherever its slot lives now.
+    let mut publisher = proxy.raw().await;
+    let moved_channels = channels
+        .iter()
+        .filter(|c| after.primary(slot::slot(c.as_bytes())).map(|p| &p.id) == Some(&to.id))
+        .count();
+    assert!(moved_channels >= 1, "a subscribed channel's slot moved");
+    for channel in &channels {
+        assert_reply(
+            &publisher
+                .call(&[b"SPUBLISH", channel.as_bytes(), b"after"])
+                .await,
+            b":1\r\n",
+        );
+        let message = subscriber.read().await;
+        let text = String::from_utf8_lossy(&message);
+        assert!(
+            text.contains("smessage") && text.contains(channel.as_str()),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &proxy.scrape().await,
+            "redcloak_cluster_redirects_total{kind=\"moved\"}"
+        )
+        .map(|n| n > 0.0),
+        Some(true),
+        "redirects were followed"
+    );
 }

@@ -500,9 +500,10 @@ impl Router {
             None => {
                 let moved = redirect(&frame).filter(|(kind, ..)| *kind == Redirect::Moved);
                 let front = subscriber.owed.front();
+                // A shard channel's (un)subscribe, the client's or the
+                // router's own, follows MOVED (the map may be stale).
                 let resend = front.is_some_and(|o| {
-                    o.index.is_some()
-                        && o.redirects < MAX_REDIRECTS
+                    o.redirects < MAX_REDIRECTS
                         && matches!(o.takes, Takes::Confirmations(PubSubKind::Shard, _))
                 });
                 match moved {
