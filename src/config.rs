@@ -305,6 +305,7 @@ struct RawAuth {
 struct RawUpstream {
     address: Option<String>,
     cluster: Option<RawCluster>,
+    sentinel: Option<RawSentinel>,
     server_name: Option<String>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -331,6 +332,26 @@ struct RawCluster {
     /// (`cluster-announce-hostname`) instead of `upstream.server_name`.
     #[serde(default)]
     verify_announced_hostname: bool,
+}
+
+/// `upstream.sentinel`: the primary Redis Sentinel names, instead of one
+/// `address`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSentinel {
+    addresses: Vec<String>,
+    master_name: String,
+    /// The name every Sentinel's certificate must show (default
+    /// `upstream.server_name`).
+    server_name: Option<String>,
+    /// Sentinel's TLS (default: upstream's).
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    /// Sentinel's ACL user (Sentinel's own, not the data nodes').
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    password: Option<RawSecret>,
 }
 
 #[derive(Deserialize, Default)]
@@ -444,6 +465,8 @@ pub struct UpstreamConfig {
     pub address: String,
     /// `upstream.cluster`: a Redis Cluster, routed per slot.
     pub cluster: Option<ClusterConfig>,
+    /// `upstream.sentinel`: the primary is the one Sentinel names.
+    pub sentinel: Option<SentinelConfig>,
     pub server_name: String,
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -477,6 +500,21 @@ pub struct ClusterConfig {
     /// and their replies merged (`cluster.split_multikey`, default off:
     /// CROSSSLOT, as from Redis).
     pub split_multikey: bool,
+}
+
+/// How to reach the Sentinels and which primary to ask them for. Every
+/// Sentinel is reached over TLS (verified against `server_name`, with a
+/// client certificate) and logged in as `username`.
+#[derive(Debug)]
+pub struct SentinelConfig {
+    pub addresses: Vec<String>,
+    pub master_name: String,
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub username: Option<String>,
+    pub password: Secret,
 }
 
 #[derive(Debug)]
@@ -842,9 +880,9 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
             .map(|p| resolve(base, p))
             .ok_or_else(|| invalid(key, format!("required: {why}")))
     };
-    let (address, cluster_seeds) = match (raw.address, &raw.cluster) {
-        (Some(address), None) => (address, None),
-        (None, Some(cluster)) => match cluster.seeds.first() {
+    let (address, cluster_seeds) = match (raw.address, &raw.cluster, &raw.sentinel) {
+        (Some(address), None, None) => (address, None),
+        (None, Some(cluster), None) => match cluster.seeds.first() {
             Some(first) => (first.clone(), Some(cluster.seeds.clone())),
             None => {
                 return Err(invalid(
@@ -853,16 +891,32 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
                 ));
             }
         },
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "upstream",
-                "set exactly one of address (one Redis) and cluster (a Redis Cluster)",
-            ));
+        (None, None, Some(sentinel)) => {
+            if sentinel.addresses.is_empty() {
+                return Err(invalid(
+                    "upstream.sentinel.addresses",
+                    "at least one host:port of a Sentinel (three or more, so a majority can agree)",
+                ));
+            }
+            if raw.server_name.is_none() {
+                return Err(invalid(
+                    "upstream.server_name",
+                    "required with upstream.sentinel: the name every primary's certificate must show (never the address Sentinel reports)",
+                ));
+            }
+            // Where the primary is comes from Sentinel at start.
+            (format!("sentinel:{}", sentinel.master_name), None)
         }
-        (None, None) => {
+        (None, None, None) => {
             return Err(invalid(
                 "upstream.address",
-                "required: Redis's host:port (or upstream.cluster.seeds for a Redis Cluster)",
+                "required: Redis's host:port (or upstream.cluster.seeds for a Redis Cluster, or upstream.sentinel for Sentinel)",
+            ));
+        }
+        _ => {
+            return Err(invalid(
+                "upstream",
+                "set exactly one of address (one Redis), cluster (a Redis Cluster) and sentinel (a primary Sentinel names)",
             ));
         }
     };
@@ -896,7 +950,26 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
             ));
         }
     };
+    let sentinel = match raw.sentinel {
+        None => None,
+        Some(sentinel) => Some(SentinelConfig {
+            addresses: sentinel.addresses,
+            master_name: sentinel.master_name,
+            server_name: sentinel.server_name.unwrap_or_else(|| server_name.clone()),
+            ca: resolve(base, sentinel.ca.or(raw.ca.clone()).unwrap_or_default()),
+            cert: resolve(base, sentinel.cert.or(raw.cert.clone()).unwrap_or_default()),
+            key: resolve(base, sentinel.key.or(raw.key.clone()).unwrap_or_default()),
+            username: sentinel.username,
+            password: read_secret(
+                "upstream.sentinel.password",
+                sentinel.password,
+                sentinel.password_file,
+                base,
+            )?,
+        }),
+    };
     Ok(UpstreamConfig {
+        sentinel,
         ca: required(
             "upstream.ca",
             raw.ca,

@@ -64,6 +64,7 @@ pub mod rekey;
 pub mod reload;
 pub mod resp;
 pub mod secret;
+pub mod sentinel;
 pub mod server;
 pub mod session;
 pub mod shutdown;

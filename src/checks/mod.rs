@@ -60,7 +60,17 @@ fn strict(profile: Profile) -> Status {
 /// Runs every check against the configured upstream.
 pub async fn run(config: &Config) -> Report {
     let mut checks = Vec::new();
-    let address = config.upstream.address.clone();
+    let mut address = config.upstream.address.clone();
+    // With Sentinel, the checks below look at the primary it names.
+    let mut primary = None;
+    if let Some(sentinel) = &config.upstream.sentinel {
+        let (row, named) = sentinel_row(config, sentinel).await;
+        checks.push(row);
+        if let Some(named) = &named {
+            address = named.clone();
+        }
+        primary = named;
+    }
     let keys = &config.encryption.keys;
     let keyring = keys.keyring(keys.startup_timeout(), None).await;
     if let Some(kms) = &keys.kms {
@@ -68,7 +78,14 @@ pub async fn run(config: &Config) -> Report {
     }
     let keyring = keyring.ok();
     match Upstream::from_config(&config.upstream) {
-        Ok(upstream) => upstream_checks(config, keyring.as_ref(), &upstream, &mut checks).await,
+        // No primary named: the sentinel row says why.
+        Ok(_) if config.upstream.sentinel.is_some() && primary.is_none() => {}
+        Ok(upstream) => {
+            if let Some(primary) = primary {
+                upstream.retarget(primary);
+            }
+            upstream_checks(config, keyring.as_ref(), &upstream, &mut checks).await
+        }
         Err(err) => checks.push(problem(
             "tls",
             Status::Fail,
@@ -87,6 +104,55 @@ pub async fn run(config: &Config) -> Report {
     checks.push(admin_listener(config));
     checks.push(open_files(config));
     Report::new(config.profile, address, checks)
+}
+
+/// The `sentinel` row: a majority of the Sentinels (each reached over
+/// verified TLS, logged in) name one primary, and that Redis, verified
+/// against `upstream.server_name`, answers ROLE as master. Returns the
+/// primary's address when it passed.
+async fn sentinel_row(
+    config: &Config,
+    sentinel: &crate::config::SentinelConfig,
+) -> (Check, Option<String>) {
+    use crate::sentinel::{SentinelError, Sentinels};
+    let named = async {
+        let sentinels = Sentinels::from_config(sentinel, config.upstream.connect_timeout)?;
+        let upstream = Upstream::from_config(&config.upstream).map_err(SentinelError::from)?;
+        sentinels.primary(&upstream).await
+    };
+    match named.await {
+        Ok(agreement) => (
+            ok(
+                "sentinel",
+                format!(
+                    "{}/{} Sentinels name {} for '{}'; it answers ROLE master with a certificate for {}",
+                    agreement.agreeing,
+                    agreement.asked,
+                    agreement.address,
+                    sentinel.master_name,
+                    config.upstream.server_name
+                ),
+            ),
+            Some(agreement.address),
+        ),
+        Err(err) => {
+            let fix = match &err {
+                SentinelError::NoMajority { .. } => {
+                    "list the Sentinels in upstream.sentinel.addresses (each with a certificate for upstream.sentinel.server_name and redcloak's Sentinel user: +sentinel|get-master-addr-by-name +subscribe &+switch-master) and check master_name"
+                }
+                SentinelError::NotConfirmed { .. } => {
+                    "the primary needs a certificate for upstream.server_name from upstream.ca, and redcloak's ACL user needs +role"
+                }
+                SentinelError::Settings(_) => {
+                    "fix upstream.sentinel's ca, cert and key (or upstream's, which it defaults to)"
+                }
+            };
+            (
+                problem("sentinel", Status::Fail, err.to_string(), fix),
+                None,
+            )
+        }
+    }
 }
 
 /// The `cluster-nodes` row (every node reachable at its announced address,

@@ -74,6 +74,8 @@ pub enum StartError {
     Keys(#[from] crate::kms::KeysError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::topology::TopologyError),
+    #[error(transparent)]
+    Sentinel(#[from] crate::sentinel::SentinelError),
 }
 
 impl StartError {
@@ -122,6 +124,8 @@ pub struct Server {
     /// The KMS-wrapped keys to revalidate while running (a reload may
     /// replace them).
     kms: crate::kms::CurrentKms,
+    /// The Sentinels to follow the primary with (`upstream.sentinel`).
+    sentinels: Option<Arc<crate::sentinel::Sentinels>>,
 }
 
 enum Accepted {
@@ -152,6 +156,21 @@ impl Server {
                 .await?;
                 topology.set_split_multikey(cluster.split_multikey);
                 Some(topology)
+            }
+            None => None,
+        };
+        // Sentinel names the primary: asked now (a majority, ROLE master),
+        // followed while running.
+        let sentinels = match &config.upstream.sentinel {
+            Some(sentinel) => {
+                let sentinels = crate::sentinel::Sentinels::from_config(
+                    sentinel,
+                    config.upstream.connect_timeout,
+                )?;
+                let agreement = sentinels.primary(&upstream).await?;
+                upstream.retarget(agreement.address.clone());
+                tracing::info!(primary = %agreement.address, agreeing = agreement.agreeing, asked = agreement.asked, "Sentinel named the primary");
+                Some(Arc::new(sentinels))
             }
             None => None,
         };
@@ -273,6 +292,7 @@ impl Server {
             watch_interval,
             reloads: None,
             kms,
+            sentinels,
         })
     }
 
@@ -338,6 +358,30 @@ impl Server {
             ));
         }
         background.spawn(self.shared.pool.clone().keep_warm(shutdown.clone()));
+        if let Some(sentinels) = &self.sentinels {
+            let shared = self.shared.clone();
+            let switched = move |_old: &str, _new: &str| {
+                // Ready connections are to the old primary: replaced by new
+                // ones (the same material, a new generation); lanes poisoned.
+                let pool = &shared.pool;
+                pool.upstream()
+                    .publish((*pool.upstream().material()).clone());
+                pool.material_changed();
+                shared.telemetry.metrics.sentinel_switch();
+                if let Some(lanes) = shared.lanes.clone() {
+                    tokio::spawn(async move {
+                        lanes
+                            .poison_all(crate::upstream::lane::book::Poison::PrimaryChanged)
+                            .await
+                    });
+                }
+            };
+            background.spawn(sentinels.clone().follow(
+                self.shared.pool.upstream().clone(),
+                switched,
+                shutdown.clone(),
+            ));
+        }
         if let Some(topology) = &self.shared.cluster {
             background.spawn(
                 topology

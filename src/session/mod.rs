@@ -220,6 +220,9 @@ pub enum SessionError {
     UpstreamLost,
     #[error("upstream unavailable: {0}")]
     UpstreamUnavailable(String),
+    /// Sentinel named another primary: this connection's Redis is the old one.
+    #[error("Sentinel named another primary; reconnect")]
+    PrimaryChanged,
     /// The primary key was revoked between planning a write and sealing
     /// it (the plan refuses writes once it is): the connection closes
     /// rather than leave a transaction short of a command.

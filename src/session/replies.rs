@@ -101,6 +101,9 @@ where
         let gone = client_gone.cancelled();
         let done = client_done.cancelled();
         let mut overdue = watchdog(ctx.request_timeout);
+        // Sentinel naming another primary ends a session on a connection of
+        // its own (a lane's clients hear it from their lane).
+        let mut switches = ctx.upstream.switches();
         tokio::pin!(failed, gone, done);
         loop {
             quiet.store(false, Ordering::Relaxed);
@@ -202,6 +205,7 @@ where
                 },
                 _ = ctx.buffers.wait_under(), if over_budget && !on_lane => None,
                 _ = &mut failed => Some(SessionError::UpstreamClosed),
+                Ok(()) = switches.changed(), if !on_lane => Some(SessionError::PrimaryChanged),
                 _ = &mut gone => return Ok(upstream_end(&input, &replies, flushes)),
                 // Only wakes the loop, to bound what is pending.
                 _ = &mut done, if !sending_done => None,

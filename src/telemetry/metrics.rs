@@ -190,7 +190,7 @@ pub const UPSTREAM_LANES_POISONED: MetricDef = def(
     "Lanes closed because they lost sync or their connection, by reason (nothing_in_flight, push, parse_error, contradiction, value_mismatch, connection_lost, timeout, certificate_expired); each request in flight on one got an error.",
 );
 /// Why lanes are poisoned: `upstream::lane::book::Poison`'s labels.
-pub const LANE_POISON_REASONS: [&str; 8] = [
+pub const LANE_POISON_REASONS: [&str; 9] = [
     "nothing_in_flight",
     "push",
     "parse_error",
@@ -199,6 +199,7 @@ pub const LANE_POISON_REASONS: [&str; 8] = [
     "connection_lost",
     "timeout",
     "certificate_expired",
+    "primary_changed",
 ];
 pub const CLIENT_PINS: MetricDef = def(
     "redcloak_client_pins_total",
@@ -254,6 +255,12 @@ pub const CLUSTER_REDIRECTS: MetricDef = def(
     C,
     &["kind"],
     "Redirects redcloak followed for clients, by kind (moved, ask, tryagain); none reaches a client.",
+);
+pub const SENTINEL_SWITCHES: MetricDef = def(
+    "redcloak_sentinel_switches_total",
+    C,
+    &[],
+    "Times redcloak moved to a new primary Sentinel named (and ROLE confirmed); connections to the old one were ended.",
 );
 pub const AUDIT_DROPPED: MetricDef = def(
     "redcloak_audit_entries_dropped_total",
@@ -324,6 +331,7 @@ pub const ALL: &[&MetricDef] = &[
     &CLUSTER_SLOTS_UNCOVERED,
     &CLUSTER_REFRESHES,
     &CLUSTER_REDIRECTS,
+    &SENTINEL_SWITCHES,
     &AUDIT_DROPPED,
     &LOG_LINES_DROPPED,
 ];
@@ -549,7 +557,7 @@ pub struct Metrics {
     pub upstream_request_timeouts: Counter,
     pub upstream_up: Gauge,
     pub upstream_lanes_open: Gauge,
-    lanes_poisoned: [Counter; 8],
+    lanes_poisoned: [Counter; 9],
     pub client_pins: Counter,
     pub reload_last_success: Gauge,
     reload_failures: [Counter; 4],
@@ -700,6 +708,13 @@ impl Metrics {
     pub fn cluster_redirect(&self, kind: &'static str) {
         self.recorder
             .register_counter(&key(&CLUSTER_REDIRECTS, &[("kind", kind)]), &METADATA)
+            .increment(1);
+    }
+
+    /// Counts a move to the primary Sentinel named.
+    pub fn sentinel_switch(&self) {
+        self.recorder
+            .register_counter(&key(&SENTINEL_SWITCHES, &[]), &METADATA)
             .increment(1);
     }
 

@@ -159,6 +159,11 @@ pub struct Upstream {
     /// The certificate Redis showed last, so each new connection neither
     /// parses it again nor repeats the same warning.
     last_certificate: Mutex<Option<SeenCertificate>>,
+    /// Where new connections go: `settings.address`, or the primary
+    /// Sentinel names now ([`Upstream::retarget`]).
+    target: ArcSwap<String>,
+    /// Counts retargets: sessions on a connection to the old primary end.
+    switches: tokio::sync::watch::Sender<u64>,
 }
 
 /// What a connection to Redis is made with: redcloak's TLS configuration
@@ -217,25 +222,30 @@ impl Upstream {
         let server_name = ServerName::try_from(settings.server_name.clone())
             .map_err(|_| UpstreamError::ServerName(settings.server_name.clone()))?;
         Ok(Upstream {
+            target: ArcSwap::from_pointee(settings.address.clone()),
             settings,
             server_name,
             material: Arc::new(ArcSwap::from_pointee(Material::new(tls, login))),
             last_certificate: Mutex::new(None),
+            switches: tokio::sync::watch::Sender::new(0),
         })
     }
 
     /// A copy of this upstream (the same Redis) that connects with
     /// `material`: a reload proves new material with it before publishing.
     pub fn with_material(&self, material: Material) -> Upstream {
+        let address = self.address();
         Upstream {
+            target: ArcSwap::from_pointee(address.clone()),
             settings: UpstreamSettings {
-                address: self.settings.address.clone(),
+                address,
                 server_name: self.settings.server_name.clone(),
                 connect_timeout: self.settings.connect_timeout,
             },
             server_name: self.server_name.clone(),
             material: Arc::new(ArcSwap::from_pointee(material)),
             last_certificate: Mutex::new(None),
+            switches: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -246,6 +256,7 @@ impl Upstream {
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| UpstreamError::ServerName(server_name.to_owned()))?;
         Ok(Upstream {
+            target: ArcSwap::from_pointee(address.clone()),
             settings: UpstreamSettings {
                 address,
                 server_name: server_name.to_owned(),
@@ -254,6 +265,7 @@ impl Upstream {
             server_name: name,
             material: self.material.clone(),
             last_certificate: Mutex::new(None),
+            switches: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -303,8 +315,22 @@ impl Upstream {
         self.material.load().login.clone()
     }
 
-    pub fn address(&self) -> &str {
-        &self.settings.address
+    /// Where new connections go now.
+    pub fn address(&self) -> String {
+        self.target.load().as_ref().clone()
+    }
+
+    /// New connections go to `address` from now on (Sentinel named a new
+    /// primary, verified against the same `server_name`); sessions on a
+    /// connection to the old one hear it through [`Upstream::switches`].
+    pub fn retarget(&self, address: String) {
+        self.target.store(Arc::new(address));
+        self.switches.send_modify(|count| *count += 1);
+    }
+
+    /// Changes each time the upstream is retargeted.
+    pub fn switches(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.switches.subscribe()
     }
 
     pub fn settings(&self) -> &UpstreamSettings {
@@ -352,7 +378,7 @@ impl Upstream {
                 let step = err.failed_step();
                 metrics.upstream_failure(step).increment(1);
                 if err.is_rejection() {
-                    events::upstream_rejected(&self.settings.address, step, err);
+                    events::upstream_rejected(&self.address(), step, err);
                 }
             }
         }
@@ -365,7 +391,7 @@ impl Upstream {
         &self,
         connector: &TlsConnector,
     ) -> Result<UpstreamStream, UpstreamError> {
-        let address = &self.settings.address;
+        let address = self.address();
         let tcp = self
             .step(STAGE_CONNECT, TcpStream::connect(address.as_str()))
             .await?
@@ -412,7 +438,7 @@ impl Upstream {
         tokio::time::timeout(self.settings.connect_timeout, future)
             .await
             .map_err(|_| UpstreamError::Timeout {
-                address: self.settings.address.clone(),
+                address: self.address(),
                 timeout: self.settings.connect_timeout,
                 stage,
             })
@@ -426,7 +452,7 @@ impl Upstream {
         // With TLS 1.3, Redis rejects our certificate only after the
         // handshake: the alert arrives here, so it gets the same hints.
         let login_error = |err: io::Error| UpstreamError::Login {
-            address: self.settings.address.clone(),
+            address: self.address(),
             hint: tls_hint(&err),
             reason: err.to_string(),
         };
@@ -445,7 +471,7 @@ impl Upstream {
         }
         let text = String::from_utf8_lossy(reply.strip_suffix(b"\r\n").unwrap_or(&reply));
         Err(UpstreamError::Auth {
-            address: self.settings.address.clone(),
+            address: self.address(),
             user: login.username.clone().unwrap_or_else(|| "default".into()),
             reply: text.trim_start_matches(['-', '+']).to_owned(),
         })

@@ -25,6 +25,7 @@ mod pubsub;
 mod rekey;
 mod reload;
 mod scripts;
+mod sentinel;
 mod sets;
 mod streams;
 mod support;

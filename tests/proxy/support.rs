@@ -219,6 +219,17 @@ impl TestRedis {
 
     /// A direct, authenticated TLS connection to Redis, bypassing redcloak.
     pub async fn admin(&self) -> RawClient<UpstreamStream> {
+        self.admin_at(self.redis.port()).await
+    }
+
+    /// [`TestRedis::admin`] to another Redis on `port` with the same
+    /// certificates and password (a replica).
+    pub async fn admin_at(&self, port: u16) -> RawClient<UpstreamStream> {
+        self.try_admin_at(port).await.expect("admin connection")
+    }
+
+    /// [`TestRedis::admin_at`], `None` when Redis refuses or drops it.
+    pub async fn try_admin_at(&self, port: u16) -> Option<RawClient<UpstreamStream>> {
         let tls = redcloak::tls::client::config(
             &self.certs.ca,
             &self.certs.client_cert,
@@ -230,12 +241,12 @@ impl TestRedis {
             password: redcloak::secret::Secret::new(self.password.clone().into_bytes()),
         };
         let settings = UpstreamSettings {
-            address: format!("127.0.0.1:{}", self.redis.port()),
+            address: format!("127.0.0.1:{port}"),
             server_name: "localhost".into(),
             connect_timeout: Duration::from_secs(5),
         };
         let upstream = Upstream::new(settings, tls, Arc::new(login)).expect("upstream");
-        RawClient::new(upstream.connect().await.expect("admin connection"))
+        upstream.connect().await.ok().map(RawClient::new)
     }
 
     pub async fn start_proxy(&self, config: &ProxyConfig) -> Proxy {

@@ -55,10 +55,12 @@ pub enum Poison {
     /// Redis's certificate expired: no connection outlives the check a new
     /// one would fail.
     CertificateExpired,
+    /// Sentinel named another primary: the lane's Redis is no longer it.
+    PrimaryChanged,
 }
 
 impl Poison {
-    pub const ALL: [Poison; 8] = [
+    pub const ALL: [Poison; 9] = [
         Poison::NothingInFlight,
         Poison::Push,
         Poison::ParseError,
@@ -67,6 +69,7 @@ impl Poison {
         Poison::ConnectionLost,
         Poison::Timeout,
         Poison::CertificateExpired,
+        Poison::PrimaryChanged,
     ];
 
     pub fn label(self) -> &'static str {
@@ -79,6 +82,7 @@ impl Poison {
             Poison::ConnectionLost => "connection_lost",
             Poison::Timeout => "timeout",
             Poison::CertificateExpired => "certificate_expired",
+            Poison::PrimaryChanged => "primary_changed",
         }
     }
 }

@@ -870,6 +870,25 @@ impl Lanes {
         Ok(())
     }
 
+    /// Poisons every live lane (Sentinel named another primary): their
+    /// in-flight requests fail and their clients move to new lanes, made
+    /// from the pool's new connections.
+    pub async fn poison_all(&self, why: Poison) {
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        for slot in slots {
+            if let Some(lane) = slot.lock().await.take() {
+                lane.poison(why);
+            }
+        }
+    }
+
     /// Redis's HELLO reply in `protocol`, as a lane last heard it.
     pub fn hello(&self, protocol: u8) -> Option<Bytes> {
         self.hellos
