@@ -235,6 +235,75 @@ pub fn parse_shards(reply: &Bytes) -> Result<SlotMap, String> {
     Ok(SlotMap::new(shards))
 }
 
+/// A node of a `CLUSTER SLOTS` entry: `[ip, port, id, metadata]`.
+fn slots_node(frame: &BytesFrame, primary: bool) -> Option<Node> {
+    let parts = items(frame)?;
+    let host = text(parts.first()?).filter(|ip| !ip.is_empty() && ip != "?")?;
+    let port = u16::try_from(number(parts.get(1)?)?).ok()?;
+    let hostname = parts
+        .get(3)
+        .and_then(pairs)
+        .and_then(|fields| fields.into_iter().find(|(k, _)| k == "hostname"))
+        .and_then(|(_, v)| text(v))
+        .filter(|h| !h.is_empty());
+    Some(Node {
+        id: text(parts.get(2)?)?,
+        host,
+        port,
+        hostname,
+        primary,
+        // CLUSTER SLOTS lists no health: a node listed is taken as online.
+        online: true,
+    })
+}
+
+/// The slot map a `CLUSTER SLOTS` reply describes: the fallback where
+/// `CLUSTER SHARDS` is not available (Redis before 7.0). Ranges of the same
+/// primary make one shard.
+pub fn parse_slots(reply: &Bytes) -> Result<SlotMap, String> {
+    let invalid = |what: &str| format!("CLUSTER SLOTS: {what}");
+    let frame = crate::resp::decode_reply(reply).ok_or_else(|| invalid("not a reply"))?;
+    if let BytesFrame::SimpleError { data, .. } = &frame {
+        return Err(invalid(data));
+    }
+    let mut shards: Vec<Shard> = Vec::new();
+    for entry in items(&frame).ok_or_else(|| invalid("not an array"))? {
+        let fields = items(entry).ok_or_else(|| invalid("an entry is not an array"))?;
+        let bound = |at: usize| {
+            fields
+                .get(at)
+                .and_then(number)
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n < SLOTS)
+        };
+        let (Some(start), Some(end)) = (bound(0), bound(1)) else {
+            return Err(invalid("a slot range out of bounds"));
+        };
+        let nodes: Vec<Node> = fields
+            .iter()
+            .skip(2)
+            .enumerate()
+            .map(|(at, node)| slots_node(node, at == 0))
+            .collect::<Option<_>>()
+            .filter(|nodes: &Vec<Node>| !nodes.is_empty() && start <= end)
+            .ok_or_else(|| invalid("a range without a valid primary"))?;
+        let mut nodes = nodes.into_iter();
+        let primary = nodes.next().expect("not empty");
+        match shards
+            .iter_mut()
+            .find(|s| s.primary.as_ref().is_some_and(|p| p.id == primary.id))
+        {
+            Some(shard) => shard.ranges.push((start, end)),
+            None => shards.push(Shard {
+                ranges: vec![(start, end)],
+                primary: Some(primary),
+                replicas: nodes.collect(),
+            }),
+        }
+    }
+    Ok(SlotMap::new(shards))
+}
+
 /// A `MOVED <slot> <host>:<port>` or `ASK ...` error: the slot and where.
 pub fn redirect(error: &[u8]) -> Option<(Redirect, u16, String, u16)> {
     let text = std::str::from_utf8(error.strip_prefix(b"-")?)

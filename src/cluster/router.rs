@@ -1076,6 +1076,8 @@ fn in_cluster(args: &[Bytes]) -> InCluster {
         InCluster::EveryPrimary(Combine::Same) if sub != b"LOAD" => InCluster::Refused(
             "this subcommand needs every primary of the cluster and is not supported in front of a Redis Cluster yet",
         ),
+        // CLUSTER KEYSLOT only hashes a name.
+        InCluster::Refused(_) if row.name == "cluster" && sub == b"KEYSLOT" => InCluster::BySlot,
         // CLIENT sets up the connection only with SETNAME and SETINFO.
         InCluster::Setup if row.name == "client" => {
             let sub = args
@@ -1265,6 +1267,18 @@ mod tests {
         );
         assert_eq!(in_cluster(&args(&["CLIENT", "LIST"])), InCluster::BySlot);
         assert_eq!(in_cluster(&args(&["GET", "k"])), InCluster::BySlot);
+        assert_eq!(
+            in_cluster(&args(&["cluster", "keyslot", "k"])),
+            InCluster::BySlot
+        );
+        assert!(matches!(
+            in_cluster(&args(&["CLUSTER", "SLOTS"])),
+            InCluster::Refused(why) if why.contains("one Redis")
+        ));
+        assert!(matches!(
+            in_cluster(&args(&["READONLY"])),
+            InCluster::Refused(_)
+        ));
         assert_eq!(
             in_cluster(&args(&["DBSIZE"])),
             InCluster::EveryPrimary(Combine::Sum)

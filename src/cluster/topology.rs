@@ -51,11 +51,24 @@ pub fn address(host: &str, port: u16) -> String {
     }
 }
 
+/// The slot map from `CLUSTER SHARDS`, or `CLUSTER SLOTS` where Redis
+/// refuses that (before 7.0, or an ACL without it).
 async fn shards(conn: &mut UpstreamStream, timeout: Duration) -> Result<SlotMap, String> {
     let reply = call(conn, &[b"CLUSTER", b"SHARDS"], timeout)
         .await
         .map_err(|e| e.to_string())?;
-    super::map::parse_shards(&bytes::Bytes::from(reply.to_vec()))
+    if !reply.starts_with(b"-") {
+        return super::map::parse_shards(&bytes::Bytes::from(reply.to_vec()));
+    }
+    let slots = call(conn, &[b"CLUSTER", b"SLOTS"], timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    super::map::parse_slots(&bytes::Bytes::from(slots.to_vec())).map_err(|slots_error| {
+        format!(
+            "CLUSTER SHARDS: {}; {slots_error}",
+            crate::upstream::error_text(&reply)
+        )
+    })
 }
 
 /// The slot map, from the first of `seeds` that answers.

@@ -373,6 +373,16 @@ pub enum Combine {
 const CLUSTER_TRANSACTIONS: InCluster = InCluster::Transaction;
 /// Keys counted per slot and the counts added (DEL, UNLINK, EXISTS, TOUCH).
 const CLUSTER_SPLIT_COUNT: InCluster = InCluster::Split(Combine::Sum);
+/// The client sees one Redis: the cluster's layout is redcloak's to use,
+/// and changing it is an operator's job against the nodes (CLUSTER KEYSLOT
+/// alone is answered: it only hashes a name).
+const CLUSTER_TOPOLOGY: InCluster = InCluster::Refused(
+    "redcloak serves the Redis Cluster as one Redis; CLUSTER subcommands other than KEYSLOT are not served (use a cluster-unaware client; change the cluster against its nodes)",
+);
+/// Where a request goes is redcloak's choice, per slot.
+const CLUSTER_ROUTING: InCluster = InCluster::Refused(
+    "redcloak routes each request to its slot's primary itself; ASKING, READONLY and READWRITE are not served in front of a Redis Cluster",
+);
 /// Subscriptions live on connections of their own.
 const CLUSTER_PUBSUB: InCluster = InCluster::PubSub;
 /// Commands about the whole keyspace or every node.
@@ -596,7 +606,9 @@ const ZSET_SCAN: Sealed = sealed(
 pub static COMMANDS: &[Row] = &[
     row("acl", Class::Forward, NONE),
     row("append", Class::ServerReadsValue, K1),
-    row("asking", Class::Forward, NONE).leaves(Leaves::Session),
+    row("asking", Class::Forward, NONE)
+        .leaves(Leaves::Session)
+        .in_cluster(CLUSTER_ROUTING),
     connection("auth", Handling::Auth),
     row("bgrewriteaof", Class::Forward, NONE),
     row("bgsave", Class::Forward, NONE),
@@ -614,7 +626,7 @@ pub static COMMANDS: &[Row] = &[
     row("bzpopmax", Class::Sealed(ZSET_BLOCKING_POP), ALL_BUT_LAST).blocks(Timeout::LastSeconds),
     row("bzpopmin", Class::Sealed(ZSET_BLOCKING_POP), ALL_BUT_LAST).blocks(Timeout::LastSeconds),
     connection("client", Handling::Client).in_cluster(InCluster::Setup),
-    row("cluster", Class::Forward, NONE),
+    row("cluster", Class::Forward, NONE).in_cluster(CLUSTER_TOPOLOGY),
     row("command", Class::Forward, NONE),
     row("config", Class::Forward, NONE),
     row("copy", Class::Forward, K1_2).moves_values(),
@@ -735,8 +747,12 @@ pub static COMMANDS: &[Row] = &[
         .in_cluster(CLUSTER_PUBSUB),
     connection("quit", Handling::Quit),
     row("randomkey", Class::Forward, NONE).in_cluster(CLUSTER_EVERY_PRIMARY),
-    row("readonly", Class::Forward, NONE).leaves(Leaves::Session),
-    row("readwrite", Class::Forward, NONE).leaves(Leaves::Session),
+    row("readonly", Class::Forward, NONE)
+        .leaves(Leaves::Session)
+        .in_cluster(CLUSTER_ROUTING),
+    row("readwrite", Class::Forward, NONE)
+        .leaves(Leaves::Session)
+        .in_cluster(CLUSTER_ROUTING),
     row("rename", Class::Forward, K1_2).moves_values(),
     row("renamenx", Class::Forward, K1_2).moves_values(),
     row("replconf", Class::Refuse(REPLICATION), NONE),

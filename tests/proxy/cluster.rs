@@ -237,6 +237,64 @@ async fn slots_and_the_slot_map_agree_with_a_real_cluster() {
     for slot in [0, 5000, 16383] {
         assert_eq!(map.primary(slot), map3.primary(slot));
     }
+    // CLUSTER SLOTS (the fallback) describes the same map, in RESP3 and RESP2.
+    let slots3 = node.call(&[b"CLUSTER", b"SLOTS"]).await;
+    assert_reply(&node.call(&[b"HELLO", b"2"]).await[..1], b"*");
+    let slots2 = node.call(&[b"CLUSTER", b"SLOTS"]).await;
+    for reply in [slots2, slots3] {
+        let from_slots = map::parse_slots(&bytes::Bytes::from(reply.to_vec())).expect("SLOTS");
+        // Redis 7.0 leaves the replicas of a TLS cluster out of CLUSTER
+        // SLOTS; the primaries are what routing needs.
+        assert_eq!(from_slots.nodes().filter(|n| n.primary).count(), 3);
+        assert_eq!(from_slots.uncovered(), 0);
+        for slot in (0..slot::SLOTS).step_by(97) {
+            let (a, b) = (
+                map.primary(slot).expect("a"),
+                from_slots.primary(slot).expect("b"),
+            );
+            assert_eq!(
+                (&a.id, &a.host, a.port),
+                (&b.id, &b.host, b.port),
+                "slot {slot}"
+            );
+        }
+    }
+    // Where CLUSTER SHARDS is refused, discovery reads CLUSTER SLOTS.
+    for index in 0..6 {
+        let mut admin = cluster.admin(index).await;
+        let user = REDIS_USER.as_bytes();
+        assert_reply(
+            &admin
+                .call(&[b"ACL", b"SETUSER", user, b"-cluster|shards"])
+                .await,
+            b"+OK\r\n",
+        );
+    }
+    let seeds = vec![format!("127.0.0.1:{}", cluster.nodes[0].port())];
+    let naming = redcloak::cluster::topology::Naming::Configured("localhost".into());
+    let discovered = redcloak::cluster::topology::discover(
+        &cluster.upstream(String::new(), REDIS_USER),
+        &seeds,
+        &naming,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("discovered through CLUSTER SLOTS");
+    assert_eq!(discovered.uncovered(), 0);
+    assert_eq!(
+        discovered.primary(0).map(|p| &p.id),
+        map.primary(0).map(|p| &p.id)
+    );
+    for index in 0..6 {
+        let mut admin = cluster.admin(index).await;
+        let user = REDIS_USER.as_bytes();
+        assert_reply(
+            &admin
+                .call(&[b"ACL", b"SETUSER", user, b"+cluster|shards"])
+                .await,
+            b"+OK\r\n",
+        );
+    }
 
     // Each key goes to the primary that holds it (no MOVED), and each
     // node answers CLUSTER MYID with the id the map names.
@@ -619,6 +677,25 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         &raw.call(&[b"MGET", b"{t}a", b"{t}b"]).await,
         b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n",
     );
+    // The client sees one Redis: CLUSTER KEYSLOT hashes, the rest of
+    // CLUSTER (and READONLY) is refused, saying why.
+    assert_reply(
+        &raw.call(&[b"CLUSTER", b"KEYSLOT", b"foo"]).await,
+        b":12182\r\n",
+    );
+    for refused in [
+        &[&b"CLUSTER"[..], b"SLOTS"][..],
+        &[b"CLUSTER", b"NODES"],
+        &[b"READONLY"],
+    ] {
+        let reply = raw.call(refused).await;
+        assert!(
+            reply.starts_with(b"-ERR redcloak:")
+                && String::from_utf8_lossy(&reply).contains("Cluster"),
+            "{:?}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
     // A blocking command waits at its slot's primary and is woken there.
     let mut blocked = proxy.raw().await;
     blocked.send(&[b"BLPOP", b"jobs", b"10"]).await;
