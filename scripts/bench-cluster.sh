@@ -86,7 +86,7 @@ run() { # target pipeline args...
     local target=$1 pipeline=$2
     shift 2
     redis-benchmark "$@" -t set,get -d 64 -c 50 -r 1000000 -n "$requests" -P "$pipeline" --csv 2>/dev/null |
-        tail -n +2 | tr -d '"' | while IFS=, read -r test rps _; do
+        grep -E '^"(SET|GET)"' | tr -d '"' | while IFS=, read -r test rps _; do
             echo "$round,$target,$pipeline,$test,$rps"
         done >>"$results"
 }
@@ -96,6 +96,7 @@ for round in $(seq "$rounds"); do
         run redcloak "$pipeline" -h 127.0.0.1 -p $proxy_port
     done
 done
+[[ -n "${BENCH_DEBUG:-}" ]] && cat "$results" "$dir/log" >&2
 python3 - "$results" <<'PY'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1])))

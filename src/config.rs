@@ -1000,8 +1000,7 @@ fn validate_upstream(raw: RawUpstream, base: &Path) -> Result<UpstreamConfig, Co
             Some("off") => None,
             text => Some(parse_duration("upstream.release_idle_after", text, "5s")?),
         },
-        // A cluster is routed per slot by redcloak: no shared lanes yet.
-        lanes: if cluster.is_some() { 0 } else { lanes },
+        lanes,
         server_name,
         address,
         cluster,

@@ -20,6 +20,8 @@ use super::slot::common_slot;
 use super::topology::{self, Naming, TopologyError};
 use crate::policy::table::{Combine, InCluster};
 use crate::resp::{self, Limits};
+use crate::upstream::lane::{LaneKey, LaneLimits, LaneReplies, LaneRequests, Lanes};
+use crate::upstream::pool::Pool;
 use crate::upstream::{ReplyReader, Upstream, UpstreamStream};
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
@@ -45,6 +47,13 @@ pub struct Topology {
     /// replica's promotion (`cluster.failover_wait`).
     failover_wait: Duration,
     map: ArcSwap<SlotMap>,
+    /// An upstream per node address and certificate name, made once.
+    nodes: std::sync::Mutex<HashMap<(String, u16, String), Arc<Upstream>>>,
+    /// How each node's shared lanes are made (`None`: lanes off, every
+    /// client has connections of its own).
+    lane_settings: std::sync::OnceLock<NodeLaneSettings>,
+    /// Each node's lanes, made when first needed.
+    node_lanes: std::sync::Mutex<HashMap<(String, u16), Arc<Lanes>>>,
     /// `cluster.split_multikey`: MGET, DEL, UNLINK, EXISTS and TOUCH
     /// across slots are split per slot instead of refused.
     split_multikey: std::sync::atomic::AtomicBool,
@@ -74,9 +83,55 @@ impl Topology {
             timeout,
             failover_wait,
             map: ArcSwap::from_pointee(map),
+            nodes: std::sync::Mutex::new(HashMap::new()),
+            lane_settings: std::sync::OnceLock::new(),
+            node_lanes: std::sync::Mutex::new(HashMap::new()),
             split_multikey: std::sync::atomic::AtomicBool::new(false),
             last_refresh: tokio::sync::Mutex::new(Instant::now()),
         }))
+    }
+
+    /// Shares lanes per node (`upstream.lanes` of them per protocol):
+    /// plain data commands of every client go over them, coalesced.
+    pub fn use_lanes(&self, settings: NodeLaneSettings) {
+        let _ = self.lane_settings.set(settings);
+    }
+
+    /// The lanes of the node at `host:port`, made when first asked for;
+    /// `None` when lanes are off.
+    fn lanes_of(&self, host: &str, port: u16) -> Result<Option<Arc<Lanes>>, String> {
+        let Some(settings) = self.lane_settings.get() else {
+            return Ok(None);
+        };
+        let at = (host.to_owned(), port);
+        if let Some(lanes) = self
+            .node_lanes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&at)
+        {
+            return Ok(Some(lanes.clone()));
+        }
+        let upstream = self.node(host, port)?;
+        // No ready connections kept: a lane opens one when it is made.
+        let pool = Arc::new(Pool::new(upstream, 0, settings.metrics.clone()));
+        let lanes = Lanes::new(
+            pool,
+            settings.per_key,
+            settings.limits,
+            settings.reply_limits.clone(),
+            settings.budget.clone(),
+            settings.metrics.clone(),
+        );
+        self.node_lanes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(at, lanes.clone());
+        Ok(Some(lanes))
+    }
+
+    fn has_lanes(&self) -> bool {
+        self.lane_settings.get().is_some()
     }
 
     /// Sets `cluster.split_multikey`.
@@ -149,9 +204,11 @@ impl Topology {
         }
     }
 
-    /// An upstream for the node at `host:port`, its certificate verified
-    /// against the name `naming` gives it.
-    fn node(&self, host: &str, port: u16) -> Result<Upstream, String> {
+    /// The upstream for the node at `host:port`, its certificate verified
+    /// against the name `naming` gives it; one per node and name, shared
+    /// by every router (so a certificate's expiry warning is logged once a
+    /// day per node, not once per connection).
+    fn node(&self, host: &str, port: u16) -> Result<Arc<Upstream>, String> {
         let map = self.map();
         let known = map.nodes().find(|n| n.host == host && n.port == port);
         let name = match (&self.naming, known) {
@@ -161,10 +218,29 @@ impl Topology {
                 return Err(format!("{host}:{port} is not in the slot map"));
             }
         };
-        self.upstream
-            .node(topology::address(host, port), &name)
-            .map_err(|e| e.to_string())
+        let at = (host.to_owned(), port, name);
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(upstream) = nodes.get(&at) {
+            return Ok(upstream.clone());
+        }
+        let upstream = Arc::new(
+            self.upstream
+                .node(topology::address(host, port), &at.2)
+                .map_err(|e| e.to_string())?,
+        );
+        nodes.insert(at, upstream.clone());
+        Ok(upstream)
     }
+}
+
+/// How the lanes of each node are made (as `upstream.lanes` for one Redis).
+pub struct NodeLaneSettings {
+    /// Lanes per protocol per node.
+    pub per_key: usize,
+    pub limits: LaneLimits,
+    pub reply_limits: Limits,
+    pub budget: Arc<crate::session::memory::BufferBudget>,
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,12 +253,85 @@ pub enum RouteError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CrossSlot;
 
+/// How a request reaches a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Via {
+    /// The client's own connection to the node: anything that leaves state
+    /// on the connection (transactions, HELLO, CLIENT), blocks, or needs
+    /// ASKING's flag kept for it.
+    Own,
+    /// The node's shared lanes: plain data commands.
+    Lane,
+}
+
+/// A node and the way to it: a key of [`Router::nodes`].
+type Link = ((String, u16), Via);
+
+/// The connection itself (a TLS stream is large: boxed, so a lane's
+/// entry is not as large).
+enum Conn {
+    Own(Box<UpstreamStream>),
+    Lane(LaneRequests, LaneReplies),
+}
+
 /// One node's connection and the replies it owes, in order.
 struct NodeConn {
-    stream: UpstreamStream,
+    conn: Conn,
     replies: ReplyReader,
     /// The request each coming reply answers (`None`: an `ASKING`'s `+OK`).
     owed: VecDeque<Option<u64>>,
+    /// Requests written here and sent with the batch ([`Router::flush`]):
+    /// one TLS record and one write per node per batch, not per request.
+    outbox: BytesMut,
+    /// How many requests the outbox holds, and whether one has a reply
+    /// that grows with the data (lanes send those on the bulk lane).
+    outbox_requests: usize,
+    outbox_bulky: bool,
+}
+
+impl NodeConn {
+    fn new(conn: Conn, owed: VecDeque<Option<u64>>) -> NodeConn {
+        NodeConn {
+            conn,
+            replies: ReplyReader::default(),
+            owed,
+            outbox: BytesMut::new(),
+            outbox_requests: 0,
+            outbox_bulky: false,
+        }
+    }
+
+    /// Queues one request for the next flush.
+    fn queue(&mut self, args: &[impl AsRef<[u8]>], bulky: bool) {
+        resp::encode_command(&mut self.outbox, args);
+        self.outbox_requests += 1;
+        self.outbox_bulky |= bulky;
+    }
+
+    /// Sends what is queued.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        let out = std::mem::take(&mut self.outbox);
+        let requests = std::mem::take(&mut self.outbox_requests);
+        let bulky = std::mem::take(&mut self.outbox_bulky);
+        match &mut self.conn {
+            Conn::Own(stream) => {
+                stream.write_all(&out).await?;
+                stream.flush().await
+            }
+            Conn::Lane(lane, _) => lane
+                .send(out.freeze(), requests, bulky)
+                .await
+                .map_err(std::io::Error::other),
+        }
+    }
+
+    /// The next reply on this connection.
+    async fn read(&mut self, limits: &Limits) -> std::io::Result<BytesMut> {
+        match &mut self.conn {
+            Conn::Own(stream) => self.replies.next(stream, limits).await,
+            Conn::Lane(_, replies) => self.replies.next(replies, limits).await,
+        }
+    }
 }
 
 /// A request not yet answered to the client.
@@ -198,6 +347,8 @@ struct Pending {
     /// A SCAN of the shard named by this slot: its reply's cursor is
     /// rewritten (see [`scan`]).
     scan: Option<u16>,
+    /// Over the client's own connection or the node's lanes.
+    via: Via,
 }
 
 /// A transaction, or a WATCH, pinned to one slot's primary: every key in
@@ -225,7 +376,9 @@ pub struct Router {
     /// Commands that set up a connection (HELLO, CLIENT SETNAME): sent to
     /// every node connection, now and when one opens.
     setup: Vec<Vec<Bytes>>,
-    nodes: HashMap<(String, u16), NodeConn>,
+    nodes: HashMap<Link, NodeConn>,
+    /// The protocol the client's lanes speak (HELLO changes it).
+    lane_protocol: u8,
     pending: VecDeque<Pending>,
     /// Replies that arrived before their turn.
     done: BTreeMap<u64, BytesMut>,
@@ -270,6 +423,7 @@ impl Router {
             delivered: None,
             protocol: 2,
             hello: None,
+            lane_protocol: 2,
         }
     }
 
@@ -417,6 +571,7 @@ impl Router {
             tryagain_since: None,
             in_transaction: false,
             scan: None,
+            via: Via::Own,
         });
     }
 
@@ -566,6 +721,7 @@ impl Router {
             tryagain_since: None,
             in_transaction,
             scan: None,
+            via: Via::Own,
         });
         index
     }
@@ -590,19 +746,28 @@ impl Router {
         node: (String, u16),
         index: Option<u64>,
     ) -> Result<(), RouteError> {
-        let node_name = format!("{}:{}", node.0, node.1);
-        let conn = self.connection(&node).await?;
-        let mut out = BytesMut::new();
-        resp::encode_command(&mut out, &args);
+        let conn = self.connection(&node, Via::Own).await?;
+        conn.queue(&args, false);
         conn.owed.push_back(index);
-        let written = async {
-            conn.stream.write_all(&out).await?;
-            conn.stream.flush().await
-        };
-        written.await.map_err(|e| RouteError::Node {
-            node: node_name,
-            why: e.to_string(),
-        })
+        Ok(())
+    }
+
+    /// Sends what each node connection has queued; a node that fails the
+    /// write is lost (what it owed answered with an error, never sent twice).
+    pub async fn flush(&mut self) {
+        let queued: Vec<Link> = self
+            .nodes
+            .iter()
+            .filter(|(_, conn)| !conn.outbox.is_empty())
+            .map(|(link, _)| link.clone())
+            .collect();
+        for link in queued {
+            let conn = self.nodes.get_mut(&link).expect("listed");
+            if let Err(err) = conn.flush().await {
+                tracing::warn!(node = %format!("{}:{}", link.0.0, link.0.1), error = %err, "cluster node lost");
+                self.lose(&link);
+            }
+        }
     }
 
     /// A command that sets up the connection (HELLO, CLIENT SETNAME): its
@@ -610,23 +775,16 @@ impl Router {
     /// connection gets it too, and every one opened later.
     pub async fn send_setup(&mut self, args: Vec<Bytes>) -> Result<(), RouteError> {
         let answering = self.primary_of(Some(0)).await;
-        let others: Vec<(String, u16)> = self
+        let others: Vec<Link> = self
             .nodes
             .keys()
-            .filter(|target| Some(*target) != answering.as_ref())
+            .filter(|(target, via)| *via == Via::Own && Some(target) != answering.as_ref())
             .cloned()
             .collect();
-        let mut out = BytesMut::new();
-        resp::encode_command(&mut out, &args);
-        for target in others {
-            let conn = self.nodes.get_mut(&target).expect("listed");
+        for link in others {
+            let conn = self.nodes.get_mut(&link).expect("listed");
             conn.owed.push_back(None);
-            let node = format!("{}:{}", target.0, target.1);
-            let failed = |e: std::io::Error| RouteError::Node {
-                node: node.clone(),
-                why: e.to_string(),
-            };
-            conn.stream.write_all(&out).await.map_err(failed)?;
+            conn.queue(&args, false);
         }
         self.setup.push(args.clone());
         let asked = args
@@ -636,8 +794,26 @@ impl Router {
             .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u8>().ok());
         if let Some(protocol) = asked {
             self.hello = Some((self.next_index, protocol));
+            // What follows on the lanes is answered in that protocol.
+            self.switch_lanes(protocol).await?;
         }
         self.send(args).await
+    }
+
+    /// The client's lanes speak `protocol` from the next request on.
+    async fn switch_lanes(&mut self, protocol: u8) -> Result<(), RouteError> {
+        self.lane_protocol = protocol;
+        for ((target, via), conn) in self.nodes.iter_mut() {
+            if let (Via::Lane, Conn::Lane(lane, _)) = (via, &mut conn.conn) {
+                lane.switch(0, protocol)
+                    .await
+                    .map_err(|e| RouteError::Node {
+                        node: format!("{}:{}", target.0, target.1),
+                        why: e.to_string(),
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// RESET: the transaction, connection setup and subscriptions end, and
@@ -645,12 +821,14 @@ impl Router {
     /// again as new ones).
     pub async fn reset(&mut self, args: Vec<Bytes>) -> Result<(), RouteError> {
         let answering = self.primary_of(Some(0)).await;
-        self.nodes
-            .retain(|target, conn| Some(target) == answering.as_ref() || !conn.owed.is_empty());
+        self.nodes.retain(|(target, via), conn| {
+            (*via == Via::Own && Some(target) == answering.as_ref()) || !conn.owed.is_empty()
+        });
         self.subscribers.clear();
         self.setup.clear();
         self.transaction = Transaction::default();
         self.protocol = 2;
+        self.switch_lanes(2).await?;
         self.send(args).await
     }
 
@@ -699,10 +877,12 @@ impl Router {
                     tryagain_since: None,
                     in_transaction: false,
                     scan: None,
+                    via: Via::Own,
                 });
                 return Ok(());
             }
         };
+        let via = self.via_for(&args);
         let pending = Pending {
             index,
             args,
@@ -711,10 +891,30 @@ impl Router {
             tryagain_since: None,
             in_transaction: false,
             scan: None,
+            via,
         };
         self.dispatch(&pending, None, false).await?;
         self.pending.push_back(pending);
         Ok(())
+    }
+
+    /// Lanes carry plain data commands; anything that leaves state on the
+    /// connection or blocks goes on the client's own.
+    fn via_for(&self, args: &[Bytes]) -> Via {
+        if !self.topology.has_lanes() {
+            return Via::Own;
+        }
+        match args
+            .first()
+            .and_then(|name| crate::policy::table::lookup(name))
+        {
+            Some(row)
+                if row.leaves == crate::policy::table::Leaves::Nothing && row.blocks.is_none() =>
+            {
+                Via::Lane
+            }
+            _ => Via::Own,
+        }
     }
 
     /// Writes `pending` to `to` (or its slot's primary), after `ASKING`
@@ -741,7 +941,8 @@ impl Router {
         // A primary that cannot be reached may be failing over: the map is
         // read again until another node serves the slot, for failover_wait.
         let deadline = Instant::now() + self.topology.failover_wait;
-        while let Err(err) = self.connection(&target).await {
+        let via = pending.via;
+        while let Err(err) = self.connection(&target, via).await {
             if Instant::now() >= deadline {
                 self.done.insert(
                     pending.index,
@@ -757,37 +958,28 @@ impl Router {
                 target = (primary.host.clone(), primary.port);
             }
         }
-        let conn = self.nodes.get_mut(&target).expect("connected");
-        let mut out = BytesMut::new();
+        let bulky = pending
+            .args
+            .first()
+            .and_then(|name| crate::policy::table::lookup(name))
+            .is_some_and(|row| row.bulky);
+        let conn = self.nodes.get_mut(&(target, via)).expect("connected");
+        // ASKING and the request go together, in one write.
         if asking {
-            resp::encode_command(&mut out, &[b"ASKING"]);
+            conn.queue(&[b"ASKING"], false);
             conn.owed.push_back(None);
         }
-        resp::encode_command(&mut out, &pending.args);
+        conn.queue(&pending.args, bulky);
         conn.owed.push_back(Some(pending.index));
-        let node = format!("{}:{}", target.0, target.1);
-        let failed = |e: std::io::Error| RouteError::Node {
-            node: node.clone(),
-            why: e.to_string(),
-        };
-        let written = async {
-            conn.stream.write_all(&out).await?;
-            conn.stream.flush().await
-        };
-        if let Err(err) = written.await {
-            // The node is gone: what it owed (this request included) is
-            // answered with an error, never sent twice.
-            tracing::warn!(error = %failed(err), "cluster node lost");
-            self.lose(&target);
-        }
         Ok(())
     }
 
     /// The connection to `target` is lost: every request it owed a reply
     /// is answered with an error (it may or may not have run), and the map
     /// is read again.
-    fn lose(&mut self, target: &(String, u16)) {
-        if let Some(conn) = self.nodes.remove(target) {
+    fn lose(&mut self, link: &Link) {
+        let target = &link.0;
+        if let Some(conn) = self.nodes.remove(link) {
             for index in conn.owed.into_iter().flatten() {
                 self.done.insert(
                     index,
@@ -815,57 +1007,74 @@ impl Router {
         None
     }
 
-    async fn connection(&mut self, target: &(String, u16)) -> Result<&mut NodeConn, RouteError> {
+    async fn connection(
+        &mut self,
+        target: &(String, u16),
+        via: Via,
+    ) -> Result<&mut NodeConn, RouteError> {
+        let link = (target.clone(), via);
         // A connection that owes nothing and that the node closed (it died,
         // or restarted) is dropped before anything is sent on it, so the
         // request goes, once, to whichever node serves the slot now.
-        if self
-            .nodes
-            .get(target)
-            .is_some_and(|conn| conn.owed.is_empty() && closed(&conn.stream))
-        {
-            self.nodes.remove(target);
+        let closed_by_node = self.nodes.get(&link).is_some_and(|conn| match &conn.conn {
+            Conn::Own(stream) => conn.owed.is_empty() && closed(stream),
+            Conn::Lane(..) => false,
+        });
+        if closed_by_node {
+            self.nodes.remove(&link);
             return Err(RouteError::Node {
                 node: format!("{}:{}", target.0, target.1),
                 why: "the node closed the connection".into(),
             });
         }
-        if !self.nodes.contains_key(target) {
+        if !self.nodes.contains_key(&link) {
             let node = format!("{}:{}", target.0, target.1);
-            let upstream =
-                self.topology
-                    .node(&target.0, target.1)
-                    .map_err(|why| RouteError::Node {
-                        node: node.clone(),
-                        why,
-                    })?;
-            let mut stream = upstream.connect().await.map_err(|e| RouteError::Node {
+            let failed = |why: String| RouteError::Node {
                 node: node.clone(),
-                why: e.to_string(),
-            })?;
-            // The client's connection setup, its replies owed to nobody.
-            let mut owed = VecDeque::new();
-            if !self.setup.is_empty() {
-                let mut out = BytesMut::new();
-                for args in &self.setup {
-                    resp::encode_command(&mut out, args);
-                    owed.push_back(None);
+                why,
+            };
+            let lanes = match via {
+                Via::Lane => self
+                    .topology
+                    .lanes_of(&target.0, target.1)
+                    .map_err(failed)?,
+                Via::Own => None,
+            };
+            let conn = match lanes {
+                Some(lanes) => {
+                    let key = LaneKey {
+                        database: 0,
+                        protocol: self.lane_protocol,
+                        bulk: false,
+                    };
+                    let link = lanes.attach(key).await.map_err(|e| failed(e.to_string()))?;
+                    NodeConn::new(Conn::Lane(link.requests, link.replies), VecDeque::new())
                 }
-                stream.write_all(&out).await.map_err(|e| RouteError::Node {
-                    node: node.clone(),
-                    why: e.to_string(),
-                })?;
-            }
-            self.nodes.insert(
-                target.clone(),
-                NodeConn {
-                    stream,
-                    replies: ReplyReader::default(),
-                    owed,
-                },
-            );
+                None => {
+                    let upstream = self.topology.node(&target.0, target.1).map_err(failed)?;
+                    let mut stream = upstream
+                        .connect()
+                        .await
+                        .map_err(|e| failed(e.to_string()))?;
+                    // The client's connection setup, its replies owed to nobody.
+                    let mut owed = VecDeque::new();
+                    if !self.setup.is_empty() {
+                        let mut out = BytesMut::new();
+                        for args in &self.setup {
+                            resp::encode_command(&mut out, args);
+                            owed.push_back(None);
+                        }
+                        stream
+                            .write_all(&out)
+                            .await
+                            .map_err(|e| failed(e.to_string()))?;
+                    }
+                    NodeConn::new(Conn::Own(Box::new(stream)), owed)
+                }
+            };
+            self.nodes.insert(link.clone(), conn);
         }
-        Ok(self.nodes.get_mut(target).expect("just inserted"))
+        Ok(self.nodes.get_mut(&link).expect("just inserted"))
     }
 
     /// The reply to the oldest request not yet answered, redirects
@@ -889,13 +1098,18 @@ impl Router {
                 }
                 return Ok(Some(reply));
             }
+            // What is queued goes out before anything is waited for.
+            if self.nodes.values().any(|conn| !conn.outbox.is_empty()) {
+                self.flush().await;
+                continue;
+            }
             // Read from the node that owes the oldest request its reply,
             // and from every subscriber connection.
-            let target = self
+            let target: Option<Link> = self
                 .nodes
                 .iter()
                 .find(|(_, conn)| conn.owed.contains(&Some(index)))
-                .map(|(target, _)| target.clone());
+                .map(|(link, _)| link.clone());
             if target.is_none() && !self.subscribers.owe(index) {
                 return Err(RouteError::Node {
                     node: String::new(),
@@ -906,7 +1120,7 @@ impl Router {
                 (Some(target), false) => {
                     let limits = self.limits.clone();
                     let conn = self.nodes.get_mut(&target).expect("found");
-                    let read = conn.replies.next(&mut conn.stream, &limits).await;
+                    let read = conn.read(&limits).await;
                     pubsub::Event::Node(target, read)
                 }
                 (target, _) => self.read_event(target).await,
@@ -932,10 +1146,10 @@ impl Router {
                 let Some(owner) = conn.owed.pop_front().flatten() else {
                     return Ok(()); // ASKING's +OK
                 };
-                self.answered(owner, target, reply).await
+                self.answered(owner, target.0, reply).await
             }
             pubsub::Event::Node(target, Err(err)) => {
-                tracing::warn!(node = %format!("{}:{}", target.0, target.1), error = %err, "cluster node lost");
+                tracing::warn!(node = %format!("{}:{}", target.0.0, target.0.1), error = %err, "cluster node lost");
                 self.lose(&target);
                 Ok(())
             }
@@ -1206,6 +1420,7 @@ where
                 return;
             }
         }
+        router.flush().await;
         while router.pending() > 0 {
             match router.next_reply().await {
                 Ok(Some(reply)) => {

@@ -139,6 +139,10 @@ impl Server {
     /// `telemetry` counts what the server does and reports its readiness.
     pub async fn bind(config: Config, telemetry: Telemetry) -> Result<Server, StartError> {
         let upstream = Arc::new(Upstream::from_config(&config.upstream)?);
+        // What every session's buffers, and every lane's, may hold together.
+        let buffers = Arc::new(session::memory::BufferBudget::new(
+            config.limits.max_buffered_bytes,
+        ));
         let cluster = match &config.upstream.cluster {
             Some(cluster) => {
                 let template = upstream.node(
@@ -155,6 +159,21 @@ impl Server {
                 )
                 .await?;
                 topology.set_split_multikey(cluster.split_multikey);
+                if config.upstream.lanes > 0 {
+                    topology.use_lanes(crate::cluster::router::NodeLaneSettings {
+                        per_key: config.upstream.lanes,
+                        limits: LaneLimits {
+                            request_timeout: config.upstream.request_timeout,
+                            ..LaneLimits::default()
+                        },
+                        reply_limits: Limits {
+                            max_bulk_bytes: config.limits.resp.max_bulk_bytes + envelope::OVERHEAD,
+                            ..config.limits.resp.clone()
+                        },
+                        budget: buffers.clone(),
+                        metrics: telemetry.metrics.clone(),
+                    });
+                }
                 Some(topology)
             }
             None => None,
@@ -231,9 +250,7 @@ impl Server {
             client_write_timeout: config.limits.client_write_timeout,
             request_timeout: config.upstream.request_timeout,
             request_read_timeout: config.limits.request_read_timeout,
-            buffers: Arc::new(session::memory::BufferBudget::new(
-                config.limits.max_buffered_bytes,
-            )),
+            buffers: buffers.clone(),
             idle_timeout: config.listen.idle_timeout,
             upstream: upstream.clone(),
             metrics: metrics.clone(),
@@ -258,7 +275,8 @@ impl Server {
             config.upstream.pool_idle,
             telemetry.metrics.clone(),
         ));
-        let lanes = (config.upstream.lanes > 0).then(|| {
+        // In front of a cluster the lanes are per node, the router's.
+        let lanes = (config.upstream.lanes > 0 && cluster.is_none()).then(|| {
             Lanes::new(
                 pool.clone(),
                 config.upstream.lanes,

@@ -696,6 +696,40 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
             String::from_utf8_lossy(&reply)
         );
     }
+    // Plain commands of many clients share each node's lanes: 30 clients
+    // reading keys on every primary hold far fewer than 30 connections to
+    // any node.
+    let mut many = Vec::new();
+    for _ in 0..30 {
+        let mut c = proxy.raw().await;
+        for i in 0..6 {
+            let got = c.call(&[b"GET", format!("user:{i}").as_bytes()]).await;
+            assert!(got.starts_with(b"$8\r\nsecret"), "{got:?}");
+        }
+        many.push(c);
+    }
+    for primary in map.nodes().filter(|n| n.primary) {
+        let mut admin = cluster
+            .admin(
+                cluster
+                    .nodes
+                    .iter()
+                    .position(|n| n.port() == primary.port)
+                    .expect("node"),
+            )
+            .await;
+        let list = admin.call(&[b"CLIENT", b"LIST"]).await;
+        let ours = String::from_utf8_lossy(&list)
+            .lines()
+            .filter(|line| line.contains(&format!("user={REDIS_USER} ")))
+            .count();
+        assert!(
+            ours < 12,
+            "{ours} connections from redcloak to {}",
+            primary.port
+        );
+    }
+    drop(many);
     // A blocking command waits at its slot's primary and is woken there.
     let mut blocked = proxy.raw().await;
     blocked.send(&[b"BLPOP", b"jobs", b"10"]).await;

@@ -200,7 +200,7 @@ pub(super) fn pubsub_command(name: &[u8]) -> Option<(PubSubKind, bool)> {
 
 /// What one read from a connection gave.
 pub(super) enum Event {
-    Node((String, u16), std::io::Result<BytesMut>),
+    Node(super::Link, std::io::Result<BytesMut>),
     Subscriber(Holder, std::io::Result<BytesMut>),
 }
 
@@ -677,7 +677,7 @@ impl Router {
 
     /// Reads the next frame from the node that owes `node` (if any) or
     /// from any subscriber connection.
-    pub(super) async fn read_event(&mut self, node: Option<(String, u16)>) -> Event {
+    pub(super) async fn read_event(&mut self, node: Option<super::Link>) -> Event {
         let limits = self.limits.clone();
         let limits = &limits;
         let mut reads: Vec<std::pin::Pin<Box<dyn Future<Output = Event> + Send + '_>>> = Vec::new();
@@ -685,7 +685,7 @@ impl Router {
             && let Some(conn) = self.nodes.get_mut(&target)
         {
             reads.push(Box::pin(async move {
-                let read = conn.replies.next(&mut conn.stream, limits).await;
+                let read = conn.read(limits).await;
                 Event::Node(target, read)
             }));
         }

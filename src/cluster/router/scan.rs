@@ -116,6 +116,7 @@ impl Router {
             return Ok(());
         };
         args[1] = Bytes::from(node_cursor.to_string());
+        let via = self.via_for(&args);
         let index = self.next_index;
         self.next_index += 1;
         let pending = Pending {
@@ -126,6 +127,7 @@ impl Router {
             tryagain_since: None,
             in_transaction: false,
             scan: Some(slot),
+            via,
         };
         self.dispatch(&pending, None, false).await?;
         self.pending.push_back(pending);
