@@ -54,6 +54,9 @@ pub struct Topology {
     lane_settings: std::sync::OnceLock<NodeLaneSettings>,
     /// Each node's lanes, made when first needed.
     node_lanes: std::sync::Mutex<HashMap<(String, u16), Arc<Lanes>>>,
+    /// Addresses proved to be the node the map names there (`CLUSTER
+    /// MYID`), with that id: proved again when the map names another.
+    proved: std::sync::Mutex<HashMap<(String, u16), String>>,
     /// `cluster.split_multikey`: MGET, DEL, UNLINK, EXISTS and TOUCH
     /// across slots are split per slot instead of refused.
     split_multikey: std::sync::atomic::AtomicBool,
@@ -86,9 +89,68 @@ impl Topology {
             nodes: std::sync::Mutex::new(HashMap::new()),
             lane_settings: std::sync::OnceLock::new(),
             node_lanes: std::sync::Mutex::new(HashMap::new()),
+            proved: std::sync::Mutex::new(HashMap::new()),
             split_multikey: std::sync::atomic::AtomicBool::new(false),
             last_refresh: tokio::sync::Mutex::new(Instant::now()),
         }))
+    }
+
+    /// Proves the node at `host:port` is the one the slot map names there
+    /// (`CLUSTER MYID` over a verified connection) before any request goes
+    /// to it: an address reused by another node is refused. Once per
+    /// address and id.
+    async fn prove(&self, host: &str, port: u16) -> Result<(), String> {
+        let named = |map: &SlotMap| {
+            map.nodes()
+                .find(|n| n.host == host && n.port == port && !n.id.is_empty())
+                .map(|n| n.id.clone())
+        };
+        let id = match named(&self.map()) {
+            Some(id) => id,
+            // Named by a MOVED only so far: the map is read again.
+            None => {
+                self.refresh().await;
+                named(&self.map()).ok_or_else(|| format!("{host}:{port} is not in the slot map"))?
+            }
+        };
+        let at = (host.to_owned(), port);
+        if self
+            .proved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&at)
+            == Some(&id)
+        {
+            return Ok(());
+        }
+        let upstream = self.node(host, port)?;
+        let mut conn = upstream.connect().await.map_err(|e| e.to_string())?;
+        let reply = crate::upstream::call(&mut conn, &[b"CLUSTER", b"MYID"], self.timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        match resp::bulk_body(&reply) {
+            Some(answer) if answer == id.as_bytes() => {
+                self.proved
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(at, id);
+                Ok(())
+            }
+            Some(answer) => Err(format!(
+                "answers as node {} where the slot map names {id}: another node behind a known address",
+                String::from_utf8_lossy(answer)
+            )),
+            None => Err(format!(
+                "CLUSTER MYID refused: {}",
+                crate::upstream::error_text(&reply)
+            )),
+        }
+    }
+
+    /// Replaces the slot map (tests: a map naming another node's id).
+    #[doc(hidden)]
+    pub fn replace_map(&self, map: SlotMap) {
+        self.map.store(Arc::new(map));
     }
 
     /// Shares lanes per node (`upstream.lanes` of them per protocol):
@@ -1033,6 +1095,10 @@ impl Router {
                 node: node.clone(),
                 why,
             };
+            self.topology
+                .prove(&target.0, target.1)
+                .await
+                .map_err(failed)?;
             let lanes = match via {
                 Via::Lane => self
                     .topology

@@ -407,6 +407,40 @@ async fn every_node_is_proved_and_impostors_are_refused() {
         .expect("the node");
     let why = refused.outcome.as_ref().expect_err("refused");
     assert!(why.contains("another node behind a known address"), "{why}");
+
+    // While serving too: before the router sends anything to a node, the
+    // node proves the id the map names (no waiting for a failover here).
+    use redcloak::cluster::router::{Router, Topology};
+    let topology = Topology::start(
+        cluster_upstream(&cluster),
+        vec![format!("127.0.0.1:{}", cluster.nodes[0].port())],
+        naming.clone(),
+        timeout,
+        Duration::ZERO,
+        None,
+    )
+    .await
+    .expect("topology");
+    topology.replace_map(forged.clone());
+    let key = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| forged.primary(slot::slot(k.as_bytes())).map(|p| p.port) == Some(moved_port))
+        .expect("a key on that node");
+    let mut router = Router::new(topology, redcloak::resp::Limits::default());
+    router
+        .send(words(&[b"GET", key.as_bytes()]))
+        .await
+        .expect("sent");
+    let reply = router
+        .next_reply()
+        .await
+        .expect("a reply")
+        .expect("pending");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.starts_with("-CLUSTERDOWN") && text.contains("another node behind a known address"),
+        "{text}"
+    );
 }
 
 /// redcloak's user's upstream for the cluster (the address comes from the

@@ -406,6 +406,7 @@ impl Router {
             node: name.clone(),
             why,
         };
+        self.topology.prove(&node.0, node.1).await.map_err(failed)?;
         let upstream = self.topology.node(&node.0, node.1).map_err(failed)?;
         let mut stream = upstream
             .connect()
