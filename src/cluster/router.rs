@@ -60,7 +60,9 @@ pub struct Topology {
     /// `cluster.split_multikey`: MGET, DEL, UNLINK, EXISTS and TOUCH
     /// across slots are split per slot instead of refused.
     split_multikey: std::sync::atomic::AtomicBool,
-    last_refresh: tokio::sync::Mutex<Instant>,
+    /// When the map was last read, and the connection it was read over
+    /// (the next refresh asks there first: no new TLS handshake).
+    last_refresh: tokio::sync::Mutex<(Instant, Option<UpstreamStream>)>,
     metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
 }
 
@@ -74,7 +76,8 @@ impl Topology {
         failover_wait: Duration,
         metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
     ) -> Result<Arc<Topology>, TopologyError> {
-        let map = topology::discover(&upstream, &seeds, &naming, timeout).await?;
+        let (map, control) =
+            topology::discover_keeping(&upstream, &seeds, &naming, timeout).await?;
         if let Some(metrics) = &metrics {
             metrics.set_cluster_map(map.nodes().count(), map.uncovered());
         }
@@ -91,7 +94,7 @@ impl Topology {
             node_lanes: std::sync::Mutex::new(HashMap::new()),
             proved: std::sync::Mutex::new(HashMap::new()),
             split_multikey: std::sync::atomic::AtomicBool::new(false),
-            last_refresh: tokio::sync::Mutex::new(Instant::now()),
+            last_refresh: tokio::sync::Mutex::new((Instant::now(), Some(control))),
         }))
     }
 
@@ -225,24 +228,41 @@ impl Topology {
     /// last (a caller arriving meanwhile waits for the one in progress).
     pub async fn refresh(&self) {
         let mut last = self.last_refresh.lock().await;
-        if last.elapsed() < MIN_REFRESH_GAP {
+        let (at, control) = &mut *last;
+        if at.elapsed() < MIN_REFRESH_GAP {
             return;
         }
-        let known = self.map();
-        let mut seeds: Vec<String> = known
-            .nodes()
-            .map(|n| topology::address(&n.host, n.port))
-            .collect();
-        seeds.extend(self.seeds.iter().cloned());
-        if let Ok(map) =
-            topology::discover(&self.upstream, &seeds, &self.naming, self.timeout).await
-        {
+        // Over the connection the map was last read on; a map that leaves
+        // slots without a primary is read again from the other nodes (that
+        // node may be the one whose view is behind).
+        let mut read = None;
+        if let Some(conn) = control.as_mut() {
+            match topology::shards(conn, self.timeout).await {
+                Ok(map) if map.uncovered() == 0 => read = Some(map),
+                _ => *control = None,
+            }
+        }
+        if read.is_none() {
+            let known = self.map();
+            let mut seeds: Vec<String> = known
+                .nodes()
+                .map(|n| topology::address(&n.host, n.port))
+                .collect();
+            seeds.extend(self.seeds.iter().cloned());
+            if let Ok((map, conn)) =
+                topology::discover_keeping(&self.upstream, &seeds, &self.naming, self.timeout).await
+            {
+                *control = Some(conn);
+                read = Some(map);
+            }
+        }
+        if let Some(map) = read {
             if let Some(metrics) = &self.metrics {
                 metrics.set_cluster_map(map.nodes().count(), map.uncovered());
             }
             self.map.store(Arc::new(map));
         }
-        *last = Instant::now();
+        *at = Instant::now();
     }
 
     fn redirected(&self, kind: &'static str) {

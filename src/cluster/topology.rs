@@ -53,7 +53,10 @@ pub fn address(host: &str, port: u16) -> String {
 
 /// The slot map from `CLUSTER SHARDS`, or `CLUSTER SLOTS` where Redis
 /// refuses that (before 7.0, or an ACL without it).
-async fn shards(conn: &mut UpstreamStream, timeout: Duration) -> Result<SlotMap, String> {
+pub(crate) async fn shards(
+    conn: &mut UpstreamStream,
+    timeout: Duration,
+) -> Result<SlotMap, String> {
     let reply = call(conn, &[b"CLUSTER", b"SHARDS"], timeout)
         .await
         .map_err(|e| e.to_string())?;
@@ -78,6 +81,19 @@ pub async fn discover(
     naming: &Naming,
     timeout: Duration,
 ) -> Result<SlotMap, TopologyError> {
+    discover_keeping(upstream, seeds, naming, timeout)
+        .await
+        .map(|(map, _)| map)
+}
+
+/// [`discover`], and the connection the map was read over (kept to read
+/// it again).
+pub async fn discover_keeping(
+    upstream: &Upstream,
+    seeds: &[String],
+    naming: &Naming,
+    timeout: Duration,
+) -> Result<(SlotMap, UpstreamStream), TopologyError> {
     let mut failures = Vec::new();
     for seed in seeds {
         let name = match naming {
@@ -94,10 +110,11 @@ pub async fn discover(
                 .node(seed.clone(), &name)
                 .map_err(|e| e.to_string())?;
             let mut conn = node.connect().await.map_err(|e| e.to_string())?;
-            shards(&mut conn, timeout).await
+            let map = shards(&mut conn, timeout).await?;
+            Ok::<_, String>((map, conn))
         };
         match attempt.await {
-            Ok(map) => return Ok(map),
+            Ok(found) => return Ok(found),
             Err(why) => failures.push(format!("{seed}: {why}")),
         }
     }

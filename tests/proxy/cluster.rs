@@ -477,6 +477,30 @@ async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
     )
     .await
     .expect("topology");
+    // Refreshes read the map over the connection kept from the last one
+    // (the first from discovery): no new connection to any node.
+    let mut admins = Vec::new();
+    for index in 0..6 {
+        admins.push(cluster.admin(index).await);
+    }
+    async fn connections_received(admins: &mut [RawClient<UpstreamStream>]) -> u64 {
+        let mut total = 0;
+        for admin in admins.iter_mut() {
+            let info = admin.call(&[b"INFO", b"stats"]).await;
+            total += String::from_utf8_lossy(&info)
+                .lines()
+                .find_map(|l| l.strip_prefix("total_connections_received:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .expect("a count");
+        }
+        total
+    }
+    let before = connections_received(&mut admins).await;
+    for _ in 0..3 {
+        tokio::time::sleep(redcloak::cluster::router::MIN_REFRESH_GAP).await;
+        topology.refresh().await;
+    }
+    assert_eq!(connections_received(&mut admins).await, before);
     let mut router = Router::new(topology.clone(), redcloak::resp::Limits::default());
 
     // 2,000 keys over every node, pipelined 200 at a time, in order.
