@@ -11,6 +11,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const MASTER: &str = "mymaster";
+/// The name the data nodes' certificate shows and redcloak verifies (the
+/// set's other server certificate, redcloak's listener's, does not show it).
+const DATA_NAME: &str = "data.redis.test";
 const SENTINEL_USER: &str = "redcloak-sentinel";
 /// What redcloak's Sentinel user needs (the README's Sentinel section).
 const SENTINEL_ACL: &str =
@@ -38,6 +41,7 @@ impl TestSentinels {
     async fn start() -> TestSentinels {
         let primary = TestRedis::start_with(RedisSetup {
             acl: Some(format!("{LEAST_PRIVILEGE} +role")),
+            redis_names: vec![DATA_NAME],
             extra: vec![
                 "tls-replication yes".into(),
                 "repl-diskless-sync-delay 0".into(),
@@ -233,7 +237,7 @@ impl TestSentinels {
             .upstream
             .retain(|line| !line.starts_with("address ="));
         config
-            .upstream("server_name", "\"localhost\"")
+            .upstream("server_name", &format!("\"{DATA_NAME}\""))
             .tail("[metrics]\naddress = \"127.0.0.1:0\"")
     }
 }
@@ -310,13 +314,19 @@ async fn redcloak_follows_the_primary_sentinel_names() {
     assert!(planned < Duration::from_secs(1), "{planned:?}");
     let mut writer = proxy.raw().await;
     assert_reply(&writer.call(&[b"GET", b"ha:first"]).await, b"$3\r\none\r\n");
-    // And back, so the original primary is the one killed below.
+    // And back, so the original primary is the one killed below; first
+    // with a certificate that does not show upstream.server_name (the
+    // set's other server certificate): Sentinel promotes it, redcloak
+    // does not follow.
     sentinels
         .in_sync(
             sentinels.primary.redis.port(),
             "the old primary follows the new one",
         )
         .await;
+    let certs = &sentinels.primary.certs;
+    let mut original = sentinels.admin(sentinels.primary.redis.port()).await;
+    redis_presents(&mut original, &certs.proxy_cert, &certs.proxy_key).await;
     // Sentinel takes a moment to see the old primary as a good replica.
     let started = Instant::now();
     loop {
@@ -330,6 +340,22 @@ async fn redcloak_follows_the_primary_sentinel_names() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     sentinels.switched_to(&primary_address).await;
+    // Two polls and the event pass: no switch; a write goes to the old
+    // primary (until Sentinel demotes it), never to the unverified one.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        metric(&proxy.scrape().await, "redcloak_sentinel_switches_total"),
+        Some(1.0)
+    );
+    let mut refused = proxy.raw().await;
+    refused.call(&[b"SET", b"ha:unverified", b"x"]).await;
+    let mut direct = sentinels.admin(sentinels.primary.redis.port()).await;
+    assert_reply(
+        &direct.call(&[b"EXISTS", b"ha:unverified"]).await,
+        b":0\r\n",
+    );
+    // Its own certificate again: the next poll follows it.
+    redis_presents(&mut direct, &certs.redis_cert, &certs.redis_key).await;
     write_until_served(&proxy, b"ha:back").await;
     sentinels
         .in_sync(sentinels.replica.port(), "the replica follows again")

@@ -44,7 +44,9 @@ impl TestRedis {
         init_logs();
         let dir = tempfile::tempdir().expect("tempdir");
         let validity = setup.redis_cert_validity;
-        let certs = dev::write_dev_certs_with(dir.path(), &["localhost", "127.0.0.1"], |params| {
+        let mut names = vec!["localhost", "127.0.0.1"];
+        names.extend(setup.redis_names.iter().copied());
+        let certs = dev::write_dev_certs_with(dir.path(), &names, |params| {
             if let Some((not_before, not_after)) = validity {
                 params.not_before = not_before;
                 params.not_after = not_after;
@@ -305,6 +307,9 @@ pub struct RedisSetup {
     pub password: Option<String>,
     /// Validity of Redis's server certificate (default: decades).
     pub redis_cert_validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+    /// Names on Redis's certificate besides localhost and 127.0.0.1 (the
+    /// other certificates of the set do not show them).
+    pub redis_names: Vec<&'static str>,
     /// More redis.conf lines.
     pub extra: Vec<String>,
 }
@@ -317,6 +322,7 @@ impl Default for RedisSetup {
             acl: None,
             password: None,
             redis_cert_validity: None,
+            redis_names: Vec::new(),
             extra: Vec::new(),
         }
     }
