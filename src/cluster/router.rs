@@ -34,7 +34,7 @@ use tokio::io::AsyncWriteExt;
 pub const MAX_REDIRECTS: u8 = 5;
 /// Refreshes of the slot map are at least this far apart.
 pub const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
-/// How long TRYAGAIN is retried for one request.
+/// How long TRYAGAIN is retried for one request, with growing waits.
 const TRYAGAIN_BUDGET: Duration = Duration::from_secs(1);
 
 /// The slot map every router of a proxy shares, and how to renew it.
@@ -1264,7 +1264,12 @@ impl Router {
                 .get_or_insert_with(Instant::now);
             if since.elapsed() < TRYAGAIN_BUDGET {
                 self.topology.redirected("tryagain");
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                // Backing off: each wait as long as the time spent so far
+                // (10 ms at least, 250 ms at most), within the budget.
+                let wait = since
+                    .elapsed()
+                    .clamp(Duration::from_millis(10), Duration::from_millis(250));
+                tokio::time::sleep(wait).await;
                 let again = self.pending.remove(position).expect("found");
                 self.dispatch(&again, Some(from), false).await?;
                 self.pending.insert(position, again);
