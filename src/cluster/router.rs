@@ -431,6 +431,8 @@ struct Pending {
     scan: Option<u16>,
     /// Over the client's own connection or the node's lanes.
     via: Via,
+    /// Last sent after ASKING (an ASK redirect): sent again the same way.
+    asked: bool,
 }
 
 /// A transaction, or a WATCH, pinned to one slot's primary: every key in
@@ -654,6 +656,7 @@ impl Router {
             in_transaction: false,
             scan: None,
             via: Via::Own,
+            asked: false,
         });
     }
 
@@ -804,6 +807,7 @@ impl Router {
             in_transaction,
             scan: None,
             via: Via::Own,
+            asked: false,
         });
         index
     }
@@ -960,6 +964,7 @@ impl Router {
                     in_transaction: false,
                     scan: None,
                     via: Via::Own,
+                    asked: false,
                 });
                 return Ok(());
             }
@@ -974,6 +979,7 @@ impl Router {
             in_transaction: false,
             scan: None,
             via,
+            asked: false,
         };
         self.dispatch(&pending, None, false).await?;
         self.pending.push_back(pending);
@@ -1271,7 +1277,8 @@ impl Router {
                     .clamp(Duration::from_millis(10), Duration::from_millis(250));
                 tokio::time::sleep(wait).await;
                 let again = self.pending.remove(position).expect("found");
-                self.dispatch(&again, Some(from), false).await?;
+                let asking = again.asked;
+                self.dispatch(&again, Some(from), asking).await?;
                 self.pending.insert(position, again);
                 return Ok(());
             }
@@ -1299,8 +1306,9 @@ impl Router {
                     let topology = self.topology.clone();
                     tokio::spawn(async move { topology.refresh().await });
                 }
-                let again = self.pending.remove(position).expect("found");
+                let mut again = self.pending.remove(position).expect("found");
                 let asking = kind == Redirect::Ask;
+                again.asked = asking;
                 self.dispatch(&again, Some((host, port)), asking).await?;
                 self.pending.insert(position, again);
             }

@@ -632,6 +632,44 @@ async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
         b"$11\r\nmoved along\r\n",
         "written on the target"
     );
+    // Keys of that slot on both sides: TRYAGAIN, retried (after ASKING, as
+    // the ASK said) with growing waits until the migration ends, never seen.
+    let other = b"{migrating:1}absent";
+    let finish = {
+        let mut admins = Vec::new();
+        for primary in map.nodes().filter(|n| n.primary) {
+            admins.push(cluster.admin(index_of(primary.port)).await);
+        }
+        let slot_text = slot_text.clone();
+        let owner = target.id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for mut admin in admins {
+                let done = admin
+                    .call(&[
+                        b"CLUSTER",
+                        b"SETSLOT",
+                        slot_text.as_bytes(),
+                        b"NODE",
+                        owner.as_bytes(),
+                    ])
+                    .await;
+                assert_reply(&done, b"+OK\r\n");
+            }
+        })
+    };
+    let before = std::time::Instant::now();
+    router
+        .send(words(&[b"MGET", key, other]))
+        .await
+        .expect("sent");
+    let both = router.next_reply().await.expect("reply").expect("pending");
+    assert_eq!(&both[..], b"*2\r\n$11\r\nmoved along\r\n$-1\r\n");
+    assert!(
+        before.elapsed() >= Duration::from_millis(250),
+        "it waited for the migration"
+    );
+    finish.await.expect("migration finished");
 }
 
 impl TestCluster {

@@ -128,6 +128,7 @@ impl Router {
             in_transaction: false,
             scan: Some(slot),
             via,
+            asked: false,
         };
         self.dispatch(&pending, None, false).await?;
         self.pending.push_back(pending);
