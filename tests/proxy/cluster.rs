@@ -186,6 +186,17 @@ impl TestCluster {
         self.connect(self.nodes[index].port(), ADMIN_USER).await
     }
 
+    /// Changes redcloak's ACL user on every node by `rule`.
+    async fn acl_everywhere(&self, rule: &[u8]) {
+        for index in 0..self.nodes.len() {
+            let mut admin = self.admin(index).await;
+            let set = admin
+                .call(&[b"ACL", b"SETUSER", REDIS_USER.as_bytes(), rule])
+                .await;
+            assert_reply(&set, b"+OK\r\n");
+        }
+    }
+
     /// A connection as redcloak's own least-privilege user.
     pub async fn as_redcloak(&self, port: u16) -> RawClient<UpstreamStream> {
         self.connect(port, REDIS_USER).await
@@ -260,16 +271,7 @@ async fn slots_and_the_slot_map_agree_with_a_real_cluster() {
         }
     }
     // Where CLUSTER SHARDS is refused, discovery reads CLUSTER SLOTS.
-    for index in 0..6 {
-        let mut admin = cluster.admin(index).await;
-        let user = REDIS_USER.as_bytes();
-        assert_reply(
-            &admin
-                .call(&[b"ACL", b"SETUSER", user, b"-cluster|shards"])
-                .await,
-            b"+OK\r\n",
-        );
-    }
+    cluster.acl_everywhere(b"-cluster|shards").await;
     let seeds = vec![format!("127.0.0.1:{}", cluster.nodes[0].port())];
     let naming = redcloak::cluster::topology::Naming::Configured("localhost".into());
     let discovered = redcloak::cluster::topology::discover(
@@ -285,16 +287,7 @@ async fn slots_and_the_slot_map_agree_with_a_real_cluster() {
         discovered.primary(0).map(|p| &p.id),
         map.primary(0).map(|p| &p.id)
     );
-    for index in 0..6 {
-        let mut admin = cluster.admin(index).await;
-        let user = REDIS_USER.as_bytes();
-        assert_reply(
-            &admin
-                .call(&[b"ACL", b"SETUSER", user, b"+cluster|shards"])
-                .await,
-            b"+OK\r\n",
-        );
-    }
+    cluster.acl_everywhere(b"+cluster|shards").await;
 
     // Each key goes to the primary that holds it (no MOVED), and each
     // node answers CLUSTER MYID with the id the map names.
@@ -1052,6 +1045,75 @@ async fn scan_all(
     }
 }
 
+/// Clients writing and reading their own keys through redcloak (each its
+/// `keys` keys, `prefix:client:n`) until stopped.
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<LoadResult>>,
+}
+
+/// Requests that succeeded, and (key, replies) of those that did not.
+type LoadResult = (u64, Vec<(String, String)>);
+
+impl Load {
+    fn start(
+        address: std::net::SocketAddr,
+        clients: usize,
+        prefix: &'static str,
+        keys: u64,
+    ) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|id| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut c = RawClient::new(
+                        tokio::net::TcpStream::connect(address)
+                            .await
+                            .expect("connect"),
+                    );
+                    let mut errors = Vec::new();
+                    let mut ok = 0u64;
+                    let mut round = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        round += 1;
+                        let key = format!("{prefix}:{id}:{}", round % keys);
+                        let value = format!("{id}-{round}");
+                        let set = c.call(&[b"SET", key.as_bytes(), value.as_bytes()]).await;
+                        let got = c.call(&[b"GET", key.as_bytes()]).await;
+                        let expected = format!("${}\r\n{value}\r\n", value.len());
+                        if &set[..] == b"+OK\r\n" && got[..] == *expected.as_bytes() {
+                            ok += 1;
+                        } else {
+                            let text = |r: &[u8]| String::from_utf8_lossy(r).into_owned();
+                            errors.push((key, format!("{} / {}", text(&set), text(&got))));
+                        }
+                    }
+                    (ok, errors)
+                })
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    /// Stops the clients and sums what they saw.
+    async fn stop(self) -> LoadResult {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = 0;
+        let mut all_errors = Vec::new();
+        for client in self.clients {
+            let (ok, errors) = tokio::time::timeout(Duration::from_secs(30), client)
+                .await
+                .expect("client finishes")
+                .expect("client task");
+            total += ok;
+            all_errors.extend(errors);
+        }
+        (total, all_errors)
+    }
+}
+
 /// The slot map as node `index` sees it.
 async fn map_of(cluster: &TestCluster, index: usize) -> map::SlotMap {
     let shards = cluster
@@ -1280,7 +1342,6 @@ async fn pubsub_and_sharded_pubsub_follow_the_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_under_load_is_replaced_without_redirects_reaching_clients() {
     let _heavy = heavy().await;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let mut cluster = TestCluster::start().await;
     let config = cluster.proxy_config();
     let proxy = start_proxy_in(&cluster.path(""), &config).await;
@@ -1338,37 +1399,7 @@ async fn a_primary_killed_under_load_is_replaced_without_redirects_reaching_clie
     }
 
     // 20 clients writing and reading their own keys until told to stop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for id in 0..20 {
-        let stop = stop.clone();
-        let address = proxy.addr();
-        clients.push(tokio::spawn(async move {
-            let mut c = RawClient::new(
-                tokio::net::TcpStream::connect(address)
-                    .await
-                    .expect("connect"),
-            );
-            let mut errors: Vec<(String, String)> = Vec::new();
-            let mut ok = 0u64;
-            let mut round = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                round += 1;
-                let key = format!("load:{id}:{}", round % 50);
-                let value = format!("{id}-{round}");
-                let set = c.call(&[b"SET", key.as_bytes(), value.as_bytes()]).await;
-                let got = c.call(&[b"GET", key.as_bytes()]).await;
-                let expected = format!("${}\r\n{value}\r\n", value.len());
-                if &set[..] == b"+OK\r\n" && got[..] == *expected.as_bytes() {
-                    ok += 1;
-                } else {
-                    let text = |r: &[u8]| String::from_utf8_lossy(r).into_owned();
-                    errors.push((key, format!("{} / {}", text(&set), text(&got))));
-                }
-            }
-            (ok, errors)
-        }));
-    }
+    let load = Load::start(proxy.addr(), 20, "load", 50);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let victim_index = cluster
         .nodes
@@ -1410,17 +1441,7 @@ async fn a_primary_killed_under_load_is_replaced_without_redirects_reaching_clie
     }
     assert_eq!(scanned.len(), 600, "every key once the scan ends");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut total_ok = 0;
-    let mut all_errors = Vec::new();
-    for client in clients {
-        let (ok, errors) = tokio::time::timeout(Duration::from_secs(30), client)
-            .await
-            .expect("client finishes")
-            .expect("client task");
-        total_ok += ok;
-        all_errors.extend(errors);
-    }
+    let (total_ok, all_errors) = load.stop().await;
     let recovery = served_at.saturating_duration_since(promoted_at);
     eprintln!(
         "failover: promoted {:?} after the kill, served {:?} after the promotion; {total_ok} ok, {} errors",
@@ -1456,7 +1477,6 @@ async fn a_primary_killed_under_load_is_replaced_without_redirects_reaching_clie
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reshard_under_load_shows_clients_no_redirect() {
     let _heavy = heavy().await;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let cluster = TestCluster::start().await;
     let config = cluster.proxy_config();
     let proxy = start_proxy_in(&cluster.path(""), &config).await;
@@ -1494,37 +1514,7 @@ async fn a_reshard_under_load_shows_clients_no_redirect() {
     }
 
     // 10 clients writing and reading keys all over the slots.
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for id in 0..10 {
-        let stop = stop.clone();
-        let address = proxy.addr();
-        clients.push(tokio::spawn(async move {
-            let mut c = RawClient::new(
-                tokio::net::TcpStream::connect(address)
-                    .await
-                    .expect("connect"),
-            );
-            let mut errors = Vec::new();
-            let mut ok = 0u64;
-            let mut round = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                round += 1;
-                let key = format!("reshard:{id}:{}", round % 2000);
-                let value = format!("{id}-{round}");
-                let set = c.call(&[b"SET", key.as_bytes(), value.as_bytes()]).await;
-                let got = c.call(&[b"GET", key.as_bytes()]).await;
-                let expected = format!("${}\r\n{value}\r\n", value.len());
-                if &set[..] == b"+OK\r\n" && got[..] == *expected.as_bytes() {
-                    ok += 1;
-                } else {
-                    let text = |r: &[u8]| String::from_utf8_lossy(r).into_owned();
-                    errors.push(format!("{key}: {} / {}", text(&set), text(&got)));
-                }
-            }
-            (ok, errors)
-        }));
-    }
+    let load = Load::start(proxy.addr(), 10, "reshard", 2000);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut args = cluster.cli_args();
     args.extend([
@@ -1554,17 +1544,7 @@ async fn a_reshard_under_load_shows_clients_no_redirect() {
     );
     let took = started.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut total_ok = 0;
-    let mut all_errors = Vec::new();
-    for client in clients {
-        let (ok, errors) = tokio::time::timeout(Duration::from_secs(30), client)
-            .await
-            .expect("client finishes")
-            .expect("client task");
-        total_ok += ok;
-        all_errors.extend(errors);
-    }
+    let (total_ok, all_errors) = load.stop().await;
     let after = map_of(&cluster, 0).await;
     let moved = from_slots
         .iter()

@@ -258,15 +258,8 @@ async fn redcloak_follows_the_primary_sentinel_names() {
     let replica_address = format!("127.0.0.1:{}", sentinels.replica.port());
 
     // The startup checks: a majority names the primary, it proves itself.
-    let file = sentinels.primary.path("redcloak.toml");
-    std::fs::write(&file, config.render()).expect("config");
-    let checked = std::process::Command::new(redcloak_bin())
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .expect("redcloak runs");
-    let report = String::from_utf8_lossy(&checked.stdout).into_owned();
-    assert!(checked.status.success(), "{report}");
+    let (passed, report) = sentinels.check(&config, "redcloak.toml");
+    assert!(passed, "{report}");
     assert!(
         report.contains(&format!(
             "ok    sentinel             3/3 Sentinels name {primary_address}"
@@ -278,15 +271,8 @@ async fn redcloak_follows_the_primary_sentinel_names() {
     let wrong = config
         .clone()
         .upstream("server_name", "\"imposter.example\"");
-    let wrong_file = sentinels.primary.path("wrong.toml");
-    std::fs::write(&wrong_file, wrong.render()).expect("config");
-    let refused = std::process::Command::new(redcloak_bin())
-        .args(["check", "--config"])
-        .arg(&wrong_file)
-        .output()
-        .expect("redcloak runs");
-    let report = String::from_utf8_lossy(&refused.stdout).into_owned();
-    assert!(!refused.status.success(), "{report}");
+    let (passed, report) = sentinels.check(&wrong, "wrong.toml");
+    assert!(!passed, "{report}");
     assert!(
         report.contains("FAIL  sentinel") && report.contains("not valid for name")
             || report.contains("does not name upstream.server_name"),
@@ -462,6 +448,19 @@ async fn write_until_served(proxy: &Proxy, key: &[u8]) -> Instant {
 }
 
 impl TestSentinels {
+    /// `redcloak check` of `config` (written as `file`): passed, and the report.
+    fn check(&self, config: &ProxyConfig, file: &str) -> (bool, String) {
+        let path = self.primary.path(file);
+        std::fs::write(&path, config.render()).expect("config");
+        let checked = std::process::Command::new(redcloak_bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("redcloak runs");
+        let report = String::from_utf8_lossy(&checked.stdout).into_owned();
+        (checked.status.success(), report)
+    }
+
     /// Waits until the Redis on `port` is a replica in sync.
     async fn in_sync(&self, port: u16, what: &str) {
         // Sentinel's reconfiguration may cut a connection (CLIENT KILL):
