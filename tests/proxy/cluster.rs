@@ -766,6 +766,22 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         &raw.call(&[b"MGET", b"{t}a", b"{t}b"]).await,
         b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n",
     );
+    // What needs every primary, or another database, is refused, saying so.
+    for refused in [
+        &[&b"KEYS"[..], b"*"][..],
+        &[b"FLUSHALL"],
+        &[b"RANDOMKEY"],
+        &[b"SELECT", b"1"],
+    ] {
+        let reply = raw.call(refused).await;
+        let text = String::from_utf8_lossy(&reply);
+        assert!(
+            text.starts_with("-ERR redcloak: this command needs every primary")
+                || text.starts_with("-ERR SELECT is not allowed in cluster mode"),
+            "{text}"
+        );
+    }
+    assert_reply(&raw.call(&[b"SELECT", b"0"]).await, b"+OK\r\n");
     // The client sees one Redis: CLUSTER KEYSLOT hashes, the rest of
     // CLUSTER (and READONLY) is refused, saying why.
     assert_reply(
