@@ -90,10 +90,15 @@ run() { # target pipeline args...
             echo "$round,$target,$pipeline,$test,$rps"
         done >>"$results"
 }
+# BENCH_PIPELINES and BENCH_TARGETS narrow a run (e.g. to profile one).
 for round in $(seq "$rounds"); do
-    for pipeline in 1 16; do
-        run direct "$pipeline" --cluster -h 127.0.0.1 -p "${ports[0]}" "${tls[@]}" -a "$password"
-        run redcloak "$pipeline" -h 127.0.0.1 -p $proxy_port
+    for pipeline in ${BENCH_PIPELINES:-1 16}; do
+        for target in ${BENCH_TARGETS:-direct redcloak}; do
+            case $target in
+            direct) run direct "$pipeline" --cluster -h 127.0.0.1 -p "${ports[0]}" "${tls[@]}" -a "$password" ;;
+            redcloak) run redcloak "$pipeline" -h 127.0.0.1 -p $proxy_port ;;
+            esac
+        done
     done
 done
 [[ -n "${BENCH_DEBUG:-}" ]] && cat "$results" "$dir/log" >&2
