@@ -208,6 +208,35 @@ async fn cluster_rows(config: &Config, cluster: &crate::config::ClusterConfig) -
             "every node needs a certificate for the verified name from upstream.ca, redcloak's ACL user, and the id the cluster announces",
         )
     };
+    // Every node, not only the seed, refuses clients without a certificate.
+    let mut open = Vec::new();
+    for node in map.nodes() {
+        let Ok(name) = cluster.naming.name_of(node) else {
+            continue;
+        };
+        let Ok(reached) = upstream.node(topology::address(&node.host, node.port), &name) else {
+            continue;
+        };
+        if let Ok(true) = accepts_without_client_cert(config, &reached).await {
+            open.push(format!("{}:{}", node.host, node.port));
+        }
+    }
+    let client_certs = if open.is_empty() {
+        ok(
+            "cluster-client-cert",
+            "every node refuses TLS clients without a certificate",
+        )
+    } else {
+        problem(
+            "cluster-client-cert",
+            strict(config.profile),
+            format!(
+                "accepted a TLS client without a certificate: {}",
+                open.join(", ")
+            ),
+            "redis.conf of each: tls-auth-clients yes",
+        )
+    };
     let uncovered = map.uncovered();
     let coverage = if uncovered == 0 {
         ok(
@@ -222,7 +251,7 @@ async fn cluster_rows(config: &Config, cluster: &crate::config::ClusterConfig) -
             "assign every slot (redis-cli --cluster fix) and wait for failovers to finish",
         )
     };
-    vec![nodes, coverage]
+    vec![nodes, client_certs, coverage]
 }
 
 /// The `kms` row: every loaded key unwrapped and checked, or what failed.
@@ -382,24 +411,31 @@ fn strict_production(profile: Profile) -> Status {
 
 async fn client_certificate_required(config: &Config, upstream: &Upstream) -> Check {
     const NAME: &str = "client-cert-required";
-    let connector = match tls::client::config_without_client_cert(&config.upstream.ca) {
-        Ok(tls) => TlsConnector::from(tls),
-        Err(err) => return problem(NAME, Status::Fail, err.to_string(), "fix upstream.ca"),
-    };
-    let refused = ok(NAME, "Redis refuses TLS clients without a certificate");
-    let Ok(mut tls) = upstream.handshake_with(&connector).await else {
-        return refused;
-    };
-    // With TLS 1.3 the refusal arrives after the handshake, on first use.
-    match call(&mut tls, &[b"PING"], config.upstream.connect_timeout).await {
-        Ok(_) => problem(
+    match accepts_without_client_cert(config, upstream).await {
+        Err(err) => problem(NAME, Status::Fail, err, "fix upstream.ca"),
+        Ok(false) => ok(NAME, "Redis refuses TLS clients without a certificate"),
+        Ok(true) => problem(
             NAME,
             strict(config.profile),
             "Redis accepted a TLS client without a certificate",
             "redis.conf: tls-auth-clients yes",
         ),
-        Err(_) => refused,
     }
+}
+
+/// Whether the Redis `upstream` reaches serves a TLS client that shows no
+/// certificate (`Err`: upstream.ca does not load).
+async fn accepts_without_client_cert(config: &Config, upstream: &Upstream) -> Result<bool, String> {
+    let connector = tls::client::config_without_client_cert(&config.upstream.ca)
+        .map(TlsConnector::from)
+        .map_err(|err| err.to_string())?;
+    let Ok(mut tls) = upstream.handshake_with(&connector).await else {
+        return Ok(false);
+    };
+    // With TLS 1.3 the refusal arrives after the handshake, on first use.
+    Ok(call(&mut tls, &[b"PING"], config.upstream.connect_timeout)
+        .await
+        .is_ok())
 }
 
 async fn anonymous_refused(upstream: &Upstream) -> Check {

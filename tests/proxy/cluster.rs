@@ -919,9 +919,34 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
     assert!(checked.status.success(), "{report}");
     assert!(
         report.contains("ok    cluster-nodes        6 nodes reached")
+            && report.contains("ok    cluster-client-cert  every node refuses")
             && report.contains("ok    cluster-coverage     all 16384 slots"),
         "{report}"
     );
+    // One node that takes clients without a certificate fails the check,
+    // named.
+    let lax = cluster.nodes[4].port();
+    let mut admin = cluster.admin(4).await;
+    let set = admin
+        .call(&[b"CONFIG", b"SET", b"tls-auth-clients", b"optional"])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
+    let checked = std::process::Command::new(redcloak_bin())
+        .args(["check", "--config"])
+        .arg(cluster.path("redcloak.toml"))
+        .output()
+        .expect("redcloak runs");
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert!(!checked.status.success(), "{report}");
+    assert!(
+        report.contains("FAIL  cluster-client-cert")
+            && report.contains(&format!("127.0.0.1:{lax}")),
+        "{report}"
+    );
+    let set = admin
+        .call(&[b"CONFIG", b"SET", b"tls-auth-clients", b"yes"])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
     let scraped = proxy.scrape().await;
     assert_eq!(metric(&scraped, "redcloak_cluster_nodes"), Some(6.0));
     assert_eq!(
