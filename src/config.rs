@@ -613,6 +613,9 @@ impl Config {
     pub fn reloaded_files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.secret_files.iter().map(|(_, p)| p.clone()).collect();
         files.extend([self.upstream.ca.clone(), self.upstream.cert.clone()]);
+        if let Some(sentinel) = &self.upstream.sentinel {
+            files.extend([sentinel.ca.clone(), sentinel.cert.clone()]);
+        }
         if let Some(kms) = &self.encryption.keys.kms {
             files.push(kms.file_path.clone());
         }
@@ -1214,6 +1217,15 @@ fn secret_files(raw: &RawConfig, base: &Path) -> Vec<(&'static str, PathBuf)> {
     add(
         "upstream.password_file",
         raw.upstream.password_file.as_ref(),
+    );
+    let sentinel = raw.upstream.sentinel.as_ref();
+    add(
+        "upstream.sentinel.key",
+        sentinel.and_then(|s| s.key.as_ref()),
+    );
+    add(
+        "upstream.sentinel.password_file",
+        sentinel.and_then(|s| s.password_file.as_ref()),
     );
     add("listen.tls.key", raw.listen.tls.as_ref().map(|t| &t.key));
     add(

@@ -190,6 +190,9 @@ pub struct Targets {
     pub listener: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// The passwords clients log in with, when `[listen.auth]` is set.
     pub client_passwords: Option<Passwords>,
+    /// The Sentinels, when `upstream.sentinel` is set (their own TLS and
+    /// login reload too).
+    pub sentinels: Option<Arc<crate::sentinel::Sentinels>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -246,20 +249,27 @@ impl Reloader {
                 let upstream = self.prepare_upstream(&config.upstream, &digests).await;
                 let listener = self.prepare_listener(&config, &digests);
                 let clients = self.prepare_client_passwords(&config, &digests);
+                let sentinel = self.prepare_sentinel(&config.upstream, &digests).await;
                 let keyring = self.prepare_keyring(config, &digests).await;
-                match (upstream, listener, clients, keyring) {
-                    (Ok(upstream), Ok(listener), Ok(clients), Ok(keyring)) => {
+                match (upstream, listener, clients, keyring, sentinel) {
+                    (Ok(upstream), Ok(listener), Ok(clients), Ok(keyring), Ok(sentinel)) => {
                         let changes = Changes {
                             upstream,
                             listener,
                             clients,
                             keyring,
+                            sentinel,
                         };
                         self.publish(changes, digests, &mut outcome);
                     }
-                    (upstream, listener, clients, keyring) => {
-                        let rejected =
-                            [upstream.err(), listener.err(), clients.err(), keyring.err()];
+                    (upstream, listener, clients, keyring, sentinel) => {
+                        let rejected = [
+                            upstream.err(),
+                            listener.err(),
+                            clients.err(),
+                            keyring.err(),
+                            sentinel.err(),
+                        ];
                         for (rejected, failure) in rejected.into_iter().flatten() {
                             outcome.rejected.push(rejected);
                             failures.push(failure);
@@ -296,7 +306,12 @@ impl Reloader {
         config: &UpstreamConfig,
         digests: &Digests,
     ) -> Prepared<UpstreamChange> {
-        let changed = self.changed(digests, "upstream.");
+        // The Sentinels' own material is prepare_sentinel's.
+        let changed: Vec<String> = self
+            .changed(digests, "upstream.")
+            .into_iter()
+            .filter(|name| !name.starts_with("upstream.sentinel."))
+            .collect();
         if changed.is_empty() {
             return Ok(None);
         }
@@ -313,6 +328,31 @@ impl Reloader {
             changed,
             expiry: certificate_expiry(&config.cert),
         }))
+    }
+
+    /// The Sentinels' TLS material and login, if any of it changed: built
+    /// and proved on a Sentinel.
+    async fn prepare_sentinel(
+        &self,
+        config: &UpstreamConfig,
+        digests: &Digests,
+    ) -> Prepared<(Material, Vec<String>)> {
+        let (Some(sentinel), Some(running)) = (&config.sentinel, &self.targets.sentinels) else {
+            return Ok(None);
+        };
+        let changed = self.changed(digests, "upstream.sentinel.");
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        let what = changed.join(", ");
+        let material = match crate::sentinel::Sentinels::material(sentinel) {
+            Ok(material) => material,
+            Err(why) => return Err((Rejected { what, why }, ReloadFailure::Files)),
+        };
+        if let Err(why) = running.prove(&material).await {
+            return Err((Rejected { what, why }, ReloadFailure::Probe));
+        }
+        Ok(Some((material, changed)))
     }
 
     /// The names under `prefix` whose digests differ from those published.
@@ -455,7 +495,12 @@ impl Reloader {
             listener,
             clients,
             keyring,
+            sentinel,
         } = changes;
+        if let (Some((material, changed)), Some(running)) = (sentinel, &self.targets.sentinels) {
+            running.publish(material);
+            outcome.changed.extend(changed);
+        }
         if let (Some((passwords, changed)), Some(running)) =
             (clients, &self.targets.client_passwords)
         {
@@ -530,6 +575,7 @@ type Prepared<T> = Result<Option<T>, (Rejected, ReloadFailure)>;
 
 /// Everything a reload validated, waiting to be published together.
 struct Changes {
+    sentinel: Option<(Material, Vec<String>)>,
     upstream: Option<UpstreamChange>,
     listener: Option<ListenerChange>,
     clients: Option<(Vec<Secret>, Vec<String>)>,
@@ -644,6 +690,15 @@ fn digests(config: &Config) -> Digests {
             Sha256::digest(upstream.password.expose()).into(),
         ),
     ]);
+    if let Some(sentinel) = &upstream.sentinel {
+        digests.insert("upstream.sentinel.ca", file(&sentinel.ca));
+        digests.insert("upstream.sentinel.cert", file(&sentinel.cert));
+        digests.insert("upstream.sentinel.key", file(&sentinel.key));
+        digests.insert(
+            "upstream.sentinel.password",
+            Sha256::digest(sentinel.password.expose()).into(),
+        );
+    }
     if let Some(auth) = &config.listen.auth {
         let mut all = Sha256::new();
         for password in &auth.passwords {

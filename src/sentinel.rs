@@ -21,7 +21,7 @@
 
 use crate::config::SentinelConfig;
 use crate::resp::{self, Limits};
-use crate::upstream::{Login, ReplyReader, Upstream, UpstreamError, UpstreamSettings};
+use crate::upstream::{Login, Material, ReplyReader, Upstream, UpstreamError, UpstreamSettings};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,23 +76,60 @@ impl Sentinels {
             username: config.username.clone(),
             password: crate::secret::Secret::new(config.password.expose().to_vec()),
         });
-        let sentinels = config
-            .addresses
-            .iter()
-            .map(|address| {
-                let settings = UpstreamSettings {
-                    address: address.clone(),
-                    server_name: config.server_name.clone(),
-                    connect_timeout,
-                };
-                Upstream::new(settings, tls.clone(), login.clone())
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // One Sentinel's upstream, and the others sharing its material: a
+        // reload publishes new material to all at once.
+        let first = Upstream::new(
+            UpstreamSettings {
+                address: config.addresses.first().cloned().unwrap_or_default(),
+                server_name: config.server_name.clone(),
+                connect_timeout,
+            },
+            tls,
+            login,
+        )?;
+        let mut sentinels = Vec::with_capacity(config.addresses.len());
+        for address in config.addresses.iter().skip(1) {
+            sentinels.push(first.node(address.clone(), &config.server_name)?);
+        }
+        sentinels.insert(0, first);
         Ok(Sentinels {
             sentinels,
             master_name: config.master_name.clone(),
             timeout: connect_timeout,
         })
+    }
+
+    /// The TLS configuration and login `config` names for Sentinels (a
+    /// reload builds it again).
+    pub fn material(config: &SentinelConfig) -> Result<Material, String> {
+        let tls = crate::tls::client::config(&config.ca, &config.cert, &config.key)
+            .map_err(|e| e.to_string())?;
+        let login = Login {
+            username: config.username.clone(),
+            password: crate::secret::Secret::new(config.password.expose().to_vec()),
+        };
+        Ok(Material::new(tls, Arc::new(login)))
+    }
+
+    /// Proves `material` on a Sentinel (TLS, login, the primary asked for)
+    /// before a reload publishes it.
+    pub async fn prove(&self, material: &Material) -> Result<(), String> {
+        let mut failures = Vec::new();
+        for sentinel in &self.sentinels {
+            let probe = sentinel.with_material(material.clone());
+            match self.ask(&probe).await {
+                Ok(_) => return Ok(()),
+                Err(why) => failures.push(format!("{}: {why}", sentinel.settings().address)),
+            }
+        }
+        Err(failures.join("; "))
+    }
+
+    /// New connections to every Sentinel use `material` from now on.
+    pub fn publish(&self, material: Material) {
+        if let Some(first) = self.sentinels.first() {
+            first.publish(material);
+        }
     }
 
     /// What one Sentinel says the primary is.

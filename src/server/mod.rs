@@ -330,6 +330,7 @@ impl Server {
             kms: self.kms.clone(),
             listener: self.tls.as_ref().map(|(_, config)| config.clone()),
             client_passwords: policy.client_passwords(),
+            sentinels: self.sentinels.clone(),
             metrics: self.shared.telemetry.metrics.clone(),
         };
         let reloader =

@@ -286,6 +286,47 @@ async fn redcloak_follows_the_primary_sentinel_names() {
         b"+OK\r\n",
     );
 
+    // The Sentinel password rotates without a restart: the new one added
+    // on every Sentinel, the file changed, a reload, the old one removed
+    // and redcloak's Sentinel connections cut. What follows (the failover)
+    // is followed over connections made with the new password.
+    let old_password = sentinels.primary.password.clone();
+    let new_password = redcloak::dev::random_password().expect("password");
+    for n in 0..3 {
+        let added = sentinels
+            .sentinel_cli(
+                n,
+                &["ACL", "SETUSER", SENTINEL_USER, &format!(">{new_password}")],
+            )
+            .await;
+        assert!(added.contains("OK"), "{added}");
+    }
+    redcloak::dev::write_file(
+        &sentinels.primary.path("sentinel-password"),
+        new_password.as_bytes(),
+        0o600,
+    )
+    .expect("new password");
+    let outcome = proxy
+        .reloads
+        .reload(redcloak::reload::Trigger::Signal)
+        .await
+        .expect("reloads are served");
+    assert!(outcome.ok, "{outcome:?}");
+    assert_eq!(outcome.changed, ["upstream.sentinel.password"]);
+    for n in 0..3 {
+        let removed = sentinels
+            .sentinel_cli(
+                n,
+                &["ACL", "SETUSER", SENTINEL_USER, &format!("<{old_password}")],
+            )
+            .await;
+        assert!(removed.contains("OK"), "{removed}");
+        sentinels
+            .sentinel_cli(n, &["CLIENT", "KILL", "USER", SENTINEL_USER])
+            .await;
+    }
+
     // A planned failover (SENTINEL FAILOVER): both stay up, roles swap.
     assert!(
         sentinels
