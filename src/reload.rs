@@ -1,7 +1,9 @@
 //! Reload without a restart: the material that rotates (redcloak's upstream
-//! client certificate, key, Redis's CA, the upstream password, the TLS
-//! listener's certificate, key and client CA, and the keyring) is read again, all of it validated, the upstream part proved
-//! with one probe connection, and only then published, all at once.
+//! client certificate, key, Redis's CA, the upstream password, the
+//! Sentinels' own TLS files and password, the TLS listener's certificate,
+//! key and client CA, and the keyring) is read again, all of it validated,
+//! the upstream part proved with one probe connection (the Sentinel part
+//! on a Sentinel), and only then published, all at once.
 //! Anything that fails keeps all the old material in use, and says why.
 //!
 //! ```text
