@@ -435,6 +435,24 @@ struct Pending {
     asked: bool,
 }
 
+impl Pending {
+    /// A request for `slot` (`None`: keyless) going `via`, not yet
+    /// redirected.
+    fn new(index: u64, args: Vec<Bytes>, slot: Option<u16>, via: Via) -> Pending {
+        Pending {
+            index,
+            args,
+            slot,
+            redirects: 0,
+            tryagain_since: None,
+            in_transaction: false,
+            scan: None,
+            via,
+            asked: false,
+        }
+    }
+}
+
 /// A transaction, or a WATCH, pinned to one slot's primary: every key in
 /// that slot, the whole of it sent to that node.
 #[derive(Default)]
@@ -647,17 +665,8 @@ impl Router {
         let index = self.next_index;
         self.next_index += 1;
         self.done.insert(index, reply);
-        self.pending.push_back(Pending {
-            index,
-            args: Vec::new(),
-            slot: None,
-            redirects: 0,
-            tryagain_since: None,
-            in_transaction: false,
-            scan: None,
-            via: Via::Own,
-            asked: false,
-        });
+        self.pending
+            .push_back(Pending::new(index, Vec::new(), None, Via::Own));
     }
 
     /// MULTI, EXEC, DISCARD, WATCH and UNWATCH, and every command between
@@ -799,15 +808,8 @@ impl Router {
         let index = self.next_index;
         self.next_index += 1;
         self.pending.push_back(Pending {
-            index,
-            args,
-            slot,
-            redirects: 0,
-            tryagain_since: None,
             in_transaction,
-            scan: None,
-            via: Via::Own,
-            asked: false,
+            ..Pending::new(index, args, slot, Via::Own)
         });
         index
     }
@@ -955,32 +957,13 @@ impl Router {
                     index,
                     local_error("CROSSSLOT Keys in request don't hash to the same slot"),
                 );
-                self.pending.push_back(Pending {
-                    index,
-                    args,
-                    slot: None,
-                    redirects: 0,
-                    tryagain_since: None,
-                    in_transaction: false,
-                    scan: None,
-                    via: Via::Own,
-                    asked: false,
-                });
+                self.pending
+                    .push_back(Pending::new(index, args, None, Via::Own));
                 return Ok(());
             }
         };
         let via = self.via_for(&args);
-        let pending = Pending {
-            index,
-            args,
-            slot,
-            redirects: 0,
-            tryagain_since: None,
-            in_transaction: false,
-            scan: None,
-            via,
-            asked: false,
-        };
+        let pending = Pending::new(index, args, slot, via);
         self.dispatch(&pending, None, false).await?;
         self.pending.push_back(pending);
         Ok(())

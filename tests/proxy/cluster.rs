@@ -587,27 +587,9 @@ async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
     };
     let slot_text = slot.to_string();
     let mut at_target = cluster.admin(index_of(target.port)).await;
-    let importing = at_target
-        .call(&[
-            b"CLUSTER",
-            b"SETSLOT",
-            slot_text.as_bytes(),
-            b"IMPORTING",
-            source.id.as_bytes(),
-        ])
-        .await;
-    assert_reply(&importing, b"+OK\r\n");
+    set_slot(&mut at_target, &slot_text, b"IMPORTING", &source.id).await;
     let mut at_source = cluster.admin(index_of(source.port)).await;
-    let migrating = at_source
-        .call(&[
-            b"CLUSTER",
-            b"SETSLOT",
-            slot_text.as_bytes(),
-            b"MIGRATING",
-            target.id.as_bytes(),
-        ])
-        .await;
-    assert_reply(&migrating, b"+OK\r\n");
+    set_slot(&mut at_source, &slot_text, b"MIGRATING", &target.id).await;
     router
         .send(words(&[b"SET", key, b"moved along"]))
         .await
@@ -638,16 +620,7 @@ async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
             for mut admin in admins {
-                let done = admin
-                    .call(&[
-                        b"CLUSTER",
-                        b"SETSLOT",
-                        slot_text.as_bytes(),
-                        b"NODE",
-                        owner.as_bytes(),
-                    ])
-                    .await;
-                assert_reply(&done, b"+OK\r\n");
+                set_slot(&mut admin, &slot_text, b"NODE", &owner).await;
             }
         })
     };
@@ -1153,6 +1126,20 @@ impl Load {
         }
         (total, all_errors)
     }
+}
+
+/// `CLUSTER SETSLOT slot state node` on one node, accepted.
+async fn set_slot(admin: &mut RawClient<UpstreamStream>, slot: &str, state: &[u8], node: &str) {
+    let set = admin
+        .call(&[
+            b"CLUSTER",
+            b"SETSLOT",
+            slot.as_bytes(),
+            state,
+            node.as_bytes(),
+        ])
+        .await;
+    assert_reply(&set, b"+OK\r\n");
 }
 
 /// The slot map as node `index` sees it.

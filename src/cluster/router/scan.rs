@@ -120,15 +120,8 @@ impl Router {
         let index = self.next_index;
         self.next_index += 1;
         let pending = Pending {
-            index,
-            args,
-            slot: Some(slot),
-            redirects: 0,
-            tryagain_since: None,
-            in_transaction: false,
             scan: Some(slot),
-            via,
-            asked: false,
+            ..Pending::new(index, args, Some(slot), via)
         };
         self.dispatch(&pending, None, false).await?;
         self.pending.push_back(pending);
