@@ -1429,13 +1429,15 @@ where
             }
         }
         for frame in batch {
+            // The arguments are slices of the frame: no copy per argument.
+            let frame = frame.freeze();
             let Some((_, items)) = resp::aggregate_elements(&frame, &limits) else {
                 router.refuse("ERR redcloak: not a command");
                 continue;
             };
             let args: Option<Vec<Bytes>> = items
                 .iter()
-                .map(|item| resp::bulk_body(item).map(Bytes::copy_from_slice))
+                .map(|item| resp::bulk_body(item).map(|body| frame.slice_ref(body)))
                 .collect();
             let Some(args) = args.filter(|a| !a.is_empty()) else {
                 router.refuse("ERR redcloak: not a command");
