@@ -459,9 +459,10 @@ impl Pending {
 struct Transaction {
     /// MULTI seen, EXEC or DISCARD not yet.
     open: bool,
-    /// MULTI was answered here and is sent with the first command (no
-    /// node was known yet).
-    multi_deferred: bool,
+    /// MULTI went to the primary of slot 0 (so Redis confirms it) before
+    /// any key named the transaction's node; nothing is queued there yet,
+    /// so the first key's primary may still take it over.
+    tentative: bool,
     /// The slot its keys are in, once a key named it.
     slot: Option<u16>,
     /// The node it runs on.
@@ -693,9 +694,17 @@ impl Router {
                     // After WATCH: MULTI goes where the watch is.
                     return self.send_pinned(args, false).await;
                 }
-                self.transaction.multi_deferred = true;
-                self.answer(simple("OK"));
-                Ok(())
+                // Redis confirms MULTI: the primary of slot 0 gets it now,
+                // and the transaction moves if its first key lives elsewhere.
+                let Some(node) = self.primary_of(Some(0)).await else {
+                    self.transaction.open = false;
+                    self.refuse("CLUSTERDOWN Hash slot not served");
+                    return Ok(());
+                };
+                self.transaction.node = Some(node.clone());
+                self.transaction.tentative = true;
+                let index = self.next_pending(args, None, false);
+                self.send_to_index(index, node).await
             }
             b"EXEC" | b"DISCARD" if !self.transaction.open => {
                 self.refuse(&format!(
@@ -764,8 +773,19 @@ impl Router {
             }
             (Some(slot), None) => {
                 let primary = self.primary_of(Some(slot)).await;
-                match (&self.transaction.node, primary) {
-                    (Some(node), Some(primary)) if *node != primary => {
+                match (self.transaction.node.clone(), primary) {
+                    (Some(node), Some(primary))
+                        if node != primary && self.transaction.tentative =>
+                    {
+                        // Nothing queued yet: the transaction moves to the
+                        // first key's primary.
+                        self.send_to(vec![Bytes::from_static(b"DISCARD")], node, None)
+                            .await?;
+                        self.send_to(vec![Bytes::from_static(b"MULTI")], primary.clone(), None)
+                            .await?;
+                        self.transaction.node = Some(primary);
+                    }
+                    (Some(node), Some(primary)) if node != primary => {
                         return self.abort(
                             "CROSSSLOT redcloak: every key of a transaction in front of a Redis Cluster must be in one slot",
                         );
@@ -785,11 +805,8 @@ impl Router {
             }
         }
         let node = self.transaction.node.clone().expect("pinned");
-        if self.transaction.multi_deferred {
-            self.transaction.multi_deferred = false;
-            self.send_to(vec![Bytes::from_static(b"MULTI")], node.clone(), None)
-                .await?;
-        }
+        // Something is queued on it now: the transaction stays there.
+        self.transaction.tentative = false;
         let index = self.next_pending(args, slot, queued);
         self.send_to_index(index, node).await
     }
@@ -1302,6 +1319,10 @@ impl Router {
                 );
             }
             None => {
+                let multi = pending
+                    .args
+                    .first()
+                    .is_some_and(|name| name.eq_ignore_ascii_case(b"MULTI"));
                 let reply = match pending.scan {
                     Some(slot) => self.scanned(slot, &from, reply),
                     None => reply,
@@ -1309,6 +1330,10 @@ impl Router {
                 if reply.starts_with(b"-CLUSTERDOWN") {
                     let topology = self.topology.clone();
                     tokio::spawn(async move { topology.refresh().await });
+                }
+                // Redis refused MULTI: no transaction is open (as Redis says).
+                if multi && reply.starts_with(b"-") {
+                    self.transaction = Transaction::default();
                 }
                 self.done.insert(index, reply);
             }

@@ -965,6 +965,17 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
     assert_reply(&raw.call(&[b"DISCARD"]).await, b"+OK\r\n");
     assert_reply(&raw.call(&[b"MULTI"]).await, b"+OK\r\n");
     assert_reply(&raw.call(&[b"EXEC"]).await, b"*0\r\n");
+    // MULTI's +OK is Redis's: refused by Redis, it is refused to the client
+    // (and the connection is not in a transaction).
+    cluster.acl_everywhere(b"-multi").await;
+    let refused = raw.call(&[b"MULTI"]).await;
+    assert!(refused.starts_with(b"-NOPERM"), "{refused:?}");
+    // Keys in two slots run one after the other, as outside a transaction.
+    assert_reply(&raw.call(&[b"SET", b"{u}a", b"1"]).await, b"+OK\r\n");
+    assert_reply(&raw.call(&[b"SET", b"{v}a", b"2"]).await, b"+OK\r\n");
+    let exec = raw.call(&[b"EXEC"]).await;
+    assert!(exec.starts_with(b"-ERR EXEC without MULTI"), "{exec:?}");
+    cluster.acl_everywhere(b"+multi").await;
     // DBSIZE is the sum over the primaries.
     let mut total = 0u64;
     for primary in map.nodes().filter(|n| n.primary) {
