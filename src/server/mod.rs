@@ -851,9 +851,23 @@ where
     let limits = shared.session.reply_limits.clone();
     let (session_side, router_side) = tokio::io::duplex(64 * 1024);
     let router = crate::cluster::router::Router::new(topology, limits.clone());
-    tokio::spawn(crate::cluster::router::serve(router_side, router, limits));
-    let end = session::run(&shared.session, client, session_side, peer, shutdown).await;
-    // Dropping the session's side ends the router and its node connections.
+    // The router runs in the session's own task: a request and its reply
+    // cross the pipe without waking another task.
+    let routing = crate::cluster::router::serve(router_side, router, limits);
+    let session = session::run(&shared.session, client, session_side, peer, shutdown);
+    tokio::pin!(routing, session);
+    let mut routed = false;
+    let end = loop {
+        tokio::select! {
+            end = &mut session => break end,
+            // The router ended (a node lost): the session sees the pipe
+            // close and ends in its turn.
+            () = &mut routing, if !routed => routed = true,
+        }
+    };
+    // The session is over: the router goes with it (its own node
+    // connections close; its lane seats are left, their late replies
+    // dropped by the lanes).
     drop(end.upstream);
     (end.result, end.client)
 }
