@@ -331,6 +331,16 @@ pub enum RouteError {
     Node { node: String, why: String },
 }
 
+impl RouteError {
+    /// The node at `target` failed, for this reason.
+    fn at(target: &(String, u16), why: impl Into<String>) -> RouteError {
+        RouteError::Node {
+            node: format!("{}:{}", target.0, target.1),
+            why: why.into(),
+        }
+    }
+}
+
 /// A request's keys hash to more than one slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CrossSlot;
@@ -433,6 +443,8 @@ struct Pending {
     via: Via,
     /// Last sent after ASKING (an ASK redirect): sent again the same way.
     asked: bool,
+    /// Its reply grows with the data (lanes send it on the bulk lane).
+    bulky: bool,
 }
 
 impl Pending {
@@ -449,6 +461,7 @@ impl Pending {
             scan: None,
             via,
             asked: false,
+            bulky: false,
         }
     }
 }
@@ -491,7 +504,7 @@ pub struct Router {
     subscribers: pubsub::Subscribers,
     /// Messages from subscriber connections, each with the request whose
     /// reply it must follow.
-    messages: VecDeque<(Option<u64>, BytesMut)>,
+    messages: VecDeque<(Option<u64>, Bytes)>,
     /// Replies answered in parts (confirmations, from one or more
     /// subscriber connections), with the parts still to complete.
     partial: HashMap<u64, (BytesMut, usize)>,
@@ -554,10 +567,9 @@ impl Router {
             }
             seen
         };
-        for primary in &primaries {
+        for primary in primaries {
             let index = self.next_pending(args.clone(), None, false);
-            self.send_to(args.clone(), primary.clone(), Some(index))
-                .await?;
+            self.send_to_index(index, primary).await?;
         }
         let mut replies = Vec::new();
         while let Some(reply) = self.next_reply().await? {
@@ -912,10 +924,7 @@ impl Router {
             if let (Via::Lane, Conn::Lane(lane, _)) = (via, &mut conn.conn) {
                 lane.switch(0, protocol)
                     .await
-                    .map_err(|e| RouteError::Node {
-                        node: format!("{}:{}", target.0, target.1),
-                        why: e.to_string(),
-                    })?;
+                    .map_err(|e| RouteError::at(target, e.to_string()))?;
             }
         }
         Ok(())
@@ -946,10 +955,21 @@ impl Router {
     /// The slot a request's keys share (`None`: it has none), from the
     /// command table's key positions; `Err` when they span slots.
     pub fn slot_of(args: &[Bytes]) -> Result<Option<u16>, CrossSlot> {
-        let Some(row) = args
-            .first()
+        Self::slot_in(Self::row_of(args), args)
+    }
+
+    fn row_of(args: &[Bytes]) -> Option<&'static crate::policy::table::Row> {
+        args.first()
             .and_then(|name| crate::policy::table::lookup(name))
-        else {
+    }
+
+    /// The slot `args`' keys share, the table's `row` for it giving their
+    /// positions.
+    fn slot_in(
+        row: Option<&crate::policy::table::Row>,
+        args: &[Bytes],
+    ) -> Result<Option<u16>, CrossSlot> {
+        let Some(row) = row else {
             return Ok(None);
         };
         let positions = row.keys.positions(args);
@@ -965,22 +985,18 @@ impl Router {
     /// Sends a request to the primary of its slot (a keyless one to the
     /// primary of slot 0).
     pub async fn send(&mut self, args: Vec<Bytes>) -> Result<(), RouteError> {
+        // One look at the command table: the slot, the way, the reply's size.
+        let row = Self::row_of(&args);
+        let Ok(slot) = Self::slot_in(row, &args) else {
+            self.refuse("CROSSSLOT Keys in request don't hash to the same slot");
+            return Ok(());
+        };
         let index = self.next_index;
         self.next_index += 1;
-        let slot = match Self::slot_of(&args) {
-            Ok(slot) => slot,
-            Err(CrossSlot) => {
-                self.done.insert(
-                    index,
-                    local_error("CROSSSLOT Keys in request don't hash to the same slot"),
-                );
-                self.pending
-                    .push_back(Pending::new(index, args, None, Via::Own));
-                return Ok(());
-            }
+        let pending = Pending {
+            bulky: row.is_some_and(|row| row.bulky),
+            ..Pending::new(index, args, slot, self.via_for(row))
         };
-        let via = self.via_for(&args);
-        let pending = Pending::new(index, args, slot, via);
         self.dispatch(&pending, None, false).await?;
         self.pending.push_back(pending);
         Ok(())
@@ -988,14 +1004,11 @@ impl Router {
 
     /// Lanes carry plain data commands; anything that leaves state on the
     /// connection or blocks goes on the client's own.
-    fn via_for(&self, args: &[Bytes]) -> Via {
+    fn via_for(&self, row: Option<&crate::policy::table::Row>) -> Via {
         if !self.topology.has_lanes() {
             return Via::Own;
         }
-        match args
-            .first()
-            .and_then(|name| crate::policy::table::lookup(name))
-        {
+        match row {
             Some(row)
                 if row.leaves == crate::policy::table::Leaves::Nothing && row.blocks.is_none() =>
             {
@@ -1046,11 +1059,7 @@ impl Router {
                 target = (primary.host.clone(), primary.port);
             }
         }
-        let bulky = pending
-            .args
-            .first()
-            .and_then(|name| crate::policy::table::lookup(name))
-            .is_some_and(|row| row.bulky);
+        let bulky = pending.bulky;
         let conn = self.nodes.get_mut(&(target, via)).expect("connected");
         // ASKING and the request go together, in one write.
         if asking {
@@ -1110,17 +1119,10 @@ impl Router {
         });
         if closed_by_node {
             self.nodes.remove(&link);
-            return Err(RouteError::Node {
-                node: format!("{}:{}", target.0, target.1),
-                why: "the node closed the connection".into(),
-            });
+            return Err(RouteError::at(target, "the node closed the connection"));
         }
         if !self.nodes.contains_key(&link) {
-            let node = format!("{}:{}", target.0, target.1);
-            let failed = |why: String| RouteError::Node {
-                node: node.clone(),
-                why,
-            };
+            let failed = |why: String| RouteError::at(target, why);
             self.topology
                 .prove(&target.0, target.1)
                 .await
@@ -1184,7 +1186,11 @@ impl Router {
                     && asked == index
                 {
                     self.hello = None;
-                    if !reply.starts_with(b"-") {
+                    if reply.starts_with(b"-") {
+                        // Redis refused it: the lanes speak what it confirmed.
+                        let confirmed = self.protocol;
+                        self.switch_lanes(confirmed).await?;
+                    } else {
                         self.protocol = protocol;
                     }
                 }
@@ -1551,12 +1557,13 @@ where
 }
 
 /// Writes `frames` to the session; false when it is gone.
-async fn deliver<S>(stream: &mut S, frames: Vec<BytesMut>) -> bool
+async fn deliver<S, F>(stream: &mut S, frames: Vec<F>) -> bool
 where
     S: tokio::io::AsyncWrite + Unpin,
+    F: AsRef<[u8]>,
 {
     for frame in frames {
-        if stream.write_all(&frame).await.is_err() {
+        if stream.write_all(frame.as_ref()).await.is_err() {
             return false;
         }
     }

@@ -139,6 +139,11 @@ impl Server {
     /// `telemetry` counts what the server does and reports its readiness.
     pub async fn bind(config: Config, telemetry: Telemetry) -> Result<Server, StartError> {
         let upstream = Arc::new(Upstream::from_config(&config.upstream)?);
+        // Replies come back sealed: larger by the envelope.
+        let reply_limits = Limits {
+            max_bulk_bytes: config.limits.resp.max_bulk_bytes + envelope::OVERHEAD,
+            ..config.limits.resp.clone()
+        };
         // What every session's buffers, and every lane's, may hold together.
         let buffers = Arc::new(session::memory::BufferBudget::new(
             config.limits.max_buffered_bytes,
@@ -166,10 +171,7 @@ impl Server {
                             request_timeout: config.upstream.request_timeout,
                             ..LaneLimits::default()
                         },
-                        reply_limits: Limits {
-                            max_bulk_bytes: config.limits.resp.max_bulk_bytes + envelope::OVERHEAD,
-                            ..config.limits.resp.clone()
-                        },
+                        reply_limits: reply_limits.clone(),
                         budget: buffers.clone(),
                         metrics: telemetry.metrics.clone(),
                     });
@@ -237,10 +239,6 @@ impl Server {
             encryption.unknown_commands,
         )
         .with_known_scripts(config.scripts);
-        let reply_limits = Limits {
-            max_bulk_bytes: config.limits.resp.max_bulk_bytes + envelope::OVERHEAD,
-            ..config.limits.resp.clone()
-        };
         let session = SessionContext {
             policy,
             reply_limits,

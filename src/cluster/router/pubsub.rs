@@ -401,11 +401,7 @@ impl Router {
     /// Connects to `node` for subscriptions, the client's connection setup
     /// (HELLO, CLIENT SETNAME) replayed on it.
     async fn open_subscriber(&mut self, node: &(String, u16)) -> Result<Subscriber, RouteError> {
-        let name = format!("{}:{}", node.0, node.1);
-        let failed = |why: String| RouteError::Node {
-            node: name.clone(),
-            why,
-        };
+        let failed = |why: String| RouteError::at(node, why);
         self.topology.prove(&node.0, node.1).await.map_err(failed)?;
         let upstream = self.topology.node(&node.0, node.1).map_err(failed)?;
         let mut stream = upstream
@@ -446,9 +442,9 @@ impl Router {
         holder: Holder,
         frame: BytesMut,
     ) -> Result<(), RouteError> {
-        let frozen = Bytes::copy_from_slice(&frame);
+        let frame = frame.freeze();
         let event = match resp::reply_kind(&frame) {
-            resp::ReplyKind::Push | resp::ReplyKind::Array => pubsub_event(&frozen),
+            resp::ReplyKind::Push | resp::ReplyKind::Array => pubsub_event(&frame),
             _ => None,
         };
         let protocol = self.protocol;
@@ -473,7 +469,8 @@ impl Router {
                     Some(o) if o.takes == Takes::Confirmations(kind, subscribe)
                 );
                 if asked {
-                    let frame = match kind {
+                    let counted;
+                    let frame: &[u8] = match kind {
                         PubSubKind::Shard => {
                             let name: &[u8] = if subscribe {
                                 b"ssubscribe"
@@ -481,9 +478,10 @@ impl Router {
                                 b"sunsubscribe"
                             };
                             let held = self.subscribers.shard_channels();
-                            confirmation(protocol, name, channel.as_deref(), held)
+                            counted = confirmation(protocol, name, channel.as_deref(), held);
+                            &counted
                         }
-                        _ => frame,
+                        _ => &frame,
                     };
                     self.owed_frame(&holder, frame, false);
                     Ok(())
@@ -519,7 +517,7 @@ impl Router {
                         self.write_subscriber(&Holder::Shard(node), owed).await
                     }
                     _ => {
-                        self.owed_frame(&holder, frame, true);
+                        self.owed_frame(&holder, &frame, true);
                         Ok(())
                     }
                 }
@@ -529,7 +527,7 @@ impl Router {
 
     /// One frame for the owed request first in line on `holder`; `ends`:
     /// it is the request's whole answer (an error, a reply).
-    fn owed_frame(&mut self, holder: &Holder, frame: BytesMut, ends: bool) {
+    fn owed_frame(&mut self, holder: &Holder, frame: &[u8], ends: bool) {
         let Some(subscriber) = self.subscribers.get_mut(holder) else {
             return;
         };
@@ -551,7 +549,7 @@ impl Router {
             subscriber.count_front();
         }
         match index {
-            Some(index) => self.part(index, &frame, left == 0),
+            Some(index) => self.part(index, frame, left == 0),
             None if frame.starts_with(b"-") => {
                 tracing::warn!("subscribing again on a cluster node failed");
             }
@@ -660,7 +658,7 @@ impl Router {
 
     /// Messages that may go to the client now: each after the reply it
     /// followed.
-    pub fn deliverable_messages(&mut self) -> Vec<BytesMut> {
+    pub fn deliverable_messages(&mut self) -> Vec<Bytes> {
         let mut out = Vec::new();
         while let Some((after, _)) = self.messages.front() {
             let ready = match (after, self.delivered) {
@@ -707,12 +705,12 @@ impl Router {
 }
 
 fn lost_subscriber(holder: &Holder, why: &str) -> RouteError {
-    RouteError::Node {
-        node: match holder {
-            Holder::Classic => "subscriber".into(),
-            Holder::Shard((host, port)) => format!("{host}:{port}"),
+    match holder {
+        Holder::Classic => RouteError::Node {
+            node: "subscriber".into(),
+            why: why.into(),
         },
-        why: why.into(),
+        Holder::Shard(node) => RouteError::at(node, why),
     }
 }
 

@@ -116,7 +116,7 @@ impl Router {
             return Ok(());
         };
         args[1] = Bytes::from(node_cursor.to_string());
-        let via = self.via_for(&args);
+        let via = self.via_for(Self::row_of(&args));
         let index = self.next_index;
         self.next_index += 1;
         let pending = Pending {
