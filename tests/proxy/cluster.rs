@@ -186,6 +186,14 @@ impl TestCluster {
         self.connect(self.nodes[index].port(), ADMIN_USER).await
     }
 
+    /// Which of `nodes` listens on `port`.
+    fn index_of(&self, port: u16) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.port() == port)
+            .expect("a node of this cluster")
+    }
+
     /// Changes redcloak's ACL user on every node by `rule`.
     async fn acl_everywhere(&self, rule: &[u8]) {
         for index in 0..self.nodes.len() {
@@ -318,11 +326,7 @@ async fn slots_and_the_slot_map_agree_with_a_real_cluster() {
     // parses to the primary the map names.
     let key = b"key:1";
     let owner = map.primary(slot::slot(key)).expect("served").port;
-    let other = map
-        .nodes()
-        .find(|n| n.primary && n.port != owner)
-        .expect("another primary")
-        .port;
+    let other = another_primary(&map, owner).port;
     let reply = admin_by_port
         .get_mut(&other)
         .expect("a connection")
@@ -552,11 +556,7 @@ async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
     let slot = redcloak::cluster::slot::slot(key);
     let map = topology.map();
     let owner = map.primary(slot).expect("served").clone();
-    let other = map
-        .nodes()
-        .find(|n| n.primary && n.port != owner.port)
-        .expect("another primary")
-        .clone();
+    let other = another_primary(&map, owner.port);
     topology.moved(slot, &other.host, other.port);
     let mut router = Router::new(topology.clone(), redcloak::resp::Limits::default());
     router.send(words(&[b"GET", key])).await.expect("sent");
@@ -573,22 +573,11 @@ async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
     let slot = redcloak::cluster::slot::slot(key);
     let map = topology.map();
     let source = map.primary(slot).expect("served").clone();
-    let target = map
-        .nodes()
-        .find(|n| n.primary && n.port != source.port)
-        .expect("another primary")
-        .clone();
-    let index_of = |port: u16| {
-        cluster
-            .nodes
-            .iter()
-            .position(|n| n.port() == port)
-            .expect("a node")
-    };
+    let target = another_primary(&map, source.port);
     let slot_text = slot.to_string();
-    let mut at_target = cluster.admin(index_of(target.port)).await;
+    let mut at_target = cluster.admin(cluster.index_of(target.port)).await;
     set_slot(&mut at_target, &slot_text, b"IMPORTING", &source.id).await;
-    let mut at_source = cluster.admin(index_of(source.port)).await;
+    let mut at_source = cluster.admin(cluster.index_of(source.port)).await;
     set_slot(&mut at_source, &slot_text, b"MIGRATING", &target.id).await;
     router
         .send(words(&[b"SET", key, b"moved along"]))
@@ -613,7 +602,7 @@ async fn the_router_keeps_order_across_nodes_and_follows_redirects() {
     let finish = {
         let mut admins = Vec::new();
         for primary in map.nodes().filter(|n| n.primary) {
-            admins.push(cluster.admin(index_of(primary.port)).await);
+            admins.push(cluster.admin(cluster.index_of(primary.port)).await);
         }
         let slot_text = slot_text.clone();
         let owner = target.id.clone();
@@ -787,15 +776,7 @@ async fn redcloak_serves_a_cluster_with_every_node_holding_envelopes() {
         many.push(c);
     }
     for primary in map.nodes().filter(|n| n.primary) {
-        let mut admin = cluster
-            .admin(
-                cluster
-                    .nodes
-                    .iter()
-                    .position(|n| n.port() == primary.port)
-                    .expect("node"),
-            )
-            .await;
+        let mut admin = cluster.admin(cluster.index_of(primary.port)).await;
         let list = admin.call(&[b"CLIENT", b"LIST"]).await;
         let ours = String::from_utf8_lossy(&list)
             .lines()
@@ -1153,6 +1134,14 @@ async fn set_slot(admin: &mut RawClient<UpstreamStream>, slot: &str, state: &[u8
     assert_reply(&set, b"+OK\r\n");
 }
 
+/// A primary of `map` other than the one on `port`.
+fn another_primary(map: &map::SlotMap, port: u16) -> map::Node {
+    map.nodes()
+        .find(|n| n.primary && n.port != port)
+        .expect("another primary")
+        .clone()
+}
+
 /// The slot map as node `index` sees it.
 async fn map_of(cluster: &TestCluster, index: usize) -> map::SlotMap {
     let shards = cluster
@@ -1190,11 +1179,7 @@ async fn pubsub_and_sharded_pubsub_follow_the_cluster() {
     let proxy = start_proxy_in(&cluster.path(""), &config).await;
     let map = map_of(&cluster, 0).await;
     let seed = cluster.nodes[0].port();
-    let victim = map
-        .nodes()
-        .find(|n| n.primary && n.port != seed)
-        .expect("a primary that is not the seed")
-        .clone();
+    let victim = another_primary(&map, seed);
     // Channels held on the victim, and one published elsewhere.
     let news = named_on(&map, "news:", victim.port, true);
     let elsewhere = named_on(&map, "other:", victim.port, false);
@@ -1305,11 +1290,7 @@ async fn pubsub_and_sharded_pubsub_follow_the_cluster() {
     assert_reply(&resp3.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
 
     // kill -9 of the node holding `news` and `shard_a`.
-    let victim_index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.port() == victim.port)
-        .expect("the victim's process");
+    let victim_index = cluster.index_of(victim.port);
     cluster.nodes[victim_index].kill().await;
     // Channels and patterns are held elsewhere at once; a PUBLISH on a
     // live node reaches the subscriber again.
@@ -1390,11 +1371,7 @@ async fn a_primary_killed_under_load_is_replaced_without_redirects_reaching_clie
         .call(&[b"CLUSTER", b"SHARDS"])
         .await;
     let map = map::parse_shards(&bytes::Bytes::from(shards.to_vec())).expect("map");
-    let victim = map
-        .nodes()
-        .find(|n| n.primary && n.port != cluster.nodes[0].port())
-        .expect("a primary that is not the seed")
-        .clone();
+    let victim = another_primary(&map, cluster.nodes[0].port());
     let victim_slot = map
         .shards
         .iter()
@@ -1440,11 +1417,7 @@ async fn a_primary_killed_under_load_is_replaced_without_redirects_reaching_clie
     // 20 clients writing and reading their own keys until told to stop.
     let load = Load::start(proxy.addr(), 20, "load", 50);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let victim_index = cluster
-        .nodes
-        .iter()
-        .position(|n| n.port() == victim.port)
-        .expect("the victim's process");
+    let victim_index = cluster.index_of(victim.port);
     cluster.nodes[victim_index].kill().await;
     let killed_at = std::time::Instant::now();
 

@@ -396,11 +396,7 @@ async fn settings_a_reload_cannot_apply_are_named() {
     .expect("config");
     // As SIGHUP asks (the signal itself would reach every test here;
     // tests/proxy/process.rs sends it to a `redcloak serve` child).
-    let outcome = proxy
-        .reloads
-        .reload(redcloak::reload::Trigger::Signal)
-        .await
-        .expect("reloads are served");
+    let outcome = proxy.reload().await;
     assert!(outcome.ok, "{outcome:?}");
     assert_eq!(outcome.restart_required, ["limits.max_pending_requests"]);
     let (status, json) = post_reload(&proxy).await;

@@ -307,11 +307,7 @@ async fn redcloak_follows_the_primary_sentinel_names() {
         0o600,
     )
     .expect("new password");
-    let outcome = proxy
-        .reloads
-        .reload(redcloak::reload::Trigger::Signal)
-        .await
-        .expect("reloads are served");
+    let outcome = proxy.reload().await;
     assert!(outcome.ok, "{outcome:?}");
     assert_eq!(outcome.changed, ["upstream.sentinel.password"]);
     for n in 0..3 {

@@ -401,6 +401,14 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A reload as SIGHUP asks for one, and what it did.
+    pub async fn reload(&self) -> redcloak::reload::Outcome {
+        self.reloads
+            .reload(redcloak::reload::Trigger::Signal)
+            .await
+            .expect("reloads are served")
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.address.expect("plaintext listener")
     }
