@@ -123,9 +123,16 @@ impl TestCluster {
                 // A replica that never synced would not be promoted.
                 let synced = replication.contains("role:master")
                     || replication.contains("master_link_status:up");
+                // CLUSTER SHARDS may list a replica a moment after CLUSTER
+                // NODES does: the map redcloak reads must show all six.
+                let shards = node.call(&[b"CLUSTER", b"SHARDS"]).await;
+                let mapped = map::parse_shards(&bytes::Bytes::from(shards.to_vec()))
+                    .map(|map| map.nodes().count())
+                    .unwrap_or(0);
                 String::from_utf8_lossy(&info).contains("cluster_state:ok")
                     && count("master") == 3
                     && count("slave") == 3
+                    && mapped == 6
                     && synced
             })
             .await;
